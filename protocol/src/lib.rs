@@ -1,0 +1,27 @@
+//! Chime's wire protocol, with no I/O runtime of its own.
+//!
+//! A Chime connection is a TCP (usually TLS) stream of length-prefixed frames. Each frame has a
+//! hand-written 10-byte header (length, type code, request id; see [`frame`]) and a body that is a
+//! `serde` type encoded with `postcard` (see [`messages`]). The byte-exact specification lives in
+//! `docs/protocol.md`; golden frames in `protocol/tests/vectors/` pin it down.
+//!
+//! The crate holds no sockets and no clock, so it can be tested in memory, fuzzed, and compiled for
+//! any target. The one exception is [`client`], a small blocking client over `std::net` + rustls
+//! that native clients and the `chime` CLI link.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod frame;
+pub mod messages;
+pub mod types;
+
+pub use frame::{DecodeError, FrameDecoder, RawFrame, HEADER_LEN, DEFAULT_MAX_FRAME};
+pub use messages::*;
+pub use types::*;
+
+/// The four bytes a client's `Hello` carries to say it speaks Chime at all.
+pub const MAGIC: [u8; 4] = *b"CHIM";
+
+/// The protocol version this crate speaks. A server refuses a `Hello` with another version with
+/// [`ErrorCode::VERSION_UNSUPPORTED`], naming the versions it supports.
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,395 @@
+//! Frame bodies and the typed frame enums for each direction.
+//!
+//! Each body is a plain struct whose fields are encoded by postcard in declaration order. Field
+//! order is wire format: append new fields only in a new protocol version, never reorder.
+//! [`ClientFrame`] is what a client sends, [`ServerFrame`] what a server sends; both map to and
+//! from [`RawFrame`]s through the code table below, which `docs/protocol.md` repeats.
+
+use crate::frame::{self, decode_body, DecodeError, RawFrame};
+use crate::types::{DeltaKind, ErrorCode, FrameType, RoomKind};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// `HELLO`: the first frame of every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`crate::MAGIC`] (`b"CHIM"`), four raw bytes.
+    pub magic: [u8; 4],
+    /// The protocol version the client speaks.
+    pub protocol_version: u16,
+    /// The client program's name, for logs (`"chime"`).
+    pub client_name: String,
+    /// The client program's version, for logs.
+    pub client_version: String,
+}
+
+/// `WELCOME`: the server accepted the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version the server will speak on this connection.
+    pub protocol_version: u16,
+    /// The server program's name (`"chimed"`).
+    pub server_name: String,
+    /// The server program's version.
+    pub server_version: String,
+    /// The largest length field the server accepts.
+    pub max_frame: u32,
+    /// How often, in seconds, the server pings an idle connection; a connection silent for three
+    /// intervals is closed.
+    pub heartbeat_secs: u32,
+}
+
+/// `PING` / `PONG` in either direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Any value; the answer echoes it.
+    pub nonce: u64,
+}
+
+/// `ERROR`: a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// A human-readable message.
+    pub message: String,
+    /// Whether the same request may succeed if retried later.
+    pub retryable: bool,
+}
+
+/// `GOODBYE`: the server closes the connection after this push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    /// Why.
+    pub code: ErrorCode,
+    /// A human-readable message.
+    pub message: String,
+    /// Whether the client should SYNC after reconnecting because pushes were dropped.
+    pub resync: bool,
+}
+
+/// `REGISTER` and `LOGIN`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// The user name.
+    pub user: String,
+    /// The password, in clear (the stream is TLS).
+    pub password: String,
+    /// The client's user agent, stored with the session.
+    pub user_agent: String,
+}
+
+/// `RESUME`: log in with a session token from an earlier `AUTHED`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The session token.
+    pub token: String,
+    /// The client's user agent.
+    pub user_agent: String,
+}
+
+/// `AUTHED`: logged in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authed {
+    /// The user's id.
+    pub user_id: u64,
+    /// The user's name.
+    pub user: String,
+    /// A new session token (on `REGISTER` and `LOGIN`); `None` on `RESUME`.
+    pub token: Option<String>,
+}
+
+/// A body with no fields (`LOGOUT`, `LIST_ROOMS`, `DONE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// `CREATE_ROOM`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateRoom {
+    /// The room's name.
+    pub name: String,
+    /// What sort of room.
+    pub kind: RoomKind,
+}
+
+/// `JOIN_ROOM` and `LEAVE_ROOM`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRef {
+    /// The room's id.
+    pub room: u64,
+}
+
+/// `LIST_MEMBERS`: one page of members, ordered by user id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListMembers {
+    /// The room's id.
+    pub room: u64,
+    /// Start after this user id (0 for the first page).
+    pub after_user: u64,
+    /// Page size; the server caps it.
+    pub limit: u32,
+}
+
+/// One room as the server describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfo {
+    /// The room's id.
+    pub room: u64,
+    /// The room's name.
+    pub name: String,
+    /// What sort of room.
+    pub kind: RoomKind,
+    /// The seq of the room's latest delta.
+    pub head_seq: u64,
+}
+
+/// `ROOM_LIST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomList {
+    /// The rooms, by id.
+    pub rooms: Vec<RoomInfo>,
+}
+
+/// One member of a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The user's id.
+    pub user_id: u64,
+    /// The user's name.
+    pub user: String,
+    /// The member's role (`"owner"`, `"member"`).
+    pub role: String,
+}
+
+/// `MEMBER_LIST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberList {
+    /// The room's id.
+    pub room: u64,
+    /// This page, by user id.
+    pub members: Vec<MemberInfo>,
+    /// Pass as `after_user` for the next page; `None` on the last page.
+    pub next_after: Option<u64>,
+}
+
+/// `POST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Post {
+    /// The room's id.
+    pub room: u64,
+    /// A key the client chooses per message (a UUID, say). Posting again with the same key in the
+    /// same room returns the first post's seq and writes nothing.
+    pub idempotency_key: String,
+    /// The message.
+    pub text: String,
+}
+
+/// `POSTED`: the post is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posted {
+    /// The room's id.
+    pub room: u64,
+    /// The delta's seq.
+    pub seq: u64,
+    /// Commit time, Unix milliseconds.
+    pub ts_ms: i64,
+    /// True when this is a retry of an earlier post with the same key.
+    pub duplicate: bool,
+}
+
+/// A per-room position: "I have everything up to and including `seq`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCursor {
+    /// The room's id.
+    pub room: u64,
+    /// The last seq held (0 for none).
+    pub seq: u64,
+}
+
+/// `SYNC`: stream what is missing after each cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sync {
+    /// One cursor per room to catch up.
+    pub rooms: Vec<RoomCursor>,
+    /// Deltas per page; the server caps it.
+    pub page_size: u32,
+}
+
+/// `HISTORY`: one page of a room's deltas after a seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    /// The room's id.
+    pub room: u64,
+    /// Deltas after this seq.
+    pub after: u64,
+    /// At most this many; the server caps it.
+    pub limit: u32,
+}
+
+/// One immutable change in a room's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    /// The room's id.
+    pub room: u64,
+    /// Position in the room's log: 1, 2, 3, ... with no gaps.
+    pub seq: u64,
+    /// What the delta does.
+    pub kind: DeltaKind,
+    /// The author's user id.
+    pub author_id: u64,
+    /// The author's user name.
+    pub author: String,
+    /// Commit time, Unix milliseconds.
+    pub ts_ms: i64,
+    /// The message text (or the room name for `CREATE`; empty for `JOIN`/`LEAVE`).
+    pub text: String,
+}
+
+/// `DELTA_PAGE`: one page of a SYNC or a HISTORY reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaPage {
+    /// The room's id.
+    pub room: u64,
+    /// Deltas in seq order, contiguous.
+    pub deltas: Vec<Delta>,
+    /// Whether more deltas follow (for SYNC, another page of this room comes next on the same
+    /// request id; for HISTORY, ask again from `resume_after`).
+    pub more: bool,
+    /// The last seq covered by this page (the cursor to resume from).
+    pub resume_after: u64,
+}
+
+/// `SYNC_DONE`: every room in the SYNC is caught up; live pushes continue from each head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncDone {
+    /// Per room, the last seq delivered on this connection.
+    pub heads: Vec<RoomCursor>,
+}
+
+macro_rules! frame_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident($body:ty) = $code:ident),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant($body),)*
+        }
+
+        impl $name {
+            /// The frame type code of this frame.
+            pub fn frame_type(&self) -> FrameType {
+                match self {
+                    $($name::$variant(_) => FrameType::$code,)*
+                }
+            }
+
+            /// Decodes a raw frame's body by its type code.
+            pub fn decode(raw: &RawFrame) -> Result<Self, DecodeError> {
+                match raw.ty {
+                    $(FrameType::$code => Ok($name::$variant(decode_body(raw.ty, &raw.body)?)),)*
+                    other => Err(DecodeError::UnknownType(other)),
+                }
+            }
+
+            /// Encodes the frame with its header.
+            pub fn encode(&self, request_id: u32) -> Bytes {
+                match self {
+                    $($name::$variant(body) => frame::encode(FrameType::$code, request_id, body),)*
+                }
+            }
+
+            /// Appends the encoded frame to `out`.
+            pub fn encode_into(&self, out: &mut Vec<u8>, request_id: u32) {
+                match self {
+                    $($name::$variant(body) => frame::encode_into(out, FrameType::$code, request_id, body),)*
+                }
+            }
+        }
+    };
+}
+
+frame_enum! {
+    /// A frame a client sends.
+    ClientFrame {
+        /// See [`Hello`].
+        Hello(Hello) = HELLO,
+        /// Heartbeat.
+        Ping(Ping) = PING,
+        /// Heartbeat answer.
+        Pong(Ping) = PONG,
+        /// Create an account and log in.
+        Register(Credentials) = REGISTER,
+        /// Log in.
+        Login(Credentials) = LOGIN,
+        /// Log in with a token.
+        Resume(Resume) = RESUME,
+        /// Revoke the token.
+        Logout(Empty) = LOGOUT,
+        /// Create a room.
+        CreateRoom(CreateRoom) = CREATE_ROOM,
+        /// Join a room.
+        JoinRoom(RoomRef) = JOIN_ROOM,
+        /// Leave a room.
+        LeaveRoom(RoomRef) = LEAVE_ROOM,
+        /// List my rooms.
+        ListRooms(Empty) = LIST_ROOMS,
+        /// List members.
+        ListMembers(ListMembers) = LIST_MEMBERS,
+        /// Post.
+        Post(Post) = POST,
+        /// Sync.
+        Sync(Sync) = SYNC,
+        /// History.
+        History(History) = HISTORY,
+    }
+}
+
+frame_enum! {
+    /// A frame a server sends.
+    ServerFrame {
+        /// See [`Welcome`].
+        Welcome(Welcome) = WELCOME,
+        /// Heartbeat.
+        Ping(Ping) = SERVER_PING,
+        /// Heartbeat answer.
+        Pong(Ping) = SERVER_PONG,
+        /// A request failed.
+        Error(ErrorBody) = ERROR,
+        /// Logged in.
+        Authed(Authed) = AUTHED,
+        /// Success without a result.
+        Done(Empty) = DONE,
+        /// One room.
+        RoomInfo(RoomInfo) = ROOM_INFO,
+        /// My rooms.
+        RoomList(RoomList) = ROOM_LIST,
+        /// A page of members.
+        MemberList(MemberList) = MEMBER_LIST,
+        /// Post is durable.
+        Posted(Posted) = POSTED,
+        /// A page of deltas.
+        DeltaPage(DeltaPage) = DELTA_PAGE,
+        /// Sync caught up.
+        SyncDone(SyncDone) = SYNC_DONE,
+        /// PUBLISH push.
+        Delta(Delta) = DELTA,
+        /// Closing push.
+        Goodbye(Goodbye) = GOODBYE,
+    }
+}
+
+impl ErrorBody {
+    /// An error body whose `retryable` flag follows from the code.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let retryable = matches!(
+            code,
+            ErrorCode::RATE_LIMITED | ErrorCode::OVERLOADED | ErrorCode::INTERNAL | ErrorCode::SHUTTING_DOWN
+        );
+        ErrorBody { code, message: message.into(), retryable }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}

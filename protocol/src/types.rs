@@ -1,0 +1,196 @@
+//! Wire code newtypes: frame types, error codes, delta kinds and room kinds.
+//!
+//! Each is a transparent integer with named constants rather than a Rust `enum`, so a code this
+//! build does not know still decodes, can be reported by value, and never panics (the approach of
+//! rustls' `msgs/macros.rs` and quinn's `frame.rs`). Never renumber a constant that has shipped.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+macro_rules! wire_code {
+    ($(#[$meta:meta])* $name:ident($int:ty) { $($(#[$cmeta:meta])* $konst:ident = $val:expr),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $int);
+
+        impl $name {
+            $($(#[$cmeta])* pub const $konst: $name = $name($val);)*
+
+            /// The constant's name, or `None` for a code this build does not know.
+            pub fn name(self) -> Option<&'static str> {
+                match self.0 {
+                    $($val => Some(stringify!($konst)),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self.name() {
+                    Some(n) => write!(f, "{}::{}", stringify!($name), n),
+                    None => write!(f, "{}({:#x})", stringify!($name), self.0),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self.name() {
+                    Some(n) => f.write_str(n),
+                    None => write!(f, "{:#x}", self.0),
+                }
+            }
+        }
+    };
+}
+
+wire_code! {
+    /// The type code in a frame header. Client-to-server codes are below `0x8000`; server replies
+    /// are `0x8000..0x9000`; server pushes (request id 0) are `0x9000` and up.
+    FrameType(u16) {
+        /// Client hello: first frame of every connection.
+        HELLO = 0x0001,
+        /// Heartbeat request (either direction).
+        PING = 0x0002,
+        /// Heartbeat answer (either direction).
+        PONG = 0x0003,
+        /// Create an account and log in.
+        REGISTER = 0x0010,
+        /// Log in with a password.
+        LOGIN = 0x0011,
+        /// Log in with a session token.
+        RESUME = 0x0012,
+        /// Revoke the session token in use.
+        LOGOUT = 0x0013,
+        /// Create a room.
+        CREATE_ROOM = 0x0020,
+        /// Join a room.
+        JOIN_ROOM = 0x0021,
+        /// Leave a room.
+        LEAVE_ROOM = 0x0022,
+        /// List the rooms the user is in.
+        LIST_ROOMS = 0x0023,
+        /// List a room's members, paged.
+        LIST_MEMBERS = 0x0024,
+        /// Post a message.
+        POST = 0x0030,
+        /// Catch up on what was missed, per room.
+        SYNC = 0x0031,
+        /// One page of a room's history.
+        HISTORY = 0x0032,
+
+        /// Server hello: the handshake succeeded.
+        WELCOME = 0x8001,
+        /// Server's heartbeat request.
+        SERVER_PING = 0x8002,
+        /// Server's heartbeat answer.
+        SERVER_PONG = 0x8003,
+        /// A request failed.
+        ERROR = 0x8004,
+        /// Logged in.
+        AUTHED = 0x8010,
+        /// A request without a result succeeded.
+        DONE = 0x8011,
+        /// One room.
+        ROOM_INFO = 0x8020,
+        /// The user's rooms.
+        ROOM_LIST = 0x8021,
+        /// A page of members.
+        MEMBER_LIST = 0x8022,
+        /// A post is durable.
+        POSTED = 0x8030,
+        /// A page of deltas (SYNC and HISTORY).
+        DELTA_PAGE = 0x8031,
+        /// SYNC is caught up.
+        SYNC_DONE = 0x8032,
+
+        /// PUBLISH: a delta committed in one of the user's rooms.
+        DELTA = 0x9001,
+        /// The server is closing the connection, and why.
+        GOODBYE = 0x9002,
+    }
+}
+
+impl FrameType {
+    /// Whether this is a server push, which carries request id 0.
+    pub fn is_push(self) -> bool {
+        self.0 >= 0x9000
+    }
+}
+
+wire_code! {
+    /// Why a request failed (in [`crate::ErrorBody`]) or a connection is closing (in
+    /// [`crate::Goodbye`]).
+    ErrorCode(u16) {
+        /// The frame could not be decoded; the stream cannot continue.
+        BAD_FRAME = 1,
+        /// The frame type is not one this server knows.
+        UNKNOWN_TYPE = 2,
+        /// The length prefix is over the maximum frame size; the stream cannot continue.
+        FRAME_TOO_LARGE = 3,
+        /// A frame other than `Hello` arrived before the handshake.
+        HANDSHAKE_REQUIRED = 4,
+        /// The client's protocol version (or magic) is not supported.
+        VERSION_UNSUPPORTED = 5,
+        /// The request needs a logged-in user.
+        NOT_AUTHENTICATED = 6,
+        /// Wrong user name, password or session token.
+        AUTH_FAILED = 7,
+        /// The user name is taken.
+        USER_EXISTS = 8,
+        /// No such room (or user).
+        NOT_FOUND = 9,
+        /// The user is not a member of the room.
+        NOT_MEMBER = 10,
+        /// A field is out of range (empty name, text too long, ...).
+        INVALID_ARGUMENT = 11,
+        /// Too many requests; retry later.
+        RATE_LIMITED = 12,
+        /// The server is overloaded; retry later.
+        OVERLOADED = 13,
+        /// An internal error, such as a database failure; a retry may succeed.
+        INTERNAL = 14,
+        /// The client fell too far behind; reconnect and SYNC.
+        RESYNC_REQUIRED = 15,
+        /// The server is shutting down; reconnect later.
+        SHUTTING_DOWN = 16,
+        /// Nothing was heard from the client within the idle timeout.
+        IDLE_TIMEOUT = 17,
+        /// Already logged in on this connection.
+        ALREADY_AUTHENTICATED = 18,
+    }
+}
+
+wire_code! {
+    /// What a delta does to its room.
+    DeltaKind(u8) {
+        /// The room was created (always seq 1; text is the room's name).
+        CREATE = 1,
+        /// A chat message (text is the message).
+        MESSAGE = 2,
+        /// The author joined.
+        JOIN = 3,
+        /// The author left.
+        LEAVE = 4,
+    }
+}
+
+impl DeltaKind {
+    /// The lower-case name used in JSON output (`"message"`, `"join"`, ...).
+    pub fn json_name(self) -> String {
+        match self.name() {
+            Some(n) => n.to_ascii_lowercase(),
+            None => format!("unknown_{}", self.0),
+        }
+    }
+}
+
+wire_code! {
+    /// What sort of room a room is.
+    RoomKind(u8) {
+        /// A group room that anyone may join.
+        GROUP = 1,
+    }
+}
