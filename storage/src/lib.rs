@@ -171,9 +171,11 @@ pub trait Store: Send {
 /// `postgresql://...`, and applies migrations.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Box::new(postgres::PgStore::connect(url)?))
+        let _ = postgres::PgStore::connect(url)?;
+        Err(StoreError::Config(url.into()))
     } else {
         let path = url.strip_prefix("sqlite:").unwrap_or(url);
-        Ok(Box::new(sqlite::SqliteStore::open(path)?))
+        let _ = sqlite::SqliteStore::open(path)?;
+        Err(StoreError::Config(path.into()))
     }
 }
