@@ -444,6 +444,8 @@ impl Client {
 
     /// Reads the next frame off the wire, answering PINGs. `Ok(None)` once `deadline` passes.
     fn read_frame(&mut self, deadline: Option<Instant>) -> Result<Option<(u32, ServerFrame)>, ClientError> {
+        // Even an expired deadline gets one short read, so `recv(Some(Duration::ZERO))` polls.
+        let mut first_read = true;
         loop {
             if let Some(raw) = self.decoder.decode(&mut self.buf)? {
                 match ServerFrame::decode(&raw)? {
@@ -458,9 +460,11 @@ impl Client {
                 None => None,
                 Some(d) => match d.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => Some(left),
+                    _ if first_read => Some(Duration::from_millis(1)),
                     _ => return Ok(None),
                 },
             };
+            first_read = false;
             if let Some(needed) = self.decoder.needed(&self.buf) {
                 self.buf.reserve(needed.saturating_sub(self.buf.len()));
             }
@@ -739,8 +743,15 @@ impl TlsTransport {
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.conn.writer().write_all(bytes)?;
-        self.flush_tls()
+        // rustls buffers a bounded amount (64 KiB by default) and accepts less than offered when
+        // full, so a large frame goes in pieces, draining to the socket between them.
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = self.conn.writer().write(rest)?;
+            rest = &rest[n..];
+            self.flush_tls()?;
+        }
+        Ok(())
     }
 }
 

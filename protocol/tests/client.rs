@@ -215,6 +215,7 @@ fn recv_and_request_time_out() {
     let mut o = opts(&addr);
     o.timeout = Duration::from_millis(200);
     let mut c = Client::connect(&o).unwrap();
+    assert_eq!(c.recv(Some(Duration::ZERO)).unwrap(), None);
     assert_eq!(c.recv(Some(Duration::from_millis(50))).unwrap(), None);
     let err = c.ping().unwrap_err();
     assert!(matches!(err, ClientError::Timeout), "{err:?}");
@@ -297,9 +298,22 @@ mod tls {
                 let (id, f) = p.read();
                 let ClientFrame::Ping(ping) = f else { panic!("expected PING, got {f:?}") };
                 p.send(id, &ServerFrame::Pong(ping));
+                // A frame far larger than rustls' 64 KiB send buffer.
+                let (id, f) = p.read();
+                let ClientFrame::Post(post) = f else { panic!("expected POST, got {f:?}") };
+                assert_eq!(post.text.len(), BIG_TEXT);
+                p.send(id, &ServerFrame::Posted(Posted { room: post.room, seq: 2, ts_ms: 0, duplicate: false }));
             }
         });
         TlsServer { addr, fingerprint, handle }
+    }
+
+    const BIG_TEXT: usize = 300 * 1024;
+
+    fn ping_and_big_post(c: &mut Client) {
+        c.ping().unwrap();
+        let posted = c.post(1, &chime_protocol::client::new_idempotency_key(), &"x".repeat(BIG_TEXT)).unwrap();
+        assert_eq!(posted.seq, 2);
     }
 
     fn tls_opts(addr: &str, pin: Option<[u8; 32]>) -> ConnectOptions {
@@ -315,12 +329,12 @@ mod tls {
         // First use: no pin, the fingerprint seen is the certificate's.
         let mut c = Client::connect(&tls_opts(&server.addr, None)).unwrap();
         assert_eq!(c.server_fingerprint(), Some(server.fingerprint));
-        c.ping().unwrap();
+        ping_and_big_post(&mut c);
         drop(c);
 
         // Later use with the right pin.
         let mut c = Client::connect(&tls_opts(&server.addr, Some(server.fingerprint))).unwrap();
-        c.ping().unwrap();
+        ping_and_big_post(&mut c);
         drop(c);
         server.handle.join().unwrap();
     }
