@@ -193,12 +193,7 @@ impl Conn {
         if let Some(f) = front {
             self.outq.push_front(f);
         }
-        self.ephemeral_bytes = self
-            .outq
-            .iter()
-            .filter(|(_, c)| *c == Class::Ephemeral)
-            .map(|(b, _)| b.len())
-            .sum();
+        self.ephemeral_bytes = self.outq.iter().filter(|(_, c)| *c == Class::Ephemeral).map(|(b, _)| b.len()).sum();
     }
 
     /// Replaces everything queued with a GOODBYE and marks the connection closing. Used when the
@@ -216,12 +211,7 @@ impl Conn {
             self.out_bytes = b.len();
             self.outq.push_back((b, c));
         }
-        let frame = ServerFrame::Goodbye(Goodbye {
-            code,
-            message: message.to_string(),
-            resync,
-        })
-        .encode(0);
+        let frame = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync }).encode(0);
         self.out_bytes += frame.len();
         self.outq.push_back((frame, Class::Durable));
         self.closing = true;
@@ -233,12 +223,7 @@ impl Conn {
         if self.closing {
             return;
         }
-        let frame = ServerFrame::Goodbye(Goodbye {
-            code,
-            message: message.to_string(),
-            resync: false,
-        })
-        .encode(0);
+        let frame = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync: false }).encode(0);
         self.out_bytes += frame.len();
         self.outq.push_back((frame, Class::Durable));
         self.closing = true;
@@ -332,12 +317,7 @@ impl Conn {
                         }
                     }
                 } else {
-                    consume(
-                        &mut self.outq,
-                        &mut self.out_bytes,
-                        &mut self.ephemeral_bytes,
-                        taken,
-                    );
+                    consume(&mut self.outq, &mut self.out_bytes, &mut self.ephemeral_bytes, taken);
                     break;
                 }
             }
@@ -355,12 +335,7 @@ impl Conn {
     }
 
     fn consume(&mut self, n: usize) {
-        consume(
-            &mut self.outq,
-            &mut self.out_bytes,
-            &mut self.ephemeral_bytes,
-            n,
-        );
+        consume(&mut self.outq, &mut self.out_bytes, &mut self.ephemeral_bytes, n);
     }
 
     /// Whether the TLS handshake is still running (then the stream carries no frames yet).
@@ -378,12 +353,7 @@ impl Conn {
 }
 
 /// Drops `n` written bytes from the front of a queue, keeping the byte counts right.
-fn consume(
-    outq: &mut VecDeque<(Bytes, Class)>,
-    out_bytes: &mut usize,
-    ephemeral: &mut usize,
-    mut n: usize,
-) {
+fn consume(outq: &mut VecDeque<(Bytes, Class)>, out_bytes: &mut usize, ephemeral: &mut usize, mut n: usize) {
     *out_bytes -= n;
     while n > 0 {
         let Some((front, class)) = outq.front_mut() else {
@@ -422,9 +392,7 @@ fn read_tls(
     if n == 0 {
         return Ok(0);
     }
-    let state = tls
-        .process_new_packets()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let state = tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut left = state.plaintext_bytes_to_read();
     while left > 0 {
         let got = tls.reader().read(scratch)?;

@@ -22,14 +22,12 @@ use crate::conn::{Class, Conn, Phase, ReadOutcome, Session};
 use crate::ratelimit::{KeyedLimiter, TokenBucket};
 use crate::sync::{Action, MAX_PAGE};
 use crate::tls::{fingerprint_hex, TlsSetup};
-use crate::worker::{
-    self, Actor, Completion, ConnRef, FetchPurpose, Job, Notify, Pool, Published, ReplyTo,
-};
+use crate::worker::{self, Actor, Completion, ConnRef, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
 use anyhow::Context as _;
 use bytes::Bytes;
 use chime_protocol::{
-    ClientFrame, DecodeError, ErrorBody, ErrorCode, FrameDecoder, Ping, RawFrame, ServerFrame,
-    Welcome, MAGIC, PROTOCOL_VERSION,
+    ClientFrame, DecodeError, ErrorBody, ErrorCode, FrameDecoder, Ping, RawFrame, ServerFrame, Welcome, MAGIC,
+    PROTOCOL_VERSION,
 };
 use chime_storage::NewPost;
 use crossbeam_channel::Receiver;
@@ -109,22 +107,12 @@ pub struct Server {
 }
 
 fn listener(addr: &str) -> anyhow::Result<TcpListener> {
-    let addr: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("bad listen address {addr:?}"))?;
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
+    let addr: SocketAddr = addr.parse().with_context(|| format!("bad listen address {addr:?}"))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    socket
-        .listen(4096)
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    socket.bind(&addr.into()).with_context(|| format!("cannot listen on {addr}"))?;
+    socket.listen(4096).with_context(|| format!("cannot listen on {addr}"))?;
     Ok(TcpListener::from_std(socket.into()))
 }
 
@@ -144,11 +132,7 @@ fn redact(url: &str) -> String {
 
 impl Server {
     /// Binds the listeners and starts the worker pool.
-    pub fn bind(
-        config: Config,
-        database_url: &str,
-        tls: Option<TlsSetup>,
-    ) -> anyhow::Result<Server> {
+    pub fn bind(config: Config, database_url: &str, tls: Option<TlsSetup>) -> anyhow::Result<Server> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, completions) = crossbeam_channel::bounded(16_384);
@@ -157,10 +141,7 @@ impl Server {
             config.workers,
             config.auth_workers,
             config.max_batch,
-            Notify {
-                completions: tx,
-                waker,
-            },
+            Notify { completions: tx, waker },
         )?;
         let mut local_addrs = Vec::new();
         let mut tls_listener = None;
@@ -168,8 +149,7 @@ impl Server {
         let mut fingerprint = None;
         if let Some(t) = tls {
             let mut l = listener(&config.listen)?;
-            poll.registry()
-                .register(&mut l, TLS_LISTENER, Interest::READABLE)?;
+            poll.registry().register(&mut l, TLS_LISTENER, Interest::READABLE)?;
             local_addrs.push(("tls".to_string(), l.local_addr()?));
             tls_listener = Some(l);
             tls_config = Some(t.config);
@@ -178,22 +158,15 @@ impl Server {
         let mut plain_listener = None;
         if let Some(addr) = &config.plaintext_listen {
             let mut l = listener(addr)?;
-            poll.registry()
-                .register(&mut l, PLAIN_LISTENER, Interest::READABLE)?;
+            poll.registry().register(&mut l, PLAIN_LISTENER, Interest::READABLE)?;
             local_addrs.push(("plaintext".to_string(), l.local_addr()?));
             plain_listener = Some(l);
         }
         anyhow::ensure!(!local_addrs.is_empty(), "no listener configured");
-        let mut signals = signal_hook_mio::v1_0::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-        ])?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let listening: Vec<String> = local_addrs
-            .iter()
-            .map(|(k, a)| format!("{k} {a}"))
-            .collect();
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let listening: Vec<String> = local_addrs.iter().map(|(k, a)| format!("{k} {a}")).collect();
         log::info!(
             "chimed {} listening on {}; store {}; certificate SHA-256 {}",
             env!("CARGO_PKG_VERSION"),
@@ -265,11 +238,9 @@ impl Server {
                     WAKER => {}
                     SIGNALS => self.on_signal(),
                     TLS_LISTENER | PLAIN_LISTENER => self.accept_all(),
-                    Token(t) => self.service(
-                        t - FIRST_CONN,
-                        event.is_readable() || event.is_read_closed(),
-                        event.is_writable(),
-                    ),
+                    Token(t) => {
+                        self.service(t - FIRST_CONN, event.is_readable() || event.is_read_closed(), event.is_writable())
+                    }
                 }
             }
             self.drain_completions();
@@ -310,10 +281,7 @@ impl Server {
         }
         log::info!("signal {got:?}: stopping (no new connections; finishing requests in flight)");
         self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
-        for (l, _) in [
-            (self.tls_listener.take(), 0),
-            (self.plain_listener.take(), 1),
-        ] {
+        for (l, _) in [(self.tls_listener.take(), 0), (self.plain_listener.take(), 1)] {
             if let Some(mut l) = l {
                 let _ = self.poll.registry().deregister(&mut l);
             }
@@ -332,10 +300,7 @@ impl Server {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in &keys {
             if let Some(c) = self.conns.get_mut(*key) {
-                c.goodbye_after_queue(
-                    ErrorCode::SHUTTING_DOWN,
-                    "server shutting down; reconnect later",
-                );
+                c.goodbye_after_queue(ErrorCode::SHUTTING_DOWN, "server shutting down; reconnect later");
                 self.dirty.push(*key);
             }
         }
@@ -387,9 +352,8 @@ impl Server {
 
     fn add_conn(&mut self, sock: mio::net::TcpStream, peer: SocketAddr, is_tls: bool) {
         let _ = sock.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(60))
-            .with_interval(Duration::from_secs(10));
+        let keepalive =
+            socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
         let _ = socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive);
         let tls = match (is_tls, &self.tls_config) {
             (true, Some(cfg)) => match rustls::ServerConnection::new(cfg.clone()) {
@@ -406,10 +370,7 @@ impl Server {
         };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        let id = ConnRef {
-            key,
-            gen: self.next_gen,
-        };
+        let id = ConnRef { key, gen: self.next_gen };
         self.next_gen += 1;
         let mut conn = Conn::new(id, sock, peer, tls, self.now_secs);
         // Both interests, once: mio is edge-triggered, so this costs no extra wake-ups and saves a
@@ -488,21 +449,13 @@ impl Server {
         let frame = match ClientFrame::decode(&raw) {
             Ok(f) => f,
             Err(e) => {
-                let handshaking = self
-                    .conns
-                    .get(key)
-                    .is_some_and(|c| c.phase == Phase::Handshake);
+                let handshaking = self.conns.get(key).is_some_and(|c| c.phase == Phase::Handshake);
                 let code = match e {
                     DecodeError::UnknownType(_) => ErrorCode::UNKNOWN_TYPE,
                     _ => ErrorCode::BAD_FRAME,
                 };
                 if handshaking {
-                    self.error_and_close(
-                        key,
-                        rid,
-                        ErrorCode::HANDSHAKE_REQUIRED,
-                        &format!("expected HELLO: {e}"),
-                    );
+                    self.error_and_close(key, rid, ErrorCode::HANDSHAKE_REQUIRED, &format!("expected HELLO: {e}"));
                 } else {
                     self.error(key, rid, code, &e.to_string());
                 }
@@ -523,12 +476,7 @@ impl Server {
                     self.error_and_close(key, rid, ErrorCode::VERSION_UNSUPPORTED, &msg);
                     return;
                 }
-                log::debug!(
-                    "{} speaks {} {}",
-                    conn.peer,
-                    h.client_name,
-                    h.client_version
-                );
+                log::debug!("{} speaks {} {}", conn.peer, h.client_name, h.client_version);
                 conn.phase = Phase::Open;
                 let welcome = Welcome {
                     protocol_version: PROTOCOL_VERSION,
@@ -539,53 +487,29 @@ impl Server {
                 };
                 self.reply(key, ServerFrame::Welcome(welcome).encode(rid));
             }
-            (Phase::Handshake, _) => self.error_and_close(
-                key,
-                rid,
-                ErrorCode::HANDSHAKE_REQUIRED,
-                "the first frame must be HELLO",
-            ),
-            (_, ClientFrame::Hello(_)) => {
-                self.error(key, rid, ErrorCode::BAD_FRAME, "HELLO was already received")
+            (Phase::Handshake, _) => {
+                self.error_and_close(key, rid, ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO")
             }
+            (_, ClientFrame::Hello(_)) => self.error(key, rid, ErrorCode::BAD_FRAME, "HELLO was already received"),
             (_, ClientFrame::Ping(p)) => self.reply(key, ServerFrame::Pong(p).encode(rid)),
             (_, ClientFrame::Pong(_)) => {}
-            (_, _) if self.shutdown_deadline.is_some() => self.error(
-                key,
-                rid,
-                ErrorCode::SHUTTING_DOWN,
-                "server shutting down; retry after reconnecting",
-            ),
+            (_, _) if self.shutdown_deadline.is_some() => {
+                self.error(key, rid, ErrorCode::SHUTTING_DOWN, "server shutting down; retry after reconnecting")
+            }
             (Phase::Open, ClientFrame::Register(c)) => self.password(key, rid, true, c),
             (Phase::Open, ClientFrame::Login(c)) => self.password(key, rid, false, c),
             (Phase::Open, ClientFrame::Resume(r)) => {
                 if let Some(c) = self.conns.get_mut(key) {
                     c.phase = Phase::Authenticating;
                 }
-                self.submit(
-                    key,
-                    rid,
-                    Job::Resume {
-                        to: self.to(key, rid),
-                        token: r.token,
-                    },
-                );
+                self.submit(key, rid, Job::Resume { to: self.to(key, rid), token: r.token });
             }
-            (Phase::Authenticating, _) => self.error(
-                key,
-                rid,
-                ErrorCode::NOT_AUTHENTICATED,
-                "a login is in progress on this connection",
-            ),
-            (
-                Phase::Authed(_),
-                ClientFrame::Register(_) | ClientFrame::Login(_) | ClientFrame::Resume(_),
-            ) => self.error(
-                key,
-                rid,
-                ErrorCode::ALREADY_AUTHENTICATED,
-                "already logged in",
-            ),
+            (Phase::Authenticating, _) => {
+                self.error(key, rid, ErrorCode::NOT_AUTHENTICATED, "a login is in progress on this connection")
+            }
+            (Phase::Authed(_), ClientFrame::Register(_) | ClientFrame::Login(_) | ClientFrame::Resume(_)) => {
+                self.error(key, rid, ErrorCode::ALREADY_AUTHENTICATED, "already logged in")
+            }
             (Phase::Open, _) => self.error(key, rid, ErrorCode::NOT_AUTHENTICATED, "log in first"),
             (Phase::Authed(s), frame) => self.authed_request(key, rid, &s, frame),
         }
@@ -593,74 +517,31 @@ impl Server {
 
     fn authed_request(&mut self, key: usize, rid: u32, s: &Session, frame: ClientFrame) {
         let to = self.to(key, rid);
-        let actor = Actor {
-            user_id: s.user_id,
-            name: s.name.clone(),
-        };
+        let actor = Actor { user_id: s.user_id, name: s.name.clone() };
         let job = match frame {
-            ClientFrame::Logout(_) => Job::Logout {
-                to,
-                token_hash: s.token_hash,
-            },
+            ClientFrame::Logout(_) => Job::Logout { to, token_hash: s.token_hash },
             ClientFrame::CreateRoom(c) => {
                 let name = c.name.trim().to_string();
                 if name.is_empty() || name.chars().count() > MAX_ROOM_NAME {
-                    return self.error(
-                        key,
-                        rid,
-                        ErrorCode::INVALID_ARGUMENT,
-                        "room name must be 1 to 100 characters",
-                    );
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "room name must be 1 to 100 characters");
                 }
                 if c.kind != chime_protocol::RoomKind::GROUP {
-                    return self.error(
-                        key,
-                        rid,
-                        ErrorCode::INVALID_ARGUMENT,
-                        &format!("unknown room kind {}", c.kind),
-                    );
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, &format!("unknown room kind {}", c.kind));
                 }
-                Job::CreateRoom {
-                    to,
-                    actor,
-                    name,
-                    kind: c.kind,
-                }
+                Job::CreateRoom { to, actor, name, kind: c.kind }
             }
-            ClientFrame::JoinRoom(r) => Job::Join {
-                to,
-                actor,
-                room: r.room,
-            },
-            ClientFrame::LeaveRoom(r) => Job::Leave {
-                to,
-                actor,
-                room: r.room,
-            },
+            ClientFrame::JoinRoom(r) => Job::Join { to, actor, room: r.room },
+            ClientFrame::LeaveRoom(r) => Job::Leave { to, actor, room: r.room },
             ClientFrame::ListRooms(_) => Job::ListRooms { to, actor },
-            ClientFrame::ListMembers(m) => Job::ListMembers {
-                to,
-                actor,
-                room: m.room,
-                after_user: m.after_user,
-                limit: m.limit.clamp(1, 1000),
-            },
+            ClientFrame::ListMembers(m) => {
+                Job::ListMembers { to, actor, room: m.room, after_user: m.after_user, limit: m.limit.clamp(1, 1000) }
+            }
             ClientFrame::Post(p) => {
                 if p.text.is_empty() || p.text.len() > MAX_TEXT {
-                    return self.error(
-                        key,
-                        rid,
-                        ErrorCode::INVALID_ARGUMENT,
-                        "text must be 1 to 16384 bytes",
-                    );
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "text must be 1 to 16384 bytes");
                 }
                 if p.idempotency_key.is_empty() || p.idempotency_key.len() > MAX_KEY {
-                    return self.error(
-                        key,
-                        rid,
-                        ErrorCode::INVALID_ARGUMENT,
-                        "idempotency key must be 1 to 128 bytes",
-                    );
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "idempotency key must be 1 to 128 bytes");
                 }
                 Job::Post {
                     to,
@@ -684,21 +565,12 @@ impl Server {
             },
             ClientFrame::Sync(req) => {
                 if req.rooms.len() > MAX_SYNC_ROOMS {
-                    return self.error(
-                        key,
-                        rid,
-                        ErrorCode::INVALID_ARGUMENT,
-                        "at most 1000 rooms per SYNC",
-                    );
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "at most 1000 rooms per SYNC");
                 }
                 let Some(conn) = self.conns.get_mut(key) else {
                     return;
                 };
-                let actions = conn.sync.get_or_insert_with(Default::default).start(
-                    rid,
-                    &req.rooms,
-                    req.page_size,
-                );
+                let actions = conn.sync.get_or_insert_with(Default::default).start(rid, &req.rooms, req.page_size);
                 self.apply(key, actions);
                 return;
             }
@@ -715,12 +587,7 @@ impl Server {
         let ip = conn.peer.ip();
         let now = Instant::now();
         if !self.login_per_ip.try_take(ip, now) || !self.login_bucket.try_take(now) {
-            return self.error(
-                key,
-                rid,
-                ErrorCode::RATE_LIMITED,
-                "too many logins; retry in a few seconds",
-            );
+            return self.error(key, rid, ErrorCode::RATE_LIMITED, "too many logins; retry in a few seconds");
         }
         if let Err(m) = auth::validate_user_name(&c.user) {
             return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, &m);
@@ -730,12 +597,7 @@ impl Server {
                 return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, &m);
             }
         } else if c.password.len() > 1024 {
-            return self.error(
-                key,
-                rid,
-                ErrorCode::AUTH_FAILED,
-                "wrong user name or password",
-            );
+            return self.error(key, rid, ErrorCode::AUTH_FAILED, "wrong user name or password");
         }
         conn.phase = Phase::Authenticating;
         let ua: String = c.user_agent.chars().take(256).collect();
@@ -752,10 +614,7 @@ impl Server {
 
     fn to(&self, key: usize, request_id: u32) -> ReplyTo {
         let gen = self.conns.get(key).map_or(0, |c| c.id.gen);
-        ReplyTo {
-            conn: ConnRef { key, gen },
-            request_id,
-        }
+        ReplyTo { conn: ConnRef { key, gen }, request_id }
     }
 
     fn submit(&mut self, key: usize, rid: u32, job: Job) {
@@ -775,12 +634,7 @@ impl Server {
                         c.phase = Phase::Open;
                     }
                 }
-                self.error(
-                    key,
-                    rid,
-                    ErrorCode::OVERLOADED,
-                    "server busy; retry shortly",
-                );
+                self.error(key, rid, ErrorCode::OVERLOADED, "server busy; retry shortly");
             }
         }
     }
@@ -826,24 +680,13 @@ impl Server {
                     self.reply(to.conn.key, frame);
                 }
             }
-            Completion::LoggedIn {
-                to,
-                user_id,
-                name,
-                token_hash,
-                rooms,
-                frame,
-            } => {
+            Completion::LoggedIn { to, user_id, name, token_hash, rooms, frame } => {
                 if !self.answered(&to) {
                     return;
                 }
                 let key = to.conn.key;
                 if let Some(c) = self.conn_for(to.conn) {
-                    c.phase = Phase::Authed(Session {
-                        user_id,
-                        name: name.into(),
-                        token_hash,
-                    });
+                    c.phase = Phase::Authed(Session { user_id, name: name.into(), token_hash });
                     self.users.entry(user_id).or_default().push(key);
                     for room in rooms {
                         self.subscribe(key, room);
@@ -859,14 +702,7 @@ impl Server {
                 self.logout_conn(key);
                 self.reply(key, frame);
             }
-            Completion::Membership {
-                to,
-                user_id,
-                room,
-                joined,
-                published,
-                frame,
-            } => {
+            Completion::Membership { to, user_id, room, joined, published, frame } => {
                 let live = self.answered(&to);
                 let conns = self.users.get(&user_id).cloned().unwrap_or_default();
                 if joined {
@@ -896,13 +732,7 @@ impl Server {
                     }
                 }
             }
-            Completion::Page {
-                to,
-                room,
-                after,
-                deltas,
-                more,
-            } => {
+            Completion::Page { to, room, after, deltas, more } => {
                 let Some(c) = self.conn_for(to.conn) else {
                     return;
                 };
@@ -939,14 +769,8 @@ impl Server {
                     }
                     let Some(s) = c.session() else { return };
                     let job = Job::Fetch {
-                        to: ReplyTo {
-                            conn: c.id,
-                            request_id: 0,
-                        },
-                        actor: Actor {
-                            user_id: s.user_id,
-                            name: s.name.clone(),
-                        },
+                        to: ReplyTo { conn: c.id, request_id: 0 },
+                        actor: Actor { user_id: s.user_id, name: s.name.clone() },
                         room,
                         after,
                         limit,
@@ -1053,11 +877,7 @@ impl Server {
                 }
             };
             if !ok {
-                c.goodbye(
-                    ErrorCode::RESYNC_REQUIRED,
-                    "you fell too far behind; reconnect and SYNC",
-                    true,
-                );
+                c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
             }
             self.dirty.push(key);
         }
@@ -1072,20 +892,13 @@ impl Server {
             return;
         };
         if !c.queue(frame, Class::Durable, limit) {
-            c.goodbye(
-                ErrorCode::RESYNC_REQUIRED,
-                "you fell too far behind; reconnect and SYNC",
-                true,
-            );
+            c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
         }
         self.dirty.push(key);
     }
 
     fn error(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
-        self.reply(
-            key,
-            ServerFrame::Error(ErrorBody::new(code, message)).encode(rid),
-        );
+        self.reply(key, ServerFrame::Error(ErrorBody::new(code, message)).encode(rid));
     }
 
     fn error_and_close(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
@@ -1136,11 +949,7 @@ impl Server {
                 Phase::Handshake if quiet >= HANDSHAKE_SECS => to_close.push(key),
                 _ if c.closing => {}
                 _ if quiet >= 3 * hb => {
-                    c.goodbye(
-                        ErrorCode::IDLE_TIMEOUT,
-                        "nothing heard within the idle timeout",
-                        false,
-                    );
+                    c.goodbye(ErrorCode::IDLE_TIMEOUT, "nothing heard within the idle timeout", false);
                     self.dirty.push(key);
                 }
                 _ if quiet >= hb && !c.ping_sent && c.phase != Phase::Handshake => {
@@ -1154,13 +963,7 @@ impl Server {
             self.close(key);
         }
         for key in to_ping {
-            self.reply(
-                key,
-                ServerFrame::Ping(Ping {
-                    nonce: u64::from(now),
-                })
-                .encode(0),
-            );
+            self.reply(key, ServerFrame::Ping(Ping { nonce: u64::from(now) }).encode(0));
         }
         self.flush_dirty();
     }

@@ -84,12 +84,7 @@ pub struct SyncState {
 impl SyncState {
     /// Starts a SYNC. `subscribed` says whether the connection receives the room's pushes (it is
     /// a member); rooms it does not are still fetched, and the fetch reports NOT_MEMBER.
-    pub fn start(
-        &mut self,
-        request_id: u32,
-        cursors: &[RoomCursor],
-        page_size: u32,
-    ) -> Vec<Action> {
+    pub fn start(&mut self, request_id: u32, cursors: &[RoomCursor], page_size: u32) -> Vec<Action> {
         let page_size = page_size.clamp(1, MAX_PAGE);
         let mut rooms: Vec<u64> = Vec::with_capacity(cursors.len());
         let mut actions = Vec::new();
@@ -106,36 +101,21 @@ impl SyncState {
                 }
             }
             let held = match self.tracks.remove(&c.room) {
-                Some(Track {
-                    mode: Mode::CatchingUp { held, .. },
-                    ..
-                }) => held,
+                Some(Track { mode: Mode::CatchingUp { held, .. }, .. }) => held,
                 _ => VecDeque::new(),
             };
             self.tracks.insert(
                 c.room,
                 Track {
                     delivered: c.seq,
-                    mode: Mode::CatchingUp {
-                        request: Some(request_id),
-                        held,
-                        overflowed: false,
-                    },
+                    mode: Mode::CatchingUp { request: Some(request_id), held, overflowed: false },
                     page_size,
                 },
             );
-            actions.push(Action::Fetch {
-                room: c.room,
-                after: c.seq,
-                limit: page_size,
-            });
+            actions.push(Action::Fetch { room: c.room, after: c.seq, limit: page_size });
         }
         let pending = rooms.len();
-        self.requests.push(Request {
-            id: request_id,
-            rooms,
-            pending,
-        });
+        self.requests.push(Request { id: request_id, rooms, pending });
         // Requests emptied by this one are complete.
         actions.extend(self.finish_requests());
         actions
@@ -147,9 +127,7 @@ impl SyncState {
             return vec![Action::Send(p.frames.clone())];
         };
         match &mut track.mode {
-            Mode::CatchingUp {
-                held, overflowed, ..
-            } => {
+            Mode::CatchingUp { held, overflowed, .. } => {
                 if held.len() >= HELD_CAP {
                     *overflowed = true;
                 } else {
@@ -168,16 +146,8 @@ impl SyncState {
                     let after = track.delivered;
                     let mut held = VecDeque::new();
                     held.push_back(p.clone());
-                    track.mode = Mode::CatchingUp {
-                        request: None,
-                        held,
-                        overflowed: false,
-                    };
-                    vec![Action::Fetch {
-                        room: p.room,
-                        after,
-                        limit: track.page_size,
-                    }]
+                    track.mode = Mode::CatchingUp { request: None, held, overflowed: false };
+                    vec![Action::Fetch { room: p.room, after, limit: track.page_size }]
                 }
             }
         }
@@ -189,22 +159,14 @@ impl SyncState {
         let Some(track) = self.tracks.get_mut(&room) else {
             return actions;
         };
-        let Mode::CatchingUp {
-            request,
-            held,
-            overflowed,
-        } = &mut track.mode
-        else {
+        let Mode::CatchingUp { request, held, overflowed } = &mut track.mode else {
             return actions;
         };
         if after != track.delivered {
             // A page for a cursor this room has moved past (a newer SYNC replaced the old one).
             return actions;
         }
-        let fresh: Vec<Delta> = deltas
-            .into_iter()
-            .filter(|d| d.seq > track.delivered)
-            .collect();
+        let fresh: Vec<Delta> = deltas.into_iter().filter(|d| d.seq > track.delivered).collect();
         if let Some(last) = fresh.last() {
             track.delivered = last.seq;
         }
@@ -235,12 +197,7 @@ impl SyncState {
         let request = *request;
         match request {
             Some(id) => {
-                let page = DeltaPage {
-                    room,
-                    deltas: fresh,
-                    more: !caught_up,
-                    resume_after: track.delivered,
-                };
+                let page = DeltaPage { room, deltas: fresh, more: !caught_up, resume_after: track.delivered };
                 actions.push(Action::Send(ServerFrame::DeltaPage(page).encode(id)));
             }
             None => {
@@ -253,12 +210,7 @@ impl SyncState {
                 }
             }
         }
-        actions.extend(
-            flushed
-                .into_iter()
-                .filter(|b| !b.is_empty())
-                .map(Action::Send),
-        );
+        actions.extend(flushed.into_iter().filter(|b| !b.is_empty()).map(Action::Send));
         if caught_up {
             track.mode = Mode::Live;
             if let Some(id) = request {
@@ -268,11 +220,7 @@ impl SyncState {
                 actions.extend(self.finish_requests());
             }
         } else {
-            actions.push(Action::Fetch {
-                room,
-                after: track.delivered,
-                limit: track.page_size,
-            });
+            actions.push(Action::Fetch { room, after: track.delivered, limit: track.page_size });
         }
         actions
     }
@@ -284,10 +232,7 @@ impl SyncState {
         let Some(track) = self.tracks.remove(&room) else {
             return Vec::new();
         };
-        let Mode::CatchingUp {
-            request: Some(id), ..
-        } = track.mode
-        else {
+        let Mode::CatchingUp { request: Some(id), .. } = track.mode else {
             return Vec::new();
         };
         let Some(i) = self.requests.iter().position(|r| r.id == id) else {
@@ -295,11 +240,7 @@ impl SyncState {
         };
         let req = self.requests.remove(i);
         for other in req.rooms {
-            if let Some(Track {
-                mode: Mode::CatchingUp { request, .. },
-                ..
-            }) = self.tracks.get_mut(&other)
-            {
+            if let Some(Track { mode: Mode::CatchingUp { request, .. }, .. }) = self.tracks.get_mut(&other) {
                 *request = None;
             }
         }
@@ -322,14 +263,9 @@ impl SyncState {
             let heads = r
                 .rooms
                 .iter()
-                .map(|&room| RoomCursor {
-                    room,
-                    seq: tracks.get(&room).map_or(0, |t| t.delivered),
-                })
+                .map(|&room| RoomCursor { room, seq: tracks.get(&room).map_or(0, |t| t.delivered) })
                 .collect();
-            actions.push(Action::Send(
-                ServerFrame::SyncDone(SyncDone { heads }).encode(r.id),
-            ));
+            actions.push(Action::Send(ServerFrame::SyncDone(SyncDone { heads }).encode(r.id)));
             false
         });
         actions
@@ -362,12 +298,7 @@ mod tests {
             ServerFrame::Delta(delta(room, s)).encode_into(&mut buf, 0);
             ends.push(buf.len() as u32);
         }
-        Published {
-            room,
-            first_seq: first,
-            frames: Bytes::from(buf),
-            ends,
-        }
+        Published { room, first_seq: first, frames: Bytes::from(buf), ends }
     }
 
     /// Decodes every frame sent and returns (kind, seqs): pages and pushes flattened in order.
@@ -395,26 +326,12 @@ mod tests {
     fn pushes_during_sync_are_held_then_deduplicated() {
         let mut s = SyncState::default();
         let a = s.start(9, &[RoomCursor { room: 1, seq: 0 }], 2);
-        assert_eq!(
-            a,
-            vec![Action::Fetch {
-                room: 1,
-                after: 0,
-                limit: 2
-            }]
-        );
+        assert_eq!(a, vec![Action::Fetch { room: 1, after: 0, limit: 2 }]);
         // Seq 3 commits while page 1 is read; its push arrives before the page.
         assert!(s.push(&published(1, 3..=3)).is_empty());
         let a = s.page(1, 0, vec![delta(1, 1), delta(1, 2)], true);
         assert_eq!(sent_seqs(&a), (vec![1, 2], 0));
-        assert_eq!(
-            a.last(),
-            Some(&Action::Fetch {
-                room: 1,
-                after: 2,
-                limit: 2
-            })
-        );
+        assert_eq!(a.last(), Some(&Action::Fetch { room: 1, after: 2, limit: 2 }));
         // Seq 4 commits after page 2 was read.
         assert!(s.push(&published(1, 4..=4)).is_empty());
         let a = s.page(1, 2, vec![delta(1, 3)], false);
@@ -430,14 +347,7 @@ mod tests {
         s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10);
         s.page(1, 0, vec![], false);
         let a = s.push(&published(1, 3..=3));
-        assert_eq!(
-            a,
-            vec![Action::Fetch {
-                room: 1,
-                after: 0,
-                limit: 10
-            }]
-        );
+        assert_eq!(a, vec![Action::Fetch { room: 1, after: 0, limit: 10 }]);
         let a = s.page(1, 0, vec![delta(1, 1), delta(1, 2), delta(1, 3)], false);
         assert_eq!(sent_seqs(&a), (vec![1, 2, 3], 0));
     }
@@ -449,14 +359,7 @@ mod tests {
         s.push(&published(1, 5..=5));
         let a = s.page(1, 0, vec![delta(1, 1), delta(1, 2)], false);
         assert_eq!(sent_seqs(&a), (vec![1, 2], 0));
-        assert_eq!(
-            a.last(),
-            Some(&Action::Fetch {
-                room: 1,
-                after: 2,
-                limit: 10
-            })
-        );
+        assert_eq!(a.last(), Some(&Action::Fetch { room: 1, after: 2, limit: 10 }));
         let a = s.page(1, 2, vec![delta(1, 3), delta(1, 4), delta(1, 5)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4, 5], 1));
     }
@@ -470,14 +373,7 @@ mod tests {
     #[test]
     fn stale_pages_are_ignored_and_failures_end_the_request() {
         let mut s = SyncState::default();
-        s.start(
-            1,
-            &[
-                RoomCursor { room: 1, seq: 0 },
-                RoomCursor { room: 2, seq: 0 },
-            ],
-            10,
-        );
+        s.start(1, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
         s.start(2, &[RoomCursor { room: 1, seq: 5 }], 10);
         assert!(s.page(1, 0, vec![delta(1, 1)], false).is_empty());
         let err = Bytes::from_static(b"err");

@@ -23,8 +23,7 @@
 use crate::auth;
 use bytes::Bytes;
 use chime_protocol::{
-    Authed, Delta, DeltaPage, ErrorBody, ErrorCode, MemberInfo, MemberList, Posted, RoomInfo,
-    RoomList, ServerFrame,
+    Authed, Delta, DeltaPage, ErrorBody, ErrorCode, MemberInfo, MemberList, Posted, RoomInfo, RoomList, ServerFrame,
 };
 use chime_storage::{NewPost, NewSession, PostOutcome, RoomRecord, Store, StoreError};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -64,58 +63,25 @@ pub struct Actor {
 #[derive(Debug)]
 pub enum Job {
     /// Register (`register = true`) or log in with a password. Auth pool.
-    Password {
-        to: ReplyTo,
-        register: bool,
-        user: String,
-        password: String,
-        ip: String,
-        user_agent: String,
-    },
+    Password { to: ReplyTo, register: bool, user: String, password: String, ip: String, user_agent: String },
     /// Log in with a session token.
     Resume { to: ReplyTo, token: String },
     /// Revoke the session token the connection logged in with.
     Logout { to: ReplyTo, token_hash: [u8; 32] },
     /// Create a room.
-    CreateRoom {
-        to: ReplyTo,
-        actor: Actor,
-        name: String,
-        kind: chime_protocol::RoomKind,
-    },
+    CreateRoom { to: ReplyTo, actor: Actor, name: String, kind: chime_protocol::RoomKind },
     /// Join a room (shard job).
-    Join {
-        to: ReplyTo,
-        actor: Actor,
-        room: u64,
-    },
+    Join { to: ReplyTo, actor: Actor, room: u64 },
     /// Leave a room (shard job).
-    Leave {
-        to: ReplyTo,
-        actor: Actor,
-        room: u64,
-    },
+    Leave { to: ReplyTo, actor: Actor, room: u64 },
     /// List the actor's rooms.
     ListRooms { to: ReplyTo, actor: Actor },
     /// A page of members.
-    ListMembers {
-        to: ReplyTo,
-        actor: Actor,
-        room: u64,
-        after_user: u64,
-        limit: u32,
-    },
+    ListMembers { to: ReplyTo, actor: Actor, room: u64, after_user: u64, limit: u32 },
     /// A post (shard job; group-committed).
     Post { to: ReplyTo, post: NewPost },
     /// One page of deltas after a seq, for SYNC, HISTORY or a catch-up. Checks membership.
-    Fetch {
-        to: ReplyTo,
-        actor: Actor,
-        room: u64,
-        after: u64,
-        limit: u32,
-        purpose: FetchPurpose,
-    },
+    Fetch { to: ReplyTo, actor: Actor, room: u64, after: u64, limit: u32, purpose: FetchPurpose },
 }
 
 /// Why a page of deltas is fetched; decides how the loop uses it.
@@ -166,12 +132,7 @@ impl Published {
             ServerFrame::Delta(d.clone()).encode_into(&mut buf, 0);
             ends.push(buf.len() as u32);
         }
-        Some(Published {
-            room,
-            first_seq,
-            frames: Bytes::from(buf),
-            ends,
-        })
+        Some(Published { room, first_seq, frames: Bytes::from(buf), ends })
     }
 }
 
@@ -181,45 +142,18 @@ pub enum Completion {
     /// A finished reply to send as is.
     Reply { to: ReplyTo, frame: Bytes },
     /// A successful login: subscribe the connection to `rooms`, then send `frame`.
-    LoggedIn {
-        to: ReplyTo,
-        user_id: u64,
-        name: String,
-        token_hash: [u8; 32],
-        rooms: Vec<u64>,
-        frame: Bytes,
-    },
+    LoggedIn { to: ReplyTo, user_id: u64, name: String, token_hash: [u8; 32], rooms: Vec<u64>, frame: Bytes },
     /// The session was revoked: the connection is logged out, then `frame`.
     LoggedOut { to: ReplyTo, frame: Bytes },
     /// A user's membership changed: (un)subscribe all of their connections, publish, then reply.
-    Membership {
-        to: ReplyTo,
-        user_id: u64,
-        room: u64,
-        joined: bool,
-        published: Option<Published>,
-        frame: Bytes,
-    },
+    Membership { to: ReplyTo, user_id: u64, room: u64, joined: bool, published: Option<Published>, frame: Bytes },
     /// One group commit: publish, then send the replies.
-    Batch {
-        published: Vec<Published>,
-        replies: Vec<(ReplyTo, Bytes)>,
-    },
+    Batch { published: Vec<Published>, replies: Vec<(ReplyTo, Bytes)> },
     /// A page of deltas for a SYNC or catch-up (not yet encoded: the loop filters against what
     /// the connection already has).
-    Page {
-        to: ReplyTo,
-        room: u64,
-        after: u64,
-        deltas: Vec<Delta>,
-        more: bool,
-    },
+    Page { to: ReplyTo, room: u64, after: u64, deltas: Vec<Delta>, more: bool },
     /// A fetch failed (not a member, database error): the loop ends the sync with `frame`.
-    PageFailed {
-        to: ReplyTo,
-        room: u64,
-        frame: Bytes,
-    },
+    PageFailed { to: ReplyTo, room: u64, frame: Bytes },
 }
 
 /// The loop's end of the pool.
@@ -304,12 +238,7 @@ impl Pool {
                     .spawn(move || auth_main(store, rx, &notify))?,
             );
         }
-        Ok(Pool {
-            shards,
-            shared: shared_tx,
-            auth: auth_tx,
-            threads,
-        })
+        Ok(Pool { shards, shared: shared_tx, auth: auth_tx, threads })
     }
 
     /// Queues a job on the right queue without blocking.
@@ -333,12 +262,7 @@ impl Pool {
 
     /// Closes the queues and waits for every worker to finish what it holds.
     pub fn shutdown(self) {
-        let Pool {
-            shards,
-            shared,
-            auth,
-            threads,
-        } = self;
+        let Pool { shards, shared, auth, threads } = self;
         drop((shards, shared, auth));
         for t in threads {
             if t.join().is_err() {
@@ -350,10 +274,7 @@ impl Pool {
 
 /// Current time as Unix milliseconds.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn error_frame(to: &ReplyTo, code: ErrorCode, message: impl Into<String>) -> Bytes {
@@ -365,37 +286,20 @@ fn store_error_frame(to: &ReplyTo, e: &StoreError) -> Bytes {
     let (code, msg) = match e {
         StoreError::Conflict(m) => (ErrorCode::USER_EXISTS, format!("already exists: {m}")),
         StoreError::NotFound(m) => (ErrorCode::NOT_FOUND, format!("not found: {m}")),
-        StoreError::NotMember(room) => (
-            ErrorCode::NOT_MEMBER,
-            format!("not a member of room {room}"),
-        ),
+        StoreError::NotMember(room) => (ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
         other => {
             log::error!("store error: {other:?}");
-            (
-                ErrorCode::INTERNAL,
-                "internal error; retry later".to_string(),
-            )
+            (ErrorCode::INTERNAL, "internal error; retry later".to_string())
         }
     };
     error_frame(to, code, msg)
 }
 
 fn room_info(r: &RoomRecord) -> RoomInfo {
-    RoomInfo {
-        room: r.id,
-        name: r.name.clone(),
-        kind: r.kind,
-        head_seq: r.last_seq,
-    }
+    RoomInfo { room: r.id, name: r.name.clone(), kind: r.kind, head_seq: r.last_seq }
 }
 
-fn shard_main(
-    mut store: Box<dyn Store>,
-    own: Receiver<Job>,
-    shared: Receiver<Job>,
-    max_batch: usize,
-    notify: &Notify,
-) {
+fn shard_main(mut store: Box<dyn Store>, own: Receiver<Job>, shared: Receiver<Job>, max_batch: usize, notify: &Notify) {
     let mut own_open = true;
     let mut shared_open = true;
     let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
@@ -451,11 +355,7 @@ fn shard_main(
     }
 }
 
-fn commit_posts(
-    store: &mut dyn Store,
-    posts: &mut Vec<(ReplyTo, NewPost)>,
-    out: &mut Vec<Completion>,
-) {
+fn commit_posts(store: &mut dyn Store, posts: &mut Vec<(ReplyTo, NewPost)>, out: &mut Vec<Completion>) {
     if posts.is_empty() {
         return;
     }
@@ -472,38 +372,24 @@ fn commit_posts(
             for ((to, post), outcome) in tos.iter().zip(&batch).zip(outcomes) {
                 let frame = match outcome {
                     PostOutcome::Inserted(delta) => {
-                        let posted = Posted {
-                            room: delta.room,
-                            seq: delta.seq,
-                            ts_ms: delta.ts_ms,
-                            duplicate: false,
-                        };
+                        let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
                         match by_room.iter_mut().find(|(r, _)| *r == delta.room) {
                             Some((_, v)) => v.push(delta),
                             None => by_room.push((delta.room, vec![delta])),
                         }
                         ServerFrame::Posted(posted).encode(to.request_id)
                     }
-                    PostOutcome::Duplicate { seq, ts_ms } => ServerFrame::Posted(Posted {
-                        room: post.room,
-                        seq,
-                        ts_ms,
-                        duplicate: true,
-                    })
-                    .encode(to.request_id),
-                    PostOutcome::NotMember => error_frame(
-                        to,
-                        ErrorCode::NOT_MEMBER,
-                        format!("not a member of room {}", post.room),
-                    ),
+                    PostOutcome::Duplicate { seq, ts_ms } => {
+                        ServerFrame::Posted(Posted { room: post.room, seq, ts_ms, duplicate: true })
+                            .encode(to.request_id)
+                    }
+                    PostOutcome::NotMember => {
+                        error_frame(to, ErrorCode::NOT_MEMBER, format!("not a member of room {}", post.room))
+                    }
                 };
                 replies.push((*to, frame));
             }
-            published.extend(
-                by_room
-                    .iter()
-                    .filter_map(|(room, deltas)| Published::encode(*room, deltas)),
-            );
+            published.extend(by_room.iter().filter_map(|(room, deltas)| Published::encode(*room, deltas)));
         }
         Err(e) => {
             for to in &tos {
@@ -521,135 +407,77 @@ fn run_job(store: &mut dyn Store, job: Job) -> Completion {
             match store.session_user(&hash, now_ms()) {
                 Ok(Some(user)) => logged_in(store, to, user.id, user.name, hash, None),
                 Ok(None) => Completion::Reply {
-                    frame: error_frame(
-                        &to,
-                        ErrorCode::AUTH_FAILED,
-                        "unknown or revoked session token",
-                    ),
+                    frame: error_frame(&to, ErrorCode::AUTH_FAILED, "unknown or revoked session token"),
                     to,
                 },
-                Err(e) => Completion::Reply {
-                    frame: store_error_frame(&to, &e),
-                    to,
-                },
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
             }
         }
         Job::Logout { to, token_hash } => match store.revoke_session(&token_hash, now_ms()) {
-            Ok(_) => Completion::LoggedOut {
-                frame: ServerFrame::Done(Default::default()).encode(to.request_id),
-                to,
-            },
-            Err(e) => Completion::Reply {
-                frame: store_error_frame(&to, &e),
-                to,
-            },
+            Ok(_) => Completion::LoggedOut { frame: ServerFrame::Done(Default::default()).encode(to.request_id), to },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
         },
-        Job::CreateRoom {
-            to,
-            actor,
-            name,
-            kind,
-        } => match store.create_room(&name, kind, actor.user_id, &actor.name, now_ms()) {
-            Ok((room, delta)) => Completion::Membership {
-                to,
-                user_id: actor.user_id,
-                room: room.id,
-                joined: true,
-                published: Published::encode(room.id, std::slice::from_ref(&delta)),
-                frame: ServerFrame::RoomInfo(room_info(&room)).encode(to.request_id),
-            },
-            Err(e) => Completion::Reply {
-                frame: store_error_frame(&to, &e),
-                to,
-            },
-        },
-        Job::Join { to, actor, room } => {
-            match store.join_room(room, actor.user_id, &actor.name, now_ms()) {
-                Ok(delta) => match store.room(room) {
-                    Ok(Some(rec)) => Completion::Membership {
-                        to,
-                        user_id: actor.user_id,
-                        room,
-                        joined: true,
-                        published: delta.and_then(|d| Published::encode(room, &[d])),
-                        frame: ServerFrame::RoomInfo(room_info(&rec)).encode(to.request_id),
-                    },
-                    Ok(None) => Completion::Reply {
-                        frame: error_frame(&to, ErrorCode::NOT_FOUND, "no such room"),
-                        to,
-                    },
-                    Err(e) => Completion::Reply {
-                        frame: store_error_frame(&to, &e),
-                        to,
-                    },
-                },
-                Err(e) => Completion::Reply {
-                    frame: store_error_frame(&to, &e),
+        Job::CreateRoom { to, actor, name, kind } => {
+            match store.create_room(&name, kind, actor.user_id, &actor.name, now_ms()) {
+                Ok((room, delta)) => Completion::Membership {
                     to,
+                    user_id: actor.user_id,
+                    room: room.id,
+                    joined: true,
+                    published: Published::encode(room.id, std::slice::from_ref(&delta)),
+                    frame: ServerFrame::RoomInfo(room_info(&room)).encode(to.request_id),
                 },
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
             }
         }
-        Job::Leave { to, actor, room } => {
-            match store.leave_room(room, actor.user_id, &actor.name, now_ms()) {
-                Ok(delta) => Completion::Membership {
+        Job::Join { to, actor, room } => match store.join_room(room, actor.user_id, &actor.name, now_ms()) {
+            Ok(delta) => match store.room(room) {
+                Ok(Some(rec)) => Completion::Membership {
                     to,
                     user_id: actor.user_id,
                     room,
-                    joined: false,
-                    published: Published::encode(room, &[delta]),
-                    frame: ServerFrame::Done(Default::default()).encode(to.request_id),
+                    joined: true,
+                    published: delta.and_then(|d| Published::encode(room, &[d])),
+                    frame: ServerFrame::RoomInfo(room_info(&rec)).encode(to.request_id),
                 },
-                Err(e) => Completion::Reply {
-                    frame: store_error_frame(&to, &e),
-                    to,
-                },
-            }
-        }
+                Ok(None) => Completion::Reply { frame: error_frame(&to, ErrorCode::NOT_FOUND, "no such room"), to },
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+            },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+        },
+        Job::Leave { to, actor, room } => match store.leave_room(room, actor.user_id, &actor.name, now_ms()) {
+            Ok(delta) => Completion::Membership {
+                to,
+                user_id: actor.user_id,
+                room,
+                joined: false,
+                published: Published::encode(room, &[delta]),
+                frame: ServerFrame::Done(Default::default()).encode(to.request_id),
+            },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+        },
         Job::ListRooms { to, actor } => match store.rooms_of_user(actor.user_id) {
             Ok(rooms) => Completion::Reply {
-                frame: ServerFrame::RoomList(RoomList {
-                    rooms: rooms.iter().map(room_info).collect(),
-                })
-                .encode(to.request_id),
+                frame: ServerFrame::RoomList(RoomList { rooms: rooms.iter().map(room_info).collect() })
+                    .encode(to.request_id),
                 to,
             },
-            Err(e) => Completion::Reply {
-                frame: store_error_frame(&to, &e),
-                to,
-            },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
         },
-        Job::ListMembers {
-            to,
-            actor,
-            room,
-            after_user,
-            limit,
-        } => {
+        Job::ListMembers { to, actor, room, after_user, limit } => {
             let frame = match store.is_member(room, actor.user_id) {
-                Ok(false) => error_frame(
-                    &to,
-                    ErrorCode::NOT_MEMBER,
-                    format!("not a member of room {room}"),
-                ),
+                Ok(false) => error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
                 Err(e) => store_error_frame(&to, &e),
                 Ok(true) => match store.members(room, after_user, limit.saturating_add(1)) {
                     Ok(mut members) => {
                         let more = members.len() > limit as usize;
                         members.truncate(limit as usize);
-                        let next_after = if more {
-                            members.last().map(|m| m.user_id)
-                        } else {
-                            None
-                        };
+                        let next_after = if more { members.last().map(|m| m.user_id) } else { None };
                         ServerFrame::MemberList(MemberList {
                             room,
                             members: members
                                 .into_iter()
-                                .map(|m| MemberInfo {
-                                    user_id: m.user_id,
-                                    user: m.name,
-                                    role: m.role,
-                                })
+                                .map(|m| MemberInfo { user_id: m.user_id, user: m.name, role: m.role })
                                 .collect(),
                             next_after,
                         })
@@ -660,18 +488,10 @@ fn run_job(store: &mut dyn Store, job: Job) -> Completion {
             };
             Completion::Reply { to, frame }
         }
-        Job::Fetch {
-            to,
-            actor,
-            room,
-            after,
-            limit,
-            purpose,
-        } => fetch(store, to, &actor, room, after, limit, purpose),
-        Job::Password { to, .. } | Job::Post { to, .. } => Completion::Reply {
-            frame: error_frame(&to, ErrorCode::INTERNAL, "job sent to the wrong queue"),
-            to,
-        },
+        Job::Fetch { to, actor, room, after, limit, purpose } => fetch(store, to, &actor, room, after, limit, purpose),
+        Job::Password { to, .. } | Job::Post { to, .. } => {
+            Completion::Reply { frame: error_frame(&to, ErrorCode::INTERNAL, "job sent to the wrong queue"), to }
+        }
     }
 }
 
@@ -694,13 +514,7 @@ fn fetch(
     };
     match store.is_member(room, actor.user_id) {
         Ok(true) => {}
-        Ok(false) => {
-            return failed(error_frame(
-                &to,
-                ErrorCode::NOT_MEMBER,
-                format!("not a member of room {room}"),
-            ))
-        }
+        Ok(false) => return failed(error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}"))),
         Err(e) => return failed(store_error_frame(&to, &e)),
     }
     // One extra row tells whether more follow without a second query.
@@ -721,22 +535,10 @@ fn fetch(
     match purpose {
         FetchPurpose::History => {
             let resume_after = deltas.last().map_or(after, |d| d.seq);
-            let frame = ServerFrame::DeltaPage(DeltaPage {
-                room,
-                deltas,
-                more,
-                resume_after,
-            })
-            .encode(to.request_id);
+            let frame = ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after }).encode(to.request_id);
             Completion::Reply { to, frame }
         }
-        FetchPurpose::Sync => Completion::Page {
-            to,
-            room,
-            after,
-            deltas,
-            more,
-        },
+        FetchPurpose::Sync => Completion::Page { to, room, after, deltas, more },
     }
 }
 
@@ -750,44 +552,23 @@ fn logged_in(
 ) -> Completion {
     match store.rooms_of_user(user_id) {
         Ok(rooms) => Completion::LoggedIn {
-            frame: ServerFrame::Authed(Authed {
-                user_id,
-                user: name.clone(),
-                token,
-            })
-            .encode(to.request_id),
+            frame: ServerFrame::Authed(Authed { user_id, user: name.clone(), token }).encode(to.request_id),
             to,
             user_id,
             name,
             token_hash,
             rooms: rooms.iter().map(|r| r.id).collect(),
         },
-        Err(e) => Completion::Reply {
-            frame: store_error_frame(&to, &e),
-            to,
-        },
+        Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
     }
 }
 
 fn auth_main(mut store: Box<dyn Store>, rx: Receiver<Job>, notify: &Notify) {
     for job in rx.iter() {
         let done = match job {
-            Job::Password {
-                to,
-                register,
-                user,
-                password,
-                ip,
-                user_agent,
-            } => password_login(
-                store.as_mut(),
-                to,
-                register,
-                user,
-                &password,
-                ip,
-                user_agent,
-            ),
+            Job::Password { to, register, user, password, ip, user_agent } => {
+                password_login(store.as_mut(), to, register, user, &password, ip, user_agent)
+            }
             other => run_job(store.as_mut(), other),
         };
         notify.send_all([done]);
@@ -803,10 +584,7 @@ fn password_login(
     ip: String,
     user_agent: String,
 ) -> Completion {
-    let fail = |code, msg: &str| Completion::Reply {
-        frame: error_frame(&to, code, msg),
-        to,
-    };
+    let fail = |code, msg: &str| Completion::Reply { frame: error_frame(&to, code, msg), to };
     let record = if register {
         let hash = match auth::hash_password(password) {
             Ok(h) => h,
@@ -817,42 +595,21 @@ fn password_login(
         };
         match store.create_user(&user, &hash) {
             Ok(u) => u,
-            Err(StoreError::Conflict(_)) => {
-                return fail(ErrorCode::USER_EXISTS, "that user name is taken")
-            }
-            Err(e) => {
-                return Completion::Reply {
-                    frame: store_error_frame(&to, &e),
-                    to,
-                }
-            }
+            Err(StoreError::Conflict(_)) => return fail(ErrorCode::USER_EXISTS, "that user name is taken"),
+            Err(e) => return Completion::Reply { frame: store_error_frame(&to, &e), to },
         }
     } else {
         match store.user_by_name(&user) {
             Ok(Some(u)) if auth::verify_password(password, &u.password_hash) => u,
             Ok(_) => return fail(ErrorCode::AUTH_FAILED, "wrong user name or password"),
-            Err(e) => {
-                return Completion::Reply {
-                    frame: store_error_frame(&to, &e),
-                    to,
-                }
-            }
+            Err(e) => return Completion::Reply { frame: store_error_frame(&to, &e), to },
         }
     };
     let token = auth::new_session_token();
     let token_hash = auth::token_hash(&token);
-    let session = NewSession {
-        user_id: record.id,
-        token_hash,
-        ip,
-        user_agent,
-        now_ms: now_ms(),
-    };
+    let session = NewSession { user_id: record.id, token_hash, ip, user_agent, now_ms: now_ms() };
     if let Err(e) = store.create_session(&session) {
-        return Completion::Reply {
-            frame: store_error_frame(&to, &e),
-            to,
-        };
+        return Completion::Reply { frame: store_error_frame(&to, &e), to };
     }
     logged_in(store, to, record.id, record.name, token_hash, Some(token))
 }
@@ -863,15 +620,7 @@ mod tests {
     use chime_protocol::DeltaKind;
 
     fn delta(seq: u64) -> Delta {
-        Delta {
-            room: 7,
-            seq,
-            kind: DeltaKind::MESSAGE,
-            author_id: 1,
-            author: "a".into(),
-            ts_ms: 0,
-            text: "x".into(),
-        }
+        Delta { room: 7, seq, kind: DeltaKind::MESSAGE, author_id: 1, author: "a".into(), ts_ms: 0, text: "x".into() }
     }
 
     #[test]
