@@ -20,7 +20,7 @@ use crate::auth;
 use crate::config::Config;
 use crate::conn::{Class, Conn, Phase, ReadOutcome, Session};
 use crate::ratelimit::{KeyedLimiter, TokenBucket};
-use crate::sync::{Action, MAX_PAGE};
+use crate::sync::{Action, DEFAULT_PAGE, MAX_PAGE};
 use crate::tls::{fingerprint_hex, TlsSetup};
 use crate::worker::{self, Actor, Completion, ConnRef, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
 use anyhow::Context as _;
@@ -53,7 +53,7 @@ const HANDSHAKE_SECS: u32 = 10;
 /// Longest accepted message text, in bytes.
 pub const MAX_TEXT: usize = 16 * 1024;
 /// Longest idempotency key, in bytes.
-const MAX_KEY: usize = 128;
+const MAX_KEY: usize = 64;
 /// Longest room name, in characters.
 const MAX_ROOM_NAME: usize = 100;
 /// Most rooms in one SYNC.
@@ -533,15 +533,19 @@ impl Server {
             ClientFrame::JoinRoom(r) => Job::Join { to, actor, room: r.room },
             ClientFrame::LeaveRoom(r) => Job::Leave { to, actor, room: r.room },
             ClientFrame::ListRooms(_) => Job::ListRooms { to, actor },
-            ClientFrame::ListMembers(m) => {
-                Job::ListMembers { to, actor, room: m.room, after_user: m.after_user, limit: m.limit.clamp(1, 1000) }
-            }
+            ClientFrame::ListMembers(m) => Job::ListMembers {
+                to,
+                actor,
+                room: m.room,
+                after_user: m.after_user,
+                limit: if m.limit == 0 { 500 } else { m.limit.min(1000) },
+            },
             ClientFrame::Post(p) => {
                 if p.text.is_empty() || p.text.len() > MAX_TEXT {
                     return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "text must be 1 to 16384 bytes");
                 }
                 if p.idempotency_key.is_empty() || p.idempotency_key.len() > MAX_KEY {
-                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "idempotency key must be 1 to 128 bytes");
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "idempotency key must be 1 to 64 bytes");
                 }
                 Job::Post {
                     to,
@@ -560,7 +564,7 @@ impl Server {
                 actor,
                 room: h.room,
                 after: h.after,
-                limit: h.limit.clamp(1, MAX_PAGE),
+                limit: if h.limit == 0 { DEFAULT_PAGE } else { h.limit.min(MAX_PAGE) },
                 purpose: FetchPurpose::History,
             },
             ClientFrame::Sync(req) => {
@@ -740,12 +744,10 @@ impl Server {
                 let actions = sync.page(room, after, deltas, more);
                 self.apply(to.conn.key, actions);
             }
-            Completion::PageFailed { to, room, frame } => {
-                let Some(c) = self.conn_for(to.conn) else {
-                    return;
-                };
+            Completion::PageFailed { to, room, not_member, frame } => {
+                let Some(c) = self.conn_for(to.conn) else { return };
                 let Some(sync) = c.sync.as_mut() else { return };
-                let actions = sync.page_failed(room, frame);
+                let actions = if not_member { sync.skip_room(room) } else { sync.page_failed(room, frame) };
                 self.apply(to.conn.key, actions);
             }
         }
@@ -901,10 +903,11 @@ impl Server {
         self.reply(key, ServerFrame::Error(ErrorBody::new(code, message)).encode(rid));
     }
 
+    /// An ERROR for the request, then a GOODBYE with the same reason, then close.
     fn error_and_close(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
         self.error(key, rid, code, message);
         if let Some(c) = self.conns.get_mut(key) {
-            c.closing = true;
+            c.goodbye_after_queue(code, message);
         }
     }
 

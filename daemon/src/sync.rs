@@ -30,6 +30,9 @@ const HELD_CAP: usize = 4096;
 /// Largest SYNC page; a client asking for more gets this many.
 pub const MAX_PAGE: u32 = 1000;
 
+/// The page size used when a client asks for 0.
+pub const DEFAULT_PAGE: u32 = 500;
+
 /// What the loop must do for the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -85,7 +88,7 @@ impl SyncState {
     /// Starts a SYNC. `subscribed` says whether the connection receives the room's pushes (it is
     /// a member); rooms it does not are still fetched, and the fetch reports NOT_MEMBER.
     pub fn start(&mut self, request_id: u32, cursors: &[RoomCursor], page_size: u32) -> Vec<Action> {
-        let page_size = page_size.clamp(1, MAX_PAGE);
+        let page_size = if page_size == 0 { DEFAULT_PAGE } else { page_size.min(MAX_PAGE) };
         let mut rooms: Vec<u64> = Vec::with_capacity(cursors.len());
         let mut actions = Vec::new();
         for c in cursors {
@@ -247,6 +250,17 @@ impl SyncState {
         vec![Action::Send(error)]
     }
 
+    /// The user is not a member of `room`: it gets no pages and is left out of `heads`.
+    pub fn skip_room(&mut self, room: u64) -> Vec<Action> {
+        let Some(track) = self.tracks.remove(&room) else { return Vec::new() };
+        let Mode::CatchingUp { request: Some(id), .. } = track.mode else { return Vec::new() };
+        if let Some(r) = self.requests.iter_mut().find(|r| r.id == id) {
+            r.rooms.retain(|&x| x != room);
+            r.pending = r.pending.saturating_sub(1);
+        }
+        self.finish_requests()
+    }
+
     /// The connection no longer receives `room` (it left): forget it.
     pub fn forget(&mut self, room: u64) {
         self.tracks.remove(&room);
@@ -362,6 +376,19 @@ mod tests {
         assert_eq!(a.last(), Some(&Action::Fetch { room: 1, after: 2, limit: 10 }));
         let a = s.page(1, 2, vec![delta(1, 3), delta(1, 4), delta(1, 5)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4, 5], 1));
+    }
+
+    #[test]
+    fn non_member_rooms_are_left_out() {
+        let mut s = SyncState::default();
+        s.start(4, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        assert!(s.skip_room(2).is_empty());
+        let a = s.page(1, 0, vec![delta(1, 1)], false);
+        assert_eq!(sent_seqs(&a), (vec![1], 1));
+        let Some(Action::Send(done)) = a.last() else { panic!("no SYNC_DONE") };
+        let raw = FrameDecoder::default().decode(&mut BytesMut::from(&done[..])).unwrap().unwrap();
+        let ServerFrame::SyncDone(d) = ServerFrame::decode(&raw).unwrap() else { panic!("not SYNC_DONE") };
+        assert_eq!(d.heads, vec![RoomCursor { room: 1, seq: 1 }]);
     }
 
     #[test]

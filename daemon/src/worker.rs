@@ -152,8 +152,9 @@ pub enum Completion {
     /// A page of deltas for a SYNC or catch-up (not yet encoded: the loop filters against what
     /// the connection already has).
     Page { to: ReplyTo, room: u64, after: u64, deltas: Vec<Delta>, more: bool },
-    /// A fetch failed (not a member, database error): the loop ends the sync with `frame`.
-    PageFailed { to: ReplyTo, room: u64, frame: Bytes },
+    /// A fetch failed: the user is not a member (the room is left out of the SYNC), or the
+    /// database failed (the loop ends the SYNC with `frame`).
+    PageFailed { to: ReplyTo, room: u64, not_member: bool, frame: Bytes },
 }
 
 /// The loop's end of the pool.
@@ -508,19 +509,21 @@ fn fetch(
     limit: u32,
     purpose: FetchPurpose,
 ) -> Completion {
-    let failed = |frame| match purpose {
+    let failed = |frame, not_member| match purpose {
         FetchPurpose::History => Completion::Reply { to, frame },
-        FetchPurpose::Sync => Completion::PageFailed { to, room, frame },
+        FetchPurpose::Sync => Completion::PageFailed { to, room, not_member, frame },
     };
     match store.is_member(room, actor.user_id) {
         Ok(true) => {}
-        Ok(false) => return failed(error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}"))),
-        Err(e) => return failed(store_error_frame(&to, &e)),
+        Ok(false) => {
+            return failed(error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}")), true)
+        }
+        Err(e) => return failed(store_error_frame(&to, &e), false),
     }
     // One extra row tells whether more follow without a second query.
     let mut deltas = match store.deltas_after(room, after, limit.saturating_add(1)) {
         Ok(d) => d,
-        Err(e) => return failed(store_error_frame(&to, &e)),
+        Err(e) => return failed(store_error_frame(&to, &e), false),
     };
     let mut more = deltas.len() > limit as usize;
     deltas.truncate(limit as usize);
