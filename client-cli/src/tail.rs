@@ -144,35 +144,36 @@ fn follow(
         if heartbeat == 0 { DEFAULT_IDLE } else { Duration::from_secs(u64::from(heartbeat)).min(DEFAULT_IDLE * 2) };
     let mut deadline = Instant::now() + idle;
     loop {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match client.recv(Some(wait))? {
-            Some((_, ServerFrame::Delta(delta))) => match cursors.judge(&delta) {
-                Verdict::Next => {
+        let now = Instant::now();
+        if now >= deadline {
+            catch_up(ctx, &mut client, cursors, &cursors.all())?;
+            deadline = Instant::now() + idle;
+            continue;
+        }
+        // Never a zero wait: a zero socket timeout means "block forever" or an error to std.
+        let wait = (deadline - now).max(Duration::from_millis(1));
+        let Some((_, ServerFrame::Delta(delta))) = client.recv(Some(wait))? else {
+            // A timeout, or a frame tail has no use for (heartbeats are the client's business).
+            continue;
+        };
+        match cursors.judge(&delta) {
+            Verdict::Next => {
+                ctx.out.delta(&delta)?;
+                cursors.printed(&delta);
+                deadline = Instant::now() + idle;
+            }
+            Verdict::Gap(last) => {
+                let cursor = RoomCursor { room: delta.room, seq: last };
+                catch_up(ctx, &mut client, cursors, &[cursor])?;
+                // The catch-up normally reaches this delta and prints it. If the log does not
+                // hold it yet, it is not printed out of order here; the idle SYNC fetches it.
+                if cursors.judge(&delta) == Verdict::Next {
                     ctx.out.delta(&delta)?;
                     cursors.printed(&delta);
-                    deadline = Instant::now() + idle;
                 }
-                Verdict::Gap(last) => {
-                    let cursor = RoomCursor { room: delta.room, seq: last };
-                    catch_up(ctx, &mut client, cursors, &[cursor])?;
-                    // The catch-up normally reaches this delta and prints it. If the log does
-                    // not hold it yet, it is not printed out of order here; the idle SYNC
-                    // fetches it later.
-                    if cursors.judge(&delta) == Verdict::Next {
-                        ctx.out.delta(&delta)?;
-                        cursors.printed(&delta);
-                    }
-                    deadline = Instant::now() + idle;
-                }
-                Verdict::Seen | Verdict::Elsewhere => {}
-            },
-            Some(_) => {}
-            None => {
-                if Instant::now() >= deadline {
-                    catch_up(ctx, &mut client, cursors, &cursors.all())?;
-                    deadline = Instant::now() + idle;
-                }
+                deadline = Instant::now() + idle;
             }
+            Verdict::Seen | Verdict::Elsewhere => {}
         }
     }
 }
