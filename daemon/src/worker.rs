@@ -59,8 +59,9 @@ pub struct Actor {
     pub name: Arc<str>,
 }
 
-/// A unit of work for the pool.
+/// A unit of work for the pool. `to` is always who gets the answer; `actor` the user it runs as.
 #[derive(Debug)]
+#[allow(missing_docs)] // Fields are named after the protocol fields they carry (docs/protocol.md).
 pub enum Job {
     /// Register (`register = true`) or log in with a password. Auth pool.
     Password { to: ReplyTo, register: bool, user: String, password: String, ip: String, user_agent: String },
@@ -136,8 +137,9 @@ impl Published {
     }
 }
 
-/// A result for the loop.
+/// A result for the loop. `frame` is the encoded reply for `to`.
 #[derive(Debug)]
+#[allow(missing_docs)] // Each variant says what its fields are for.
 pub enum Completion {
     /// A finished reply to send as is.
     Reply { to: ReplyTo, frame: Bytes },
