@@ -1,1 +1,45 @@
-fn main() {}
+//! `chime`, the Chime terminal client: parse the command line, run the command, turn the outcome
+//! into an exit code.
+//!
+//! Exit codes: 0 success, 1 error (one line on stderr: `chime: what and why`), 2 usage error
+//! (from clap). A closed stdout (`chime history 3 | head`) counts as success, as in ripgrep.
+
+mod backoff;
+mod cli;
+mod commands;
+mod connect;
+mod home;
+mod output;
+mod password;
+mod tail;
+
+use clap::Parser;
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = cli::Cli::parse();
+    match commands::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, whatever the causes contain.
+            let line = format!("{err:#}").replace(['\n', '\r'], " ");
+            eprintln!("chime: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr as `chime: LEVEL: message`; warnings by default, more with `RUST_LOG`.
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, record| writeln!(buf, "chime: {}: {}", record.level().as_str().to_lowercase(), record.args()))
+        .init();
+}
+
+/// Whether the error is stdout having been closed by its reader.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
+}

@@ -15,7 +15,7 @@ pub mod frame;
 pub mod messages;
 pub mod types;
 
-pub use frame::{DecodeError, FrameDecoder, RawFrame, HEADER_LEN, DEFAULT_MAX_FRAME};
+pub use frame::{DecodeError, FrameDecoder, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN};
 pub use messages::*;
 pub use types::*;
 

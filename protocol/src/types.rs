@@ -124,7 +124,9 @@ wire_code! {
     /// Why a request failed (in [`crate::ErrorBody`]) or a connection is closing (in
     /// [`crate::Goodbye`]).
     ErrorCode(u16) {
-        /// The frame could not be decoded; the stream cannot continue.
+        /// The frame could not be decoded. For a body that is not a valid encoding of its type the
+        /// request fails and the connection goes on; for a length below 6 frame boundaries are lost
+        /// and the connection is closed.
         BAD_FRAME = 1,
         /// The frame type is not one this server knows.
         UNKNOWN_TYPE = 2,

@@ -9,6 +9,7 @@
 //! inserts the delta, so a seq exists only if its delta committed.
 #![deny(missing_docs)]
 
+mod batch;
 pub mod postgres;
 pub mod sqlite;
 
@@ -106,7 +107,8 @@ pub struct NewPost {
     pub author_id: UserId,
     /// The author's name (copied into the returned delta).
     pub author: String,
-    /// The client's idempotency key, unique per (room, author).
+    /// The client's idempotency key, unique per (room, author). Empty means "no key": such a post
+    /// is never taken for a duplicate.
     pub idempotency_key: String,
     /// The message.
     pub text: String,
@@ -171,11 +173,27 @@ pub trait Store: Send {
 /// `postgresql://...`, and applies migrations.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let _ = postgres::PgStore::connect(url)?;
-        Err(StoreError::Config(url.into()))
+        Ok(Box::new(postgres::PgStore::connect(url)?))
     } else {
         let path = url.strip_prefix("sqlite:").unwrap_or(url);
-        let _ = sqlite::SqliteStore::open(path)?;
-        Err(StoreError::Config(path.into()))
+        Ok(Box::new(sqlite::SqliteStore::open(path)?))
     }
+}
+
+/// The wall clock in Unix milliseconds, for rows whose method is not given a time.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// An id or seq as both databases store it (signed 64-bit). Values past `i64::MAX` are never
+/// assigned, so clamping keeps lookups of such values empty instead of failing.
+fn to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// An id or seq read back; the schema never stores a negative one.
+fn from_db(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }

@@ -1,7 +1,8 @@
-//! Chime's cross-crate test support: a harness that runs a real `chimed` ([`daemon`]), the
-//! building blocks of the `chime-load` load generator ([`load`]), and (in `postgres`) a throwaway
-//! PostgreSQL server.
+//! Chime's cross-crate test support: a harness that runs a real `chimed` ([`daemon`]), a
+//! throwaway PostgreSQL server ([`postgres`]), and the building blocks of the `chime-load` load
+//! generator ([`load`]).
 #![deny(missing_docs)]
 
 pub mod daemon;
 pub mod load;
+pub mod postgres;

@@ -1,0 +1,175 @@
+//! The command line: global flags and the command table of `docs`' outside interface.
+//!
+//! Only parsing lives here; [`crate::commands`] and [`crate::tail`] carry the commands out. clap
+//! exits with status 2 on a usage error, which is the interface's usage-error code.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// `chime`: the Chime terminal client.
+#[derive(Debug, Parser)]
+#[command(name = "chime", version, about = "The Chime terminal client.")]
+pub struct Cli {
+    /// Flags every command accepts.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command accepts, before or after the command name.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// The server to talk to.
+    #[arg(long, global = true, env = "CHIME_SERVER", default_value = "127.0.0.1:7878", value_name = "HOST:PORT")]
+    pub server: String,
+    /// Where the session token and pinned server fingerprints live [default: ~/.config/chime].
+    #[arg(long, global = true, env = "CHIME_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Talk to a plaintext listener instead of TLS.
+    #[arg(long, global = true)]
+    pub plaintext: bool,
+    /// Machine output: one JSON object per line on stdout, nothing else.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Read the password from the first line of stdin (else env CHIME_PASSWORD, else a prompt).
+    #[arg(long, global = true)]
+    pub password_stdin: bool,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an account and log in.
+    Register {
+        /// The new user name.
+        user: String,
+    },
+    /// Log in and store the session token.
+    Login {
+        /// The user name.
+        user: String,
+    },
+    /// Revoke the stored session token and forget it.
+    Logout,
+    /// Create, join or leave a room.
+    Room {
+        /// What to do with the room.
+        #[command(subcommand)]
+        command: RoomCommand,
+    },
+    /// List the rooms you are in.
+    Rooms,
+    /// List a room's members.
+    Members {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+    },
+    /// Post a message; returns once the server has written it durably.
+    Send {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The message; several words are joined with spaces (use `--` before text that starts
+        /// with `-`).
+        #[arg(required = true, value_name = "TEXT")]
+        text: Vec<String>,
+    },
+    /// Print a room's deltas, oldest first.
+    History {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// Start after this seq.
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        after: u64,
+        /// Print at most this many deltas [default: all].
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+    },
+    /// Follow rooms live until killed, reconnecting and catching up after any disconnect.
+    Tail {
+        /// The room ids.
+        #[arg(required = true, value_parser = parse_room, value_name = "ROOM")]
+        rooms: Vec<u64>,
+        /// Catch up from this seq first [default: only deltas newer than the current head].
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
+    },
+    /// Measure the round trip to the server.
+    Ping,
+}
+
+/// `room` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RoomCommand {
+    /// Create a group room; you become its owner.
+    Create {
+        /// The room's name.
+        name: String,
+    },
+    /// Join a room.
+    Join {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+    },
+    /// Leave a room.
+    Leave {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+    },
+}
+
+/// Parses a room id, accepting the `#3` spelling the human output uses as well as `3`.
+fn parse_room(s: &str) -> Result<u64, String> {
+    let digits = s.strip_prefix('#').unwrap_or(s);
+    digits.parse::<u64>().map_err(|_| format!("`{s}` is not a room id (a number such as 3)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn room_ids_accept_a_hash_prefix() {
+        assert_eq!(parse_room("#12"), Ok(12));
+        assert_eq!(parse_room("7"), Ok(7));
+        assert!(parse_room("general").is_err());
+        assert!(parse_room("-1").is_err());
+    }
+
+    #[test]
+    fn send_joins_words_and_global_flags_go_anywhere() {
+        let cli = Cli::try_parse_from(["chime", "send", "3", "hello", "world", "--json"]).expect("valid command line");
+        assert!(cli.global.json);
+        match cli.command {
+            Command::Send { room, text } => {
+                assert_eq!(room, 3);
+                assert_eq!(text, ["hello", "world"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tail_takes_several_rooms() {
+        let cli = Cli::try_parse_from(["chime", "tail", "1", "#2", "--after", "5"]).expect("valid command line");
+        match cli.command {
+            Command::Tail { rooms, after } => {
+                assert_eq!(rooms, [1, 2]);
+                assert_eq!(after, Some(5));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! `room create|join|leave`, `rooms` and `members`.
+
+use crate::connect::{CallError, Ctx};
+use crate::output::escape_controls;
+use serde_json::json;
+
+/// `room create NAME`: a group room owned by the caller.
+pub fn create(ctx: &mut Ctx, name: &str) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let info = client.create_room(name)?;
+    ctx.out.record(
+        &json!({"room": info.room, "name": info.name}),
+        &format!("created room #{} {}", info.room, escape_controls(&info.name)),
+    )?;
+    Ok(())
+}
+
+/// `room join ROOM`.
+pub fn join(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let info = client.join_room(room)?;
+    ctx.out
+        .record(&json!({"room": info.room}), &format!("joined room #{} {}", info.room, escape_controls(&info.name)))?;
+    Ok(())
+}
+
+/// `room leave ROOM`.
+pub fn leave(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    client.leave_room(room)?;
+    ctx.out.record(&json!({"room": room}), &format!("left room #{room}"))?;
+    Ok(())
+}
+
+/// `rooms`: one record per room the caller is in, by id.
+pub fn list(ctx: &mut Ctx) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let mut rooms = client.list_rooms()?;
+    rooms.sort_by_key(|r| r.room);
+    for info in rooms {
+        ctx.out.record(
+            &json!({"room": info.room, "name": info.name, "head_seq": info.head_seq}),
+            &format!("#{} {} (latest seq {})", info.room, escape_controls(&info.name), info.head_seq),
+        )?;
+    }
+    Ok(())
+}
+
+/// `members ROOM`: one record per member.
+pub fn members(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    for member in client.members(room)? {
+        ctx.out.record(
+            &json!({"room": room, "user": member.user, "user_id": member.user_id, "role": member.role}),
+            &format!("{} (user {}) {}", escape_controls(&member.user), member.user_id, escape_controls(&member.role)),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,989 @@
+//! The event loop: one `mio` thread that owns every socket.
+//!
+//! The loop accepts connections, reads and decodes frames, answers what it can answer from memory
+//! (handshake, heartbeats), hands everything that touches the store to the worker pool, and
+//! delivers the pool's completions: replies to their requester and committed deltas to every
+//! online member of the room. It never blocks: sockets are non-blocking, jobs are queued with
+//! `try_send` (a full queue is an OVERLOADED reply), and the pool wakes the loop through a
+//! `mio::Waker` when results are ready.
+//!
+//! Fan-out: the loop keeps, per room, the online connections of its members. A published batch of
+//! deltas is one shared buffer; each recipient's queue gets a reference to it and the connection
+//! is marked dirty. Dirty connections are flushed once at the end of each loop iteration, so
+//! everything that arrived in one iteration leaves in one vectored write per connection.
+//!
+//! Life of a message: socket -> `Conn::read` -> `FrameDecoder` -> `Job::Post` on the room's shard
+//! -> group commit in the store -> `Completion::Batch` -> `publish` to every subscriber's queue
+//! and `POSTED` to the author -> `flush`.
+
+use crate::auth;
+use crate::config::Config;
+use crate::conn::{Class, Conn, Phase, ReadOutcome, Session};
+use crate::ratelimit::{KeyedLimiter, TokenBucket};
+use crate::sync::{Action, DEFAULT_PAGE, MAX_PAGE};
+use crate::tls::{fingerprint_hex, TlsSetup};
+use crate::worker::{self, Actor, Completion, ConnRef, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
+use anyhow::Context as _;
+use bytes::Bytes;
+use chime_protocol::{
+    ClientFrame, DecodeError, ErrorBody, ErrorCode, FrameDecoder, Ping, RawFrame, ServerFrame, Welcome, MAGIC,
+    PROTOCOL_VERSION,
+};
+use chime_storage::NewPost;
+use crossbeam_channel::Receiver;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const WAKER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const TLS_LISTENER: Token = Token(2);
+const PLAIN_LISTENER: Token = Token(3);
+const FIRST_CONN: usize = 16;
+
+/// Requests one connection may have with the workers at once; past it, its frames wait in its
+/// read buffer (and reading pauses), which is how a pipelining client gets backpressure.
+const MAX_INFLIGHT: u32 = 256;
+/// Seconds a connection may take to complete the TLS and Chime handshakes.
+const HANDSHAKE_SECS: u32 = 10;
+/// Longest accepted message text, in bytes.
+pub const MAX_TEXT: usize = 16 * 1024;
+/// Longest idempotency key, in bytes.
+const MAX_KEY: usize = 64;
+/// Longest room name, in characters.
+const MAX_ROOM_NAME: usize = 100;
+/// Most rooms in one SYNC.
+const MAX_SYNC_ROOMS: usize = 1000;
+/// Seconds between graceful-shutdown start and the forced close of whatever is left.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+/// Runs the daemon until SIGTERM or SIGINT. `tls` is `None` only in tests that want plaintext
+/// alone; `chimed serve` always passes a certificate.
+pub fn run(config: Config, database_url: String, tls: Option<TlsSetup>) -> anyhow::Result<()> {
+    let mut server = Server::bind(config, &database_url, tls)?;
+    server.run()
+}
+
+/// The loop's state. Fields are private to this module; see the module docs for the flow.
+pub struct Server {
+    config: Config,
+    poll: Poll,
+    /// Accepted connections by `token - FIRST_CONN`.
+    conns: Slab<Conn>,
+    /// Online subscribers per room: keys of connections whose user is a member.
+    rooms: HashMap<u64, Vec<usize>>,
+    /// Logged-in connections per user, to apply membership changes to all of a user's devices.
+    users: HashMap<u64, Vec<usize>>,
+    pool: Option<Pool>,
+    completions: Receiver<Completion>,
+    tls_listener: Option<TcpListener>,
+    plain_listener: Option<TcpListener>,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+    signals: signal_hook_mio::v1_0::Signals,
+    decoder: FrameDecoder,
+    /// Scratch space for socket and TLS reads.
+    scratch: Box<[u8]>,
+    /// Connections with queued output to flush at the end of this iteration.
+    dirty: Vec<usize>,
+    /// Connections to read or decode again next iteration (read budget used up, or frames
+    /// waiting behind the in-flight cap).
+    again: Vec<usize>,
+    accept_bucket: TokenBucket,
+    login_bucket: TokenBucket,
+    login_per_ip: KeyedLimiter<IpAddr>,
+    accept_paused: bool,
+    next_gen: u64,
+    started: Instant,
+    /// Whole seconds since start, refreshed every iteration (heartbeat clock).
+    now_secs: u32,
+    last_tick: u32,
+    shutdown_deadline: Option<Instant>,
+    /// Addresses actually bound (port 0 resolved), for logs and tests.
+    pub local_addrs: Vec<(String, SocketAddr)>,
+}
+
+fn listener(addr: &str) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("bad listen address {addr:?}"))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).with_context(|| format!("cannot listen on {addr}"))?;
+    socket.listen(4096).with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Hides a password in a database URL before it is logged.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Server {
+    /// Binds the listeners and starts the worker pool.
+    pub fn bind(config: Config, database_url: &str, tls: Option<TlsSetup>) -> anyhow::Result<Server> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, completions) = crossbeam_channel::bounded(16_384);
+        let pool = Pool::start(
+            database_url,
+            config.workers,
+            config.auth_workers,
+            config.max_batch,
+            Notify { completions: tx, waker },
+        )?;
+        let mut local_addrs = Vec::new();
+        let mut tls_listener = None;
+        let mut tls_config = None;
+        let mut fingerprint = None;
+        if let Some(t) = tls {
+            let mut l = listener(&config.listen)?;
+            poll.registry().register(&mut l, TLS_LISTENER, Interest::READABLE)?;
+            local_addrs.push(("tls".to_string(), l.local_addr()?));
+            tls_listener = Some(l);
+            tls_config = Some(t.config);
+            fingerprint = Some(fingerprint_hex(&t.fingerprint));
+        }
+        let mut plain_listener = None;
+        if let Some(addr) = &config.plaintext_listen {
+            let mut l = listener(addr)?;
+            poll.registry().register(&mut l, PLAIN_LISTENER, Interest::READABLE)?;
+            local_addrs.push(("plaintext".to_string(), l.local_addr()?));
+            plain_listener = Some(l);
+        }
+        anyhow::ensure!(!local_addrs.is_empty(), "no listener configured");
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let listening: Vec<String> = local_addrs.iter().map(|(k, a)| format!("{k} {a}")).collect();
+        log::info!(
+            "chimed {} listening on {}; store {}; certificate SHA-256 {}",
+            env!("CARGO_PKG_VERSION"),
+            listening.join(", "),
+            redact(database_url),
+            fingerprint.as_deref().unwrap_or("none (no TLS listener)")
+        );
+        let now = Instant::now();
+        Ok(Server {
+            decoder: FrameDecoder::new(config.max_frame),
+            accept_bucket: TokenBucket::new(config.accept_rate, config.accept_rate, now),
+            login_bucket: TokenBucket::new(config.login_rate, config.login_rate, now),
+            login_per_ip: KeyedLimiter::new(
+                config.login_rate.div_ceil(5).max(1),
+                config.login_rate.div_ceil(5).max(1),
+                100_000,
+            ),
+            config,
+            poll,
+            conns: Slab::new(),
+            rooms: HashMap::new(),
+            users: HashMap::new(),
+            pool: Some(pool),
+            completions,
+            tls_listener,
+            plain_listener,
+            tls_config,
+            signals,
+            scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
+            dirty: Vec::new(),
+            again: Vec::new(),
+            accept_paused: false,
+            next_gen: 1,
+            started: now,
+            now_secs: 0,
+            last_tick: 0,
+            shutdown_deadline: None,
+            local_addrs,
+        })
+    }
+
+    /// Runs the loop until a signal and the graceful shutdown that follows.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            log::debug!("sd_notify: {e}");
+        }
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = if !self.again.is_empty() || !self.completions.is_empty() {
+                Duration::ZERO
+            } else if self.accept_paused || self.shutdown_deadline.is_some() {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_millis(500)
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            self.now_secs = self.started.elapsed().as_secs() as u32;
+            let again = std::mem::take(&mut self.again);
+            for key in again {
+                self.service(key, true, false);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    SIGNALS => self.on_signal(),
+                    TLS_LISTENER | PLAIN_LISTENER => self.accept_all(),
+                    Token(t) => {
+                        self.service(t - FIRST_CONN, event.is_readable() || event.is_read_closed(), event.is_writable())
+                    }
+                }
+            }
+            self.drain_completions();
+            self.flush_dirty();
+            if self.now_secs != self.last_tick {
+                self.last_tick = self.now_secs;
+                self.tick();
+            }
+            if self.accept_paused {
+                self.accept_all();
+            }
+            if self.shutdown_deadline.is_some() && self.shutdown_step() {
+                break;
+            }
+        }
+        if let Some(pool) = self.pool.take() {
+            // Workers may be blocked handing results to a loop that is gone: drain until they exit.
+            let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+            let completions = self.completions.clone();
+            let drainer = std::thread::spawn(move || loop {
+                if done_rx.try_recv().is_ok() {
+                    break;
+                }
+                let _ = completions.recv_timeout(Duration::from_millis(20));
+            });
+            pool.shutdown();
+            let _ = done_tx.send(());
+            let _ = drainer.join();
+        }
+        log::info!("chimed stopped");
+        Ok(())
+    }
+
+    fn on_signal(&mut self) {
+        let got: Vec<i32> = self.signals.pending().collect();
+        if got.is_empty() || self.shutdown_deadline.is_some() {
+            return;
+        }
+        log::info!("signal {got:?}: stopping (no new connections; finishing requests in flight)");
+        self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+        for (l, _) in [(self.tls_listener.take(), 0), (self.plain_listener.take(), 1)] {
+            if let Some(mut l) = l {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
+        }
+        self.accept_paused = false;
+    }
+
+    /// One step of a graceful shutdown. Returns true when the loop may end.
+    fn shutdown_step(&mut self) -> bool {
+        let deadline = self.shutdown_deadline.unwrap_or_else(Instant::now);
+        let busy = self.conns.iter().any(|(_, c)| c.inflight > 0);
+        if busy && Instant::now() < deadline {
+            return false;
+        }
+        // Nothing in flight: every acknowledged write is committed. Say goodbye and close.
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in &keys {
+            if let Some(c) = self.conns.get_mut(*key) {
+                c.goodbye_after_queue(ErrorCode::SHUTTING_DOWN, "server shutting down; reconnect later");
+                self.dirty.push(*key);
+            }
+        }
+        self.flush_dirty();
+        let all_flushed = self.conns.iter().all(|(_, c)| !c.has_pending_output());
+        if all_flushed || Instant::now() >= deadline + Duration::from_secs(1) {
+            for key in keys {
+                self.close(key);
+            }
+            return true;
+        }
+        false
+    }
+
+    fn accept_all(&mut self) {
+        self.accept_paused = false;
+        for (token, is_tls) in [(TLS_LISTENER, true), (PLAIN_LISTENER, false)] {
+            loop {
+                if self.conns.len() >= self.config.max_connections {
+                    // Leave the rest in the kernel's backlog; retried on the next iteration.
+                    self.accept_paused = true;
+                    return;
+                }
+                let listener = match token {
+                    TLS_LISTENER => self.tls_listener.as_ref(),
+                    _ => self.plain_listener.as_ref(),
+                };
+                let Some(listener) = listener else { break };
+                match listener.accept() {
+                    Ok((sock, peer)) => {
+                        self.add_conn(sock, peer, is_tls);
+                        if !self.accept_bucket.try_take(Instant::now()) {
+                            // Over the accept rate: the rest wait in the kernel's backlog.
+                            self.accept_paused = true;
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin.
+                        log::warn!("accept failed: {e}");
+                        self.accept_paused = true;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, sock: mio::net::TcpStream, peer: SocketAddr, is_tls: bool) {
+        let _ = sock.set_nodelay(true);
+        let keepalive =
+            socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+        let _ = socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive);
+        let tls = match (is_tls, &self.tls_config) {
+            (true, Some(cfg)) => match rustls::ServerConnection::new(cfg.clone()) {
+                Ok(mut c) => {
+                    c.set_buffer_limit(Some(64 * 1024));
+                    Some(Box::new(c))
+                }
+                Err(e) => {
+                    log::error!("TLS session setup failed: {e}");
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let id = ConnRef { key, gen: self.next_gen };
+        self.next_gen += 1;
+        let mut conn = Conn::new(id, sock, peer, tls, self.now_secs);
+        // Both interests, once: mio is edge-triggered, so this costs no extra wake-ups and saves a
+        // reregister call every time the queue fills or empties.
+        if let Err(e) = self.poll.registry().register(
+            conn.socket(),
+            Token(key + FIRST_CONN),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::error!("registering a connection failed: {e}");
+            return;
+        }
+        entry.insert(conn);
+        log::debug!("connection {key} from {peer}");
+    }
+
+    /// Handles readiness of one connection.
+    fn service(&mut self, key: usize, readable: bool, writable: bool) {
+        let max_buffered = self.config.max_frame as usize + 64 * 1024;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let mut closed = false;
+        if readable && !conn.closing {
+            match conn.read(&mut self.scratch, max_buffered) {
+                ReadOutcome::Drained => {}
+                ReadOutcome::More => self.again.push(key),
+                ReadOutcome::Closed => closed = true,
+            }
+            // TLS handshakes write during reads.
+            self.dirty.push(key);
+        }
+        if writable {
+            self.dirty.push(key);
+        }
+        self.process_frames(key);
+        if closed {
+            self.close(key);
+        }
+    }
+
+    fn process_frames(&mut self, key: usize) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            if conn.closing || conn.inflight >= MAX_INFLIGHT || conn.tls_handshaking() {
+                break;
+            }
+            match self.decoder.decode(&mut conn.rbuf) {
+                Ok(None) => break,
+                Ok(Some(raw)) => {
+                    conn.last_heard = self.now_secs;
+                    conn.ping_sent = false;
+                    self.handle_frame(key, raw);
+                }
+                Err(e) => {
+                    // A bad length loses frame boundaries: answer and close.
+                    let code = match e {
+                        DecodeError::TooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
+                        _ => ErrorCode::BAD_FRAME,
+                    };
+                    log::debug!("closing {}: {e}", conn.peer);
+                    self.error_and_close(key, 0, code, &e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.shrink_read_buffer();
+        }
+    }
+
+    fn handle_frame(&mut self, key: usize, raw: RawFrame) {
+        let rid = raw.request_id;
+        let frame = match ClientFrame::decode(&raw) {
+            Ok(f) => f,
+            Err(e) => {
+                let handshaking = self.conns.get(key).is_some_and(|c| c.phase == Phase::Handshake);
+                let code = match e {
+                    DecodeError::UnknownType(_) => ErrorCode::UNKNOWN_TYPE,
+                    _ => ErrorCode::BAD_FRAME,
+                };
+                if handshaking {
+                    self.error_and_close(key, rid, ErrorCode::HANDSHAKE_REQUIRED, &format!("expected HELLO: {e}"));
+                } else {
+                    self.error(key, rid, code, &e.to_string());
+                }
+                return;
+            }
+        };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let phase = conn.phase.clone();
+        match (phase, frame) {
+            (Phase::Handshake, ClientFrame::Hello(h)) => {
+                if h.magic != MAGIC || h.protocol_version != PROTOCOL_VERSION {
+                    let msg = format!(
+                        "unsupported protocol version {} (this server speaks version {PROTOCOL_VERSION})",
+                        h.protocol_version
+                    );
+                    self.error_and_close(key, rid, ErrorCode::VERSION_UNSUPPORTED, &msg);
+                    return;
+                }
+                log::debug!("{} speaks {} {}", conn.peer, h.client_name, h.client_version);
+                conn.phase = Phase::Open;
+                let welcome = Welcome {
+                    protocol_version: PROTOCOL_VERSION,
+                    server_name: "chimed".into(),
+                    server_version: env!("CARGO_PKG_VERSION").into(),
+                    max_frame: self.config.max_frame,
+                    heartbeat_secs: self.config.heartbeat_secs,
+                };
+                self.reply(key, ServerFrame::Welcome(welcome).encode(rid));
+            }
+            (Phase::Handshake, _) => {
+                self.error_and_close(key, rid, ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO")
+            }
+            (_, ClientFrame::Hello(_)) => self.error(key, rid, ErrorCode::BAD_FRAME, "HELLO was already received"),
+            (_, ClientFrame::Ping(p)) => self.reply(key, ServerFrame::Pong(p).encode(rid)),
+            (_, ClientFrame::Pong(_)) => {}
+            (_, _) if self.shutdown_deadline.is_some() => {
+                self.error(key, rid, ErrorCode::SHUTTING_DOWN, "server shutting down; retry after reconnecting")
+            }
+            (Phase::Open, ClientFrame::Register(c)) => self.password(key, rid, true, c),
+            (Phase::Open, ClientFrame::Login(c)) => self.password(key, rid, false, c),
+            (Phase::Open, ClientFrame::Resume(r)) => {
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.phase = Phase::Authenticating;
+                }
+                self.submit(key, rid, Job::Resume { to: self.to(key, rid), token: r.token });
+            }
+            (Phase::Authenticating, _) => {
+                self.error(key, rid, ErrorCode::NOT_AUTHENTICATED, "a login is in progress on this connection")
+            }
+            (Phase::Authed(_), ClientFrame::Register(_) | ClientFrame::Login(_) | ClientFrame::Resume(_)) => {
+                self.error(key, rid, ErrorCode::ALREADY_AUTHENTICATED, "already logged in")
+            }
+            (Phase::Open, _) => self.error(key, rid, ErrorCode::NOT_AUTHENTICATED, "log in first"),
+            (Phase::Authed(s), frame) => self.authed_request(key, rid, &s, frame),
+        }
+    }
+
+    fn authed_request(&mut self, key: usize, rid: u32, s: &Session, frame: ClientFrame) {
+        let to = self.to(key, rid);
+        let actor = Actor { user_id: s.user_id, name: s.name.clone() };
+        let job = match frame {
+            ClientFrame::Logout(_) => Job::Logout { to, token_hash: s.token_hash },
+            ClientFrame::CreateRoom(c) => {
+                let name = c.name.trim().to_string();
+                if name.is_empty() || name.chars().count() > MAX_ROOM_NAME {
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "room name must be 1 to 100 characters");
+                }
+                if c.kind != chime_protocol::RoomKind::GROUP {
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, &format!("unknown room kind {}", c.kind));
+                }
+                Job::CreateRoom { to, actor, name, kind: c.kind }
+            }
+            ClientFrame::JoinRoom(r) => Job::Join { to, actor, room: r.room },
+            ClientFrame::LeaveRoom(r) => Job::Leave { to, actor, room: r.room },
+            ClientFrame::ListRooms(_) => Job::ListRooms { to, actor },
+            ClientFrame::ListMembers(m) => Job::ListMembers {
+                to,
+                actor,
+                room: m.room,
+                after_user: m.after_user,
+                limit: if m.limit == 0 { 500 } else { m.limit.min(1000) },
+            },
+            ClientFrame::Post(p) => {
+                if p.text.is_empty() || p.text.len() > MAX_TEXT {
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "text must be 1 to 16384 bytes");
+                }
+                if p.idempotency_key.is_empty() || p.idempotency_key.len() > MAX_KEY {
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "idempotency key must be 1 to 64 bytes");
+                }
+                Job::Post {
+                    to,
+                    post: NewPost {
+                        room: p.room,
+                        author_id: s.user_id,
+                        author: s.name.to_string(),
+                        idempotency_key: p.idempotency_key,
+                        text: p.text,
+                        now_ms: 0,
+                    },
+                }
+            }
+            ClientFrame::History(h) => Job::Fetch {
+                to,
+                actor,
+                room: h.room,
+                after: h.after,
+                limit: if h.limit == 0 { DEFAULT_PAGE } else { h.limit.min(MAX_PAGE) },
+                purpose: FetchPurpose::History,
+            },
+            ClientFrame::Sync(req) => {
+                if req.rooms.len() > MAX_SYNC_ROOMS {
+                    return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, "at most 1000 rooms per SYNC");
+                }
+                let Some(conn) = self.conns.get_mut(key) else {
+                    return;
+                };
+                let actions = conn.sync.get_or_insert_with(Default::default).start(rid, &req.rooms, req.page_size);
+                self.apply(key, actions);
+                return;
+            }
+            ClientFrame::Hello(_) | ClientFrame::Ping(_) | ClientFrame::Pong(_) => return,
+            ClientFrame::Register(_) | ClientFrame::Login(_) | ClientFrame::Resume(_) => return,
+        };
+        self.submit(key, rid, job);
+    }
+
+    fn password(&mut self, key: usize, rid: u32, register: bool, c: chime_protocol::Credentials) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let ip = conn.peer.ip();
+        let now = Instant::now();
+        if !self.login_per_ip.try_take(ip, now) || !self.login_bucket.try_take(now) {
+            return self.error(key, rid, ErrorCode::RATE_LIMITED, "too many logins; retry in a few seconds");
+        }
+        if let Err(m) = auth::validate_user_name(&c.user) {
+            return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, &m);
+        }
+        if register {
+            if let Err(m) = auth::validate_password(&c.password) {
+                return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, &m);
+            }
+        } else if c.password.len() > 1024 {
+            return self.error(key, rid, ErrorCode::AUTH_FAILED, "wrong user name or password");
+        }
+        conn.phase = Phase::Authenticating;
+        let ua: String = c.user_agent.chars().take(256).collect();
+        let job = Job::Password {
+            to: self.to(key, rid),
+            register,
+            user: c.user,
+            password: c.password,
+            ip: ip.to_string(),
+            user_agent: ua,
+        };
+        self.submit(key, rid, job);
+    }
+
+    fn to(&self, key: usize, request_id: u32) -> ReplyTo {
+        let gen = self.conns.get(key).map_or(0, |c| c.id.gen);
+        ReplyTo { conn: ConnRef { key, gen }, request_id }
+    }
+
+    fn submit(&mut self, key: usize, rid: u32, job: Job) {
+        let authenticating = matches!(job, Job::Password { .. } | Job::Resume { .. });
+        let Some(pool) = self.pool.as_ref() else {
+            return;
+        };
+        match pool.submit(job) {
+            Ok(()) => {
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.inflight += 1;
+                }
+            }
+            Err(_) => {
+                if authenticating {
+                    if let Some(c) = self.conns.get_mut(key) {
+                        c.phase = Phase::Open;
+                    }
+                }
+                self.error(key, rid, ErrorCode::OVERLOADED, "server busy; retry shortly");
+            }
+        }
+    }
+
+    /// The live connection a completion is for, if it is still there.
+    fn conn_for(&mut self, r: ConnRef) -> Option<&mut Conn> {
+        self.conns.get_mut(r.key).filter(|c| c.id.gen == r.gen)
+    }
+
+    fn answered(&mut self, to: &ReplyTo) -> bool {
+        match self.conn_for(to.conn) {
+            Some(c) => {
+                c.inflight = c.inflight.saturating_sub(1);
+                if !c.rbuf.is_empty() {
+                    // Frames paused behind the in-flight cap can go now.
+                    self.again.push(to.conn.key);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn drain_completions(&mut self) {
+        // Bounded per iteration so sockets keep being served under a flood of results.
+        for _ in 0..4096 {
+            let Ok(done) = self.completions.try_recv() else {
+                break;
+            };
+            self.complete(done);
+        }
+    }
+
+    fn complete(&mut self, done: Completion) {
+        match done {
+            Completion::Reply { to, frame } => {
+                if self.answered(&to) {
+                    if let Some(c) = self.conn_for(to.conn) {
+                        if c.phase == Phase::Authenticating {
+                            c.phase = Phase::Open;
+                        }
+                    }
+                    self.reply(to.conn.key, frame);
+                }
+            }
+            Completion::LoggedIn { to, user_id, name, token_hash, rooms, frame } => {
+                if !self.answered(&to) {
+                    return;
+                }
+                let key = to.conn.key;
+                if let Some(c) = self.conn_for(to.conn) {
+                    c.phase = Phase::Authed(Session { user_id, name: name.into(), token_hash });
+                    self.users.entry(user_id).or_default().push(key);
+                    for room in rooms {
+                        self.subscribe(key, room);
+                    }
+                    self.reply(key, frame);
+                }
+            }
+            Completion::LoggedOut { to, frame } => {
+                if !self.answered(&to) {
+                    return;
+                }
+                let key = to.conn.key;
+                self.logout_conn(key);
+                self.reply(key, frame);
+            }
+            Completion::Membership { to, user_id, room, joined, published, frame } => {
+                let live = self.answered(&to);
+                let conns = self.users.get(&user_id).cloned().unwrap_or_default();
+                if joined {
+                    for k in &conns {
+                        self.subscribe(*k, room);
+                    }
+                }
+                if let Some(p) = &published {
+                    self.publish(p);
+                }
+                if !joined {
+                    for k in &conns {
+                        self.unsubscribe(*k, room);
+                    }
+                }
+                if live {
+                    self.reply(to.conn.key, frame);
+                }
+            }
+            Completion::Batch { published, replies } => {
+                for p in &published {
+                    self.publish(p);
+                }
+                for (to, frame) in replies {
+                    if self.answered(&to) {
+                        self.reply(to.conn.key, frame);
+                    }
+                }
+            }
+            Completion::Page { to, room, after, deltas, more } => {
+                let Some(c) = self.conn_for(to.conn) else {
+                    return;
+                };
+                let Some(sync) = c.sync.as_mut() else { return };
+                let actions = sync.page(room, after, deltas, more);
+                self.apply(to.conn.key, actions);
+            }
+            Completion::PageFailed { to, room, not_member, frame } => {
+                let Some(c) = self.conn_for(to.conn) else { return };
+                let Some(sync) = c.sync.as_mut() else { return };
+                let actions = if not_member { sync.skip_room(room) } else { sync.page_failed(room, frame) };
+                self.apply(to.conn.key, actions);
+            }
+        }
+    }
+
+    /// Carries out what the sync state machine asked for.
+    fn apply(&mut self, key: usize, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send(bytes) => self.reply(key, bytes),
+                Action::Fetch { room, after, limit } => {
+                    let Some(c) = self.conns.get_mut(key) else {
+                        return;
+                    };
+                    if c.queued_bytes() > self.config.max_outbound_bytes / 2 {
+                        // Flow control: the next page waits until the client has read this one.
+                        if let Some(sync) = c.sync.as_mut() {
+                            sync.deferred.push(Action::Fetch { room, after, limit });
+                        }
+                        continue;
+                    }
+                    let Some(s) = c.session() else { return };
+                    let job = Job::Fetch {
+                        to: ReplyTo { conn: c.id, request_id: 0 },
+                        actor: Actor { user_id: s.user_id, name: s.name.clone() },
+                        room,
+                        after,
+                        limit,
+                        purpose: FetchPurpose::Sync,
+                    };
+                    let Some(pool) = self.pool.as_ref() else {
+                        return;
+                    };
+                    if pool.submit(job).is_err() {
+                        // The shared queue is full: the client must come back for it.
+                        if let Some(c) = self.conns.get_mut(key) {
+                            c.goodbye(
+                                ErrorCode::RESYNC_REQUIRED,
+                                "server overloaded during sync; reconnect and SYNC",
+                                true,
+                            );
+                            self.dirty.push(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn subscribe(&mut self, key: usize, room: u64) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.rooms.contains(&room) {
+            return;
+        }
+        c.rooms.push(room);
+        self.rooms.entry(room).or_default().push(key);
+    }
+
+    fn unsubscribe(&mut self, key: usize, room: u64) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.rooms.retain(|&r| r != room);
+            if let Some(s) = c.sync.as_mut() {
+                s.forget(room);
+            }
+        }
+        if let Some(subs) = self.rooms.get_mut(&room) {
+            if let Some(i) = subs.iter().position(|&k| k == key) {
+                subs.swap_remove(i);
+            }
+            if subs.is_empty() {
+                self.rooms.remove(&room);
+            }
+        }
+    }
+
+    fn logout_conn(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let rooms = std::mem::take(&mut c.rooms);
+        let user = c.session().map(|s| s.user_id);
+        c.phase = Phase::Open;
+        c.sync = None;
+        for room in rooms {
+            if let Some(subs) = self.rooms.get_mut(&room) {
+                if let Some(i) = subs.iter().position(|&k| k == key) {
+                    subs.swap_remove(i);
+                }
+                if subs.is_empty() {
+                    self.rooms.remove(&room);
+                }
+            }
+        }
+        if let Some(uid) = user {
+            if let Some(list) = self.users.get_mut(&uid) {
+                list.retain(|&k| k != key);
+                if list.is_empty() {
+                    self.users.remove(&uid);
+                }
+            }
+        }
+    }
+
+    /// Fan-out of one committed batch of a room's deltas to every online member.
+    fn publish(&mut self, p: &Published) {
+        let Some(subs) = self.rooms.get(&p.room) else {
+            return;
+        };
+        let limit = self.config.max_outbound_bytes;
+        let mut fetches = Vec::new();
+        for &key in subs {
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
+            let ok = match c.sync.as_mut() {
+                None => c.queue(p.frames.clone(), Class::Durable, limit),
+                Some(sync) => {
+                    let mut ok = true;
+                    for a in sync.push(p) {
+                        match a {
+                            Action::Send(b) => ok &= c.queue(b, Class::Durable, limit),
+                            // Rare (a gap in live pushes); applied after the fan-out.
+                            fetch @ Action::Fetch { .. } => fetches.push((key, fetch)),
+                        }
+                    }
+                    ok
+                }
+            };
+            if !ok {
+                c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
+            }
+            self.dirty.push(key);
+        }
+        for (key, fetch) in fetches {
+            self.apply(key, vec![fetch]);
+        }
+    }
+
+    fn reply(&mut self, key: usize, frame: Bytes) {
+        let limit = self.config.max_outbound_bytes;
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !c.queue(frame, Class::Durable, limit) {
+            c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
+        }
+        self.dirty.push(key);
+    }
+
+    fn error(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
+        self.reply(key, ServerFrame::Error(ErrorBody::new(code, message)).encode(rid));
+    }
+
+    /// An ERROR for the request, then a GOODBYE with the same reason, then close.
+    fn error_and_close(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
+        self.error(key, rid, code, message);
+        if let Some(c) = self.conns.get_mut(key) {
+            c.goodbye_after_queue(code, message);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let resume_below = self.config.max_outbound_bytes / 4;
+        for key in dirty.drain(..) {
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if let Err(e) = c.flush() {
+                log::debug!("write to {} failed: {e}", c.peer);
+                self.close(key);
+                continue;
+            }
+            if c.closing && !c.has_pending_output() {
+                self.close(key);
+                continue;
+            }
+            if c.queued_bytes() < resume_below {
+                if let Some(deferred) = c.sync.as_mut().map(|s| std::mem::take(&mut s.deferred)) {
+                    if !deferred.is_empty() {
+                        self.apply(key, deferred);
+                    }
+                }
+            }
+        }
+        self.dirty = dirty;
+    }
+
+    /// Once a second: heartbeats, idle and handshake timeouts.
+    fn tick(&mut self) {
+        let now = self.now_secs;
+        let hb = self.config.heartbeat_secs.max(1);
+        let mut to_close = Vec::new();
+        let mut to_ping = Vec::new();
+        for (key, c) in self.conns.iter_mut() {
+            let quiet = now.saturating_sub(c.last_heard);
+            match c.phase {
+                Phase::Handshake if quiet >= HANDSHAKE_SECS => to_close.push(key),
+                _ if c.closing => {}
+                _ if quiet >= 3 * hb => {
+                    c.goodbye(ErrorCode::IDLE_TIMEOUT, "nothing heard within the idle timeout", false);
+                    self.dirty.push(key);
+                }
+                _ if quiet >= hb && !c.ping_sent && c.phase != Phase::Handshake => {
+                    c.ping_sent = true;
+                    to_ping.push(key);
+                }
+                _ => {}
+            }
+        }
+        for key in to_close {
+            self.close(key);
+        }
+        for key in to_ping {
+            self.reply(key, ServerFrame::Ping(Ping { nonce: u64::from(now) }).encode(0));
+        }
+        self.flush_dirty();
+    }
+
+    fn close(&mut self, key: usize) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        self.logout_conn(key);
+        let mut c = self.conns.remove(key);
+        c.close_notify();
+        let _ = self.poll.registry().deregister(c.socket());
+        log::debug!("connection {key} from {} closed", c.peer);
+    }
+}
+
+/// The current time in Unix milliseconds (re-exported for tests).
+pub fn now_ms() -> i64 {
+    worker::now_ms()
+}

@@ -1,0 +1,642 @@
+//! The database worker pool: every piece of work that touches the store runs here, never on the
+//! event loop.
+//!
+//! Threads and queues:
+//! - `workers` **shard workers**, each owning one store connection. Everything that writes to a
+//!   room (posts, joins, leaves) goes to the shard `room % workers`, so one room's deltas are
+//!   committed and published by one thread in seq order. Reads and account work with no room
+//!   (sync pages, history, room lists, resume, create room) go to a queue that every shard worker
+//!   also serves.
+//! - `auth_workers` **auth workers** for register and login: argon2id takes tens of milliseconds
+//!   on purpose, and must not sit in front of anyone's post.
+//!
+//! Group commit: a shard worker that takes a post drains every job already waiting in its queue
+//! (up to `max_batch`), and commits the consecutive posts among them in one transaction, so a
+//! burst of N posts costs one fsync instead of N. Jobs keep their queue order, so a join followed
+//! by a post from the same connection is applied in that order.
+//!
+//! Results go back to the loop over one channel as [`Completion`]s, followed by one wake of the
+//! loop's `mio::Waker` per batch. Reply frames and published deltas are encoded here, off the
+//! loop thread; a batch's deltas for one room are encoded once into one contiguous buffer that
+//! the loop shares with every recipient.
+
+use crate::auth;
+use bytes::Bytes;
+use chime_protocol::{
+    Authed, Delta, DeltaPage, ErrorBody, ErrorCode, MemberInfo, MemberList, Posted, RoomInfo, RoomList, ServerFrame,
+};
+use chime_storage::{NewPost, NewSession, PostOutcome, RoomRecord, Store, StoreError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Identifies a connection across slab-slot reuse: a completion for a connection that has gone
+/// (and whose slot was reused) is dropped instead of reaching a stranger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// The slab key (mio token).
+    pub key: usize,
+    /// The connection's generation, unique for the life of the process.
+    pub gen: u64,
+}
+
+/// Who is asking: a connection and a request id to answer on.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyTo {
+    /// The connection.
+    pub conn: ConnRef,
+    /// The request id to echo.
+    pub request_id: u32,
+}
+
+/// The logged-in user a job runs as.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// The user's id.
+    pub user_id: u64,
+    /// The user's name, shared by all of the connection's jobs.
+    pub name: Arc<str>,
+}
+
+/// A unit of work for the pool. `to` is always who gets the answer; `actor` the user it runs as.
+#[derive(Debug)]
+#[allow(missing_docs)] // Fields are named after the protocol fields they carry (docs/protocol.md).
+pub enum Job {
+    /// Register (`register = true`) or log in with a password. Auth pool.
+    Password { to: ReplyTo, register: bool, user: String, password: String, ip: String, user_agent: String },
+    /// Log in with a session token.
+    Resume { to: ReplyTo, token: String },
+    /// Revoke the session token the connection logged in with.
+    Logout { to: ReplyTo, token_hash: [u8; 32] },
+    /// Create a room.
+    CreateRoom { to: ReplyTo, actor: Actor, name: String, kind: chime_protocol::RoomKind },
+    /// Join a room (shard job).
+    Join { to: ReplyTo, actor: Actor, room: u64 },
+    /// Leave a room (shard job).
+    Leave { to: ReplyTo, actor: Actor, room: u64 },
+    /// List the actor's rooms.
+    ListRooms { to: ReplyTo, actor: Actor },
+    /// A page of members.
+    ListMembers { to: ReplyTo, actor: Actor, room: u64, after_user: u64, limit: u32 },
+    /// A post (shard job; group-committed).
+    Post { to: ReplyTo, post: NewPost },
+    /// One page of deltas after a seq, for SYNC, HISTORY or a catch-up. Checks membership.
+    Fetch { to: ReplyTo, actor: Actor, room: u64, after: u64, limit: u32, purpose: FetchPurpose },
+}
+
+/// Why a page of deltas is fetched; decides how the loop uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchPurpose {
+    /// A HISTORY request: the reply is one `DELTA_PAGE`, encoded here.
+    History,
+    /// A page of a SYNC, or a catch-up after a gap in live pushes: the loop decides.
+    Sync,
+}
+
+/// A room's newly committed deltas, encoded once, contiguous in seq.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The room.
+    pub room: u64,
+    /// The seq of the first delta in `frames`.
+    pub first_seq: u64,
+    /// `DELTA` push frames for seqs `first_seq..`, back to back.
+    pub frames: Bytes,
+    /// End offset of each frame in `frames` (frame i is `ends[i-1]..ends[i]`).
+    pub ends: Vec<u32>,
+}
+
+impl Published {
+    /// The seq of the last delta.
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.ends.len() as u64 - 1
+    }
+
+    /// The frames for seqs greater than `after` (all of them if `after < first_seq`).
+    pub fn frames_after(&self, after: u64) -> Bytes {
+        if after < self.first_seq {
+            return self.frames.clone();
+        }
+        let skip = (after - self.first_seq + 1) as usize;
+        match skip.checked_sub(1).and_then(|i| self.ends.get(i)) {
+            Some(&start) => self.frames.slice(start as usize..),
+            None => Bytes::new(),
+        }
+    }
+
+    fn encode(room: u64, deltas: &[Delta]) -> Option<Published> {
+        let first_seq = deltas.first()?.seq;
+        let mut buf = Vec::with_capacity(deltas.len() * 96);
+        let mut ends = Vec::with_capacity(deltas.len());
+        for d in deltas {
+            ServerFrame::Delta(d.clone()).encode_into(&mut buf, 0);
+            ends.push(buf.len() as u32);
+        }
+        Some(Published { room, first_seq, frames: Bytes::from(buf), ends })
+    }
+}
+
+/// A result for the loop. `frame` is the encoded reply for `to`.
+#[derive(Debug)]
+#[allow(missing_docs)] // Each variant says what its fields are for.
+pub enum Completion {
+    /// A finished reply to send as is.
+    Reply { to: ReplyTo, frame: Bytes },
+    /// A successful login: subscribe the connection to `rooms`, then send `frame`.
+    LoggedIn { to: ReplyTo, user_id: u64, name: String, token_hash: [u8; 32], rooms: Vec<u64>, frame: Bytes },
+    /// The session was revoked: the connection is logged out, then `frame`.
+    LoggedOut { to: ReplyTo, frame: Bytes },
+    /// A user's membership changed: (un)subscribe all of their connections, publish, then reply.
+    Membership { to: ReplyTo, user_id: u64, room: u64, joined: bool, published: Option<Published>, frame: Bytes },
+    /// One group commit: publish, then send the replies.
+    Batch { published: Vec<Published>, replies: Vec<(ReplyTo, Bytes)> },
+    /// A page of deltas for a SYNC or catch-up (not yet encoded: the loop filters against what
+    /// the connection already has).
+    Page { to: ReplyTo, room: u64, after: u64, deltas: Vec<Delta>, more: bool },
+    /// A fetch failed: the user is not a member (the room is left out of the SYNC), or the
+    /// database failed (the loop ends the SYNC with `frame`).
+    PageFailed { to: ReplyTo, room: u64, not_member: bool, frame: Bytes },
+}
+
+/// The loop's end of the pool.
+pub struct Pool {
+    shards: Vec<Sender<Job>>,
+    shared: Sender<Job>,
+    auth: Sender<Job>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Why a job could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// The queue is full: answer OVERLOADED, the client retries.
+    Full,
+    /// The pool is stopping.
+    Stopped,
+}
+
+/// Queue bounds: enough to absorb bursts, small enough that a stalled database shows up as
+/// OVERLOADED replies rather than unbounded memory.
+const SHARD_QUEUE: usize = 65_536;
+const AUTH_QUEUE: usize = 1_024;
+
+/// How the pool reports back.
+pub struct Notify {
+    /// Where completions go.
+    pub completions: Sender<Completion>,
+    /// Wakes the loop once per batch of completions.
+    pub waker: Arc<mio::Waker>,
+}
+
+impl Notify {
+    fn send_all(&self, done: impl IntoIterator<Item = Completion>) {
+        let mut any = false;
+        for c in done {
+            // The loop holds the receiver until every worker has exited; a failed send means it
+            // is gone and nobody is waiting for the result.
+            any |= self.completions.send(c).is_ok();
+        }
+        if any {
+            if let Err(e) = self.waker.wake() {
+                log::error!("waking the event loop failed: {e}");
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Opens one store per thread and starts the threads. Fails if any store cannot be opened.
+    pub fn start(
+        database_url: &str,
+        workers: usize,
+        auth_workers: usize,
+        max_batch: usize,
+        notify: Notify,
+    ) -> anyhow::Result<Pool> {
+        let notify = Arc::new(notify);
+        let (shared_tx, shared_rx) = crossbeam_channel::bounded::<Job>(SHARD_QUEUE);
+        let (auth_tx, auth_rx) = crossbeam_channel::bounded::<Job>(AUTH_QUEUE);
+        let mut shards = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..workers {
+            let store = chime_storage::open(database_url)?;
+            let (tx, rx) = crossbeam_channel::bounded::<Job>(SHARD_QUEUE);
+            shards.push(tx);
+            let shared_rx = shared_rx.clone();
+            let notify = notify.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("chimed-db-{i}"))
+                    .spawn(move || shard_main(store, rx, shared_rx, max_batch, &notify))?,
+            );
+        }
+        for i in 0..auth_workers {
+            let store = chime_storage::open(database_url)?;
+            let rx = auth_rx.clone();
+            let notify = notify.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("chimed-auth-{i}"))
+                    .spawn(move || auth_main(store, rx, &notify))?,
+            );
+        }
+        Ok(Pool { shards, shared: shared_tx, auth: auth_tx, threads })
+    }
+
+    /// Queues a job on the right queue without blocking.
+    pub fn submit(&self, job: Job) -> Result<(), Busy> {
+        let queue = match &job {
+            Job::Password { .. } => &self.auth,
+            Job::Post { post, .. } => self.shard(post.room),
+            Job::Join { room, .. } | Job::Leave { room, .. } => self.shard(*room),
+            _ => &self.shared,
+        };
+        match queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(Busy::Full),
+            Err(TrySendError::Disconnected(_)) => Err(Busy::Stopped),
+        }
+    }
+
+    fn shard(&self, room: u64) -> &Sender<Job> {
+        &self.shards[(room % self.shards.len() as u64) as usize]
+    }
+
+    /// Closes the queues and waits for every worker to finish what it holds.
+    pub fn shutdown(self) {
+        let Pool { shards, shared, auth, threads } = self;
+        drop((shards, shared, auth));
+        for t in threads {
+            if t.join().is_err() {
+                log::error!("a database worker panicked");
+            }
+        }
+    }
+}
+
+/// Current time as Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn error_frame(to: &ReplyTo, code: ErrorCode, message: impl Into<String>) -> Bytes {
+    ServerFrame::Error(ErrorBody::new(code, message)).encode(to.request_id)
+}
+
+/// Maps a store error to the wire, logging what the client is not told.
+fn store_error_frame(to: &ReplyTo, e: &StoreError) -> Bytes {
+    let (code, msg) = match e {
+        StoreError::Conflict(m) => (ErrorCode::USER_EXISTS, format!("already exists: {m}")),
+        StoreError::NotFound(m) => (ErrorCode::NOT_FOUND, format!("not found: {m}")),
+        StoreError::NotMember(room) => (ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
+        other => {
+            log::error!("store error: {other:?}");
+            (ErrorCode::INTERNAL, "internal error; retry later".to_string())
+        }
+    };
+    error_frame(to, code, msg)
+}
+
+fn room_info(r: &RoomRecord) -> RoomInfo {
+    RoomInfo { room: r.id, name: r.name.clone(), kind: r.kind, head_seq: r.last_seq }
+}
+
+fn shard_main(mut store: Box<dyn Store>, own: Receiver<Job>, shared: Receiver<Job>, max_batch: usize, notify: &Notify) {
+    let mut own_open = true;
+    let mut shared_open = true;
+    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+    while own_open || shared_open {
+        // Own (write) jobs first: they are what clients wait on for acks.
+        let first = if own_open {
+            match own.try_recv() {
+                Ok(j) => Some(j),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    own_open = false;
+                    None
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => None,
+            }
+        } else {
+            None
+        };
+        let first = match first {
+            Some(j) => j,
+            None => {
+                let never = crossbeam_channel::never();
+                let own_rx = if own_open { &own } else { &never };
+                let shared_rx = if shared_open { &shared } else { &never };
+                crossbeam_channel::select! {
+                    recv(own_rx) -> j => match j { Ok(j) => j, Err(_) => { own_open = false; continue } },
+                    recv(shared_rx) -> j => match j { Ok(j) => j, Err(_) => { shared_open = false; continue } },
+                }
+            }
+        };
+        jobs.clear();
+        jobs.push(first);
+        if matches!(jobs[0], Job::Post { .. }) {
+            while jobs.len() < max_batch {
+                match own.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut posts: Vec<(ReplyTo, NewPost)> = Vec::new();
+        for job in jobs.drain(..) {
+            match job {
+                Job::Post { to, post } => posts.push((to, post)),
+                other => {
+                    commit_posts(store.as_mut(), &mut posts, &mut out);
+                    out.push(run_job(store.as_mut(), other));
+                }
+            }
+        }
+        commit_posts(store.as_mut(), &mut posts, &mut out);
+        notify.send_all(out);
+    }
+}
+
+fn commit_posts(store: &mut dyn Store, posts: &mut Vec<(ReplyTo, NewPost)>, out: &mut Vec<Completion>) {
+    if posts.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let (tos, mut batch): (Vec<ReplyTo>, Vec<NewPost>) = posts.drain(..).unzip();
+    for p in &mut batch {
+        p.now_ms = now;
+    }
+    let mut replies = Vec::with_capacity(tos.len());
+    let mut published: Vec<Published> = Vec::new();
+    match store.append_posts(&batch) {
+        Ok(outcomes) => {
+            let mut by_room: Vec<(u64, Vec<Delta>)> = Vec::new();
+            for ((to, post), outcome) in tos.iter().zip(&batch).zip(outcomes) {
+                let frame = match outcome {
+                    PostOutcome::Inserted(delta) => {
+                        let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+                        match by_room.iter_mut().find(|(r, _)| *r == delta.room) {
+                            Some((_, v)) => v.push(delta),
+                            None => by_room.push((delta.room, vec![delta])),
+                        }
+                        ServerFrame::Posted(posted).encode(to.request_id)
+                    }
+                    PostOutcome::Duplicate { seq, ts_ms } => {
+                        ServerFrame::Posted(Posted { room: post.room, seq, ts_ms, duplicate: true })
+                            .encode(to.request_id)
+                    }
+                    PostOutcome::NotMember => {
+                        error_frame(to, ErrorCode::NOT_MEMBER, format!("not a member of room {}", post.room))
+                    }
+                };
+                replies.push((*to, frame));
+            }
+            published.extend(by_room.iter().filter_map(|(room, deltas)| Published::encode(*room, deltas)));
+        }
+        Err(e) => {
+            for to in &tos {
+                replies.push((*to, store_error_frame(to, &e)));
+            }
+        }
+    }
+    out.push(Completion::Batch { published, replies });
+}
+
+fn run_job(store: &mut dyn Store, job: Job) -> Completion {
+    match job {
+        Job::Resume { to, token } => {
+            let hash = auth::token_hash(&token);
+            match store.session_user(&hash, now_ms()) {
+                Ok(Some(user)) => logged_in(store, to, user.id, user.name, hash, None),
+                Ok(None) => Completion::Reply {
+                    frame: error_frame(&to, ErrorCode::AUTH_FAILED, "unknown or revoked session token"),
+                    to,
+                },
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+            }
+        }
+        Job::Logout { to, token_hash } => match store.revoke_session(&token_hash, now_ms()) {
+            Ok(_) => Completion::LoggedOut { frame: ServerFrame::Done(Default::default()).encode(to.request_id), to },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+        },
+        Job::CreateRoom { to, actor, name, kind } => {
+            match store.create_room(&name, kind, actor.user_id, &actor.name, now_ms()) {
+                Ok((room, delta)) => Completion::Membership {
+                    to,
+                    user_id: actor.user_id,
+                    room: room.id,
+                    joined: true,
+                    published: Published::encode(room.id, std::slice::from_ref(&delta)),
+                    frame: ServerFrame::RoomInfo(room_info(&room)).encode(to.request_id),
+                },
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+            }
+        }
+        Job::Join { to, actor, room } => match store.join_room(room, actor.user_id, &actor.name, now_ms()) {
+            Ok(delta) => match store.room(room) {
+                Ok(Some(rec)) => Completion::Membership {
+                    to,
+                    user_id: actor.user_id,
+                    room,
+                    joined: true,
+                    published: delta.and_then(|d| Published::encode(room, &[d])),
+                    frame: ServerFrame::RoomInfo(room_info(&rec)).encode(to.request_id),
+                },
+                Ok(None) => Completion::Reply { frame: error_frame(&to, ErrorCode::NOT_FOUND, "no such room"), to },
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+            },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+        },
+        Job::Leave { to, actor, room } => match store.leave_room(room, actor.user_id, &actor.name, now_ms()) {
+            Ok(delta) => Completion::Membership {
+                to,
+                user_id: actor.user_id,
+                room,
+                joined: false,
+                published: Published::encode(room, &[delta]),
+                frame: ServerFrame::Done(Default::default()).encode(to.request_id),
+            },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+        },
+        Job::ListRooms { to, actor } => match store.rooms_of_user(actor.user_id) {
+            Ok(rooms) => Completion::Reply {
+                frame: ServerFrame::RoomList(RoomList { rooms: rooms.iter().map(room_info).collect() })
+                    .encode(to.request_id),
+                to,
+            },
+            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+        },
+        Job::ListMembers { to, actor, room, after_user, limit } => {
+            let frame = match store.is_member(room, actor.user_id) {
+                Ok(false) => error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
+                Err(e) => store_error_frame(&to, &e),
+                Ok(true) => match store.members(room, after_user, limit.saturating_add(1)) {
+                    Ok(mut members) => {
+                        let more = members.len() > limit as usize;
+                        members.truncate(limit as usize);
+                        let next_after = if more { members.last().map(|m| m.user_id) } else { None };
+                        ServerFrame::MemberList(MemberList {
+                            room,
+                            members: members
+                                .into_iter()
+                                .map(|m| MemberInfo { user_id: m.user_id, user: m.name, role: m.role })
+                                .collect(),
+                            next_after,
+                        })
+                        .encode(to.request_id)
+                    }
+                    Err(e) => store_error_frame(&to, &e),
+                },
+            };
+            Completion::Reply { to, frame }
+        }
+        Job::Fetch { to, actor, room, after, limit, purpose } => fetch(store, to, &actor, room, after, limit, purpose),
+        Job::Password { to, .. } | Job::Post { to, .. } => {
+            Completion::Reply { frame: error_frame(&to, ErrorCode::INTERNAL, "job sent to the wrong queue"), to }
+        }
+    }
+}
+
+/// Upper bound on the text bytes in one page, so that a page of long messages stays far below
+/// the maximum frame size.
+const PAGE_TEXT_BUDGET: usize = 256 * 1024;
+
+fn fetch(
+    store: &mut dyn Store,
+    to: ReplyTo,
+    actor: &Actor,
+    room: u64,
+    after: u64,
+    limit: u32,
+    purpose: FetchPurpose,
+) -> Completion {
+    let failed = |frame, not_member| match purpose {
+        FetchPurpose::History => Completion::Reply { to, frame },
+        FetchPurpose::Sync => Completion::PageFailed { to, room, not_member, frame },
+    };
+    match store.is_member(room, actor.user_id) {
+        Ok(true) => {}
+        Ok(false) => {
+            return failed(error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}")), true)
+        }
+        Err(e) => return failed(store_error_frame(&to, &e), false),
+    }
+    // One extra row tells whether more follow without a second query.
+    let mut deltas = match store.deltas_after(room, after, limit.saturating_add(1)) {
+        Ok(d) => d,
+        Err(e) => return failed(store_error_frame(&to, &e), false),
+    };
+    let mut more = deltas.len() > limit as usize;
+    deltas.truncate(limit as usize);
+    let mut budget = 0usize;
+    if let Some(cut) = deltas.iter().position(|d| {
+        budget += d.text.len() + d.author.len();
+        budget > PAGE_TEXT_BUDGET
+    }) {
+        deltas.truncate(cut.max(1));
+        more = true;
+    }
+    match purpose {
+        FetchPurpose::History => {
+            let resume_after = deltas.last().map_or(after, |d| d.seq);
+            let frame = ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after }).encode(to.request_id);
+            Completion::Reply { to, frame }
+        }
+        FetchPurpose::Sync => Completion::Page { to, room, after, deltas, more },
+    }
+}
+
+fn logged_in(
+    store: &mut dyn Store,
+    to: ReplyTo,
+    user_id: u64,
+    name: String,
+    token_hash: [u8; 32],
+    token: Option<String>,
+) -> Completion {
+    match store.rooms_of_user(user_id) {
+        Ok(rooms) => Completion::LoggedIn {
+            frame: ServerFrame::Authed(Authed { user_id, user: name.clone(), token }).encode(to.request_id),
+            to,
+            user_id,
+            name,
+            token_hash,
+            rooms: rooms.iter().map(|r| r.id).collect(),
+        },
+        Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+    }
+}
+
+fn auth_main(mut store: Box<dyn Store>, rx: Receiver<Job>, notify: &Notify) {
+    for job in rx.iter() {
+        let done = match job {
+            Job::Password { to, register, user, password, ip, user_agent } => {
+                password_login(store.as_mut(), to, register, user, &password, ip, user_agent)
+            }
+            other => run_job(store.as_mut(), other),
+        };
+        notify.send_all([done]);
+    }
+}
+
+fn password_login(
+    store: &mut dyn Store,
+    to: ReplyTo,
+    register: bool,
+    user: String,
+    password: &str,
+    ip: String,
+    user_agent: String,
+) -> Completion {
+    let fail = |code, msg: &str| Completion::Reply { frame: error_frame(&to, code, msg), to };
+    let record = if register {
+        let hash = match auth::hash_password(password) {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("hashing a password failed: {e}");
+                return fail(ErrorCode::INTERNAL, "could not hash the password");
+            }
+        };
+        match store.create_user(&user, &hash) {
+            Ok(u) => u,
+            Err(StoreError::Conflict(_)) => return fail(ErrorCode::USER_EXISTS, "that user name is taken"),
+            Err(e) => return Completion::Reply { frame: store_error_frame(&to, &e), to },
+        }
+    } else {
+        match store.user_by_name(&user) {
+            Ok(Some(u)) if auth::verify_password(password, &u.password_hash) => u,
+            Ok(_) => return fail(ErrorCode::AUTH_FAILED, "wrong user name or password"),
+            Err(e) => return Completion::Reply { frame: store_error_frame(&to, &e), to },
+        }
+    };
+    let token = auth::new_session_token();
+    let token_hash = auth::token_hash(&token);
+    let session = NewSession { user_id: record.id, token_hash, ip, user_agent, now_ms: now_ms() };
+    if let Err(e) = store.create_session(&session) {
+        return Completion::Reply { frame: store_error_frame(&to, &e), to };
+    }
+    logged_in(store, to, record.id, record.name, token_hash, Some(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chime_protocol::DeltaKind;
+
+    fn delta(seq: u64) -> Delta {
+        Delta { room: 7, seq, kind: DeltaKind::MESSAGE, author_id: 1, author: "a".into(), ts_ms: 0, text: "x".into() }
+    }
+
+    #[test]
+    fn frames_after_slices_whole_frames() {
+        let p = Published::encode(7, &[delta(5), delta(6), delta(7)]).expect("non-empty");
+        assert_eq!(p.last_seq(), 7);
+        assert_eq!(p.frames_after(0), p.frames);
+        assert_eq!(p.frames_after(4), p.frames);
+        let one = ServerFrame::Delta(delta(7)).encode(0);
+        assert_eq!(p.frames_after(6), one);
+        assert!(p.frames_after(7).is_empty());
+        assert!(p.frames_after(100).is_empty());
+    }
+}

@@ -1,0 +1,365 @@
+//! The blocking client against scripted in-test servers on loopback: request/reply matching with
+//! interleaved pushes, PING answering, paging, errors, GOODBYE, timeouts, and TLS pinning.
+#![allow(clippy::unwrap_used)]
+
+use bytes::BytesMut;
+use chime_protocol::client::{cert_fingerprint, fingerprint_hex, Client, ClientError, ConnectOptions};
+use chime_protocol::frame::encode;
+use chime_protocol::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+/// The server side of one connection, speaking frames over any byte stream.
+struct Peer<S: Read + Write> {
+    stream: S,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl<S: Read + Write> Peer<S> {
+    fn new(stream: S) -> Self {
+        Peer { stream, buf: BytesMut::new(), decoder: FrameDecoder::default() }
+    }
+
+    /// The next client frame; panics (failing the test) on EOF or garbage.
+    fn read(&mut self) -> (u32, ClientFrame) {
+        loop {
+            if let Some(raw) = self.decoder.decode(&mut self.buf).unwrap() {
+                return (raw.request_id, ClientFrame::decode(&raw).unwrap());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "client closed the connection unexpectedly");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn send(&mut self, id: u32, frame: &ServerFrame) {
+        self.stream.write_all(&frame.encode(id)).unwrap();
+        self.stream.flush().unwrap();
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+        self.stream.flush().unwrap();
+    }
+
+    /// Reads the HELLO and answers WELCOME.
+    fn handshake(&mut self) {
+        let (id, frame) = self.read();
+        match frame {
+            ClientFrame::Hello(h) => {
+                assert_eq!(h.magic, MAGIC);
+                assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+                assert_eq!(h.client_name, "chime");
+            }
+            other => panic!("expected HELLO, got {other:?}"),
+        }
+        assert_eq!(id, 1, "HELLO takes the first request id");
+        self.send(id, &ServerFrame::Welcome(welcome()));
+    }
+}
+
+fn welcome() -> Welcome {
+    Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        server_name: "test".into(),
+        server_version: "0".into(),
+        max_frame: DEFAULT_MAX_FRAME,
+        heartbeat_secs: 30,
+    }
+}
+
+fn delta(room: u64, seq: u64, text: &str) -> Delta {
+    Delta {
+        room,
+        seq,
+        kind: DeltaKind::MESSAGE,
+        author_id: 7,
+        author: "ann".into(),
+        ts_ms: 1_700_000_000_000,
+        text: text.into(),
+    }
+}
+
+/// Runs `script` against the first connection to a fresh loopback listener.
+fn plain_server(script: impl FnOnce(Peer<TcpStream>) + Send + 'static) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        // Bounds the test if the client under test stops talking.
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        script(Peer::new(tcp));
+    });
+    (addr, handle)
+}
+
+fn opts(addr: &str) -> ConnectOptions {
+    let mut o = ConnectOptions::new(addr, false);
+    o.timeout = Duration::from_secs(5);
+    o
+}
+
+#[test]
+fn replies_match_requests_around_pushes_and_pings() {
+    let (addr, server) = plain_server(|mut p| {
+        p.handshake();
+
+        // POST: a PING and a push arrive before the reply.
+        let (id, f) = p.read();
+        assert!(matches!(f, ClientFrame::Post(ref post) if post.room == 1 && post.text == "hi"));
+        p.send(0, &ServerFrame::Ping(Ping { nonce: 42 }));
+        p.send(0, &ServerFrame::Delta(delta(1, 1, "hi")));
+        p.send(id, &ServerFrame::Posted(Posted { room: 1, seq: 1, ts_ms: 5, duplicate: false }));
+        let (pong_id, pong) = p.read();
+        assert_eq!((pong_id, pong), (0, ClientFrame::Pong(Ping { nonce: 42 })));
+
+        // Two requests in flight, answered out of order.
+        let (a, fa) = p.read();
+        let (b, fb) = p.read();
+        assert_eq!(fa, ClientFrame::ListRooms(Empty {}));
+        assert!(matches!(fb, ClientFrame::Ping(_)));
+        let ClientFrame::Ping(ping) = fb else { unreachable!() };
+        p.send(b, &ServerFrame::Pong(ping));
+        p.send(a, &ServerFrame::RoomList(RoomList { rooms: vec![] }));
+
+        // An ERROR reply.
+        let (id, f) = p.read();
+        assert_eq!(f, ClientFrame::JoinRoom(RoomRef { room: 9 }));
+        p.send(id, &ServerFrame::Error(ErrorBody::new(ErrorCode::NOT_FOUND, "no room 9")));
+
+        // Member pages.
+        let member = |id: u64| MemberInfo { user_id: id, user: format!("u{id}"), role: "member".into() };
+        let (id, f) = p.read();
+        assert_eq!(f, ClientFrame::ListMembers(ListMembers { room: 1, after_user: 0, limit: 500 }));
+        let page = MemberList { room: 1, members: vec![member(1), member(2)], next_after: Some(2) };
+        p.send(id, &ServerFrame::MemberList(page));
+        let (id, f) = p.read();
+        assert_eq!(f, ClientFrame::ListMembers(ListMembers { room: 1, after_user: 2, limit: 500 }));
+        p.send(id, &ServerFrame::MemberList(MemberList { room: 1, members: vec![member(3)], next_after: None }));
+
+        // SYNC in two pages with a live push in between.
+        let (id, f) = p.read();
+        assert_eq!(f, ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: 1, seq: 1 }], page_size: 2 }));
+        let page1 =
+            DeltaPage { room: 1, deltas: vec![delta(1, 2, "b"), delta(1, 3, "c")], more: true, resume_after: 3 };
+        p.send(id, &ServerFrame::DeltaPage(page1));
+        // Live pushes for rooms outside the SYNC may arrive between its pages.
+        p.send(0, &ServerFrame::Delta(delta(2, 9, "other room")));
+        let page2 = DeltaPage { room: 1, deltas: vec![delta(1, 4, "d")], more: false, resume_after: 4 };
+        p.send(id, &ServerFrame::DeltaPage(page2));
+        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 4 }] }));
+
+        // An unknown frame type, then a push that must still be readable, then GOODBYE.
+        p.send_raw(&encode(FrameType(0x8fff), 0, &Empty {}));
+        p.send(0, &ServerFrame::Delta(delta(1, 6, "after")));
+        let bye = Goodbye { code: ErrorCode::IDLE_TIMEOUT, message: "idle".into(), resync: false };
+        p.send(0, &ServerFrame::Goodbye(bye));
+    });
+
+    let mut c = Client::connect(&opts(&addr)).unwrap();
+    assert_eq!(c.welcome(), &welcome());
+    assert_eq!(c.server_fingerprint(), None);
+
+    let posted = c.post(1, "k1", "hi").unwrap();
+    assert_eq!(posted.seq, 1);
+    let (id, push) = c.recv(Some(Duration::from_secs(2))).unwrap().unwrap();
+    assert_eq!((id, push), (0, ServerFrame::Delta(delta(1, 1, "hi"))));
+
+    let list_id = c.send(&ClientFrame::ListRooms(Empty {})).unwrap();
+    c.ping().unwrap();
+    assert_eq!(
+        c.recv(Some(Duration::from_secs(2))).unwrap(),
+        Some((list_id, ServerFrame::RoomList(RoomList { rooms: vec![] })))
+    );
+
+    let err = c.join_room(9).unwrap_err();
+    assert_eq!(err.server_code(), Some(ErrorCode::NOT_FOUND));
+    assert!(!err.is_retryable());
+
+    let members = c.members(1).unwrap();
+    assert_eq!(members.iter().map(|m| m.user_id).collect::<Vec<_>>(), vec![1, 2, 3]);
+
+    let mut got = Vec::new();
+    let done = c.sync(&[RoomCursor { room: 1, seq: 1 }], 2, &mut |d| got.push(d.seq)).unwrap();
+    assert_eq!(got, vec![2, 3, 4]);
+    assert_eq!(done.heads, vec![RoomCursor { room: 1, seq: 4 }]);
+    assert_eq!(c.recv(Some(Duration::from_secs(2))).unwrap(), Some((0, ServerFrame::Delta(delta(2, 9, "other room")))));
+
+    assert!(matches!(
+        c.recv(Some(Duration::from_secs(2))),
+        Err(ClientError::Decode(DecodeError::UnknownType(FrameType(0x8fff))))
+    ));
+    assert_eq!(c.recv(Some(Duration::from_secs(2))).unwrap(), Some((0, ServerFrame::Delta(delta(1, 6, "after")))));
+    match c.recv(Some(Duration::from_secs(2))) {
+        Err(ClientError::Closed(Some(g))) => assert_eq!(g.code, ErrorCode::IDLE_TIMEOUT),
+        other => panic!("expected GOODBYE, got {other:?}"),
+    }
+    server.join().unwrap();
+    assert!(matches!(c.recv(Some(Duration::from_secs(2))), Err(ClientError::Closed(None))));
+}
+
+#[test]
+fn recv_and_request_time_out() {
+    let (addr, server) = plain_server(|mut p| {
+        p.handshake();
+        // Read the unanswered PING, then wait for the client to hang up.
+        let _ = p.read();
+        let mut rest = Vec::new();
+        let _ = p.stream.read_to_end(&mut rest);
+    });
+    let mut o = opts(&addr);
+    o.timeout = Duration::from_millis(200);
+    let mut c = Client::connect(&o).unwrap();
+    assert_eq!(c.recv(Some(Duration::ZERO)).unwrap(), None);
+    assert_eq!(c.recv(Some(Duration::from_millis(50))).unwrap(), None);
+    let err = c.ping().unwrap_err();
+    assert!(matches!(err, ClientError::Timeout), "{err:?}");
+    assert!(err.is_retryable());
+    drop(c);
+    server.join().unwrap();
+}
+
+#[test]
+fn refused_handshake_reports_the_servers_error() {
+    let (addr, server) = plain_server(|mut p| {
+        let (_, f) = p.read();
+        assert!(matches!(f, ClientFrame::Hello(_)));
+        // Refusals may carry request id 0; the client must still report the ERROR.
+        p.send(0, &ServerFrame::Error(ErrorBody::new(ErrorCode::VERSION_UNSUPPORTED, "speak 2")));
+        let bye = Goodbye { code: ErrorCode::VERSION_UNSUPPORTED, message: "speak 2".into(), resync: false };
+        p.send(0, &ServerFrame::Goodbye(bye));
+    });
+    let err = Client::connect(&opts(&addr)).unwrap_err();
+    assert_eq!(err.server_code(), Some(ErrorCode::VERSION_UNSUPPORTED), "{err:?}");
+    server.join().unwrap();
+}
+
+#[test]
+fn oversized_frame_from_server_is_a_decode_error() {
+    let (addr, server) = plain_server(|mut p| {
+        p.handshake();
+        p.send_raw(&[0xff, 0xff, 0xff, 0xff]);
+        let mut rest = Vec::new();
+        let _ = p.stream.read_to_end(&mut rest);
+    });
+    let mut c = Client::connect(&opts(&addr)).unwrap();
+    let err = c.recv(Some(Duration::from_secs(2))).unwrap_err();
+    assert!(matches!(err, ClientError::Decode(DecodeError::TooLarge { .. })), "{err:?}");
+    drop(c);
+    server.join().unwrap();
+}
+
+mod tls {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+    struct TlsServer {
+        addr: String,
+        fingerprint: [u8; 32],
+        handle: JoinHandle<()>,
+    }
+
+    /// A TLS server that answers the handshake on `conns` connections, one after the other.
+    /// Connections whose TLS handshake fails (a refused pin) are skipped.
+    fn tls_server(conns: usize, versions: &[&'static rustls::SupportedProtocolVersion]) -> TlsServer {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert: CertificateDer<'static> = ck.cert.der().clone();
+        let fingerprint = cert_fingerprint(&cert);
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+        let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = thread::spawn(move || {
+            for _ in 0..conns {
+                let (tcp, _) = listener.accept().unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut tls = StreamOwned::new(ServerConnection::new(config.clone()).unwrap(), tcp);
+                // The handshake completes on the first read; a client refusing the pin shows up
+                // here as an error, which ends this connection.
+                let mut first = [0u8; 1];
+                if tls.read_exact(&mut first).is_err() {
+                    continue;
+                }
+                let mut p = Peer::new(tls);
+                p.buf.extend_from_slice(&first);
+                p.handshake();
+                let (id, f) = p.read();
+                let ClientFrame::Ping(ping) = f else { panic!("expected PING, got {f:?}") };
+                p.send(id, &ServerFrame::Pong(ping));
+                // A frame far larger than rustls' 64 KiB send buffer.
+                let (id, f) = p.read();
+                let ClientFrame::Post(post) = f else { panic!("expected POST, got {f:?}") };
+                assert_eq!(post.text.len(), BIG_TEXT);
+                p.send(id, &ServerFrame::Posted(Posted { room: post.room, seq: 2, ts_ms: 0, duplicate: false }));
+            }
+        });
+        TlsServer { addr, fingerprint, handle }
+    }
+
+    const BIG_TEXT: usize = 300 * 1024;
+
+    fn ping_and_big_post(c: &mut Client) {
+        c.ping().unwrap();
+        let posted = c.post(1, &chime_protocol::client::new_idempotency_key(), &"x".repeat(BIG_TEXT)).unwrap();
+        assert_eq!(posted.seq, 2);
+    }
+
+    fn tls_opts(addr: &str, pin: Option<[u8; 32]>) -> ConnectOptions {
+        let mut o = ConnectOptions::new(addr, true);
+        o.timeout = Duration::from_secs(5);
+        o.pinned_fingerprint = pin;
+        o
+    }
+
+    fn pin_flow(versions: &[&'static rustls::SupportedProtocolVersion]) {
+        let server = tls_server(2, versions);
+
+        // First use: no pin, the fingerprint seen is the certificate's.
+        let mut c = Client::connect(&tls_opts(&server.addr, None)).unwrap();
+        assert_eq!(c.server_fingerprint(), Some(server.fingerprint));
+        ping_and_big_post(&mut c);
+        drop(c);
+
+        // Later use with the right pin.
+        let mut c = Client::connect(&tls_opts(&server.addr, Some(server.fingerprint))).unwrap();
+        ping_and_big_post(&mut c);
+        drop(c);
+        server.handle.join().unwrap();
+    }
+
+    #[test]
+    fn pin_matches_tls13() {
+        pin_flow(&[&rustls::version::TLS13]);
+    }
+
+    #[test]
+    fn pin_matches_tls12() {
+        pin_flow(&[&rustls::version::TLS12]);
+    }
+
+    #[test]
+    fn pin_mismatch_is_refused() {
+        let server = tls_server(1, rustls::DEFAULT_VERSIONS);
+        let wrong = [0xabu8; 32];
+        match Client::connect(&tls_opts(&server.addr, Some(wrong))) {
+            Err(ClientError::FingerprintMismatch { expected, got }) => {
+                assert_eq!(expected, fingerprint_hex(&wrong));
+                assert_eq!(got, fingerprint_hex(&server.fingerprint));
+            }
+            other => panic!("expected FingerprintMismatch, got {other:?}"),
+        }
+        server.handle.join().unwrap();
+    }
+}

@@ -1,0 +1,303 @@
+//! Property tests of the frame codec: the decoder never panics on any bytes however they are
+//! split, every valid frame round-trips through any chunking of the stream, oversized and
+//! undersized length prefixes are refused at once, and trailing body bytes are rejected.
+#![allow(clippy::unwrap_used)]
+
+use bytes::BytesMut;
+use chime_protocol::frame::{decode_body, encode};
+use chime_protocol::*;
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+fn text() -> impl Strategy<Value = String> {
+    // Mostly short, sometimes past the one-byte varint length, always valid UTF-8.
+    prop_oneof![4 => any::<String>(), 1 => "[a-z\u{e9}\u{1f600}]{100,200}"]
+}
+
+fn delta_kind() -> impl Strategy<Value = DeltaKind> {
+    any::<u8>().prop_map(DeltaKind)
+}
+
+fn room_kind() -> impl Strategy<Value = RoomKind> {
+    any::<u8>().prop_map(RoomKind)
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    any::<u16>().prop_map(ErrorCode)
+}
+
+fn ping() -> impl Strategy<Value = Ping> {
+    any::<u64>().prop_map(|nonce| Ping { nonce })
+}
+
+fn credentials() -> impl Strategy<Value = Credentials> {
+    (text(), text(), text()).prop_map(|(user, password, user_agent)| Credentials { user, password, user_agent })
+}
+
+fn cursor() -> impl Strategy<Value = RoomCursor> {
+    (any::<u64>(), any::<u64>()).prop_map(|(room, seq)| RoomCursor { room, seq })
+}
+
+fn room_info() -> impl Strategy<Value = RoomInfo> {
+    (any::<u64>(), text(), room_kind(), any::<u64>()).prop_map(|(room, name, kind, head_seq)| RoomInfo {
+        room,
+        name,
+        kind,
+        head_seq,
+    })
+}
+
+fn delta() -> impl Strategy<Value = Delta> {
+    (any::<u64>(), any::<u64>(), delta_kind(), any::<u64>(), text(), any::<i64>(), text()).prop_map(
+        |(room, seq, kind, author_id, author, ts_ms, text)| Delta { room, seq, kind, author_id, author, ts_ms, text },
+    )
+}
+
+fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>(), text(), text()).prop_map(
+            |(magic, protocol_version, client_name, client_version)| {
+                ClientFrame::Hello(Hello { magic, protocol_version, client_name, client_version })
+            }
+        ),
+        ping().prop_map(ClientFrame::Ping),
+        ping().prop_map(ClientFrame::Pong),
+        credentials().prop_map(ClientFrame::Register),
+        credentials().prop_map(ClientFrame::Login),
+        (text(), text()).prop_map(|(token, user_agent)| ClientFrame::Resume(Resume { token, user_agent })),
+        Just(ClientFrame::Logout(Empty {})),
+        (text(), room_kind()).prop_map(|(name, kind)| ClientFrame::CreateRoom(CreateRoom { name, kind })),
+        any::<u64>().prop_map(|room| ClientFrame::JoinRoom(RoomRef { room })),
+        any::<u64>().prop_map(|room| ClientFrame::LeaveRoom(RoomRef { room })),
+        Just(ClientFrame::ListRooms(Empty {})),
+        (any::<u64>(), any::<u64>(), any::<u32>())
+            .prop_map(|(room, after_user, limit)| ClientFrame::ListMembers(ListMembers { room, after_user, limit })),
+        (any::<u64>(), text(), text()).prop_map(|(room, idempotency_key, text)| ClientFrame::Post(Post {
+            room,
+            idempotency_key,
+            text
+        })),
+        (vec(cursor(), 0..5), any::<u32>()).prop_map(|(rooms, page_size)| ClientFrame::Sync(Sync { rooms, page_size })),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(room, after, limit)| ClientFrame::History(History {
+            room,
+            after,
+            limit
+        })),
+    ]
+}
+
+fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        (any::<u16>(), text(), text(), any::<u32>(), any::<u32>()).prop_map(
+            |(protocol_version, server_name, server_version, max_frame, heartbeat_secs)| {
+                ServerFrame::Welcome(Welcome {
+                    protocol_version,
+                    server_name,
+                    server_version,
+                    max_frame,
+                    heartbeat_secs,
+                })
+            }
+        ),
+        ping().prop_map(ServerFrame::Ping),
+        ping().prop_map(ServerFrame::Pong),
+        (error_code(), text(), any::<bool>()).prop_map(|(code, message, retryable)| ServerFrame::Error(ErrorBody {
+            code,
+            message,
+            retryable
+        })),
+        (any::<u64>(), text(), proptest::option::of(text()))
+            .prop_map(|(user_id, user, token)| ServerFrame::Authed(Authed { user_id, user, token })),
+        Just(ServerFrame::Done(Empty {})),
+        room_info().prop_map(ServerFrame::RoomInfo),
+        vec(room_info(), 0..4).prop_map(|rooms| ServerFrame::RoomList(RoomList { rooms })),
+        (
+            any::<u64>(),
+            vec(
+                (any::<u64>(), text(), text()).prop_map(|(user_id, user, role)| MemberInfo { user_id, user, role }),
+                0..4
+            ),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(room, members, next_after)| ServerFrame::MemberList(MemberList {
+                room,
+                members,
+                next_after
+            })),
+        (any::<u64>(), any::<u64>(), any::<i64>(), any::<bool>())
+            .prop_map(|(room, seq, ts_ms, duplicate)| ServerFrame::Posted(Posted { room, seq, ts_ms, duplicate })),
+        (any::<u64>(), vec(delta(), 0..4), any::<bool>(), any::<u64>()).prop_map(
+            |(room, deltas, more, resume_after)| {
+                ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after })
+            }
+        ),
+        vec(cursor(), 0..5).prop_map(|heads| ServerFrame::SyncDone(SyncDone { heads })),
+        delta().prop_map(ServerFrame::Delta),
+        (error_code(), text(), any::<bool>()).prop_map(|(code, message, resync)| ServerFrame::Goodbye(Goodbye {
+            code,
+            message,
+            resync
+        })),
+    ]
+}
+
+/// Cuts `bytes` into consecutive chunks at the given points (taken modulo the length, any order).
+fn chunks(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let mut points: Vec<usize> =
+        cuts.iter().map(|c| if bytes.is_empty() { 0 } else { c % (bytes.len() + 1) }).collect();
+    points.push(0);
+    points.push(bytes.len());
+    points.sort_unstable();
+    points.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect()
+}
+
+/// Feeds the chunks one by one, splitting off every complete frame as it becomes available.
+fn feed(decoder: &FrameDecoder, parts: &[Vec<u8>]) -> Result<(Vec<RawFrame>, BytesMut), DecodeError> {
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    for part in parts {
+        buf.extend_from_slice(part);
+        while let Some(raw) = decoder.decode(&mut buf)? {
+            frames.push(raw);
+        }
+    }
+    Ok((frames, buf))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..2048), cuts in vec(any::<usize>(), 0..8), max in 0u32..4096) {
+        let decoder = FrameDecoder::new(max);
+        let mut buf = BytesMut::new();
+        'feed: for part in chunks(&bytes, &cuts) {
+            buf.extend_from_slice(&part);
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(raw)) => {
+                        prop_assert!(raw.body.len() + 6 <= max as usize);
+                        let _ = ClientFrame::decode(&raw);
+                        let _ = ServerFrame::decode(&raw);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        prop_assert!(e.is_fatal(), "the frame decoder only fails on lengths: {e}");
+                        break 'feed;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_bodies_never_panic(code in any::<u16>(), body in vec(any::<u8>(), 0..512)) {
+        let bytes = encode(FrameType(code), 1, &());
+        let mut frame = bytes.to_vec();
+        frame.extend_from_slice(&body);
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        let mut buf = BytesMut::from(&frame[..]);
+        let raw = FrameDecoder::default().decode(&mut buf).unwrap().unwrap();
+        prop_assert_eq!(&raw.body[..], &body[..]);
+        for result in [ClientFrame::decode(&raw).err(), ServerFrame::decode(&raw).err()].into_iter().flatten() {
+            prop_assert!(!result.is_fatal());
+        }
+    }
+
+    #[test]
+    fn client_frames_round_trip(frames in vec((any::<u32>(), client_frame()), 1..6), cuts in vec(any::<usize>(), 0..12)) {
+        let mut stream = Vec::new();
+        for (id, f) in &frames {
+            let one = f.encode(*id);
+            let before = stream.len();
+            f.encode_into(&mut stream, *id);
+            prop_assert_eq!(&stream[before..], &one[..]);
+        }
+        let (raws, rest) = feed(&FrameDecoder::default(), &chunks(&stream, &cuts)).unwrap();
+        prop_assert!(rest.is_empty());
+        let decoded: Vec<(u32, ClientFrame)> =
+            raws.iter().map(|r| (r.request_id, ClientFrame::decode(r).unwrap())).collect();
+        prop_assert_eq!(decoded, frames);
+    }
+
+    #[test]
+    fn server_frames_round_trip(frames in vec((any::<u32>(), server_frame()), 1..6), cuts in vec(any::<usize>(), 0..12)) {
+        let mut stream = Vec::new();
+        for (id, f) in &frames {
+            f.encode_into(&mut stream, *id);
+        }
+        let (raws, rest) = feed(&FrameDecoder::default(), &chunks(&stream, &cuts)).unwrap();
+        prop_assert!(rest.is_empty());
+        for (raw, (id, f)) in raws.iter().zip(&frames) {
+            prop_assert_eq!((raw.ty, raw.request_id), (f.frame_type(), *id));
+            prop_assert_eq!(raw.ty.is_push(), matches!(f, ServerFrame::Delta(_) | ServerFrame::Goodbye(_)));
+        }
+        let decoded: Vec<(u32, ServerFrame)> =
+            raws.iter().map(|r| (r.request_id, ServerFrame::decode(r).unwrap())).collect();
+        prop_assert_eq!(decoded, frames);
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_the_body(max in 6u32..1_000_000, over in 1u32..u32::MAX, tail in vec(any::<u8>(), 0..16)) {
+        let len = max.saturating_add(over);
+        prop_assume!(len > max);
+        let mut buf = BytesMut::from(&len.to_be_bytes()[..]);
+        buf.extend_from_slice(&tail);
+        prop_assert_eq!(FrameDecoder::new(max).decode(&mut buf), Err(DecodeError::TooLarge { len, max }));
+        // Three bytes of a prefix are merely incomplete.
+        let mut three = BytesMut::from(&len.to_be_bytes()[..3]);
+        prop_assert_eq!(FrameDecoder::new(max).decode(&mut three), Ok(None));
+    }
+
+    #[test]
+    fn undersized_prefix_is_refused(len in 0u32..6, tail in vec(any::<u8>(), 0..16)) {
+        let mut buf = BytesMut::from(&len.to_be_bytes()[..]);
+        buf.extend_from_slice(&tail);
+        prop_assert_eq!(FrameDecoder::default().decode(&mut buf), Err(DecodeError::TooShort(len)));
+    }
+
+    #[test]
+    fn trailing_body_bytes_are_rejected(f in client_frame(), g in server_frame(), extra in vec(any::<u8>(), 1..8)) {
+        for (bytes, is_client) in [(f.encode(3).to_vec(), true), (g.encode(3).to_vec(), false)] {
+            let mut bytes = bytes;
+            bytes.extend_from_slice(&extra);
+            let len = (bytes.len() - 4) as u32;
+            bytes[..4].copy_from_slice(&len.to_be_bytes());
+            let mut buf = BytesMut::from(&bytes[..]);
+            let raw = FrameDecoder::default().decode(&mut buf).unwrap().unwrap();
+            let err = if is_client { ClientFrame::decode(&raw).unwrap_err() } else { ServerFrame::decode(&raw).unwrap_err() };
+            prop_assert_eq!(err, DecodeError::TrailingBytes { ty: raw.ty, extra: extra.len() });
+        }
+    }
+}
+
+#[test]
+fn frames_in_the_wrong_direction_are_unknown_types() {
+    let raw = |f: Vec<u8>| FrameDecoder::default().decode(&mut BytesMut::from(&f[..])).unwrap().unwrap();
+    let hello = raw(ClientFrame::Hello(Hello {
+        magic: MAGIC,
+        protocol_version: 1,
+        client_name: String::new(),
+        client_version: String::new(),
+    })
+    .encode(1)
+    .to_vec());
+    assert_eq!(ServerFrame::decode(&hello), Err(DecodeError::UnknownType(FrameType::HELLO)));
+    let done = raw(ServerFrame::Done(Empty {}).encode(1).to_vec());
+    assert_eq!(ClientFrame::decode(&done), Err(DecodeError::UnknownType(FrameType::DONE)));
+}
+
+#[test]
+fn truncated_body_is_a_bad_body() {
+    // A varint with its continuation bit set and nothing after it.
+    let err = decode_body::<RoomRef>(FrameType::JOIN_ROOM, &[0x80]).unwrap_err();
+    assert!(matches!(err, DecodeError::BadBody { ty: FrameType::JOIN_ROOM, .. }), "{err:?}");
+    assert!(!err.is_fatal());
+}
+
+#[test]
+fn invalid_utf8_is_a_bad_body() {
+    let err = decode_body::<Resume>(FrameType::RESUME, &[0x01, 0xff, 0x00]).unwrap_err();
+    assert!(matches!(err, DecodeError::BadBody { .. }), "{err:?}");
+}

@@ -1,0 +1,344 @@
+//! Golden vectors: one frame of every type, as bytes in `tests/vectors/*.hex`, checked both ways
+//! (the value encodes to exactly those bytes; those bytes decode to exactly that value). They pin
+//! the wire format so an innocent-looking change to a body struct cannot slip through, and give
+//! implementers in other languages something to test against.
+//!
+//! `CHIME_BLESS=1 cargo test -p chime-protocol --test vectors` rewrites the files from the values
+//! below; only do that for a deliberate protocol change, and check the result against
+//! `docs/protocol.md` by hand.
+#![allow(clippy::unwrap_used)]
+
+use bytes::BytesMut;
+use chime_protocol::*;
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// Either direction's frame, so both tables share one checker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AnyFrame {
+    Client(ClientFrame),
+    Server(ServerFrame),
+}
+
+impl AnyFrame {
+    fn frame_type(&self) -> FrameType {
+        match self {
+            AnyFrame::Client(f) => f.frame_type(),
+            AnyFrame::Server(f) => f.frame_type(),
+        }
+    }
+
+    fn encode(&self, id: u32) -> Vec<u8> {
+        match self {
+            AnyFrame::Client(f) => f.encode(id).to_vec(),
+            AnyFrame::Server(f) => f.encode(id).to_vec(),
+        }
+    }
+
+    fn decode_like(&self, raw: &RawFrame) -> Result<AnyFrame, DecodeError> {
+        match self {
+            AnyFrame::Client(_) => ClientFrame::decode(raw).map(AnyFrame::Client),
+            AnyFrame::Server(_) => ServerFrame::decode(raw).map(AnyFrame::Server),
+        }
+    }
+}
+
+/// One golden vector: a file stem, a description of the values, the request id and the frame.
+struct Vector {
+    file: &'static str,
+    about: &'static str,
+    id: u32,
+    frame: AnyFrame,
+}
+
+fn c(file: &'static str, about: &'static str, id: u32, f: ClientFrame) -> Vector {
+    Vector { file, about, id, frame: AnyFrame::Client(f) }
+}
+
+fn s(file: &'static str, about: &'static str, id: u32, f: ServerFrame) -> Vector {
+    Vector { file, about, id, frame: AnyFrame::Server(f) }
+}
+
+fn delta(seq: u64, kind: DeltaKind, text: &str) -> Delta {
+    Delta { room: 300, seq, kind, author_id: 7, author: "ann".into(), ts_ms: 1_700_000_000_000, text: text.into() }
+}
+
+fn vectors() -> Vec<Vector> {
+    let key = "0123456789abcdef0123456789abcdef";
+    vec![
+        c(
+            "hello",
+            "HELLO id=1 magic=\"CHIM\" protocol_version=1 client_name=\"chime\" client_version=\"0.1.0\"",
+            1,
+            ClientFrame::Hello(Hello {
+                magic: MAGIC,
+                protocol_version: 1,
+                client_name: "chime".into(),
+                client_version: "0.1.0".into(),
+            }),
+        ),
+        c("ping", "PING id=5 nonce=1", 5, ClientFrame::Ping(Ping { nonce: 1 })),
+        c("pong", "PONG id=0 nonce=1000 (answer to a server PING)", 0, ClientFrame::Pong(Ping { nonce: 1000 })),
+        c(
+            "register",
+            "REGISTER id=2 user=\"ann\" password=\"pw\" user_agent=\"chime/0.1.0\"",
+            2,
+            ClientFrame::Register(Credentials { user: "ann".into(), password: "pw".into(), user_agent: "chime/0.1.0".into() }),
+        ),
+        c(
+            "login",
+            "LOGIN id=2 user=\"ann\" password=\"pw\" user_agent=\"\"",
+            2,
+            ClientFrame::Login(Credentials { user: "ann".into(), password: "pw".into(), user_agent: String::new() }),
+        ),
+        c(
+            "resume",
+            "RESUME id=2 token=\"tok\" user_agent=\"cli\"",
+            2,
+            ClientFrame::Resume(Resume { token: "tok".into(), user_agent: "cli".into() }),
+        ),
+        c("logout", "LOGOUT id=9 (empty body)", 9, ClientFrame::Logout(Empty {})),
+        c(
+            "create_room",
+            "CREATE_ROOM id=3 name=\"general\" kind=GROUP(1)",
+            3,
+            ClientFrame::CreateRoom(CreateRoom { name: "general".into(), kind: RoomKind::GROUP }),
+        ),
+        c("join_room", "JOIN_ROOM id=4 room=300", 4, ClientFrame::JoinRoom(RoomRef { room: 300 })),
+        c("leave_room", "LEAVE_ROOM id=4 room=300", 4, ClientFrame::LeaveRoom(RoomRef { room: 300 })),
+        c("list_rooms", "LIST_ROOMS id=6 (empty body)", 6, ClientFrame::ListRooms(Empty {})),
+        c(
+            "list_members",
+            "LIST_MEMBERS id=7 room=300 after_user=128 limit=500",
+            7,
+            ClientFrame::ListMembers(ListMembers { room: 300, after_user: 128, limit: 500 }),
+        ),
+        c(
+            "post",
+            "POST id=2 room=300 idempotency_key=\"0123456789abcdef0123456789abcdef\" text=\"h\u{e9}llo\" (e-acute is 2 UTF-8 bytes)",
+            2,
+            ClientFrame::Post(Post { room: 300, idempotency_key: key.into(), text: "h\u{e9}llo".into() }),
+        ),
+        c(
+            "sync",
+            "SYNC id=8 rooms=[{room=300 seq=0},{room=1 seq=70000}] page_size=256",
+            8,
+            ClientFrame::Sync(Sync {
+                rooms: vec![RoomCursor { room: 300, seq: 0 }, RoomCursor { room: 1, seq: 70_000 }],
+                page_size: 256,
+            }),
+        ),
+        c(
+            "history",
+            "HISTORY id=10 room=300 after=0 limit=100",
+            10,
+            ClientFrame::History(History { room: 300, after: 0, limit: 100 }),
+        ),
+        s(
+            "welcome",
+            "WELCOME id=1 protocol_version=1 server_name=\"chimed\" server_version=\"0.1.0\" max_frame=1048576 heartbeat_secs=30",
+            1,
+            ServerFrame::Welcome(Welcome {
+                protocol_version: 1,
+                server_name: "chimed".into(),
+                server_version: "0.1.0".into(),
+                max_frame: 1_048_576,
+                heartbeat_secs: 30,
+            }),
+        ),
+        s("server_ping", "SERVER_PING id=0 nonce=1000", 0, ServerFrame::Ping(Ping { nonce: 1000 })),
+        s("server_pong", "SERVER_PONG id=5 nonce=1", 5, ServerFrame::Pong(Ping { nonce: 1 })),
+        s(
+            "error",
+            "ERROR id=4 code=NOT_FOUND(9) message=\"no such room\" retryable=false",
+            4,
+            ServerFrame::Error(ErrorBody { code: ErrorCode::NOT_FOUND, message: "no such room".into(), retryable: false }),
+        ),
+        s(
+            "authed",
+            "AUTHED id=2 user_id=7 user=\"ann\" token=Some(\"tok\")",
+            2,
+            ServerFrame::Authed(Authed { user_id: 7, user: "ann".into(), token: Some("tok".into()) }),
+        ),
+        s("done", "DONE id=9 (empty body)", 9, ServerFrame::Done(Empty {})),
+        s(
+            "room_info",
+            "ROOM_INFO id=3 room=300 name=\"general\" kind=GROUP(1) head_seq=1",
+            3,
+            ServerFrame::RoomInfo(RoomInfo { room: 300, name: "general".into(), kind: RoomKind::GROUP, head_seq: 1 }),
+        ),
+        s(
+            "room_list",
+            "ROOM_LIST id=6 rooms=[{room=300 name=\"general\" kind=GROUP head_seq=2},{room=301 name=\"x\" kind=GROUP head_seq=1}]",
+            6,
+            ServerFrame::RoomList(RoomList {
+                rooms: vec![
+                    RoomInfo { room: 300, name: "general".into(), kind: RoomKind::GROUP, head_seq: 2 },
+                    RoomInfo { room: 301, name: "x".into(), kind: RoomKind::GROUP, head_seq: 1 },
+                ],
+            }),
+        ),
+        s(
+            "member_list",
+            "MEMBER_LIST id=7 room=300 members=[{user_id=7 user=\"ann\" role=\"owner\"}] next_after=None",
+            7,
+            ServerFrame::MemberList(MemberList {
+                room: 300,
+                members: vec![MemberInfo { user_id: 7, user: "ann".into(), role: "owner".into() }],
+                next_after: None,
+            }),
+        ),
+        s(
+            "posted",
+            "POSTED id=2 room=300 seq=2 ts_ms=1700000000000 duplicate=false",
+            2,
+            ServerFrame::Posted(Posted { room: 300, seq: 2, ts_ms: 1_700_000_000_000, duplicate: false }),
+        ),
+        s(
+            "delta_page",
+            "DELTA_PAGE id=8 room=300 deltas=[{seq=1 CREATE \"general\"},{seq=2 MESSAGE \"hi\"}] (author_id=7 author=\"ann\" ts_ms=1700000000000) more=true resume_after=2",
+            8,
+            ServerFrame::DeltaPage(DeltaPage {
+                room: 300,
+                deltas: vec![delta(1, DeltaKind::CREATE, "general"), delta(2, DeltaKind::MESSAGE, "hi")],
+                more: true,
+                resume_after: 2,
+            }),
+        ),
+        s(
+            "sync_done",
+            "SYNC_DONE id=8 heads=[{room=300 seq=2}]",
+            8,
+            ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 300, seq: 2 }] }),
+        ),
+        s(
+            "delta",
+            "DELTA (push) id=0 room=300 seq=3 kind=JOIN(3) author_id=7 author=\"ann\" ts_ms=-1 text=\"\"",
+            0,
+            ServerFrame::Delta(Delta {
+                room: 300,
+                seq: 3,
+                kind: DeltaKind::JOIN,
+                author_id: 7,
+                author: "ann".into(),
+                ts_ms: -1,
+                text: String::new(),
+            }),
+        ),
+        s(
+            "goodbye",
+            "GOODBYE (push) id=0 code=RESYNC_REQUIRED(15) message=\"slow\" resync=true",
+            0,
+            ServerFrame::Goodbye(Goodbye { code: ErrorCode::RESYNC_REQUIRED, message: "slow".into(), resync: true }),
+        ),
+    ]
+}
+
+fn vector_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("vectors")
+}
+
+/// The file text: comment lines, then the 10-byte header on one line and the body 16 bytes a line.
+fn render(v: &Vector, bytes: &[u8]) -> String {
+    let hex_line = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
+    let mut out = String::new();
+    writeln!(out, "# {}", v.about).unwrap();
+    writeln!(
+        out,
+        "# type={} ({:#06x}); header: length(4) type(2) request_id(4), then body",
+        v.frame.frame_type(),
+        v.frame.frame_type().0
+    )
+    .unwrap();
+    writeln!(out, "{}  {}  {}", hex_line(&bytes[..4]), hex_line(&bytes[4..6]), hex_line(&bytes[6..10])).unwrap();
+    for row in bytes[HEADER_LEN..].chunks(16) {
+        writeln!(out, "{}", hex_line(row)).unwrap();
+    }
+    out
+}
+
+/// Bytes from a vector file: `#` lines are comments, whitespace is ignored.
+fn parse(text: &str) -> Vec<u8> {
+    let digits: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.chars())
+        .filter(|ch| !ch.is_whitespace())
+        .collect();
+    hex::decode(digits).unwrap()
+}
+
+#[test]
+fn golden_vectors() {
+    let dir = vector_dir();
+    let bless = std::env::var_os("CHIME_BLESS").is_some_and(|v| v == "1");
+    if bless {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for v in vectors() {
+        let encoded = v.frame.encode(v.id);
+        let path = dir.join(format!("{}.hex", v.file));
+        if bless {
+            std::fs::write(&path, render(&v, &encoded)).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(text.starts_with('#'), "{}: no comment header", path.display());
+        let golden = parse(&text);
+        assert_eq!(encoded, golden, "{}: encoding differs from the golden bytes", v.file);
+
+        let mut buf = BytesMut::from(&golden[..]);
+        let raw = FrameDecoder::default().decode(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty(), "{}: bytes left after the frame", v.file);
+        assert_eq!((raw.ty, raw.request_id), (v.frame.frame_type(), v.id), "{}", v.file);
+        assert_eq!(v.frame.decode_like(&raw).unwrap(), v.frame, "{}: decoded value differs", v.file);
+    }
+}
+
+#[test]
+fn every_frame_type_has_a_vector() {
+    let known: BTreeSet<u16> = (0..=u16::MAX).filter(|&code| FrameType(code).name().is_some()).collect();
+    let covered: BTreeSet<u16> = vectors().iter().map(|v| v.frame.frame_type().0).collect();
+    assert_eq!(known, covered);
+    let files: BTreeSet<&str> = vectors().iter().map(|v| v.file).collect();
+    assert_eq!(files.len(), known.len(), "file names must be distinct");
+    for name in files {
+        assert!(vector_dir().join(format!("{name}.hex")).is_file(), "{name}.hex missing");
+    }
+}
+
+/// The hex bytes at the start of each line of the ```text blocks that follow `marker` in
+/// docs/protocol.md (annotations after the bytes are skipped).
+fn doc_blocks(doc: &str, marker: &str, count: usize) -> Vec<Vec<u8>> {
+    let from = doc.find(marker).unwrap_or_else(|| panic!("docs/protocol.md lacks {marker:?}"));
+    let mut blocks = Vec::new();
+    let mut rest = &doc[from..];
+    for _ in 0..count {
+        let open = rest.find("```text\n").unwrap() + "```text\n".len();
+        let close = open + rest[open..].find("```").unwrap();
+        let mut bytes = Vec::new();
+        for line in rest[open..close].lines() {
+            let is_byte = |t: &&str| t.len() == 2 && t.chars().all(|ch| ch.is_ascii_hexdigit());
+            for tok in line.split_whitespace().take_while(is_byte) {
+                bytes.push(u8::from_str_radix(tok, 16).unwrap());
+            }
+        }
+        blocks.push(bytes);
+        rest = &rest[close + 3..];
+    }
+    blocks
+}
+
+#[test]
+fn spec_examples_match_the_vectors() {
+    let doc_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let golden = |file: &str| parse(&std::fs::read_to_string(vector_dir().join(format!("{file}.hex"))).unwrap());
+
+    let examples = doc_blocks(&doc, "## 10. Annotated examples", 2);
+    assert_eq!(examples[0], golden("hello"), "HELLO example");
+    assert_eq!(examples[1], golden("post"), "POST example");
+
+    let worked = doc_blocks(&doc, "**Worked example.**", 1);
+    assert_eq!(worked[0], golden("posted")[HEADER_LEN..], "POSTED body example");
+}
