@@ -43,6 +43,16 @@ impl Backend {
             Backend::Postgres => "postgres",
         }
     }
+
+    /// The `--database` for a fresh store: `Some(None)` for SQLite (embedded in the data dir),
+    /// `Some(Some(url))` for a new database on the shared PostgreSQL server, and `None` when
+    /// PostgreSQL tests are skipped (`CHIME_SKIP_PG=1`).
+    pub fn fresh_database(self, test: &str) -> Option<Option<String>> {
+        match self {
+            Backend::Sqlite => Some(None),
+            Backend::Postgres => crate::postgres::shared().map(|pg| Some(pg.create_database(test))),
+        }
+    }
 }
 
 /// How to start a daemon.
@@ -173,13 +183,15 @@ impl Daemon {
         panic!("chimed did not start: {last_failure}\n--- chimed log ---\n{log}");
     }
 
-    /// Starts a daemon on `database` (`None`: embedded SQLite) with extra flags.
-    pub fn start_on(database: Option<String>, extra_args: &[&str]) -> Daemon {
-        Daemon::start(DaemonOptions {
+    /// Starts a daemon on a fresh store of `backend` with extra flags; `None` when that backend's
+    /// tests are skipped.
+    pub fn start_backend(backend: Backend, test: &str, extra_args: &[&str]) -> Option<Daemon> {
+        let database = backend.fresh_database(test)?;
+        Some(Daemon::start(DaemonOptions {
             database,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             data_dir: None,
-        })
+        }))
     }
 
     /// Spawns the process and waits until a handshake succeeds, the process dies, or time is up.

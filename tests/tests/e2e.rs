@@ -1,0 +1,30 @@
+//! End-to-end tests: a real `chimed` (built by `cargo build --workspace`) driven over the wire by
+//! the blocking client, raw sockets and the real `chime` CLI. Every scenario runs once on the
+//! embedded SQLite store and once on PostgreSQL (`CHIME_SKIP_PG=1` skips the latter).
+
+#[macro_use]
+#[path = "e2e/util.rs"]
+mod util;
+
+#[path = "e2e/auth.rs"]
+mod auth;
+#[path = "e2e/chat.rs"]
+mod chat;
+#[path = "e2e/crash.rs"]
+mod crash;
+#[path = "e2e/hostile.rs"]
+mod hostile;
+#[path = "e2e/idempotency.rs"]
+mod idempotency;
+#[path = "e2e/idle.rs"]
+mod idle;
+#[path = "e2e/membership.rs"]
+mod membership;
+#[path = "e2e/ordering.rs"]
+mod ordering;
+#[path = "e2e/slow_consumer.rs"]
+mod slow_consumer;
+#[path = "e2e/sync_race.rs"]
+mod sync_race;
+#[path = "e2e/tls.rs"]
+mod tls;
