@@ -64,19 +64,11 @@ pub fn validate_user_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("user name is empty".into());
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "user name contains {bad:?}; allowed are letters A-Z a-z, digits and _ . -"
-        ));
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
+        return Err(format!("user name contains {bad:?}; allowed are letters A-Z a-z, digits and _ . -"));
     }
     if name.len() > MAX_USER_NAME_LEN {
-        return Err(format!(
-            "user name is {} characters long, at most {MAX_USER_NAME_LEN} are allowed",
-            name.len()
-        ));
+        return Err(format!("user name is {} characters long, at most {MAX_USER_NAME_LEN} are allowed", name.len()));
     }
     if name.starts_with(['.', '-']) {
         return Err("user name must not start with '.' or '-'".into());
@@ -137,10 +129,7 @@ mod tests {
 
     #[test]
     fn token_hash_is_sha256() {
-        assert_eq!(
-            hex::encode(token_hash("abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(hex::encode(token_hash("abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

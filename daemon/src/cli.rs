@@ -225,9 +225,7 @@ mod tests {
 
     #[test]
     fn merged_result_is_validated() {
-        let err = serve_args(&["--plaintext-listen", "0.0.0.0:9001"])
-            .resolve()
-            .expect_err("public plaintext");
+        let err = serve_args(&["--plaintext-listen", "0.0.0.0:9001"]).resolve().expect_err("public plaintext");
         assert!(matches!(err, ConfigError::Invalid { key: "plaintext_listen", .. }), "{err:?}");
         let err = serve_args(&["--tls-cert", "c.pem"]).resolve().expect_err("cert alone");
         assert!(matches!(err, ConfigError::Invalid { key: "tls_key", .. }), "{err:?}");
@@ -236,8 +234,7 @@ mod tests {
 
     #[test]
     fn migrate_takes_database_and_data_dir() {
-        let Command::Migrate(args) = parse(&["migrate", "--database", "sqlite:/tmp/x.db", "--data-dir", "/d"])
-        else {
+        let Command::Migrate(args) = parse(&["migrate", "--database", "sqlite:/tmp/x.db", "--data-dir", "/d"]) else {
             panic!("expected migrate");
         };
         let config = args.resolve().expect("valid");

@@ -115,14 +115,9 @@ impl Config {
         let Some(path) = path else {
             return Ok(Config::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })
     }
 
     /// Parses TOML text. The error is one line: `line L, column C: MESSAGE`.
@@ -150,12 +145,7 @@ impl Config {
         }
         if let Some(plain) = &self.plaintext_listen {
             match plain.parse::<SocketAddr>() {
-                Err(e) => {
-                    return invalid(
-                        "plaintext_listen",
-                        format!("{plain:?} is not an IP:PORT address ({e})"),
-                    )
-                }
+                Err(e) => return invalid("plaintext_listen", format!("{plain:?} is not an IP:PORT address ({e})")),
                 Ok(addr) if !addr.ip().is_loopback() && !self.allow_public_plaintext => {
                     return invalid(
                         "plaintext_listen",
@@ -275,12 +265,7 @@ pub fn redact_database_url(url: &str) -> String {
     };
     let userinfo = &authority[..at];
     match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
+        Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &rest[at..]),
         None => url.to_string(),
     }
 }
@@ -323,10 +308,9 @@ mod tests {
 
     #[test]
     fn file_overrides_only_the_keys_it_names() {
-        let config = Config::parse(
-            "listen = \"0.0.0.0:9000\"\nworkers = 8\ndatabase = \"postgres://chime@db/chime\"\n",
-        )
-        .expect("valid toml");
+        let config =
+            Config::parse("listen = \"0.0.0.0:9000\"\nworkers = 8\ndatabase = \"postgres://chime@db/chime\"\n")
+                .expect("valid toml");
         assert_eq!(config.listen, "0.0.0.0:9000");
         assert_eq!(config.workers, 8);
         assert_eq!(config.database.as_deref(), Some("postgres://chime@db/chime"));
@@ -393,11 +377,7 @@ mod tests {
         assert_eq!(invalid_key(&config), "tls_key");
         let config = Config { tls_key: Some("k.pem".into()), ..Config::default() };
         assert_eq!(invalid_key(&config), "tls_cert");
-        let config = Config {
-            tls_cert: Some("c.pem".into()),
-            tls_key: Some("k.pem".into()),
-            ..Config::default()
-        };
+        let config = Config { tls_cert: Some("c.pem".into()), tls_key: Some("k.pem".into()), ..Config::default() };
         assert_eq!(config.validate().ok(), Some(()));
     }
 
@@ -428,10 +408,7 @@ mod tests {
         let config = Config { data_dir: "/var/lib/chime".into(), ..Config::default() };
         assert_eq!(config.database_url_with_env(None), "sqlite:/var/lib/chime/chime.db");
         assert_eq!(config.database_url_with_env(Some(String::new())), "sqlite:/var/lib/chime/chime.db");
-        assert_eq!(
-            config.database_url_with_env(Some("postgres://env@h/db".into())),
-            "postgres://env@h/db"
-        );
+        assert_eq!(config.database_url_with_env(Some("postgres://env@h/db".into())), "postgres://env@h/db");
         let config = Config { database: Some("sqlite:/tmp/x.db".into()), ..config };
         assert_eq!(config.database_url_with_env(Some("postgres://env@h/db".into())), "sqlite:/tmp/x.db");
         assert_eq!(Config::default().default_database_url(), "sqlite:./chime-data/chime.db");
@@ -439,10 +416,7 @@ mod tests {
 
     #[test]
     fn redaction_hides_only_the_password() {
-        assert_eq!(
-            redact_database_url("postgres://chime:s3cr@t@db:5432/chime"),
-            "postgres://chime:***@db:5432/chime"
-        );
+        assert_eq!(redact_database_url("postgres://chime:s3cr@t@db:5432/chime"), "postgres://chime:***@db:5432/chime");
         assert_eq!(redact_database_url("postgres://chime@db/chime"), "postgres://chime@db/chime");
         assert_eq!(redact_database_url("sqlite:./chime-data/chime.db"), "sqlite:./chime-data/chime.db");
         assert_eq!(redact_database_url("postgresql://u:p@h"), "postgresql://u:***@h");

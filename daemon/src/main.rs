@@ -38,9 +38,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         println!("configuration ok");
         return Ok(());
     }
-    config
-        .create_data_dir()
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    config.create_data_dir().with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let tls = chimed::tls::load_or_create(&config).context("TLS")?;
     let url = config.database_url();
     // Migrations run here, once, so an unreachable database fails before anything listens.
@@ -59,15 +57,11 @@ fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
 
 fn create_data_dir_for_store(config: &Config) -> anyhow::Result<()> {
     if config.database_in_data_dir() {
-        config
-            .create_data_dir()
-            .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+        config.create_data_dir().with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     }
     Ok(())
 }
 
 fn open_store(url: &str) -> anyhow::Result<()> {
-    chime_storage::open(url)
-        .map(drop)
-        .with_context(|| format!("cannot open database {}", redact_database_url(url)))
+    chime_storage::open(url).map(drop).with_context(|| format!("cannot open database {}", redact_database_url(url)))
 }

@@ -31,12 +31,7 @@ impl TokenBucket {
     /// A full bucket. A `rate_per_sec` of 0 never refills; a `burst` of 0 admits nothing.
     pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
         let capacity = u128::from(burst) * TOKEN;
-        TokenBucket {
-            rate: u128::from(rate_per_sec),
-            capacity,
-            tokens: capacity,
-            last: now,
-        }
+        TokenBucket { rate: u128::from(rate_per_sec), capacity, tokens: capacity, last: now }
     }
 
     /// Takes one token if there is one. A `now` earlier than a previous call counts as no time
@@ -108,13 +103,7 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
     /// A limiter giving every key `rate_per_sec` with bursts of `burst`, tracking at most
     /// `max_keys` keys (at least 1).
     pub fn new(rate_per_sec: u32, burst: u32, max_keys: usize) -> Self {
-        KeyedLimiter {
-            buckets: HashMap::new(),
-            rate_per_sec,
-            burst,
-            max_keys: max_keys.max(1),
-            next_sweep: None,
-        }
+        KeyedLimiter { buckets: HashMap::new(), rate_per_sec, burst, max_keys: max_keys.max(1), next_sweep: None }
     }
 
     /// Takes one token from `key`'s bucket, creating a full bucket for a new key.
@@ -139,11 +128,8 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         self.buckets.retain(|_, bucket| !bucket.is_full(now));
         // A bucket emptied just now is full again after burst/rate seconds; sweeping sooner
         // than a fraction of that finds little, so wait at least a tenth of it (and 10 ms).
-        let refill_secs = if self.rate_per_sec == 0 {
-            1.0
-        } else {
-            f64::from(self.burst.max(1)) / f64::from(self.rate_per_sec)
-        };
+        let refill_secs =
+            if self.rate_per_sec == 0 { 1.0 } else { f64::from(self.burst.max(1)) / f64::from(self.rate_per_sec) };
         let pause = Duration::from_secs_f64((refill_secs / 10.0).clamp(0.01, 1.0));
         self.next_sweep = Some(now + pause);
         self.buckets.len() < self.max_keys
@@ -200,9 +186,7 @@ mod tests {
         let t0 = Instant::now();
         let mut bucket = TokenBucket::new(50, 50, t0);
         // Offer 1000 events per second for 10 seconds: about burst + 10 * rate get through.
-        let admitted = (0..10_000u64)
-            .filter(|i| bucket.try_take(t0 + ms(*i)))
-            .count();
+        let admitted = (0..10_000u64).filter(|i| bucket.try_take(t0 + ms(*i))).count();
         assert!((540..=551).contains(&admitted), "{admitted}");
     }
 

@@ -33,9 +33,7 @@ pub struct TlsSetup {
 
 impl std::fmt::Debug for TlsSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSetup")
-            .field("fingerprint", &fingerprint_hex(&self.fingerprint))
-            .finish_non_exhaustive()
+        f.debug_struct("TlsSetup").field("fingerprint", &fingerprint_hex(&self.fingerprint)).finish_non_exhaustive()
     }
 }
 
@@ -133,19 +131,13 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<TlsSetup, TlsError> {
     // it there is no session cache shared between threads and no tickets sent after each handshake.
     server.session_storage = Arc::new(NoServerSessionStorage {});
     server.send_tls13_tickets = 0;
-    Ok(TlsSetup {
-        config: Arc::new(server),
-        fingerprint,
-    })
+    Ok(TlsSetup { config: Arc::new(server), fingerprint })
 }
 
 /// Writes a new self-signed certificate and key into `dir`. The key is written first and the
 /// certificate last, so an existing `cert.pem` always has its key next to it.
 fn create_self_signed(dir: &Path, cert: &Path, key: &Path) -> Result<(), TlsError> {
-    create_private_dir(dir).map_err(|source| TlsError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    create_private_dir(dir).map_err(|source| TlsError::Io { path: dir.to_path_buf(), source })?;
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     if let Some(host) = hostname() {
         if !names.contains(&host) {
@@ -153,9 +145,7 @@ fn create_self_signed(dir: &Path, cert: &Path, key: &Path) -> Result<(), TlsErro
         }
     }
     let mut params = rcgen::CertificateParams::new(names)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "chimed self-signed");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "chimed self-signed");
     let signing_key = rcgen::KeyPair::generate()?;
     let certificate = params.self_signed(&signing_key)?;
 
@@ -172,10 +162,7 @@ fn create_self_signed(dir: &Path, cert: &Path, key: &Path) -> Result<(), TlsErro
 /// Writes `path` through a temporary file and a rename, so a crash never leaves a half-written
 /// PEM file; the mode is set at creation, so the key is never readable by others.
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let io_error = |source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_error = |source| TlsError::Io { path: path.to_path_buf(), source };
     let tmp = path.with_extension("pem.tmp");
     // A temporary file left by an earlier crash is garbage; create_new below must not trip on it.
     match std::fs::remove_file(&tmp) {
@@ -218,10 +205,7 @@ mod tests {
     use super::*;
 
     fn data_dir_config(dir: &Path) -> Config {
-        Config {
-            data_dir: dir.join("data"),
-            ..Config::default()
-        }
+        Config { data_dir: dir.join("data"), ..Config::default() }
     }
 
     #[test]
@@ -308,8 +292,7 @@ mod tests {
         let b = data_dir_config(&tmp.path().join("b"));
         load_or_create(&a).expect("a");
         load_or_create(&b).expect("b");
-        let err = load(&a.data_dir.join("tls/cert.pem"), &b.data_dir.join("tls/key.pem"))
-            .expect_err("mismatch");
+        let err = load(&a.data_dir.join("tls/cert.pem"), &b.data_dir.join("tls/key.pem")).expect_err("mismatch");
         assert!(matches!(err, TlsError::Rustls(_)), "{err:?}");
     }
 }

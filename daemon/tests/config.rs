@@ -96,21 +96,15 @@ fn public_plaintext_needs_the_explicit_flag() {
     assert_one_line_failure(&output, "plaintext_listen");
     assert!(stderr_of(&output).contains("allow-public-plaintext"), "{output:?}");
 
-    let output = chimed(
-        dir.path(),
-        &["--plaintext-listen", "0.0.0.0:17879", "--allow-public-plaintext", "--check-config"],
-    );
+    let output =
+        chimed(dir.path(), &["--plaintext-listen", "0.0.0.0:17879", "--allow-public-plaintext", "--check-config"]);
     assert!(output.status.success(), "{output:?}");
 
     // The same rule applies to a value from the file; the flag still overrides the file.
-    std::fs::write(dir.path().join("public.toml"), "plaintext_listen = \"0.0.0.0:17879\"\n")
-        .expect("write config");
+    std::fs::write(dir.path().join("public.toml"), "plaintext_listen = \"0.0.0.0:17879\"\n").expect("write config");
     let output = chimed(dir.path(), &["--config", "public.toml", "-t"]);
     assert_one_line_failure(&output, "plaintext_listen");
-    let output = chimed(
-        dir.path(),
-        &["--config", "public.toml", "--plaintext-listen", "127.0.0.1:17879", "-t"],
-    );
+    let output = chimed(dir.path(), &["--config", "public.toml", "--plaintext-listen", "127.0.0.1:17879", "-t"]);
     assert!(output.status.success(), "{output:?}");
 }
 
@@ -153,10 +147,7 @@ fn migrate_defaults_to_the_data_dir() {
 fn unreachable_database_is_a_one_line_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Port 1 on loopback: nothing listens there, so the connection is refused at once.
-    let output = chimed(
-        dir.path(),
-        &["migrate", "--database", "postgres://chime:secret@127.0.0.1:1/chime"],
-    );
+    let output = chimed(dir.path(), &["migrate", "--database", "postgres://chime:secret@127.0.0.1:1/chime"]);
     assert_one_line_failure(&output, "cannot open database");
     assert!(!stderr_of(&output).contains("secret"), "password leaked: {output:?}");
 }
