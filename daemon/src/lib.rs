@@ -5,9 +5,11 @@
 //! - [`tls`]: the server's certificate (given, or self-signed in the data dir) and rustls setup.
 //! - [`auth`]: password hashing, session tokens, user name and password rules.
 //! - [`ratelimit`]: token buckets for accepts and logins, server-wide and per IP.
-//! - `server`: the event loop (mio): listeners, accepting, dispatch, graceful stop.
-//! - `conn`: one client connection (TLS or plaintext, framing, heartbeats, send queue).
-//! - `worker`: the database worker pool (one store connection per thread, group commit).
+//! - [`server`]: the event loop (mio): listeners, accepting, dispatch, fan-out, heartbeats,
+//!   graceful stop.
+//! - [`conn`]: one client connection (TLS or plaintext, read buffer, bounded send queue).
+//! - [`sync`]: the per-connection SYNC state machine that keeps delivery gap-free (pure).
+//! - [`worker`]: the database worker pool (one store connection per thread, group commit).
 //!
 //! Only the event loop touches sockets; anything slow (the database, password hashes) runs on
 //! worker threads and comes back through channels.
@@ -16,9 +18,12 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod ratelimit;
 pub mod server;
+pub mod sync;
 pub mod tls;
+pub mod worker;
 
 pub use config::{Config, ConfigError};
 pub use tls::TlsSetup;

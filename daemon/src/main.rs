@@ -12,7 +12,10 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,refinery_core=warn,postgres=warn"),
+    )
+    .init();
     let result = match cli.into_command() {
         Command::Serve(args) => serve(&args),
         Command::Migrate(args) => migrate(&args),
