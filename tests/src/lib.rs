@@ -1,3 +1,8 @@
-//! Test harness.
+//! Chime's cross-crate test support: a harness that runs a real `chimed` ([`daemon`]), a
+//! throwaway PostgreSQL server ([`postgres`]), and the building blocks of the `chime-load` load
+//! generator ([`load`]).
+#![deny(missing_docs)]
 
+pub mod daemon;
+pub mod load;
 pub mod postgres;
