@@ -1,10 +1,51 @@
 //! The daemon's configuration: a serde struct read from TOML, overridden by flags.
 //!
-//! (Skeleton: the struct and defaults are fixed; loading, merging with flags and `validate()`
-//! are filled in by the config work.)
+//! The order of precedence is: built-in defaults, then the TOML file (`--config FILE`), then the
+//! command-line flags (applied by [`crate::cli`]). [`Config::validate`] runs once on the merged
+//! result, so a bad value is reported the same way whichever source it came from.
 
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The environment variable that replaces the default (embedded) database URL.
+pub const DATABASE_URL_ENV: &str = "CHIMED_DATABASE_URL";
+
+/// Bounds on `max_frame`: below 1 KiB ordinary requests do not fit; above 64 MiB one peer could
+/// make the server buffer an unreasonable amount before a frame is even parsed.
+const MIN_FRAME: u32 = 1 << 10;
+const MAX_FRAME: u32 = 64 << 20;
+/// A send queue smaller than this cannot hold one full sync page plus live traffic.
+const MIN_OUTBOUND_BYTES: usize = 64 << 10;
+
+/// Why a configuration could not be loaded or is not acceptable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a value of the wrong type.
+    #[error("config file {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line and column, on one line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid {
+        /// The key (as in the file; the flag is the same name with dashes).
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
 
 /// Everything `chimed serve` needs to know. Keys match the long flags (`listen`, `data_dir`, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,5 +105,332 @@ impl Default for Config {
             login_rate: 50,
             max_batch: 512,
         }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file, or returns the defaults when `path` is `None`. Keys missing from the
+    /// file keep their defaults; an unknown key is an error. Does not validate.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })
+    }
+
+    /// Parses TOML text. The error is one line: `line L, column C: MESSAGE`.
+    fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            // toml's Display draws the offending line with a caret over several lines; the
+            // daemon reports errors on one line, so only the position and the message are kept.
+            let message = e.message().trim().replace('\n', " ");
+            match e.span() {
+                Some(span) => {
+                    let (line, column) = line_and_column(text, span.start);
+                    format!("line {line}, column {column}: {message}")
+                }
+                None => message,
+            }
+        })
+    }
+
+    /// Checks every value; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+
+        if let Err(e) = self.listen.parse::<SocketAddr>() {
+            return invalid("listen", format!("{:?} is not an IP:PORT address ({e})", self.listen));
+        }
+        if let Some(plain) = &self.plaintext_listen {
+            match plain.parse::<SocketAddr>() {
+                Err(e) => return invalid("plaintext_listen", format!("{plain:?} is not an IP:PORT address ({e})")),
+                Ok(addr) if !addr.ip().is_loopback() && !self.allow_public_plaintext => {
+                    return invalid(
+                        "plaintext_listen",
+                        format!(
+                            "{addr} is not a loopback address; unencrypted traffic off this \
+                             machine needs allow_public_plaintext (--allow-public-plaintext)"
+                        ),
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return invalid("tls_key", "tls_cert is given without tls_key".into()),
+            (None, Some(_)) => return invalid("tls_cert", "tls_key is given without tls_cert".into()),
+            _ => {}
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty".into());
+        }
+        if let Some(url) = &self.database {
+            if url.trim().is_empty() {
+                return invalid("database", "must not be empty".into());
+            }
+        }
+
+        let at_least = |key, value: u64, min: u64| {
+            if value < min {
+                invalid(key, format!("is {value}, must be at least {min}"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("workers", self.workers as u64, 1)?;
+        at_least("auth_workers", self.auth_workers as u64, 1)?;
+        at_least("heartbeat_secs", u64::from(self.heartbeat_secs), 1)?;
+        at_least("max_outbound_bytes", self.max_outbound_bytes as u64, MIN_OUTBOUND_BYTES as u64)?;
+        at_least("max_connections", self.max_connections as u64, 1)?;
+        at_least("accept_rate", u64::from(self.accept_rate), 1)?;
+        at_least("login_rate", u64::from(self.login_rate), 1)?;
+        at_least("max_batch", self.max_batch as u64, 1)?;
+        if !(MIN_FRAME..=MAX_FRAME).contains(&self.max_frame) {
+            return invalid(
+                "max_frame",
+                format!("is {}, must be between {MIN_FRAME} and {MAX_FRAME} bytes", self.max_frame),
+            );
+        }
+        Ok(())
+    }
+
+    /// The database to use: the `database` key (or flag) if set, else `CHIMED_DATABASE_URL`,
+    /// else the embedded store `sqlite:DATA_DIR/chime.db`.
+    pub fn database_url(&self) -> String {
+        self.database_url_with_env(std::env::var(DATABASE_URL_ENV).ok())
+    }
+
+    /// Whether [`Config::database_url`] is the embedded store inside the data dir (so the data
+    /// dir must exist before the store is opened).
+    pub fn database_in_data_dir(&self) -> bool {
+        self.database_url() == self.default_database_url()
+    }
+
+    fn database_url_with_env(&self, env: Option<String>) -> String {
+        if let Some(url) = &self.database {
+            return url.clone();
+        }
+        match env {
+            Some(url) if !url.trim().is_empty() => url,
+            _ => self.default_database_url(),
+        }
+    }
+
+    fn default_database_url(&self) -> String {
+        format!("sqlite:{}", self.data_dir.join("chime.db").display())
+    }
+
+    /// Creates the data dir (and its parents) if missing. A new data dir is private to the
+    /// daemon's user (0700): it holds the database and the TLS private key.
+    pub fn create_data_dir(&self) -> std::io::Result<()> {
+        create_private_dir(&self.data_dir)
+    }
+
+    /// The listen addresses, parsed. Call after [`Config::validate`]; an unparsable address here
+    /// is reported as the same error `validate` gives.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|e| ConfigError::Invalid {
+            key: "listen",
+            reason: format!("{:?} is not an IP:PORT address ({e})", self.listen),
+        })
+    }
+
+    /// The plaintext listen address, parsed, if one is configured.
+    pub fn plaintext_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.plaintext_listen
+            .as_deref()
+            .map(|plain| {
+                plain.parse().map_err(|e| ConfigError::Invalid {
+                    key: "plaintext_listen",
+                    reason: format!("{plain:?} is not an IP:PORT address ({e})"),
+                })
+            })
+            .transpose()
+    }
+}
+
+/// A database URL fit for logs and error messages: a password in `scheme://user:password@host`
+/// is replaced by `***`.
+pub fn redact_database_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &authority[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// Creates `dir` and its missing parents; the directories created get mode 0700 on Unix.
+/// An existing directory is left as it is.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_key(config: &Config) -> &'static str {
+        match config.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Config::default().validate().ok(), Some(()));
+        assert_eq!(Config::load(None).ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn file_overrides_only_the_keys_it_names() {
+        let config =
+            Config::parse("listen = \"0.0.0.0:9000\"\nworkers = 8\ndatabase = \"postgres://chime@db/chime\"\n")
+                .expect("valid toml");
+        assert_eq!(config.listen, "0.0.0.0:9000");
+        assert_eq!(config.workers, 8);
+        assert_eq!(config.database.as_deref(), Some("postgres://chime@db/chime"));
+        assert_eq!(config.heartbeat_secs, Config::default().heartbeat_secs);
+        assert_eq!(config.validate().ok(), Some(()));
+    }
+
+    #[test]
+    fn unknown_key_is_one_line_with_position() {
+        let err = Config::parse("workers = 2\nlisten_addr = \"x\"\n").expect_err("unknown key");
+        assert!(err.starts_with("line 2, column 1: "), "{err}");
+        assert!(err.contains("listen_addr"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let err = Config::parse("workers = \"two\"").expect_err("wrong type");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("chimed.toml");
+        std::fs::write(&path, "bogus = 1\n").expect("write");
+        let err = Config::load(Some(&path)).expect_err("unknown key");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("bogus"), "{text}");
+
+        let missing = dir.path().join("missing.toml");
+        let err = Config::load(Some(&missing)).expect_err("missing file");
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn listen_addresses_must_parse() {
+        let config = Config { listen: "localhost".into(), ..Config::default() };
+        assert_eq!(invalid_key(&config), "listen");
+        let config = Config { plaintext_listen: Some("127.0.0.1".into()), ..Config::default() };
+        assert_eq!(invalid_key(&config), "plaintext_listen");
+    }
+
+    #[test]
+    fn public_plaintext_needs_consent() {
+        let mut config = Config { plaintext_listen: Some("0.0.0.0:7879".into()), ..Config::default() };
+        assert_eq!(invalid_key(&config), "plaintext_listen");
+        config.allow_public_plaintext = true;
+        assert_eq!(config.validate().ok(), Some(()));
+
+        for loopback in ["127.0.0.1:7879", "127.0.0.5:1", "[::1]:7879"] {
+            let config = Config { plaintext_listen: Some(loopback.into()), ..Config::default() };
+            assert_eq!(config.validate().ok(), Some(()), "{loopback}");
+        }
+        let config = Config { plaintext_listen: Some("[::]:7879".into()), ..Config::default() };
+        assert_eq!(invalid_key(&config), "plaintext_listen");
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let config = Config { tls_cert: Some("c.pem".into()), ..Config::default() };
+        assert_eq!(invalid_key(&config), "tls_key");
+        let config = Config { tls_key: Some("k.pem".into()), ..Config::default() };
+        assert_eq!(invalid_key(&config), "tls_cert");
+        let config = Config { tls_cert: Some("c.pem".into()), tls_key: Some("k.pem".into()), ..Config::default() };
+        assert_eq!(config.validate().ok(), Some(()));
+    }
+
+    #[test]
+    fn numeric_bounds() {
+        let d = Config::default;
+        assert_eq!(invalid_key(&Config { workers: 0, ..d() }), "workers");
+        assert_eq!(invalid_key(&Config { auth_workers: 0, ..d() }), "auth_workers");
+        assert_eq!(invalid_key(&Config { heartbeat_secs: 0, ..d() }), "heartbeat_secs");
+        assert_eq!(invalid_key(&Config { max_outbound_bytes: 65_535, ..d() }), "max_outbound_bytes");
+        assert_eq!(invalid_key(&Config { max_connections: 0, ..d() }), "max_connections");
+        assert_eq!(invalid_key(&Config { accept_rate: 0, ..d() }), "accept_rate");
+        assert_eq!(invalid_key(&Config { login_rate: 0, ..d() }), "login_rate");
+        assert_eq!(invalid_key(&Config { max_batch: 0, ..d() }), "max_batch");
+        assert_eq!(invalid_key(&Config { max_frame: 1023, ..d() }), "max_frame");
+        assert_eq!(invalid_key(&Config { max_frame: (64 << 20) + 1, ..d() }), "max_frame");
+        for ok in [
+            Config { max_frame: 1024, ..d() },
+            Config { max_frame: 64 << 20, ..d() },
+            Config { max_outbound_bytes: 65_536, ..d() },
+        ] {
+            assert_eq!(ok.validate().ok(), Some(()));
+        }
+    }
+
+    #[test]
+    fn database_url_precedence() {
+        let config = Config { data_dir: "/var/lib/chime".into(), ..Config::default() };
+        assert_eq!(config.database_url_with_env(None), "sqlite:/var/lib/chime/chime.db");
+        assert_eq!(config.database_url_with_env(Some(String::new())), "sqlite:/var/lib/chime/chime.db");
+        assert_eq!(config.database_url_with_env(Some("postgres://env@h/db".into())), "postgres://env@h/db");
+        let config = Config { database: Some("sqlite:/tmp/x.db".into()), ..config };
+        assert_eq!(config.database_url_with_env(Some("postgres://env@h/db".into())), "sqlite:/tmp/x.db");
+        assert_eq!(Config::default().default_database_url(), "sqlite:./chime-data/chime.db");
+    }
+
+    #[test]
+    fn redaction_hides_only_the_password() {
+        assert_eq!(redact_database_url("postgres://chime:s3cr@t@db:5432/chime"), "postgres://chime:***@db:5432/chime");
+        assert_eq!(redact_database_url("postgres://chime@db/chime"), "postgres://chime@db/chime");
+        assert_eq!(redact_database_url("sqlite:./chime-data/chime.db"), "sqlite:./chime-data/chime.db");
+        assert_eq!(redact_database_url("postgresql://u:p@h"), "postgresql://u:***@h");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn data_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config { data_dir: dir.path().join("a/b"), ..Config::default() };
+        config.create_data_dir().expect("create");
+        config.create_data_dir().expect("create again is fine");
+        let mode = std::fs::metadata(&config.data_dir).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 }

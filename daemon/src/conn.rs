@@ -267,6 +267,15 @@ impl Conn {
         }
     }
 
+    /// Gives back the memory of empty buffers (called once a second): a busy connection keeps
+    /// its queue's allocation between bursts, an idle one holds none.
+    pub fn shrink_idle(&mut self) {
+        if self.outq.is_empty() && self.outq.capacity() > 0 {
+            self.outq = VecDeque::new();
+        }
+        self.shrink_read_buffer();
+    }
+
     /// Writes as much as the socket takes. Returns Err when the socket failed.
     pub fn flush(&mut self) -> io::Result<()> {
         match self.tls.is_some() {
@@ -290,9 +299,6 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-        }
-        if self.outq.capacity() > 64 {
-            self.outq = VecDeque::new();
         }
         Ok(())
     }

@@ -947,6 +947,7 @@ impl Server {
         let mut to_close = Vec::new();
         let mut to_ping = Vec::new();
         for (key, c) in self.conns.iter_mut() {
+            c.shrink_idle();
             let quiet = now.saturating_sub(c.last_heard);
             match c.phase {
                 Phase::Handshake if quiet >= HANDSHAKE_SECS => to_close.push(key),

@@ -147,8 +147,14 @@ pub trait Store: Send {
     fn revoke_session(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<bool>;
 
     /// Creates a room owned by `owner`, whose log starts with a `CREATE` delta (seq 1).
-    fn create_room(&mut self, name: &str, kind: RoomKind, owner: UserId, owner_name: &str, now_ms: i64)
-        -> Result<(RoomRecord, Delta)>;
+    fn create_room(
+        &mut self,
+        name: &str,
+        kind: RoomKind,
+        owner: UserId,
+        owner_name: &str,
+        now_ms: i64,
+    ) -> Result<(RoomRecord, Delta)>;
     /// A room by id.
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>>;
     /// Adds a member and appends a `JOIN` delta. `Ok(None)` when already a member (no delta).

@@ -16,8 +16,8 @@ use postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, PostOutcome, Result,
-    RoomId, RoomKind, RoomRecord, Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, PostOutcome, Result, RoomId, RoomKind,
+    RoomRecord, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -59,9 +59,8 @@ struct Statements {
 impl Statements {
     fn prepare(client: &mut Client) -> std::result::Result<Self, postgres::Error> {
         Ok(Statements {
-            create_user: client.prepare(
-                "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) RETURNING id",
-            )?,
+            create_user: client
+                .prepare("INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) RETURNING id")?,
             user_by_name: client.prepare("SELECT id, name, password_hash FROM users WHERE name = $1")?,
             user_by_id: client.prepare("SELECT id, name, password_hash FROM users WHERE id = $1")?,
             create_session: client.prepare(
@@ -72,9 +71,8 @@ impl Statements {
                 "UPDATE sessions SET last_used_at = $2
                  WHERE token_hash = $1 AND revoked_at IS NULL RETURNING user_id",
             )?,
-            revoke_session: client.prepare(
-                "UPDATE sessions SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL",
-            )?,
+            revoke_session: client
+                .prepare("UPDATE sessions SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL")?,
             create_room: client.prepare(
                 "INSERT INTO rooms (name, kind, last_seq, created_by, created_at)
                  VALUES ($1, $2, 1, $3, $4) RETURNING id",
@@ -85,8 +83,7 @@ impl Statements {
             )?,
             remove_member: client.prepare("DELETE FROM room_members WHERE room_id = $1 AND user_id = $2")?,
             room: client.prepare("SELECT id, name, kind, last_seq FROM rooms WHERE id = $1")?,
-            bump_room: client
-                .prepare("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")?,
+            bump_room: client.prepare("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")?,
             insert_delta: client.prepare(
                 "INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, idempotency_key)
                  VALUES ($1, $2, $3, $4, $5, $6, NULL)",
@@ -103,8 +100,7 @@ impl Statements {
             )?,
             // ORDER BY under FOR UPDATE locks the rows in id order: two batches sharing rooms
             // queue instead of deadlocking.
-            lock_rooms: client
-                .prepare("SELECT id, last_seq FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE")?,
+            lock_rooms: client.prepare("SELECT id, last_seq FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE")?,
             // One row per post, in input order: is the author a member, and the delta an earlier
             // post with the same key wrote, if any (a NULL key matches nothing).
             probe_posts: client.prepare(
@@ -150,13 +146,13 @@ impl PgStore {
     /// Connects to `url` (`postgres://USER@HOST:PORT/DB`, no TLS), applies pending migrations
     /// and prepares the store's statements.
     pub fn connect(url: &str) -> Result<Self> {
-        let mut config = Config::from_str(url)
-            .map_err(|e| StoreError::Config(format!("bad PostgreSQL URL: {e:?}")))?;
+        let mut config = Config::from_str(url).map_err(|e| StoreError::Config(format!("bad PostgreSQL URL: {e:?}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         let mut client = config.connect(NoTls).map_err(|e| {
-            log::error!("cannot connect to PostgreSQL: {e:?}");
+            // The caller reports this error; logging it here too would print it twice.
+            log::debug!("cannot connect to PostgreSQL: {e:?}");
             StoreError::Database(format!("cannot connect to PostgreSQL: {}", describe(&e)))
         })?;
         // The trait promises durable commits whatever the server's default is.
@@ -170,16 +166,12 @@ impl PgStore {
 /// Applies pending migrations while holding an advisory lock, so connections opened together
 /// do not race to create the same tables.
 fn migrate(client: &mut Client) -> Result<()> {
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .map_err(pg_err)?;
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).map_err(pg_err)?;
     let outcome = embedded::migrations::runner().run(client).map_err(|e| {
         log::error!("PostgreSQL migration failed: {e:?}");
         StoreError::Migration(e.to_string())
     });
-    let unlocked = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
-        .map_err(pg_err);
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).map_err(pg_err);
     outcome.and(unlocked).map(drop)
 }
 
@@ -187,7 +179,11 @@ fn migrate(client: &mut Client) -> Result<()> {
 fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        // postgres' Display stops at "error connecting to server"; the cause says why.
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 
@@ -257,10 +253,7 @@ impl PgStore {
 
 impl Store for PgStore {
     fn create_user(&mut self, name: &str, password_hash: &str) -> Result<UserRecord> {
-        let row = self
-            .client
-            .query_one(&self.st.create_user, &[&name, &password_hash, &now_ms()])
-            .map_err(pg_err)?;
+        let row = self.client.query_one(&self.st.create_user, &[&name, &password_hash, &now_ms()]).map_err(pg_err)?;
         Ok(UserRecord { id: from_db(row.get(0)), name: name.into(), password_hash: password_hash.into() })
     }
 
@@ -273,13 +266,7 @@ impl Store for PgStore {
         self.client
             .execute(
                 &self.st.create_session,
-                &[
-                    &to_db(session.user_id),
-                    &&session.token_hash[..],
-                    &session.ip,
-                    &session.user_agent,
-                    &session.now_ms,
-                ],
+                &[&to_db(session.user_id), &&session.token_hash[..], &session.ip, &session.user_agent, &session.now_ms],
             )
             .map(drop)
             .map_err(pg_err)
@@ -287,8 +274,7 @@ impl Store for PgStore {
 
     fn session_user(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<Option<UserRecord>> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
-        let Some(session) = tx.query_opt(&self.st.touch_session, &[&&token_hash[..], &now_ms]).map_err(pg_err)?
-        else {
+        let Some(session) = tx.query_opt(&self.st.touch_session, &[&&token_hash[..], &now_ms]).map_err(pg_err)? else {
             return Ok(None);
         };
         let user_id: i64 = session.get(0);
@@ -298,10 +284,7 @@ impl Store for PgStore {
     }
 
     fn revoke_session(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<bool> {
-        self.client
-            .execute(&self.st.revoke_session, &[&&token_hash[..], &now_ms])
-            .map(|n| n > 0)
-            .map_err(pg_err)
+        self.client.execute(&self.st.revoke_session, &[&&token_hash[..], &now_ms]).map(|n| n > 0).map_err(pg_err)
     }
 
     fn create_room(
@@ -313,12 +296,10 @@ impl Store for PgStore {
         now_ms: i64,
     ) -> Result<(RoomRecord, Delta)> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
-        let row = tx
-            .query_one(&self.st.create_room, &[&name, &i16::from(kind.0), &to_db(owner), &now_ms])
-            .map_err(pg_err)?;
+        let row =
+            tx.query_one(&self.st.create_room, &[&name, &i16::from(kind.0), &to_db(owner), &now_ms]).map_err(pg_err)?;
         let id: i64 = row.get(0);
-        tx.execute(&self.st.add_member, &[&id, &to_db(owner), &"owner", &now_ms])
-            .map_err(pg_err)?;
+        tx.execute(&self.st.add_member, &[&id, &to_db(owner), &"owner", &now_ms]).map_err(pg_err)?;
         tx.execute(
             &self.st.insert_delta,
             &[&id, &1_i64, &i16::from(DeltaKind::CREATE.0), &to_db(owner), &name, &now_ms],
@@ -351,9 +332,8 @@ impl Store for PgStore {
         else {
             return Err(StoreError::NotFound(format!("room {room}")));
         };
-        let added = tx
-            .execute(&self.st.add_member, &[&to_db(room), &to_db(user), &"member", &now_ms])
-            .map_err(pg_err)?;
+        let added =
+            tx.execute(&self.st.add_member, &[&to_db(room), &to_db(user), &"member", &now_ms]).map_err(pg_err)?;
         if added == 0 {
             return Ok(None);
         }
@@ -379,10 +359,7 @@ impl Store for PgStore {
     }
 
     fn is_member(&mut self, room: RoomId, user: UserId) -> Result<bool> {
-        let row = self
-            .client
-            .query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)])
-            .map_err(pg_err)?;
+        let row = self.client.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
         Ok(row.is_some())
     }
 

@@ -6,6 +6,7 @@
 //! `SQLITE_BUSY` when another connection writes. `synchronous=FULL` makes a commit durable
 //! against power loss before the method returns.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -15,8 +16,8 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, PostOutcome, Result,
-    RoomId, RoomKind, RoomRecord, Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, PostOutcome, Result, RoomId, RoomKind,
+    RoomRecord, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -44,40 +45,28 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                StoreError::Config(format!("cannot create directory {}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Config(format!("cannot create directory {}: {e}", parent.display())))?;
         }
-        let mut conn = Connection::open(path)
-            .map_err(|e| StoreError::Config(format!("cannot open {}: {e}", path.display())))?;
+        let mut conn =
+            Connection::open(path).map_err(|e| StoreError::Config(format!("cannot open {}: {e}", path.display())))?;
         // Held while setting WAL mode too: switching the journal mode of a fresh file needs an
         // exclusive lock.
         let _guard = MIGRATION_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(db_err)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(db_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Config(format!(
-                "{} cannot use WAL mode (journal mode is {mode})",
-                path.display()
-            )));
+            return Err(StoreError::Config(format!("{} cannot use WAL mode (journal mode is {mode})", path.display())));
         }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
-            .map_err(db_err)?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(db_err)?;
         conn.set_prepared_statement_cache_capacity(64);
-        embedded::migrations::runner()
-            .run(&mut conn)
-            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        embedded::migrations::runner().run(&mut conn).map_err(|e| StoreError::Migration(e.to_string()))?;
         Ok(SqliteStore { conn })
     }
 
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) and commits if it returns `Ok`.
     fn write<T>(&mut self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
         let value = f(&tx)?;
         tx.commit().map_err(db_err)?;
         Ok(value)
@@ -92,9 +81,7 @@ fn db_err(e: rusqlite::Error) -> StoreError {
                 rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
                     return StoreError::Conflict(e.to_string())
                 }
-                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => {
-                    return StoreError::NotFound(e.to_string())
-                }
+                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => return StoreError::NotFound(e.to_string()),
                 _ => {}
             }
         }
@@ -155,15 +142,8 @@ fn membership_delta(
     now_ms: i64,
 ) -> Result<Option<Delta>> {
     let Some(seq) = next_seq(conn, room)? else { return Ok(None) };
-    let delta = Delta {
-        room,
-        seq,
-        kind,
-        author_id: user,
-        author: user_name.into(),
-        ts_ms: now_ms,
-        text: String::new(),
-    };
+    let delta =
+        Delta { room, seq, kind, author_id: user, author: user_name.into(), ts_ms: now_ms, text: String::new() };
     insert_delta(conn, &delta, None)?;
     Ok(Some(delta))
 }
@@ -172,9 +152,7 @@ impl Store for SqliteStore {
     fn create_user(&mut self, name: &str, password_hash: &str) -> Result<UserRecord> {
         self.write(|conn| {
             let id: i64 = conn
-                .prepare_cached(
-                    "INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3) RETURNING id",
-                )
+                .prepare_cached("INSERT INTO users (name, password_hash, created_at) VALUES (?1, ?2, ?3) RETURNING id")
                 .and_then(|mut st| st.query_row(params![name, password_hash, now_ms()], |row| row.get(0)))
                 .map_err(db_err)?;
             Ok(UserRecord { id: from_db(id), name: name.into(), password_hash: password_hash.into() })
@@ -227,12 +205,10 @@ impl Store for SqliteStore {
 
     fn revoke_session(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<bool> {
         self.write(|conn| {
-            conn.prepare_cached(
-                "UPDATE sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL",
-            )
-            .and_then(|mut st| st.execute(params![&token_hash[..], now_ms]))
-            .map(|n| n > 0)
-            .map_err(db_err)
+            conn.prepare_cached("UPDATE sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL")
+                .and_then(|mut st| st.execute(params![&token_hash[..], now_ms]))
+                .map(|n| n > 0)
+                .map_err(db_err)
         })
     }
 
@@ -309,8 +285,7 @@ impl Store for SqliteStore {
             if removed == 0 {
                 return Err(StoreError::NotMember(room));
             }
-            membership_delta(conn, room, DeltaKind::LEAVE, user, user_name, now_ms)?
-                .ok_or(StoreError::NotMember(room))
+            membership_delta(conn, room, DeltaKind::LEAVE, user, user_name, now_ms)?.ok_or(StoreError::NotMember(room))
         })
     }
 
@@ -370,9 +345,9 @@ impl Store for SqliteStore {
                     probes.push(Probe::default());
                     continue;
                 }
-                if !heads.contains_key(&post.room) {
+                if let Entry::Vacant(slot) = heads.entry(post.room) {
                     if let Some(head) = head_of(conn, post.room)? {
-                        heads.insert(post.room, head);
+                        slot.insert(head);
                     }
                 }
                 let existing = if post.idempotency_key.is_empty() {
@@ -383,10 +358,9 @@ impl Store for SqliteStore {
                          WHERE room_id = ?1 AND author_id = ?2 AND idempotency_key = ?3",
                     )
                     .and_then(|mut st| {
-                        st.query_row(
-                            params![to_db(post.room), to_db(post.author_id), post.idempotency_key],
-                            |row| Ok((from_db(row.get(0)?), row.get(1)?)),
-                        )
+                        st.query_row(params![to_db(post.room), to_db(post.author_id), post.idempotency_key], |row| {
+                            Ok((from_db(row.get(0)?), row.get(1)?))
+                        })
                         .optional()
                     })
                     .map_err(db_err)?
@@ -441,9 +415,7 @@ fn is_member(conn: &Connection, room: RoomId, user: UserId) -> Result<bool> {
 }
 
 fn exists(conn: &Connection, room: RoomId) -> Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM rooms WHERE id = ?1")
-        .and_then(|mut st| st.exists([to_db(room)]))
-        .map_err(db_err)
+    conn.prepare_cached("SELECT 1 FROM rooms WHERE id = ?1").and_then(|mut st| st.exists([to_db(room)])).map_err(db_err)
 }
 
 fn head_of(conn: &Connection, room: RoomId) -> Result<Option<u64>> {

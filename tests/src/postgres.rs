@@ -92,11 +92,8 @@ impl PgServer {
             "PostgreSQL server binaries (initdb, pg_ctl) are neither on PATH nor in /usr/lib/postgresql/*/bin",
         )?;
         let run_as = if is_root() { Some(ensure_postgres_user()?) } else { None };
-        let root = tempfile::Builder::new()
-            .prefix("chime-pg-")
-            .tempdir()
-            .context("creating a temporary directory")?
-            .keep();
+        let root =
+            tempfile::Builder::new().prefix("chime-pg-").tempdir().context("creating a temporary directory")?.keep();
         let mut server = PgServer { bin, root, port: 0, run_as, stopped: AtomicBool::new(false) };
         // From here on, dropping `server` removes the directory whatever fails.
         std::fs::create_dir(server.root.join("sock")).context("creating the socket directory")?;
@@ -173,8 +170,16 @@ impl PgServer {
         }
         let data = self.root.join("data");
         if data.join("postmaster.pid").exists() {
-            let args = ["stop".as_ref(), "-D".as_ref(), data.as_os_str(), "-m".as_ref(), "immediate".as_ref(),
-                "-w".as_ref(), "-t".as_ref(), PG_CTL_TIMEOUT_SECS.as_ref()];
+            let args = [
+                "stop".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-m".as_ref(),
+                "immediate".as_ref(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                PG_CTL_TIMEOUT_SECS.as_ref(),
+            ];
             if let Err(e) = self.run_pg("pg_ctl", &args) {
                 eprintln!("stopping the throwaway PostgreSQL at {}: {e:#}", data.display());
             }
@@ -265,13 +270,21 @@ fn check(tool: &str, output: Output) -> Result<Output> {
     )
 }
 
-/// The directory holding `initdb` and `pg_ctl`: from PATH, else the newest
+/// The directory holding `initdb`, `pg_ctl` and `createdb`: from PATH, else the newest
 /// `/usr/lib/postgresql/VERSION/bin`.
 fn find_bin_dir() -> Option<PathBuf> {
-    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let has_tools = |dir: &Path| ["initdb", "pg_ctl", "createdb"].iter().all(|tool| dir.join(tool).is_file());
     if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|dir| has_tools(dir)) {
-            return Some(dir);
+        for dir in std::env::split_paths(&path) {
+            // PATH often holds symlinks to a few of the tools only (/usr/local/bin/initdb ->
+            // /usr/lib/postgresql/15/bin/initdb): prefer the directory they point into.
+            let real = std::fs::canonicalize(dir.join("initdb")).ok().and_then(|p| p.parent().map(Path::to_path_buf));
+            if let Some(real) = real.filter(|real| has_tools(real)) {
+                return Some(real);
+            }
+            if has_tools(&dir) {
+                return Some(dir);
+            }
         }
     }
     let mut versions: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -305,10 +318,8 @@ fn ensure_postgres_user() -> Result<String> {
     const USER: &str = "postgres";
     let exists = Command::new("id").args(["-u", USER]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     if !exists.is_ok_and(|s| s.success()) {
-        let output = Command::new("useradd")
-            .args(["--system", "--no-create-home", USER])
-            .output()
-            .context("running useradd")?;
+        let output =
+            Command::new("useradd").args(["--system", "--no-create-home", USER]).output().context("running useradd")?;
         check("useradd", output)?;
     }
     Ok(USER.into())
