@@ -94,12 +94,17 @@ pub fn assert_contiguous(what: &str, seqs: &[u64], first: u64, last: u64) {
 
 /// Posts every text, keeping up to 200 POSTs in flight; returns their seqs in text order.
 pub fn post_pipelined(client: &mut Client, room: u64, texts: &[String]) -> Vec<u64> {
+    post_with_window(client, room, texts, 200)
+}
+
+/// Posts every text, keeping up to `window` POSTs in flight; returns their seqs in text order.
+pub fn post_with_window(client: &mut Client, room: u64, texts: &[String], window: usize) -> Vec<u64> {
     let mut seqs = vec![0u64; texts.len()];
     let mut pending: HashMap<u32, usize> = HashMap::new();
     let mut next = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while next < texts.len() || !pending.is_empty() {
-        while next < texts.len() && pending.len() < 200 {
+        while next < texts.len() && pending.len() < window {
             let frame = ClientFrame::Post(Post {
                 room,
                 idempotency_key: chime_protocol::client::new_idempotency_key(),
