@@ -173,11 +173,8 @@ pub fn cli_ok(mut cmd: Command) -> Vec<Value> {
 
 /// Runs a CLI command with a 30 s limit; returns its exit code, stdout and stderr.
 pub fn cli_run(cmd: &mut Command) -> (Option<i32>, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     let mut out = child.stdout.take().map(drain_in_thread);
     let mut err = child.stderr.take().map(drain_in_thread);
     let deadline = Instant::now() + Duration::from_secs(30);
