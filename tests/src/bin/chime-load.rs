@@ -190,6 +190,7 @@ struct RunSummary {
     errors: HashMap<String, u64>,
     rss_before_kib: Option<u64>,
     rss_after_kib: Option<u64>,
+    rss_end_kib: Option<u64>,
     rss_per_connection_bytes: Option<f64>,
     setup_secs: f64,
 }
@@ -283,8 +284,8 @@ fn run(args: Args) -> Result<()> {
     for h in handles {
         reports.push(h.join().map_err(|_| anyhow!("a load thread panicked"))?);
     }
-    let rss_after = if args.idle { rss_after_connect } else { args.daemon_pid.and_then(read_rss_kib) };
-    report(&args, &shared, reports, rss_before, rss_after, setup_secs)
+    let rss_end = args.daemon_pid.and_then(read_rss_kib);
+    report(&args, &shared, reports, [rss_before, rss_after_connect, rss_end], setup_secs)
 }
 
 /// Registers the users, creates and joins the rooms. Returns room ids, tokens per room, and the
@@ -732,8 +733,7 @@ fn report(
     args: &Args,
     shared: &Shared,
     reports: Vec<ThreadReport>,
-    rss_before: Option<u64>,
-    rss_after: Option<u64>,
+    [rss_before, rss_after, rss_end]: [Option<u64>; 3],
     setup_secs: f64,
 ) -> Result<()> {
     let mut ack = latency::histogram();
@@ -803,6 +803,7 @@ fn report(
         errors,
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
+        rss_end_kib: rss_end,
         rss_per_connection_bytes,
         setup_secs,
     };
@@ -838,10 +839,11 @@ fn report(
         }
         if let Some(per) = rss_per_connection_bytes {
             println!(
-                "  daemon RSS {} KiB -> {} KiB: {:.0} bytes per connection",
+                "  daemon RSS {} KiB before connecting, {} KiB once logged in ({:.0} bytes per connection), {} KiB at the end",
                 rss_before.unwrap_or(0),
                 rss_after.unwrap_or(0),
-                per
+                per,
+                rss_end.unwrap_or(0)
             );
         }
     }
