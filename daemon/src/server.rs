@@ -937,6 +937,8 @@ impl Server {
                 }
             }
         }
+        // Connections queued for a flush while flushing (deferred sync fetches) go next time.
+        dirty.append(&mut self.dirty);
         self.dirty = dirty;
     }
 

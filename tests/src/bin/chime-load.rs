@@ -8,6 +8,7 @@
 //! connection records the pushes it gets: deliveries per second, POST-ack and post-to-publish
 //! latency (the text carries the send time), and per-room seq ledgers for loss and duplicates.
 //! With `--idle` the connections only log in and stay, to measure memory per connection.
+//! `CHIME_LOAD_DEBUG=1` prints the seq ledger of every receiver that missed a delivery.
 
 use anyhow::{anyhow, bail, Context, Result};
 use chime_protocol::client::{Client, ClientError, ConnectOptions};
@@ -115,6 +116,9 @@ struct Shared {
     start_ns: AtomicU64,
     /// Set by main to stop everything early (setup failure).
     abort: AtomicBool,
+    /// Posts sent and not yet answered, over all threads: receivers keep draining until it is 0,
+    /// or a thread could stop reading before another thread's last post is acked and published.
+    posts_in_flight: AtomicU64,
 }
 
 /// What one thread measured.
@@ -246,6 +250,7 @@ fn run(args: Args) -> Result<()> {
         failed: AtomicUsize::new(0),
         start_ns: AtomicU64::new(u64::MAX),
         abort: AtomicBool::new(false),
+        posts_in_flight: AtomicU64::new(0),
     });
     let mut handles = Vec::new();
     for t in 0..args.threads {
@@ -546,11 +551,12 @@ fn event_loop(shared: &Shared, t: usize) -> ThreadReport {
     // post is in flight.
     let drain_deadline = Instant::now() + Duration::from_secs(5);
     while !args.idle && Instant::now() < drain_deadline {
-        let caught_up = conns.iter().all(|c| {
-            c.phase != Phase::Ready
-                || (c.in_flight.is_empty()
-                    && c.ledger.last().unwrap_or(0) >= shared.rooms[c.room].max_acked.load(Ordering::Acquire))
-        });
+        let caught_up = shared.posts_in_flight.load(Ordering::Acquire) == 0
+            && conns.iter().all(|c| {
+                c.phase != Phase::Ready
+                    || (c.in_flight.is_empty()
+                        && c.ledger.last().unwrap_or(0) >= shared.rooms[c.room].max_acked.load(Ordering::Acquire))
+            });
         if caught_up {
             break;
         }
@@ -614,6 +620,7 @@ fn send_post(shared: &Shared, poll: &mut Poll, c: &mut LoadConn, idx: usize, win
         id,
     );
     c.in_flight.insert(id, (now, now >= window.0 && now < window.1));
+    shared.posts_in_flight.fetch_add(1, Ordering::AcqRel);
     flush(poll, c, idx);
 }
 
@@ -666,6 +673,7 @@ fn service(
             ServerFrame::Posted(p) => {
                 let Some((sent, in_window)) = c.in_flight.remove(&raw.request_id) else { continue };
                 shared.rooms[c.room].max_acked.fetch_max(p.seq, Ordering::AcqRel);
+                shared.posts_in_flight.fetch_sub(1, Ordering::AcqRel);
                 if in_window {
                     if let Some(h) = report.ack.as_mut() {
                         latency::record(h, (now.saturating_sub(sent)) / 1000);
@@ -701,7 +709,11 @@ fn service(
                     log::warn!("connection {idx}: login refused: {e}");
                     c.phase = Phase::Dead;
                 }
-                if c.in_flight.remove(&raw.request_id).is_some() && e.code == ErrorCode::NOT_MEMBER {
+                let was_post = c.in_flight.remove(&raw.request_id).is_some();
+                if was_post {
+                    shared.posts_in_flight.fetch_sub(1, Ordering::AcqRel);
+                }
+                if was_post && e.code == ErrorCode::NOT_MEMBER {
                     c.phase = Phase::Dead;
                 }
             }
@@ -765,6 +777,13 @@ fn report(
     for r in &reports {
         for (room, ledger) in &r.ledgers {
             tally.add(ledger, windows.get(room).copied());
+            if std::env::var_os("CHIME_LOAD_DEBUG").is_some() {
+                if let Some(&(lo, hi)) = windows.get(room) {
+                    if ledger.received_in(lo, hi) < hi - lo + 1 {
+                        eprintln!("window {lo}..={hi} ledger {ledger:?}");
+                    }
+                }
+            }
         }
     }
     let ready = shared.ready.load(Ordering::Acquire);
