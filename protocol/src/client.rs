@@ -644,23 +644,12 @@ impl TlsTransport {
         opts: &ConnectOptions,
         deadline: Instant,
     ) -> Result<(TlsTransport, [u8; 32]), ClientError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(TofuVerifier {
-            pinned: opts.pinned_fingerprint,
-            seen: Mutex::new(None),
-            algs: provider.signature_verification_algorithms,
-        });
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_no_client_auth();
+        let (config, verifier) = tofu_client_config(opts.pinned_fingerprint)?;
         let name = server_name(&opts.addr, tcp.peer_addr()?);
-        let conn = ClientConnection::new(Arc::new(config), name).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let conn = ClientConnection::new(config, name).map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut tls = TlsTransport { conn, tcp };
         let result = tls.drive_handshake(deadline);
-        let seen = verifier.seen();
+        let seen = verifier.get();
         if let (Some(expected), Some(got)) = (opts.pinned_fingerprint, seen) {
             if expected != got {
                 return Err(ClientError::FingerprintMismatch {
@@ -753,6 +742,36 @@ impl TlsTransport {
         }
         Ok(())
     }
+}
+
+/// The fingerprint a TLS server presented, as recorded by the verifier of a
+/// [`tofu_client_config`].
+#[derive(Debug, Clone)]
+pub struct SeenFingerprint(Arc<TofuVerifier>);
+
+impl SeenFingerprint {
+    /// SHA-256 of the server's leaf certificate, once a handshake has reached verification.
+    pub fn get(&self) -> Option<[u8; 32]> {
+        self.0.seen()
+    }
+}
+
+/// A rustls client configuration that trusts on first use, as `chime` does: with `pinned`, only
+/// the certificate with that SHA-256 is accepted; without, any certificate is, and the returned
+/// [`SeenFingerprint`] tells which one to pin. Handshake signatures are always verified, so the
+/// server proves it holds the certificate's key. For clients that drive rustls themselves (the
+/// load generator's non-blocking connections); [`Client::connect`] uses it too.
+pub fn tofu_client_config(pinned: Option<[u8; 32]>) -> Result<(Arc<ClientConfig>, SeenFingerprint), ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        Arc::new(TofuVerifier { pinned, seen: Mutex::new(None), algs: provider.signature_verification_algorithms });
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    Ok((Arc::new(config), SeenFingerprint(verifier)))
 }
 
 /// Trust-on-first-use certificate verification: any certificate is accepted unless a pinned
