@@ -368,25 +368,20 @@ impl Daemon {
 
     /// The `chime` CLI talking plaintext to this daemon, with `--home`, `--json` and the password.
     pub fn cli(&self, home: &Path) -> Command {
-        let mut cmd = Command::new(binary("chime"));
-        cmd.arg("--server")
-            .arg(self.plaintext.to_string())
-            .arg("--plaintext")
-            .arg("--home")
-            .arg(home)
-            .arg("--json")
-            .env("CHIME_PASSWORD", PASSWORD)
-            .env_remove("CHIME_SERVER")
-            .env_remove("CHIME_HOME")
-            .stdin(Stdio::null());
+        let mut cmd = self.chime(self.plaintext, home);
+        cmd.arg("--plaintext");
         cmd
     }
 
     /// The `chime` CLI talking TLS to this daemon (trust on first use), with `--home` and `--json`.
     pub fn cli_tls(&self, home: &Path) -> Command {
+        self.chime(self.tls, home)
+    }
+
+    fn chime(&self, server: SocketAddr, home: &Path) -> Command {
         let mut cmd = Command::new(binary("chime"));
         cmd.arg("--server")
-            .arg(self.tls.to_string())
+            .arg(server.to_string())
             .arg("--home")
             .arg(home)
             .arg("--json")

@@ -36,15 +36,7 @@ fn kill9_keeps_every_acked_post(backend: Backend) {
         p.client.join_room(room).expect("join");
     }
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = d.cli(home.path());
-    cmd.args(["register", &unique("tailer")]);
-    cli_ok(cmd);
-    let mut cmd = d.cli(home.path());
-    cmd.args(["room", "join", &room.to_string()]);
-    cli_ok(cmd);
-    let mut cmd = d.cli(home.path());
-    cmd.args(["tail", &room.to_string(), "--after", "0"]);
-    let mut tail = Tail::spawn(cmd);
+    let mut tail = Tail::follow_room(&d, home.path(), room);
 
     let acked: Mutex<HashMap<u64, String>> = Mutex::new(HashMap::new());
     let acked_count = AtomicUsize::new(0);

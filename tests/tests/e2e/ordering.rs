@@ -17,15 +17,7 @@ fn thousand_posts_arrive_in_order(backend: Backend) {
     watcher.client.join_room(room).expect("join");
 
     let home = tempfile::tempdir().expect("tempdir");
-    let mut cmd = d.cli(home.path());
-    cmd.args(["register", &unique("tailer")]);
-    cli_ok(cmd);
-    let mut cmd = d.cli(home.path());
-    cmd.args(["room", "join", &room.to_string()]);
-    cli_ok(cmd);
-    let mut cmd = d.cli(home.path());
-    cmd.args(["tail", &room.to_string(), "--after", "0"]);
-    let mut tail = Tail::spawn(cmd);
+    let mut tail = Tail::follow_room(&d, home.path(), room);
 
     let mut posters: Vec<_> = (0..POSTERS).map(|i| d.register(&format!("p{i}x"))).collect();
     for p in &mut posters {

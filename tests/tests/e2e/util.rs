@@ -6,10 +6,12 @@ use chime_protocol::client::{Client, ClientError};
 use chime_protocol::{
     ClientFrame, Delta, FrameDecoder, FrameType, Hello, Post, RawFrame, ServerFrame, MAGIC, PROTOCOL_VERSION,
 };
+use chime_tests::daemon::Daemon;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -283,6 +285,20 @@ impl Tail {
         });
         let stderr = drain_in_thread(child.stderr.take().unwrap_or_else(|| panic!("tail has no stderr")));
         Tail { child, lines: rx, stderr: Some(stderr) }
+    }
+
+    /// Registers a new CLI user in `home`, joins `room` and follows it with `chime tail ROOM
+    /// --after 0` (the whole log, then live).
+    pub fn follow_room(d: &Daemon, home: &Path, room: u64) -> Tail {
+        let mut cmd = d.cli(home);
+        cmd.args(["register", &unique("tailer")]);
+        cli_ok(cmd);
+        let mut cmd = d.cli(home);
+        cmd.args(["room", "join", &room.to_string()]);
+        cli_ok(cmd);
+        let mut cmd = d.cli(home);
+        cmd.args(["tail", &room.to_string(), "--after", "0"]);
+        Tail::spawn(cmd)
     }
 
     /// The next stdout line as JSON, or `None` after `timeout`.
