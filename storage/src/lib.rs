@@ -175,6 +175,28 @@ pub trait Store: Send {
     fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>>;
 }
 
+/// The record and the `CREATE` delta (seq 1) of a room just created, as both stores return them.
+pub(crate) fn created_room(
+    id: RoomId,
+    name: &str,
+    kind: RoomKind,
+    owner: UserId,
+    owner_name: &str,
+    now_ms: i64,
+) -> (RoomRecord, Delta) {
+    let room = RoomRecord { id, name: name.into(), kind, last_seq: 1 };
+    let delta = Delta {
+        room: id,
+        seq: 1,
+        kind: DeltaKind::CREATE,
+        author_id: owner,
+        author: owner_name.into(),
+        ts_ms: now_ms,
+        text: name.into(),
+    };
+    (room, delta)
+}
+
 /// Opens a store from a URL: `sqlite:PATH` (or a bare path) or `postgres://...` /
 /// `postgresql://...`, and applies migrations.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {

@@ -306,17 +306,7 @@ impl Store for PgStore {
         )
         .map_err(pg_err)?;
         tx.commit().map_err(pg_err)?;
-        let room = RoomRecord { id: from_db(id), name: name.into(), kind, last_seq: 1 };
-        let delta = Delta {
-            room: room.id,
-            seq: 1,
-            kind: DeltaKind::CREATE,
-            author_id: owner,
-            author: owner_name.into(),
-            ts_ms: now_ms,
-            text: name.into(),
-        };
-        Ok((room, delta))
+        Ok(crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms))
     }
 
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>> {

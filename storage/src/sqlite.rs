@@ -234,16 +234,7 @@ impl Store for SqliteStore {
             )
             .and_then(|mut st| st.execute(params![id, to_db(owner), now_ms]))
             .map_err(db_err)?;
-            let room = RoomRecord { id: from_db(id), name: name.into(), kind, last_seq: 1 };
-            let delta = Delta {
-                room: room.id,
-                seq: 1,
-                kind: DeltaKind::CREATE,
-                author_id: owner,
-                author: owner_name.into(),
-                ts_ms: now_ms,
-                text: name.into(),
-            };
+            let (room, delta) = crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms);
             insert_delta(conn, &delta, None)?;
             Ok((room, delta))
         })
