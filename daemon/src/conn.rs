@@ -85,8 +85,8 @@ pub struct Conn {
     pub inflight: u32,
     /// Set once the connection must close after flushing what is queued.
     pub closing: bool,
-    /// Whether the socket is registered for writable events.
-    pub want_write: bool,
+    /// Whether the connection is in the loop's list of connections to flush.
+    pub dirty: bool,
 }
 
 /// Outcome of a read.
@@ -130,7 +130,7 @@ impl Conn {
             ping_sent: false,
             inflight: 0,
             closing: false,
-            want_write: false,
+            dirty: false,
         }
     }
 

@@ -301,7 +301,7 @@ impl Server {
         for key in &keys {
             if let Some(c) = self.conns.get_mut(*key) {
                 c.goodbye_after_queue(ErrorCode::SHUTTING_DOWN, "server shutting down; reconnect later");
-                self.dirty.push(*key);
+                self.mark_dirty(*key);
             }
         }
         self.flush_dirty();
@@ -401,10 +401,10 @@ impl Server {
                 ReadOutcome::Closed => closed = true,
             }
             // TLS handshakes write during reads.
-            self.dirty.push(key);
+            self.mark_dirty(key);
         }
         if writable {
-            self.dirty.push(key);
+            self.mark_dirty(key);
         }
         self.process_frames(key);
         if closed {
@@ -727,13 +727,14 @@ impl Server {
                 }
             }
             Completion::Batch { published, replies } => {
-                for p in &published {
-                    self.publish(p);
-                }
+                // Both are sent only now, after the commit. Acks first: see `flush_dirty`.
                 for (to, frame) in replies {
                     if self.answered(&to) {
                         self.reply(to.conn.key, frame);
                     }
+                }
+                for p in &published {
+                    self.publish(p);
                 }
             }
             Completion::Page { to, room, after, deltas, more } => {
@@ -789,7 +790,7 @@ impl Server {
                                 "server overloaded during sync; reconnect and SYNC",
                                 true,
                             );
-                            self.dirty.push(key);
+                            self.mark_dirty(key);
                         }
                     }
                 }
@@ -881,7 +882,7 @@ impl Server {
             if !ok {
                 c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
             }
-            self.dirty.push(key);
+            mark_dirty(&mut self.dirty, c, key);
         }
         for (key, fetch) in fetches {
             self.apply(key, vec![fetch]);
@@ -896,7 +897,7 @@ impl Server {
         if !c.queue(frame, Class::Durable, limit) {
             c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
         }
-        self.dirty.push(key);
+        self.mark_dirty(key);
     }
 
     fn error(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
@@ -911,15 +912,21 @@ impl Server {
         }
     }
 
+    /// Schedules a connection for the flush at the end of this loop iteration (once).
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            mark_dirty(&mut self.dirty, c, key);
+        }
+    }
+
     fn flush_dirty(&mut self) {
+        // In the order they were first queued to: POSTED replies are queued before the fan-out
+        // of the same batch, so authors hear their ack before a thousand recipients are served.
         let mut dirty = std::mem::take(&mut self.dirty);
-        dirty.sort_unstable();
-        dirty.dedup();
         let resume_below = self.config.max_outbound_bytes / 4;
         for key in dirty.drain(..) {
-            let Some(c) = self.conns.get_mut(key) else {
-                continue;
-            };
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            c.dirty = false;
             if let Err(e) = c.flush() {
                 log::debug!("write to {} failed: {e}", c.peer);
                 self.close(key);
@@ -956,7 +963,7 @@ impl Server {
                 _ if c.closing => {}
                 _ if quiet >= 3 * hb => {
                     c.goodbye(ErrorCode::IDLE_TIMEOUT, "nothing heard within the idle timeout", false);
-                    self.dirty.push(key);
+                    mark_dirty(&mut self.dirty, c, key);
                 }
                 _ if quiet >= hb && !c.ping_sent && c.phase != Phase::Handshake => {
                     c.ping_sent = true;
@@ -983,6 +990,14 @@ impl Server {
         c.close_notify();
         let _ = self.poll.registry().deregister(c.socket());
         log::debug!("connection {key} from {} closed", c.peer);
+    }
+}
+
+/// Adds `c` (at `key`) to the flush list unless it is there already.
+fn mark_dirty(dirty: &mut Vec<usize>, c: &mut Conn, key: usize) {
+    if !c.dirty {
+        c.dirty = true;
+        dirty.push(key);
     }
 }
 

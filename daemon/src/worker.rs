@@ -83,6 +83,8 @@ pub enum Job {
     Post { to: ReplyTo, post: NewPost },
     /// One page of deltas after a seq, for SYNC, HISTORY or a catch-up. Checks membership.
     Fetch { to: ReplyTo, actor: Actor, room: u64, after: u64, limit: u32, purpose: FetchPurpose },
+    /// Finish what was queued before this, then exit (shard and auth queues, at shutdown).
+    Stop,
 }
 
 /// Why a page of deltas is fetched; decides how the loop uses it.
@@ -263,9 +265,18 @@ impl Pool {
         &self.shards[(room % self.shards.len() as u64) as usize]
     }
 
-    /// Closes the queues and waits for every worker to finish what it holds.
+    /// Lets every worker finish what is queued, then stops it and waits for it to exit.
     pub fn shutdown(self) {
         let Pool { shards, shared, auth, threads } = self;
+        // An explicit stop behind the queued jobs rather than relying on disconnection alone:
+        // a worker parked in a select must wake up for it whatever else it listens to.
+        for tx in &shards {
+            let _ = tx.send(Job::Stop);
+        }
+        let auth_threads = threads.len() - shards.len();
+        for _ in 0..auth_threads {
+            let _ = auth.send(Job::Stop);
+        }
         drop((shards, shared, auth));
         for t in threads {
             if t.join().is_err() {
@@ -303,40 +314,29 @@ fn room_info(r: &RoomRecord) -> RoomInfo {
 }
 
 fn shard_main(mut store: Box<dyn Store>, own: Receiver<Job>, shared: Receiver<Job>, max_batch: usize, notify: &Notify) {
-    let mut own_open = true;
-    let mut shared_open = true;
     let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
-    while own_open || shared_open {
+    loop {
         // Own (write) jobs first: they are what clients wait on for acks.
-        let first = if own_open {
-            match own.try_recv() {
-                Ok(j) => Some(j),
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    own_open = false;
-                    None
-                }
-                Err(crossbeam_channel::TryRecvError::Empty) => None,
-            }
-        } else {
-            None
+        let first = match own.try_recv() {
+            Ok(j) => j,
+            Err(_) => crossbeam_channel::select! {
+                recv(own) -> j => match j { Ok(j) => j, Err(_) => return },
+                recv(shared) -> j => match j { Ok(j) => j, Err(_) => match own.recv() { Ok(j) => j, Err(_) => return } },
+            },
         };
-        let first = match first {
-            Some(j) => j,
-            None => {
-                let never = crossbeam_channel::never();
-                let own_rx = if own_open { &own } else { &never };
-                let shared_rx = if shared_open { &shared } else { &never };
-                crossbeam_channel::select! {
-                    recv(own_rx) -> j => match j { Ok(j) => j, Err(_) => { own_open = false; continue } },
-                    recv(shared_rx) -> j => match j { Ok(j) => j, Err(_) => { shared_open = false; continue } },
-                }
-            }
-        };
+        if matches!(first, Job::Stop) {
+            return;
+        }
         jobs.clear();
         jobs.push(first);
+        let mut stop = false;
         if matches!(jobs[0], Job::Post { .. }) {
             while jobs.len() < max_batch {
                 match own.try_recv() {
+                    Ok(Job::Stop) => {
+                        stop = true;
+                        break;
+                    }
                     Ok(j) => jobs.push(j),
                     Err(_) => break,
                 }
@@ -349,12 +349,15 @@ fn shard_main(mut store: Box<dyn Store>, own: Receiver<Job>, shared: Receiver<Jo
                 Job::Post { to, post } => posts.push((to, post)),
                 other => {
                     commit_posts(store.as_mut(), &mut posts, &mut out);
-                    out.push(run_job(store.as_mut(), other));
+                    out.extend(run_job(store.as_mut(), other));
                 }
             }
         }
         commit_posts(store.as_mut(), &mut posts, &mut out);
         notify.send_all(out);
+        if stop {
+            return;
+        }
     }
 }
 
@@ -403,8 +406,9 @@ fn commit_posts(store: &mut dyn Store, posts: &mut Vec<(ReplyTo, NewPost)>, out:
     out.push(Completion::Batch { published, replies });
 }
 
-fn run_job(store: &mut dyn Store, job: Job) -> Completion {
-    match job {
+/// Runs one job that is not a post. `None` for `Stop`, which the caller acts on.
+fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
+    Some(match job {
         Job::Resume { to, token } => {
             let hash = auth::token_hash(&token);
             match store.session_user(&hash, now_ms()) {
@@ -495,7 +499,8 @@ fn run_job(store: &mut dyn Store, job: Job) -> Completion {
         Job::Password { to, .. } | Job::Post { to, .. } => {
             Completion::Reply { frame: error_frame(&to, ErrorCode::INTERNAL, "job sent to the wrong queue"), to }
         }
-    }
+        Job::Stop => return None,
+    })
 }
 
 /// Upper bound on the text bytes in one page, so that a page of long messages stays far below
@@ -571,12 +576,13 @@ fn logged_in(
 fn auth_main(mut store: Box<dyn Store>, rx: Receiver<Job>, notify: &Notify) {
     for job in rx.iter() {
         let done = match job {
+            Job::Stop => return,
             Job::Password { to, register, user, password, ip, user_agent } => {
-                password_login(store.as_mut(), to, register, user, &password, ip, user_agent)
+                Some(password_login(store.as_mut(), to, register, user, &password, ip, user_agent))
             }
             other => run_job(store.as_mut(), other),
         };
-        notify.send_all([done]);
+        notify.send_all(done);
     }
 }
 
@@ -638,5 +644,27 @@ mod tests {
         assert_eq!(p.frames_after(6), one);
         assert!(p.frames_after(7).is_empty());
         assert!(p.frames_after(100).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod shutdown_tests {
+    use super::*;
+
+    #[test]
+    fn pool_shutdown_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("t.db").display());
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let pool = Pool::start(&url, 2, 1, 16, Notify { completions: tx, waker }).unwrap();
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            pool.shutdown();
+            let _ = done_tx.send(());
+        });
+        assert!(done_rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok(), "shutdown hung");
+        drop(rx);
     }
 }

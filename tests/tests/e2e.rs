@@ -22,6 +22,8 @@ mod idle;
 mod membership;
 #[path = "e2e/ordering.rs"]
 mod ordering;
+#[path = "e2e/shutdown.rs"]
+mod shutdown;
 #[path = "e2e/slow_consumer.rs"]
 mod slow_consumer;
 #[path = "e2e/sync_race.rs"]
