@@ -178,9 +178,11 @@ pub enum Busy {
     Stopped,
 }
 
-/// Queue bounds: enough to absorb bursts, small enough that a stalled database shows up as
-/// OVERLOADED replies rather than unbounded memory.
-const SHARD_QUEUE: usize = 65_536;
+/// Queue bounds: enough to absorb bursts (a connection has at most 256 requests in flight), small
+/// enough that a stalled database shows up as OVERLOADED replies rather than unbounded memory.
+/// crossbeam's bounded channels allocate and touch every slot up front, so this is also resident
+/// memory: about 3 MiB per queue.
+const SHARD_QUEUE: usize = 16_384;
 const AUTH_QUEUE: usize = 1_024;
 
 /// How the pool reports back.
