@@ -29,7 +29,9 @@ cleanup() {
 trap cleanup EXIT
 
 start_pg() {
-    pg_bin=$(dirname "$(command -v initdb 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")
+    # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/VERSION/bin.
+    pg_bin=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)")
+    [ -x "$pg_bin/initdb" ] || pg_bin=$(dirname "$(readlink -f "$(command -v initdb)")")
     mkdir -p "$work/pg"
     if [ "$(id -u)" = 0 ]; then id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres; chown postgres "$work/pg"; chmod 755 "$work"; fi
     as_pg "$pg_bin/initdb" -D "$work/pg/data" -U postgres --auth=trust -E UTF8 >/dev/null

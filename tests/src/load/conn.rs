@@ -184,29 +184,31 @@ fn read_plain(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<bool, ConnE
 }
 
 fn read_tls(stream: &mut TcpStream, tls: &mut ClientConnection, rbuf: &mut BytesMut) -> Result<bool, ConnError> {
-    let mut open = true;
-    loop {
-        match tls.read_tls(stream) {
-            Ok(0) => {
-                open = false;
-                break;
-            }
-            Ok(_) => {
-                tls.process_new_packets().map_err(ConnError::Tls)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
     let mut chunk = [0u8; 16 * 1024];
     loop {
-        match tls.reader().read(&mut chunk) {
-            Ok(0) => return Ok(false),
-            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(open),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+        let open = match tls.read_tls(stream) {
+            Ok(0) => false,
+            Ok(_) => {
+                tls.process_new_packets().map_err(ConnError::Tls)?;
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
+        };
+        // Take the plaintext out after every record batch: rustls refuses to decrypt more while
+        // its plaintext buffer is full, which a busy room fills in one read.
+        loop {
+            match tls.reader().read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !open {
+            return Ok(false);
         }
     }
 }
