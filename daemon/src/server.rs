@@ -22,7 +22,7 @@ use crate::conn::{Class, Conn, Phase, ReadOutcome, Session};
 use crate::ratelimit::{KeyedLimiter, TokenBucket};
 use crate::sync::{Action, DEFAULT_PAGE, MAX_PAGE};
 use crate::tls::{fingerprint_hex, TlsSetup};
-use crate::worker::{self, Actor, Completion, ConnRef, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
+use crate::worker::{Actor, Completion, ConnRef, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
 use anyhow::Context as _;
 use bytes::Bytes;
 use chime_protocol::{
@@ -999,9 +999,4 @@ fn mark_dirty(dirty: &mut Vec<usize>, c: &mut Conn, key: usize) {
         c.dirty = true;
         dirty.push(key);
     }
-}
-
-/// The current time in Unix milliseconds (re-exported for tests).
-pub fn now_ms() -> i64 {
-    worker::now_ms()
 }

@@ -25,11 +25,10 @@ use bytes::Bytes;
 use chime_protocol::{
     Authed, Delta, DeltaPage, ErrorBody, ErrorCode, MemberInfo, MemberList, Posted, RoomInfo, RoomList, ServerFrame,
 };
-use chime_storage::{NewPost, NewSession, PostOutcome, RoomRecord, Store, StoreError};
+use chime_storage::{now_ms, NewPost, NewSession, PostOutcome, RoomRecord, Store, StoreError};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Identifies a connection across slab-slot reuse: a completion for a connection that has gone
 /// (and whose slot was reused) is dropped instead of reaching a stranger.
@@ -286,11 +285,6 @@ impl Pool {
             }
         }
     }
-}
-
-/// Current time as Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn error_frame(to: &ReplyTo, code: ErrorCode, message: impl Into<String>) -> Bytes {
@@ -647,12 +641,8 @@ mod tests {
         assert!(p.frames_after(7).is_empty());
         assert!(p.frames_after(100).is_empty());
     }
-}
 
-#[cfg(test)]
-mod shutdown_tests {
-    use super::*;
-
+    /// SIGTERM ends with this: every worker must wake up, finish and exit.
     #[test]
     fn pool_shutdown_returns() {
         let dir = tempfile::tempdir().unwrap();

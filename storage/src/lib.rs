@@ -208,8 +208,8 @@ pub fn open(url: &str) -> Result<Box<dyn Store>> {
     }
 }
 
-/// The wall clock in Unix milliseconds, for rows whose method is not given a time.
-fn now_ms() -> i64 {
+/// The wall clock in Unix milliseconds (the time stamps every row carries).
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
