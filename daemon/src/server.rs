@@ -239,7 +239,9 @@ impl Server {
                     SIGNALS => self.on_signal(),
                     TLS_LISTENER | PLAIN_LISTENER => self.accept_all(),
                     Token(t) => {
-                        self.service(t - FIRST_CONN, event.is_readable() || event.is_read_closed(), event.is_writable())
+                        if let Some(key) = t.checked_sub(FIRST_CONN) {
+                            self.service(key, event.is_readable() || event.is_read_closed(), event.is_writable())
+                        }
                     }
                 }
             }
@@ -281,10 +283,9 @@ impl Server {
         }
         log::info!("signal {got:?}: stopping (no new connections; finishing requests in flight)");
         self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
-        for (l, _) in [(self.tls_listener.take(), 0), (self.plain_listener.take(), 1)] {
-            if let Some(mut l) = l {
-                let _ = self.poll.registry().deregister(&mut l);
-            }
+        // Dropping a listener closes it: new connections are refused from here on.
+        for mut l in [self.tls_listener.take(), self.plain_listener.take()].into_iter().flatten() {
+            let _ = self.poll.registry().deregister(&mut l);
         }
         self.accept_paused = false;
     }
