@@ -570,11 +570,13 @@ fn logged_in(
 }
 
 fn auth_main(mut store: Box<dyn Store>, rx: Receiver<Job>, notify: &Notify) {
+    // One argon2 working area for the thread's life (see `auth::Hasher`).
+    let mut hasher = auth::Hasher::default();
     for job in rx.iter() {
         let done = match job {
             Job::Stop => return,
             Job::Password { to, register, user, password, ip, user_agent } => {
-                Some(password_login(store.as_mut(), to, register, user, &password, ip, user_agent))
+                Some(password_login(store.as_mut(), &mut hasher, to, register, user, &password, ip, user_agent))
             }
             other => run_job(store.as_mut(), other),
         };
@@ -582,8 +584,10 @@ fn auth_main(mut store: Box<dyn Store>, rx: Receiver<Job>, notify: &Notify) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // The fields of one `Job::Password`, unpacked.
 fn password_login(
     store: &mut dyn Store,
+    hasher: &mut auth::Hasher,
     to: ReplyTo,
     register: bool,
     user: String,
@@ -593,7 +597,7 @@ fn password_login(
 ) -> Completion {
     let fail = |code, msg: &str| Completion::Reply { frame: error_frame(&to, code, msg), to };
     let record = if register {
-        let hash = match auth::hash_password(password) {
+        let hash = match hasher.hash(password) {
             Ok(h) => h,
             Err(e) => {
                 log::error!("hashing a password failed: {e}");
@@ -607,7 +611,7 @@ fn password_login(
         }
     } else {
         match store.user_by_name(&user) {
-            Ok(Some(u)) if auth::verify_password(password, &u.password_hash) => u,
+            Ok(Some(u)) if hasher.verify(password, &u.password_hash) => u,
             Ok(_) => return fail(ErrorCode::AUTH_FAILED, "wrong user name or password"),
             Err(e) => return Completion::Reply { frame: store_error_frame(&to, &e), to },
         }
