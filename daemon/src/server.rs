@@ -78,6 +78,9 @@ pub struct Server {
     rooms: HashMap<u64, Vec<usize>>,
     /// Logged-in connections per user, to apply membership changes to all of a user's devices.
     users: HashMap<u64, Vec<usize>>,
+    /// The last seq published per room: a connection subscribed with an older view of a room
+    /// (its login read the room list before a commit the loop has already published) catches up.
+    room_heads: HashMap<u64, u64>,
     pool: Option<Pool>,
     completions: Receiver<Completion>,
     tls_listener: Option<TcpListener>,
@@ -189,6 +192,7 @@ impl Server {
             conns: Slab::new(),
             rooms: HashMap::new(),
             users: HashMap::new(),
+            room_heads: HashMap::new(),
             pool: Some(pool),
             completions,
             tls_listener,
@@ -693,8 +697,8 @@ impl Server {
                 if let Some(c) = self.conn_for(to.conn) {
                     c.phase = Phase::Authed(Session { user_id, name: name.into(), token_hash });
                     self.users.entry(user_id).or_default().push(key);
-                    for room in rooms {
-                        self.subscribe(key, room);
+                    for (room, head) in rooms {
+                        self.subscribe_from(key, room, head);
                     }
                     self.reply(key, frame);
                 }
@@ -711,8 +715,13 @@ impl Server {
                 let live = self.answered(&to);
                 let conns = self.users.get(&user_id).cloned().unwrap_or_default();
                 if joined {
+                    // The joiner's view of the log ends just before its JOIN (or CREATE).
+                    let after = published.as_ref().map(|p| p.first_seq.saturating_sub(1));
                     for k in &conns {
-                        self.subscribe(*k, room);
+                        match after {
+                            Some(after) => self.subscribe_from(*k, room, after),
+                            None => self.subscribe(*k, room),
+                        }
                     }
                 }
                 if let Some(p) = &published {
@@ -810,6 +819,18 @@ impl Server {
         self.rooms.entry(room).or_default().push(key);
     }
 
+    /// Subscribes a connection that knows the room's log up to `after`. Deltas the loop published
+    /// before this subscription and after `after` were not sent to it: it catches up on them
+    /// (a page fetch, with live pushes held meanwhile) so that it sees no gap.
+    fn subscribe_from(&mut self, key: usize, room: u64, after: u64) {
+        self.subscribe(key, room);
+        if self.room_heads.get(&room).is_some_and(|&head| head > after) {
+            let Some(c) = self.conns.get_mut(key) else { return };
+            let actions = c.sync.get_or_insert_with(Default::default).catch_up(room, after);
+            self.apply(key, actions);
+        }
+    }
+
     fn unsubscribe(&mut self, key: usize, room: u64) {
         if let Some(c) = self.conns.get_mut(key) {
             c.rooms.retain(|&r| r != room);
@@ -857,9 +878,9 @@ impl Server {
 
     /// Fan-out of one committed batch of a room's deltas to every online member.
     fn publish(&mut self, p: &Published) {
-        let Some(subs) = self.rooms.get(&p.room) else {
-            return;
-        };
+        let head = self.room_heads.entry(p.room).or_insert(0);
+        *head = (*head).max(p.last_seq());
+        let Some(subs) = self.rooms.get(&p.room) else { return };
         let limit = self.config.max_outbound_bytes;
         let mut fetches = Vec::new();
         for &key in subs {

@@ -250,6 +250,18 @@ impl SyncState {
         vec![Action::Send(error)]
     }
 
+    /// The connection was subscribed to `room` knowing its log only up to `after`, and the room
+    /// has moved on since: fetch the rest, holding live pushes meanwhile, then go live. Nothing
+    /// to do if the room is tracked already.
+    pub fn catch_up(&mut self, room: u64, after: u64) -> Vec<Action> {
+        if self.tracks.contains_key(&room) {
+            return Vec::new();
+        }
+        let mode = Mode::CatchingUp { request: None, held: VecDeque::new(), overflowed: false };
+        self.tracks.insert(room, Track { delivered: after, mode, page_size: DEFAULT_PAGE });
+        vec![Action::Fetch { room, after, limit: DEFAULT_PAGE }]
+    }
+
     /// The user is not a member of `room`: it gets no pages and is left out of `heads`.
     pub fn skip_room(&mut self, room: u64) -> Vec<Action> {
         let Some(track) = self.tracks.remove(&room) else { return Vec::new() };
@@ -389,6 +401,18 @@ mod tests {
         let raw = FrameDecoder::default().decode(&mut BytesMut::from(&done[..])).unwrap().unwrap();
         let ServerFrame::SyncDone(d) = ServerFrame::decode(&raw).unwrap() else { panic!("not SYNC_DONE") };
         assert_eq!(d.heads, vec![RoomCursor { room: 1, seq: 1 }]);
+    }
+
+    #[test]
+    fn a_late_subscription_catches_up_then_goes_live() {
+        let mut s = SyncState::default();
+        // Subscribed knowing seq 3; the loop had already published up to 5.
+        assert_eq!(s.catch_up(1, 3), vec![Action::Fetch { room: 1, after: 3, limit: DEFAULT_PAGE }]);
+        assert!(s.push(&published(1, 6..=6)).is_empty());
+        let a = s.page(1, 3, vec![delta(1, 4), delta(1, 5)], false);
+        assert_eq!(sent_seqs(&a), (vec![4, 5, 6], 0));
+        assert_eq!(sent_seqs(&s.push(&published(1, 7..=7))), (vec![7], 0));
+        assert!(s.catch_up(1, 0).is_empty(), "already tracked");
     }
 
     #[test]

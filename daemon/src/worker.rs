@@ -144,8 +144,9 @@ impl Published {
 pub enum Completion {
     /// A finished reply to send as is.
     Reply { to: ReplyTo, frame: Bytes },
-    /// A successful login: subscribe the connection to `rooms`, then send `frame`.
-    LoggedIn { to: ReplyTo, user_id: u64, name: String, token_hash: [u8; 32], rooms: Vec<u64>, frame: Bytes },
+    /// A successful login: subscribe the connection to `rooms` (id, head seq when read), then
+    /// send `frame`.
+    LoggedIn { to: ReplyTo, user_id: u64, name: String, token_hash: [u8; 32], rooms: Vec<(u64, u64)>, frame: Bytes },
     /// The session was revoked: the connection is logged out, then `frame`.
     LoggedOut { to: ReplyTo, frame: Bytes },
     /// A user's membership changed: (un)subscribe all of their connections, publish, then reply.
@@ -563,7 +564,7 @@ fn logged_in(
             user_id,
             name,
             token_hash,
-            rooms: rooms.iter().map(|r| r.id).collect(),
+            rooms: rooms.iter().map(|r| (r.id, r.last_seq)).collect(),
         },
         Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
     }
