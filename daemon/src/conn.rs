@@ -197,33 +197,29 @@ impl Conn {
     }
 
     /// Replaces everything queued with a GOODBYE and marks the connection closing. Used when the
-    /// queue overflowed (the client must resync) and at shutdown.
+    /// queue overflowed (the client must resync) and on an idle timeout.
     pub fn goodbye(&mut self, code: ErrorCode, message: &str, resync: bool) {
         if self.closing {
             return;
         }
-        // Keep a partly written front frame so the stream stays parseable up to the GOODBYE.
-        let partial = self.outq.pop_front();
-        self.outq.clear();
-        self.out_bytes = 0;
-        self.ephemeral_bytes = 0;
-        if let Some((b, c)) = partial {
-            self.out_bytes = b.len();
-            self.outq.push_back((b, c));
-        }
-        let frame = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync }).encode(0);
-        self.out_bytes += frame.len();
-        self.outq.push_back((frame, Class::Durable));
-        self.closing = true;
+        // Keep the front frame, which may be partly written, so the stream stays parseable up to
+        // the GOODBYE.
+        self.outq.truncate(1);
+        self.out_bytes = self.outq.iter().map(|(b, _)| b.len()).sum();
+        self.ephemeral_bytes = self.outq.iter().filter(|(_, c)| *c == Class::Ephemeral).map(|(b, _)| b.len()).sum();
+        self.push_goodbye(code, message, resync);
     }
 
     /// Queues a GOODBYE after what is already queued, then closes (graceful shutdown: replies
     /// already queued still go out).
     pub fn goodbye_after_queue(&mut self, code: ErrorCode, message: &str) {
-        if self.closing {
-            return;
+        if !self.closing {
+            self.push_goodbye(code, message, false);
         }
-        let frame = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync: false }).encode(0);
+    }
+
+    fn push_goodbye(&mut self, code: ErrorCode, message: &str, resync: bool) {
+        let frame = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync }).encode(0);
         self.out_bytes += frame.len();
         self.outq.push_back((frame, Class::Durable));
         self.closing = true;

@@ -17,7 +17,7 @@
 //! and `POSTED` to the author -> `flush`.
 
 use crate::auth;
-use crate::config::Config;
+use crate::config::{redact_database_url, Config};
 use crate::conn::{Class, Conn, Phase, ReadOutcome, Session};
 use crate::ratelimit::{KeyedLimiter, TokenBucket};
 use crate::sync::{Action, DEFAULT_PAGE, MAX_PAGE};
@@ -105,8 +105,6 @@ pub struct Server {
     now_secs: u32,
     last_tick: u32,
     shutdown_deadline: Option<Instant>,
-    /// Addresses actually bound (port 0 resolved), for logs and tests.
-    pub local_addrs: Vec<(String, SocketAddr)>,
 }
 
 fn listener(addr: &str) -> anyhow::Result<TcpListener> {
@@ -117,20 +115,6 @@ fn listener(addr: &str) -> anyhow::Result<TcpListener> {
     socket.bind(&addr.into()).with_context(|| format!("cannot listen on {addr}"))?;
     socket.listen(4096).with_context(|| format!("cannot listen on {addr}"))?;
     Ok(TcpListener::from_std(socket.into()))
-}
-
-/// Hides a password in a database URL before it is logged.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let cred = &url[s + 3..at];
-            match cred.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
 }
 
 impl Server {
@@ -174,7 +158,7 @@ impl Server {
             "chimed {} listening on {}; store {}; certificate SHA-256 {}",
             env!("CARGO_PKG_VERSION"),
             listening.join(", "),
-            redact(database_url),
+            redact_database_url(database_url),
             fingerprint.as_deref().unwrap_or("none (no TLS listener)")
         );
         let now = Instant::now();
@@ -208,7 +192,6 @@ impl Server {
             now_secs: 0,
             last_tick: 0,
             shutdown_deadline: None,
-            local_addrs,
         })
     }
 
@@ -838,14 +821,7 @@ impl Server {
                 s.forget(room);
             }
         }
-        if let Some(subs) = self.rooms.get_mut(&room) {
-            if let Some(i) = subs.iter().position(|&k| k == key) {
-                subs.swap_remove(i);
-            }
-            if subs.is_empty() {
-                self.rooms.remove(&room);
-            }
-        }
+        remove_subscriber(&mut self.rooms, room, key);
     }
 
     fn logout_conn(&mut self, key: usize) {
@@ -857,14 +833,7 @@ impl Server {
         c.phase = Phase::Open;
         c.sync = None;
         for room in rooms {
-            if let Some(subs) = self.rooms.get_mut(&room) {
-                if let Some(i) = subs.iter().position(|&k| k == key) {
-                    subs.swap_remove(i);
-                }
-                if subs.is_empty() {
-                    self.rooms.remove(&room);
-                }
-            }
+            remove_subscriber(&mut self.rooms, room, key);
         }
         if let Some(uid) = user {
             if let Some(list) = self.users.get_mut(&uid) {
@@ -1012,6 +981,18 @@ impl Server {
         c.close_notify();
         let _ = self.poll.registry().deregister(c.socket());
         log::debug!("connection {key} from {} closed", c.peer);
+    }
+}
+
+/// Takes connection `key` off `room`'s subscriber list, dropping the list once it is empty.
+fn remove_subscriber(rooms: &mut HashMap<u64, Vec<usize>>, room: u64, key: usize) {
+    if let Some(subs) = rooms.get_mut(&room) {
+        if let Some(i) = subs.iter().position(|&k| k == key) {
+            subs.swap_remove(i);
+        }
+        if subs.is_empty() {
+            rooms.remove(&room);
+        }
     }
 }
 

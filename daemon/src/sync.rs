@@ -317,14 +317,8 @@ mod tests {
     }
 
     fn published(room: u64, seqs: std::ops::RangeInclusive<u64>) -> Published {
-        let mut buf = Vec::new();
-        let mut ends = Vec::new();
-        let first = *seqs.start();
-        for s in seqs {
-            ServerFrame::Delta(delta(room, s)).encode_into(&mut buf, 0);
-            ends.push(buf.len() as u32);
-        }
-        Published { room, first_seq: first, frames: Bytes::from(buf), ends }
+        let deltas: Vec<Delta> = seqs.map(|s| delta(room, s)).collect();
+        Published::encode(room, &deltas).expect("non-empty range")
     }
 
     /// Decodes every frame sent and returns (kind, seqs): pages and pushes flattened in order.

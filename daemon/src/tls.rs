@@ -7,12 +7,13 @@
 //! server as an impostor.
 
 use crate::config::{create_private_dir, Config};
+use chime_protocol::client::cert_fingerprint;
+pub use chime_protocol::client::fingerprint_hex;
 use rustls::crypto::ring;
 use rustls::server::NoServerSessionStorage;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -74,14 +75,10 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Lower-case hex of a fingerprint, as logged at start and shown by clients.
-pub fn fingerprint_hex(fingerprint: &[u8; 32]) -> String {
-    hex::encode(fingerprint)
-}
-
-/// SHA-256 of a certificate's DER encoding.
+/// SHA-256 of a certificate's DER encoding: the protocol's definition of a fingerprint, so the
+/// one logged at start is the one clients pin.
 pub fn fingerprint_of(cert: &CertificateDer<'_>) -> [u8; 32] {
-    Sha256::digest(cert.as_ref()).into()
+    cert_fingerprint(cert.as_ref())
 }
 
 /// Builds the server's TLS configuration: from `tls_cert`/`tls_key` when both are configured,

@@ -126,7 +126,8 @@ impl Published {
         }
     }
 
-    fn encode(room: u64, deltas: &[Delta]) -> Option<Published> {
+    /// Encodes `deltas` (one room's, contiguous) as push frames; `None` when there are none.
+    pub fn encode(room: u64, deltas: &[Delta]) -> Option<Published> {
         let first_seq = deltas.first()?.seq;
         let mut buf = Vec::with_capacity(deltas.len() * 96);
         let mut ends = Vec::with_capacity(deltas.len());
