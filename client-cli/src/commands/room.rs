@@ -1,7 +1,6 @@
 //! `room create|join|leave`, `rooms` and `members`.
 
 use crate::connect::{CallError, Ctx};
-use crate::output::escape_controls;
 use serde_json::json;
 
 /// `room create NAME`: a group room owned by the caller.
@@ -10,7 +9,7 @@ pub fn create(ctx: &mut Ctx, name: &str) -> Result<(), CallError> {
     let info = client.create_room(name)?;
     ctx.out.record(
         &json!({"room": info.room, "name": info.name}),
-        &format!("created room #{} {}", info.room, escape_controls(&info.name)),
+        &format!("created room #{} {}", info.room, info.name),
     )?;
     Ok(())
 }
@@ -19,8 +18,7 @@ pub fn create(ctx: &mut Ctx, name: &str) -> Result<(), CallError> {
 pub fn join(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;
     let info = client.join_room(room)?;
-    ctx.out
-        .record(&json!({"room": info.room}), &format!("joined room #{} {}", info.room, escape_controls(&info.name)))?;
+    ctx.out.record(&json!({"room": info.room}), &format!("joined room #{} {}", info.room, info.name))?;
     Ok(())
 }
 
@@ -40,7 +38,7 @@ pub fn list(ctx: &mut Ctx) -> Result<(), CallError> {
     for info in rooms {
         ctx.out.record(
             &json!({"room": info.room, "name": info.name, "head_seq": info.head_seq}),
-            &format!("#{} {} (latest seq {})", info.room, escape_controls(&info.name), info.head_seq),
+            &format!("#{} {} (latest seq {})", info.room, info.name, info.head_seq),
         )?;
     }
     Ok(())
@@ -52,7 +50,7 @@ pub fn members(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
     for member in client.members(room)? {
         ctx.out.record(
             &json!({"room": room, "user": member.user, "user_id": member.user_id, "role": member.role}),
-            &format!("{} (user {}) {}", escape_controls(&member.user), member.user_id, escape_controls(&member.role)),
+            &format!("{} (user {}) {}", member.user, member.user_id, member.role),
         )?;
     }
     Ok(())
