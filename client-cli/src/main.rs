@@ -3,6 +3,8 @@
 //!
 //! Exit codes: 0 success, 1 error (one line on stderr: `chime: what and why`), 2 usage error
 //! (from clap). A closed stdout (`chime history 3 | head`) counts as success, as in ripgrep.
+//! The error line and log lines carry the server's words, so they are escaped for the terminal
+//! like human output on stdout ([`output::escape_for_terminal`]).
 
 mod backoff;
 mod cli;
@@ -26,7 +28,7 @@ fn main() -> ExitCode {
         Err(err) => {
             // One line, whatever the causes contain.
             let line = format!("{err:#}").replace(['\n', '\r'], " ");
-            eprintln!("chime: {line}");
+            eprintln!("chime: {}", output::escape_for_terminal(&line));
             ExitCode::FAILURE
         }
     }
@@ -35,7 +37,10 @@ fn main() -> ExitCode {
 /// Logs go to stderr as `chime: LEVEL: message`; warnings by default, more with `RUST_LOG`.
 fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format(|buf, record| writeln!(buf, "chime: {}: {}", record.level().as_str().to_lowercase(), record.args()))
+        .format(|buf, record| {
+            let message = output::escape_for_terminal(&record.args().to_string());
+            writeln!(buf, "chime: {}: {message}", record.level().as_str().to_lowercase())
+        })
         .init();
 }
 
