@@ -1,7 +1,9 @@
 //! Runs the built `chime` binary against a scripted fake server on loopback (plaintext), to
 //! check what the real daemon cannot force on demand: `tail` filling a gap in live pushes,
 //! dropping duplicates and resuming from its last printed seq after the connection dies, and
-//! `send` retrying with the same idempotency key. Each script asserts what the client sends.
+//! `send` retrying with the same idempotency key, and server-chosen text (bidi overrides,
+//! invisible format characters) reaching the terminal only escaped. Each script asserts what the
+//! client sends.
 
 use chime_protocol::{
     frame, Authed, Delta, DeltaKind, DeltaPage, ErrorBody, ErrorCode, FrameType, History, Post, Posted, RoomCursor,
@@ -99,11 +101,12 @@ fn setup() -> (TcpListener, String, tempfile::TempDir) {
     (listener, addr, home)
 }
 
+/// Runs `chime` against the fake server: human output unless `args` hold `--json`.
 fn chime(home: &Path, addr: &str, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_chime"))
         .arg("--home")
         .arg(home)
-        .args(["--server", addr, "--plaintext", "--json"])
+        .args(["--server", addr, "--plaintext"])
         .args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -134,7 +137,7 @@ fn tail_fills_gaps_drops_duplicates_and_resumes_after_a_disconnect() {
         second
     });
 
-    let mut child = chime(home.path(), &addr, &["tail", "1", "--after", "0"]);
+    let mut child = chime(home.path(), &addr, &["--json", "tail", "1", "--after", "0"]);
     let stdout = child.stdout.take().expect("stdout");
     let (lines_tx, lines_rx) = mpsc::channel();
     thread::spawn(move || {
@@ -181,7 +184,7 @@ fn send_retries_with_the_same_idempotency_key() {
         assert_eq!(retry, post);
         second.reply(FrameType::POSTED, id, &Posted { room: 1, seq: 9, ts_ms: 0, duplicate: true });
     });
-    let child = chime(home.path(), &addr, &["send", "1", "hello", "there"]);
+    let child = chime(home.path(), &addr, &["--json", "send", "1", "hello", "there"]);
     let output = child.wait_with_output().expect("wait");
     server.join().expect("fake server script");
     assert_eq!(output.status.code(), Some(0), "{output:?}");
@@ -199,10 +202,80 @@ fn a_server_refusal_is_one_line_with_its_code() {
         let refusal = ErrorBody::new(ErrorCode::NOT_MEMBER, "not a member of room 3");
         conn.reply(FrameType::ERROR, id, &refusal);
     });
-    let child = chime(home.path(), &addr, &["history", "3"]);
+    let child = chime(home.path(), &addr, &["--json", "history", "3"]);
     let output = child.wait_with_output().expect("wait");
     server.join().expect("fake server script");
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(output.stdout.is_empty());
     assert_eq!(String::from_utf8_lossy(&output.stderr), "chime: not a member of room 3 (NOT_MEMBER)\n");
+}
+
+/// A room whose name, creator and first message were chosen to spoof the reader's terminal.
+fn spoofing_page() -> DeltaPage {
+    let mut create = delta(1);
+    create.kind = DeltaKind::CREATE;
+    create.author = "mal\u{2067}lory".into();
+    create.text = "gen\u{200b}eral".into();
+    let mut message = delta(2);
+    message.author = "mal\u{2067}lory".into();
+    message.text = "open invoice\u{202e}fdp.exe please".into();
+    DeltaPage { room: 1, deltas: vec![create, message], more: false, resume_after: 2 }
+}
+
+#[test]
+fn history_escapes_format_characters_for_people_and_keeps_them_in_json() {
+    let (listener, addr, home) = setup();
+    let server = thread::spawn(move || {
+        for _ in 0..2 {
+            let mut conn = Conn::accept(&listener);
+            conn.handshake();
+            let (id, history): (u32, History) = conn.expect(FrameType::HISTORY);
+            assert_eq!((history.room, history.after), (1, 0));
+            conn.reply(FrameType::DELTA_PAGE, id, &spoofing_page());
+        }
+    });
+
+    let human = chime(home.path(), &addr, &["history", "1"]).wait_with_output().expect("wait");
+    assert_eq!(human.status.code(), Some(0), "{human:?}");
+    let stdout = String::from_utf8(human.stdout).expect("utf-8");
+    for raw in ['\u{202e}', '\u{2067}', '\u{200b}'] {
+        assert!(!stdout.contains(raw), "raw {raw:?} in {stdout:?}");
+    }
+    assert_eq!(
+        stdout,
+        "[#1 1] 2026-11-22T10:00:00.001Z * mal\\u{2067}lory created the room \"gen\\u{200b}eral\"\n\
+         [#1 2] 2026-11-22T10:00:00.002Z mal\\u{2067}lory: open invoice\\u{202e}fdp.exe please\n"
+    );
+
+    let json = chime(home.path(), &addr, &["--json", "history", "1"]).wait_with_output().expect("wait");
+    server.join().expect("fake server script");
+    assert_eq!(json.status.code(), Some(0), "{json:?}");
+    let records: Vec<serde_json::Value> = String::from_utf8(json.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["author"], "mal\u{2067}lory");
+    assert_eq!(records[0]["text"], "gen\u{200b}eral");
+    assert_eq!(records[1]["text"], "open invoice\u{202e}fdp.exe please");
+}
+
+#[test]
+fn server_words_on_stderr_are_escaped() {
+    let (listener, addr, home) = setup();
+    let server = thread::spawn(move || {
+        let mut conn = Conn::accept(&listener);
+        conn.handshake();
+        let (id, _): (u32, History) = conn.expect(FrameType::HISTORY);
+        let refusal = ErrorBody::new(ErrorCode::NOT_MEMBER, "not a member of \u{202e}3 moor\u{1b}[2J");
+        conn.reply(FrameType::ERROR, id, &refusal);
+    });
+    let output = chime(home.path(), &addr, &["history", "3"]).wait_with_output().expect("wait");
+    server.join().expect("fake server script");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "chime: not a member of \\u{202e}3 moor\\u{1b}[2J (NOT_MEMBER)\n"
+    );
 }
