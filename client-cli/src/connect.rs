@@ -172,6 +172,7 @@ pub fn describe(err: &ClientError, server: &str) -> String {
         ClientError::Closed(None) => format!("{server} closed the connection"),
         ClientError::Timeout => format!("{server} did not answer in time"),
         ClientError::Decode(e) => format!("bad frame from {server}: {e}"),
+        ClientError::Encode(e) => format!("request not sent: {e}"),
         ClientError::Protocol(e) => format!("protocol error from {server}: {e}"),
     }
 }

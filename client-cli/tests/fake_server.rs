@@ -45,7 +45,7 @@ impl Conn {
     }
 
     fn reply<T: Serialize>(&mut self, ty: FrameType, id: u32, body: &T) {
-        self.0.write_all(&frame::encode(ty, id, body)).expect("write");
+        self.0.write_all(&frame::encode(ty, id, body).expect("small frame")).expect("write");
     }
 
     fn push(&mut self, delta: Delta) {
@@ -56,7 +56,7 @@ impl Conn {
     fn handshake(&mut self) {
         let (id, _): (u32, chime_protocol::Hello) = self.expect(FrameType::HELLO);
         let welcome = Welcome {
-            protocol_version: 1,
+            protocol_version: chime_protocol::PROTOCOL_VERSION,
             server_name: "fake".into(),
             server_version: "0".into(),
             max_frame: frame::DEFAULT_MAX_FRAME,

@@ -5,10 +5,21 @@
 //! allocation for every recipient), and SYNC state is boxed and created on first use. An idle
 //! plaintext connection is this struct, its slab slot, and its room subscriptions.
 //!
-//! Outbound frames wait in a bounded queue and are written with vectored writes, so many frames
-//! queued during one loop iteration leave in one system call. A connection whose queue passes the
-//! limit is told to resync and closed (see `Conn::queue`), so a reader that stopped reading
-//! costs a bounded amount of memory and nobody else's latency.
+//! ## What a queued frame costs
+//!
+//! The outbound queue is bounded by what it costs in memory, not by frame bytes alone: a queue of
+//! ten thousand 22-byte PONGs, each its own allocation and queue slot, costs far more than 220 KB.
+//! So small frames are not queued one by one: they are copied into one coalescing buffer at the
+//! queue's tail (a PONG costs its 22 bytes), and every queued `Bytes` is charged its length plus
+//! [`CHUNK_OVERHEAD`] for its slot and allocation. [`Conn::cost`] is that sum plus the capacity of
+//! the queue and of the coalescing buffer; it is what `max_outbound_bytes` bounds, and what the
+//! server-wide budget adds up.
+//!
+//! A connection whose queue passes the limit is told to resync and closed (see [`Conn::queue`]);
+//! one that makes no write progress for the write timeout is closed outright
+//! ([`Conn::stalled_since`]), closing or not, so a peer with a zero TCP window cannot hold its
+//! memory. Outbound frames are written with vectored writes, so many frames queued during one
+//! loop iteration leave in one system call.
 
 use crate::sync::SyncState;
 use crate::worker::ConnRef;
@@ -44,16 +55,28 @@ pub struct Session {
     pub token_hash: [u8; 32],
 }
 
-/// What sort of frame is queued, for the slow-consumer policy: ephemeral frames (typing,
-/// presence) are dropped first when a queue is over its limit; anything else overflowing means
-/// the client must resync.
+/// What sort of frame is queued, for the memory accounting and the slow-consumer policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Replies and durable deltas.
-    Durable,
-    /// State that the next update supersedes.
+    /// A reply or page made for this connection alone. Small ones are coalesced.
+    Own,
+    /// A slice of frames shared with other connections (published deltas): counted against this
+    /// connection's limit, but its memory is counted once, server-wide, by its owner.
+    Shared,
+    /// State that the next update supersedes (typing, presence): dropped first when the queue
+    /// is over its limit.
     Ephemeral,
 }
+
+/// Frames at most this long are copied into the coalescing buffer instead of queued as a `Bytes`.
+const COALESCE_MAX: usize = 512;
+
+/// The coalescing buffer is sealed into a chunk once it holds this much.
+const TAIL_CAP: usize = 16 * 1024;
+
+/// What one queued `Bytes` costs beyond its bytes: its queue slot (a `Bytes` and a class) plus the
+/// allocator's header of the buffer it points into. An estimate, on the high side.
+pub const CHUNK_OVERHEAD: usize = 64;
 
 /// One connection.
 pub struct Conn {
@@ -67,26 +90,43 @@ pub struct Conn {
     pub phase: Phase,
     /// Bytes read but not yet decoded (a partial frame). Empty, unallocated, most of the time.
     pub rbuf: BytesMut,
-    /// Frames waiting to be written; the front one may be partly written already.
+    /// Frames waiting to be written, before `tail`; the front one may be partly written already.
     outq: VecDeque<(Bytes, Class)>,
-    /// Bytes in `outq`.
+    /// Small frames coalesced after `outq`, written after it.
+    tail: BytesMut,
+    /// Bytes in `outq` not yet written.
     out_bytes: usize,
     /// Ephemeral bytes in `outq`.
     ephemeral_bytes: usize,
-    /// Rooms whose pushes this connection receives (it is in each room's subscriber list).
+    /// Bytes of `Class::Own` chunks in `outq` (what the server-wide budget counts for this
+    /// connection, with `tail`'s capacity).
+    own_bytes: usize,
+    /// Rooms whose pushes this connection receives (it is in each room's subscriber list),
+    /// ascending, so membership checks are a binary search.
     pub rooms: Vec<u64>,
     /// SYNC and catch-up state, created on first SYNC.
     pub sync: Option<Box<SyncState>>,
     /// Loop tick (seconds) at which a frame last arrived.
     pub last_heard: u32,
+    /// Loop tick at which the connection last entered an unauthenticated state (accepted, or
+    /// logged out): it must log in within the auth timeout from then.
+    pub unauth_since: u32,
     /// A PING is outstanding.
     pub ping_sent: bool,
     /// Requests handed to workers and not yet answered; reading pauses at a cap.
     pub inflight: u32,
+    /// Of `inflight`, the jobs on the shared queue (reads, sync pages): capped lower, so one
+    /// connection cannot fill the queue that every other connection's reads wait in.
+    pub shared_inflight: u32,
+    /// A decoded request that waits for a shared-queue slot of this connection.
+    pub parked: Option<chime_protocol::RawFrame>,
     /// Set once the connection must close after flushing what is queued.
     pub closing: bool,
     /// Whether the connection is in the loop's list of connections to flush.
     pub dirty: bool,
+    /// Since when (loop tick) output has been waiting with no byte written: the write timeout
+    /// runs from here. `None` when nothing is pending or the last flush made progress.
+    pub stalled_since: Option<u32>,
 }
 
 /// Outcome of a read.
@@ -102,7 +142,7 @@ pub enum ReadOutcome {
 /// How many bytes one readable event may consume before yielding to other connections.
 const READ_BUDGET: usize = 256 * 1024;
 
-/// Largest number of queued frames handed to one vectored write.
+/// Largest number of queued chunks handed to one vectored write.
 const MAX_IOVECS: usize = 128;
 
 impl Conn {
@@ -122,15 +162,21 @@ impl Conn {
             phase: Phase::Handshake,
             rbuf: BytesMut::new(),
             outq: VecDeque::new(),
+            tail: BytesMut::new(),
             out_bytes: 0,
             ephemeral_bytes: 0,
+            own_bytes: 0,
             rooms: Vec::new(),
             sync: None,
             last_heard: now,
+            unauth_since: now,
             ping_sent: false,
             inflight: 0,
+            shared_inflight: 0,
+            parked: None,
             closing: false,
             dirty: false,
+            stalled_since: None,
         }
     }
 
@@ -147,34 +193,84 @@ impl Conn {
         }
     }
 
-    /// Bytes queued for sending.
+    /// Whether the connection receives `room`'s pushes.
+    pub fn subscribed(&self, room: u64) -> bool {
+        self.rooms.binary_search(&room).is_ok()
+    }
+
+    /// Bytes queued for sending (not counting overheads).
     pub fn queued_bytes(&self) -> usize {
+        self.out_bytes + self.tail.len()
+    }
+
+    /// What the outbound queue costs in memory: every byte queued, [`CHUNK_OVERHEAD`] per queued
+    /// chunk, the queue's slots and the coalescing buffer's capacity.
+    pub fn cost(&self) -> usize {
         self.out_bytes
+            + self.outq.len() * CHUNK_OVERHEAD
+            + self.outq.capacity() * std::mem::size_of::<(Bytes, Class)>()
+            + self.tail.capacity()
+    }
+
+    /// The part of [`Conn::cost`] that is this connection's alone (shared chunks are counted
+    /// server-wide once, by their owner): what the server-wide budget adds up per connection.
+    pub fn own_cost(&self) -> usize {
+        self.own_bytes
+            + self.outq.len() * CHUNK_OVERHEAD
+            + self.outq.capacity() * std::mem::size_of::<(Bytes, Class)>()
+            + self.tail.capacity()
     }
 
     /// Whether anything waits to be written (in the queue or inside TLS).
     pub fn has_pending_output(&self) -> bool {
-        self.out_bytes > 0 || self.tls.as_ref().is_some_and(|t| t.wants_write())
+        self.out_bytes > 0 || !self.tail.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 
-    /// Queues a frame. Returns false when the queue is over `limit` even after dropping ephemeral
-    /// frames: the caller must then cut the connection off with a resync.
+    /// Queues a frame. Returns false when the queue's cost would pass `limit` even after dropping
+    /// ephemeral frames: the caller must then cut the connection off with a resync.
     pub fn queue(&mut self, frame: Bytes, class: Class, limit: usize) -> bool {
         if frame.is_empty() || self.closing {
             return true;
         }
-        if self.out_bytes + frame.len() > limit {
+        let coalesce = class == Class::Own && frame.len() <= COALESCE_MAX;
+        // Coalescing may grow the buffer by about the frame's length; a chunk adds its overhead.
+        // (The buffer can overshoot by one growth step, at most `TAIL_CAP`.)
+        let added = if coalesce { frame.len() } else { frame.len() + CHUNK_OVERHEAD };
+        if self.cost() + added > limit {
             self.drop_ephemeral();
-            if self.out_bytes + frame.len() > limit {
+            if self.cost() + added > limit {
                 return false;
             }
         }
+        if coalesce {
+            if self.tail.len() + frame.len() > TAIL_CAP {
+                self.seal_tail();
+            }
+            self.tail.extend_from_slice(&frame);
+            return true;
+        }
+        self.seal_tail();
+        self.push_chunk(frame, class);
+        true
+    }
+
+    fn push_chunk(&mut self, frame: Bytes, class: Class) {
         self.out_bytes += frame.len();
-        if class == Class::Ephemeral {
-            self.ephemeral_bytes += frame.len();
+        match class {
+            Class::Ephemeral => self.ephemeral_bytes += frame.len(),
+            Class::Own => self.own_bytes += frame.len(),
+            Class::Shared => {}
         }
         self.outq.push_back((frame, class));
-        true
+    }
+
+    /// Moves the coalesced small frames into the queue as one chunk, so a larger frame queued
+    /// next goes out after them.
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            let sealed = self.tail.split().freeze();
+            self.push_chunk(sealed, Class::Own);
+        }
     }
 
     fn drop_ephemeral(&mut self) {
@@ -183,31 +279,39 @@ impl Conn {
         }
         // The front frame may be half written; it must go out whole.
         let front = self.outq.pop_front();
-        self.outq.retain(|(b, c)| {
-            let keep = *c == Class::Durable;
-            if !keep {
-                self.out_bytes -= b.len();
-            }
-            keep
-        });
+        self.outq.retain(|(b, c)| *c != Class::Ephemeral || b.is_empty());
         if let Some(f) = front {
             self.outq.push_front(f);
         }
-        self.ephemeral_bytes = self.outq.iter().filter(|(_, c)| *c == Class::Ephemeral).map(|(b, _)| b.len()).sum();
+        self.recount();
+    }
+
+    /// Recomputes the byte counters from the queue (after removing chunks in the middle).
+    fn recount(&mut self) {
+        let count = |class: Class| self.outq.iter().filter(|(_, c)| *c == class).map(|(b, _)| b.len()).sum();
+        self.out_bytes = self.outq.iter().map(|(b, _)| b.len()).sum();
+        self.ephemeral_bytes = count(Class::Ephemeral);
+        self.own_bytes = count(Class::Own);
     }
 
     /// Replaces everything queued with a GOODBYE and marks the connection closing. Used when the
-    /// queue overflowed (the client must resync) and on an idle timeout.
+    /// queue overflowed (the client must resync), on an idle or auth timeout, and when the
+    /// session was revoked.
     pub fn goodbye(&mut self, code: ErrorCode, message: &str, resync: bool) {
         if self.closing {
             return;
         }
         // Keep the front frame, which may be partly written, so the stream stays parseable up to
         // the GOODBYE.
-        self.outq.truncate(1);
-        self.out_bytes = self.outq.iter().map(|(b, _)| b.len()).sum();
-        self.ephemeral_bytes = self.outq.iter().filter(|(_, c)| *c == Class::Ephemeral).map(|(b, _)| b.len()).sum();
+        // When the queue is empty, the coalescing buffer's front may be the partly written frame:
+        // it is kept whole (it is small).
+        if !self.outq.is_empty() {
+            self.outq.truncate(1);
+            self.tail.clear();
+        }
+        self.recount();
         self.push_goodbye(code, message, resync);
+        self.give_back_memory();
     }
 
     /// Queues a GOODBYE after what is already queued, then closes (graceful shutdown: replies
@@ -219,9 +323,11 @@ impl Conn {
     }
 
     fn push_goodbye(&mut self, code: ErrorCode, message: &str, resync: bool) {
-        let frame = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync }).encode(0);
-        self.out_bytes += frame.len();
-        self.outq.push_back((frame, Class::Durable));
+        let goodbye = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync });
+        if let Ok(frame) = goodbye.encode(0) {
+            self.seal_tail();
+            self.push_chunk(frame, Class::Own);
+        }
         self.closing = true;
     }
 
@@ -266,78 +372,118 @@ impl Conn {
     /// Gives back the memory of empty buffers (called once a second): a busy connection keeps
     /// its queue's allocation between bursts, an idle one holds none.
     pub fn shrink_idle(&mut self) {
-        if self.outq.is_empty() && self.outq.capacity() > 0 {
-            self.outq = VecDeque::new();
+        if self.outq.is_empty() && self.tail.is_empty() {
+            self.give_back_memory();
         }
         self.shrink_read_buffer();
     }
 
-    /// Writes as much as the socket takes. Returns Err when the socket failed.
-    pub fn flush(&mut self) -> io::Result<()> {
-        match self.tls.is_some() {
-            false => self.flush_plain(),
-            true => self.flush_tls(),
+    /// Frees the queue's and the coalescing buffer's spare capacity.
+    fn give_back_memory(&mut self) {
+        if self.outq.is_empty() && self.outq.capacity() > 0 {
+            self.outq = VecDeque::new();
+        } else if self.outq.capacity() > 4 * self.outq.len().max(8) {
+            self.outq.shrink_to_fit();
+        }
+        if self.tail.is_empty() && self.tail.capacity() > 0 {
+            self.tail = BytesMut::new();
         }
     }
 
-    fn flush_plain(&mut self) -> io::Result<()> {
-        while !self.outq.is_empty() {
+    /// Writes as much as the socket takes. Returns Err when the socket failed. `now` (the loop's
+    /// tick) starts the write timeout when output is left waiting with no progress.
+    pub fn flush(&mut self, now: u32) -> io::Result<()> {
+        let before = self.queued_bytes();
+        let (result, wrote) = match self.tls.is_some() {
+            false => self.flush_plain(),
+            true => self.flush_tls(),
+        };
+        // Moving plaintext into rustls counts as progress too: it is bounded by rustls' buffer
+        // limit, so a stuck socket stops it within one buffer.
+        if wrote || self.queued_bytes() < before || !self.has_pending_output() {
+            self.stalled_since = None;
+        }
+        if self.has_pending_output() && self.stalled_since.is_none() {
+            self.stalled_since = Some(now);
+        }
+        result
+    }
+
+    /// Returns the outcome and whether any byte reached the socket.
+    fn flush_plain(&mut self) -> (io::Result<()>, bool) {
+        let mut wrote = false;
+        while self.out_bytes > 0 || !self.tail.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
-            for (b, _) in self.outq.iter().take(MAX_IOVECS) {
+            for (b, _) in self.outq.iter().take(MAX_IOVECS - 1) {
                 slices[n] = IoSlice::new(b);
                 n += 1;
             }
+            if n < MAX_IOVECS - 1 && !self.tail.is_empty() {
+                slices[n] = IoSlice::new(&self.tail);
+                n += 1;
+            }
             match self.sock.write_vectored(&slices[..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => self.consume(written),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), wrote),
+                Ok(written) => {
+                    wrote = true;
+                    self.consume(written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Ok(()), wrote),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => return (Err(e), wrote),
             }
         }
-        Ok(())
+        (Ok(()), wrote)
     }
 
-    fn flush_tls(&mut self) -> io::Result<()> {
-        let Some(tls) = self.tls.as_mut() else {
-            return Ok(());
-        };
+    fn flush_tls(&mut self) -> (io::Result<()>, bool) {
+        let mut wrote = false;
         loop {
+            let Some(tls) = self.tls.as_mut() else {
+                return (Ok(()), wrote);
+            };
             // Move queued plaintext into rustls (bounded by its buffer limit), then push records.
-            while let Some((front, _)) = self.outq.front() {
-                let taken = tls.writer().write(front)?;
+            loop {
+                let front: &[u8] = match self.outq.front() {
+                    Some((b, _)) => b,
+                    None if !self.tail.is_empty() => &self.tail,
+                    None => break,
+                };
+                let taken = match tls.writer().write(front) {
+                    Ok(n) => n,
+                    Err(e) => return (Err(e), wrote),
+                };
                 if taken == 0 {
                     break;
                 }
-                let len = front.len();
-                if taken == len {
-                    if let Some((b, c)) = self.outq.pop_front() {
-                        self.out_bytes -= b.len();
-                        if c == Class::Ephemeral {
-                            self.ephemeral_bytes -= b.len();
-                        }
-                    }
-                } else {
-                    consume(&mut self.outq, &mut self.out_bytes, &mut self.ephemeral_bytes, taken);
-                    break;
-                }
+                consume(
+                    &mut self.outq,
+                    &mut self.tail,
+                    &mut self.out_bytes,
+                    &mut self.ephemeral_bytes,
+                    &mut self.own_bytes,
+                    taken,
+                );
             }
+            let Some(tls) = self.tls.as_mut() else {
+                return (Ok(()), wrote);
+            };
             if !tls.wants_write() {
-                return Ok(());
+                return (Ok(()), wrote);
             }
             match tls.write_tls(&mut self.sock) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), wrote),
+                Ok(_) => wrote = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Ok(()), wrote),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return (Err(e), wrote),
             }
         }
     }
 
     fn consume(&mut self, n: usize) {
-        consume(&mut self.outq, &mut self.out_bytes, &mut self.ephemeral_bytes, n);
+        consume(&mut self.outq, &mut self.tail, &mut self.out_bytes, &mut self.ephemeral_bytes, &mut self.own_bytes, n);
     }
 
     /// Whether the TLS handshake is still running (then the stream carries no frames yet).
@@ -354,26 +500,38 @@ impl Conn {
     }
 }
 
-/// Drops `n` written bytes from the front of a queue, keeping the byte counts right.
-fn consume(outq: &mut VecDeque<(Bytes, Class)>, out_bytes: &mut usize, ephemeral: &mut usize, mut n: usize) {
-    *out_bytes -= n;
+/// Drops `n` written bytes from the front of the queue (chunks first, then the coalescing
+/// buffer), keeping the byte counts right.
+fn consume(
+    outq: &mut VecDeque<(Bytes, Class)>,
+    tail: &mut BytesMut,
+    out_bytes: &mut usize,
+    ephemeral: &mut usize,
+    own: &mut usize,
+    mut n: usize,
+) {
     while n > 0 {
         let Some((front, class)) = outq.front_mut() else {
-            break;
-        };
-        let is_eph = *class == Class::Ephemeral;
-        if n >= front.len() {
-            n -= front.len();
-            if is_eph {
-                *ephemeral -= front.len();
+            let k = n.min(tail.len());
+            tail.advance(k);
+            if tail.is_empty() {
+                // Keeps the allocation for the next burst; `shrink_idle` frees it when idle.
+                tail.clear();
             }
+            return;
+        };
+        let k = n.min(front.len());
+        *out_bytes -= k;
+        match class {
+            Class::Ephemeral => *ephemeral -= k,
+            Class::Own => *own -= k,
+            Class::Shared => {}
+        }
+        n -= k;
+        if k == front.len() {
             outq.pop_front();
         } else {
-            front.advance(n);
-            if is_eph {
-                *ephemeral -= n;
-            }
-            n = 0;
+            front.advance(k);
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::conn::{Class, Conn, Phase, ReadOutcome, Session};
 use crate::ratelimit::{KeyedLimiter, TokenBucket};
 use crate::sync::{Action, DEFAULT_PAGE, MAX_PAGE};
 use crate::tls::{fingerprint_hex, TlsSetup};
-use crate::worker::{Actor, Completion, ConnRef, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
+use crate::worker::{Actor, Completion, ConnRef, EncodeReply, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
 use anyhow::Context as _;
 use bytes::Bytes;
 use chime_protocol::{
@@ -473,13 +473,13 @@ impl Server {
                     max_frame: self.config.max_frame,
                     heartbeat_secs: self.config.heartbeat_secs,
                 };
-                self.reply(key, ServerFrame::Welcome(welcome).encode(rid));
+                self.reply(key, ServerFrame::Welcome(welcome).reply(rid));
             }
             (Phase::Handshake, _) => {
                 self.error_and_close(key, rid, ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO")
             }
             (_, ClientFrame::Hello(_)) => self.error(key, rid, ErrorCode::BAD_FRAME, "HELLO was already received"),
-            (_, ClientFrame::Ping(p)) => self.reply(key, ServerFrame::Pong(p).encode(rid)),
+            (_, ClientFrame::Ping(p)) => self.reply(key, ServerFrame::Pong(p).reply(rid)),
             (_, ClientFrame::Pong(_)) => {}
             (_, _) if self.shutdown_deadline.is_some() => {
                 self.error(key, rid, ErrorCode::SHUTTING_DOWN, "server shutting down; retry after reconnecting")
@@ -565,6 +565,9 @@ impl Server {
                 let actions = conn.sync.get_or_insert_with(Default::default).start(rid, &req.rooms, req.page_size);
                 self.apply(key, actions);
                 return;
+            }
+            ClientFrame::ListSessions(_) | ClientFrame::RevokeSessions(_) => {
+                return self.error(key, rid, ErrorCode::UNKNOWN_TYPE, "sessions are not listed by this build yet")
             }
             ClientFrame::Hello(_) | ClientFrame::Ping(_) | ClientFrame::Pong(_) => return,
             ClientFrame::Register(_) | ClientFrame::Login(_) | ClientFrame::Resume(_) => return,
@@ -857,12 +860,12 @@ impl Server {
                 continue;
             };
             let ok = match c.sync.as_mut() {
-                None => c.queue(p.frames.clone(), Class::Durable, limit),
+                None => c.queue(p.frames.clone(), Class::Shared, limit),
                 Some(sync) => {
                     let mut ok = true;
                     for a in sync.push(p) {
                         match a {
-                            Action::Send(b) => ok &= c.queue(b, Class::Durable, limit),
+                            Action::Send(b) => ok &= c.queue(b, Class::Own, limit),
                             // Rare (a gap in live pushes); applied after the fan-out.
                             fetch @ Action::Fetch { .. } => fetches.push((key, fetch)),
                         }
@@ -885,14 +888,14 @@ impl Server {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        if !c.queue(frame, Class::Durable, limit) {
+        if !c.queue(frame, Class::Own, limit) {
             c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
         }
         self.mark_dirty(key);
     }
 
     fn error(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
-        self.reply(key, ServerFrame::Error(ErrorBody::new(code, message)).encode(rid));
+        self.reply(key, ServerFrame::Error(ErrorBody::new(code, message)).reply(rid));
     }
 
     /// An ERROR for the request, then a GOODBYE with the same reason, then close.
@@ -918,7 +921,7 @@ impl Server {
         for key in dirty.drain(..) {
             let Some(c) = self.conns.get_mut(key) else { continue };
             c.dirty = false;
-            if let Err(e) = c.flush() {
+            if let Err(e) = c.flush(self.now_secs) {
                 log::debug!("write to {} failed: {e}", c.peer);
                 self.close(key);
                 continue;
@@ -967,7 +970,7 @@ impl Server {
             self.close(key);
         }
         for key in to_ping {
-            self.reply(key, ServerFrame::Ping(Ping { nonce: u64::from(now) }).encode(0));
+            self.reply(key, ServerFrame::Ping(Ping { nonce: u64::from(now) }).reply(0));
         }
         self.flush_dirty();
     }

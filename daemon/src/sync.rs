@@ -19,7 +19,7 @@
 //!
 //! The state machine is pure: it returns [`Action`]s and leaves sockets and workers to the loop.
 
-use crate::worker::Published;
+use crate::worker::{EncodeReply, Published};
 use bytes::Bytes;
 use chime_protocol::{Delta, DeltaPage, RoomCursor, ServerFrame, SyncDone};
 use std::collections::{HashMap, VecDeque};
@@ -201,12 +201,15 @@ impl SyncState {
         match request {
             Some(id) => {
                 let page = DeltaPage { room, deltas: fresh, more: !caught_up, resume_after: track.delivered };
-                actions.push(Action::Send(ServerFrame::DeltaPage(page).encode(id)));
+                actions.push(Action::Send(ServerFrame::DeltaPage(page).reply(id)));
             }
             None => {
                 let mut buf = Vec::new();
                 for d in fresh {
-                    ServerFrame::Delta(d).encode_into(&mut buf, 0);
+                    if let Err(e) = ServerFrame::Delta(d).encode_into(&mut buf, 0) {
+                        log::error!("not sending room {room}'s catch-up: {e}");
+                        break;
+                    }
                 }
                 if !buf.is_empty() {
                     actions.push(Action::Send(Bytes::from(buf)));
@@ -291,7 +294,7 @@ impl SyncState {
                 .iter()
                 .map(|&room| RoomCursor { room, seq: tracks.get(&room).map_or(0, |t| t.delivered) })
                 .collect();
-            actions.push(Action::Send(ServerFrame::SyncDone(SyncDone { heads }).encode(r.id)));
+            actions.push(Action::Send(ServerFrame::SyncDone(SyncDone { heads }).reply(r.id)));
             false
         });
         actions

@@ -108,6 +108,27 @@ pub struct Published {
     pub ends: Vec<u32>,
 }
 
+/// Encoding for the daemon's replies: the protocol's encoder refuses a frame over the largest
+/// frame size, and a reply that would not fit (a bug: every list is paged and every page is cut
+/// to a byte budget) goes out as an `INTERNAL` error instead, logged.
+pub trait EncodeReply {
+    /// The encoded frame, or an `INTERNAL` error frame with the same request id.
+    fn reply(&self, request_id: u32) -> Bytes;
+}
+
+impl EncodeReply for ServerFrame {
+    fn reply(&self, request_id: u32) -> Bytes {
+        match self.encode(request_id) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log::error!("not sending a reply: {e}");
+                let error = ErrorBody::new(ErrorCode::INTERNAL, "the reply would exceed the largest frame size");
+                ServerFrame::Error(error).encode(request_id).unwrap_or_default()
+            }
+        }
+    }
+}
+
 impl Published {
     /// The seq of the last delta.
     pub fn last_seq(&self) -> u64 {
@@ -132,8 +153,16 @@ impl Published {
         let mut buf = Vec::with_capacity(deltas.len() * 96);
         let mut ends = Vec::with_capacity(deltas.len());
         for d in deltas {
-            ServerFrame::Delta(d.clone()).encode_into(&mut buf, 0);
+            if let Err(e) = ServerFrame::Delta(d.clone()).encode_into(&mut buf, 0) {
+                // Cannot happen for texts within the limits; the deltas encoded so far are still
+                // contiguous, and a client's gap check finds the rest in the log.
+                log::error!("not publishing room {room} from seq {}: {e}", d.seq);
+                break;
+            }
             ends.push(buf.len() as u32);
+        }
+        if ends.is_empty() {
+            return None;
         }
         Some(Published { room, first_seq, frames: Bytes::from(buf), ends })
     }
@@ -290,7 +319,7 @@ impl Pool {
 }
 
 fn error_frame(to: &ReplyTo, code: ErrorCode, message: impl Into<String>) -> Bytes {
-    ServerFrame::Error(ErrorBody::new(code, message)).encode(to.request_id)
+    ServerFrame::Error(ErrorBody::new(code, message)).reply(to.request_id)
 }
 
 /// Maps a store error to the wire, logging what the client is not told.
@@ -381,11 +410,11 @@ fn commit_posts(store: &mut dyn Store, posts: &mut Vec<(ReplyTo, NewPost)>, out:
                             Some((_, v)) => v.push(delta),
                             None => by_room.push((delta.room, vec![delta])),
                         }
-                        ServerFrame::Posted(posted).encode(to.request_id)
+                        ServerFrame::Posted(posted).reply(to.request_id)
                     }
                     PostOutcome::Duplicate { seq, ts_ms } => {
                         ServerFrame::Posted(Posted { room: post.room, seq, ts_ms, duplicate: true })
-                            .encode(to.request_id)
+                            .reply(to.request_id)
                     }
                     PostOutcome::NotMember => {
                         error_frame(to, ErrorCode::NOT_MEMBER, format!("not a member of room {}", post.room))
@@ -419,7 +448,7 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
             }
         }
         Job::Logout { to, token_hash } => match store.revoke_session(&token_hash, now_ms()) {
-            Ok(_) => Completion::LoggedOut { frame: ServerFrame::Done(Default::default()).encode(to.request_id), to },
+            Ok(_) => Completion::LoggedOut { frame: ServerFrame::Done(Default::default()).reply(to.request_id), to },
             Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
         },
         Job::CreateRoom { to, actor, name, kind } => {
@@ -430,7 +459,7 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
                     room: room.id,
                     joined: true,
                     published: Published::encode(room.id, std::slice::from_ref(&delta)),
-                    frame: ServerFrame::RoomInfo(room_info(&room)).encode(to.request_id),
+                    frame: ServerFrame::RoomInfo(room_info(&room)).reply(to.request_id),
                 },
                 Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
             }
@@ -443,7 +472,7 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
                     room,
                     joined: true,
                     published: delta.and_then(|d| Published::encode(room, &[d])),
-                    frame: ServerFrame::RoomInfo(room_info(&rec)).encode(to.request_id),
+                    frame: ServerFrame::RoomInfo(room_info(&rec)).reply(to.request_id),
                 },
                 Ok(None) => Completion::Reply { frame: error_frame(&to, ErrorCode::NOT_FOUND, "no such room"), to },
                 Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
@@ -457,14 +486,17 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
                 room,
                 joined: false,
                 published: Published::encode(room, &[delta]),
-                frame: ServerFrame::Done(Default::default()).encode(to.request_id),
+                frame: ServerFrame::Done(Default::default()).reply(to.request_id),
             },
             Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
         },
         Job::ListRooms { to, actor } => match store.rooms_of_user(actor.user_id) {
             Ok(rooms) => Completion::Reply {
-                frame: ServerFrame::RoomList(RoomList { rooms: rooms.iter().map(room_info).collect() })
-                    .encode(to.request_id),
+                frame: ServerFrame::RoomList(RoomList {
+                    rooms: rooms.iter().map(room_info).collect(),
+                    next_after: None,
+                })
+                .reply(to.request_id),
                 to,
             },
             Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
@@ -486,7 +518,7 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
                                 .collect(),
                             next_after,
                         })
-                        .encode(to.request_id)
+                        .reply(to.request_id)
                     }
                     Err(e) => store_error_frame(&to, &e),
                 },
@@ -543,7 +575,7 @@ fn fetch(
     match purpose {
         FetchPurpose::History => {
             let resume_after = deltas.last().map_or(after, |d| d.seq);
-            let frame = ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after }).encode(to.request_id);
+            let frame = ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after }).reply(to.request_id);
             Completion::Reply { to, frame }
         }
         FetchPurpose::Sync => Completion::Page { to, room, after, deltas, more },
@@ -560,7 +592,7 @@ fn logged_in(
 ) -> Completion {
     match store.rooms_of_user(user_id) {
         Ok(rooms) => Completion::LoggedIn {
-            frame: ServerFrame::Authed(Authed { user_id, user: name.clone(), token }).encode(to.request_id),
+            frame: ServerFrame::Authed(Authed { user_id, user: name.clone(), token }).reply(to.request_id),
             to,
             user_id,
             name,
@@ -642,7 +674,7 @@ mod tests {
         assert_eq!(p.last_seq(), 7);
         assert_eq!(p.frames_after(0), p.frames);
         assert_eq!(p.frames_after(4), p.frames);
-        let one = ServerFrame::Delta(delta(7)).encode(0);
+        let one = ServerFrame::Delta(delta(7)).reply(0);
         assert_eq!(p.frames_after(6), one);
         assert!(p.frames_after(7).is_empty());
         assert!(p.frames_after(100).is_empty());

@@ -13,7 +13,7 @@
 //!
 //! Only `std` is used (no unix-specific APIs), so the client builds for Windows unchanged.
 
-use crate::frame::{DecodeError, FrameDecoder, DEFAULT_MAX_FRAME};
+use crate::frame::{DecodeError, EncodeError, FrameDecoder, DEFAULT_MAX_FRAME};
 use crate::messages::*;
 use crate::types::{ErrorCode, RoomKind};
 use crate::{MAGIC, PROTOCOL_VERSION};
@@ -30,8 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Page size [`Client::members`] asks for.
-const MEMBERS_PAGE: u32 = 500;
+/// Page size [`Client::members`], [`Client::list_rooms`] and [`Client::list_sessions`] ask for.
+const PAGE: u32 = 500;
 
 /// How to reach a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +88,9 @@ pub enum ClientError {
     /// The server sent bytes that are not a valid frame.
     #[error("undecodable frame from server: {0}")]
     Decode(#[from] DecodeError),
+    /// The request would not fit in one frame (a text too long, say); nothing was sent.
+    #[error("request not sent: {0}")]
+    Encode(#[from] EncodeError),
     /// The server answered the request with an `ERROR`.
     #[error("server error: {0}")]
     Server(ErrorBody),
@@ -111,6 +114,7 @@ impl ClientError {
             ClientError::Tls(_)
             | ClientError::FingerprintMismatch { .. }
             | ClientError::Decode(_)
+            | ClientError::Encode(_)
             | ClientError::Protocol(_) => false,
         }
     }
@@ -308,35 +312,77 @@ impl Client {
         }
     }
 
-    /// `LIST_ROOMS`: the rooms the user is in.
+    /// Every room the user is in, fetched with `LIST_ROOMS` pages of 500 until `next_after` is
+    /// `None`.
     pub fn list_rooms(&mut self) -> Result<Vec<RoomInfo>, ClientError> {
-        match self.request(&ClientFrame::ListRooms(Empty {}))? {
-            ServerFrame::RoomList(l) => Ok(l.rooms),
-            other => Err(unexpected("ROOM_LIST", &other)),
-        }
+        self.all_pages(
+            "ROOM_LIST",
+            |after_room| ClientFrame::ListRooms(ListRooms { after_room, limit: PAGE }),
+            |f| match f {
+                ServerFrame::RoomList(l) => Ok((l.rooms, l.next_after)),
+                other => Err(other),
+            },
+        )
     }
 
     /// All members of a room, fetched with `LIST_MEMBERS` pages of 500 until `next_after` is
     /// `None`.
     pub fn members(&mut self, room: u64) -> Result<Vec<MemberInfo>, ClientError> {
+        self.all_pages(
+            "MEMBER_LIST",
+            |after_user| ClientFrame::ListMembers(ListMembers { room, after_user, limit: PAGE }),
+            |f| match f {
+                ServerFrame::MemberList(l) => Ok((l.members, l.next_after)),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// The user's live sessions, fetched with `LIST_SESSIONS` pages of 500.
+    pub fn list_sessions(&mut self) -> Result<Vec<SessionInfo>, ClientError> {
+        self.all_pages(
+            "SESSION_LIST",
+            |after_session| ClientFrame::ListSessions(ListSessions { after_session, limit: PAGE }),
+            |f| match f {
+                ServerFrame::SessionList(l) => Ok((l.sessions, l.next_after)),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// `REVOKE_SESSIONS`: revokes one session of the user, or all of them with `None`; returns
+    /// how many were revoked. Revoking the session in use ends this connection right after the
+    /// reply (the next read returns `Closed` with GOODBYE `SESSION_REVOKED`).
+    pub fn revoke_sessions(&mut self, session: Option<u64>) -> Result<u32, ClientError> {
+        match self.request(&ClientFrame::RevokeSessions(RevokeSessions { session }))? {
+            ServerFrame::SessionsRevoked(r) => Ok(r.count),
+            other => Err(unexpected("SESSIONS_REVOKED", &other)),
+        }
+    }
+
+    /// Requests pages until the reply's cursor is `None`. `request` builds the request for a
+    /// cursor; `page` splits a reply into its items and next cursor (or gives the frame back when
+    /// it is not the expected reply, named `what`).
+    fn all_pages<T>(
+        &mut self,
+        what: &str,
+        request: impl Fn(u64) -> ClientFrame,
+        page: impl Fn(ServerFrame) -> Result<(Vec<T>, Option<u64>), ServerFrame>,
+    ) -> Result<Vec<T>, ClientError> {
         let mut all = Vec::new();
-        let mut after_user = 0;
+        let mut after = 0;
         loop {
-            let req = ListMembers { room, after_user, limit: MEMBERS_PAGE };
-            let page = match self.request(&ClientFrame::ListMembers(req))? {
-                ServerFrame::MemberList(l) => l,
-                other => return Err(unexpected("MEMBER_LIST", &other)),
-            };
-            all.extend(page.members);
-            match page.next_after {
+            let (items, next) = page(self.request(&request(after))?).map_err(|other| unexpected(what, &other))?;
+            all.extend(items);
+            match next {
                 None => return Ok(all),
                 // A cursor that does not move forward would make this loop forever.
-                Some(next) if next <= after_user => {
+                Some(next) if next <= after => {
                     return Err(ClientError::Protocol(format!(
-                        "MEMBER_LIST next_after {next} does not advance past {after_user}"
+                        "{what} next_after {next} does not advance past {after}"
                     )))
                 }
-                Some(next) => after_user = next,
+                Some(next) => after = next,
             }
         }
     }
@@ -414,7 +460,7 @@ impl Client {
 
     /// Encodes and writes one frame under a given id.
     fn send_with_id(&mut self, frame: &ClientFrame, id: u32) -> Result<(), ClientError> {
-        let bytes = frame.encode(id);
+        let bytes = frame.encode(id)?;
         let len = bytes.len() - 4;
         if len > self.welcome.max_frame as usize {
             return Err(ClientError::Protocol(format!(

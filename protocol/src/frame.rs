@@ -24,8 +24,28 @@ pub const HEADER_LEN: usize = 10;
 /// Bytes covered by the length field that are not body (type + request id).
 const LEN_COVERED_HEADER: usize = 6;
 
-/// The default maximum frame size (the value of the length field), 1 MiB.
-pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
+/// The largest length field any frame may carry, in either direction: 1 MiB. The encoder refuses
+/// to produce a longer frame ([`EncodeError::TooLarge`]); a receiver may set a lower limit.
+pub const MAX_FRAME: u32 = 1 << 20;
+
+/// The default maximum a decoder accepts: [`MAX_FRAME`].
+pub const DEFAULT_MAX_FRAME: u32 = MAX_FRAME;
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoded frame's length field would exceed [`MAX_FRAME`]; nothing was produced. The
+    /// sender must split the content (page it) or refuse the request.
+    #[error("{ty} frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// The frame's type.
+        ty: FrameType,
+        /// The length field it would have had.
+        len: usize,
+        /// [`MAX_FRAME`].
+        max: u32,
+    },
+}
 
 /// Why bytes could not be decoded as a frame or a frame body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -138,15 +158,22 @@ impl FrameDecoder {
     }
 }
 
-/// Encodes one frame: header plus the postcard encoding of `body`.
-pub fn encode<T: Serialize + ?Sized>(ty: FrameType, request_id: u32, body: &T) -> Bytes {
+/// Encodes one frame: header plus the postcard encoding of `body`. Refuses a frame whose length
+/// field would exceed [`MAX_FRAME`].
+pub fn encode<T: Serialize + ?Sized>(ty: FrameType, request_id: u32, body: &T) -> Result<Bytes, EncodeError> {
     let mut out = Vec::with_capacity(64);
-    encode_into(&mut out, ty, request_id, body);
-    Bytes::from(out)
+    encode_into(&mut out, ty, request_id, body)?;
+    Ok(Bytes::from(out))
 }
 
-/// Appends one encoded frame to `out` (for coalescing several frames into one write).
-pub fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, ty: FrameType, request_id: u32, body: &T) {
+/// Appends one encoded frame to `out` (for coalescing several frames into one write). On
+/// [`EncodeError::TooLarge`] `out` is left as it was.
+pub fn encode_into<T: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    ty: FrameType,
+    request_id: u32,
+    body: &T,
+) -> Result<(), EncodeError> {
     let start = out.len();
     out.put_u32(0);
     out.put_u16(ty.0);
@@ -157,8 +184,13 @@ pub fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, ty: FrameType, requ
         Ok(v) => v,
         Err(e) => unreachable!("postcard failed to encode a body into a Vec: {e}"),
     };
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME as usize {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge { ty, len, max: MAX_FRAME });
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 /// Decodes a body, rejecting trailing bytes (as rustls' codec does).
@@ -184,7 +216,7 @@ mod tests {
     #[test]
     fn incomplete_is_not_an_error() {
         let dec = FrameDecoder::default();
-        let frame = encode(FrameType::PING, 7, &(5u64,));
+        let frame = encode(FrameType::PING, 7, &(5u64,)).unwrap();
         for cut in 0..frame.len() {
             let mut buf = BytesMut::from(&frame[..cut]);
             assert_eq!(dec.decode(&mut buf), Ok(None));
@@ -194,5 +226,18 @@ mod tests {
         let raw = dec.decode(&mut buf).unwrap().unwrap();
         assert_eq!((raw.ty, raw.request_id, &raw.body[..]), (FrameType::PING, 7, &[5u8][..]));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn refuses_to_encode_an_oversized_frame() {
+        let body = vec![0u8; MAX_FRAME as usize];
+        let mut out = b"keep".to_vec();
+        let err = encode_into(&mut out, FrameType::POST, 1, &body).unwrap_err();
+        assert!(matches!(err, EncodeError::TooLarge { len, .. } if len > MAX_FRAME as usize), "{err}");
+        assert_eq!(out, b"keep", "a refused frame leaves the buffer as it was");
+        // The largest body that fits: 6 header bytes + a 3-byte varint length + the bytes.
+        let fits = vec![0u8; MAX_FRAME as usize - 6 - 3];
+        let frame = encode(FrameType::POST, 1, &fits).unwrap();
+        assert_eq!(frame.len(), 4 + MAX_FRAME as usize);
     }
 }

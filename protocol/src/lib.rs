@@ -15,7 +15,7 @@ pub mod frame;
 pub mod messages;
 pub mod types;
 
-pub use frame::{DecodeError, FrameDecoder, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN};
+pub use frame::{DecodeError, EncodeError, FrameDecoder, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME};
 pub use messages::*;
 pub use types::*;
 
@@ -24,4 +24,7 @@ pub const MAGIC: [u8; 4] = *b"CHIM";
 
 /// The protocol version this crate speaks. A server refuses a `Hello` with another version with
 /// [`ErrorCode::VERSION_UNSUPPORTED`], naming the versions it supports.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: `LIST_ROOMS`/`ROOM_LIST` are paged, sessions can be listed and revoked, and the
+/// error codes 19-24 exist. Version 1 had an empty `LIST_ROOMS` body and one unbounded `ROOM_LIST`.
+pub const PROTOCOL_VERSION: u16 = 2;

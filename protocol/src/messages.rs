@@ -5,7 +5,7 @@
 //! [`ClientFrame`] is what a client sends, [`ServerFrame`] what a server sends; both map to and
 //! from [`RawFrame`]s through the code table below, which `docs/protocol.md` repeats.
 
-use crate::frame::{self, decode_body, DecodeError, RawFrame};
+use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
 use crate::types::{DeltaKind, ErrorCode, FrameType, RoomKind};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,7 @@ pub struct Authed {
     pub token: Option<String>,
 }
 
-/// A body with no fields (`LOGOUT`, `LIST_ROOMS`, `DONE`).
+/// A body with no fields (`LOGOUT`, `DONE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Empty {}
 
@@ -143,11 +143,74 @@ pub struct RoomInfo {
     pub head_seq: u64,
 }
 
-/// `ROOM_LIST`.
+/// `LIST_ROOMS`: one page of the rooms the user is in, ordered by room id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ListRooms {
+    /// Start after this room id (0 for the first page).
+    pub after_room: u64,
+    /// Page size; 0 means the server's default (500); the server caps it at 1,000.
+    pub limit: u32,
+}
+
+/// `ROOM_LIST`: one page of the user's rooms.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomList {
-    /// The rooms, by id.
+    /// The rooms of this page, by id.
     pub rooms: Vec<RoomInfo>,
+    /// Pass as `after_room` for the next page; `None` on the last page.
+    pub next_after: Option<u64>,
+}
+
+/// `LIST_SESSIONS`: one page of the user's live sessions (devices), ordered by session id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ListSessions {
+    /// Start after this session id (0 for the first page).
+    pub after_session: u64,
+    /// Page size; 0 means the server's default (500); the server caps it at 1,000.
+    pub limit: u32,
+}
+
+/// One live session of the user, as `SESSION_LIST` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The session's id (what `REVOKE_SESSIONS` takes).
+    pub session: u64,
+    /// The client's address when the session was created.
+    pub ip: String,
+    /// The user agent the client gave when the session was created.
+    pub user_agent: String,
+    /// When the session was created (a password login or registration), Unix milliseconds.
+    pub created_ms: i64,
+    /// When the session was last used: now for a session with a live connection, else the last
+    /// login, resume or disconnect, Unix milliseconds.
+    pub last_seen_ms: i64,
+    /// Whether this is the session of the connection asking.
+    pub current: bool,
+}
+
+/// `SESSION_LIST`: one page of the user's live sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionList {
+    /// The sessions of this page, by id.
+    pub sessions: Vec<SessionInfo>,
+    /// Pass as `after_session` for the next page; `None` on the last page.
+    pub next_after: Option<u64>,
+}
+
+/// `REVOKE_SESSIONS`: log a device out, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeSessions {
+    /// The session to revoke; `None` revokes every session of the user, this one included.
+    pub session: Option<u64>,
+}
+
+/// `SESSIONS_REVOKED`: how many sessions were revoked. Every connection of a revoked session is
+/// closed at once (GOODBYE `SESSION_REVOKED`), the asking one too if its own session was among them,
+/// right after this reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionsRevoked {
+    /// Sessions revoked (0 when the id was not a live session of the user).
+    pub count: u32,
 }
 
 /// One member of a room.
@@ -290,15 +353,15 @@ macro_rules! frame_enum {
                 }
             }
 
-            /// Encodes the frame with its header.
-            pub fn encode(&self, request_id: u32) -> Bytes {
+            /// Encodes the frame with its header; refuses a frame over [`frame::MAX_FRAME`].
+            pub fn encode(&self, request_id: u32) -> Result<Bytes, EncodeError> {
                 match self {
                     $($name::$variant(body) => frame::encode(FrameType::$code, request_id, body),)*
                 }
             }
 
-            /// Appends the encoded frame to `out`.
-            pub fn encode_into(&self, out: &mut Vec<u8>, request_id: u32) {
+            /// Appends the encoded frame to `out`; on error `out` is unchanged.
+            pub fn encode_into(&self, out: &mut Vec<u8>, request_id: u32) -> Result<(), EncodeError> {
                 match self {
                     $($name::$variant(body) => frame::encode_into(out, FrameType::$code, request_id, body),)*
                 }
@@ -324,6 +387,10 @@ frame_enum! {
         Resume(Resume) = RESUME,
         /// Revoke the token.
         Logout(Empty) = LOGOUT,
+        /// List my sessions.
+        ListSessions(ListSessions) = LIST_SESSIONS,
+        /// Revoke one or all of my sessions.
+        RevokeSessions(RevokeSessions) = REVOKE_SESSIONS,
         /// Create a room.
         CreateRoom(CreateRoom) = CREATE_ROOM,
         /// Join a room.
@@ -331,7 +398,7 @@ frame_enum! {
         /// Leave a room.
         LeaveRoom(RoomRef) = LEAVE_ROOM,
         /// List my rooms.
-        ListRooms(Empty) = LIST_ROOMS,
+        ListRooms(ListRooms) = LIST_ROOMS,
         /// List members.
         ListMembers(ListMembers) = LIST_MEMBERS,
         /// Post.
@@ -358,6 +425,10 @@ frame_enum! {
         Authed(Authed) = AUTHED,
         /// Success without a result.
         Done(Empty) = DONE,
+        /// A page of my sessions.
+        SessionList(SessionList) = SESSION_LIST,
+        /// Sessions revoked.
+        SessionsRevoked(SessionsRevoked) = SESSIONS_REVOKED,
         /// One room.
         RoomInfo(RoomInfo) = ROOM_INFO,
         /// My rooms.
@@ -382,7 +453,7 @@ impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let retryable = matches!(
             code,
-            ErrorCode::RATE_LIMITED | ErrorCode::OVERLOADED | ErrorCode::INTERNAL | ErrorCode::SHUTTING_DOWN
+            ErrorCode::RATE_LIMITED | ErrorCode::OVERLOADED | ErrorCode::UNAVAILABLE | ErrorCode::SHUTTING_DOWN
         );
         ErrorBody { code, message: message.into(), retryable }
     }

@@ -64,6 +64,10 @@ wire_code! {
         RESUME = 0x0012,
         /// Revoke the session token in use.
         LOGOUT = 0x0013,
+        /// List the user's live sessions, paged.
+        LIST_SESSIONS = 0x0014,
+        /// Revoke one or all of the user's sessions.
+        REVOKE_SESSIONS = 0x0015,
         /// Create a room.
         CREATE_ROOM = 0x0020,
         /// Join a room.
@@ -93,9 +97,13 @@ wire_code! {
         AUTHED = 0x8010,
         /// A request without a result succeeded.
         DONE = 0x8011,
+        /// A page of the user's sessions.
+        SESSION_LIST = 0x8012,
+        /// How many sessions a `REVOKE_SESSIONS` revoked.
+        SESSIONS_REVOKED = 0x8013,
         /// One room.
         ROOM_INFO = 0x8020,
-        /// The user's rooms.
+        /// A page of the user's rooms.
         ROOM_LIST = 0x8021,
         /// A page of members.
         MEMBER_LIST = 0x8022,
@@ -152,7 +160,8 @@ wire_code! {
         RATE_LIMITED = 12,
         /// The server is overloaded; retry later.
         OVERLOADED = 13,
-        /// An internal error, such as a database failure; a retry may succeed.
+        /// An internal error (a bug, or a database error that retrying is not expected to fix).
+        /// Not retryable; a database that is down is [`ErrorCode::UNAVAILABLE`].
         INTERNAL = 14,
         /// The client fell too far behind; reconnect and SYNC.
         RESYNC_REQUIRED = 15,
@@ -162,6 +171,19 @@ wire_code! {
         IDLE_TIMEOUT = 17,
         /// Already logged in on this connection.
         ALREADY_AUTHENTICATED = 18,
+        /// The database is unreachable or cannot write (restarting, disk full, locked); nothing
+        /// was done. Retry after a delay; the connection stays up.
+        UNAVAILABLE = 19,
+        /// The session was revoked (LOGOUT or REVOKE_SESSIONS on any device); log in again.
+        SESSION_REVOKED = 20,
+        /// The session reached its idle or absolute lifetime; log in again with a password.
+        SESSION_EXPIRED = 21,
+        /// A per-user limit was reached (rooms per user); not retryable as is.
+        LIMIT_REACHED = 22,
+        /// The connection did not log in within the server's deadline.
+        AUTH_TIMEOUT = 23,
+        /// The connection did not read what the server sent within the write timeout.
+        WRITE_TIMEOUT = 24,
     }
 }
 

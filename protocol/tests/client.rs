@@ -38,7 +38,7 @@ impl<S: Read + Write> Peer<S> {
     }
 
     fn send(&mut self, id: u32, frame: &ServerFrame) {
-        self.stream.write_all(&frame.encode(id)).unwrap();
+        self.stream.write_all(&frame.encode(id).unwrap()).unwrap();
         self.stream.flush().unwrap();
     }
 
@@ -121,11 +121,11 @@ fn replies_match_requests_around_pushes_and_pings() {
         // Two requests in flight, answered out of order.
         let (a, fa) = p.read();
         let (b, fb) = p.read();
-        assert_eq!(fa, ClientFrame::ListRooms(Empty {}));
+        assert_eq!(fa, ClientFrame::ListRooms(ListRooms::default()));
         assert!(matches!(fb, ClientFrame::Ping(_)));
         let ClientFrame::Ping(ping) = fb else { unreachable!() };
         p.send(b, &ServerFrame::Pong(ping));
-        p.send(a, &ServerFrame::RoomList(RoomList { rooms: vec![] }));
+        p.send(a, &ServerFrame::RoomList(RoomList { rooms: vec![], next_after: None }));
 
         // An ERROR reply.
         let (id, f) = p.read();
@@ -155,7 +155,7 @@ fn replies_match_requests_around_pushes_and_pings() {
         p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 4 }] }));
 
         // An unknown frame type, then a push that must still be readable, then GOODBYE.
-        p.send_raw(&encode(FrameType(0x8fff), 0, &Empty {}));
+        p.send_raw(&encode(FrameType(0x8fff), 0, &Empty {}).unwrap());
         p.send(0, &ServerFrame::Delta(delta(1, 6, "after")));
         let bye = Goodbye { code: ErrorCode::IDLE_TIMEOUT, message: "idle".into(), resync: false };
         p.send(0, &ServerFrame::Goodbye(bye));
@@ -170,11 +170,11 @@ fn replies_match_requests_around_pushes_and_pings() {
     let (id, push) = c.recv(Some(Duration::from_secs(2))).unwrap().unwrap();
     assert_eq!((id, push), (0, ServerFrame::Delta(delta(1, 1, "hi"))));
 
-    let list_id = c.send(&ClientFrame::ListRooms(Empty {})).unwrap();
+    let list_id = c.send(&ClientFrame::ListRooms(ListRooms::default())).unwrap();
     c.ping().unwrap();
     assert_eq!(
         c.recv(Some(Duration::from_secs(2))).unwrap(),
-        Some((list_id, ServerFrame::RoomList(RoomList { rooms: vec![] })))
+        Some((list_id, ServerFrame::RoomList(RoomList { rooms: vec![], next_after: None })))
     );
 
     let err = c.join_room(9).unwrap_err();

@@ -69,7 +69,11 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         (text(), room_kind()).prop_map(|(name, kind)| ClientFrame::CreateRoom(CreateRoom { name, kind })),
         any::<u64>().prop_map(|room| ClientFrame::JoinRoom(RoomRef { room })),
         any::<u64>().prop_map(|room| ClientFrame::LeaveRoom(RoomRef { room })),
-        Just(ClientFrame::ListRooms(Empty {})),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(after_room, limit)| ClientFrame::ListRooms(ListRooms { after_room, limit })),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(after_session, limit)| ClientFrame::ListSessions(ListSessions { after_session, limit })),
+        proptest::option::of(any::<u64>()).prop_map(|session| ClientFrame::RevokeSessions(RevokeSessions { session })),
         (any::<u64>(), any::<u64>(), any::<u32>())
             .prop_map(|(room, after_user, limit)| ClientFrame::ListMembers(ListMembers { room, after_user, limit })),
         (any::<u64>(), text(), text()).prop_map(|(room, idempotency_key, text)| ClientFrame::Post(Post {
@@ -110,7 +114,26 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             .prop_map(|(user_id, user, token)| ServerFrame::Authed(Authed { user_id, user, token })),
         Just(ServerFrame::Done(Empty {})),
         room_info().prop_map(ServerFrame::RoomInfo),
-        vec(room_info(), 0..4).prop_map(|rooms| ServerFrame::RoomList(RoomList { rooms })),
+        (vec(room_info(), 0..4), proptest::option::of(any::<u64>()))
+            .prop_map(|(rooms, next_after)| ServerFrame::RoomList(RoomList { rooms, next_after })),
+        (
+            vec(
+                (any::<u64>(), text(), text(), any::<i64>(), any::<i64>(), any::<bool>()).prop_map(
+                    |(session, ip, user_agent, created_ms, last_seen_ms, current)| SessionInfo {
+                        session,
+                        ip,
+                        user_agent,
+                        created_ms,
+                        last_seen_ms,
+                        current
+                    }
+                ),
+                0..4
+            ),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(sessions, next_after)| ServerFrame::SessionList(SessionList { sessions, next_after })),
+        any::<u32>().prop_map(|count| ServerFrame::SessionsRevoked(SessionsRevoked { count })),
         (
             any::<u64>(),
             vec(
@@ -192,7 +215,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bodies_never_panic(code in any::<u16>(), body in vec(any::<u8>(), 0..512)) {
-        let bytes = encode(FrameType(code), 1, &());
+        let bytes = encode(FrameType(code), 1, &()).unwrap();
         let mut frame = bytes.to_vec();
         frame.extend_from_slice(&body);
         let len = (frame.len() - 4) as u32;
@@ -209,9 +232,9 @@ proptest! {
     fn client_frames_round_trip(frames in vec((any::<u32>(), client_frame()), 1..6), cuts in vec(any::<usize>(), 0..12)) {
         let mut stream = Vec::new();
         for (id, f) in &frames {
-            let one = f.encode(*id);
+            let one = f.encode(*id).unwrap();
             let before = stream.len();
-            f.encode_into(&mut stream, *id);
+            f.encode_into(&mut stream, *id).unwrap();
             prop_assert_eq!(&stream[before..], &one[..]);
         }
         let (raws, rest) = feed(&FrameDecoder::default(), &chunks(&stream, &cuts)).unwrap();
@@ -225,7 +248,7 @@ proptest! {
     fn server_frames_round_trip(frames in vec((any::<u32>(), server_frame()), 1..6), cuts in vec(any::<usize>(), 0..12)) {
         let mut stream = Vec::new();
         for (id, f) in &frames {
-            f.encode_into(&mut stream, *id);
+            f.encode_into(&mut stream, *id).unwrap();
         }
         let (raws, rest) = feed(&FrameDecoder::default(), &chunks(&stream, &cuts)).unwrap();
         prop_assert!(rest.is_empty());
@@ -259,7 +282,7 @@ proptest! {
 
     #[test]
     fn trailing_body_bytes_are_rejected(f in client_frame(), g in server_frame(), extra in vec(any::<u8>(), 1..8)) {
-        for (bytes, is_client) in [(f.encode(3).to_vec(), true), (g.encode(3).to_vec(), false)] {
+        for (bytes, is_client) in [(f.encode(3).unwrap().to_vec(), true), (g.encode(3).unwrap().to_vec(), false)] {
             let mut bytes = bytes;
             bytes.extend_from_slice(&extra);
             let len = (bytes.len() - 4) as u32;
@@ -282,9 +305,10 @@ fn frames_in_the_wrong_direction_are_unknown_types() {
         client_version: String::new(),
     })
     .encode(1)
+    .unwrap()
     .to_vec());
     assert_eq!(ServerFrame::decode(&hello), Err(DecodeError::UnknownType(FrameType::HELLO)));
-    let done = raw(ServerFrame::Done(Empty {}).encode(1).to_vec());
+    let done = raw(ServerFrame::Done(Empty {}).encode(1).unwrap().to_vec());
     assert_eq!(ClientFrame::decode(&done), Err(DecodeError::UnknownType(FrameType::DONE)));
 }
 

@@ -667,7 +667,11 @@ fn service(
             }
         };
         match frame {
-            ServerFrame::Welcome(_) | ServerFrame::Pong(_) | ServerFrame::Done(_) => {}
+            ServerFrame::Welcome(_)
+            | ServerFrame::Pong(_)
+            | ServerFrame::Done(_)
+            | ServerFrame::SessionList(_)
+            | ServerFrame::SessionsRevoked(_) => {}
             ServerFrame::Authed(_) => c.phase = Phase::Ready,
             ServerFrame::Ping(Ping { nonce }) => c.conn.queue(&ClientFrame::Pong(Ping { nonce }), raw.request_id),
             ServerFrame::Posted(p) => {

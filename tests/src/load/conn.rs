@@ -93,17 +93,22 @@ impl FrameConn {
         &mut self.stream
     }
 
-    /// Queues one frame; call [`FrameConn::flush`] to send.
+    /// Queues one frame; call [`FrameConn::flush`] to send. The generator's frames are small:
+    /// one that would not fit in a frame is a bug in the generator, and is dropped with a log line.
     pub fn queue(&mut self, frame: &ClientFrame, request_id: u32) {
-        match self.tls.as_mut() {
+        let queued = match self.tls.as_mut() {
             Some(tls) => {
                 let mut out = Vec::with_capacity(64);
-                frame.encode_into(&mut out, request_id);
+                let encoded = frame.encode_into(&mut out, request_id);
                 // rustls buffers plaintext without limit by default; writing to a Vec-like sink
                 // cannot fail.
                 let _ = tls.writer().write_all(&out);
+                encoded
             }
             None => frame.encode_into(&mut self.wbuf, request_id),
+        };
+        if let Err(e) = queued {
+            log::error!("chime-load: {e}");
         }
     }
 

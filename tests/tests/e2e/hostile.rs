@@ -64,7 +64,7 @@ fn hostile_bytes_do_not_disturb_others(backend: Backend) {
         // Half a frame, then silence: held open while everything else goes on.
         let mut half = RawConn::connect(addr);
         half.handshake();
-        let ping = ClientFrame::Ping(Ping { nonce: 5 }).encode(3);
+        let ping = ClientFrame::Ping(Ping { nonce: 5 }).encode(3).expect("small frame");
         half.write(&ping[..ping.len() - 3]).expect("half write");
 
         // An unknown type and a malformed body: ERRORs, and the connection goes on.

@@ -379,7 +379,7 @@ impl RawConn {
 
     /// Writes a typed frame.
     pub fn send(&mut self, frame: &ClientFrame, request_id: u32) {
-        self.write(&frame.encode(request_id)).unwrap_or_else(|e| panic!("raw write: {e}"));
+        self.write(&frame.encode(request_id).expect("small frame")).unwrap_or_else(|e| panic!("raw write: {e}"));
     }
 
     /// Sends HELLO and expects WELCOME.
