@@ -28,7 +28,7 @@ pub struct Cli {
 impl Cli {
     /// The command to run, with `serve` filled in as the default.
     pub fn into_command(self) -> Command {
-        self.command.unwrap_or(Command::Serve(self.serve))
+        self.command.unwrap_or(Command::Serve(Box::new(self.serve)))
     }
 }
 
@@ -36,7 +36,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the database schema migrations and exit.
     Migrate(MigrateArgs),
 }
@@ -87,6 +87,36 @@ pub struct ServeArgs {
     /// Password logins and registrations per second, server-wide.
     #[arg(long, value_name = "N")]
     pub login_rate: Option<u32>,
+    /// Connections at most from one IPv4 address or IPv6 /64.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds a connection may stay without logging in.
+    #[arg(long, value_name = "SECS")]
+    pub auth_timeout_secs: Option<u32>,
+    /// Seconds queued output may wait with no write progress before the connection is closed.
+    #[arg(long, value_name = "SECS")]
+    pub write_timeout_secs: Option<u32>,
+    /// Bytes all outbound queues together may cost.
+    #[arg(long, value_name = "N")]
+    pub max_outbound_total_bytes: Option<usize>,
+    /// Rooms one user may be a member of.
+    #[arg(long, value_name = "N")]
+    pub max_rooms_per_user: Option<u64>,
+    /// Rooms one user may create per minute.
+    #[arg(long, value_name = "N")]
+    pub room_create_per_minute: Option<u32>,
+    /// RESUME attempts per second from one address.
+    #[arg(long, value_name = "N")]
+    pub resume_rate_per_ip: Option<u32>,
+    /// Seconds a session may go unused before it expires.
+    #[arg(long, value_name = "SECS")]
+    pub session_idle_secs: Option<u64>,
+    /// Seconds a session lives at most from its password login.
+    #[arg(long, value_name = "SECS")]
+    pub session_max_age_secs: Option<u64>,
+    /// Milliseconds a write to the embedded store waits for a lock.
+    #[arg(long, value_name = "MS")]
+    pub database_busy_timeout_ms: Option<u64>,
     /// Validate the configuration, print "configuration ok" and exit.
     #[arg(short = 't', long)]
     pub check_config: bool,
@@ -125,6 +155,16 @@ impl ServeArgs {
         set(&mut config.max_connections, &self.max_connections);
         set(&mut config.accept_rate, &self.accept_rate);
         set(&mut config.login_rate, &self.login_rate);
+        set(&mut config.max_connections_per_ip, &self.max_connections_per_ip);
+        set(&mut config.auth_timeout_secs, &self.auth_timeout_secs);
+        set(&mut config.write_timeout_secs, &self.write_timeout_secs);
+        set(&mut config.max_outbound_total_bytes, &self.max_outbound_total_bytes);
+        set(&mut config.max_rooms_per_user, &self.max_rooms_per_user);
+        set(&mut config.room_create_per_minute, &self.room_create_per_minute);
+        set(&mut config.resume_rate_per_ip, &self.resume_rate_per_ip);
+        set(&mut config.session_idle_secs, &self.session_idle_secs);
+        set(&mut config.session_max_age_secs, &self.session_max_age_secs);
+        set(&mut config.database_busy_timeout_ms, &self.database_busy_timeout_ms);
     }
 }
 
@@ -173,7 +213,7 @@ mod tests {
 
     fn serve_args(args: &[&str]) -> ServeArgs {
         match parse(args) {
-            Command::Serve(serve) => serve,
+            Command::Serve(serve) => *serve,
             other => panic!("expected serve, got {other:?}"),
         }
     }

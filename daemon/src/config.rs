@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 /// The environment variable that replaces the default (embedded) database URL.
 pub const DATABASE_URL_ENV: &str = "CHIMED_DATABASE_URL";
 
-/// Bounds on `max_frame`: below 1 KiB ordinary requests do not fit; above 64 MiB one peer could
-/// make the server buffer an unreasonable amount before a frame is even parsed.
+/// Bounds on `max_frame`: below 1 KiB ordinary requests do not fit; no frame may be larger than
+/// the protocol's maximum, 1 MiB (clients' encoders refuse larger ones).
 const MIN_FRAME: u32 = 1 << 10;
-const MAX_FRAME: u32 = 64 << 20;
+const MAX_FRAME: u32 = chime_protocol::MAX_FRAME;
 /// A send queue smaller than this cannot hold one full sync page plus live traffic.
 const MIN_OUTBOUND_BYTES: usize = 64 << 10;
 
@@ -83,6 +83,32 @@ pub struct Config {
     pub login_rate: u32,
     /// Most posts one worker commits in one transaction.
     pub max_batch: usize,
+    /// Connections accepted at most from one IPv4 address or one IPv6 /64; the rest are closed
+    /// at once. Counts connections of every state, logged in or not.
+    pub max_connections_per_ip: usize,
+    /// Seconds a connection may stay without logging in (after its handshake or a LOGOUT)
+    /// before it is closed with GOODBYE `AUTH_TIMEOUT`.
+    pub auth_timeout_secs: u32,
+    /// Seconds a connection may leave queued output unwritten with no progress at all (a peer
+    /// that stopped reading, or a zero TCP window) before it is closed.
+    pub write_timeout_secs: u32,
+    /// Bytes that every connection's outbound queues together may cost; past it, the largest
+    /// queues are cut off (GOODBYE `RESYNC_REQUIRED`) until the total is under it again.
+    pub max_outbound_total_bytes: usize,
+    /// Rooms one user may be a member of; joining or creating more is refused `LIMIT_REACHED`.
+    pub max_rooms_per_user: u64,
+    /// Rooms one user may create per minute (token bucket, bursts of the same size).
+    pub room_create_per_minute: u32,
+    /// RESUME attempts per second from one address (token bucket, bursts of the same size):
+    /// every attempt is a database write, and a token guess.
+    pub resume_rate_per_ip: u32,
+    /// Seconds a session may go unused (no login, resume or connection) before it expires.
+    pub session_idle_secs: u64,
+    /// Seconds a session lives at most from its password login, however much it is used.
+    pub session_max_age_secs: u64,
+    /// How long a write to the embedded store waits for another connection's lock (ms) before
+    /// the request is answered `UNAVAILABLE`.
+    pub database_busy_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -104,6 +130,16 @@ impl Default for Config {
             accept_rate: 2_000,
             login_rate: 50,
             max_batch: 512,
+            max_connections_per_ip: 128,
+            auth_timeout_secs: 30,
+            write_timeout_secs: 30,
+            max_outbound_total_bytes: 256 << 20,
+            max_rooms_per_user: 10_000,
+            room_create_per_minute: 10,
+            resume_rate_per_ip: 20,
+            session_idle_secs: 14 * 86_400,
+            session_max_age_secs: 90 * 86_400,
+            database_busy_timeout_ms: 5_000,
         }
     }
 }
@@ -187,6 +223,24 @@ impl Config {
         at_least("accept_rate", u64::from(self.accept_rate), 1)?;
         at_least("login_rate", u64::from(self.login_rate), 1)?;
         at_least("max_batch", self.max_batch as u64, 1)?;
+        at_least("max_connections_per_ip", self.max_connections_per_ip as u64, 1)?;
+        at_least("auth_timeout_secs", u64::from(self.auth_timeout_secs), 1)?;
+        at_least("write_timeout_secs", u64::from(self.write_timeout_secs), 1)?;
+        at_least("max_rooms_per_user", self.max_rooms_per_user, 1)?;
+        at_least("room_create_per_minute", u64::from(self.room_create_per_minute), 1)?;
+        at_least("resume_rate_per_ip", u64::from(self.resume_rate_per_ip), 1)?;
+        at_least("session_idle_secs", self.session_idle_secs, 60)?;
+        at_least("session_max_age_secs", self.session_max_age_secs, 60)?;
+        at_least("database_busy_timeout_ms", self.database_busy_timeout_ms, 1)?;
+        if self.max_outbound_total_bytes < self.max_outbound_bytes {
+            return invalid(
+                "max_outbound_total_bytes",
+                format!(
+                    "is {}, must be at least max_outbound_bytes ({})",
+                    self.max_outbound_total_bytes, self.max_outbound_bytes
+                ),
+            );
+        }
         if !(MIN_FRAME..=MAX_FRAME).contains(&self.max_frame) {
             return invalid(
                 "max_frame",
@@ -226,6 +280,28 @@ impl Config {
     /// daemon's user (0700): it holds the database and the TLS private key.
     pub fn create_data_dir(&self) -> std::io::Result<()> {
         create_private_dir(&self.data_dir)
+    }
+
+    /// Warns when the data dir can be read or entered by users other than the daemon's: it holds
+    /// the database and the TLS key. (A directory chimed creates is 0700; an existing one is left
+    /// as the operator made it.) Returns the warning, if any, for tests.
+    pub fn warn_if_data_dir_is_shared(&self) -> Option<String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&self.data_dir).ok()?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                let message = format!(
+                    "data dir {} is readable by other users (mode {mode:03o}); it holds the database and the \
+                     TLS key: run `chmod 700 {}`",
+                    self.data_dir.display(),
+                    self.data_dir.display()
+                );
+                log::warn!("{message}");
+                return Some(message);
+            }
+        }
+        None
     }
 
     /// The listen addresses, parsed. Call after [`Config::validate`]; an unparsable address here
@@ -393,10 +469,20 @@ mod tests {
         assert_eq!(invalid_key(&Config { login_rate: 0, ..d() }), "login_rate");
         assert_eq!(invalid_key(&Config { max_batch: 0, ..d() }), "max_batch");
         assert_eq!(invalid_key(&Config { max_frame: 1023, ..d() }), "max_frame");
-        assert_eq!(invalid_key(&Config { max_frame: (64 << 20) + 1, ..d() }), "max_frame");
+        assert_eq!(invalid_key(&Config { max_frame: (1 << 20) + 1, ..d() }), "max_frame");
+        assert_eq!(invalid_key(&Config { max_connections_per_ip: 0, ..d() }), "max_connections_per_ip");
+        assert_eq!(invalid_key(&Config { auth_timeout_secs: 0, ..d() }), "auth_timeout_secs");
+        assert_eq!(invalid_key(&Config { write_timeout_secs: 0, ..d() }), "write_timeout_secs");
+        assert_eq!(invalid_key(&Config { max_rooms_per_user: 0, ..d() }), "max_rooms_per_user");
+        assert_eq!(invalid_key(&Config { room_create_per_minute: 0, ..d() }), "room_create_per_minute");
+        assert_eq!(invalid_key(&Config { resume_rate_per_ip: 0, ..d() }), "resume_rate_per_ip");
+        assert_eq!(invalid_key(&Config { session_idle_secs: 59, ..d() }), "session_idle_secs");
+        assert_eq!(invalid_key(&Config { session_max_age_secs: 59, ..d() }), "session_max_age_secs");
+        assert_eq!(invalid_key(&Config { database_busy_timeout_ms: 0, ..d() }), "database_busy_timeout_ms");
+        assert_eq!(invalid_key(&Config { max_outbound_total_bytes: 1 << 20, ..d() }), "max_outbound_total_bytes");
         for ok in [
             Config { max_frame: 1024, ..d() },
-            Config { max_frame: 64 << 20, ..d() },
+            Config { max_frame: 1 << 20, ..d() },
             Config { max_outbound_bytes: 65_536, ..d() },
         ] {
             assert_eq!(ok.validate().ok(), Some(()));

@@ -22,7 +22,7 @@
 //! loop iteration leave in one system call.
 
 use crate::sync::SyncState;
-use crate::worker::ConnRef;
+use crate::worker::{ConnRef, Job};
 use bytes::{Buf, Bytes, BytesMut};
 use chime_protocol::{ErrorCode, Goodbye, ServerFrame};
 use mio::net::TcpStream;
@@ -118,8 +118,14 @@ pub struct Conn {
     /// Of `inflight`, the jobs on the shared queue (reads, sync pages): capped lower, so one
     /// connection cannot fill the queue that every other connection's reads wait in.
     pub shared_inflight: u32,
-    /// A decoded request that waits for a shared-queue slot of this connection.
-    pub parked: Option<chime_protocol::RawFrame>,
+    /// A request whose job waits for a shared-queue slot of this connection; the frames after
+    /// it wait in `rbuf`.
+    pub parked: Option<Box<Job>>,
+    /// Reading is paused because the connection's replies are not being read (its queue costs
+    /// more than half its limit); the loop reads again once the queue has drained.
+    pub read_paused: bool,
+    /// `own_cost()` as the server's total last counted it (see `server::reconcile`).
+    pub counted_cost: usize,
     /// Set once the connection must close after flushing what is queued.
     pub closing: bool,
     /// Whether the connection is in the loop's list of connections to flush.
@@ -174,6 +180,8 @@ impl Conn {
             inflight: 0,
             shared_inflight: 0,
             parked: None,
+            read_paused: false,
+            counted_cost: 0,
             closing: false,
             dirty: false,
             stalled_since: None,
@@ -203,22 +211,23 @@ impl Conn {
         self.out_bytes + self.tail.len()
     }
 
-    /// What the outbound queue costs in memory: every byte queued, [`CHUNK_OVERHEAD`] per queued
-    /// chunk, the queue's slots and the coalescing buffer's capacity.
+    /// What the connection's buffers cost in memory: every byte queued, [`CHUNK_OVERHEAD`] per
+    /// queued chunk, the queue's slots, the coalescing buffer's and the read buffer's capacity.
     pub fn cost(&self) -> usize {
-        self.out_bytes
-            + self.outq.len() * CHUNK_OVERHEAD
-            + self.outq.capacity() * std::mem::size_of::<(Bytes, Class)>()
-            + self.tail.capacity()
+        self.out_bytes + self.overheads()
     }
 
     /// The part of [`Conn::cost`] that is this connection's alone (shared chunks are counted
     /// server-wide once, by their owner): what the server-wide budget adds up per connection.
     pub fn own_cost(&self) -> usize {
-        self.own_bytes
-            + self.outq.len() * CHUNK_OVERHEAD
+        self.own_bytes + self.overheads()
+    }
+
+    fn overheads(&self) -> usize {
+        self.outq.len() * CHUNK_OVERHEAD
             + self.outq.capacity() * std::mem::size_of::<(Bytes, Class)>()
             + self.tail.capacity()
+            + self.rbuf.capacity()
     }
 
     /// Whether anything waits to be written (in the queue or inside TLS).
@@ -314,6 +323,11 @@ impl Conn {
         self.give_back_memory();
     }
 
+    /// Frames not yet decoded are never decoded once the connection is closing: free them.
+    fn drop_unread(&mut self) {
+        self.rbuf = BytesMut::new();
+    }
+
     /// Queues a GOODBYE after what is already queued, then closes (graceful shutdown: replies
     /// already queued still go out).
     pub fn goodbye_after_queue(&mut self, code: ErrorCode, message: &str) {
@@ -329,6 +343,7 @@ impl Conn {
             self.push_chunk(frame, Class::Own);
         }
         self.closing = true;
+        self.drop_unread();
     }
 
     /// Reads from the socket into `rbuf` (through TLS if any), using `scratch` for TLS plaintext.
@@ -362,10 +377,13 @@ impl Conn {
         }
     }
 
-    /// Frees the read buffer's memory once it holds nothing, so idle connections cost nothing.
+    /// Frees the read buffer's memory once it holds nothing, so idle connections cost nothing,
+    /// and its spare capacity once it holds little (a partial frame left after a large read).
     pub fn shrink_read_buffer(&mut self) {
         if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
             self.rbuf = BytesMut::new();
+        } else if self.rbuf.capacity() > 64 * 1024 && self.rbuf.len() < self.rbuf.capacity() / 4 {
+            self.rbuf = BytesMut::from(&self.rbuf[..]);
         }
     }
 

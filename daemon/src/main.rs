@@ -42,6 +42,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     config.create_data_dir().with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    config.warn_if_data_dir_is_shared();
     let tls = chimed::tls::load_or_create(&config).context("TLS")?;
     let url = config.database_url();
     // Migrations run here, once, so an unreachable database fails before anything listens.

@@ -14,11 +14,14 @@ use std::time::{Duration, Instant};
 /// arithmetic (`elapsed nanoseconds x rate`) with no rounding drift.
 const TOKEN: u128 = 1_000_000_000;
 
-/// A bucket of up to `burst` tokens refilled at `rate_per_sec`; each admitted event takes one.
+/// A bucket of up to `burst` tokens refilled at `rate` per period (a second or a minute); each
+/// admitted event takes one.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
-    /// Tokens added per second.
+    /// Tokens added per period.
     rate: u128,
+    /// The period `rate` is counted in, in seconds.
+    period_secs: u128,
     /// Capacity in nano-tokens: `burst` events admitted at once after a quiet period.
     capacity: u128,
     /// Nano-tokens available at `last`.
@@ -31,7 +34,12 @@ impl TokenBucket {
     /// A full bucket. A `rate_per_sec` of 0 never refills; a `burst` of 0 admits nothing.
     pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
         let capacity = u128::from(burst) * TOKEN;
-        TokenBucket { rate: u128::from(rate_per_sec), capacity, tokens: capacity, last: now }
+        TokenBucket { rate: u128::from(rate_per_sec), period_secs: 1, capacity, tokens: capacity, last: now }
+    }
+
+    /// A full bucket refilled at `rate_per_min` tokens per minute.
+    pub fn per_minute(rate_per_min: u32, burst: u32, now: Instant) -> Self {
+        TokenBucket { period_secs: 60, ..TokenBucket::new(rate_per_min, burst, now) }
     }
 
     /// Takes one token if there is one. A `now` earlier than a previous call counts as no time
@@ -63,7 +71,7 @@ impl TokenBucket {
         } else if self.rate == 0 || self.capacity < TOKEN {
             Duration::MAX
         } else {
-            let nanos = (TOKEN - tokens).div_ceil(self.rate);
+            let nanos = ((TOKEN - tokens) * self.period_secs).div_ceil(self.rate);
             Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
         }
     }
@@ -72,7 +80,7 @@ impl TokenBucket {
         let elapsed = now.saturating_duration_since(self.last).as_nanos();
         // Saturating: after a very long idle time the product may exceed u128, and the bucket
         // is full by then anyway.
-        let added = elapsed.saturating_mul(self.rate);
+        let added = elapsed.saturating_mul(self.rate) / self.period_secs;
         self.tokens.saturating_add(added).min(self.capacity)
     }
 }
@@ -89,8 +97,10 @@ impl TokenBucket {
 pub struct KeyedLimiter<K: Hash + Eq> {
     /// The live buckets.
     buckets: HashMap<K, TokenBucket>,
-    /// Rate of each bucket.
-    rate_per_sec: u32,
+    /// Rate of each bucket, per `period_secs`.
+    rate: u32,
+    /// The period of `rate`, in seconds (1 or 60).
+    period_secs: u32,
     /// Burst of each bucket.
     burst: u32,
     /// Most keys tracked at once.
@@ -103,7 +113,19 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
     /// A limiter giving every key `rate_per_sec` with bursts of `burst`, tracking at most
     /// `max_keys` keys (at least 1).
     pub fn new(rate_per_sec: u32, burst: u32, max_keys: usize) -> Self {
-        KeyedLimiter { buckets: HashMap::new(), rate_per_sec, burst, max_keys: max_keys.max(1), next_sweep: None }
+        KeyedLimiter {
+            buckets: HashMap::new(),
+            rate: rate_per_sec,
+            period_secs: 1,
+            burst,
+            max_keys: max_keys.max(1),
+            next_sweep: None,
+        }
+    }
+
+    /// A limiter giving every key `rate_per_min` per minute with bursts of `burst`.
+    pub fn per_minute(rate_per_min: u32, burst: u32, max_keys: usize) -> Self {
+        KeyedLimiter { period_secs: 60, ..KeyedLimiter::new(rate_per_min, burst, max_keys) }
     }
 
     /// Takes one token from `key`'s bucket, creating a full bucket for a new key.
@@ -114,7 +136,10 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         if self.buckets.len() >= self.max_keys && !self.sweep(now) {
             return false;
         }
-        let mut bucket = TokenBucket::new(self.rate_per_sec, self.burst, now);
+        let mut bucket = match self.period_secs {
+            60 => TokenBucket::per_minute(self.rate, self.burst, now),
+            _ => TokenBucket::new(self.rate, self.burst, now),
+        };
         let admitted = bucket.try_take(now);
         self.buckets.insert(key, bucket);
         admitted
@@ -128,8 +153,11 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         self.buckets.retain(|_, bucket| !bucket.is_full(now));
         // A bucket emptied just now is full again after burst/rate seconds; sweeping sooner
         // than a fraction of that finds little, so wait at least a tenth of it (and 10 ms).
-        let refill_secs =
-            if self.rate_per_sec == 0 { 1.0 } else { f64::from(self.burst.max(1)) / f64::from(self.rate_per_sec) };
+        let refill_secs = if self.rate == 0 {
+            1.0
+        } else {
+            f64::from(self.burst.max(1)) * f64::from(self.period_secs) / f64::from(self.rate)
+        };
         let pause = Duration::from_secs_f64((refill_secs / 10.0).clamp(0.01, 1.0));
         self.next_sweep = Some(now + pause);
         self.buckets.len() < self.max_keys
@@ -168,6 +196,24 @@ mod tests {
         assert!(bucket.try_take(t0 + ms(100)));
         assert!(!bucket.try_take(t0 + ms(150)));
         assert!(bucket.try_take(t0 + ms(200)));
+    }
+
+    #[test]
+    fn per_minute_rates() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::per_minute(6, 2, t0);
+        assert!(bucket.try_take(t0));
+        assert!(bucket.try_take(t0));
+        assert!(!bucket.try_take(t0));
+        // 6 per minute: one token every 10 s.
+        assert_eq!(bucket.wait_time(t0), Duration::from_secs(10));
+        assert!(!bucket.try_take(t0 + Duration::from_millis(9_999)));
+        assert!(bucket.try_take(t0 + Duration::from_secs(10)));
+        let mut keyed = KeyedLimiter::per_minute(6, 1, 10);
+        assert!(keyed.try_take(1u64, t0));
+        assert!(!keyed.try_take(1u64, t0 + Duration::from_secs(5)));
+        assert!(keyed.try_take(2u64, t0 + Duration::from_secs(5)));
+        assert!(keyed.try_take(1u64, t0 + Duration::from_secs(10)));
     }
 
     #[test]

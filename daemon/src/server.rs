@@ -15,6 +15,12 @@
 //! Life of a message: socket -> `Conn::read` -> `FrameDecoder` -> `Job::Post` on the room's shard
 //! -> group commit in the store -> `Completion::Batch` -> `publish` to every subscriber's queue
 //! and `POSTED` to the author -> `flush`.
+//!
+//! Bounds a peer cannot talk its way past: connections per address, a deadline to log in,
+//! requests in flight per connection (and a smaller window of them on the shared queue, which
+//! every connection's reads wait in), reading paused while a connection's replies are unread,
+//! the cost of its outbound queue, a write timeout, and a server-wide budget for all outbound
+//! queues together (see `enforce_budget`).
 
 use crate::auth;
 use crate::config::{redact_database_url, Config};
@@ -22,7 +28,10 @@ use crate::conn::{Class, Conn, Phase, ReadOutcome, Session};
 use crate::ratelimit::{KeyedLimiter, TokenBucket};
 use crate::sync::{Action, DEFAULT_PAGE, MAX_PAGE};
 use crate::tls::{fingerprint_hex, TlsSetup};
-use crate::worker::{Actor, Completion, ConnRef, EncodeReply, FetchPurpose, Job, Notify, Pool, Published, ReplyTo};
+use crate::worker::{
+    published_bytes, Actor, Completion, ConnRef, EncodeReply, FetchPurpose, Job, Notify, Pool, Published, Queue,
+    ReplyTo,
+};
 use anyhow::Context as _;
 use bytes::Bytes;
 use chime_protocol::{
@@ -48,6 +57,18 @@ const FIRST_CONN: usize = 16;
 /// Requests one connection may have with the workers at once; past it, its frames wait in its
 /// read buffer (and reading pauses), which is how a pipelining client gets backpressure.
 const MAX_INFLIGHT: u32 = 256;
+/// Of those, jobs one connection may have on the shared queue at once (reads, SYNC pages):
+/// every connection's reads wait in that one queue, so a connection's share of it is a small
+/// window, and queue order between busy connections becomes round robin.
+const SHARED_WINDOW: u32 = 4;
+/// A connection whose outbound queue costs more than this share of `max_outbound_bytes` is not
+/// read until it drains to a quarter: replies it has not read stop it from asking for more.
+const READ_PAUSE_DIVISOR: usize = 2;
+/// Queues costing at most this are never cut off by the server-wide budget: the budget goes
+/// after the connections that hold the most.
+const FAIR_SHARE: usize = 64 * 1024;
+/// Give freed heap back to the OS once this much outbound memory was released since last time.
+const TRIM_AFTER: usize = 16 << 20;
 /// Seconds a connection may take to complete the TLS and Chime handshakes.
 const HANDSHAKE_SECS: u32 = 10;
 /// Longest accepted message text, in bytes.
@@ -98,6 +119,17 @@ pub struct Server {
     accept_bucket: TokenBucket,
     login_bucket: TokenBucket,
     login_per_ip: KeyedLimiter<IpAddr>,
+    /// RESUME attempts per address: each is a token guess and a database write.
+    resume_per_ip: KeyedLimiter<IpAddr>,
+    /// Room creations per user.
+    create_per_user: KeyedLimiter<u64>,
+    /// Open connections per address (IPv4, or IPv6 /64).
+    per_ip: HashMap<IpAddr, u32>,
+    /// What every connection's buffers cost, kept exact after each change (see `Totals`).
+    totals: Totals,
+    /// When the server-wide budget was last enforced, so a budget that cannot be met does not
+    /// make every iteration scan every connection.
+    last_enforced: Option<Instant>,
     accept_paused: bool,
     next_gen: u64,
     started: Instant,
@@ -171,6 +203,15 @@ impl Server {
                 config.login_rate.div_ceil(5).max(1),
                 100_000,
             ),
+            resume_per_ip: KeyedLimiter::new(config.resume_rate_per_ip, config.resume_rate_per_ip, 100_000),
+            create_per_user: KeyedLimiter::per_minute(
+                config.room_create_per_minute,
+                config.room_create_per_minute,
+                100_000,
+            ),
+            per_ip: HashMap::new(),
+            totals: Totals::default(),
+            last_enforced: None,
             config,
             poll,
             conns: Slab::new(),
@@ -234,6 +275,7 @@ impl Server {
             }
             self.drain_completions();
             self.flush_dirty();
+            self.enforce_budget();
             if self.now_secs != self.last_tick {
                 self.last_tick = self.now_secs;
                 self.tick();
@@ -339,6 +381,13 @@ impl Server {
     }
 
     fn add_conn(&mut self, sock: mio::net::TcpStream, peer: SocketAddr, is_tls: bool) {
+        let source = ip_key(peer.ip());
+        let count = self.per_ip.get(&source).copied().unwrap_or(0);
+        if count as usize >= self.config.max_connections_per_ip {
+            // Dropped before any TLS work: the cheapest possible refusal.
+            log::debug!("refusing {peer}: {count} connections from {source} already");
+            return;
+        }
         let _ = sock.set_nodelay(true);
         let keepalive =
             socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
@@ -372,21 +421,31 @@ impl Server {
             return;
         }
         entry.insert(conn);
+        *self.per_ip.entry(source).or_insert(0) += 1;
         log::debug!("connection {key} from {peer}");
     }
 
     /// Handles readiness of one connection.
     fn service(&mut self, key: usize, readable: bool, writable: bool) {
         let max_buffered = self.config.max_frame as usize + 64 * 1024;
+        let pause_above = self.pause_above();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         let mut closed = false;
         if readable && !conn.closing {
-            match conn.read(&mut self.scratch, max_buffered) {
-                ReadOutcome::Drained => {}
-                ReadOutcome::More => self.again.push(key),
-                ReadOutcome::Closed => closed = true,
+            if conn.cost() > pause_above {
+                // Its replies are not being read: reading more requests would only queue more.
+                // `flush_dirty` reads again once the queue has drained.
+                conn.read_paused = true;
+            } else {
+                let outcome = conn.read(&mut self.scratch, max_buffered);
+                self.totals.reconcile(conn);
+                match outcome {
+                    ReadOutcome::Drained => {}
+                    ReadOutcome::More => self.again.push(key),
+                    ReadOutcome::Closed => closed = true,
+                }
             }
             // TLS handshakes write during reads.
             self.mark_dirty(key);
@@ -402,10 +461,19 @@ impl Server {
 
     fn process_frames(&mut self, key: usize) {
         loop {
+            let pause_above = self.pause_above();
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
-            if conn.closing || conn.inflight >= MAX_INFLIGHT || conn.tls_handshaking() {
+            if conn.cost() > pause_above {
+                conn.read_paused = true;
+            }
+            if conn.closing
+                || conn.read_paused
+                || conn.parked.is_some()
+                || conn.inflight >= MAX_INFLIGHT
+                || conn.tls_handshaking()
+            {
                 break;
             }
             match self.decoder.decode(&mut conn.rbuf) {
@@ -429,7 +497,23 @@ impl Server {
         }
         if let Some(conn) = self.conns.get_mut(key) {
             conn.shrink_read_buffer();
+            self.totals.reconcile(conn);
         }
+    }
+
+    /// Above what cost a connection is not read: half its limit normally; while the server is
+    /// over its outbound budget, `FAIR_SHARE`, so the connections that hold the most stop adding
+    /// to it at once (the budget's enforcement then cuts them off).
+    fn pause_above(&self) -> usize {
+        if self.over_budget() {
+            FAIR_SHARE
+        } else {
+            self.config.max_outbound_bytes / READ_PAUSE_DIVISOR
+        }
+    }
+
+    fn over_budget(&self) -> bool {
+        self.totals.own + published_bytes() > self.config.max_outbound_total_bytes
     }
 
     fn handle_frame(&mut self, key: usize, raw: RawFrame) {
@@ -487,9 +571,11 @@ impl Server {
             (Phase::Open, ClientFrame::Register(c)) => self.password(key, rid, true, c),
             (Phase::Open, ClientFrame::Login(c)) => self.password(key, rid, false, c),
             (Phase::Open, ClientFrame::Resume(r)) => {
-                if let Some(c) = self.conns.get_mut(key) {
-                    c.phase = Phase::Authenticating;
+                let Some(c) = self.conns.get_mut(key) else { return };
+                if !self.resume_per_ip.try_take(c.peer.ip(), Instant::now()) {
+                    return self.error(key, rid, ErrorCode::RATE_LIMITED, "too many resumes; retry in a few seconds");
                 }
+                c.phase = Phase::Authenticating;
                 self.submit(key, rid, Job::Resume { to: self.to(key, rid), token: r.token });
             }
             (Phase::Authenticating, _) => {
@@ -516,11 +602,21 @@ impl Server {
                 if c.kind != chime_protocol::RoomKind::GROUP {
                     return self.error(key, rid, ErrorCode::INVALID_ARGUMENT, &format!("unknown room kind {}", c.kind));
                 }
+                if !self.create_per_user.try_take(s.user_id, Instant::now()) {
+                    let per_minute = self.config.room_create_per_minute;
+                    let message = format!("at most {per_minute} rooms per minute; retry later");
+                    return self.error(key, rid, ErrorCode::RATE_LIMITED, &message);
+                }
                 Job::CreateRoom { to, actor, name, kind: c.kind }
             }
             ClientFrame::JoinRoom(r) => Job::Join { to, actor, room: r.room },
             ClientFrame::LeaveRoom(r) => Job::Leave { to, actor, room: r.room },
-            ClientFrame::ListRooms(_) => Job::ListRooms { to, actor },
+            ClientFrame::ListRooms(l) => Job::ListRooms {
+                to,
+                actor,
+                after_room: l.after_room,
+                limit: if l.limit == 0 { DEFAULT_PAGE } else { l.limit.min(MAX_PAGE) },
+            },
             ClientFrame::ListMembers(m) => Job::ListMembers {
                 to,
                 actor,
@@ -609,25 +705,37 @@ impl Server {
 
     fn to(&self, key: usize, request_id: u32) -> ReplyTo {
         let gen = self.conns.get(key).map_or(0, |c| c.id.gen);
-        ReplyTo { conn: ConnRef { key, gen }, request_id }
+        ReplyTo { conn: ConnRef { key, gen }, request_id, shared: false }
     }
 
-    fn submit(&mut self, key: usize, rid: u32, job: Job) {
+    /// Hands a request's job to the pool. A job for the shared queue waits (parked, with the
+    /// connection's later frames behind it) while the connection has its window of shared jobs.
+    fn submit(&mut self, key: usize, rid: u32, mut job: Job) {
+        let shared = job.queue() == Queue::Shared;
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if shared && c.shared_inflight >= SHARED_WINDOW {
+            c.parked = Some(Box::new(job));
+            return;
+        }
+        if let Some(to) = job.reply_to_mut() {
+            to.shared = shared;
+        }
         let authenticating = matches!(job, Job::Password { .. } | Job::Resume { .. });
         let Some(pool) = self.pool.as_ref() else {
             return;
         };
         match pool.submit(job) {
             Ok(()) => {
-                if let Some(c) = self.conns.get_mut(key) {
-                    c.inflight += 1;
+                c.inflight += 1;
+                if shared {
+                    c.shared_inflight += 1;
                 }
             }
             Err(_) => {
                 if authenticating {
-                    if let Some(c) = self.conns.get_mut(key) {
-                        c.phase = Phase::Open;
-                    }
+                    c.phase = Phase::Open;
                 }
                 self.error(key, rid, ErrorCode::OVERLOADED, "server busy; retry shortly");
             }
@@ -639,18 +747,31 @@ impl Server {
         self.conns.get_mut(r.key).filter(|c| c.id.gen == r.gen)
     }
 
+    /// A job of the connection finished: its slot is free. Work that waited for the slot goes
+    /// now: a parked request, deferred SYNC fetches, frames behind the in-flight cap.
     fn answered(&mut self, to: &ReplyTo) -> bool {
-        match self.conn_for(to.conn) {
-            Some(c) => {
-                c.inflight = c.inflight.saturating_sub(1);
-                if !c.rbuf.is_empty() {
-                    // Frames paused behind the in-flight cap can go now.
-                    self.again.push(to.conn.key);
-                }
-                true
+        let key = to.conn.key;
+        let Some(c) = self.conn_for(to.conn) else {
+            return false;
+        };
+        c.inflight = c.inflight.saturating_sub(1);
+        if to.shared {
+            c.shared_inflight = c.shared_inflight.saturating_sub(1);
+            if let Some(mut job) = c.parked.take() {
+                let rid = job.reply_to_mut().map_or(0, |to| to.request_id);
+                self.submit(key, rid, *job);
+                self.again.push(key);
+            } else {
+                self.retry_deferred(key);
             }
-            None => false,
         }
+        if let Some(c) = self.conns.get_mut(key) {
+            if !c.rbuf.is_empty() {
+                // Frames paused behind the in-flight cap can go now.
+                self.again.push(key);
+            }
+        }
+        true
     }
 
     fn drain_completions(&mut self) {
@@ -683,6 +804,8 @@ impl Server {
                 if let Some(c) = self.conn_for(to.conn) {
                     c.phase = Phase::Authed(Session { user_id, name: name.into(), token_hash });
                     self.users.entry(user_id).or_default().push(key);
+                    // The store lists rooms by id, so each subscription appends to the
+                    // connection's sorted room list: linear in the rooms, whatever their number.
                     for (room, head) in rooms {
                         self.subscribe_from(key, room, head);
                     }
@@ -706,7 +829,9 @@ impl Server {
                     for k in &conns {
                         match after {
                             Some(after) => self.subscribe_from(*k, room, after),
-                            None => self.subscribe(*k, room),
+                            None => {
+                                self.subscribe(*k, room);
+                            }
                         }
                     }
                 }
@@ -734,6 +859,9 @@ impl Server {
                 }
             }
             Completion::Page { to, room, after, deltas, more } => {
+                if !self.answered(&to) {
+                    return;
+                }
                 let Some(c) = self.conn_for(to.conn) else {
                     return;
                 };
@@ -742,6 +870,9 @@ impl Server {
                 self.apply(to.conn.key, actions);
             }
             Completion::PageFailed { to, room, not_member, frame } => {
+                if !self.answered(&to) {
+                    return;
+                }
                 let Some(c) = self.conn_for(to.conn) else { return };
                 let Some(sync) = c.sync.as_mut() else { return };
                 let actions = if not_member { sync.skip_room(room) } else { sync.page_failed(room, frame) };
@@ -754,21 +885,22 @@ impl Server {
     fn apply(&mut self, key: usize, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Send(bytes) => self.reply(key, bytes),
+                Action::Send(bytes) => self.queue(key, bytes, Class::Own),
+                Action::Push(bytes) => self.queue(key, bytes, Class::Shared),
+                Action::FetchLater { room, after, limit } => self.defer(key, Action::Fetch { room, after, limit }),
                 Action::Fetch { room, after, limit } => {
                     let Some(c) = self.conns.get_mut(key) else {
                         return;
                     };
-                    if c.queued_bytes() > self.config.max_outbound_bytes / 2 {
-                        // Flow control: the next page waits until the client has read this one.
-                        if let Some(sync) = c.sync.as_mut() {
-                            sync.deferred.push(Action::Fetch { room, after, limit });
-                        }
+                    // Flow control: the next page waits until the client has read this one; and
+                    // SYNC pages take the connection's shared-queue window like any read.
+                    if c.queued_bytes() > self.config.max_outbound_bytes / 2 || c.shared_inflight >= SHARED_WINDOW {
+                        self.defer(key, Action::Fetch { room, after, limit });
                         continue;
                     }
                     let Some(s) = c.session() else { return };
                     let job = Job::Fetch {
-                        to: ReplyTo { conn: c.id, request_id: 0 },
+                        to: ReplyTo { conn: c.id, request_id: 0, shared: true },
                         actor: Actor { user_id: s.user_id, name: s.name.clone() },
                         room,
                         after,
@@ -780,36 +912,59 @@ impl Server {
                     };
                     if pool.submit(job).is_err() {
                         // The shared queue is full: the client must come back for it.
-                        if let Some(c) = self.conns.get_mut(key) {
-                            c.goodbye(
-                                ErrorCode::RESYNC_REQUIRED,
-                                "server overloaded during sync; reconnect and SYNC",
-                                true,
-                            );
-                            self.mark_dirty(key);
-                        }
+                        self.goodbye(
+                            key,
+                            ErrorCode::RESYNC_REQUIRED,
+                            "server overloaded during sync; reconnect and SYNC",
+                        );
+                        return;
                     }
+                    c.inflight += 1;
+                    c.shared_inflight += 1;
                 }
             }
         }
     }
 
-    fn subscribe(&mut self, key: usize, room: u64) {
-        let Some(c) = self.conns.get_mut(key) else {
-            return;
-        };
-        if c.rooms.contains(&room) {
-            return;
+    /// Keeps a SYNC fetch for later: when the client has drained its queue, a shared slot frees
+    /// up, or (for a failed fetch) the next tick.
+    fn defer(&mut self, key: usize, fetch: Action) {
+        if let Some(sync) = self.conns.get_mut(key).and_then(|c| c.sync.as_mut()) {
+            sync.deferred.push(fetch);
         }
-        c.rooms.push(room);
+    }
+
+    /// Tries the deferred SYNC fetches of a connection again (they defer themselves again if
+    /// their condition still holds).
+    fn retry_deferred(&mut self, key: usize) {
+        let deferred = match self.conns.get_mut(key).and_then(|c| c.sync.as_mut()) {
+            Some(sync) if !sync.deferred.is_empty() => std::mem::take(&mut sync.deferred),
+            _ => return,
+        };
+        self.apply(key, deferred);
+    }
+
+    /// Subscribes a connection to a room's pushes. Returns whether it was not subscribed yet.
+    fn subscribe(&mut self, key: usize, room: u64) -> bool {
+        let Some(c) = self.conns.get_mut(key) else {
+            return false;
+        };
+        let Err(at) = c.rooms.binary_search(&room) else {
+            return false;
+        };
+        c.rooms.insert(at, room);
         self.rooms.entry(room).or_default().push(key);
+        true
     }
 
     /// Subscribes a connection that knows the room's log up to `after`. Deltas the loop published
     /// before this subscription and after `after` were not sent to it: it catches up on them
     /// (a page fetch, with live pushes held meanwhile) so that it sees no gap.
     fn subscribe_from(&mut self, key: usize, room: u64, after: u64) {
-        self.subscribe(key, room);
+        if !self.subscribe(key, room) {
+            // Already subscribed: it has received every push since, so there is nothing to catch up.
+            return;
+        }
         if self.room_heads.get(&room).is_some_and(|&head| head > after) {
             let Some(c) = self.conns.get_mut(key) else { return };
             let actions = c.sync.get_or_insert_with(Default::default).catch_up(room, after);
@@ -819,7 +974,9 @@ impl Server {
 
     fn unsubscribe(&mut self, key: usize, room: u64) {
         if let Some(c) = self.conns.get_mut(key) {
-            c.rooms.retain(|&r| r != room);
+            if let Ok(at) = c.rooms.binary_search(&room) {
+                c.rooms.remove(at);
+            }
             if let Some(s) = c.sync.as_mut() {
                 s.forget(room);
             }
@@ -828,12 +985,14 @@ impl Server {
     }
 
     fn logout_conn(&mut self, key: usize) {
+        let now = self.now_secs;
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
         let rooms = std::mem::take(&mut c.rooms);
         let user = c.session().map(|s| s.user_id);
         c.phase = Phase::Open;
+        c.unauth_since = now;
         c.sync = None;
         for room in rooms {
             remove_subscriber(&mut self.rooms, room, key);
@@ -866,8 +1025,9 @@ impl Server {
                     for a in sync.push(p) {
                         match a {
                             Action::Send(b) => ok &= c.queue(b, Class::Own, limit),
+                            Action::Push(b) => ok &= c.queue(b, Class::Shared, limit),
                             // Rare (a gap in live pushes); applied after the fan-out.
-                            fetch @ Action::Fetch { .. } => fetches.push((key, fetch)),
+                            fetch @ (Action::Fetch { .. } | Action::FetchLater { .. }) => fetches.push((key, fetch)),
                         }
                     }
                     ok
@@ -876,6 +1036,7 @@ impl Server {
             if !ok {
                 c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
             }
+            self.totals.reconcile(c);
             mark_dirty(&mut self.dirty, c, key);
         }
         for (key, fetch) in fetches {
@@ -883,15 +1044,22 @@ impl Server {
         }
     }
 
-    fn reply(&mut self, key: usize, frame: Bytes) {
+    /// Queues a frame on a connection; one that overflows the connection's queue ends it with a
+    /// resync.
+    fn queue(&mut self, key: usize, frame: Bytes, class: Class) {
         let limit = self.config.max_outbound_bytes;
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
-        if !c.queue(frame, Class::Own, limit) {
+        if !c.queue(frame, class, limit) {
             c.goodbye(ErrorCode::RESYNC_REQUIRED, "you fell too far behind; reconnect and SYNC", true);
         }
+        self.totals.reconcile(c);
         self.mark_dirty(key);
+    }
+
+    fn reply(&mut self, key: usize, frame: Bytes) {
+        self.queue(key, frame, Class::Own);
     }
 
     fn error(&mut self, key: usize, rid: u32, code: ErrorCode, message: &str) {
@@ -903,6 +1071,16 @@ impl Server {
         self.error(key, rid, code, message);
         if let Some(c) = self.conns.get_mut(key) {
             c.goodbye_after_queue(code, message);
+            self.totals.reconcile(c);
+        }
+    }
+
+    /// Replaces what is queued with a GOODBYE and closes after it.
+    fn goodbye(&mut self, key: usize, code: ErrorCode, message: &str) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.goodbye(code, message, code == ErrorCode::RESYNC_REQUIRED);
+            self.totals.reconcile(c);
+            self.mark_dirty(key);
         }
     }
 
@@ -918,10 +1096,13 @@ impl Server {
         // of the same batch, so authors hear their ack before a thousand recipients are served.
         let mut dirty = std::mem::take(&mut self.dirty);
         let resume_below = self.config.max_outbound_bytes / 4;
+        let now = self.now_secs;
         for key in dirty.drain(..) {
             let Some(c) = self.conns.get_mut(key) else { continue };
             c.dirty = false;
-            if let Err(e) = c.flush(self.now_secs) {
+            let flushed = c.flush(now);
+            self.totals.reconcile(c);
+            if let Err(e) = flushed {
                 log::debug!("write to {} failed: {e}", c.peer);
                 self.close(key);
                 continue;
@@ -930,12 +1111,12 @@ impl Server {
                 self.close(key);
                 continue;
             }
-            if c.queued_bytes() < resume_below {
-                if let Some(deferred) = c.sync.as_mut().map(|s| std::mem::take(&mut s.deferred)) {
-                    if !deferred.is_empty() {
-                        self.apply(key, deferred);
-                    }
+            if c.cost() < resume_below {
+                if c.read_paused {
+                    c.read_paused = false;
+                    self.again.push(key);
                 }
+                self.retry_deferred(key);
             }
         }
         // Connections queued for a flush while flushing (deferred sync fetches) go next time.
@@ -943,18 +1124,72 @@ impl Server {
         self.dirty = dirty;
     }
 
-    /// Once a second: heartbeats, idle and handshake timeouts.
+    /// The server-wide outbound budget: what connections hold alone plus every published batch
+    /// still alive. Over `max_outbound_total_bytes`, the connections holding the most (above
+    /// `FAIR_SHARE`) are cut off with a resync, largest first, until the total fits again.
+    fn enforce_budget(&mut self) {
+        let max = self.config.max_outbound_total_bytes;
+        if !self.over_budget() {
+            return;
+        }
+        let now = Instant::now();
+        if self.last_enforced.is_some_and(|t| now.duration_since(t) < Duration::from_millis(100)) {
+            return;
+        }
+        self.last_enforced = Some(now);
+        let mut big: Vec<(usize, usize)> =
+            self.conns.iter().filter(|(_, c)| c.cost() > FAIR_SHARE).map(|(k, c)| (c.cost(), k)).collect();
+        big.sort_unstable_by(|a, b| b.cmp(a));
+        let mut cut = 0;
+        for (_, key) in big {
+            if !self.over_budget() {
+                break;
+            }
+            let Some(c) = self.conns.get_mut(key) else { continue };
+            cut += 1;
+            if c.closing {
+                self.close(key);
+            } else {
+                c.goodbye(ErrorCode::RESYNC_REQUIRED, "server outbound budget exceeded; reconnect and SYNC", true);
+                self.totals.reconcile(c);
+                self.mark_dirty(key);
+            }
+        }
+        log::warn!(
+            "outbound queues over the server-wide budget of {max} bytes: cut off {cut} connections \
+             (now {} bytes held by connections, {} by published batches)",
+            self.totals.own,
+            published_bytes()
+        );
+    }
+
+    /// Once a second: heartbeats; idle, handshake, login and write timeouts; retries of failed
+    /// SYNC fetches; memory given back.
     fn tick(&mut self) {
         let now = self.now_secs;
         let hb = self.config.heartbeat_secs.max(1);
+        let auth_timeout = self.config.auth_timeout_secs;
+        let write_timeout = self.config.write_timeout_secs;
         let mut to_close = Vec::new();
         let mut to_ping = Vec::new();
+        let mut to_retry = Vec::new();
         for (key, c) in self.conns.iter_mut() {
             c.shrink_idle();
+            if c.stalled_since.is_some_and(|since| now.saturating_sub(since) >= write_timeout) {
+                // Nothing it was sent has been read for the whole timeout (a zero window, or a
+                // peer that stopped reading): a GOODBYE would not be read either.
+                log::info!("closing {}: nothing written for {write_timeout} s", c.peer);
+                to_close.push(key);
+                continue;
+            }
             let quiet = now.saturating_sub(c.last_heard);
             match c.phase {
                 Phase::Handshake if quiet >= HANDSHAKE_SECS => to_close.push(key),
                 _ if c.closing => {}
+                Phase::Open | Phase::Authenticating if now.saturating_sub(c.unauth_since) >= auth_timeout => {
+                    c.goodbye(ErrorCode::AUTH_TIMEOUT, "not logged in within the server's deadline", false);
+                    mark_dirty(&mut self.dirty, c, key);
+                }
                 _ if quiet >= 3 * hb => {
                     c.goodbye(ErrorCode::IDLE_TIMEOUT, "nothing heard within the idle timeout", false);
                     mark_dirty(&mut self.dirty, c, key);
@@ -965,6 +1200,11 @@ impl Server {
                 }
                 _ => {}
             }
+            // A timeout above may have replaced the queue with a GOODBYE.
+            self.totals.reconcile(c);
+            if c.sync.as_ref().is_some_and(|s| !s.deferred.is_empty()) {
+                to_retry.push(key);
+            }
         }
         for key in to_close {
             self.close(key);
@@ -972,7 +1212,23 @@ impl Server {
         for key in to_ping {
             self.reply(key, ServerFrame::Ping(Ping { nonce: u64::from(now) }).reply(0));
         }
+        for key in to_retry {
+            self.retry_deferred(key);
+        }
         self.flush_dirty();
+        self.give_back_memory();
+    }
+
+    /// Returns freed heap to the OS after a lot of outbound memory was released (many slow
+    /// consumers leaving, say): the allocator keeps freed pages otherwise, and the process would
+    /// stay at its peak.
+    fn give_back_memory(&mut self) {
+        let total = self.totals.own + published_bytes();
+        let peak = self.totals.peak.max(total);
+        if peak - total >= TRIM_AFTER {
+            trim_heap();
+            self.totals.peak = total;
+        }
     }
 
     fn close(&mut self, key: usize) {
@@ -981,11 +1237,75 @@ impl Server {
         }
         self.logout_conn(key);
         let mut c = self.conns.remove(key);
+        self.totals.release(&c);
+        let source = ip_key(c.peer.ip());
+        if let Some(n) = self.per_ip.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&source);
+            }
+        }
         c.close_notify();
         let _ = self.poll.registry().deregister(c.socket());
         log::debug!("connection {key} from {} closed", c.peer);
     }
 }
+
+/// What all connections' buffers cost together (their `Conn::own_cost`; published batches are
+/// counted apart, once each, by `published_bytes`).
+#[derive(Debug, Default)]
+struct Totals {
+    /// The sum, exact after each `reconcile`.
+    own: usize,
+    /// The highest `own` plus published bytes since memory was last given back to the OS.
+    peak: usize,
+}
+
+impl Totals {
+    /// Brings the sum up to date with `c`'s current cost; called after anything that changes a
+    /// connection's buffers (a read, a queued frame, a flush, a GOODBYE).
+    fn reconcile(&mut self, c: &mut Conn) {
+        let now = c.own_cost();
+        self.own = self.own.saturating_sub(c.counted_cost) + now;
+        c.counted_cost = now;
+        self.peak = self.peak.max(self.own);
+    }
+
+    /// Takes a closed connection out of the sum.
+    fn release(&mut self, c: &Conn) {
+        self.own = self.own.saturating_sub(c.counted_cost);
+    }
+}
+
+/// The key connections are counted under per source: the address for IPv4, the /64 prefix for
+/// IPv6 (one subscriber typically holds a whole /64, so per-address limits would mean nothing).
+fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(octets.into())
+            }
+        },
+    }
+}
+
+/// Asks the allocator to give free memory back to the OS (glibc keeps freed pages in its arenas).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers from us
+    // and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 /// Takes connection `key` off `room`'s subscriber list, dropping the list once it is empty.
 fn remove_subscriber(rooms: &mut HashMap<u64, Vec<usize>>, room: u64, key: usize) {
@@ -1004,5 +1324,24 @@ fn mark_dirty(dirty: &mut Vec<usize>, c: &mut Conn, key: usize) {
     if !c.dirty {
         c.dirty = true;
         dirty.push(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_addresses_or_ipv6_prefixes() {
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(ip_key(v4), v4);
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(b));
+        assert_ne!(ip_key(a), ip_key(other));
+        assert_eq!(ip_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(ip_key(mapped), v4);
     }
 }

@@ -27,6 +27,12 @@ use std::collections::{HashMap, VecDeque};
 /// Pushes held per catching-up room before further ones are dropped (and fetched again later).
 const HELD_CAP: usize = 4096;
 
+/// Bytes of pushes one connection holds across all its catching-up rooms before further ones are
+/// dropped (and fetched again later). Held pushes are shared with other recipients, but a
+/// connection holding them keeps them alive: without a bound, a slow SYNC in a busy room would pin
+/// everything published meanwhile.
+pub const HELD_BYTES: usize = 1 << 20;
+
 /// Largest SYNC page; a client asking for more gets this many.
 pub const MAX_PAGE: u32 = 1000;
 
@@ -36,8 +42,20 @@ pub const DEFAULT_PAGE: u32 = 500;
 /// What the loop must do for the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Queue these bytes on the connection.
+    /// Queue these bytes, made for this connection alone (pages, SYNC_DONE, errors).
     Send(Bytes),
+    /// Queue these bytes, a slice of frames published to every subscriber (shared memory).
+    Push(Bytes),
+    /// Fetch later (the last fetch failed, say because the database is down): the loop retries
+    /// it after a delay. The room stays caught up to where it was, holding pushes meanwhile.
+    FetchLater {
+        /// Room.
+        room: u64,
+        /// Seq to fetch after.
+        after: u64,
+        /// Page size.
+        limit: u32,
+    },
     /// Fetch a page of `room` after `after` (a `Job::Fetch` with `FetchPurpose::Sync`).
     Fetch {
         /// Room.
@@ -80,6 +98,8 @@ struct Request {
 pub struct SyncState {
     tracks: HashMap<u64, Track>,
     requests: Vec<Request>,
+    /// Bytes of all held pushes, bounded by [`HELD_BYTES`].
+    held_bytes: usize,
     /// Fetches held back by flow control until the client drains its queue (set by the loop).
     pub deferred: Vec<Action>,
 }
@@ -107,6 +127,8 @@ impl SyncState {
                 Some(Track { mode: Mode::CatchingUp { held, .. }, .. }) => held,
                 _ => VecDeque::new(),
             };
+            // Pushes held for the old cursor stay held: the new fetch starts from another cursor,
+            // and `page` drops the ones it covers.
             self.tracks.insert(
                 c.room,
                 Track {
@@ -127,13 +149,14 @@ impl SyncState {
     /// A live push for `room`. Returns what to send (possibly nothing) and maybe a fetch.
     pub fn push(&mut self, p: &Published) -> Vec<Action> {
         let Some(track) = self.tracks.get_mut(&p.room) else {
-            return vec![Action::Send(p.frames.clone())];
+            return vec![Action::Push(p.frames.clone())];
         };
         match &mut track.mode {
             Mode::CatchingUp { held, overflowed, .. } => {
-                if held.len() >= HELD_CAP {
+                if held.len() >= HELD_CAP || self.held_bytes + p.frames.len() > HELD_BYTES {
                     *overflowed = true;
                 } else {
+                    self.held_bytes += p.frames.len();
                     held.push_back(p.clone());
                 }
                 Vec::new()
@@ -144,12 +167,16 @@ impl SyncState {
                 } else if p.first_seq <= track.delivered + 1 {
                     let frames = p.frames_after(track.delivered);
                     track.delivered = p.last_seq();
-                    vec![Action::Send(frames)]
+                    vec![Action::Push(frames)]
                 } else {
                     let after = track.delivered;
                     let mut held = VecDeque::new();
-                    held.push_back(p.clone());
-                    track.mode = Mode::CatchingUp { request: None, held, overflowed: false };
+                    let overflowed = self.held_bytes + p.frames.len() > HELD_BYTES;
+                    if !overflowed {
+                        self.held_bytes += p.frames.len();
+                        held.push_back(p.clone());
+                    }
+                    track.mode = Mode::CatchingUp { request: None, held, overflowed };
                     vec![Action::Fetch { room: p.room, after, limit: track.page_size }]
                 }
             }
@@ -181,10 +208,12 @@ impl SyncState {
             caught_up = true;
             while let Some(p) = held.front() {
                 if p.last_seq() <= track.delivered {
+                    self.held_bytes -= p.frames.len();
                     held.pop_front();
                 } else if p.first_seq <= track.delivered + 1 {
                     flushed.push(p.frames_after(track.delivered));
                     track.delivered = p.last_seq();
+                    self.held_bytes -= p.frames.len();
                     held.pop_front();
                 } else {
                     caught_up = false;
@@ -216,7 +245,7 @@ impl SyncState {
                 }
             }
         }
-        actions.extend(flushed.into_iter().filter(|b| !b.is_empty()).map(Action::Send));
+        actions.extend(flushed.into_iter().filter(|b| !b.is_empty()).map(Action::Push));
         if caught_up {
             track.mode = Mode::Live;
             if let Some(id) = request {
@@ -231,18 +260,23 @@ impl SyncState {
         actions
     }
 
-    /// A fetch failed with `error` (an encoded ERROR frame): the room is no longer tracked, and a
-    /// SYNC it belonged to ends with that error. Other rooms of the request keep catching up,
-    /// with their pages sent as pushes.
+    /// A fetch failed with `error` (an encoded ERROR frame; the database failed, say). A SYNC the
+    /// room belonged to ends with that error; the room itself, and the request's other rooms,
+    /// keep catching up, their deltas sent as pushes, so that no gap ever reaches the client.
+    /// The failed fetch is retried later ([`Action::FetchLater`]), still holding pushes.
     pub fn page_failed(&mut self, room: u64, error: Bytes) -> Vec<Action> {
-        let Some(track) = self.tracks.remove(&room) else {
+        let Some(track) = self.tracks.get_mut(&room) else {
             return Vec::new();
         };
-        let Mode::CatchingUp { request: Some(id), .. } = track.mode else {
+        let Mode::CatchingUp { request, .. } = &mut track.mode else {
             return Vec::new();
+        };
+        let retry = Action::FetchLater { room, after: track.delivered, limit: track.page_size };
+        let Some(id) = request.take() else {
+            return vec![retry];
         };
         let Some(i) = self.requests.iter().position(|r| r.id == id) else {
-            return Vec::new();
+            return vec![retry];
         };
         let req = self.requests.remove(i);
         for other in req.rooms {
@@ -250,7 +284,7 @@ impl SyncState {
                 *request = None;
             }
         }
-        vec![Action::Send(error)]
+        vec![Action::Send(error), retry]
     }
 
     /// The connection was subscribed to `room` knowing its log only up to `after`, and the room
@@ -267,7 +301,7 @@ impl SyncState {
 
     /// The user is not a member of `room`: it gets no pages and is left out of `heads`.
     pub fn skip_room(&mut self, room: u64) -> Vec<Action> {
-        let Some(track) = self.tracks.remove(&room) else { return Vec::new() };
+        let Some(track) = self.remove_track(room) else { return Vec::new() };
         let Mode::CatchingUp { request: Some(id), .. } = track.mode else { return Vec::new() };
         if let Some(r) = self.requests.iter_mut().find(|r| r.id == id) {
             r.rooms.retain(|&x| x != room);
@@ -278,7 +312,21 @@ impl SyncState {
 
     /// The connection no longer receives `room` (it left): forget it.
     pub fn forget(&mut self, room: u64) {
-        self.tracks.remove(&room);
+        self.remove_track(room);
+    }
+
+    /// Bytes of pushes held while catching up.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Removes a room's track, releasing what it held.
+    fn remove_track(&mut self, room: u64) -> Option<Track> {
+        let track = self.tracks.remove(&room)?;
+        if let Mode::CatchingUp { held, .. } = &track.mode {
+            self.held_bytes -= held.iter().map(|p| p.frames.len()).sum::<usize>();
+        }
+        Some(track)
     }
 
     /// Sends SYNC_DONE for every request whose rooms are all live.
@@ -330,7 +378,7 @@ mod tests {
         let mut dones = 0;
         let dec = FrameDecoder::default();
         for a in actions {
-            if let Action::Send(b) = a {
+            if let Action::Send(b) | Action::Push(b) = a {
                 let mut buf = BytesMut::from(&b[..]);
                 while let Some(raw) = dec.decode(&mut buf).expect("valid") {
                     match ServerFrame::decode(&raw).expect("valid") {
@@ -425,8 +473,51 @@ mod tests {
         s.start(2, &[RoomCursor { room: 1, seq: 5 }], 10);
         assert!(s.page(1, 0, vec![delta(1, 1)], false).is_empty());
         let err = Bytes::from_static(b"err");
-        assert_eq!(s.page_failed(2, err.clone()), vec![Action::Send(err)]);
+        let retry = Action::FetchLater { room: 2, after: 0, limit: 10 };
+        assert_eq!(s.page_failed(2, err.clone()), vec![Action::Send(err), retry]);
         let a = s.page(1, 5, vec![delta(1, 6)], false);
         assert_eq!(sent_seqs(&a), (vec![6], 1));
+        // Room 2 keeps catching up after its request ended: its deltas arrive as pushes, gap-free.
+        assert!(s.push(&published(2, 3..=3)).is_empty());
+        let a = s.page(2, 0, vec![delta(2, 1), delta(2, 2)], false);
+        assert_eq!(sent_seqs(&a), (vec![1, 2, 3], 0));
+        assert!(a.iter().all(|a| !matches!(a, Action::Send(b) if b.starts_with(b"err"))));
+    }
+
+    #[test]
+    fn a_failed_catch_up_is_retried_not_dropped() {
+        let mut s = SyncState::default();
+        assert_eq!(s.catch_up(4, 2), vec![Action::Fetch { room: 4, after: 2, limit: DEFAULT_PAGE }]);
+        let retry = Action::FetchLater { room: 4, after: 2, limit: DEFAULT_PAGE };
+        assert_eq!(s.page_failed(4, Bytes::from_static(b"err")), vec![retry]);
+        // Still held, still gap-checked: a push is not sent raw.
+        assert!(s.push(&published(4, 5..=5)).is_empty());
+        let a = s.page(4, 2, vec![delta(4, 3), delta(4, 4)], false);
+        assert_eq!(sent_seqs(&a), (vec![3, 4, 5], 0));
+    }
+
+    #[test]
+    fn held_pushes_are_bounded_in_bytes() {
+        let mut s = SyncState::default();
+        s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10);
+        let big = |seq: u64| {
+            let mut d = delta(1, seq);
+            d.text = "x".repeat(60_000);
+            Published::encode(1, &[d]).expect("one delta")
+        };
+        let mut seq = 1;
+        while s.held_bytes() + 61_000 <= HELD_BYTES {
+            assert!(s.push(&big(seq)).is_empty());
+            seq += 1;
+        }
+        let held = s.held_bytes();
+        assert!(held > HELD_BYTES / 2);
+        // Over the bound: dropped (the database has it), and the page that follows fetches again.
+        assert!(s.push(&big(seq)).is_empty());
+        assert_eq!(s.held_bytes(), held);
+        let a = s.page(1, 0, vec![], false);
+        assert!(matches!(a.last(), Some(Action::Fetch { room: 1, .. })), "{a:?}");
+        s.forget(1);
+        assert_eq!(s.held_bytes(), 0);
     }
 }

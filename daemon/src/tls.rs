@@ -73,6 +73,14 @@ pub enum TlsError {
     /// rustls refused the certificate or key (for example a key that does not match).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The private key file can be read or written by users other than its owner and group.
+    #[error("{}: the private key is accessible by other users (mode {mode:03o}); refusing to use it: run `chmod 600 {}`", path.display(), path.display())]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 /// SHA-256 of a certificate's DER encoding: the protocol's definition of a fingerprint, so the
@@ -118,6 +126,7 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<TlsSetup, TlsError> {
         return Err(pem_error(cert_path, "certificate")(rustls_pki_types::pem::Error::NoItemsFound));
     };
     let fingerprint = fingerprint_of(leaf);
+    check_key_mode(key_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_error(key_path, "private key"))?;
 
     let mut server = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
@@ -129,6 +138,30 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<TlsSetup, TlsError> {
     server.session_storage = Arc::new(NoServerSessionStorage {});
     server.send_tls13_tickets = 0;
     Ok(TlsSetup { config: Arc::new(server), fingerprint })
+}
+
+/// Refuses a private key that others can read (as OpenSSH refuses an unprotected key); a key the
+/// file's group can read is allowed with a warning (the `ssl-cert` group convention).
+#[cfg(unix)]
+fn check_key_mode(path: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| TlsError::Io { path: path.to_path_buf(), source })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(TlsError::KeyExposed { path: path.to_path_buf(), mode });
+    }
+    if mode & 0o070 != 0 {
+        log::warn!("TLS key {} is accessible by its group (mode {mode:03o}); consider chmod 600", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_mode(_path: &Path) -> Result<(), TlsError> {
+    Ok(())
 }
 
 /// Writes a new self-signed certificate and key into `dir`. The key is written first and the

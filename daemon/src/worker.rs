@@ -27,6 +27,7 @@ use chime_protocol::{
 };
 use chime_storage::{now_ms, NewPost, NewSession, PostOutcome, RoomRecord, Store, StoreError};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -47,6 +48,20 @@ pub struct ReplyTo {
     pub conn: ConnRef,
     /// The request id to echo.
     pub request_id: u32,
+    /// Whether the job runs on the shared queue, where each connection has a small window of
+    /// jobs (set by the loop when it submits the job; the completion gives the slot back).
+    pub shared: bool,
+}
+
+/// The queue a job runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    /// The shard of this room: every write to a room, so one thread commits and publishes it.
+    Shard(u64),
+    /// Reads and account work, served by every shard worker after its own queue.
+    Shared,
+    /// Password hashing.
+    Auth,
 }
 
 /// The logged-in user a job runs as.
@@ -75,7 +90,7 @@ pub enum Job {
     /// Leave a room (shard job).
     Leave { to: ReplyTo, actor: Actor, room: u64 },
     /// List the actor's rooms.
-    ListRooms { to: ReplyTo, actor: Actor },
+    ListRooms { to: ReplyTo, actor: Actor, after_room: u64, limit: u32 },
     /// A page of members.
     ListMembers { to: ReplyTo, actor: Actor, room: u64, after_user: u64, limit: u32 },
     /// A post (shard job; group-committed).
@@ -84,6 +99,42 @@ pub enum Job {
     Fetch { to: ReplyTo, actor: Actor, room: u64, after: u64, limit: u32, purpose: FetchPurpose },
     /// Finish what was queued before this, then exit (shard and auth queues, at shutdown).
     Stop,
+}
+
+impl Job {
+    /// Where the job runs. Exhaustive on purpose: a new job kind must say where it goes, and a
+    /// room write must go to its room's shard (one writer per room keeps seqs in commit order).
+    pub fn queue(&self) -> Queue {
+        match self {
+            Job::Password { .. } => Queue::Auth,
+            Job::Post { post, .. } => Queue::Shard(post.room),
+            Job::Join { room, .. } | Job::Leave { room, .. } => Queue::Shard(*room),
+            Job::Resume { .. }
+            | Job::Logout { .. }
+            | Job::CreateRoom { .. }
+            | Job::ListRooms { .. }
+            | Job::ListMembers { .. }
+            | Job::Fetch { .. }
+            | Job::Stop => Queue::Shared,
+        }
+    }
+
+    /// Who the job answers (none for `Stop`).
+    pub fn reply_to_mut(&mut self) -> Option<&mut ReplyTo> {
+        match self {
+            Job::Password { to, .. }
+            | Job::Resume { to, .. }
+            | Job::Logout { to, .. }
+            | Job::CreateRoom { to, .. }
+            | Job::Join { to, .. }
+            | Job::Leave { to, .. }
+            | Job::ListRooms { to, .. }
+            | Job::ListMembers { to, .. }
+            | Job::Post { to, .. }
+            | Job::Fetch { to, .. } => Some(to),
+            Job::Stop => None,
+        }
+    }
 }
 
 /// Why a page of deltas is fetched; decides how the loop uses it.
@@ -164,7 +215,41 @@ impl Published {
         if ends.is_empty() {
             return None;
         }
-        Some(Published { room, first_seq, frames: Bytes::from(buf), ends })
+        Some(Published { room, first_seq, frames: Bytes::from_owner(Counted::new(buf)), ends })
+    }
+}
+
+/// Bytes of published frames alive anywhere in this process (in queues of connections that have
+/// not sent them yet, held by catching-up connections, on their way to the loop). Each batch is
+/// one allocation shared by all its recipients, so it is counted once here, from its encoding
+/// until the last reference to it is dropped: the server-wide outbound budget adds this to what
+/// connections hold alone.
+static PUBLISHED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The current value of [`PUBLISHED_BYTES`].
+pub fn published_bytes() -> usize {
+    PUBLISHED_BYTES.load(Ordering::Relaxed)
+}
+
+/// A published buffer that counts itself in [`PUBLISHED_BYTES`] while it lives.
+struct Counted(Vec<u8>);
+
+impl Counted {
+    fn new(buf: Vec<u8>) -> Counted {
+        PUBLISHED_BYTES.fetch_add(buf.capacity(), Ordering::Relaxed);
+        Counted(buf)
+    }
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        PUBLISHED_BYTES.fetch_sub(self.0.capacity(), Ordering::Relaxed);
     }
 }
 
@@ -280,11 +365,10 @@ impl Pool {
 
     /// Queues a job on the right queue without blocking.
     pub fn submit(&self, job: Job) -> Result<(), Busy> {
-        let queue = match &job {
-            Job::Password { .. } => &self.auth,
-            Job::Post { post, .. } => self.shard(post.room),
-            Job::Join { room, .. } | Job::Leave { room, .. } => self.shard(*room),
-            _ => &self.shared,
+        let queue = match job.queue() {
+            Queue::Auth => &self.auth,
+            Queue::Shard(room) => self.shard(room),
+            Queue::Shared => &self.shared,
         };
         match queue.try_send(job) {
             Ok(()) => Ok(()),
@@ -490,15 +574,18 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
             },
             Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
         },
-        Job::ListRooms { to, actor } => match store.rooms_of_user(actor.user_id) {
-            Ok(rooms) => Completion::Reply {
-                frame: ServerFrame::RoomList(RoomList {
-                    rooms: rooms.iter().map(room_info).collect(),
-                    next_after: None,
-                })
-                .reply(to.request_id),
-                to,
-            },
+        Job::ListRooms { to, actor, after_room, limit } => match store.rooms_of_user(actor.user_id) {
+            Ok(rooms) => {
+                let mut page: Vec<RoomInfo> =
+                    rooms.iter().filter(|r| r.id > after_room).take(limit as usize + 1).map(room_info).collect();
+                let more = page.len() > limit as usize;
+                page.truncate(limit as usize);
+                let next_after = if more { page.last().map(|r| r.room) } else { None };
+                Completion::Reply {
+                    frame: ServerFrame::RoomList(RoomList { rooms: page, next_after }).reply(to.request_id),
+                    to,
+                }
+            }
             Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
         },
         Job::ListMembers { to, actor, room, after_user, limit } => {

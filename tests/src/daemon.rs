@@ -257,6 +257,25 @@ impl Daemon {
         &self.data_dir
     }
 
+    /// The daemon's database, for writing test data straight into it.
+    pub fn database(&self) -> crate::seed::Database {
+        match &self.opts.database {
+            Some(url) => crate::seed::Database::Postgres(url.clone()),
+            None => crate::seed::Database::Sqlite(self.data_dir.join("chime.db")),
+        }
+    }
+
+    /// The daemon's resident memory (VmRSS), in KiB; 0 once it is gone.
+    pub fn rss_kib(&self) -> u64 {
+        let Some(pid) = self.pid() else { return 0 };
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -1,8 +1,9 @@
 //! Chime's cross-crate test support: a harness that runs a real `chimed` ([`daemon`]), a
-//! throwaway PostgreSQL server ([`postgres`]), and the building blocks of the `chime-load` load
-//! generator ([`load`]).
+//! throwaway PostgreSQL server ([`postgres`]), bulk test data written straight into a daemon's
+//! database ([`seed`]), and the building blocks of the `chime-load` load generator ([`load`]).
 #![deny(missing_docs)]
 
 pub mod daemon;
 pub mod load;
 pub mod postgres;
+pub mod seed;
