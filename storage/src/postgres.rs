@@ -6,18 +6,21 @@
 //! locks all its rooms in id order), so concurrent writers queue on the room instead of racing,
 //! no two batches deadlock, and what a transaction reads after taking the lock (membership,
 //! earlier idempotency keys) is everything committed before it.
+//!
+//! A lost connection is not repaired here: every call on it fails with
+//! [`StoreError::Unavailable`], and the owner opens a new store once the server is back. The
+//! connection is named `chime` in `pg_stat_activity` unless the URL sets `application_name`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
-use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, PostOutcome, Result, RoomId, RoomKind,
-    RoomRecord, Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, Result,
+    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -25,9 +28,23 @@ mod embedded {
     refinery::embed_migrations!("migrations/postgres");
 }
 
-/// Connect timeout when the URL names none: an unreachable database must fail start-up, not
-/// hang it.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How the store's connections show in `pg_stat_activity` when the URL names nothing else.
+const APPLICATION_NAME: &str = "chime";
+
+/// Server errors (besides class 08, connection exception) that say the server cannot work right
+/// now rather than that the statement is wrong: shutting down or starting up, out of disk, memory
+/// or connection slots, failing I/O, or read-only (a standby, or a primary demoted during a
+/// failover).
+const UNAVAILABLE_STATES: [SqlState; 8] = [
+    SqlState::ADMIN_SHUTDOWN,
+    SqlState::CRASH_SHUTDOWN,
+    SqlState::CANNOT_CONNECT_NOW,
+    SqlState::DISK_FULL,
+    SqlState::OUT_OF_MEMORY,
+    SqlState::TOO_MANY_CONNECTIONS,
+    SqlState::IO_ERROR,
+    SqlState::READ_ONLY_SQL_TRANSACTION,
+];
 
 /// Key of the session advisory lock that serializes migrations between connections (workers of
 /// one daemon, or several daemons sharing a database).
@@ -39,8 +56,13 @@ struct Statements {
     user_by_name: Statement,
     user_by_id: Statement,
     create_session: Statement,
+    session_by_token: Statement,
     touch_session: Statement,
-    revoke_session: Statement,
+    expire_session: Statement,
+    list_sessions: Statement,
+    revoke_sessions: Statement,
+    lock_user: Statement,
+    room_count: Statement,
     create_room: Statement,
     add_member: Statement,
     remove_member: Statement,
@@ -54,6 +76,7 @@ struct Statements {
     probe_posts: Statement,
     write_posts: Statement,
     deltas_after: Statement,
+    ping: Statement,
 }
 
 impl Statements {
@@ -65,14 +88,30 @@ impl Statements {
             user_by_id: client.prepare("SELECT id, name, password_hash FROM users WHERE id = $1")?,
             create_session: client.prepare(
                 "INSERT INTO sessions (user_id, token_hash, ip, user_agent, created_at, last_used_at)
-                 VALUES ($1, $2, $3, $4, $5, $5)",
+                 VALUES ($1, $2, $3, $4, $5, $5) RETURNING id",
             )?,
+            // The row lock orders a login with a concurrent revocation of the same session: the
+            // one that comes second sees what the first committed.
+            session_by_token: client.prepare(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE token_hash = $1 AND revoked_at IS NULL FOR UPDATE"
+            ))?,
             touch_session: client.prepare(
-                "UPDATE sessions SET last_used_at = $2
-                 WHERE token_hash = $1 AND revoked_at IS NULL RETURNING user_id",
+                "UPDATE sessions SET last_used_at = GREATEST(last_used_at, $2)
+                 WHERE id = $1 AND revoked_at IS NULL RETURNING last_used_at",
             )?,
-            revoke_session: client
-                .prepare("UPDATE sessions SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL")?,
+            expire_session: client.prepare("UPDATE sessions SET revoked_at = $2 WHERE id = $1")?,
+            list_sessions: client.prepare(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id"
+            ))?,
+            revoke_sessions: client.prepare(
+                "UPDATE sessions SET revoked_at = $3
+                 WHERE user_id = $1 AND revoked_at IS NULL AND ($2::bigint IS NULL OR id = $2) RETURNING id",
+            )?,
+            // Serializes the membership changes of one user, so two joins into different rooms
+            // (each holding only its own room's lock) cannot both pass the room cap. NO KEY: it
+            // does not block the foreign-key checks of other inserts that name the user.
+            lock_user: client.prepare("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")?,
+            room_count: client.prepare("SELECT count(*) FROM room_members WHERE user_id = $1")?,
             create_room: client.prepare(
                 "INSERT INTO rooms (name, kind, last_seq, created_by, created_at)
                  VALUES ($1, $2, 1, $3, $4) RETURNING id",
@@ -130,6 +169,7 @@ impl Statements {
                  JOIN users u ON u.id = d.author_id
                  WHERE d.room_id = $1 AND d.seq > $2 ORDER BY d.seq LIMIT $3",
             )?,
+            ping: client.prepare("SELECT 1")?,
         })
     }
 }
@@ -143,18 +183,24 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects to `url` (`postgres://USER@HOST:PORT/DB`, no TLS), applies pending migrations
-    /// and prepares the store's statements.
+    /// [`PgStore::connect_with`] with default options.
     pub fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, &OpenOptions::default())
+    }
+
+    /// Connects to `url` (`postgres://USER@HOST:PORT/DB`, no TLS), applies pending migrations
+    /// and prepares the store's statements. `Unavailable` when the server cannot be reached or
+    /// refuses connections for now; `Config` for a bad URL, bad credentials or a database that
+    /// does not exist, which waiting will not fix.
+    pub fn connect_with(url: &str, options: &OpenOptions) -> Result<Self> {
         let mut config = Config::from_str(url).map_err(|e| StoreError::Config(format!("bad PostgreSQL URL: {e:?}")))?;
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
+            config.connect_timeout(options.connect_timeout);
         }
-        let mut client = config.connect(NoTls).map_err(|e| {
-            // The caller reports this error; logging it here too would print it twice.
-            log::debug!("cannot connect to PostgreSQL: {e:?}");
-            StoreError::Database(format!("cannot connect to PostgreSQL: {}", describe(&e)))
-        })?;
+        if config.get_application_name().is_none() {
+            config.application_name(APPLICATION_NAME);
+        }
+        let mut client = config.connect(NoTls).map_err(connect_err)?;
         // The trait promises durable commits whatever the server's default is.
         client.batch_execute("SET synchronous_commit = on").map_err(pg_err)?;
         migrate(&mut client)?;
@@ -168,8 +214,11 @@ impl PgStore {
 fn migrate(client: &mut Client) -> Result<()> {
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).map_err(pg_err)?;
     let outcome = embedded::migrations::runner().run(client).map_err(|e| {
-        log::error!("PostgreSQL migration failed: {e:?}");
-        StoreError::Migration(e.to_string())
+        log::debug!("PostgreSQL migration failed: {e:?}");
+        match crate::migration_cause::<postgres::Error>(&e) {
+            Some(cause) if is_unavailable(cause) => StoreError::Unavailable(describe(cause)),
+            _ => StoreError::Migration(e.to_string()),
+        }
     });
     let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).map_err(pg_err);
     outcome.and(unlocked).map(drop)
@@ -187,15 +236,54 @@ fn describe(e: &postgres::Error) -> String {
     }
 }
 
-/// Maps a PostgreSQL error: a unique violation is a `Conflict`, a missing referenced row
-/// `NotFound`, anything else a retryable `Database` error.
+/// Maps a PostgreSQL error and logs it at debug level (the owner of the store reports outages):
+/// a lost connection or a server that cannot work right now is `Unavailable`, a unique violation
+/// a `Conflict`, a missing referenced row `NotFound`, anything else `Database`.
 fn pg_err(e: postgres::Error) -> StoreError {
+    log::debug!("postgres: {e:?}");
+    if is_unavailable(&e) {
+        return StoreError::Unavailable(describe(&e));
+    }
     match e.code() {
         Some(code) if *code == SqlState::UNIQUE_VIOLATION => StoreError::Conflict(describe(&e)),
         Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => StoreError::NotFound(describe(&e)),
-        _ => {
-            log::warn!("postgres: {e:?}");
-            StoreError::Database(describe(&e))
+        _ => StoreError::Database(describe(&e)),
+    }
+}
+
+/// Maps a failure to connect: `Config` when the server turned away these credentials or this
+/// database name (waiting will not fix that), `Unavailable` otherwise (refused, unreachable,
+/// timed out, starting up, out of connection slots).
+fn connect_err(e: postgres::Error) -> StoreError {
+    log::debug!("cannot connect to PostgreSQL: {e:?}");
+    let message = format!("cannot connect to PostgreSQL: {}", describe(&e));
+    match e.code() {
+        Some(code) if code.code().starts_with("28") || *code == SqlState::INVALID_CATALOG_NAME => {
+            StoreError::Config(message)
+        }
+        _ => StoreError::Unavailable(message),
+    }
+}
+
+/// Whether an error says the server is out of reach or cannot work right now, rather than that
+/// the statement was wrong.
+fn is_unavailable(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => code.code().starts_with("08") || UNAVAILABLE_STATES.contains(code),
+        // No answer from the server at all: the connection itself failed (reset, refused, timed
+        // out), which the client reports as an I/O error somewhere under this one.
+        None => {
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                if c.is::<std::io::Error>() {
+                    return true;
+                }
+                cause = c.source();
+            }
+            false
         }
     }
 }
@@ -209,6 +297,20 @@ fn user_row(row: &Row) -> UserRecord {
     UserRecord { id: from_db(row.get(0)), name: row.get(1), password_hash: row.get(2) }
 }
 
+/// The columns [`session_row`] reads, in its order.
+const SESSION_COLUMNS: &str = "id, user_id, ip, user_agent, created_at, last_used_at";
+
+fn session_row(row: &Row) -> SessionRecord {
+    SessionRecord {
+        id: from_db(row.get(0)),
+        user_id: from_db(row.get(1)),
+        ip: row.get(2),
+        user_agent: row.get(3),
+        created_at_ms: row.get(4),
+        last_used_at_ms: row.get(5),
+    }
+}
+
 fn room_row(row: &Row) -> Result<RoomRecord> {
     Ok(RoomRecord {
         id: from_db(row.get(0)),
@@ -219,6 +321,14 @@ fn room_row(row: &Row) -> Result<RoomRecord> {
 }
 
 impl PgStore {
+    /// Refuses a new membership of `user` beyond `max_rooms`, holding the user's row lock until
+    /// the transaction ends so the count stays true until the membership is written.
+    fn check_room_cap(st: &Statements, tx: &mut Transaction<'_>, user: UserId, max_rooms: u64) -> Result<()> {
+        tx.query_opt(&st.lock_user, &[&to_db(user)]).map_err(pg_err)?;
+        let count: i64 = tx.query_one(&st.room_count, &[&to_db(user)]).map_err(pg_err)?.get(0);
+        crate::check_room_cap(user, from_db(count), max_rooms)
+    }
+
     /// Appends a membership delta with the room's next seq (taking the room's row lock), or
     /// `None` when the room does not exist.
     fn membership_delta(
@@ -262,29 +372,57 @@ impl Store for PgStore {
         Ok(row.as_ref().map(user_row))
     }
 
-    fn create_session(&mut self, session: &NewSession) -> Result<()> {
-        self.client
-            .execute(
+    fn create_session(&mut self, session: &NewSession) -> Result<SessionRecord> {
+        let row = self
+            .client
+            .query_one(
                 &self.st.create_session,
                 &[&to_db(session.user_id), &&session.token_hash[..], &session.ip, &session.user_agent, &session.now_ms],
             )
-            .map(drop)
-            .map_err(pg_err)
+            .map_err(pg_err)?;
+        Ok(crate::created_session(from_db(row.get(0)), session))
     }
 
-    fn session_user(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<Option<UserRecord>> {
+    fn session_user(
+        &mut self,
+        token_hash: &[u8; 32],
+        now_ms: i64,
+        limits: &SessionLimits,
+    ) -> Result<Option<(UserRecord, SessionRecord)>> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
-        let Some(session) = tx.query_opt(&self.st.touch_session, &[&&token_hash[..], &now_ms]).map_err(pg_err)? else {
+        let Some(row) = tx.query_opt(&self.st.session_by_token, &[&&token_hash[..]]).map_err(pg_err)? else {
             return Ok(None);
         };
-        let user_id: i64 = session.get(0);
-        let user = tx.query_opt(&self.st.user_by_id, &[&user_id]).map_err(pg_err)?;
+        let session = session_row(&row);
+        if !limits.is_live(&session, now_ms) {
+            // Committed: an expired session stays dead even if the limits are raised later.
+            tx.execute(&self.st.expire_session, &[&to_db(session.id), &now_ms]).map_err(pg_err)?;
+            tx.commit().map_err(pg_err)?;
+            return Ok(None);
+        }
+        let touched = tx.query_opt(&self.st.touch_session, &[&to_db(session.id), &now_ms]).map_err(pg_err)?;
+        let last_used_at_ms = touched.map_or(session.last_used_at_ms, |row| row.get(0));
+        let user = tx.query_opt(&self.st.user_by_id, &[&to_db(session.user_id)]).map_err(pg_err)?;
         tx.commit().map_err(pg_err)?;
-        Ok(user.as_ref().map(user_row))
+        Ok(user.as_ref().map(|row| (user_row(row), SessionRecord { last_used_at_ms, ..session })))
     }
 
-    fn revoke_session(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<bool> {
-        self.client.execute(&self.st.revoke_session, &[&&token_hash[..], &now_ms]).map(|n| n > 0).map_err(pg_err)
+    fn list_sessions(&mut self, user: UserId, now_ms: i64, limits: &SessionLimits) -> Result<Vec<SessionRecord>> {
+        let rows = self.client.query(&self.st.list_sessions, &[&to_db(user)]).map_err(pg_err)?;
+        Ok(rows.iter().map(session_row).filter(|s| limits.is_live(s, now_ms)).collect())
+    }
+
+    fn revoke_sessions(&mut self, user: UserId, which: Option<SessionId>, now_ms: i64) -> Result<Vec<SessionId>> {
+        let rows =
+            self.client.query(&self.st.revoke_sessions, &[&to_db(user), &which.map(to_db), &now_ms]).map_err(pg_err)?;
+        let mut ids: Vec<SessionId> = rows.iter().map(|row| from_db(row.get(0))).collect();
+        // RETURNING gives rows in no promised order.
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    fn touch_session(&mut self, session: SessionId, now_ms: i64) -> Result<()> {
+        self.client.execute(&self.st.touch_session, &[&to_db(session), &now_ms]).map(drop).map_err(pg_err)
     }
 
     fn create_room(
@@ -294,8 +432,10 @@ impl Store for PgStore {
         owner: UserId,
         owner_name: &str,
         now_ms: i64,
+        max_rooms: u64,
     ) -> Result<(RoomRecord, Delta)> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
+        Self::check_room_cap(&self.st, &mut tx, owner, max_rooms)?;
         let row =
             tx.query_one(&self.st.create_room, &[&name, &i16::from(kind.0), &to_db(owner), &now_ms]).map_err(pg_err)?;
         let id: i64 = row.get(0);
@@ -314,7 +454,14 @@ impl Store for PgStore {
         row.as_ref().map(room_row).transpose()
     }
 
-    fn join_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Option<Delta>> {
+    fn join_room(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        user_name: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> Result<Option<Delta>> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
         // The seq first: it takes the room's lock (the order every room write follows) and tells
         // whether the room exists. Dropping the transaction undoes it when nothing is joined.
@@ -322,11 +469,13 @@ impl Store for PgStore {
         else {
             return Err(StoreError::NotFound(format!("room {room}")));
         };
-        let added =
-            tx.execute(&self.st.add_member, &[&to_db(room), &to_db(user), &"member", &now_ms]).map_err(pg_err)?;
-        if added == 0 {
+        // Under the room's lock nobody else changes this membership, so the answer holds.
+        if tx.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?.is_some() {
             return Ok(None);
         }
+        // The user's lock after the room's, like every join; creating a room takes no room lock.
+        Self::check_room_cap(&self.st, &mut tx, user, max_rooms)?;
+        tx.execute(&self.st.add_member, &[&to_db(room), &to_db(user), &"member", &now_ms]).map_err(pg_err)?;
         tx.commit().map_err(pg_err)?;
         Ok(Some(delta))
     }
@@ -453,6 +602,15 @@ impl Store for PgStore {
             })
             .collect()
     }
+
+    fn ping(&mut self) -> Result<()> {
+        self.client.query_one(&self.st.ping, &[]).map(drop).map_err(pg_err)
+    }
+
+    /// PostgreSQL checkpoints on its own schedule, outside any client's commit.
+    fn checkpoint(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The new deltas of a batch as column arrays, for one `UNNEST` insert.
@@ -474,5 +632,37 @@ impl<'a> InsertColumns<'a> {
         self.body.push(&delta.text);
         self.created_at.push(delta.ts_ms);
         self.key.push(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, TcpListener};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_server_that_is_not_running_is_unavailable() {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind").local_addr().expect("addr").port();
+        // The listener is gone: connecting to its port is refused.
+        let err = PgStore::connect(&format!("postgres://chime@127.0.0.1:{port}/chime")).err().expect("refused");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+
+    #[test]
+    fn an_unreachable_server_is_unavailable_within_the_connect_timeout() {
+        let options = OpenOptions { connect_timeout: Duration::from_millis(300), ..OpenOptions::default() };
+        let started = Instant::now();
+        // TEST-NET-1 (RFC 5737): nothing answers there, or the network says there is no route.
+        let err = PgStore::connect_with("postgres://chime@192.0.2.1:5432/chime", &options).err().expect("no server");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_bad_url_is_a_config_error() {
+        let err = PgStore::connect("postgres://chime@127.0.0.1:notaport/chime").err().expect("bad port");
+        assert!(matches!(err, StoreError::Config(_)), "{err:?}");
     }
 }

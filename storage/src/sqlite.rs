@@ -5,19 +5,28 @@
 //! the write lock up front and waits (busy timeout) instead of failing halfway with
 //! `SQLITE_BUSY` when another connection writes. `synchronous=FULL` makes a commit durable
 //! against power loss before the method returns.
+//!
+//! Checkpoints (copying the WAL back into the database file) normally run inside whichever commit
+//! crosses SQLite's threshold, which stalls that commit. With
+//! [`OpenOptions::manual_checkpoints`](crate::OpenOptions::manual_checkpoints) a connection never
+//! does so, and [`Store::checkpoint`] runs a passive one where the owner chooses (a housekeeping
+//! thread).
+//!
+//! The file holds password hashes, session token hashes and every message, so a new one is created
+//! readable by its owner only; SQLite gives the `-wal` and `-shm` files the database file's mode.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::path::Path;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, PostOutcome, Result, RoomId, RoomKind,
-    RoomRecord, Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, Result,
+    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -25,9 +34,10 @@ mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
 }
 
-/// How long a connection waits for another connection's write lock before giving up. Group
-/// commits are short; this only runs out when the disk or a process is stuck.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest size a WAL file keeps once it is reset after a checkpoint. A WAL that grew during a
+/// burst (or while checkpoints were held off) shrinks back to this instead of keeping its peak
+/// size on disk for the life of the database.
+const JOURNAL_SIZE_LIMIT: u64 = 64 << 20;
 
 /// Migrations run one connection at a time: workers opening a fresh file together would otherwise
 /// all try to create the same tables.
@@ -40,27 +50,44 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed, along with its parent directory) the database file at `path`,
-    /// configures the connection and applies pending migrations.
+    /// [`SqliteStore::open_with`] with default options.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// Opens (creating if needed, along with its parent directory) the database file at `path`,
+    /// configures the connection and applies pending migrations. `Config` when the path can never
+    /// work (a regular file where a directory should be, a directory where the file should be);
+    /// `Unavailable` when it may work later (permissions, I/O errors, another process holding the
+    /// lock a fresh database needs).
+    pub fn open_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
         let path = path.as_ref();
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| StoreError::Config(format!("cannot create directory {}: {e}", parent.display())))?;
-        }
-        let mut conn =
-            Connection::open(path).map_err(|e| StoreError::Config(format!("cannot open {}: {e}", path.display())))?;
+        prepare_file(path)?;
+        let mut conn = Connection::open(path).map_err(|e| in_file(path, db_err(e)))?;
         // Held while setting WAL mode too: switching the journal mode of a fresh file needs an
         // exclusive lock.
         let _guard = MIGRATION_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(db_err)?;
+        conn.busy_timeout(options.busy_timeout).map_err(db_err)?;
+        let mode: String =
+            conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(|e| in_file(path, db_err(e)))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Config(format!("{} cannot use WAL mode (journal mode is {mode})", path.display())));
         }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(db_err)?;
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT};"
+        ))
+        .map_err(db_err)?;
+        if options.manual_checkpoints {
+            conn.execute_batch("PRAGMA wal_autocheckpoint = 0").map_err(db_err)?;
+        }
         conn.set_prepared_statement_cache_capacity(64);
-        embedded::migrations::runner().run(&mut conn).map_err(|e| StoreError::Migration(e.to_string()))?;
+        embedded::migrations::runner().run(&mut conn).map_err(|e| {
+            log::debug!("sqlite migration of {}: {e:?}", path.display());
+            match crate::migration_cause::<rusqlite::Error>(&e).map(sqlite_error) {
+                Some(unavailable @ StoreError::Unavailable(_)) => in_file(path, unavailable),
+                _ => StoreError::Migration(e.to_string()),
+            }
+        })?;
         Ok(SqliteStore { conn })
     }
 
@@ -71,27 +98,186 @@ impl SqliteStore {
         tx.commit().map_err(db_err)?;
         Ok(value)
     }
+
+    /// Runs a passive checkpoint and returns how many frames the WAL holds and how many of them
+    /// are now in the database file (equal when it caught up).
+    fn wal_checkpoint(&mut self) -> Result<(i64, i64)> {
+        // A checkpoint that finds another one running reports it in the first column rather than
+        // failing: that one is doing the work, so "busy" is not an error here.
+        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get(1)?, row.get(2)?))).map_err(db_err)
+    }
 }
 
-/// Maps a SQLite error: a unique violation is a `Conflict`, a missing referenced row `NotFound`.
+/// Makes sure the database file can be opened: creates its directory, creates a new file private
+/// to its owner before SQLite would create it with the umask's mode, and warns when an existing
+/// one is open to other users.
+fn prepare_file(path: &Path) -> Result<()> {
+    // Names SQLite gives a private temporary database rather than a file (which then fails the
+    // WAL check): there is no file to prepare, and creating one by that name would litter.
+    if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| io_err(format!("cannot create directory {}", parent.display()), &e))?;
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(StoreError::Config(format!("{} is a directory", path.display()))),
+        Ok(_) => {
+            warn_if_shared(path);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_private(path),
+        Err(e) => Err(io_err(format!("cannot open {}", path.display()), &e)),
+    }
+}
+
+/// Creates an empty database file with mode 0600 (SQLite takes an empty file for an empty
+/// database).
+#[cfg(unix)]
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        // The umask can only take bits away from 0600; setting the mode again makes it exactly
+        // 0600 even under an umask that would leave the owner unable to write.
+        Ok(file) => file
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err(format!("cannot set the mode of {}", path.display()), &e)),
+        // Another worker opening the same new database got there first, and made it private too.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err(format!("cannot create {}", path.display()), &e)),
+    }
+}
+
+/// Elsewhere SQLite creates the file, and the directory's permissions decide who reads it.
+#[cfg(not(unix))]
+fn create_private(_path: &Path) -> Result<()> {
+    Ok(())
+}
+
+/// The database file and its `-wal` and `-shm` companions that exist and that users other than
+/// the owner may read or write, with their modes.
+#[cfg(unix)]
+fn shared_files(path: &Path) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let with_suffix = |suffix: &str| {
+        let mut name = OsString::from(path.as_os_str());
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    [path.to_path_buf(), with_suffix("-wal"), with_suffix("-shm")]
+        .into_iter()
+        .filter_map(|file| {
+            let mode = std::fs::metadata(&file).ok()?.permissions().mode() & 0o777;
+            (mode & 0o066 != 0).then_some((file, mode))
+        })
+        .collect()
+}
+
+/// Warns, once per process and database, that its files are open to other users. Not fixed
+/// silently: an operator may have opened them on purpose (a backup group).
+#[cfg(unix)]
+fn warn_if_shared(path: &Path) {
+    /// Databases already warned about: every worker opens the same file, and reopens it after an
+    /// outage.
+    static WARNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let shared = shared_files(path);
+    if shared.is_empty() {
+        return;
+    }
+    let mut warned = WARNED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if warned.iter().any(|p| p == path) {
+        return;
+    }
+    warned.push(path.to_path_buf());
+    let names: Vec<String> = shared.iter().map(|(file, _)| file.display().to_string()).collect();
+    let modes: Vec<String> = shared.iter().map(|(file, mode)| format!("{} is {mode:o}", file.display())).collect();
+    log::warn!(
+        "the database holds password and session hashes and every message, but other users may read or write it \
+         ({}); fix with: chmod 600 {}",
+        modes.join(", "),
+        names.join(" ")
+    );
+}
+
+#[cfg(not(unix))]
+fn warn_if_shared(_path: &Path) {}
+
+/// Maps an I/O error met while preparing the database file: a path that can never work is a
+/// `Config` error, anything else (permissions, a full or read-only file system, an I/O error)
+/// may pass and is `Unavailable`.
+fn io_err(what: String, e: &std::io::Error) -> StoreError {
+    use std::io::ErrorKind;
+    log::debug!("sqlite: {what}: {e:?}");
+    match e.kind() {
+        ErrorKind::NotADirectory | ErrorKind::IsADirectory | ErrorKind::AlreadyExists | ErrorKind::InvalidInput => {
+            StoreError::Config(format!("{what}: {e}"))
+        }
+        _ => StoreError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+/// Names the file in an error's message (SQLite's messages do not).
+fn in_file(path: &Path, e: StoreError) -> StoreError {
+    let at = |message: String| format!("{}: {message}", path.display());
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(at(m)),
+        StoreError::Database(m) => StoreError::Database(at(m)),
+        other => other,
+    }
+}
+
+/// Maps a SQLite error and logs it at debug level (the owner of the store reports outages).
 fn db_err(e: rusqlite::Error) -> StoreError {
-    if let rusqlite::Error::SqliteFailure(code, _) = &e {
-        if code.code == ErrorCode::ConstraintViolation {
-            match code.extended_code {
-                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+    log::debug!("sqlite: {e:?}");
+    sqlite_error(&e)
+}
+
+/// Maps a SQLite error: a unique violation is a `Conflict`, a missing referenced row `NotFound`;
+/// a full disk, a lock held past the busy timeout, a read-only or vanished file and I/O errors
+/// are `Unavailable`; anything else is `Database`.
+fn sqlite_error(e: &rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(code, _) = e {
+        // The primary result code is the low byte of the extended one, which covers every
+        // extended code of a class (SQLITE_IOERR_FSYNC, SQLITE_BUSY_SNAPSHOT, ...).
+        match code.extended_code & 0xff {
+            ffi::SQLITE_FULL
+            | ffi::SQLITE_BUSY
+            | ffi::SQLITE_LOCKED
+            | ffi::SQLITE_READONLY
+            | ffi::SQLITE_IOERR
+            | ffi::SQLITE_CANTOPEN
+            | ffi::SQLITE_PROTOCOL
+            | ffi::SQLITE_NOMEM => return StoreError::Unavailable(e.to_string()),
+            ffi::SQLITE_CONSTRAINT => match code.extended_code {
+                ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
                     return StoreError::Conflict(e.to_string())
                 }
-                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => return StoreError::NotFound(e.to_string()),
+                ffi::SQLITE_CONSTRAINT_FOREIGNKEY => return StoreError::NotFound(e.to_string()),
                 _ => {}
-            }
+            },
+            _ => {}
         }
     }
-    log::warn!("sqlite: {e}");
     StoreError::Database(e.to_string())
 }
 
 fn user_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord { id: from_db(row.get(0)?), name: row.get(1)?, password_hash: row.get(2)? })
+}
+
+/// The columns [`session_row`] reads, in its order.
+const SESSION_COLUMNS: &str = "id, user_id, ip, user_agent, created_at, last_used_at";
+
+fn session_row(row: &Row<'_>) -> rusqlite::Result<SessionRecord> {
+    Ok(SessionRecord {
+        id: from_db(row.get(0)?),
+        user_id: from_db(row.get(1)?),
+        ip: row.get(2)?,
+        user_agent: row.get(3)?,
+        created_at_ms: row.get(4)?,
+        last_used_at_ms: row.get(5)?,
+    })
 }
 
 fn room_row(row: &Row<'_>) -> rusqlite::Result<RoomRecord> {
@@ -166,50 +352,93 @@ impl Store for SqliteStore {
             .map_err(db_err)
     }
 
-    fn create_session(&mut self, session: &NewSession) -> Result<()> {
+    fn create_session(&mut self, session: &NewSession) -> Result<SessionRecord> {
         self.write(|conn| {
-            conn.prepare_cached(
-                "INSERT INTO sessions (user_id, token_hash, ip, user_agent, created_at, last_used_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    to_db(session.user_id),
-                    &session.token_hash[..],
-                    session.ip,
-                    session.user_agent,
-                    session.now_ms,
-                ])
-            })
-            .map(drop)
-            .map_err(db_err)
-        })
-    }
-
-    fn session_user(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<Option<UserRecord>> {
-        self.write(|conn| {
-            // SQLite's RETURNING cannot see joined tables, hence two statements.
-            let user: Option<i64> = conn
+            let id: i64 = conn
                 .prepare_cached(
-                    "UPDATE sessions SET last_used_at = ?2
-                     WHERE token_hash = ?1 AND revoked_at IS NULL RETURNING user_id",
+                    "INSERT INTO sessions (user_id, token_hash, ip, user_agent, created_at, last_used_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5) RETURNING id",
                 )
-                .and_then(|mut st| st.query_row(params![&token_hash[..], now_ms], |row| row.get(0)).optional())
+                .and_then(|mut st| {
+                    st.query_row(
+                        params![
+                            to_db(session.user_id),
+                            &session.token_hash[..],
+                            session.ip,
+                            session.user_agent,
+                            session.now_ms,
+                        ],
+                        |row| row.get(0),
+                    )
+                })
                 .map_err(db_err)?;
-            let Some(user) = user else { return Ok(None) };
-            conn.prepare_cached("SELECT id, name, password_hash FROM users WHERE id = ?1")
-                .and_then(|mut st| st.query_row([user], user_row).optional())
-                .map_err(db_err)
+            Ok(crate::created_session(from_db(id), session))
         })
     }
 
-    fn revoke_session(&mut self, token_hash: &[u8; 32], now_ms: i64) -> Result<bool> {
+    fn session_user(
+        &mut self,
+        token_hash: &[u8; 32],
+        now_ms: i64,
+        limits: &SessionLimits,
+    ) -> Result<Option<(UserRecord, SessionRecord)>> {
         self.write(|conn| {
-            conn.prepare_cached("UPDATE sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL")
-                .and_then(|mut st| st.execute(params![&token_hash[..], now_ms]))
-                .map(|n| n > 0)
-                .map_err(db_err)
+            let session = conn
+                .prepare_cached(&format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions WHERE token_hash = ?1 AND revoked_at IS NULL"
+                ))
+                .and_then(|mut st| st.query_row([&token_hash[..]], session_row).optional())
+                .map_err(db_err)?;
+            let Some(session) = session else { return Ok(None) };
+            if !limits.is_live(&session, now_ms) {
+                // Committed with the transaction: an expired session stays dead even if the
+                // limits are raised later.
+                conn.prepare_cached("UPDATE sessions SET revoked_at = ?2 WHERE id = ?1")
+                    .and_then(|mut st| st.execute(params![to_db(session.id), now_ms]))
+                    .map_err(db_err)?;
+                return Ok(None);
+            }
+            let last_used_at_ms = touch(conn, session.id, now_ms)?.unwrap_or(session.last_used_at_ms);
+            // SQLite's RETURNING cannot see joined tables, hence a statement of its own.
+            let user = conn
+                .prepare_cached("SELECT id, name, password_hash FROM users WHERE id = ?1")
+                .and_then(|mut st| st.query_row([to_db(session.user_id)], user_row).optional())
+                .map_err(db_err)?;
+            Ok(user.map(|user| (user, SessionRecord { last_used_at_ms, ..session })))
         })
+    }
+
+    fn list_sessions(&mut self, user: UserId, now_ms: i64, limits: &SessionLimits) -> Result<Vec<SessionRecord>> {
+        let sessions: Vec<SessionRecord> = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = ?1 AND revoked_at IS NULL ORDER BY id"
+            ))
+            .and_then(|mut st| st.query_map([to_db(user)], session_row)?.collect())
+            .map_err(db_err)?;
+        Ok(sessions.into_iter().filter(|s| limits.is_live(s, now_ms)).collect())
+    }
+
+    fn revoke_sessions(&mut self, user: UserId, which: Option<SessionId>, now_ms: i64) -> Result<Vec<SessionId>> {
+        self.write(|conn| {
+            let mut ids: Vec<SessionId> = conn
+                .prepare_cached(
+                    "UPDATE sessions SET revoked_at = ?3
+                     WHERE user_id = ?1 AND revoked_at IS NULL AND (?2 IS NULL OR id = ?2) RETURNING id",
+                )
+                .and_then(|mut st| {
+                    st.query_map(params![to_db(user), which.map(to_db), now_ms], |row| row.get(0).map(from_db))?
+                        .collect()
+                })
+                .map_err(db_err)?;
+            // RETURNING gives rows in no promised order.
+            ids.sort_unstable();
+            Ok(ids)
+        })
+    }
+
+    fn touch_session(&mut self, session: SessionId, now_ms: i64) -> Result<()> {
+        self.write(|conn| touch(conn, session, now_ms).map(drop))
     }
 
     fn create_room(
@@ -219,8 +448,11 @@ impl Store for SqliteStore {
         owner: UserId,
         owner_name: &str,
         now_ms: i64,
+        max_rooms: u64,
     ) -> Result<(RoomRecord, Delta)> {
         self.write(|conn| {
+            // BEGIN IMMEDIATE serializes writers, so the count cannot change before the insert.
+            crate::check_room_cap(owner, room_count(conn, owner)?, max_rooms)?;
             let id: i64 = conn
                 .prepare_cached(
                     "INSERT INTO rooms (name, kind, last_seq, created_by, created_at)
@@ -228,12 +460,7 @@ impl Store for SqliteStore {
                 )
                 .and_then(|mut st| st.query_row(params![name, kind.0, to_db(owner), now_ms], |row| row.get(0)))
                 .map_err(db_err)?;
-            conn.prepare_cached(
-                "INSERT INTO room_members (room_id, user_id, role, muted, joined_at)
-                 VALUES (?1, ?2, 'owner', 0, ?3)",
-            )
-            .and_then(|mut st| st.execute(params![id, to_db(owner), now_ms]))
-            .map_err(db_err)?;
+            add_member(conn, from_db(id), owner, "owner", now_ms)?;
             let (room, delta) = crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms);
             insert_delta(conn, &delta, None)?;
             Ok((room, delta))
@@ -247,19 +474,23 @@ impl Store for SqliteStore {
             .map_err(db_err)
     }
 
-    fn join_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Option<Delta>> {
+    fn join_room(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        user_name: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> Result<Option<Delta>> {
         self.write(|conn| {
-            let added = conn
-                .prepare_cached(
-                    "INSERT INTO room_members (room_id, user_id, role, muted, joined_at)
-                     SELECT id, ?2, 'member', 0, ?3 FROM rooms WHERE id = ?1
-                     ON CONFLICT (room_id, user_id) DO NOTHING",
-                )
-                .and_then(|mut st| st.execute(params![to_db(room), to_db(user), now_ms]))
-                .map_err(db_err)?;
-            if added == 0 {
-                return if exists(conn, room)? { Ok(None) } else { Err(StoreError::NotFound(format!("room {room}"))) };
+            if !exists(conn, room)? {
+                return Err(StoreError::NotFound(format!("room {room}")));
             }
+            if is_member(conn, room, user)? {
+                return Ok(None);
+            }
+            crate::check_room_cap(user, room_count(conn, user)?, max_rooms)?;
+            add_member(conn, room, user, "member", now_ms)?;
             match membership_delta(conn, room, DeltaKind::JOIN, user, user_name, now_ms)? {
                 Some(delta) => Ok(Some(delta)),
                 None => Err(StoreError::NotFound(format!("room {room}"))),
@@ -397,12 +628,59 @@ impl Store for SqliteStore {
             })
             .map_err(db_err)
     }
+
+    fn ping(&mut self) -> Result<()> {
+        self.write(|conn| {
+            // The counter makes every probe change the row: SQLite skips writing a page an update
+            // leaves as it was, and such a commit would prove nothing about the WAL.
+            let updated = conn
+                .prepare_cached("UPDATE health SET pings = pings + 1, pinged_at = ?1 WHERE id = 1")
+                .and_then(|mut st| st.execute([now_ms()]))
+                .map_err(db_err)?;
+            if updated != 1 {
+                return Err(StoreError::Database("the health row is missing".into()));
+            }
+            Ok(())
+        })
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.wal_checkpoint().map(drop)
+    }
 }
 
 fn is_member(conn: &Connection, room: RoomId, user: UserId) -> Result<bool> {
     conn.prepare_cached("SELECT 1 FROM room_members WHERE room_id = ?1 AND user_id = ?2")
         .and_then(|mut st| st.exists(params![to_db(room), to_db(user)]))
         .map_err(db_err)
+}
+
+/// Records a use of a session that is not revoked, never moving its last use back; its last use
+/// afterwards, or `None` when there is no such session.
+fn touch(conn: &Connection, session: SessionId, now_ms: i64) -> Result<Option<i64>> {
+    conn.prepare_cached(
+        "UPDATE sessions SET last_used_at = max(last_used_at, ?2)
+         WHERE id = ?1 AND revoked_at IS NULL RETURNING last_used_at",
+    )
+    .and_then(|mut st| st.query_row(params![to_db(session), now_ms], |row| row.get(0)).optional())
+    .map_err(db_err)
+}
+
+/// How many rooms a user is a member of.
+fn room_count(conn: &Connection, user: UserId) -> Result<u64> {
+    conn.prepare_cached("SELECT count(*) FROM room_members WHERE user_id = ?1")
+        .and_then(|mut st| st.query_row([to_db(user)], |row| row.get::<_, i64>(0)))
+        .map(from_db)
+        .map_err(db_err)
+}
+
+fn add_member(conn: &Connection, room: RoomId, user: UserId, role: &str, now_ms: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO room_members (room_id, user_id, role, muted, joined_at) VALUES (?1, ?2, ?3, 0, ?4)",
+    )
+    .and_then(|mut st| st.execute(params![to_db(room), to_db(user), role, now_ms]))
+    .map(drop)
+    .map_err(db_err)
 }
 
 fn exists(conn: &Connection, room: RoomId) -> Result<bool> {
@@ -418,7 +696,77 @@ fn head_of(conn: &Connection, room: RoomId) -> Result<Option<u64>> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
+
+    fn pragma(conn: &Connection, name: &str) -> String {
+        conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get::<_, rusqlite::types::Value>(0))
+            .map(|v| format!("{v:?}"))
+            .expect("pragma")
+    }
+
+    /// A short busy timeout, so a test of a held lock waits 200 ms rather than 5 s.
+    fn impatient() -> OpenOptions {
+        OpenOptions { busy_timeout: Duration::from_millis(200), ..OpenOptions::default() }
+    }
+
+    fn message(room: RoomId, author: &UserRecord, key: &str, text: String) -> NewPost {
+        NewPost {
+            room,
+            author_id: author.id,
+            author: author.name.clone(),
+            idempotency_key: key.into(),
+            text,
+            now_ms: 1,
+        }
+    }
+
+    /// How many frames the WAL file has room for: its high-water mark, read from the file
+    /// itself so that looking does not checkpoint.
+    fn wal_frames(path: &Path, page_size: u64) -> u64 {
+        let mut wal = OsString::from(path.as_os_str());
+        wal.push("-wal");
+        let len = std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len());
+        // A 32-byte file header, then frames of a 24-byte header and one page.
+        len.saturating_sub(32) / (24 + page_size)
+    }
+
+    #[test]
+    fn errors_are_classified_by_their_primary_code() {
+        let class =
+            |code: std::ffi::c_int| match sqlite_error(&rusqlite::Error::SqliteFailure(ffi::Error::new(code), None)) {
+                StoreError::Unavailable(_) => "unavailable",
+                StoreError::Conflict(_) => "conflict",
+                StoreError::NotFound(_) => "not found",
+                StoreError::Database(_) => "database",
+                other => panic!("{other:?}"),
+            };
+        for code in [
+            ffi::SQLITE_FULL,
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_BUSY_SNAPSHOT,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_LOCKED_SHAREDCACHE,
+            ffi::SQLITE_READONLY,
+            ffi::SQLITE_READONLY_DBMOVED,
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_IOERR_SHORT_READ,
+            ffi::SQLITE_CANTOPEN,
+            ffi::SQLITE_CANTOPEN_ISDIR,
+            ffi::SQLITE_PROTOCOL,
+            ffi::SQLITE_NOMEM,
+        ] {
+            assert_eq!(class(code), "unavailable", "code {code}");
+        }
+        assert_eq!(class(ffi::SQLITE_CONSTRAINT_UNIQUE), "conflict");
+        assert_eq!(class(ffi::SQLITE_CONSTRAINT_PRIMARYKEY), "conflict");
+        assert_eq!(class(ffi::SQLITE_CONSTRAINT_FOREIGNKEY), "not found");
+        for code in [ffi::SQLITE_CONSTRAINT_CHECK, ffi::SQLITE_CORRUPT, ffi::SQLITE_NOTADB, ffi::SQLITE_ERROR] {
+            assert_eq!(class(code), "database", "code {code}");
+        }
+    }
 
     #[test]
     fn open_creates_the_directory_and_sets_durable_pragmas() {
@@ -426,18 +774,23 @@ mod tests {
         let path = dir.path().join("nested/deeper/chime.db");
         let store = SqliteStore::open(&path).expect("open");
         assert!(path.exists());
-        let pragma = |name: &str| -> String {
-            store
-                .conn
-                .query_row(&format!("PRAGMA {name}"), [], |row| row.get::<_, rusqlite::types::Value>(0))
-                .map(|v| format!("{v:?}"))
-                .expect("pragma")
-        };
-        assert_eq!(pragma("journal_mode"), r#"Text("wal")"#);
+        assert_eq!(pragma(&store.conn, "journal_mode"), r#"Text("wal")"#);
         // 2 is FULL.
-        assert_eq!(pragma("synchronous"), "Integer(2)");
-        assert_eq!(pragma("foreign_keys"), "Integer(1)");
-        assert_eq!(pragma("busy_timeout"), "Integer(30000)");
+        assert_eq!(pragma(&store.conn, "synchronous"), "Integer(2)");
+        assert_eq!(pragma(&store.conn, "foreign_keys"), "Integer(1)");
+        assert_eq!(pragma(&store.conn, "busy_timeout"), "Integer(5000)");
+        assert_eq!(pragma(&store.conn, "journal_size_limit"), format!("Integer({JOURNAL_SIZE_LIMIT})"));
+        // SQLite's own default: automatic checkpoints stay on unless asked otherwise.
+        assert_eq!(pragma(&store.conn, "wal_autocheckpoint"), "Integer(1000)");
+    }
+
+    #[test]
+    fn options_set_the_busy_timeout_and_turn_automatic_checkpoints_off() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = OpenOptions { manual_checkpoints: true, ..impatient() };
+        let store = SqliteStore::open_with(dir.path().join("chime.db"), &options).expect("open");
+        assert_eq!(pragma(&store.conn, "busy_timeout"), "Integer(200)");
+        assert_eq!(pragma(&store.conn, "wal_autocheckpoint"), "Integer(0)");
     }
 
     #[test]
@@ -454,7 +807,175 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").expect("write");
-        let err = SqliteStore::open(file.join("chime.db")).err().expect("must fail");
-        assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+        for path in [file.join("chime.db"), file.join("deeper/chime.db"), dir.path().to_path_buf()] {
+            let err = SqliteStore::open(&path).err().expect("must fail");
+            assert!(matches!(err, StoreError::Config(_)), "{}: {err:?}", path.display());
+        }
+    }
+
+    /// Set by [`files_are_private_even_under_a_permissive_umask`] in the copy of this test binary
+    /// it runs under `umask 000`, to a directory to work in.
+    const UMASK_CHILD_ENV: &str = "CHIME_STORAGE_UMASK_CHILD";
+
+    /// The umask is per process, so the check runs in a copy of this test binary started by a
+    /// shell that set it: changing it here would race the other tests' files.
+    #[cfg(unix)]
+    #[test]
+    fn files_are_private_even_under_a_permissive_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path| std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777;
+        if let Some(dir) = std::env::var_os(UMASK_CHILD_ENV) {
+            let dir = PathBuf::from(dir);
+            let probe = dir.join("probe");
+            std::fs::write(&probe, b"").expect("probe");
+            assert_eq!(mode(&probe), 0o666, "the umask is not permissive, so this test proves nothing");
+            let path = dir.join("chime.db");
+            let mut store = SqliteStore::open(&path).expect("open");
+            store.create_user("ada", "hash").expect("a write, so the WAL and its index exist");
+            for suffix in ["", "-wal", "-shm"] {
+                let file = PathBuf::from(format!("{}{suffix}", path.display()));
+                assert_eq!(mode(&file), 0o600, "{}", file.display());
+            }
+            assert!(shared_files(&path).is_empty());
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let test = "sqlite::tests::files_are_private_even_under_a_permissive_umask";
+        let output = std::process::Command::new("sh")
+            .args(["-c", r#"umask 000 && exec "$0" "$@""#])
+            .arg(std::env::current_exe().expect("test binary"))
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(UMASK_CHILD_ENV, dir.path())
+            .output()
+            .expect("run the test under umask 000");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{}\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_open_to_other_users_are_found() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("chime.db");
+        std::fs::write(&path, b"").expect("create");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        // Opening still works (with a warning): refusing would take a running service down.
+        let mut store = SqliteStore::open(&path).expect("open");
+        store.ping().expect("write");
+        let found: Vec<(PathBuf, u32)> = shared_files(&path);
+        let names: Vec<String> = found.iter().map(|(p, _)| p.display().to_string()).collect();
+        let expected: Vec<String> = ["", "-wal", "-shm"].iter().map(|s| format!("{}{s}", path.display())).collect();
+        // SQLite gives the -wal and -shm files the database file's mode.
+        assert_eq!(names, expected);
+        assert!(found.iter().all(|(_, mode)| *mode == 0o644), "{found:?}");
+    }
+
+    #[test]
+    fn a_full_database_is_unavailable_and_writes_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = SqliteStore::open(dir.path().join("chime.db")).expect("open");
+        let ada = store.create_user("ada", "hash").expect("user");
+        let (room, _) = store.create_room("r", RoomKind::GROUP, ada.id, "ada", 1, u64::MAX).expect("room");
+        // The page limit is a setting of the connection, so it is set on the store's own: from
+        // then on SQLite fails every write that needs a new page with SQLITE_FULL, exactly as it
+        // does when the disk is full.
+        let pages: i64 = store.conn.query_row("PRAGMA page_count", [], |row| row.get(0)).expect("page count");
+        store.conn.execute_batch(&format!("PRAGMA max_page_count = {pages}")).expect("limit");
+        let err = store.append_posts(&[message(room.id, &ada, "k", "x".repeat(64 << 10))]).expect_err("full");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert_eq!(store.deltas_after(room.id, 0, 100).expect("log").len(), 1, "nothing written");
+        assert_eq!(store.room(room.id).expect("room").expect("exists").last_seq, 1);
+
+        store.conn.execute_batch("PRAGMA max_page_count = 1073741823").expect("room again");
+        let out = store.append_posts(&[message(room.id, &ada, "k", "x".repeat(64 << 10))]).expect("append");
+        assert!(matches!(&out[0], PostOutcome::Inserted(d) if d.seq == 2), "{out:?}");
+    }
+
+    #[test]
+    fn a_write_lock_held_elsewhere_is_unavailable_until_released() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("chime.db");
+        let mut store = SqliteStore::open_with(&path, &impatient()).expect("open");
+        let ada = store.create_user("ada", "hash").expect("user");
+        let other = Connection::open(&path).expect("second connection");
+        other.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
+
+        let started = Instant::now();
+        let err = store.create_user("bob", "hash").expect_err("locked");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(150) && waited < Duration::from_secs(3), "{waited:?}");
+        let err = store.ping().expect_err("locked");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        // WAL readers never wait for the writer.
+        assert_eq!(store.user_by_name("ada").expect("read"), Some(ada));
+
+        other.execute_batch("COMMIT").expect("release");
+        store.ping().expect("ping after release");
+        store.create_user("bob", "hash").expect("write after release");
+    }
+
+    #[test]
+    fn opening_a_database_locked_elsewhere_is_unavailable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("chime.db");
+        // Not yet in WAL mode, so an exclusive lock keeps everyone out, and switching to WAL
+        // needs that lock.
+        let other = Connection::open(&path).expect("plain connection");
+        other.execute_batch("CREATE TABLE t (x INTEGER); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);").expect("lock");
+        let err = SqliteStore::open_with(&path, &impatient()).err().expect("locked");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        other.execute_batch("COMMIT").expect("release");
+        SqliteStore::open_with(&path, &impatient()).expect("open after release").ping().expect("ping");
+    }
+
+    /// Enough commits to cross SQLite's automatic checkpoint threshold (1000 pages).
+    const COMMITS: u64 = 1100;
+
+    /// Opens a store for the checkpoint tests and makes `COMMITS` commits of one frame each
+    /// (pings, which always change their page).
+    fn many_commits(path: &Path, options: &OpenOptions) -> (SqliteStore, u64) {
+        let mut store = SqliteStore::open_with(path, options).expect("open");
+        // Durability is not under test here; fsync on every commit only makes the test slow.
+        store.conn.execute_batch("PRAGMA synchronous = OFF").expect("synchronous");
+        let page_size: i64 = store.conn.query_row("PRAGMA page_size", [], |row| row.get(0)).expect("page size");
+        for _ in 0..COMMITS {
+            store.ping().expect("ping");
+        }
+        (store, from_db(page_size))
+    }
+
+    #[test]
+    fn with_manual_checkpoints_the_wal_grows_until_checkpoint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("chime.db");
+        let (mut store, page_size) =
+            many_commits(&path, &OpenOptions { manual_checkpoints: true, ..OpenOptions::default() });
+        let frames = wal_frames(&path, page_size);
+        // At least one frame per ping: so also every ping wrote to the WAL.
+        assert!(frames >= COMMITS, "{frames} frames after {COMMITS} commits: a commit checkpointed");
+
+        store.checkpoint().expect("checkpoint");
+        // Everything was copied back, so the next commit starts the WAL over from its first frame.
+        store.ping().expect("ping");
+        let (log, checkpointed) = store.wal_checkpoint().expect("wal_checkpoint");
+        assert!(log <= 2 && checkpointed == log, "{log} frames in the WAL, {checkpointed} checkpointed");
+    }
+
+    #[test]
+    fn by_default_commits_checkpoint_automatically() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("chime.db");
+        let (mut store, page_size) = many_commits(&path, &OpenOptions::default());
+        let frames = wal_frames(&path, page_size);
+        assert!(frames < COMMITS, "{frames} frames after {COMMITS} commits: no commit checkpointed");
+        let (log, _) = store.wal_checkpoint().expect("wal_checkpoint");
+        assert!(log < 1000, "the WAL started over after the automatic checkpoint: {log} frames");
     }
 }

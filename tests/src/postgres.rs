@@ -4,7 +4,8 @@
 //! `pg_ctl` on a free loopback port; dropping it stops the server (`-m immediate`) and removes the
 //! directory. Tests normally share one server per test binary through [`shared`], each taking a
 //! fresh database with [`PgServer::create_database`]; that server is stopped by an exit hook when
-//! the test binary ends, because statics are never dropped.
+//! the test binary ends, because statics are never dropped. [`PgServer::psql`] runs SQL on one of
+//! its databases from outside the code under test.
 //!
 //! PostgreSQL refuses to run as root, so as root the server runs as the `postgres` system user
 //! (created if missing) through `runuser`.
@@ -161,6 +162,19 @@ impl PgServer {
             panic!("cannot create database {db}: {e:#}");
         }
         self.url_of(&db)
+    }
+
+    /// Runs SQL with `psql` on the database at `url` (one of this server's) and returns what it
+    /// printed: unaligned, without headers, one line per row. Tests use it to act on the server
+    /// from outside the code under test (terminating its connections, say).
+    pub fn psql(&self, url: &str, sql: &str) -> Result<String> {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .context("running psql")?;
+        let output = check("psql", output)?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     }
 
     /// Stops the server and removes its directory. Later calls do nothing.

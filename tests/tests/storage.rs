@@ -2,14 +2,16 @@
 //! against the embedded SQLite store and a real throwaway PostgreSQL, so the two cannot drift.
 //!
 //! Checks taking `&mut dyn Store` get a store on a fresh database; checks taking `&Db` open as
-//! many connections to a fresh database as they need (concurrency, reopening).
+//! many connections to a fresh database as they need (concurrency, reopening). What only one
+//! database can show (a PostgreSQL backend terminated under the store; SQLite's locks, full disk
+//! and checkpoints) is tested at the end of this file and in the store's own unit tests.
 
 use std::collections::BTreeMap;
 use std::thread;
 
 use chime_storage::{
-    Delta, DeltaKind, MemberRecord, NewPost, NewSession, PostOutcome, RoomId, RoomKind, RoomRecord, Store, StoreError,
-    UserRecord,
+    Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RoomId, RoomKind, RoomRecord,
+    SessionLimits, SessionRecord, Store, StoreError, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -68,8 +70,11 @@ conformance! {
     store: [
         users,
         sessions,
+        sessions_expire,
+        ping_on_a_healthy_store,
         create_room_starts_the_log,
         join_and_leave,
+        rooms_per_user_are_capped,
         rooms_of_user,
         members_are_paged,
         posts_take_contiguous_seqs_in_input_order,
@@ -77,17 +82,52 @@ conformance! {
         non_members_write_nothing,
         deltas_after_pages,
     ],
-    db: [concurrent_writers_leave_no_gaps, concurrent_opens_migrate_once, reopening_keeps_everything],
+    db: [
+        concurrent_writers_leave_no_gaps,
+        concurrent_joins_respect_the_room_cap,
+        concurrent_opens_migrate_once,
+        reopening_keeps_everything,
+        open_with_options,
+    ],
 }
 
 const T0: i64 = 1_700_000_000_000;
+
+/// A room cap no check but the cap's own comes near.
+const MAX_ROOMS: u64 = 1_000;
+
+/// Sessions die after 1 s unused or 10 s after login.
+const LIMITS: SessionLimits = SessionLimits { idle_ms: 1_000, max_age_ms: 10_000 };
+
+/// Limits under which every session not revoked is live: what is listed then is what is stored.
+const FOREVER: SessionLimits = SessionLimits { idle_ms: i64::MAX, max_age_ms: i64::MAX };
 
 fn user(store: &mut dyn Store, name: &str) -> UserRecord {
     store.create_user(name, &format!("$argon2id$hash-of-{name}")).expect("create user")
 }
 
 fn room(store: &mut dyn Store, name: &str, owner: &UserRecord) -> RoomRecord {
-    store.create_room(name, RoomKind::GROUP, owner.id, &owner.name, T0).expect("create room").0
+    store.create_room(name, RoomKind::GROUP, owner.id, &owner.name, T0, MAX_ROOMS).expect("create room").0
+}
+
+/// A new session of `user` at `now_ms`, whose token hash is `[token; 32]`.
+fn new_session(user: &UserRecord, token: u8, now_ms: i64) -> NewSession {
+    NewSession {
+        user_id: user.id,
+        token_hash: [token; 32],
+        ip: format!("10.0.0.{token}"),
+        user_agent: format!("chime-test/{token}"),
+        now_ms,
+    }
+}
+
+/// Logs in with `[token; 32]` and returns the session, or `None` when it is not live.
+fn login(store: &mut dyn Store, token: u8, now_ms: i64) -> Option<SessionRecord> {
+    store.session_user(&[token; 32], now_ms, &LIMITS).expect("session_user").map(|(_, session)| session)
+}
+
+fn ids(sessions: &[SessionRecord]) -> Vec<u64> {
+    sessions.iter().map(|s| s.id).collect()
 }
 
 fn post(room: RoomId, author: &UserRecord, key: &str, text: &str) -> NewPost {
@@ -131,29 +171,109 @@ fn users(store: &mut dyn Store) {
 
 fn sessions(store: &mut dyn Store) {
     let ada = user(store, "ada");
-    let session = |hash: u8| NewSession {
+    let bob = user(store, "bob");
+    let a1 = store.create_session(&new_session(&ada, 1, T0)).expect("session a1");
+    let expected = SessionRecord {
+        id: a1.id,
         user_id: ada.id,
-        token_hash: [hash; 32],
-        ip: "127.0.0.1".into(),
+        ip: "10.0.0.1".into(),
         user_agent: "chime-test/1".into(),
-        now_ms: T0,
+        created_at_ms: T0,
+        last_used_at_ms: T0,
     };
-    store.create_session(&session(1)).expect("session 1");
-    store.create_session(&session(2)).expect("session 2");
-    assert_eq!(store.session_user(&[1; 32], T0 + 1).expect("lookup"), Some(ada.clone()));
-    assert_eq!(store.session_user(&[1; 32], T0 + 2).expect("lookup again"), Some(ada.clone()));
-    assert_eq!(store.session_user(&[9; 32], T0).expect("unknown"), None);
-    assert!(store.revoke_session(&[1; 32], T0 + 3).expect("revoke"));
-    assert!(!store.revoke_session(&[1; 32], T0 + 4).expect("revoke twice"));
-    assert!(!store.revoke_session(&[9; 32], T0 + 4).expect("revoke unknown"));
-    assert_eq!(store.session_user(&[1; 32], T0 + 5).expect("revoked"), None);
-    // Revoking one session leaves the user's others alone.
-    assert_eq!(store.session_user(&[2; 32], T0 + 5).expect("other session"), Some(ada));
+    assert_eq!(a1, expected);
+    let a2 = store.create_session(&new_session(&ada, 2, T0 + 10)).expect("session a2");
+    let b1 = store.create_session(&new_session(&bob, 3, T0 + 20)).expect("session b1");
+    assert!(a1.id != a2.id && a2.id != b1.id && a1.id != b1.id);
+    let err = store.create_session(&new_session(&bob, 1, T0)).expect_err("token hash taken");
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+    assert_eq!(store.list_sessions(ada.id, T0 + 30, &LIMITS).expect("list"), [a1.clone(), a2.clone()]);
+    assert_eq!(store.list_sessions(bob.id, T0 + 30, &LIMITS).expect("list"), std::slice::from_ref(&b1));
+    assert!(store.list_sessions(9_999, T0, &LIMITS).expect("unknown user").is_empty());
+
+    // Logging in records the use and returns the user and the updated session.
+    let (who, session) = store.session_user(&[1; 32], T0 + 100, &LIMITS).expect("lookup").expect("live");
+    assert_eq!((who, session), (ada.clone(), SessionRecord { last_used_at_ms: T0 + 100, ..a1.clone() }));
+    // A clock that stepped back does not move the last use back.
+    assert_eq!(login(store, 1, T0 + 50).expect("live").last_used_at_ms, T0 + 100);
+    assert_eq!(store.session_user(&[9; 32], T0, &LIMITS).expect("unknown token"), None);
+
+    // touch_session only ever moves the last use forward, and ignores sessions it does not know.
+    store.touch_session(a2.id, T0 + 500).expect("touch");
+    store.touch_session(a2.id, T0 + 400).expect("touch with an older time");
+    store.touch_session(9_999, T0 + 500).expect("touch an unknown session");
+    let listed = store.list_sessions(ada.id, T0 + 500, &LIMITS).expect("list");
+    assert_eq!(listed.iter().map(|s| s.last_used_at_ms).collect::<Vec<_>>(), [T0 + 100, T0 + 500]);
+
+    // Revoking one session by id: only the user's own.
+    assert!(store.revoke_sessions(ada.id, Some(b1.id), T0 + 600).expect("revoke bob's").is_empty());
+    assert!(login(store, 3, T0 + 600).is_some(), "bob's session survives ada naming it");
+    assert_eq!(store.revoke_sessions(ada.id, Some(a1.id), T0 + 600).expect("revoke a1"), [a1.id]);
+    assert!(store.revoke_sessions(ada.id, Some(a1.id), T0 + 601).expect("revoke a1 again").is_empty());
+    assert!(store.revoke_sessions(ada.id, Some(9_999), T0 + 601).expect("revoke unknown").is_empty());
+    assert_eq!(login(store, 1, T0 + 601), None);
+    assert_eq!(ids(&store.list_sessions(ada.id, T0 + 601, &FOREVER).expect("list")), [a2.id]);
+    // A revoked session stays revoked: touching it neither revives it nor fails.
+    store.touch_session(a1.id, T0 + 602).expect("touch a revoked session");
+    assert_eq!(login(store, 1, T0 + 603), None);
+
+    // Revoking all of a user's sessions.
+    let a3 = store.create_session(&new_session(&ada, 4, T0 + 700)).expect("session a3");
+    assert_eq!(store.revoke_sessions(ada.id, None, T0 + 800).expect("revoke all"), [a2.id, a3.id]);
+    assert!(store.revoke_sessions(ada.id, None, T0 + 801).expect("revoke all again").is_empty());
+    assert!(store.list_sessions(ada.id, T0 + 801, &FOREVER).expect("list").is_empty());
+    assert_eq!(login(store, 2, T0 + 801), None);
+    assert_eq!(login(store, 4, T0 + 801), None);
+    assert_eq!(ids(&store.list_sessions(bob.id, T0 + 801, &LIMITS).expect("bob's")), [b1.id]);
+}
+
+fn sessions_expire(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let idle = store.create_session(&new_session(&ada, 1, T0)).expect("idle session");
+
+    // Idle: live up to exactly `idle_ms` after its last use. Listing only reads.
+    assert_eq!(ids(&store.list_sessions(ada.id, T0 + 1_000, &LIMITS).expect("list")), [idle.id]);
+    assert!(store.list_sessions(ada.id, T0 + 1_001, &LIMITS).expect("list").is_empty());
+    assert_eq!(ids(&store.list_sessions(ada.id, T0 + 1_001, &FOREVER).expect("list")), [idle.id]);
+    // Logging in with an expired session revokes it: it stays dead under any limits.
+    assert_eq!(login(store, 1, T0 + 1_001), None);
+    assert_eq!(store.session_user(&[1; 32], T0 + 1_002, &FOREVER).expect("lookup"), None);
+    assert!(store.list_sessions(ada.id, T0 + 1_002, &FOREVER).expect("list").is_empty());
+    assert!(store.revoke_sessions(ada.id, Some(idle.id), T0 + 1_003).expect("revoke").is_empty(), "already revoked");
+
+    // Max age: live up to exactly `max_age_ms` after login, however recently used.
+    let start = T0 + 2_000;
+    store.create_session(&new_session(&ada, 2, start)).expect("busy session");
+    for now in (start + 900..start + 10_000).step_by(900) {
+        assert!(login(store, 2, now).is_some(), "busy session at {now}");
+    }
+    assert_eq!(login(store, 2, start + 10_000).expect("live at max age").last_used_at_ms, start + 10_000);
+    assert!(store.list_sessions(ada.id, start + 10_001, &LIMITS).expect("list").is_empty());
+    assert_eq!(login(store, 2, start + 10_001), None);
+    assert!(store.list_sessions(ada.id, start + 10_002, &FOREVER).expect("list").is_empty());
+
+    // A connection that stayed open all along touches its session when it closes, so idle time
+    // counts from then, not from its login.
+    let connected = store.create_session(&new_session(&ada, 3, start)).expect("connected session");
+    store.touch_session(connected.id, start + 5_000).expect("touch");
+    assert_eq!(ids(&store.list_sessions(ada.id, start + 5_900, &LIMITS).expect("list")), [connected.id]);
+    assert_eq!(login(store, 3, start + 5_900).expect("live").last_used_at_ms, start + 5_900);
+}
+
+fn ping_on_a_healthy_store(store: &mut dyn Store) {
+    store.ping().expect("ping");
+    store.ping().expect("ping again");
+    store.checkpoint().expect("checkpoint");
+    // The probe leaves the store as it was.
+    let ada = user(store, "ada");
+    store.ping().expect("ping after a write");
+    assert_eq!(store.user_by_name("ada").expect("lookup"), Some(ada));
 }
 
 fn create_room_starts_the_log(store: &mut dyn Store) {
     let ada = user(store, "ada");
-    let (room, delta) = store.create_room("lobby", RoomKind::GROUP, ada.id, "ada", T0).expect("create");
+    let (room, delta) = store.create_room("lobby", RoomKind::GROUP, ada.id, "ada", T0, MAX_ROOMS).expect("create");
     assert_eq!((room.name.as_str(), room.kind, room.last_seq), ("lobby", RoomKind::GROUP, 1));
     let expected = Delta {
         room: room.id,
@@ -171,7 +291,7 @@ fn create_room_starts_the_log(store: &mut dyn Store) {
     assert!(store.is_member(room.id, ada.id).expect("is_member"));
     let owner = MemberRecord { user_id: ada.id, name: "ada".into(), role: "owner".into(), muted: false };
     assert_eq!(store.members(room.id, 0, 10).expect("members"), [owner]);
-    let other = store.create_room("lobby", RoomKind::GROUP, ada.id, "ada", T0).expect("same name").0;
+    let other = store.create_room("lobby", RoomKind::GROUP, ada.id, "ada", T0, MAX_ROOMS).expect("same name").0;
     assert_ne!(other.id, room.id, "room names need not be unique");
 }
 
@@ -180,7 +300,7 @@ fn join_and_leave(store: &mut dyn Store) {
     let bob = user(store, "bob");
     let lobby = room(store, "lobby", &ada);
 
-    let join = store.join_room(lobby.id, bob.id, "bob", T0 + 1).expect("join").expect("a JOIN delta");
+    let join = store.join_room(lobby.id, bob.id, "bob", T0 + 1, MAX_ROOMS).expect("join").expect("a JOIN delta");
     assert_eq!(
         join,
         Delta {
@@ -194,11 +314,11 @@ fn join_and_leave(store: &mut dyn Store) {
         }
     );
     assert!(store.is_member(lobby.id, bob.id).expect("is_member"));
-    assert_eq!(store.join_room(lobby.id, bob.id, "bob", T0 + 2).expect("join twice"), None);
-    assert_eq!(store.join_room(lobby.id, ada.id, "ada", T0 + 2).expect("owner joins"), None);
+    assert_eq!(store.join_room(lobby.id, bob.id, "bob", T0 + 2, MAX_ROOMS).expect("join twice"), None);
+    assert_eq!(store.join_room(lobby.id, ada.id, "ada", T0 + 2, MAX_ROOMS).expect("owner joins"), None);
     assert_eq!(store.room(lobby.id).expect("room").expect("exists").last_seq, 2, "no seq for a no-op join");
 
-    let err = store.join_room(lobby.id + 1000, bob.id, "bob", T0).expect_err("no such room");
+    let err = store.join_room(lobby.id + 1000, bob.id, "bob", T0, MAX_ROOMS).expect_err("no such room");
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 
     let leave = store.leave_room(lobby.id, bob.id, "bob", T0 + 3).expect("leave");
@@ -210,11 +330,53 @@ fn join_and_leave(store: &mut dyn Store) {
     assert!(matches!(err, StoreError::NotMember(_)), "{err:?}");
 
     // Rejoining after leaving is a new membership with its own delta.
-    let rejoin = store.join_room(lobby.id, bob.id, "bob", T0 + 5).expect("rejoin").expect("a JOIN delta");
+    let rejoin = store.join_room(lobby.id, bob.id, "bob", T0 + 5, MAX_ROOMS).expect("rejoin").expect("a JOIN delta");
     assert_eq!(rejoin.seq, 4);
     let kinds: Vec<DeltaKind> = log(store, lobby.id).iter().map(|d| d.kind).collect();
     assert_eq!(kinds, [DeltaKind::CREATE, DeltaKind::JOIN, DeltaKind::LEAVE, DeltaKind::JOIN]);
     assert_eq!(seqs(&log(store, lobby.id)), [1, 2, 3, 4]);
+}
+
+fn rooms_per_user_are_capped(store: &mut dyn Store) {
+    const CAP: u64 = 2;
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cara = user(store, "cara");
+    let bobs = room(store, "bob's", &bob);
+    let caras = room(store, "cara's", &cara);
+    let (own, _) = store.create_room("ada's", RoomKind::GROUP, ada.id, "ada", T0, CAP).expect("first room");
+    store.join_room(bobs.id, ada.id, "ada", T0, CAP).expect("second room").expect("a JOIN delta");
+    let mine = store.rooms_of_user(ada.id).expect("ada's rooms");
+    assert_eq!(mine.len(), 2);
+
+    // At the cap, creating or joining a room is refused and writes nothing.
+    let err = store.create_room("one too many", RoomKind::GROUP, ada.id, "ada", T0, CAP).expect_err("at the cap");
+    assert!(matches!(err, StoreError::LimitReached(_)), "{err:?}");
+    let err = store.join_room(caras.id, ada.id, "ada", T0, CAP).expect_err("at the cap");
+    assert!(matches!(err, StoreError::LimitReached(_)), "{err:?}");
+    assert_eq!(store.rooms_of_user(ada.id).expect("ada's rooms"), mine);
+    assert!(!store.is_member(caras.id, ada.id).expect("is_member"));
+    assert_eq!(store.members(caras.id, 0, 10).expect("members").len(), 1);
+    assert_eq!(seqs(&log(store, caras.id)), [1], "no JOIN delta");
+    assert_eq!(store.room(caras.id).expect("room").expect("exists").last_seq, 1);
+    for id in own.id + 1..=own.id + 3 {
+        assert_eq!(store.room(id).expect("room"), None, "no room was created");
+    }
+
+    // Rooms one is in already are no new membership: still Ok(None) at the cap.
+    assert_eq!(store.join_room(bobs.id, ada.id, "ada", T0, CAP).expect("rejoin"), None);
+    assert_eq!(store.join_room(own.id, ada.id, "ada", T0, CAP).expect("rejoin own"), None);
+    let err = store.join_room(caras.id + 1_000, ada.id, "ada", T0, CAP).expect_err("no such room");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+
+    // Leaving frees a place; other users are not affected by ada's count.
+    store.leave_room(bobs.id, ada.id, "ada", T0 + 1).expect("leave");
+    let join = store.join_room(caras.id, ada.id, "ada", T0 + 2, CAP).expect("join").expect("a JOIN delta");
+    assert_eq!(join.seq, 2);
+    store.join_room(caras.id, bob.id, "bob", T0 + 3, CAP).expect("bob joins").expect("a JOIN delta");
+    // A cap of zero allows no room at all.
+    let err = store.create_room("none", RoomKind::GROUP, cara.id, "cara", T0, 0).expect_err("cap 0");
+    assert!(matches!(err, StoreError::LimitReached(_)), "{err:?}");
 }
 
 fn rooms_of_user(store: &mut dyn Store) {
@@ -223,7 +385,7 @@ fn rooms_of_user(store: &mut dyn Store) {
     let a = room(store, "a", &ada);
     let b = room(store, "b", &ada);
     let c = room(store, "c", &bob);
-    store.join_room(a.id, bob.id, "bob", T0).expect("join");
+    store.join_room(a.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
     let ids = |rooms: Vec<RoomRecord>| rooms.iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(store.rooms_of_user(ada.id).expect("ada's rooms")), [a.id, b.id]);
     assert_eq!(ids(store.rooms_of_user(bob.id).expect("bob's rooms")), [a.id, c.id]);
@@ -241,7 +403,7 @@ fn members_are_paged(store: &mut dyn Store) {
     let mut all = vec![(owner.id, "owner".to_string(), "owner")];
     for i in 0..6 {
         let u = user(store, &format!("m{i}"));
-        store.join_room(lobby.id, u.id, &u.name, T0).expect("join");
+        store.join_room(lobby.id, u.id, &u.name, T0, MAX_ROOMS).expect("join");
         all.push((u.id, u.name, "member"));
     }
     all.sort();
@@ -272,7 +434,7 @@ fn posts_take_contiguous_seqs_in_input_order(store: &mut dyn Store) {
     let bob = user(store, "bob");
     let r1 = room(store, "r1", &ada);
     let r2 = room(store, "r2", &bob);
-    store.join_room(r2.id, ada.id, "ada", T0).expect("join"); // r2 seq 2
+    store.join_room(r2.id, ada.id, "ada", T0, MAX_ROOMS).expect("join"); // r2 seq 2
     assert!(store.append_posts(&[]).expect("empty batch").is_empty());
 
     let batch = [
@@ -310,7 +472,7 @@ fn duplicate_keys_write_nothing(store: &mut dyn Store) {
     let ada = user(store, "ada");
     let bob = user(store, "bob");
     let r = room(store, "r", &ada);
-    store.join_room(r.id, bob.id, "bob", T0).expect("join"); // seq 2
+    store.join_room(r.id, bob.id, "bob", T0, MAX_ROOMS).expect("join"); // seq 2
 
     let mut retry = post(r.id, &ada, "same", "first text");
     retry.now_ms = T0 + 99;
@@ -356,7 +518,7 @@ fn non_members_write_nothing(store: &mut dyn Store) {
     assert!(log(store, r.id + 1000).is_empty());
 
     // Once eve joins, her key was never used, so the same post now goes in.
-    store.join_room(r.id, eve.id, "eve", T0).expect("join");
+    store.join_room(r.id, eve.id, "eve", T0, MAX_ROOMS).expect("join");
     let later = store.append_posts(&[post(r.id, &eve, "e", "now a member")]).expect("append");
     assert_eq!(inserted(&later[0]).seq, 5);
 }
@@ -397,7 +559,7 @@ fn concurrent_writers_leave_no_gaps(db: &Db) {
         .map(|w| {
             let u = user(&mut *setup, &format!("w{w}"));
             for r in rooms {
-                setup.join_room(r, u.id, &u.name, T0).expect("join");
+                setup.join_room(r, u.id, &u.name, T0, MAX_ROOMS).expect("join");
             }
             u
         })
@@ -461,6 +623,31 @@ fn concurrent_writers_leave_no_gaps(db: &Db) {
     }
 }
 
+/// The same user joining many rooms at once from separate connections: each join holds only its
+/// own room's lock, yet no more than the cap get in.
+fn concurrent_joins_respect_the_room_cap(db: &Db) {
+    const ROOMS: usize = 8;
+    const CAP: u64 = 3;
+    let mut setup = db.open();
+    let owner = user(&mut *setup, "owner");
+    let ada = user(&mut *setup, "ada");
+    let rooms: Vec<RoomId> = (0..ROOMS).map(|i| room(&mut *setup, &format!("r{i}"), &owner).id).collect();
+    let outcomes: Vec<Result<Option<Delta>, StoreError>> = thread::scope(|s| {
+        let handles: Vec<_> = rooms
+            .iter()
+            .map(|&r| {
+                let ada = &ada;
+                s.spawn(move || db.open().join_room(r, ada.id, &ada.name, T0, CAP))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("joining thread")).collect()
+    });
+    let joined = outcomes.iter().filter(|o| matches!(o, Ok(Some(_)))).count();
+    let refused = outcomes.iter().filter(|o| matches!(o, Err(StoreError::LimitReached(_)))).count();
+    assert_eq!((joined, refused), (CAP as usize, ROOMS - CAP as usize), "{outcomes:?}");
+    assert_eq!(setup.rooms_of_user(ada.id).expect("ada's rooms").len(), CAP as usize);
+}
+
 /// Workers of a freshly started daemon all open the new database at once: migrations must run
 /// once, and every connection must come up.
 fn concurrent_opens_migrate_once(db: &Db) {
@@ -487,21 +674,14 @@ fn reopening_keeps_everything(db: &Db) {
         let mut store = db.open();
         let ada = user(&mut *store, "ada");
         let r = room(&mut *store, "r", &ada);
-        store
-            .create_session(&NewSession {
-                user_id: ada.id,
-                token_hash: [7; 32],
-                ip: "::1".into(),
-                user_agent: "t".into(),
-                now_ms: T0,
-            })
-            .expect("session");
+        store.create_session(&new_session(&ada, 7, T0)).expect("session");
         let out = store.append_posts(&[post(r.id, &ada, "k", "persisted")]).expect("append");
         (ada, r, inserted(&out[0]).clone())
     };
     let mut store = db.open();
     assert_eq!(store.user_by_name("ada").expect("lookup"), Some(ada.clone()));
-    assert_eq!(store.session_user(&[7; 32], T0 + 1).expect("session"), Some(ada.clone()));
+    let (who, _) = store.session_user(&[7; 32], T0 + 1, &LIMITS).expect("session").expect("live");
+    assert_eq!(who, ada);
     assert_eq!(log(&mut *store, r.id).last(), Some(&last));
     assert_eq!(store.rooms_of_user(ada.id).expect("rooms"), [RoomRecord { last_seq: 2, ..r.clone() }]);
     // A retry after the restart is still recognised, and new posts continue the log.
@@ -509,4 +689,71 @@ fn reopening_keeps_everything(db: &Db) {
         store.append_posts(&[post(r.id, &ada, "k", "persisted"), post(r.id, &ada, "k2", "after")]).expect("append");
     assert_eq!(out[0], PostOutcome::Duplicate { seq: last.seq, ts_ms: last.ts_ms });
     assert_eq!(inserted(&out[1]).seq, 3);
+}
+
+/// `open_with` passes its options to either store; a store opened for manual checkpoints works
+/// and checkpoints on request.
+fn open_with_options(db: &Db) {
+    let options = OpenOptions {
+        busy_timeout: std::time::Duration::from_secs(1),
+        connect_timeout: std::time::Duration::from_secs(5),
+        manual_checkpoints: true,
+    };
+    let mut store = chime_storage::open_with(&db.url, &options).expect("open_with");
+    let ada = user(&mut *store, "ada");
+    store.ping().expect("ping");
+    store.checkpoint().expect("checkpoint");
+    assert_eq!(db.open().user_by_name("ada").expect("lookup"), Some(ada));
+}
+
+/// What only PostgreSQL can show.
+mod postgres_only {
+    use super::*;
+
+    /// The server ends the store's connection (an administrator, a restart, a failover): every
+    /// later call says `Unavailable`, and a newly opened store carries on with the data.
+    #[test]
+    fn a_terminated_connection_is_unavailable_and_a_new_store_works() {
+        let Some(server) = postgres::shared() else { return };
+        let url = server.create_database("terminated");
+        let mut store = chime_storage::open(&url).expect("open");
+        let ada = user(&mut *store, "ada");
+        // The store names its connection `chime`; this database is the test's own. The timeout
+        // makes the call wait until the backend is gone.
+        let terminated = server
+            .psql(
+                &url,
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'chime'",
+            )
+            .expect("psql");
+        assert_eq!(terminated, "t", "exactly one backend terminated");
+
+        let err = store.ping().expect_err("connection terminated");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        let err = store.user_by_name("ada").expect_err("still terminated");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        let err = store.create_user("bob", "hash").expect_err("still terminated");
+        assert!(err.is_unavailable(), "{err:?}");
+        drop(store);
+
+        let mut store = chime_storage::open(&url).expect("reopen");
+        store.ping().expect("ping");
+        assert_eq!(store.user_by_name("ada").expect("lookup"), Some(ada));
+        user(&mut *store, "bob");
+    }
+
+    /// What waiting will not fix is a configuration error, not an outage to wait out.
+    #[test]
+    fn an_unknown_database_or_role_is_a_config_error() {
+        let Some(server) = postgres::shared() else { return };
+        let port = server.port();
+        for url in [
+            format!("postgres://postgres@127.0.0.1:{port}/no_such_database"),
+            format!("postgres://nobody@127.0.0.1:{port}/chime"),
+        ] {
+            let err = chime_storage::open(&url).err().expect("cannot connect");
+            assert!(matches!(err, StoreError::Config(_)), "{url}: {err:?}");
+        }
+    }
 }
