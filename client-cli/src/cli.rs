@@ -100,6 +100,27 @@ pub enum Command {
     },
     /// Measure the round trip to the server.
     Ping,
+    /// List your sessions (the devices logged in to your account), or revoke them.
+    Sessions {
+        /// Without one, list the sessions.
+        #[command(subcommand)]
+        command: Option<SessionsCommand>,
+    },
+}
+
+/// `sessions` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Revoke one session by id (its connections end at once), or all of them with --all (this
+    /// one included: you are logged out here too).
+    Revoke {
+        /// The session id, as `chime sessions` prints it.
+        #[arg(required_unless_present = "all", conflicts_with = "all", value_name = "ID")]
+        id: Option<u64>,
+        /// Revoke every session of the account.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// `room` subcommands.
@@ -159,6 +180,22 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn sessions_revoke_takes_an_id_or_all() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied()).map(|c| c.command);
+        assert!(matches!(parse(&["chime", "sessions"]), Ok(Command::Sessions { command: None })));
+        assert!(matches!(
+            parse(&["chime", "sessions", "revoke", "12"]),
+            Ok(Command::Sessions { command: Some(SessionsCommand::Revoke { id: Some(12), all: false }) })
+        ));
+        assert!(matches!(
+            parse(&["chime", "sessions", "revoke", "--all"]),
+            Ok(Command::Sessions { command: Some(SessionsCommand::Revoke { id: None, all: true }) })
+        ));
+        assert!(parse(&["chime", "sessions", "revoke"]).is_err(), "an id or --all is required");
+        assert!(parse(&["chime", "sessions", "revoke", "3", "--all"]).is_err(), "not both");
     }
 
     #[test]

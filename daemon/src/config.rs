@@ -229,8 +229,8 @@ impl Config {
         at_least("max_rooms_per_user", self.max_rooms_per_user, 1)?;
         at_least("room_create_per_minute", u64::from(self.room_create_per_minute), 1)?;
         at_least("resume_rate_per_ip", u64::from(self.resume_rate_per_ip), 1)?;
-        at_least("session_idle_secs", self.session_idle_secs, 60)?;
-        at_least("session_max_age_secs", self.session_max_age_secs, 60)?;
+        at_least("session_idle_secs", self.session_idle_secs, 1)?;
+        at_least("session_max_age_secs", self.session_max_age_secs, 1)?;
         at_least("database_busy_timeout_ms", self.database_busy_timeout_ms, 1)?;
         if self.max_outbound_total_bytes < self.max_outbound_bytes {
             return invalid(
@@ -476,8 +476,8 @@ mod tests {
         assert_eq!(invalid_key(&Config { max_rooms_per_user: 0, ..d() }), "max_rooms_per_user");
         assert_eq!(invalid_key(&Config { room_create_per_minute: 0, ..d() }), "room_create_per_minute");
         assert_eq!(invalid_key(&Config { resume_rate_per_ip: 0, ..d() }), "resume_rate_per_ip");
-        assert_eq!(invalid_key(&Config { session_idle_secs: 59, ..d() }), "session_idle_secs");
-        assert_eq!(invalid_key(&Config { session_max_age_secs: 59, ..d() }), "session_max_age_secs");
+        assert_eq!(invalid_key(&Config { session_idle_secs: 0, ..d() }), "session_idle_secs");
+        assert_eq!(invalid_key(&Config { session_max_age_secs: 0, ..d() }), "session_max_age_secs");
         assert_eq!(invalid_key(&Config { database_busy_timeout_ms: 0, ..d() }), "database_busy_timeout_ms");
         assert_eq!(invalid_key(&Config { max_outbound_total_bytes: 1 << 20, ..d() }), "max_outbound_total_bytes");
         for ok in [

@@ -51,8 +51,10 @@ pub struct Session {
     pub user_id: u64,
     /// User name, shared with the jobs this connection submits.
     pub name: Arc<str>,
-    /// SHA-256 of the session token, for LOGOUT.
-    pub token_hash: [u8; 32],
+    /// The session (device) this connection logged in with: revoking it ends the connection.
+    pub session_id: u64,
+    /// When the session was created (Unix ms): it ends at its absolute lifetime.
+    pub session_created_ms: i64,
 }
 
 /// What sort of frame is queued, for the memory accounting and the slow-consumer policy.

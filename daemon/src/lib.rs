@@ -10,6 +10,8 @@
 //! - [`conn`]: one client connection (TLS or plaintext, read buffer, bounded send queue).
 //! - [`sync`]: the per-connection SYNC state machine that keeps delivery gap-free (pure).
 //! - [`worker`]: the database worker pool (one store connection per thread, group commit).
+//! - [`health`]: whether the database is usable, and each worker's store, reopened after it
+//!   fails (a database restart, a full disk).
 //!
 //! Only the event loop touches sockets; anything slow (the database, password hashes) runs on
 //! worker threads and comes back through channels.
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod health;
 pub mod ratelimit;
 pub mod server;
 pub mod sync;

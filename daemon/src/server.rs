@@ -30,7 +30,7 @@ use crate::sync::{Action, DEFAULT_PAGE, MAX_PAGE};
 use crate::tls::{fingerprint_hex, TlsSetup};
 use crate::worker::{
     published_bytes, Actor, Completion, ConnRef, EncodeReply, FetchPurpose, Job, Notify, Pool, Published, Queue,
-    ReplyTo,
+    ReplyTo, Settings,
 };
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -38,7 +38,7 @@ use chime_protocol::{
     ClientFrame, DecodeError, ErrorBody, ErrorCode, FrameDecoder, Ping, RawFrame, ServerFrame, Welcome, MAGIC,
     PROTOCOL_VERSION,
 };
-use chime_storage::NewPost;
+use chime_storage::{NewPost, SessionId, SessionLimits};
 use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -69,6 +69,9 @@ const READ_PAUSE_DIVISOR: usize = 2;
 const FAIR_SHARE: usize = 64 * 1024;
 /// Give freed heap back to the OS once this much outbound memory was released since last time.
 const TRIM_AFTER: usize = 16 << 20;
+/// Seconds between records of "still in use" for the sessions of connections that stay open, so
+/// a session connected for weeks is not idle-expired if the daemon is killed before it closes.
+const TOUCH_LIVE_EVERY: u32 = 3600;
 /// Seconds a connection may take to complete the TLS and Chime handshakes.
 const HANDSHAKE_SECS: u32 = 10;
 /// Longest accepted message text, in bytes.
@@ -99,6 +102,11 @@ pub struct Server {
     rooms: HashMap<u64, Vec<usize>>,
     /// Logged-in connections per user, to apply membership changes to all of a user's devices.
     users: HashMap<u64, Vec<usize>>,
+    /// Logged-in connections per session, to end them all when the session is revoked.
+    sessions: HashMap<SessionId, Vec<usize>>,
+    /// Sessions whose connections closed since the last tick: their last use is recorded in one
+    /// job per tick.
+    touched: Vec<SessionId>,
     /// The last seq published per room: a connection subscribed with an older view of a room
     /// (its login read the room list before a commit the loop has already published) catches up.
     room_heads: HashMap<u64, u64>,
@@ -155,13 +163,15 @@ impl Server {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, completions) = crossbeam_channel::bounded(16_384);
-        let pool = Pool::start(
-            database_url,
-            config.workers,
-            config.auth_workers,
-            config.max_batch,
-            Notify { completions: tx, waker },
-        )?;
+        let settings = Settings {
+            workers: config.workers,
+            auth_workers: config.auth_workers,
+            max_batch: config.max_batch,
+            max_rooms_per_user: config.max_rooms_per_user,
+            session_limits: session_limits(&config),
+            busy_timeout: Duration::from_millis(config.database_busy_timeout_ms),
+        };
+        let pool = Pool::start(database_url, settings, Notify { completions: tx, waker })?;
         let mut local_addrs = Vec::new();
         let mut tls_listener = None;
         let mut tls_config = None;
@@ -217,6 +227,8 @@ impl Server {
             conns: Slab::new(),
             rooms: HashMap::new(),
             users: HashMap::new(),
+            sessions: HashMap::new(),
+            touched: Vec::new(),
             room_heads: HashMap::new(),
             pool: Some(pool),
             completions,
@@ -276,6 +288,9 @@ impl Server {
             self.drain_completions();
             self.flush_dirty();
             self.enforce_budget();
+            if !self.touched.is_empty() {
+                self.touch_sessions(false);
+            }
             if self.now_secs != self.last_tick {
                 self.last_tick = self.now_secs;
                 self.tick();
@@ -287,6 +302,8 @@ impl Server {
                 break;
             }
         }
+        // Every connection is closed by now: their sessions' last use is now.
+        self.touch_sessions(false);
         if let Some(pool) = self.pool.take() {
             // Workers may be blocked handing results to a loop that is gone: drain until they exit.
             let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
@@ -593,7 +610,16 @@ impl Server {
         let to = self.to(key, rid);
         let actor = Actor { user_id: s.user_id, name: s.name.clone() };
         let job = match frame {
-            ClientFrame::Logout(_) => Job::Logout { to, token_hash: s.token_hash },
+            ClientFrame::Logout(_) => Job::RevokeSessions { to, actor, which: Some(s.session_id), logout: true },
+            ClientFrame::RevokeSessions(r) => Job::RevokeSessions { to, actor, which: r.session, logout: false },
+            ClientFrame::ListSessions(l) => Job::ListSessions {
+                to,
+                online: self.online_sessions(s.user_id),
+                actor,
+                current: s.session_id,
+                after: l.after_session,
+                limit: if l.limit == 0 { DEFAULT_PAGE } else { l.limit.min(MAX_PAGE) },
+            },
             ClientFrame::CreateRoom(c) => {
                 let name = c.name.trim().to_string();
                 if name.is_empty() || name.chars().count() > MAX_ROOM_NAME {
@@ -662,9 +688,6 @@ impl Server {
                 self.apply(key, actions);
                 return;
             }
-            ClientFrame::ListSessions(_) | ClientFrame::RevokeSessions(_) => {
-                return self.error(key, rid, ErrorCode::UNKNOWN_TYPE, "sessions are not listed by this build yet")
-            }
             ClientFrame::Hello(_) | ClientFrame::Ping(_) | ClientFrame::Pong(_) => return,
             ClientFrame::Register(_) | ClientFrame::Login(_) | ClientFrame::Resume(_) => return,
         };
@@ -726,6 +749,13 @@ impl Server {
         let Some(pool) = self.pool.as_ref() else {
             return;
         };
+        if pool.health().is_down() {
+            // Refused at once rather than queued behind a dead connection; the client retries.
+            if authenticating {
+                c.phase = Phase::Open;
+            }
+            return self.error(key, rid, ErrorCode::UNAVAILABLE, "the database is unavailable; retry shortly");
+        }
         match pool.submit(job) {
             Ok(()) => {
                 c.inflight += 1;
@@ -796,14 +826,20 @@ impl Server {
                     self.reply(to.conn.key, frame);
                 }
             }
-            Completion::LoggedIn { to, user_id, name, token_hash, rooms, frame } => {
+            Completion::LoggedIn { to, user_id, name, session, rooms, frame } => {
                 if !self.answered(&to) {
                     return;
                 }
                 let key = to.conn.key;
                 if let Some(c) = self.conn_for(to.conn) {
-                    c.phase = Phase::Authed(Session { user_id, name: name.into(), token_hash });
+                    c.phase = Phase::Authed(Session {
+                        user_id,
+                        name: name.into(),
+                        session_id: session.id,
+                        session_created_ms: session.created_at_ms,
+                    });
                     self.users.entry(user_id).or_default().push(key);
+                    self.sessions.entry(session.id).or_default().push(key);
                     // The store lists rooms by id, so each subscription appends to the
                     // connection's sorted room list: linear in the rooms, whatever their number.
                     for (room, head) in rooms {
@@ -812,13 +848,21 @@ impl Server {
                     self.reply(key, frame);
                 }
             }
-            Completion::LoggedOut { to, frame } => {
-                if !self.answered(&to) {
-                    return;
+            Completion::SessionsRevoked { to, user_id: _, revoked, logout, frame } => {
+                let live = self.answered(&to);
+                let requester = to.conn.key;
+                if live {
+                    if logout {
+                        // The connection stays, logged out, and is not told to go.
+                        self.logout_conn(requester);
+                    }
+                    self.reply(requester, frame);
                 }
-                let key = to.conn.key;
-                self.logout_conn(key);
-                self.reply(key, frame);
+                for session in revoked {
+                    for key in self.sessions.get(&session).cloned().unwrap_or_default() {
+                        self.end_session(key, ErrorCode::SESSION_REVOKED, "this session was revoked; log in again");
+                    }
+                }
             }
             Completion::Membership { to, user_id, room, joined, published, frame } => {
                 let live = self.answered(&to);
@@ -910,6 +954,11 @@ impl Server {
                     let Some(pool) = self.pool.as_ref() else {
                         return;
                     };
+                    if pool.health().is_down() {
+                        // Tried again on a later tick, holding pushes meanwhile.
+                        self.defer(key, Action::Fetch { room, after, limit });
+                        continue;
+                    }
                     if pool.submit(job).is_err() {
                         // The shared queue is full: the client must come back for it.
                         self.goodbye(
@@ -984,6 +1033,32 @@ impl Server {
         remove_subscriber(&mut self.rooms, room, key);
     }
 
+    /// Ends a logged-in connection whose session ended: whatever it was owed and not yet sent
+    /// is dropped (the session no longer gives access to it), then GOODBYE and close.
+    fn end_session(&mut self, key: usize, code: ErrorCode, message: &str) {
+        self.logout_conn(key);
+        if let Some(c) = self.conns.get_mut(key) {
+            // Replies queued just before (the revoking request's own answer) still go out first.
+            c.goodbye_after_queue(code, message);
+            self.totals.reconcile(c);
+            self.mark_dirty(key);
+        }
+    }
+
+    /// The sessions of `user` that have a live connection.
+    fn online_sessions(&self, user: u64) -> Vec<SessionId> {
+        let mut online: Vec<SessionId> = self
+            .users
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .filter_map(|&k| self.conns.get(k).and_then(|c| c.session()).map(|s| s.session_id))
+            .collect();
+        online.sort_unstable();
+        online.dedup();
+        online
+    }
+
     fn logout_conn(&mut self, key: usize) {
         let now = self.now_secs;
         let Some(c) = self.conns.get_mut(key) else {
@@ -991,6 +1066,7 @@ impl Server {
         };
         let rooms = std::mem::take(&mut c.rooms);
         let user = c.session().map(|s| s.user_id);
+        let session = c.session().map(|s| s.session_id);
         c.phase = Phase::Open;
         c.unauth_since = now;
         c.sync = None;
@@ -998,12 +1074,12 @@ impl Server {
             remove_subscriber(&mut self.rooms, room, key);
         }
         if let Some(uid) = user {
-            if let Some(list) = self.users.get_mut(&uid) {
-                list.retain(|&k| k != key);
-                if list.is_empty() {
-                    self.users.remove(&uid);
-                }
-            }
+            remove_key(&mut self.users, uid, key);
+        }
+        if let Some(session) = session {
+            remove_key(&mut self.sessions, session, key);
+            // Its last use is now: idle expiry counts from here.
+            self.touched.push(session);
         }
     }
 
@@ -1167,12 +1243,15 @@ impl Server {
     /// SYNC fetches; memory given back.
     fn tick(&mut self) {
         let now = self.now_secs;
+        let now_ms = chime_storage::now_ms();
+        let max_age_ms = session_limits(&self.config).max_age_ms;
         let hb = self.config.heartbeat_secs.max(1);
         let auth_timeout = self.config.auth_timeout_secs;
         let write_timeout = self.config.write_timeout_secs;
         let mut to_close = Vec::new();
         let mut to_ping = Vec::new();
         let mut to_retry = Vec::new();
+        let mut expired = Vec::new();
         for (key, c) in self.conns.iter_mut() {
             c.shrink_idle();
             if c.stalled_since.is_some_and(|since| now.saturating_sub(since) >= write_timeout) {
@@ -1183,6 +1262,9 @@ impl Server {
                 continue;
             }
             let quiet = now.saturating_sub(c.last_heard);
+            if c.session().is_some_and(|s| now_ms.saturating_sub(s.session_created_ms) > max_age_ms) && !c.closing {
+                expired.push(key);
+            }
             match c.phase {
                 Phase::Handshake if quiet >= HANDSHAKE_SECS => to_close.push(key),
                 _ if c.closing => {}
@@ -1209,6 +1291,10 @@ impl Server {
         for key in to_close {
             self.close(key);
         }
+        for key in expired {
+            self.end_session(key, ErrorCode::SESSION_EXPIRED, "this session reached its lifetime; log in again");
+        }
+        self.touch_sessions(now.is_multiple_of(TOUCH_LIVE_EVERY));
         for key in to_ping {
             self.reply(key, ServerFrame::Ping(Ping { nonce: u64::from(now) }).reply(0));
         }
@@ -1217,6 +1303,30 @@ impl Server {
         }
         self.flush_dirty();
         self.give_back_memory();
+    }
+
+    /// Records the last use of the sessions whose connections closed (in this loop iteration: one
+    /// job for a mass disconnect), and with `all` of every session still connected, in one job
+    /// nobody waits for.
+    fn touch_sessions(&mut self, all: bool) {
+        if all {
+            self.touched.extend(self.sessions.keys().copied());
+        }
+        if self.touched.is_empty() {
+            return;
+        }
+        let Some(pool) = self.pool.as_ref() else { return };
+        let mut sessions = std::mem::take(&mut self.touched);
+        sessions.sort_unstable();
+        sessions.dedup();
+        if pool.health().is_down() {
+            // Kept for a later tick: the database is away, and these are only timestamps.
+            self.touched = sessions;
+            return;
+        }
+        if pool.submit(Job::TouchSessions { sessions }).is_err() {
+            log::debug!("could not queue the last use of closed sessions");
+        }
     }
 
     /// Returns freed heap to the OS after a lot of outbound memory was released (many slow
@@ -1306,6 +1416,23 @@ fn trim_heap() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim_heap() {}
+
+/// Takes connection `key` off the list under `id` (a user's or a session's connections),
+/// dropping the list once it is empty.
+fn remove_key(lists: &mut HashMap<u64, Vec<usize>>, id: u64, key: usize) {
+    if let Some(list) = lists.get_mut(&id) {
+        list.retain(|&k| k != key);
+        if list.is_empty() {
+            lists.remove(&id);
+        }
+    }
+}
+
+/// When sessions expire, from the configuration.
+fn session_limits(config: &Config) -> SessionLimits {
+    let ms = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    SessionLimits { idle_ms: ms(config.session_idle_secs), max_age_ms: ms(config.session_max_age_secs) }
+}
 
 /// Takes connection `key` off `room`'s subscriber list, dropping the list once it is empty.
 fn remove_subscriber(rooms: &mut HashMap<u64, Vec<usize>>, room: u64, key: usize) {

@@ -21,15 +21,21 @@
 //! the loop shares with every recipient.
 
 use crate::auth;
+use crate::health::{Health, StoreSlot};
 use bytes::Bytes;
 use chime_protocol::{
     Authed, Delta, DeltaPage, ErrorBody, ErrorCode, MemberInfo, MemberList, Posted, RoomInfo, RoomList, ServerFrame,
+    SessionInfo, SessionList, SessionsRevoked,
 };
-use chime_storage::{now_ms, NewPost, NewSession, PostOutcome, RoomRecord, Store, StoreError};
+use chime_storage::{
+    now_ms, NewPost, NewSession, OpenOptions, PostOutcome, RoomRecord, SessionId, SessionLimits, SessionRecord, Store,
+    StoreError,
+};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Identifies a connection across slab-slot reuse: a completion for a connection that has gone
 /// (and whose slot was reused) is dropped instead of reaching a stranger.
@@ -81,8 +87,15 @@ pub enum Job {
     Password { to: ReplyTo, register: bool, user: String, password: String, ip: String, user_agent: String },
     /// Log in with a session token.
     Resume { to: ReplyTo, token: String },
-    /// Revoke the session token the connection logged in with.
-    Logout { to: ReplyTo, token_hash: [u8; 32] },
+    /// Revoke one of the actor's sessions (`which`), or all of them. `logout`: this is the
+    /// connection's own LOGOUT (answered DONE; the connection stays, logged out).
+    RevokeSessions { to: ReplyTo, actor: Actor, which: Option<SessionId>, logout: bool },
+    /// A page of the actor's live sessions; `current` is the asking connection's, `online` those
+    /// with a live connection (their last use is now).
+    ListSessions { to: ReplyTo, actor: Actor, current: SessionId, online: Vec<SessionId>, after: u64, limit: u32 },
+    /// Record now as the last use of these sessions (connections that closed, or long-lived
+    /// ones). Nobody waits for it: no completion.
+    TouchSessions { sessions: Vec<SessionId> },
     /// Create a room.
     CreateRoom { to: ReplyTo, actor: Actor, name: String, kind: chime_protocol::RoomKind },
     /// Join a room (shard job).
@@ -110,7 +123,9 @@ impl Job {
             Job::Post { post, .. } => Queue::Shard(post.room),
             Job::Join { room, .. } | Job::Leave { room, .. } => Queue::Shard(*room),
             Job::Resume { .. }
-            | Job::Logout { .. }
+            | Job::RevokeSessions { .. }
+            | Job::ListSessions { .. }
+            | Job::TouchSessions { .. }
             | Job::CreateRoom { .. }
             | Job::ListRooms { .. }
             | Job::ListMembers { .. }
@@ -119,12 +134,13 @@ impl Job {
         }
     }
 
-    /// Who the job answers (none for `Stop`).
+    /// Who the job answers (none for `Stop` and `TouchSessions`).
     pub fn reply_to_mut(&mut self) -> Option<&mut ReplyTo> {
         match self {
             Job::Password { to, .. }
             | Job::Resume { to, .. }
-            | Job::Logout { to, .. }
+            | Job::RevokeSessions { to, .. }
+            | Job::ListSessions { to, .. }
             | Job::CreateRoom { to, .. }
             | Job::Join { to, .. }
             | Job::Leave { to, .. }
@@ -132,7 +148,7 @@ impl Job {
             | Job::ListMembers { to, .. }
             | Job::Post { to, .. }
             | Job::Fetch { to, .. } => Some(to),
-            Job::Stop => None,
+            Job::Stop | Job::TouchSessions { .. } => None,
         }
     }
 }
@@ -259,11 +275,13 @@ impl Drop for Counted {
 pub enum Completion {
     /// A finished reply to send as is.
     Reply { to: ReplyTo, frame: Bytes },
-    /// A successful login: subscribe the connection to `rooms` (id, head seq when read), then
-    /// send `frame`.
-    LoggedIn { to: ReplyTo, user_id: u64, name: String, token_hash: [u8; 32], rooms: Vec<(u64, u64)>, frame: Bytes },
-    /// The session was revoked: the connection is logged out, then `frame`.
-    LoggedOut { to: ReplyTo, frame: Bytes },
+    /// A successful login with `session`: subscribe the connection to `rooms` (id, head seq when
+    /// read), then send `frame`.
+    LoggedIn { to: ReplyTo, user_id: u64, name: String, session: SessionRecord, rooms: Vec<(u64, u64)>, frame: Bytes },
+    /// Sessions of `user_id` were revoked: end every connection of them (GOODBYE
+    /// `SESSION_REVOKED`), except that a LOGOUT (`logout`) leaves its own connection open and
+    /// logged out; the requester gets `frame` first.
+    SessionsRevoked { to: ReplyTo, user_id: u64, revoked: Vec<SessionId>, logout: bool, frame: Bytes },
     /// A user's membership changed: (un)subscribe all of their connections, publish, then reply.
     Membership { to: ReplyTo, user_id: u64, room: u64, joined: bool, published: Option<Published>, frame: Bytes },
     /// One group commit: publish, then send the replies.
@@ -282,7 +300,31 @@ pub struct Pool {
     shared: Sender<Job>,
     auth: Sender<Job>,
     threads: Vec<JoinHandle<()>>,
+    /// Whether the database is usable, as the workers see it.
+    health: Arc<Health>,
+    /// Stops the housekeeping thread (dropped at shutdown).
+    housekeeping: Option<(Sender<()>, JoinHandle<()>)>,
 }
+
+/// What the workers need besides their jobs: limits from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Database worker threads (posts are sharded over them by room).
+    pub workers: usize,
+    /// Password-hashing threads.
+    pub auth_workers: usize,
+    /// Most posts committed in one transaction.
+    pub max_batch: usize,
+    /// Rooms one user may be a member of.
+    pub max_rooms_per_user: u64,
+    /// When sessions expire.
+    pub session_limits: SessionLimits,
+    /// How long an embedded-store write waits for a lock.
+    pub busy_timeout: Duration,
+}
+
+/// How often the housekeeping thread checkpoints the embedded store's WAL.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// Why a job could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,42 +367,62 @@ impl Notify {
 }
 
 impl Pool {
-    /// Opens one store per thread and starts the threads. Fails if any store cannot be opened.
-    pub fn start(
-        database_url: &str,
-        workers: usize,
-        auth_workers: usize,
-        max_batch: usize,
-        notify: Notify,
-    ) -> anyhow::Result<Pool> {
+    /// Opens one store per thread and starts the threads. Fails if any store cannot be opened
+    /// (at start-up an unreachable database is a configuration error; later, an outage).
+    pub fn start(database_url: &str, settings: Settings, notify: Notify) -> anyhow::Result<Pool> {
         let notify = Arc::new(notify);
+        let settings = Arc::new(settings);
+        let health = Arc::new(Health::new(settings.workers + settings.auth_workers));
+        let embedded = !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://");
+        // Workers never checkpoint the embedded store's WAL inside a commit: the housekeeping
+        // thread below does, so a commit's latency is its own fsync and nothing else.
+        let options =
+            OpenOptions { busy_timeout: settings.busy_timeout, manual_checkpoints: embedded, ..OpenOptions::default() };
         let (shared_tx, shared_rx) = crossbeam_channel::bounded::<Job>(SHARD_QUEUE);
         let (auth_tx, auth_rx) = crossbeam_channel::bounded::<Job>(AUTH_QUEUE);
         let mut shards = Vec::new();
         let mut threads = Vec::new();
-        for i in 0..workers {
-            let store = chime_storage::open(database_url)?;
+        for i in 0..settings.workers {
+            let store = chime_storage::open_with(database_url, &options)?;
+            let slot = StoreSlot::new(i, database_url, options.clone(), store, health.clone());
             let (tx, rx) = crossbeam_channel::bounded::<Job>(SHARD_QUEUE);
             shards.push(tx);
             let shared_rx = shared_rx.clone();
-            let notify = notify.clone();
+            let (notify, settings) = (notify.clone(), settings.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("chimed-db-{i}"))
-                    .spawn(move || shard_main(store, rx, shared_rx, max_batch, &notify))?,
+                    .spawn(move || shard_main(slot, rx, shared_rx, &settings, &notify))?,
             );
         }
-        for i in 0..auth_workers {
-            let store = chime_storage::open(database_url)?;
+        for i in 0..settings.auth_workers {
+            let store = chime_storage::open_with(database_url, &options)?;
+            let slot = StoreSlot::new(settings.workers + i, database_url, options.clone(), store, health.clone());
             let rx = auth_rx.clone();
-            let notify = notify.clone();
+            let (notify, settings) = (notify.clone(), settings.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("chimed-auth-{i}"))
-                    .spawn(move || auth_main(store, rx, &notify))?,
+                    .spawn(move || auth_main(slot, rx, &settings, &notify))?,
             );
         }
-        Ok(Pool { shards, shared: shared_tx, auth: auth_tx, threads })
+        let housekeeping = if embedded {
+            let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+            let url = database_url.to_string();
+            let busy_timeout = settings.busy_timeout;
+            let thread = std::thread::Builder::new()
+                .name("chimed-housekeeping".into())
+                .spawn(move || housekeeping_main(&url, busy_timeout, &stop_rx))?;
+            Some((stop_tx, thread))
+        } else {
+            None
+        };
+        Ok(Pool { shards, shared: shared_tx, auth: auth_tx, threads, health, housekeeping })
+    }
+
+    /// Whether the database is usable; while it is down the loop refuses new store work.
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Queues a job on the right queue without blocking.
@@ -383,7 +445,13 @@ impl Pool {
 
     /// Lets every worker finish what is queued, then stops it and waits for it to exit.
     pub fn shutdown(self) {
-        let Pool { shards, shared, auth, threads } = self;
+        let Pool { shards, shared, auth, threads, health: _, housekeeping } = self;
+        if let Some((stop, thread)) = housekeeping {
+            drop(stop);
+            if thread.join().is_err() {
+                log::error!("the housekeeping thread panicked");
+            }
+        }
         // An explicit stop behind the queued jobs rather than relying on disconnection alone:
         // a worker parked in a select must wake up for it whatever else it listens to.
         for tx in &shards {
@@ -412,9 +480,14 @@ fn store_error_frame(to: &ReplyTo, e: &StoreError) -> Bytes {
         StoreError::Conflict(m) => (ErrorCode::USER_EXISTS, format!("already exists: {m}")),
         StoreError::NotFound(m) => (ErrorCode::NOT_FOUND, format!("not found: {m}")),
         StoreError::NotMember(room) => (ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
+        StoreError::LimitReached(m) => (ErrorCode::LIMIT_REACHED, m.clone()),
+        // Logged once, by `Health`, for the whole outage.
+        StoreError::Unavailable(_) => {
+            (ErrorCode::UNAVAILABLE, "the database is unavailable; retry shortly".to_string())
+        }
         other => {
             log::error!("store error: {other:?}");
-            (ErrorCode::INTERNAL, "internal error; retry later".to_string())
+            (ErrorCode::INTERNAL, "internal error".to_string())
         }
     };
     error_frame(to, code, msg)
@@ -424,15 +497,18 @@ fn room_info(r: &RoomRecord) -> RoomInfo {
     RoomInfo { room: r.id, name: r.name.clone(), kind: r.kind, head_seq: r.last_seq }
 }
 
-fn shard_main(mut store: Box<dyn Store>, own: Receiver<Job>, shared: Receiver<Job>, max_batch: usize, notify: &Notify) {
-    let mut jobs: Vec<Job> = Vec::with_capacity(max_batch);
+fn shard_main(mut slot: StoreSlot, own: Receiver<Job>, shared: Receiver<Job>, settings: &Settings, notify: &Notify) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(settings.max_batch);
     loop {
-        // Own (write) jobs first: they are what clients wait on for acks.
+        slot.maintain();
+        // Own (write) jobs first: they are what clients wait on for acks. Waiting is bounded so
+        // that an idle worker still looks after its store (see `health`).
         let first = match own.try_recv() {
             Ok(j) => j,
             Err(_) => crossbeam_channel::select! {
                 recv(own) -> j => match j { Ok(j) => j, Err(_) => return },
                 recv(shared) -> j => match j { Ok(j) => j, Err(_) => match own.recv() { Ok(j) => j, Err(_) => return } },
+                default(slot.wait()) => continue,
             },
         };
         if matches!(first, Job::Stop) {
@@ -442,7 +518,7 @@ fn shard_main(mut store: Box<dyn Store>, own: Receiver<Job>, shared: Receiver<Jo
         jobs.push(first);
         let mut stop = false;
         if matches!(jobs[0], Job::Post { .. }) {
-            while jobs.len() < max_batch {
+            while jobs.len() < settings.max_batch {
                 match own.try_recv() {
                     Ok(Job::Stop) => {
                         stop = true;
@@ -459,15 +535,40 @@ fn shard_main(mut store: Box<dyn Store>, own: Receiver<Job>, shared: Receiver<Jo
             match job {
                 Job::Post { to, post } => posts.push((to, post)),
                 other => {
-                    commit_posts(store.as_mut(), &mut posts, &mut out);
-                    out.extend(run_job(store.as_mut(), other));
+                    commit_posts(&mut slot, &mut posts, &mut out);
+                    out.extend(run_job(&mut slot, settings, other));
                 }
             }
         }
-        commit_posts(store.as_mut(), &mut posts, &mut out);
+        commit_posts(&mut slot, &mut posts, &mut out);
         notify.send_all(out);
         if stop {
             return;
+        }
+    }
+}
+
+/// Checkpoints the embedded store's WAL twice a second, off every commit path: a PASSIVE
+/// checkpoint never waits for writers, and writers never wait for it. Its failures are not
+/// outages (the workers' own calls tell those); it reopens its store and tries again.
+fn housekeeping_main(url: &str, busy_timeout: Duration, stop: &Receiver<()>) {
+    let options = OpenOptions { busy_timeout, ..OpenOptions::default() };
+    let mut store: Option<Box<dyn Store>> = None;
+    loop {
+        match stop.recv_timeout(CHECKPOINT_EVERY) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        if store.is_none() {
+            store = chime_storage::open_with(url, &options).ok();
+        }
+        if let Some(s) = store.as_mut() {
+            if let Err(e) = s.checkpoint() {
+                log::debug!("checkpoint failed: {e}");
+                if e.is_unavailable() {
+                    store = None;
+                }
+            }
         }
     }
 }
@@ -517,26 +618,69 @@ fn commit_posts(store: &mut dyn Store, posts: &mut Vec<(ReplyTo, NewPost)>, out:
     out.push(Completion::Batch { published, replies });
 }
 
-/// Runs one job that is not a post. `None` for `Stop`, which the caller acts on.
-fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
+/// Runs one job that is not a post. `None` for `Stop` (which the caller acts on) and for jobs
+/// nobody waits for.
+fn run_job(store: &mut dyn Store, settings: &Settings, job: Job) -> Option<Completion> {
     Some(match job {
         Job::Resume { to, token } => {
             let hash = auth::token_hash(&token);
-            match store.session_user(&hash, now_ms()) {
-                Ok(Some(user)) => logged_in(store, to, user.id, user.name, hash, None),
+            match store.session_user(&hash, now_ms(), &settings.session_limits) {
+                Ok(Some((user, session))) => logged_in(store, to, user.id, user.name, session, None),
                 Ok(None) => Completion::Reply {
-                    frame: error_frame(&to, ErrorCode::AUTH_FAILED, "unknown or revoked session token"),
+                    frame: error_frame(&to, ErrorCode::AUTH_FAILED, "unknown, revoked or expired session token"),
                     to,
                 },
                 Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
             }
         }
-        Job::Logout { to, token_hash } => match store.revoke_session(&token_hash, now_ms()) {
-            Ok(_) => Completion::LoggedOut { frame: ServerFrame::Done(Default::default()).reply(to.request_id), to },
-            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
-        },
+        Job::RevokeSessions { to, actor, which, logout } => {
+            match store.revoke_sessions(actor.user_id, which, now_ms()) {
+                Ok(revoked) => {
+                    let frame = if logout {
+                        ServerFrame::Done(Default::default()).reply(to.request_id)
+                    } else {
+                        let count = u32::try_from(revoked.len()).unwrap_or(u32::MAX);
+                        ServerFrame::SessionsRevoked(SessionsRevoked { count }).reply(to.request_id)
+                    };
+                    Completion::SessionsRevoked { to, user_id: actor.user_id, revoked, logout, frame }
+                }
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
+            }
+        }
+        Job::ListSessions { to, actor, current, online, after, limit } => {
+            let now = now_ms();
+            let frame = match store.list_sessions(actor.user_id, now, &settings.session_limits) {
+                Ok(all) => {
+                    let mut page: Vec<SessionInfo> = all
+                        .into_iter()
+                        .filter(|s| s.id > after)
+                        .take(limit as usize + 1)
+                        .map(|s| SessionInfo {
+                            session: s.id,
+                            last_seen_ms: if online.contains(&s.id) { now } else { s.last_used_at_ms },
+                            current: s.id == current,
+                            ip: s.ip,
+                            user_agent: s.user_agent,
+                            created_ms: s.created_at_ms,
+                        })
+                        .collect();
+                    let more = page.len() > limit as usize;
+                    page.truncate(limit as usize);
+                    let next_after = if more { page.last().map(|s| s.session) } else { None };
+                    ServerFrame::SessionList(SessionList { sessions: page, next_after }).reply(to.request_id)
+                }
+                Err(e) => store_error_frame(&to, &e),
+            };
+            Completion::Reply { to, frame }
+        }
+        Job::TouchSessions { sessions } => {
+            if let Err(e) = store.touch_sessions(&sessions, now_ms()) {
+                log::debug!("recording the last use of {} sessions failed: {e}", sessions.len());
+            }
+            return None;
+        }
         Job::CreateRoom { to, actor, name, kind } => {
-            match store.create_room(&name, kind, actor.user_id, &actor.name, now_ms()) {
+            match store.create_room(&name, kind, actor.user_id, &actor.name, now_ms(), settings.max_rooms_per_user) {
                 Ok((room, delta)) => Completion::Membership {
                     to,
                     user_id: actor.user_id,
@@ -548,21 +692,23 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
                 Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
             }
         }
-        Job::Join { to, actor, room } => match store.join_room(room, actor.user_id, &actor.name, now_ms()) {
-            Ok(delta) => match store.room(room) {
-                Ok(Some(rec)) => Completion::Membership {
-                    to,
-                    user_id: actor.user_id,
-                    room,
-                    joined: true,
-                    published: delta.and_then(|d| Published::encode(room, &[d])),
-                    frame: ServerFrame::RoomInfo(room_info(&rec)).reply(to.request_id),
+        Job::Join { to, actor, room } => {
+            match store.join_room(room, actor.user_id, &actor.name, now_ms(), settings.max_rooms_per_user) {
+                Ok(delta) => match store.room(room) {
+                    Ok(Some(rec)) => Completion::Membership {
+                        to,
+                        user_id: actor.user_id,
+                        room,
+                        joined: true,
+                        published: delta.and_then(|d| Published::encode(room, &[d])),
+                        frame: ServerFrame::RoomInfo(room_info(&rec)).reply(to.request_id),
+                    },
+                    Ok(None) => Completion::Reply { frame: error_frame(&to, ErrorCode::NOT_FOUND, "no such room"), to },
+                    Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
                 },
-                Ok(None) => Completion::Reply { frame: error_frame(&to, ErrorCode::NOT_FOUND, "no such room"), to },
                 Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
-            },
-            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
-        },
+            }
+        }
         Job::Leave { to, actor, room } => match store.leave_room(room, actor.user_id, &actor.name, now_ms()) {
             Ok(delta) => Completion::Membership {
                 to,
@@ -574,20 +720,21 @@ fn run_job(store: &mut dyn Store, job: Job) -> Option<Completion> {
             },
             Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
         },
-        Job::ListRooms { to, actor, after_room, limit } => match store.rooms_of_user(actor.user_id) {
-            Ok(rooms) => {
-                let mut page: Vec<RoomInfo> =
-                    rooms.iter().filter(|r| r.id > after_room).take(limit as usize + 1).map(room_info).collect();
-                let more = page.len() > limit as usize;
-                page.truncate(limit as usize);
-                let next_after = if more { page.last().map(|r| r.room) } else { None };
-                Completion::Reply {
-                    frame: ServerFrame::RoomList(RoomList { rooms: page, next_after }).reply(to.request_id),
-                    to,
+        Job::ListRooms { to, actor, after_room, limit } => {
+            match store.rooms_page(actor.user_id, after_room, limit.saturating_add(1)) {
+                Ok(rooms) => {
+                    let mut page: Vec<RoomInfo> = rooms.iter().map(room_info).collect();
+                    let more = page.len() > limit as usize;
+                    page.truncate(limit as usize);
+                    let next_after = if more { page.last().map(|r| r.room) } else { None };
+                    Completion::Reply {
+                        frame: ServerFrame::RoomList(RoomList { rooms: page, next_after }).reply(to.request_id),
+                        to,
+                    }
                 }
+                Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
             }
-            Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
-        },
+        }
         Job::ListMembers { to, actor, room, after_user, limit } => {
             let frame = match store.is_member(room, actor.user_id) {
                 Ok(false) => error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
@@ -674,7 +821,7 @@ fn logged_in(
     to: ReplyTo,
     user_id: u64,
     name: String,
-    token_hash: [u8; 32],
+    session: SessionRecord,
     token: Option<String>,
 ) -> Completion {
     match store.rooms_of_user(user_id) {
@@ -683,23 +830,29 @@ fn logged_in(
             to,
             user_id,
             name,
-            token_hash,
+            session,
             rooms: rooms.iter().map(|r| (r.id, r.last_seq)).collect(),
         },
         Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
     }
 }
 
-fn auth_main(mut store: Box<dyn Store>, rx: Receiver<Job>, notify: &Notify) {
+fn auth_main(mut slot: StoreSlot, rx: Receiver<Job>, settings: &Settings, notify: &Notify) {
     // One argon2 working area for the thread's life (see `auth::Hasher`).
     let mut hasher = auth::Hasher::default();
-    for job in rx.iter() {
+    loop {
+        slot.maintain();
+        let job = match rx.recv_timeout(slot.wait()) {
+            Ok(job) => job,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
         let done = match job {
             Job::Stop => return,
             Job::Password { to, register, user, password, ip, user_agent } => {
-                Some(password_login(store.as_mut(), &mut hasher, to, register, user, &password, ip, user_agent))
+                Some(password_login(&mut slot, &mut hasher, to, register, user, &password, ip, user_agent))
             }
-            other => run_job(store.as_mut(), other),
+            other => run_job(&mut slot, settings, other),
         };
         notify.send_all(done);
     }
@@ -740,10 +893,10 @@ fn password_login(
     let token = auth::new_session_token();
     let token_hash = auth::token_hash(&token);
     let session = NewSession { user_id: record.id, token_hash, ip, user_agent, now_ms: now_ms() };
-    if let Err(e) = store.create_session(&session) {
-        return Completion::Reply { frame: store_error_frame(&to, &e), to };
+    match store.create_session(&session) {
+        Ok(session) => logged_in(store, to, record.id, record.name, session, Some(token)),
+        Err(e) => Completion::Reply { frame: store_error_frame(&to, &e), to },
     }
-    logged_in(store, to, record.id, record.name, token_hash, Some(token))
 }
 
 #[cfg(test)]
@@ -775,7 +928,15 @@ mod tests {
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
         let (tx, rx) = crossbeam_channel::bounded(16);
-        let pool = Pool::start(&url, 2, 1, 16, Notify { completions: tx, waker }).unwrap();
+        let settings = Settings {
+            workers: 2,
+            auth_workers: 1,
+            max_batch: 16,
+            max_rooms_per_user: 10,
+            session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
+            busy_timeout: Duration::from_secs(5),
+        };
+        let pool = Pool::start(&url, settings, Notify { completions: tx, waker }).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
             pool.shutdown();

@@ -224,11 +224,11 @@ pub trait Store: Send {
     /// `which` is another user's session, which is left alone. Any session not yet revoked counts,
     /// also one that expired without being marked (it is dead either way; revoking it is harmless).
     fn revoke_sessions(&mut self, user: UserId, which: Option<SessionId>, now_ms: i64) -> Result<Vec<SessionId>>;
-    /// Records `now_ms` as the last use of a session that is not revoked, unless it was used later
-    /// already. Called when a long-lived connection closes, so "last seen" is right and idle expiry
-    /// counts from the end of the connection, not from its login. An unknown or revoked session
-    /// is not an error.
-    fn touch_session(&mut self, session: SessionId, now_ms: i64) -> Result<()>;
+    /// Records `now_ms` as the last use of each session that is not revoked, unless it was used
+    /// later already, in one transaction. Called for connections that close (and, now and then,
+    /// for those still open), so "last seen" is right and idle expiry counts from the end of a
+    /// connection, not from its login. Unknown and revoked sessions are skipped, not errors.
+    fn touch_sessions(&mut self, sessions: &[SessionId], now_ms: i64) -> Result<()>;
 
     /// Creates a room owned by `owner`, whose log starts with a `CREATE` delta (seq 1).
     /// `LimitReached` when the owner is already a member of `max_rooms` rooms (nothing written).
@@ -258,6 +258,8 @@ pub trait Store: Send {
     fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Delta>;
     /// The rooms a user is in, by id.
     fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>>;
+    /// One page of the rooms a user is in: up to `limit` with id > `after_room`, by id.
+    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>>;
     /// Whether a user is a member of a room.
     fn is_member(&mut self, room: RoomId, user: UserId) -> Result<bool>;
     /// One page of members with user id > `after_user`, by user id.

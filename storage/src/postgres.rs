@@ -70,6 +70,8 @@ struct Statements {
     bump_room: Statement,
     insert_delta: Statement,
     rooms_of_user: Statement,
+    rooms_page: Statement,
+    touch_sessions: Statement,
     is_member: Statement,
     members: Statement,
     lock_rooms: Statement,
@@ -130,6 +132,15 @@ impl Statements {
             rooms_of_user: client.prepare(
                 "SELECT r.id, r.name, r.kind, r.last_seq FROM room_members m
                  JOIN rooms r ON r.id = m.room_id WHERE m.user_id = $1 ORDER BY r.id",
+            )?,
+            rooms_page: client.prepare(
+                "SELECT r.id, r.name, r.kind, r.last_seq FROM room_members m
+                 JOIN rooms r ON r.id = m.room_id WHERE m.user_id = $1 AND m.room_id > $2
+                 ORDER BY m.room_id LIMIT $3",
+            )?,
+            touch_sessions: client.prepare(
+                "UPDATE sessions SET last_used_at = GREATEST(last_used_at, $2)
+                 WHERE id = ANY($1) AND revoked_at IS NULL",
             )?,
             is_member: client.prepare("SELECT 1 FROM room_members WHERE room_id = $1 AND user_id = $2")?,
             members: client.prepare(
@@ -421,8 +432,12 @@ impl Store for PgStore {
         Ok(ids)
     }
 
-    fn touch_session(&mut self, session: SessionId, now_ms: i64) -> Result<()> {
-        self.client.execute(&self.st.touch_session, &[&to_db(session), &now_ms]).map(drop).map_err(pg_err)
+    fn touch_sessions(&mut self, sessions: &[SessionId], now_ms: i64) -> Result<()> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = sessions.iter().map(|&s| to_db(s)).collect();
+        self.client.execute(&self.st.touch_sessions, &[&ids, &now_ms]).map(drop).map_err(pg_err)
     }
 
     fn create_room(
@@ -490,6 +505,14 @@ impl Store for PgStore {
         }
         tx.commit().map_err(pg_err)?;
         Ok(delta)
+    }
+
+    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>> {
+        let rows = self
+            .client
+            .query(&self.st.rooms_page, &[&to_db(user), &to_db(after_room), &i64::from(limit)])
+            .map_err(pg_err)?;
+        rows.iter().map(room_row).collect()
     }
 
     fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>> {

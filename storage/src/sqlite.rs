@@ -437,8 +437,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn touch_session(&mut self, session: SessionId, now_ms: i64) -> Result<()> {
-        self.write(|conn| touch(conn, session, now_ms).map(drop))
+    fn touch_sessions(&mut self, sessions: &[SessionId], now_ms: i64) -> Result<()> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        self.write(|conn| sessions.iter().try_for_each(|&session| touch(conn, session, now_ms).map(drop)))
     }
 
     fn create_room(
@@ -518,6 +521,17 @@ impl Store for SqliteStore {
                  JOIN rooms r ON r.id = m.room_id WHERE m.user_id = ?1 ORDER BY r.id",
             )
             .and_then(|mut st| st.query_map([to_db(user)], room_row)?.collect())
+            .map_err(db_err)
+    }
+
+    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>> {
+        self.conn
+            .prepare_cached(
+                "SELECT r.id, r.name, r.kind, r.last_seq FROM room_members m
+                 JOIN rooms r ON r.id = m.room_id WHERE m.user_id = ?1 AND m.room_id > ?2
+                 ORDER BY m.room_id LIMIT ?3",
+            )
+            .and_then(|mut st| st.query_map(params![to_db(user), to_db(after_room), limit], room_row)?.collect())
             .map_err(db_err)
     }
 

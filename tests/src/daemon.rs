@@ -151,8 +151,18 @@ impl Daemon {
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
-        if let Err(e) = fs::create_dir_all(&data_dir) {
+        // Private, as chimed makes the data dirs it creates (it warns about shared ones).
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        if let Err(e) = builder.create(&data_dir) {
             panic!("cannot create {}: {e}", data_dir.display());
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700));
         }
         let log_path = data_dir.join("chimed-test.log");
         // Ports are picked then released, so another process may grab one in between: retry on

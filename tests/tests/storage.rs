@@ -199,10 +199,11 @@ fn sessions(store: &mut dyn Store) {
     assert_eq!(login(store, 1, T0 + 50).expect("live").last_used_at_ms, T0 + 100);
     assert_eq!(store.session_user(&[9; 32], T0, &LIMITS).expect("unknown token"), None);
 
-    // touch_session only ever moves the last use forward, and ignores sessions it does not know.
-    store.touch_session(a2.id, T0 + 500).expect("touch");
-    store.touch_session(a2.id, T0 + 400).expect("touch with an older time");
-    store.touch_session(9_999, T0 + 500).expect("touch an unknown session");
+    // touch_sessions only ever moves the last use forward, and skips sessions it does not know.
+    store.touch_sessions(&[a2.id], T0 + 500).expect("touch");
+    store.touch_sessions(&[a2.id], T0 + 400).expect("touch with an older time");
+    store.touch_sessions(&[9_999], T0 + 500).expect("touch an unknown session");
+    store.touch_sessions(&[], T0 + 500).expect("touch nothing");
     let listed = store.list_sessions(ada.id, T0 + 500, &LIMITS).expect("list");
     assert_eq!(listed.iter().map(|s| s.last_used_at_ms).collect::<Vec<_>>(), [T0 + 100, T0 + 500]);
 
@@ -215,7 +216,7 @@ fn sessions(store: &mut dyn Store) {
     assert_eq!(login(store, 1, T0 + 601), None);
     assert_eq!(ids(&store.list_sessions(ada.id, T0 + 601, &FOREVER).expect("list")), [a2.id]);
     // A revoked session stays revoked: touching it neither revives it nor fails.
-    store.touch_session(a1.id, T0 + 602).expect("touch a revoked session");
+    store.touch_sessions(&[a1.id], T0 + 602).expect("touch a revoked session");
     assert_eq!(login(store, 1, T0 + 603), None);
 
     // Revoking all of a user's sessions.
@@ -256,7 +257,7 @@ fn sessions_expire(store: &mut dyn Store) {
     // A connection that stayed open all along touches its session when it closes, so idle time
     // counts from then, not from its login.
     let connected = store.create_session(&new_session(&ada, 3, start)).expect("connected session");
-    store.touch_session(connected.id, start + 5_000).expect("touch");
+    store.touch_sessions(&[connected.id, 9_999], start + 5_000).expect("touch");
     assert_eq!(ids(&store.list_sessions(ada.id, start + 5_900, &LIMITS).expect("list")), [connected.id]);
     assert_eq!(login(store, 3, start + 5_900).expect("live").last_used_at_ms, start + 5_900);
 }
@@ -389,6 +390,11 @@ fn rooms_of_user(store: &mut dyn Store) {
     let ids = |rooms: Vec<RoomRecord>| rooms.iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(store.rooms_of_user(ada.id).expect("ada's rooms")), [a.id, b.id]);
     assert_eq!(ids(store.rooms_of_user(bob.id).expect("bob's rooms")), [a.id, c.id]);
+    // Paged: by id, after a cursor, at most `limit`.
+    assert_eq!(ids(store.rooms_page(ada.id, 0, 1).expect("page 1")), [a.id]);
+    assert_eq!(ids(store.rooms_page(ada.id, a.id, 1).expect("page 2")), [b.id]);
+    assert!(store.rooms_page(ada.id, b.id, 1).expect("past the end").is_empty());
+    assert_eq!(ids(store.rooms_page(bob.id, 0, 10).expect("all")), [a.id, c.id]);
     // The records carry each room's head.
     let bobs = store.rooms_of_user(bob.id).expect("bob's rooms");
     assert_eq!(bobs[0], RoomRecord { last_seq: 2, ..a });

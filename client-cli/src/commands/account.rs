@@ -1,7 +1,9 @@
-//! `register`, `login` and `logout`: getting, storing and revoking the session token.
+//! `register`, `login` and `logout`: getting, storing and revoking the session token; `sessions`:
+//! the account's sessions (devices), and revoking them.
 
 use crate::connect::{user_agent, CallError, Ctx};
 use crate::home::Session;
+use crate::output::rfc3339_ms;
 use crate::password::password;
 use anyhow::anyhow;
 use chime_protocol::client::ClientError;
@@ -48,6 +50,57 @@ pub fn logout(ctx: &mut Ctx) -> Result<(), CallError> {
     }
     ctx.home.remove_session(&ctx.server)?;
     print_user(ctx, &session, "logged out")
+}
+
+/// `sessions`: one record per live session of the account.
+pub fn sessions(ctx: &mut Ctx) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    for s in client.list_sessions()? {
+        let last_seen = rfc3339_ms(s.last_seen_ms);
+        let created = rfc3339_ms(s.created_ms);
+        ctx.out.record(
+            &json!({
+                "session": s.session,
+                "ip": s.ip,
+                "user_agent": s.user_agent,
+                "created": created,
+                "last_seen": last_seen,
+                "current": s.current,
+            }),
+            &format!(
+                "{}{:<6} {:<15} {}  since {created}, last seen {}",
+                if s.current { "* " } else { "  " },
+                s.session,
+                s.ip,
+                s.user_agent,
+                if s.current { "now (this session)".to_string() } else { last_seen },
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// `sessions revoke ID` / `sessions revoke --all` (`which` = `None`): the server ends every
+/// connection of the revoked sessions at once. When this session is among them, its stored token
+/// is forgotten, as after `logout`.
+pub fn revoke(ctx: &mut Ctx, which: Option<u64>) -> Result<(), CallError> {
+    let (mut client, session) = ctx.connect_authed()?;
+    let this_one = match which {
+        None => true,
+        Some(id) => client.list_sessions()?.iter().any(|s| s.current && s.session == id),
+    };
+    let count = client.revoke_sessions(which)?;
+    if this_one {
+        ctx.home.remove_session(&ctx.server)?;
+    }
+    let what = match which {
+        Some(id) if count > 0 => format!("revoked session {id}"),
+        Some(id) => format!("session {id} is not a live session of {}; nothing revoked", session.user),
+        None => format!("revoked all {count} sessions of {}", session.user),
+    };
+    let logged_out = if this_one { " (this one included: logged out here)" } else { "" };
+    ctx.out.record(&json!({"revoked": count, "logged_out": this_one}), &format!("{what}{logged_out}"))?;
+    Ok(())
 }
 
 /// Prints `{"user":..,"user_id":..}`.

@@ -8,7 +8,7 @@ mod account;
 mod message;
 mod room;
 
-use crate::cli::{Cli, Command, RoomCommand};
+use crate::cli::{Cli, Command, RoomCommand, SessionsCommand};
 use crate::connect::{CallError, Ctx};
 use crate::home::Home;
 use crate::output::Output;
@@ -40,6 +40,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History { room, after, limit } => message::history(&mut ctx, room, after, limit),
         Command::Tail { rooms, after } => tail::run(&mut ctx, &rooms, after),
         Command::Ping => ping(&mut ctx),
+        Command::Sessions { command: None } => account::sessions(&mut ctx),
+        Command::Sessions { command: Some(SessionsCommand::Revoke { id, all }) } => {
+            account::revoke(&mut ctx, if all { None } else { id })
+        }
     };
     result.map_err(|e| ctx.explain(e))
 }

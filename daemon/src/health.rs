@@ -1,0 +1,353 @@
+//! Whether the database can be used, and each worker's connection to it, reopened when it fails.
+//!
+//! A database restart (an unattended PostgreSQL update), a full disk or a locked SQLite file
+//! must not need a daemon restart. So every worker holds its store in a [`StoreSlot`]: the first
+//! call that fails with [`StoreError::Unavailable`] drops the store, the worker reopens it with
+//! exponential backoff (100 ms doubling to 5 s), and the jobs it takes meanwhile are answered at
+//! once with a retryable `UNAVAILABLE` instead of waiting on a dead connection.
+//!
+//! [`Health`] is what the workers know together. It goes down at the first failure of any worker
+//! (logged once, with the reason), and the event loop then refuses new store work immediately
+//! while keeping every chat connection up. It comes back up only when *every* worker has proven
+//! its own connection since (a successful [`chime_storage::Store::ping`]: a committed write on
+//! SQLite, `SELECT 1` on PostgreSQL), logged once with how long the outage lasted. Waiting for all
+//! of them matters: after a PostgreSQL restart every connection is dead, and a worker that had
+//! not noticed yet would otherwise fail its next job and flap the state.
+//!
+//! Idle workers learn of an outage because they wake up at least every [`IDLE_WAKE`] to call
+//! [`StoreSlot::maintain`].
+
+use chime_storage::{
+    Delta, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RoomId, RoomKind, RoomRecord, SessionId,
+    SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How often a worker with nothing to do checks on its store.
+pub const IDLE_WAKE: Duration = Duration::from_millis(250);
+
+/// First delay before reopening a store that failed; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The database's state as the workers see it, shared with the event loop.
+#[derive(Debug)]
+pub struct Health {
+    /// Read by the loop for every request: is the database down?
+    down: AtomicBool,
+    /// The outage being tracked, when down.
+    state: Mutex<Outage>,
+}
+
+#[derive(Debug, Default)]
+struct Outage {
+    /// When the first failure was seen (`None` while up).
+    since: Option<Instant>,
+    /// Per worker: has it proven its connection since the outage began?
+    proven: Vec<bool>,
+}
+
+impl Health {
+    /// A healthy database seen by `workers` workers.
+    pub fn new(workers: usize) -> Health {
+        Health { down: AtomicBool::new(false), state: Mutex::new(Outage { since: None, proven: vec![false; workers] }) }
+    }
+
+    /// Whether the database is down (new store work is refused).
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {
+        // The state is a few flags; a worker that panicked while holding the lock left it usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Worker `worker` could not use the database.
+    pub fn failed(&self, worker: usize, reason: &str) {
+        let mut outage = self.outage();
+        if outage.since.is_none() {
+            outage.since = Some(Instant::now());
+            outage.proven.iter_mut().for_each(|p| *p = false);
+            self.down.store(true, Ordering::Release);
+            log::warn!(
+                "database unreachable ({reason}); answering UNAVAILABLE and reconnecting until it is back \
+                 (chat connections stay up)"
+            );
+        } else if let Some(p) = outage.proven.get_mut(worker) {
+            *p = false;
+        }
+    }
+
+    /// Worker `worker` proved its connection works. Returns whether this ended the outage.
+    pub fn proven(&self, worker: usize) -> bool {
+        let mut outage = self.outage();
+        let Some(since) = outage.since else { return false };
+        if let Some(p) = outage.proven.get_mut(worker) {
+            *p = true;
+        }
+        if !outage.proven.iter().all(|p| *p) {
+            return false;
+        }
+        outage.since = None;
+        self.down.store(false, Ordering::Release);
+        log::info!("database reachable again after {:.1} s", since.elapsed().as_secs_f64());
+        true
+    }
+
+    /// Whether worker `worker` still has to prove its connection in the current outage.
+    fn must_prove(&self, worker: usize) -> bool {
+        let outage = self.outage();
+        outage.since.is_some() && !outage.proven.get(worker).copied().unwrap_or(true)
+    }
+}
+
+/// One worker's store, reopened after it fails.
+pub struct StoreSlot {
+    /// The worker's index in [`Health`].
+    worker: usize,
+    /// What to reopen.
+    url: String,
+    /// How to reopen it.
+    options: OpenOptions,
+    /// The open store, or `None` while it must be reopened.
+    store: Option<Box<dyn Store>>,
+    /// The delay before the next reopening attempt.
+    backoff: Duration,
+    /// No reopening attempt before this.
+    next_try: Instant,
+    /// Shared state.
+    health: std::sync::Arc<Health>,
+}
+
+impl StoreSlot {
+    /// A slot holding an already opened store.
+    pub fn new(
+        worker: usize,
+        url: &str,
+        options: OpenOptions,
+        store: Box<dyn Store>,
+        health: std::sync::Arc<Health>,
+    ) -> StoreSlot {
+        StoreSlot {
+            worker,
+            url: url.to_string(),
+            options,
+            store: Some(store),
+            backoff: FIRST_BACKOFF,
+            next_try: Instant::now(),
+            health,
+        }
+    }
+
+    /// Runs `f` on the store. While the store is being reopened, answers `Unavailable` at once;
+    /// an `Unavailable` from `f` drops the store and reports the outage.
+    pub fn with<T>(&mut self, f: impl FnOnce(&mut dyn Store) -> chime_storage::Result<T>) -> chime_storage::Result<T> {
+        let Some(store) = self.store.as_mut() else {
+            return Err(StoreError::Unavailable("the database is being reconnected".into()));
+        };
+        let result = f(store.as_mut());
+        if let Err(StoreError::Unavailable(reason)) = &result {
+            self.lost(reason);
+        }
+        result
+    }
+
+    fn lost(&mut self, reason: &str) {
+        log::debug!("worker {}: store lost: {reason}", self.worker);
+        self.store = None;
+        self.health.failed(self.worker, reason);
+        self.backoff = FIRST_BACKOFF;
+        self.next_try = Instant::now() + self.backoff;
+    }
+
+    /// Between jobs: reopens a lost store when its backoff is over, and during an outage proves
+    /// this worker's connection with a ping (so the database is declared back only when every
+    /// worker's connection works).
+    pub fn maintain(&mut self) {
+        if self.store.is_some() && !self.health.is_down() {
+            return;
+        }
+        if self.store.is_none() {
+            if Instant::now() < self.next_try {
+                return;
+            }
+            match chime_storage::open_with(&self.url, &self.options) {
+                Ok(store) => self.store = Some(store),
+                Err(e) => {
+                    log::debug!("worker {}: reopening the store failed: {e}", self.worker);
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    self.next_try = Instant::now() + self.backoff;
+                    return;
+                }
+            }
+        }
+        if !self.health.must_prove(self.worker) {
+            return;
+        }
+        let Some(store) = self.store.as_mut() else { return };
+        match store.ping() {
+            Ok(()) => {
+                self.health.proven(self.worker);
+            }
+            Err(StoreError::Unavailable(reason)) => self.lost(&reason),
+            Err(e) => {
+                // A database that answers, but with an error: not an outage of the connection.
+                log::debug!("worker {}: ping failed: {e}", self.worker);
+                self.health.proven(self.worker);
+            }
+        }
+    }
+
+    /// How long the worker may wait for a job before it must call [`StoreSlot::maintain`] again.
+    pub fn wait(&self) -> Duration {
+        if self.store.is_none() {
+            self.next_try.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(10), IDLE_WAKE)
+        } else {
+            IDLE_WAKE
+        }
+    }
+}
+
+/// The slot is a store: each call goes through [`StoreSlot::with`], so job code needs no idea of
+/// reconnection; while the store is being reopened, every call fails `Unavailable` at once.
+impl Store for StoreSlot {
+    fn create_user(&mut self, name: &str, password_hash: &str) -> chime_storage::Result<UserRecord> {
+        self.with(|s| s.create_user(name, password_hash))
+    }
+    fn user_by_name(&mut self, name: &str) -> chime_storage::Result<Option<UserRecord>> {
+        self.with(|s| s.user_by_name(name))
+    }
+    fn create_session(&mut self, session: &NewSession) -> chime_storage::Result<SessionRecord> {
+        self.with(|s| s.create_session(session))
+    }
+    fn session_user(
+        &mut self,
+        token_hash: &[u8; 32],
+        now_ms: i64,
+        limits: &SessionLimits,
+    ) -> chime_storage::Result<Option<(UserRecord, SessionRecord)>> {
+        self.with(|s| s.session_user(token_hash, now_ms, limits))
+    }
+    fn list_sessions(
+        &mut self,
+        user: UserId,
+        now_ms: i64,
+        limits: &SessionLimits,
+    ) -> chime_storage::Result<Vec<SessionRecord>> {
+        self.with(|s| s.list_sessions(user, now_ms, limits))
+    }
+    fn revoke_sessions(
+        &mut self,
+        user: UserId,
+        which: Option<SessionId>,
+        now_ms: i64,
+    ) -> chime_storage::Result<Vec<SessionId>> {
+        self.with(|s| s.revoke_sessions(user, which, now_ms))
+    }
+    fn touch_sessions(&mut self, sessions: &[SessionId], now_ms: i64) -> chime_storage::Result<()> {
+        self.with(|s| s.touch_sessions(sessions, now_ms))
+    }
+    fn create_room(
+        &mut self,
+        name: &str,
+        kind: RoomKind,
+        owner: UserId,
+        owner_name: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> chime_storage::Result<(RoomRecord, Delta)> {
+        self.with(|s| s.create_room(name, kind, owner, owner_name, now_ms, max_rooms))
+    }
+    fn room(&mut self, room: RoomId) -> chime_storage::Result<Option<RoomRecord>> {
+        self.with(|s| s.room(room))
+    }
+    fn join_room(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        user_name: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> chime_storage::Result<Option<Delta>> {
+        self.with(|s| s.join_room(room, user, user_name, now_ms, max_rooms))
+    }
+    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> chime_storage::Result<Delta> {
+        self.with(|s| s.leave_room(room, user, user_name, now_ms))
+    }
+    fn rooms_of_user(&mut self, user: UserId) -> chime_storage::Result<Vec<RoomRecord>> {
+        self.with(|s| s.rooms_of_user(user))
+    }
+    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> chime_storage::Result<Vec<RoomRecord>> {
+        self.with(|s| s.rooms_page(user, after_room, limit))
+    }
+    fn is_member(&mut self, room: RoomId, user: UserId) -> chime_storage::Result<bool> {
+        self.with(|s| s.is_member(room, user))
+    }
+    fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> chime_storage::Result<Vec<MemberRecord>> {
+        self.with(|s| s.members(room, after_user, limit))
+    }
+    fn append_posts(&mut self, posts: &[NewPost]) -> chime_storage::Result<Vec<PostOutcome>> {
+        self.with(|s| s.append_posts(posts))
+    }
+    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> chime_storage::Result<Vec<Delta>> {
+        self.with(|s| s.deltas_after(room, after, limit))
+    }
+    fn ping(&mut self) -> chime_storage::Result<()> {
+        self.with(|s| s.ping())
+    }
+    fn checkpoint(&mut self) -> chime_storage::Result<()> {
+        self.with(|s| s.checkpoint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_at_the_first_failure_up_when_every_worker_proved_itself() {
+        let h = Health::new(3);
+        assert!(!h.is_down());
+        assert!(!h.proven(0), "nothing to end while up");
+        h.failed(1, "connection reset");
+        assert!(h.is_down());
+        assert!(!h.proven(0));
+        assert!(!h.proven(1));
+        // A worker failing again takes its proof back.
+        h.failed(1, "still down");
+        assert!(!h.proven(2));
+        assert!(h.is_down(), "worker 1 has not proven itself since its last failure");
+        assert!(h.proven(1), "the last proof ends the outage");
+        assert!(!h.is_down());
+        // A new outage needs every worker again.
+        h.failed(0, "disk full");
+        assert!(!h.proven(0) && !h.proven(1));
+        assert!(h.proven(2));
+        assert!(!h.is_down());
+    }
+
+    #[test]
+    fn a_slot_answers_unavailable_while_reopening_and_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("h.db").display());
+        let health = std::sync::Arc::new(Health::new(1));
+        let store = chime_storage::open(&url).expect("open");
+        let mut slot = StoreSlot::new(0, &url, OpenOptions::default(), store, health.clone());
+        slot.with(|s| s.ping()).expect("healthy");
+        let err = slot.with(|_| Err::<(), _>(StoreError::Unavailable("simulated".into()))).expect_err("fails");
+        assert!(err.is_unavailable());
+        assert!(health.is_down());
+        let err = slot.with(|s| s.ping()).expect_err("no store while reopening");
+        assert!(err.is_unavailable());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while health.is_down() {
+            assert!(Instant::now() < deadline, "not back within 5 s");
+            std::thread::sleep(slot.wait());
+            slot.maintain();
+        }
+        slot.with(|s| s.ping()).expect("back");
+    }
+}
