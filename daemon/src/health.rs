@@ -3,7 +3,7 @@
 //! A database restart (an unattended PostgreSQL update), a full disk or a locked SQLite file
 //! must not need a daemon restart. So every worker holds its store in a [`StoreSlot`]: the first
 //! call that fails with [`StoreError::Unavailable`] drops the store, the worker reopens it with
-//! exponential backoff (100 ms doubling to 5 s), and the jobs it takes meanwhile are answered at
+//! exponential backoff (100 ms doubling to 2 s), and the jobs it takes meanwhile are answered at
 //! once with a retryable `UNAVAILABLE` instead of waiting on a dead connection.
 //!
 //! [`Health`] is what the workers know together. It goes down at the first failure of any worker
@@ -30,7 +30,9 @@ pub const IDLE_WAKE: Duration = Duration::from_millis(250);
 
 /// First delay before reopening a store that failed; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Kept short: an attempt costs one connection (or file open), and every second of backoff past
+/// the database's return is a second of refused requests.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The database's state as the workers see it, shared with the event loop.
 #[derive(Debug)]

@@ -203,6 +203,39 @@ impl PgServer {
         }
     }
 
+    /// Restarts the server the way an unattended update does (`pg_ctl restart -m fast`: every
+    /// connection is terminated, the server comes back on the same port), waiting until it accepts
+    /// connections again.
+    pub fn restart_fast(&self) -> Result<()> {
+        let data = self.root.join("data");
+        let log = self.root.join("server.log");
+        let args = [
+            "restart".as_ref(),
+            "-D".as_ref(),
+            data.as_os_str(),
+            "-l".as_ref(),
+            log.as_os_str(),
+            "-m".as_ref(),
+            "fast".as_ref(),
+            "-w".as_ref(),
+            "-t".as_ref(),
+            PG_CTL_TIMEOUT_SECS.as_ref(),
+        ];
+        self.run_pg("pg_ctl", &args).map(drop)
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`) but keeps its data, for [`PgServer::start_again`].
+    pub fn stop_fast(&self) -> Result<()> {
+        let data = self.root.join("data");
+        let args = ["stop".as_ref(), "-D".as_ref(), data.as_os_str(), "-m".as_ref(), "fast".as_ref(), "-w".as_ref()];
+        self.run_pg("pg_ctl", &args).map(drop)
+    }
+
+    /// Starts a server stopped with [`PgServer::stop_fast`] again, on the same port.
+    pub fn start_again(&self) -> Result<()> {
+        self.pg_ctl_start(&self.root.join("data"))
+    }
+
     fn url_of(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }

@@ -24,6 +24,8 @@ mod idle;
 mod membership;
 #[path = "e2e/ordering.rs"]
 mod ordering;
+#[path = "e2e/outage.rs"]
+mod outage;
 #[path = "e2e/sessions.rs"]
 mod sessions;
 #[path = "e2e/shutdown.rs"]
