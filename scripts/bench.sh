@@ -51,7 +51,8 @@ start_chimed() { # $1 = store
     fi
     RUST_LOG=warn target/release/chimed serve --data-dir "$work/data" "${db[@]}" \
         --listen 127.0.0.1:7978 --plaintext-listen 127.0.0.1:7979 \
-        --login-rate 1000 --accept-rate 5000 --max-connections 19000 2>"$work/chimed.log" &
+        --login-rate 1000 --accept-rate 5000 --max-connections 19000 \
+        --max-connections-per-ip 19000 --resume-rate-per-ip 100000 2>"$work/chimed.log" &
     chimed_pid=$!
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/7979) 2>/dev/null && return; sleep 0.1; done
     echo "chimed did not start" >&2; cat "$work/chimed.log" >&2; exit 1
