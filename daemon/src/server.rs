@@ -902,7 +902,7 @@ impl Server {
                     self.publish(p);
                 }
             }
-            Completion::Page { to, room, after, deltas, more } => {
+            Completion::Page { to, room, fetch, deltas, more } => {
                 if !self.answered(&to) {
                     return;
                 }
@@ -910,16 +910,17 @@ impl Server {
                     return;
                 };
                 let Some(sync) = c.sync.as_mut() else { return };
-                let actions = sync.page(room, after, deltas, more);
+                let actions = sync.page(room, fetch, deltas, more);
                 self.apply(to.conn.key, actions);
             }
-            Completion::PageFailed { to, room, not_member, frame } => {
+            Completion::PageFailed { to, room, fetch, not_member, error } => {
                 if !self.answered(&to) {
                     return;
                 }
                 let Some(c) = self.conn_for(to.conn) else { return };
                 let Some(sync) = c.sync.as_mut() else { return };
-                let actions = if not_member { sync.skip_room(room) } else { sync.page_failed(room, frame) };
+                let actions =
+                    if not_member { sync.skip_room(room, fetch) } else { sync.page_failed(room, fetch, error) };
                 self.apply(to.conn.key, actions);
             }
         }
@@ -931,66 +932,78 @@ impl Server {
             match a {
                 Action::Send(bytes) => self.queue(key, bytes, Class::Own),
                 Action::Push(bytes) => self.queue(key, bytes, Class::Shared),
-                Action::FetchLater { room, after, limit } => self.defer(key, Action::Fetch { room, after, limit }),
-                Action::Fetch { room, after, limit } => {
-                    let Some(c) = self.conns.get_mut(key) else {
-                        return;
-                    };
-                    // Flow control: the next page waits until the client has read this one; and
-                    // SYNC pages take the connection's shared-queue window like any read.
-                    if c.queued_bytes() > self.config.max_outbound_bytes / 2 || c.shared_inflight >= SHARED_WINDOW {
-                        self.defer(key, Action::Fetch { room, after, limit });
-                        continue;
+                Action::FetchLater { room, after, limit, fetch } => {
+                    self.defer(key, Action::Fetch { room, after, limit, fetch })
+                }
+                fetch @ Action::Fetch { .. } => {
+                    if self.can_fetch(key) {
+                        self.fetch(key, fetch);
+                    } else {
+                        self.defer(key, fetch);
                     }
-                    let Some(s) = c.session() else { return };
-                    let job = Job::Fetch {
-                        to: ReplyTo { conn: c.id, request_id: 0, shared: true },
-                        actor: Actor { user_id: s.user_id, name: s.name.clone() },
-                        room,
-                        after,
-                        limit,
-                        purpose: FetchPurpose::Sync,
-                    };
-                    let Some(pool) = self.pool.as_ref() else {
-                        return;
-                    };
-                    if pool.health().is_down() {
-                        // Tried again on a later tick, holding pushes meanwhile.
-                        self.defer(key, Action::Fetch { room, after, limit });
-                        continue;
-                    }
-                    if pool.submit(job).is_err() {
-                        // The shared queue is full: the client must come back for it.
-                        self.goodbye(
-                            key,
-                            ErrorCode::RESYNC_REQUIRED,
-                            "server overloaded during sync; reconnect and SYNC",
-                        );
-                        return;
-                    }
-                    c.inflight += 1;
-                    c.shared_inflight += 1;
                 }
             }
         }
     }
 
-    /// Keeps a SYNC fetch for later: when the client has drained its queue, a shared slot frees
-    /// up, or (for a failed fetch) the next tick.
+    /// Whether a SYNC fetch of the connection may go to the workers now: the client has read most
+    /// of what was sent (flow control), the connection has a free slot of its window on the shared
+    /// queue, and the database is there.
+    fn can_fetch(&self, key: usize) -> bool {
+        let Some(c) = self.conns.get(key) else { return false };
+        c.queued_bytes() <= self.config.max_outbound_bytes / 2
+            && c.shared_inflight < SHARED_WINDOW
+            && self.pool.as_ref().is_some_and(|p| !p.health().is_down())
+    }
+
+    /// Submits one SYNC fetch (the caller checked `can_fetch`).
+    fn fetch(&mut self, key: usize, fetch: Action) {
+        let Action::Fetch { room, after, limit, fetch } = fetch else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(s) = c.session() else { return };
+        let job = Job::Fetch {
+            to: ReplyTo { conn: c.id, request_id: 0, shared: true },
+            actor: Actor { user_id: s.user_id, name: s.name.clone() },
+            room,
+            after,
+            limit,
+            purpose: FetchPurpose::Sync(fetch),
+        };
+        let Some(pool) = self.pool.as_ref() else {
+            return;
+        };
+        if pool.submit(job).is_err() {
+            // The shared queue is full: the client must come back for it.
+            self.goodbye(key, ErrorCode::RESYNC_REQUIRED, "server overloaded during sync; reconnect and SYNC");
+            return;
+        }
+        c.inflight += 1;
+        c.shared_inflight += 1;
+    }
+
+    /// Keeps a SYNC fetch for later (`retry_deferred`), behind the ones already waiting.
     fn defer(&mut self, key: usize, fetch: Action) {
         if let Some(sync) = self.conns.get_mut(key).and_then(|c| c.sync.as_mut()) {
-            sync.deferred.push(fetch);
+            sync.deferred.push_back(fetch);
         }
     }
 
-    /// Tries the deferred SYNC fetches of a connection again (they defer themselves again if
-    /// their condition still holds).
+    /// Submits the deferred SYNC fetches of a connection, oldest first, while it may; stops at the
+    /// first that must still wait, so each call costs what it submits, not what waits (a SYNC of
+    /// a thousand rooms defers almost all of them).
     fn retry_deferred(&mut self, key: usize) {
-        let deferred = match self.conns.get_mut(key).and_then(|c| c.sync.as_mut()) {
-            Some(sync) if !sync.deferred.is_empty() => std::mem::take(&mut sync.deferred),
-            _ => return,
-        };
-        self.apply(key, deferred);
+        while self.can_fetch(key) {
+            let Some(sync) = self.conns.get_mut(key).and_then(|c| c.sync.as_mut()) else { return };
+            let Some(next) = sync.deferred.pop_front() else { return };
+            // A fetch a newer one replaced need not run.
+            if let Action::Fetch { room, fetch, .. } = next {
+                if sync.wants(room, fetch) {
+                    self.fetch(key, next);
+                }
+            }
+        }
     }
 
     /// Subscribes a connection to a room's pushes. Returns whether it was not subscribed yet.
@@ -1022,15 +1035,18 @@ impl Server {
     }
 
     fn unsubscribe(&mut self, key: usize, room: u64) {
+        let mut actions = Vec::new();
         if let Some(c) = self.conns.get_mut(key) {
             if let Ok(at) = c.rooms.binary_search(&room) {
                 c.rooms.remove(at);
             }
             if let Some(s) = c.sync.as_mut() {
-                s.forget(room);
+                // A SYNC still open may now be complete.
+                actions = s.forget(room);
             }
         }
         remove_subscriber(&mut self.rooms, room, key);
+        self.apply(key, actions);
     }
 
     /// Ends a logged-in connection whose session ended: whatever it was owed and not yet sent

@@ -2,26 +2,31 @@
 //!
 //! The guarantee: after a client SYNCs a room from seq N, it receives every later delta of that
 //! room exactly once, in seq order, first in `DELTA_PAGE`s, then as live pushes, with no gap and
-//! no duplicate, even while other clients post during the sync.
+//! no duplicate, even while other clients post during the sync. Pushes of a room never arrive
+//! between its pages: they resume right after its final page, at its `resume_after` + 1.
 //!
 //! How: per synced room the connection tracks `delivered`, the last seq it has sent. While pages
 //! are being fetched (the room is *catching up*), live pushes for it are held back instead of
-//! sent. Each page carries the deltas after `delivered`. When the database has nothing more, the
-//! held pushes are flushed: the ones at or below `delivered` were in a page already and are
-//! dropped, the rest continue the sequence. If a held push does not continue it (the holding
-//! buffer overflowed, say), another page is fetched first. Once live, a push that would skip a seq
-//! starts a catch-up of its own, so a gap can never reach the client.
+//! sent. Each page carries the deltas after `delivered`. When the database has nothing more and
+//! the held pushes continue the sequence without a gap, they are flushed after the final page
+//! (the ones at or below `delivered` were in a page already and are dropped) and the room goes
+//! live; otherwise (a gap, or pushes dropped because too much was held) another page is fetched
+//! first, still holding. Once live, a push that would skip a seq starts a catch-up of its own, so
+//! a gap can never reach the client.
 //!
 //! This works because a delta's push is queued to the loop only after its commit, and the loop
 //! learns of every commit: a delta committed before a page was read is in that page, and one
 //! committed after will arrive as a push while the room is held (or after, when the seq check
-//! drops or sends it).
+//! drops or sends it). It needs every page to answer the room's *current* fetch: each fetch has
+//! an id, a room waits for exactly one, and a page or failure with another id (an earlier SYNC's
+//! fetch of the same room, read before deltas this track never held) is ignored.
 //!
 //! The state machine is pure: it returns [`Action`]s and leaves sockets and workers to the loop.
+//! The `sync` fuzz target (`fuzz/`) drives it as the loop does and checks the guarantee.
 
 use crate::worker::{EncodeReply, Published};
 use bytes::Bytes;
-use chime_protocol::{Delta, DeltaPage, RoomCursor, ServerFrame, SyncDone};
+use chime_protocol::{Delta, DeltaPage, ErrorBody, RoomCursor, ServerFrame, SyncDone};
 use std::collections::{HashMap, VecDeque};
 
 /// Pushes held per catching-up room before further ones are dropped (and fetched again later).
@@ -39,6 +44,9 @@ pub const MAX_PAGE: u32 = 1000;
 /// The page size used when a client asks for 0.
 pub const DEFAULT_PAGE: u32 = 500;
 
+/// Identifies one fetch of one connection's sync state.
+pub type FetchId = u64;
+
 /// What the loop must do for the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -46,17 +54,8 @@ pub enum Action {
     Send(Bytes),
     /// Queue these bytes, a slice of frames published to every subscriber (shared memory).
     Push(Bytes),
-    /// Fetch later (the last fetch failed, say because the database is down): the loop retries
-    /// it after a delay. The room stays caught up to where it was, holding pushes meanwhile.
-    FetchLater {
-        /// Room.
-        room: u64,
-        /// Seq to fetch after.
-        after: u64,
-        /// Page size.
-        limit: u32,
-    },
-    /// Fetch a page of `room` after `after` (a `Job::Fetch` with `FetchPurpose::Sync`).
+    /// Fetch a page of `room` after `after` (a `Job::Fetch` for SYNC); its result must come back
+    /// with the same `fetch` id.
     Fetch {
         /// Room.
         room: u64,
@@ -64,6 +63,20 @@ pub enum Action {
         after: u64,
         /// Page size.
         limit: u32,
+        /// The fetch's id.
+        fetch: FetchId,
+    },
+    /// The same, but later (the last attempt failed, say because the database is down): the loop
+    /// retries it after a delay. The room stays where it was, holding pushes meanwhile.
+    FetchLater {
+        /// Room.
+        room: u64,
+        /// Seq to fetch after.
+        after: u64,
+        /// Page size.
+        limit: u32,
+        /// The fetch's id.
+        fetch: FetchId,
     },
 }
 
@@ -72,8 +85,10 @@ enum Mode {
     Live,
     CatchingUp {
         /// The SYNC request this catch-up answers; `None` for a catch-up after a live gap,
-        /// whose deltas go out as ordinary pushes.
+        /// a late subscription or a failed SYNC, whose deltas go out as ordinary pushes.
         request: Option<u32>,
+        /// The fetch whose result the room waits for.
+        waiting: FetchId,
         held: VecDeque<Published>,
         overflowed: bool,
     },
@@ -89,8 +104,10 @@ struct Track {
 #[derive(Debug)]
 struct Request {
     id: u32,
+    /// The request's rooms, reported in SYNC_DONE's heads.
     rooms: Vec<u64>,
-    pending: usize,
+    /// Of those, the rooms that have not had their final page yet.
+    pending: Vec<u64>,
 }
 
 /// A connection's SYNC state.
@@ -100,13 +117,21 @@ pub struct SyncState {
     requests: Vec<Request>,
     /// Bytes of all held pushes, bounded by [`HELD_BYTES`].
     held_bytes: usize,
-    /// Fetches held back by flow control until the client drains its queue (set by the loop).
-    pub deferred: Vec<Action>,
+    /// The last fetch id handed out.
+    last_fetch: FetchId,
+    /// Fetches the loop holds back (flow control, the connection's window of shared jobs, the
+    /// database away), oldest first.
+    pub deferred: VecDeque<Action>,
 }
 
 impl SyncState {
-    /// Starts a SYNC. `subscribed` says whether the connection receives the room's pushes (it is
-    /// a member); rooms it does not are still fetched, and the fetch reports NOT_MEMBER.
+    fn next_fetch(&mut self) -> FetchId {
+        self.last_fetch += 1;
+        self.last_fetch
+    }
+
+    /// Starts a SYNC of `cursors` answering request `request_id`. Every room is fetched, member or
+    /// not; a fetch for a room the user is not in reports it (see [`SyncState::skip_room`]).
     pub fn start(&mut self, request_id: u32, cursors: &[RoomCursor], page_size: u32) -> Vec<Action> {
         let page_size = if page_size == 0 { DEFAULT_PAGE } else { page_size.min(MAX_PAGE) };
         let mut rooms: Vec<u64> = Vec::with_capacity(cursors.len());
@@ -116,12 +141,11 @@ impl SyncState {
                 continue;
             }
             rooms.push(c.room);
-            // A room already tracked by an earlier, unfinished request moves to this one.
+            // A room of an earlier, unfinished request moves to this one: the earlier one no
+            // longer waits for it (whether or not it had its final page) nor reports it.
             for r in &mut self.requests {
-                if let Some(i) = r.rooms.iter().position(|&x| x == c.room) {
-                    r.rooms.remove(i);
-                    r.pending = r.pending.saturating_sub(1);
-                }
+                r.rooms.retain(|&x| x != c.room);
+                r.pending.retain(|&x| x != c.room);
             }
             let held = match self.tracks.remove(&c.room) {
                 Some(Track { mode: Mode::CatchingUp { held, .. }, .. }) => held,
@@ -129,17 +153,12 @@ impl SyncState {
             };
             // Pushes held for the old cursor stay held: the new fetch starts from another cursor,
             // and `page` drops the ones it covers.
-            self.tracks.insert(
-                c.room,
-                Track {
-                    delivered: c.seq,
-                    mode: Mode::CatchingUp { request: Some(request_id), held, overflowed: false },
-                    page_size,
-                },
-            );
-            actions.push(Action::Fetch { room: c.room, after: c.seq, limit: page_size });
+            let fetch = self.next_fetch();
+            let mode = Mode::CatchingUp { request: Some(request_id), waiting: fetch, held, overflowed: false };
+            self.tracks.insert(c.room, Track { delivered: c.seq, mode, page_size });
+            actions.push(Action::Fetch { room: c.room, after: c.seq, limit: page_size, fetch });
         }
-        let pending = rooms.len();
+        let pending = rooms.clone();
         self.requests.push(Request { id: request_id, rooms, pending });
         // Requests emptied by this one are complete.
         actions.extend(self.finish_requests());
@@ -176,60 +195,60 @@ impl SyncState {
                         self.held_bytes += p.frames.len();
                         held.push_back(p.clone());
                     }
-                    track.mode = Mode::CatchingUp { request: None, held, overflowed };
-                    vec![Action::Fetch { room: p.room, after, limit: track.page_size }]
+                    self.last_fetch += 1;
+                    let fetch = self.last_fetch;
+                    track.mode = Mode::CatchingUp { request: None, waiting: fetch, held, overflowed };
+                    vec![Action::Fetch { room: p.room, after, limit: track.page_size, fetch }]
                 }
             }
         }
     }
 
-    /// A fetched page arrived.
-    pub fn page(&mut self, room: u64, after: u64, deltas: Vec<Delta>, more: bool) -> Vec<Action> {
+    /// The page that fetch `fetch` of `room` read: `deltas` after the fetch's cursor, and whether
+    /// more follow. A page for any other fetch than the one the room waits for is ignored.
+    pub fn page(&mut self, room: u64, fetch: FetchId, deltas: Vec<Delta>, more: bool) -> Vec<Action> {
         let mut actions = Vec::new();
+        let next_fetch = self.last_fetch + 1;
         let Some(track) = self.tracks.get_mut(&room) else {
             return actions;
         };
-        let Mode::CatchingUp { request, held, overflowed } = &mut track.mode else {
+        let Mode::CatchingUp { request, waiting, held, overflowed } = &mut track.mode else {
             return actions;
         };
-        if after != track.delivered {
-            // A page for a cursor this room has moved past (a newer SYNC replaced the old one).
+        if *waiting != fetch {
+            // An earlier fetch of this room (a SYNC or catch-up that was replaced): it may have
+            // been read before deltas this track never held.
             return actions;
         }
         let fresh: Vec<Delta> = deltas.into_iter().filter(|d| d.seq > track.delivered).collect();
         if let Some(last) = fresh.last() {
             track.delivered = last.seq;
         }
-        // Pages that found nothing more: flush what was held while fetching, if it continues the
-        // sequence; otherwise keep fetching.
-        let mut flushed: Vec<Bytes> = Vec::new();
-        let mut caught_up = false;
-        if !more {
-            caught_up = true;
-            while let Some(p) = held.front() {
-                if p.last_seq() <= track.delivered {
-                    self.held_bytes -= p.frames.len();
-                    held.pop_front();
-                } else if p.first_seq <= track.delivered + 1 {
-                    flushed.push(p.frames_after(track.delivered));
-                    track.delivered = p.last_seq();
-                    self.held_bytes -= p.frames.len();
-                    held.pop_front();
-                } else {
+        let page_end = track.delivered;
+        // The held pushes that were in this page are not needed any more.
+        while held.front().is_some_and(|p| p.last_seq() <= page_end) {
+            if let Some(p) = held.pop_front() {
+                self.held_bytes -= p.frames.len();
+            }
+        }
+        // Caught up when the database had nothing more and what was held while reading continues
+        // the page without a gap (and nothing was dropped while holding).
+        let mut caught_up = !more && !*overflowed;
+        if caught_up {
+            let mut end = page_end;
+            for p in held.iter() {
+                if p.first_seq > end + 1 {
                     caught_up = false;
                     break;
                 }
-            }
-            if *overflowed {
-                // Pushes were dropped while holding: the database has them.
-                *overflowed = false;
-                caught_up = false;
+                end = end.max(p.last_seq());
             }
         }
+        *overflowed &= !caught_up;
         let request = *request;
         match request {
             Some(id) => {
-                let page = DeltaPage { room, deltas: fresh, more: !caught_up, resume_after: track.delivered };
+                let page = DeltaPage { room, deltas: fresh, more: !caught_up, resume_after: page_end };
                 actions.push(Action::Send(ServerFrame::DeltaPage(page).reply(id)));
             }
             None => {
@@ -245,33 +264,48 @@ impl SyncState {
                 }
             }
         }
-        actions.extend(flushed.into_iter().filter(|b| !b.is_empty()).map(Action::Push));
-        if caught_up {
-            track.mode = Mode::Live;
-            if let Some(id) = request {
-                if let Some(r) = self.requests.iter_mut().find(|r| r.id == id) {
-                    r.pending = r.pending.saturating_sub(1);
-                }
-                actions.extend(self.finish_requests());
+        if !caught_up {
+            // Still holding; the next page starts where this one ended.
+            *waiting = next_fetch;
+            self.last_fetch = next_fetch;
+            actions.push(Action::Fetch { room, after: page_end, limit: track.page_size, fetch: next_fetch });
+            return actions;
+        }
+        // Live from here: what was held follows the final page.
+        for p in held.drain(..) {
+            self.held_bytes -= p.frames.len();
+            let frames = p.frames_after(track.delivered);
+            track.delivered = track.delivered.max(p.last_seq());
+            if !frames.is_empty() {
+                actions.push(Action::Push(frames));
             }
-        } else {
-            actions.push(Action::Fetch { room, after: track.delivered, limit: track.page_size });
+        }
+        track.mode = Mode::Live;
+        if let Some(id) = request {
+            if let Some(r) = self.requests.iter_mut().find(|r| r.id == id) {
+                r.pending.retain(|&x| x != room);
+            }
+            actions.extend(self.finish_requests());
         }
         actions
     }
 
-    /// A fetch failed with `error` (an encoded ERROR frame; the database failed, say). A SYNC the
-    /// room belonged to ends with that error; the room itself, and the request's other rooms,
-    /// keep catching up, their deltas sent as pushes, so that no gap ever reaches the client.
-    /// The failed fetch is retried later ([`Action::FetchLater`]), still holding pushes.
-    pub fn page_failed(&mut self, room: u64, error: Bytes) -> Vec<Action> {
+    /// Fetch `fetch` of `room` failed with `error` (the database is unavailable, say). A SYNC the
+    /// room belonged to ends with that error (with the SYNC's request id); the room itself, and
+    /// the request's other rooms, keep catching up, their deltas sent as pushes, so that no gap
+    /// ever reaches the client. The failed fetch is retried later ([`Action::FetchLater`]), still
+    /// holding pushes. A failure of a fetch the room no longer waits for is ignored.
+    pub fn page_failed(&mut self, room: u64, fetch: FetchId, error: ErrorBody) -> Vec<Action> {
         let Some(track) = self.tracks.get_mut(&room) else {
             return Vec::new();
         };
-        let Mode::CatchingUp { request, .. } = &mut track.mode else {
+        let Mode::CatchingUp { request, waiting, .. } = &mut track.mode else {
             return Vec::new();
         };
-        let retry = Action::FetchLater { room, after: track.delivered, limit: track.page_size };
+        if *waiting != fetch {
+            return Vec::new();
+        }
+        let retry = Action::FetchLater { room, after: track.delivered, limit: track.page_size, fetch };
         let Some(id) = request.take() else {
             return vec![retry];
         };
@@ -281,10 +315,12 @@ impl SyncState {
         let req = self.requests.remove(i);
         for other in req.rooms {
             if let Some(Track { mode: Mode::CatchingUp { request, .. }, .. }) = self.tracks.get_mut(&other) {
-                *request = None;
+                if *request == Some(id) {
+                    *request = None;
+                }
             }
         }
-        vec![Action::Send(error), retry]
+        vec![Action::Send(ServerFrame::Error(error).reply(id)), retry]
     }
 
     /// The connection was subscribed to `room` knowing its log only up to `after`, and the room
@@ -294,25 +330,46 @@ impl SyncState {
         if self.tracks.contains_key(&room) {
             return Vec::new();
         }
-        let mode = Mode::CatchingUp { request: None, held: VecDeque::new(), overflowed: false };
+        let fetch = self.next_fetch();
+        let mode = Mode::CatchingUp { request: None, waiting: fetch, held: VecDeque::new(), overflowed: false };
         self.tracks.insert(room, Track { delivered: after, mode, page_size: DEFAULT_PAGE });
-        vec![Action::Fetch { room, after, limit: DEFAULT_PAGE }]
+        vec![Action::Fetch { room, after, limit: DEFAULT_PAGE, fetch }]
     }
 
-    /// The user is not a member of `room`: it gets no pages and is left out of `heads`.
-    pub fn skip_room(&mut self, room: u64) -> Vec<Action> {
-        let Some(track) = self.remove_track(room) else { return Vec::new() };
-        let Mode::CatchingUp { request: Some(id), .. } = track.mode else { return Vec::new() };
-        if let Some(r) = self.requests.iter_mut().find(|r| r.id == id) {
-            r.rooms.retain(|&x| x != room);
-            r.pending = r.pending.saturating_sub(1);
+    /// Fetch `fetch` found the user is not a member of `room`: it gets no pages and is left out
+    /// of its SYNC's `heads`. A report for a fetch the room no longer waits for is ignored.
+    pub fn skip_room(&mut self, room: u64, fetch: FetchId) -> Vec<Action> {
+        if !self.wants(room, fetch) {
+            return Vec::new();
         }
-        self.finish_requests()
+        self.forget(room)
     }
 
-    /// The connection no longer receives `room` (it left): forget it.
-    pub fn forget(&mut self, room: u64) {
+    /// The connection no longer receives `room` (the user left it): forget it, and leave it out
+    /// of any SYNC still open (which may then be complete).
+    pub fn forget(&mut self, room: u64) -> Vec<Action> {
         self.remove_track(room);
+        let mut touched = false;
+        for r in &mut self.requests {
+            let before = r.rooms.len();
+            r.rooms.retain(|&x| x != room);
+            r.pending.retain(|&x| x != room);
+            touched |= r.rooms.len() != before;
+        }
+        if touched {
+            self.finish_requests()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Whether `room` still waits for fetch `fetch` (a deferred fetch that a newer one replaced
+    /// need not run).
+    pub fn wants(&self, room: u64, fetch: FetchId) -> bool {
+        matches!(
+            self.tracks.get(&room),
+            Some(Track { mode: Mode::CatchingUp { waiting, .. }, .. }) if *waiting == fetch
+        )
     }
 
     /// Bytes of pushes held while catching up.
@@ -329,12 +386,12 @@ impl SyncState {
         Some(track)
     }
 
-    /// Sends SYNC_DONE for every request whose rooms are all live.
+    /// Sends SYNC_DONE for every request whose rooms have all had their final page.
     fn finish_requests(&mut self) -> Vec<Action> {
         let mut actions = Vec::new();
         let tracks = &self.tracks;
         self.requests.retain(|r| {
-            if r.pending > 0 {
+            if !r.pending.is_empty() {
                 return true;
             }
             let heads = r
@@ -353,7 +410,7 @@ impl SyncState {
 mod tests {
     use super::*;
     use bytes::BytesMut;
-    use chime_protocol::{DeltaKind, FrameDecoder};
+    use chime_protocol::{DeltaKind, ErrorCode, FrameDecoder};
 
     fn delta(room: u64, seq: u64) -> Delta {
         Delta {
@@ -372,40 +429,63 @@ mod tests {
         Published::encode(room, &deltas).expect("non-empty range")
     }
 
-    /// Decodes every frame sent and returns (kind, seqs): pages and pushes flattened in order.
-    fn sent_seqs(actions: &[Action]) -> (Vec<u64>, usize) {
-        let mut seqs = Vec::new();
-        let mut dones = 0;
+    /// Every frame sent, decoded, in order.
+    fn frames(actions: &[Action]) -> Vec<(u32, ServerFrame)> {
+        let mut out = Vec::new();
         let dec = FrameDecoder::default();
         for a in actions {
             if let Action::Send(b) | Action::Push(b) = a {
                 let mut buf = BytesMut::from(&b[..]);
                 while let Some(raw) = dec.decode(&mut buf).expect("valid") {
-                    match ServerFrame::decode(&raw).expect("valid") {
-                        ServerFrame::Delta(d) => seqs.push(d.seq),
-                        ServerFrame::DeltaPage(p) => seqs.extend(p.deltas.iter().map(|d| d.seq)),
-                        ServerFrame::SyncDone(_) => dones += 1,
-                        other => panic!("unexpected {other:?}"),
-                    }
+                    out.push((raw.request_id, ServerFrame::decode(&raw).expect("valid")));
                 }
             }
         }
+        out
+    }
+
+    /// The seqs sent (pages and pushes flattened, in order) and how many SYNC_DONEs.
+    fn sent_seqs(actions: &[Action]) -> (Vec<u64>, usize) {
+        let mut seqs = Vec::new();
+        let mut dones = 0;
+        for (_, f) in frames(actions) {
+            match f {
+                ServerFrame::Delta(d) => seqs.push(d.seq),
+                ServerFrame::DeltaPage(p) => seqs.extend(p.deltas.iter().map(|d| d.seq)),
+                ServerFrame::SyncDone(_) => dones += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         (seqs, dones)
+    }
+
+    /// The last fetch asked for: (room, after, limit, id).
+    fn fetch(actions: &[Action]) -> (u64, u64, u32, FetchId) {
+        match actions.iter().rev().find(|a| matches!(a, Action::Fetch { .. })) {
+            Some(&Action::Fetch { room, after, limit, fetch }) => (room, after, limit, fetch),
+            _ => panic!("no fetch in {actions:?}"),
+        }
+    }
+
+    fn unavailable() -> ErrorBody {
+        ErrorBody::new(ErrorCode::UNAVAILABLE, "down")
     }
 
     #[test]
     fn pushes_during_sync_are_held_then_deduplicated() {
         let mut s = SyncState::default();
         let a = s.start(9, &[RoomCursor { room: 1, seq: 0 }], 2);
-        assert_eq!(a, vec![Action::Fetch { room: 1, after: 0, limit: 2 }]);
+        let (_, after, limit, f1) = fetch(&a);
+        assert_eq!((after, limit), (0, 2));
         // Seq 3 commits while page 1 is read; its push arrives before the page.
         assert!(s.push(&published(1, 3..=3)).is_empty());
-        let a = s.page(1, 0, vec![delta(1, 1), delta(1, 2)], true);
+        let a = s.page(1, f1, vec![delta(1, 1), delta(1, 2)], true);
         assert_eq!(sent_seqs(&a), (vec![1, 2], 0));
-        assert_eq!(a.last(), Some(&Action::Fetch { room: 1, after: 2, limit: 2 }));
+        let (_, after, _, f2) = fetch(&a);
+        assert_eq!(after, 2);
         // Seq 4 commits after page 2 was read.
         assert!(s.push(&published(1, 4..=4)).is_empty());
-        let a = s.page(1, 2, vec![delta(1, 3)], false);
+        let a = s.page(1, f2, vec![delta(1, 3)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4], 1));
         // Live now: a duplicate is dropped, the next one goes out.
         assert!(s.push(&published(1, 4..=4)).is_empty());
@@ -413,38 +493,59 @@ mod tests {
     }
 
     #[test]
-    fn a_live_gap_starts_a_catch_up() {
+    fn the_final_page_resumes_where_it_ends_and_pushes_follow_it() {
         let mut s = SyncState::default();
-        s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10);
-        s.page(1, 0, vec![], false);
-        let a = s.push(&published(1, 3..=3));
-        assert_eq!(a, vec![Action::Fetch { room: 1, after: 0, limit: 10 }]);
-        let a = s.page(1, 0, vec![delta(1, 1), delta(1, 2), delta(1, 3)], false);
-        assert_eq!(sent_seqs(&a), (vec![1, 2, 3], 0));
+        let (_, _, _, f) = fetch(&s.start(3, &[RoomCursor { room: 1, seq: 0 }], 10));
+        assert!(s.push(&published(1, 3..=4)).is_empty());
+        let a = s.page(1, f, vec![delta(1, 1), delta(1, 2)], false);
+        let sent = frames(&a);
+        // The page covers 1..2 and says so; the held 3..4 follow it as pushes; then SYNC_DONE.
+        let ServerFrame::DeltaPage(page) = &sent[0].1 else { panic!("{sent:?}") };
+        assert_eq!((page.resume_after, page.more), (2, false));
+        assert!(matches!(&sent[1].1, ServerFrame::Delta(d) if d.seq == 3));
+        assert!(matches!(&sent[2].1, ServerFrame::Delta(d) if d.seq == 4));
+        let ServerFrame::SyncDone(done) = &sent[3].1 else { panic!("{sent:?}") };
+        assert_eq!(done.heads, vec![RoomCursor { room: 1, seq: 4 }]);
     }
 
     #[test]
-    fn held_gap_fetches_again_before_going_live() {
+    fn no_push_between_pages_when_held_ones_leave_a_gap() {
         let mut s = SyncState::default();
-        s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10);
+        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10));
         s.push(&published(1, 5..=5));
-        let a = s.page(1, 0, vec![delta(1, 1), delta(1, 2)], false);
+        let a = s.page(1, f, vec![delta(1, 1), delta(1, 2)], false);
+        // Held 5 does not continue 2: another page first, and nothing pushed before it.
         assert_eq!(sent_seqs(&a), (vec![1, 2], 0));
-        assert_eq!(a.last(), Some(&Action::Fetch { room: 1, after: 2, limit: 10 }));
-        let a = s.page(1, 2, vec![delta(1, 3), delta(1, 4), delta(1, 5)], false);
+        let ServerFrame::DeltaPage(page) = &frames(&a)[0].1 else { panic!() };
+        assert!(page.more);
+        let (_, after, _, f2) = fetch(&a);
+        assert_eq!(after, 2);
+        let a = s.page(1, f2, vec![delta(1, 3), delta(1, 4), delta(1, 5)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4, 5], 1));
+    }
+
+    #[test]
+    fn a_live_gap_starts_a_catch_up() {
+        let mut s = SyncState::default();
+        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10));
+        s.page(1, f, vec![], false);
+        let a = s.push(&published(1, 3..=3));
+        let (room, after, limit, f) = fetch(&a);
+        assert_eq!((room, after, limit), (1, 0, 10));
+        let a = s.page(1, f, vec![delta(1, 1), delta(1, 2), delta(1, 3)], false);
+        assert_eq!(sent_seqs(&a), (vec![1, 2, 3], 0));
     }
 
     #[test]
     fn non_member_rooms_are_left_out() {
         let mut s = SyncState::default();
-        s.start(4, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
-        assert!(s.skip_room(2).is_empty());
-        let a = s.page(1, 0, vec![delta(1, 1)], false);
+        let a = s.start(4, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let Action::Fetch { fetch: f1, .. } = a[0] else { panic!() };
+        let Action::Fetch { fetch: f2, .. } = a[1] else { panic!() };
+        assert!(s.skip_room(2, f2).is_empty());
+        let a = s.page(1, f1, vec![delta(1, 1)], false);
         assert_eq!(sent_seqs(&a), (vec![1], 1));
-        let Some(Action::Send(done)) = a.last() else { panic!("no SYNC_DONE") };
-        let raw = FrameDecoder::default().decode(&mut BytesMut::from(&done[..])).unwrap().unwrap();
-        let ServerFrame::SyncDone(d) = ServerFrame::decode(&raw).unwrap() else { panic!("not SYNC_DONE") };
+        let Some((4, ServerFrame::SyncDone(d))) = frames(&a).pop() else { panic!("no SYNC_DONE") };
         assert_eq!(d.heads, vec![RoomCursor { room: 1, seq: 1 }]);
     }
 
@@ -452,9 +553,11 @@ mod tests {
     fn a_late_subscription_catches_up_then_goes_live() {
         let mut s = SyncState::default();
         // Subscribed knowing seq 3; the loop had already published up to 5.
-        assert_eq!(s.catch_up(1, 3), vec![Action::Fetch { room: 1, after: 3, limit: DEFAULT_PAGE }]);
+        let a = s.catch_up(1, 3);
+        let (_, after, limit, f) = fetch(&a);
+        assert_eq!((after, limit), (3, DEFAULT_PAGE));
         assert!(s.push(&published(1, 6..=6)).is_empty());
-        let a = s.page(1, 3, vec![delta(1, 4), delta(1, 5)], false);
+        let a = s.page(1, f, vec![delta(1, 4), delta(1, 5)], false);
         assert_eq!(sent_seqs(&a), (vec![4, 5, 6], 0));
         assert_eq!(sent_seqs(&s.push(&published(1, 7..=7))), (vec![7], 0));
         assert!(s.catch_up(1, 0).is_empty(), "already tracked");
@@ -467,39 +570,82 @@ mod tests {
     }
 
     #[test]
-    fn stale_pages_are_ignored_and_failures_end_the_request() {
+    fn pages_and_failures_of_replaced_fetches_are_ignored() {
         let mut s = SyncState::default();
-        s.start(1, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
-        s.start(2, &[RoomCursor { room: 1, seq: 5 }], 10);
-        assert!(s.page(1, 0, vec![delta(1, 1)], false).is_empty());
-        let err = Bytes::from_static(b"err");
-        let retry = Action::FetchLater { room: 2, after: 0, limit: 10 };
-        assert_eq!(s.page_failed(2, err.clone()), vec![Action::Send(err), retry]);
-        let a = s.page(1, 5, vec![delta(1, 6)], false);
-        assert_eq!(sent_seqs(&a), (vec![6], 1));
-        // Room 2 keeps catching up after its request ended: its deltas arrive as pushes, gap-free.
+        let a = s.start(1, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let Action::Fetch { fetch: old, .. } = a[0] else { panic!() };
+        let Action::Fetch { fetch: two, .. } = a[1] else { panic!() };
+        // A second SYNC of room 1 from the same cursor replaces the first one's fetch.
+        let (_, _, _, new) = fetch(&s.start(2, &[RoomCursor { room: 1, seq: 0 }], 10));
+        assert!(s.page(1, old, vec![delta(1, 1)], false).is_empty(), "an old page, even with the same cursor");
+        assert!(s.page_failed(1, old, unavailable()).is_empty(), "an old failure");
+        assert!(s.skip_room(1, old).is_empty(), "an old refusal");
+        // Room 2's failure ends request 1 with its own request id, and room 2 keeps catching up.
+        let a = s.page_failed(2, two, unavailable());
+        let sent = frames(&a);
+        assert!(matches!(&sent[..], [(1, ServerFrame::Error(e))] if e.code == ErrorCode::UNAVAILABLE), "{sent:?}");
+        assert_eq!(a.last(), Some(&Action::FetchLater { room: 2, after: 0, limit: 10, fetch: two }));
+        let a = s.page(1, new, vec![delta(1, 1)], false);
+        assert_eq!(sent_seqs(&a), (vec![1], 1));
+        // Room 2's retried fetch: its deltas arrive as pushes, gap-free.
         assert!(s.push(&published(2, 3..=3)).is_empty());
-        let a = s.page(2, 0, vec![delta(2, 1), delta(2, 2)], false);
+        let a = s.page(2, two, vec![delta(2, 1), delta(2, 2)], false);
         assert_eq!(sent_seqs(&a), (vec![1, 2, 3], 0));
-        assert!(a.iter().all(|a| !matches!(a, Action::Send(b) if b.starts_with(b"err"))));
     }
 
     #[test]
     fn a_failed_catch_up_is_retried_not_dropped() {
         let mut s = SyncState::default();
-        assert_eq!(s.catch_up(4, 2), vec![Action::Fetch { room: 4, after: 2, limit: DEFAULT_PAGE }]);
-        let retry = Action::FetchLater { room: 4, after: 2, limit: DEFAULT_PAGE };
-        assert_eq!(s.page_failed(4, Bytes::from_static(b"err")), vec![retry]);
+        let (_, _, _, f) = fetch(&s.catch_up(4, 2));
+        assert_eq!(
+            s.page_failed(4, f, unavailable()),
+            vec![Action::FetchLater { room: 4, after: 2, limit: DEFAULT_PAGE, fetch: f }]
+        );
+        assert!(s.wants(4, f));
         // Still held, still gap-checked: a push is not sent raw.
         assert!(s.push(&published(4, 5..=5)).is_empty());
-        let a = s.page(4, 2, vec![delta(4, 3), delta(4, 4)], false);
+        let a = s.page(4, f, vec![delta(4, 3), delta(4, 4)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4, 5], 0));
+        assert!(!s.wants(4, f));
+    }
+
+    #[test]
+    fn a_room_left_during_a_sync_is_dropped_from_it() {
+        let mut s = SyncState::default();
+        let a = s.start(7, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let Action::Fetch { fetch: f1, .. } = a[0] else { panic!() };
+        assert!(s.page(1, f1, vec![delta(1, 1)], false).iter().all(|a| !matches!(a, Action::Fetch { .. })));
+        // Room 2 is left before its final page: the SYNC completes without it.
+        let a = s.forget(2);
+        let Some((7, ServerFrame::SyncDone(d))) = frames(&a).pop() else { panic!("no SYNC_DONE: {a:?}") };
+        assert_eq!(d.heads, vec![RoomCursor { room: 1, seq: 1 }]);
+    }
+
+    #[test]
+    fn a_new_sync_of_a_finished_room_does_not_end_the_earlier_one() {
+        let mut s = SyncState::default();
+        let a = s.start(1, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let Action::Fetch { fetch: f1, .. } = a[0] else { panic!() };
+        let Action::Fetch { fetch: f2, .. } = a[1] else { panic!() };
+        assert_eq!(sent_seqs(&s.page(1, f1, vec![delta(1, 1)], false)), (vec![1], 0));
+        // Room 1 (already final in request 1) is synced again: request 1 still waits for room 2.
+        let a = s.start(2, &[RoomCursor { room: 1, seq: 1 }], 10);
+        assert!(frames(&a).is_empty(), "request 1 must not end yet: {a:?}");
+        let (_, _, _, f3) = fetch(&a);
+        let done = frames(&s.page(2, f2, vec![delta(2, 1)], false));
+        assert!(
+            matches!(done.last(), Some((1, ServerFrame::SyncDone(d))) if d.heads == vec![RoomCursor { room: 2, seq: 1 }])
+        );
+        let done = frames(&s.page(1, f3, vec![], false));
+        assert!(
+            matches!(done.last(), Some((2, ServerFrame::SyncDone(d))) if d.heads == vec![RoomCursor { room: 1, seq: 1 }])
+        );
     }
 
     #[test]
     fn held_pushes_are_bounded_in_bytes() {
         let mut s = SyncState::default();
-        s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10);
+        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10));
         let big = |seq: u64| {
             let mut d = delta(1, seq);
             d.text = "x".repeat(60_000);
@@ -515,7 +661,7 @@ mod tests {
         // Over the bound: dropped (the database has it), and the page that follows fetches again.
         assert!(s.push(&big(seq)).is_empty());
         assert_eq!(s.held_bytes(), held);
-        let a = s.page(1, 0, vec![], false);
+        let a = s.page(1, f, vec![], false);
         assert!(matches!(a.last(), Some(Action::Fetch { room: 1, .. })), "{a:?}");
         s.forget(1);
         assert_eq!(s.held_bytes(), 0);

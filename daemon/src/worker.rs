@@ -22,6 +22,7 @@
 
 use crate::auth;
 use crate::health::{Health, StoreSlot};
+use crate::sync::FetchId;
 use bytes::Bytes;
 use chime_protocol::{
     Authed, Delta, DeltaPage, ErrorBody, ErrorCode, MemberInfo, MemberList, Posted, RoomInfo, RoomList, ServerFrame,
@@ -158,8 +159,9 @@ impl Job {
 pub enum FetchPurpose {
     /// A HISTORY request: the reply is one `DELTA_PAGE`, encoded here.
     History,
-    /// A page of a SYNC, or a catch-up after a gap in live pushes: the loop decides.
-    Sync,
+    /// Fetch `FetchId` of the connection's sync state (a SYNC page or a catch-up): the loop
+    /// hands the result to the state machine.
+    Sync(FetchId),
 }
 
 /// A room's newly committed deltas, encoded once, contiguous in seq.
@@ -286,12 +288,12 @@ pub enum Completion {
     Membership { to: ReplyTo, user_id: u64, room: u64, joined: bool, published: Option<Published>, frame: Bytes },
     /// One group commit: publish, then send the replies.
     Batch { published: Vec<Published>, replies: Vec<(ReplyTo, Bytes)> },
-    /// A page of deltas for a SYNC or catch-up (not yet encoded: the loop filters against what
-    /// the connection already has).
-    Page { to: ReplyTo, room: u64, after: u64, deltas: Vec<Delta>, more: bool },
-    /// A fetch failed: the user is not a member (the room is left out of the SYNC), or the
-    /// database failed (the loop ends the SYNC with `frame`).
-    PageFailed { to: ReplyTo, room: u64, not_member: bool, frame: Bytes },
+    /// The page fetch `fetch` read, for a SYNC or catch-up (not yet encoded: the loop filters
+    /// against what the connection already has).
+    Page { to: ReplyTo, room: u64, fetch: FetchId, deltas: Vec<Delta>, more: bool },
+    /// Fetch `fetch` failed: the user is not a member (the room is left out of the SYNC), or the
+    /// database failed (the SYNC ends with `error`).
+    PageFailed { to: ReplyTo, room: u64, fetch: FetchId, not_member: bool, error: ErrorBody },
 }
 
 /// The loop's end of the pool.
@@ -474,8 +476,13 @@ fn error_frame(to: &ReplyTo, code: ErrorCode, message: impl Into<String>) -> Byt
     ServerFrame::Error(ErrorBody::new(code, message)).reply(to.request_id)
 }
 
-/// Maps a store error to the wire, logging what the client is not told.
+/// A store error as an encoded ERROR reply to `to`.
 fn store_error_frame(to: &ReplyTo, e: &StoreError) -> Bytes {
+    ServerFrame::Error(store_error(e)).reply(to.request_id)
+}
+
+/// Maps a store error to the wire, in this one place, logging what the client is not told.
+fn store_error(e: &StoreError) -> ErrorBody {
     let (code, msg) = match e {
         StoreError::Conflict(m) => (ErrorCode::USER_EXISTS, format!("already exists: {m}")),
         StoreError::NotFound(m) => (ErrorCode::NOT_FOUND, format!("not found: {m}")),
@@ -490,7 +497,7 @@ fn store_error_frame(to: &ReplyTo, e: &StoreError) -> Bytes {
             (ErrorCode::INTERNAL, "internal error".to_string())
         }
     };
-    error_frame(to, code, msg)
+    ErrorBody::new(code, msg)
 }
 
 fn room_info(r: &RoomRecord) -> RoomInfo {
@@ -780,21 +787,21 @@ fn fetch(
     limit: u32,
     purpose: FetchPurpose,
 ) -> Completion {
-    let failed = |frame, not_member| match purpose {
-        FetchPurpose::History => Completion::Reply { to, frame },
-        FetchPurpose::Sync => Completion::PageFailed { to, room, not_member, frame },
+    let failed = |error: ErrorBody, not_member| match purpose {
+        FetchPurpose::History => Completion::Reply { to, frame: ServerFrame::Error(error).reply(to.request_id) },
+        FetchPurpose::Sync(fetch) => Completion::PageFailed { to, room, fetch, not_member, error },
     };
     match store.is_member(room, actor.user_id) {
         Ok(true) => {}
         Ok(false) => {
-            return failed(error_frame(&to, ErrorCode::NOT_MEMBER, format!("not a member of room {room}")), true)
+            return failed(ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {room}")), true)
         }
-        Err(e) => return failed(store_error_frame(&to, &e), false),
+        Err(e) => return failed(store_error(&e), false),
     }
     // One extra row tells whether more follow without a second query.
     let mut deltas = match store.deltas_after(room, after, limit.saturating_add(1)) {
         Ok(d) => d,
-        Err(e) => return failed(store_error_frame(&to, &e), false),
+        Err(e) => return failed(store_error(&e), false),
     };
     let mut more = deltas.len() > limit as usize;
     deltas.truncate(limit as usize);
@@ -812,7 +819,7 @@ fn fetch(
             let frame = ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after }).reply(to.request_id);
             Completion::Reply { to, frame }
         }
-        FetchPurpose::Sync => Completion::Page { to, room, after, deltas, more },
+        FetchPurpose::Sync(fetch) => Completion::Page { to, room, fetch, deltas, more },
     }
 }
 
