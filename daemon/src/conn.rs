@@ -587,3 +587,107 @@ fn read_tls(
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chime_protocol::{FrameDecoder, Ping};
+    use std::io::Read as _;
+
+    /// A connection over a real loopback socket, and the peer's end.
+    fn pair() -> (Conn, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (sock, addr) = listener.accept().expect("accept");
+        sock.set_nonblocking(true).expect("non-blocking");
+        let conn = Conn::new(ConnRef { key: 0, gen: 1 }, TcpStream::from_std(sock), addr, None, 0);
+        (conn, peer)
+    }
+
+    fn pong(nonce: u64) -> Bytes {
+        ServerFrame::Pong(Ping { nonce }).encode(nonce as u32).expect("small")
+    }
+
+    #[test]
+    fn small_replies_cost_their_bytes_not_an_allocation_each() {
+        let (mut c, _peer) = pair();
+        let mut bytes = 0;
+        for n in 0..10_000 {
+            let f = pong(n);
+            bytes += f.len();
+            assert!(c.queue(f, Class::Own, 4 << 20));
+        }
+        assert_eq!(c.queued_bytes(), bytes);
+        // Sealed 16 KiB chunks: the overhead is per chunk, not per frame.
+        let overhead = c.cost() - bytes;
+        assert!(overhead < bytes / 4, "{overhead} bytes of overhead for {bytes} bytes of PONGs");
+        assert_eq!(c.own_cost(), c.cost(), "replies are the connection's own");
+    }
+
+    #[test]
+    fn the_limit_counts_cost_and_refuses_past_it() {
+        let (mut c, _peer) = pair();
+        let big = Bytes::from(vec![0u8; 1000]);
+        let mut queued = 0;
+        while c.queue(big.clone(), Class::Shared, 64 * 1024) {
+            queued += 1;
+            assert!(queued < 100, "never refused");
+        }
+        assert!(c.cost() <= 64 * 1024);
+        assert_eq!(c.own_cost() + queued * 1000, c.cost(), "shared chunks are not the connection's own");
+    }
+
+    #[test]
+    fn ephemeral_frames_are_dropped_first() {
+        let (mut c, _peer) = pair();
+        let eph = Bytes::from(vec![1u8; 20_000]);
+        assert!(c.queue(eph.clone(), Class::Ephemeral, 64 * 1024));
+        assert!(c.queue(eph.clone(), Class::Ephemeral, 64 * 1024));
+        // This one only fits once the ephemeral ones (but the front, which may be half written)
+        // are dropped.
+        assert!(c.queue(Bytes::from(vec![2u8; 30_000]), Class::Shared, 64 * 1024));
+        assert_eq!(c.queued_bytes(), 50_000);
+    }
+
+    #[test]
+    fn frames_leave_in_order_and_a_stall_is_timed() {
+        let (mut c, mut peer) = pair();
+        assert!(c.queue(pong(1), Class::Own, 4 << 20));
+        assert!(c.queue(
+            Bytes::from(ServerFrame::Pong(Ping { nonce: 2 }).encode(2).expect("small")),
+            Class::Shared,
+            4 << 20
+        ));
+        assert!(c.queue(pong(3), Class::Own, 4 << 20));
+        c.flush(5).expect("flush");
+        assert!(!c.has_pending_output());
+        assert_eq!(c.stalled_since, None);
+        let mut got = vec![0u8; 3 * pong(1).len()];
+        peer.read_exact(&mut got).expect("read");
+        let mut buf = BytesMut::from(&got[..]);
+        let nonces: Vec<u64> = std::iter::from_fn(|| FrameDecoder::default().decode(&mut buf).expect("frame"))
+            .map(|raw| match ServerFrame::decode(&raw) {
+                Ok(ServerFrame::Pong(p)) => p.nonce,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(nonces, [1, 2, 3]);
+        // The peer stops reading: the queue stops draining and the stall is dated.
+        let chunk = Bytes::from(vec![0u8; 256 * 1024]);
+        let mut now = 10;
+        while !c.has_pending_output() || c.stalled_since.is_none() {
+            assert!(c.queue(chunk.clone(), Class::Shared, 64 << 20));
+            c.flush(now).expect("flush");
+            now += 1;
+            assert!(now < 1000, "the kernel never filled up");
+        }
+        let since = c.stalled_since.expect("stalled");
+        c.flush(now + 5).expect("flush");
+        assert_eq!(c.stalled_since, Some(since), "no progress: the stall keeps its start");
+        // A GOODBYE replaces what is queued and drops unread input.
+        c.rbuf.extend_from_slice(b"unread");
+        c.goodbye(ErrorCode::RESYNC_REQUIRED, "behind", true);
+        assert!(c.closing && c.rbuf.is_empty());
+        assert!(c.queued_bytes() <= chunk.len() + 64);
+    }
+}
