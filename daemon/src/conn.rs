@@ -592,7 +592,6 @@ fn read_tls(
 mod tests {
     use super::*;
     use chime_protocol::{FrameDecoder, Ping};
-    use std::io::Read as _;
 
     /// A connection over a real loopback socket, and the peer's end.
     fn pair() -> (Conn, std::net::TcpStream) {
@@ -653,11 +652,7 @@ mod tests {
     fn frames_leave_in_order_and_a_stall_is_timed() {
         let (mut c, mut peer) = pair();
         assert!(c.queue(pong(1), Class::Own, 4 << 20));
-        assert!(c.queue(
-            Bytes::from(ServerFrame::Pong(Ping { nonce: 2 }).encode(2).expect("small")),
-            Class::Shared,
-            4 << 20
-        ));
+        assert!(c.queue(ServerFrame::Pong(Ping { nonce: 2 }).encode(2).expect("small"), Class::Shared, 4 << 20));
         assert!(c.queue(pong(3), Class::Own, 4 << 20));
         c.flush(5).expect("flush");
         assert!(!c.has_pending_output());
