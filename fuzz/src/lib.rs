@@ -1,0 +1,7 @@
+//! Checks shared by Chime's fuzz targets (`fuzz_targets/`, one small file per target; see
+//! docs/fuzzing.md for how to run them and what each found).
+//!
+//! - [`bodies`]: decoding any body bytes as any frame type, for either direction.
+#![deny(missing_docs)]
+
+pub mod bodies;
