@@ -213,23 +213,31 @@ impl Conn {
         self.out_bytes + self.tail.len()
     }
 
-    /// What the connection's buffers cost in memory: every byte queued, [`CHUNK_OVERHEAD`] per
-    /// queued chunk, the queue's slots, the coalescing buffer's and the read buffer's capacity.
+    /// What the outbound queue costs in memory: every byte queued, [`CHUNK_OVERHEAD`] per queued
+    /// chunk, the queue's slots and the coalescing buffer's capacity. `max_outbound_bytes` bounds
+    /// it. (The read buffer is bounded apart, by the largest frame: counting it here would let a
+    /// large frame still being received pause the reading that would complete it.)
     pub fn cost(&self) -> usize {
-        self.out_bytes + self.overheads()
+        self.out_bytes + self.queue_overheads()
     }
 
-    /// The part of [`Conn::cost`] that is this connection's alone (shared chunks are counted
-    /// server-wide once, by their owner): what the server-wide budget adds up per connection.
+    /// Everything the connection pins: its queue's cost (shared chunks at their full length) and
+    /// its read buffer.
+    pub fn memory(&self) -> usize {
+        self.cost() + self.rbuf.capacity()
+    }
+
+    /// What the connection holds alone (shared chunks are counted server-wide once, by their
+    /// owner): its own queued bytes, the queue's overheads, the read buffer. What the server-wide
+    /// budget adds up per connection.
     pub fn own_cost(&self) -> usize {
-        self.own_bytes + self.overheads()
+        self.own_bytes + self.queue_overheads() + self.rbuf.capacity()
     }
 
-    fn overheads(&self) -> usize {
+    fn queue_overheads(&self) -> usize {
         self.outq.len() * CHUNK_OVERHEAD
             + self.outq.capacity() * std::mem::size_of::<(Bytes, Class)>()
             + self.tail.capacity()
-            + self.rbuf.capacity()
     }
 
     /// Whether anything waits to be written (in the queue or inside TLS).

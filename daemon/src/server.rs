@@ -445,13 +445,14 @@ impl Server {
     /// Handles readiness of one connection.
     fn service(&mut self, key: usize, readable: bool, writable: bool) {
         let max_buffered = self.config.max_frame as usize + 64 * 1024;
-        let pause_above = self.pause_above();
+        let over_budget = self.over_budget();
+        let max_outbound = self.config.max_outbound_bytes;
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         let mut closed = false;
         if readable && !conn.closing {
-            if conn.cost() > pause_above {
+            if !may_read(conn, max_outbound, over_budget) {
                 // Its replies are not being read: reading more requests would only queue more.
                 // `flush_dirty` reads again once the queue has drained.
                 conn.read_paused = true;
@@ -477,12 +478,13 @@ impl Server {
     }
 
     fn process_frames(&mut self, key: usize) {
+        let max_outbound = self.config.max_outbound_bytes;
         loop {
-            let pause_above = self.pause_above();
+            let over_budget = self.over_budget();
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
-            if conn.cost() > pause_above {
+            if !may_read(conn, max_outbound, over_budget) {
                 conn.read_paused = true;
             }
             if conn.closing
@@ -515,17 +517,6 @@ impl Server {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.shrink_read_buffer();
             self.totals.reconcile(conn);
-        }
-    }
-
-    /// Above what cost a connection is not read: half its limit normally; while the server is
-    /// over its outbound budget, `FAIR_SHARE`, so the connections that hold the most stop adding
-    /// to it at once (the budget's enforcement then cuts them off).
-    fn pause_above(&self) -> usize {
-        if self.over_budget() {
-            FAIR_SHARE
-        } else {
-            self.config.max_outbound_bytes / READ_PAUSE_DIVISOR
         }
     }
 
@@ -1188,6 +1179,7 @@ impl Server {
         // of the same batch, so authors hear their ack before a thousand recipients are served.
         let mut dirty = std::mem::take(&mut self.dirty);
         let resume_below = self.config.max_outbound_bytes / 4;
+        let over_budget = self.over_budget();
         let now = self.now_secs;
         for key in dirty.drain(..) {
             let Some(c) = self.conns.get_mut(key) else { continue };
@@ -1204,7 +1196,7 @@ impl Server {
                 continue;
             }
             if c.cost() < resume_below {
-                if c.read_paused {
+                if c.read_paused && may_read(c, self.config.max_outbound_bytes, over_budget) {
                     c.read_paused = false;
                     self.again.push(key);
                 }
@@ -1230,7 +1222,7 @@ impl Server {
         }
         self.last_enforced = Some(now);
         let mut big: Vec<(usize, usize)> =
-            self.conns.iter().filter(|(_, c)| c.cost() > FAIR_SHARE).map(|(k, c)| (c.cost(), k)).collect();
+            self.conns.iter().filter(|(_, c)| c.memory() > FAIR_SHARE).map(|(k, c)| (c.memory(), k)).collect();
         big.sort_unstable_by(|a, b| b.cmp(a));
         let mut cut = 0;
         for (_, key) in big {
@@ -1268,6 +1260,9 @@ impl Server {
         let mut to_ping = Vec::new();
         let mut to_retry = Vec::new();
         let mut expired = Vec::new();
+        let mut to_resume = Vec::new();
+        let max_outbound = self.config.max_outbound_bytes;
+        let over_budget = self.over_budget();
         for (key, c) in self.conns.iter_mut() {
             c.shrink_idle();
             if c.stalled_since.is_some_and(|since| now.saturating_sub(since) >= write_timeout) {
@@ -1300,6 +1295,11 @@ impl Server {
             }
             // A timeout above may have replaced the queue with a GOODBYE.
             self.totals.reconcile(c);
+            if c.read_paused && !c.closing && c.cost() < max_outbound / 4 && may_read(c, max_outbound, over_budget) {
+                // Paused while the server was over its budget, with nothing queued to flush.
+                c.read_paused = false;
+                to_resume.push(key);
+            }
             if c.sync.as_ref().is_some_and(|s| !s.deferred.is_empty()) {
                 to_retry.push(key);
             }
@@ -1317,6 +1317,7 @@ impl Server {
         for key in to_retry {
             self.retry_deferred(key);
         }
+        self.again.extend(to_resume);
         self.flush_dirty();
         self.give_back_memory();
     }
@@ -1375,6 +1376,13 @@ impl Server {
         let _ = self.poll.registry().deregister(c.socket());
         log::debug!("connection {key} from {} closed", c.peer);
     }
+}
+
+/// Whether a connection may be read: not while its unread replies cost more than half its limit
+/// (replies it does not read stop it from asking for more), nor, while the server is over its
+/// outbound budget, while it holds more than `FAIR_SHARE` (it would only add to the excess).
+fn may_read(c: &Conn, max_outbound: usize, over_budget: bool) -> bool {
+    c.cost() <= max_outbound / READ_PAUSE_DIVISOR && !(over_budget && c.own_cost() > FAIR_SHARE)
 }
 
 /// What all connections' buffers cost together (their `Conn::own_cost`; published batches are

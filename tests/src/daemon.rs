@@ -151,16 +151,19 @@ impl Daemon {
                 (temp.path().to_path_buf(), Some(temp))
             }
         };
-        // Private, as chimed makes the data dirs it creates (it warns about shared ones).
-        let mut builder = fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        if let Err(e) = builder.create(&data_dir) {
-            panic!("cannot create {}: {e}", data_dir.display());
+        // Private, as chimed makes the data dirs it creates (it warns about shared ones); a dir
+        // the test passes in is left as the test made it.
+        if !data_dir.exists() {
+            let mut builder = fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            if let Err(e) = builder.create(&data_dir) {
+                panic!("cannot create {}: {e}", data_dir.display());
+            }
         }
         #[cfg(unix)]
-        {
+        if temp.is_some() {
             use std::os::unix::fs::PermissionsExt;
             let _ = fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700));
         }
