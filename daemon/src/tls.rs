@@ -7,8 +7,8 @@
 //! server as an impostor.
 
 use crate::config::{create_private_dir, Config};
-use chime_protocol::client::cert_fingerprint;
-pub use chime_protocol::client::fingerprint_hex;
+use chime_protocol::fingerprint::cert_fingerprint;
+pub use chime_protocol::fingerprint::fingerprint_hex;
 use rustls::crypto::ring;
 use rustls::server::NoServerSessionStorage;
 use rustls::ServerConfig;

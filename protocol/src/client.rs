@@ -13,6 +13,7 @@
 //!
 //! Only `std` is used (no unix-specific APIs), so the client builds for Windows unchanged.
 
+pub use crate::fingerprint::{cert_fingerprint, fingerprint_hex, parse_fingerprint};
 use crate::frame::{DecodeError, EncodeError, FrameDecoder, DEFAULT_MAX_FRAME};
 use crate::messages::*;
 use crate::types::{ErrorCode, RoomKind};
@@ -524,24 +525,6 @@ impl Client {
     }
 }
 
-/// Lower-case hex of a fingerprint, no separators (64 characters).
-pub fn fingerprint_hex(fp: &[u8; 32]) -> String {
-    hex::encode(fp)
-}
-
-/// Parses what [`fingerprint_hex`] prints (colons, as other tools print them, are ignored).
-pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
-    let clean: String = s.chars().filter(|c| *c != ':').collect();
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(clean.trim(), &mut out).ok()?;
-    Some(out)
-}
-
-/// SHA-256 of a DER certificate, as pinned.
-pub fn cert_fingerprint(der: &[u8]) -> [u8; 32] {
-    Sha256::digest(der).into()
-}
-
 /// A fresh idempotency key for [`Client::post`]: 128 random bits as 32 lower-case hex characters.
 pub fn new_idempotency_key() -> String {
     let mut bytes = [0u8; 16];
@@ -893,16 +876,6 @@ mod tests {
         assert_eq!(server_name("[::1]:7878", peer), ServerName::from("::1".parse::<IpAddr>().unwrap()));
         assert_eq!(server_name("10.0.0.1:1", peer), ServerName::from(IpAddr::from([10, 0, 0, 1])));
         assert_eq!(server_name("bad_name!:1", peer), ServerName::from(peer.ip()));
-    }
-
-    #[test]
-    fn fingerprint_hex_round_trips() {
-        let fp = cert_fingerprint(b"cert");
-        let hex = fingerprint_hex(&fp);
-        assert_eq!(hex.len(), 64);
-        assert_eq!(hex, hex.to_lowercase());
-        assert_eq!(parse_fingerprint(&hex), Some(fp));
-        assert_eq!(parse_fingerprint("00:11"), None);
     }
 
     #[test]

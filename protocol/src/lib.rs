@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod fingerprint;
 pub mod frame;
 pub mod messages;
 pub mod types;
