@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod backoff;
+pub mod blocking;
 mod error;
 pub mod home;
 mod idempotency;

@@ -2,101 +2,17 @@
 //! interleaved pushes, PING answering, paging, errors, GOODBYE, timeouts, and TLS pinning.
 #![allow(clippy::unwrap_used)]
 
-use bytes::BytesMut;
-use chime_protocol::client::{cert_fingerprint, fingerprint_hex, Client, ClientError, ConnectOptions};
+mod util;
+
+use chime_client::blocking::{Client, ClientError, ConnectOptions};
+use chime_client::fingerprint_hex;
 use chime_protocol::frame::encode;
 use chime_protocol::*;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
+use std::io::Read;
+use std::net::TcpListener;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
-
-/// The server side of one connection, speaking frames over any byte stream.
-struct Peer<S: Read + Write> {
-    stream: S,
-    buf: BytesMut,
-    decoder: FrameDecoder,
-}
-
-impl<S: Read + Write> Peer<S> {
-    fn new(stream: S) -> Self {
-        Peer { stream, buf: BytesMut::new(), decoder: FrameDecoder::default() }
-    }
-
-    /// The next client frame; panics (failing the test) on EOF or garbage.
-    fn read(&mut self) -> (u32, ClientFrame) {
-        loop {
-            if let Some(raw) = self.decoder.decode(&mut self.buf).unwrap() {
-                return (raw.request_id, ClientFrame::decode(&raw).unwrap());
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "client closed the connection unexpectedly");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    fn send(&mut self, id: u32, frame: &ServerFrame) {
-        self.stream.write_all(&frame.encode(id).unwrap()).unwrap();
-        self.stream.flush().unwrap();
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-        self.stream.flush().unwrap();
-    }
-
-    /// Reads the HELLO and answers WELCOME.
-    fn handshake(&mut self) {
-        let (id, frame) = self.read();
-        match frame {
-            ClientFrame::Hello(h) => {
-                assert_eq!(h.magic, MAGIC);
-                assert_eq!(h.protocol_version, PROTOCOL_VERSION);
-                assert_eq!(h.client_name, "chime");
-            }
-            other => panic!("expected HELLO, got {other:?}"),
-        }
-        assert_eq!(id, 1, "HELLO takes the first request id");
-        self.send(id, &ServerFrame::Welcome(welcome()));
-    }
-}
-
-fn welcome() -> Welcome {
-    Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        server_name: "test".into(),
-        server_version: "0".into(),
-        max_frame: DEFAULT_MAX_FRAME,
-        heartbeat_secs: 30,
-    }
-}
-
-fn delta(room: u64, seq: u64, text: &str) -> Delta {
-    Delta {
-        room,
-        seq,
-        kind: DeltaKind::MESSAGE,
-        author_id: 7,
-        author: "ann".into(),
-        ts_ms: 1_700_000_000_000,
-        text: text.into(),
-    }
-}
-
-/// Runs `script` against the first connection to a fresh loopback listener.
-fn plain_server(script: impl FnOnce(Peer<TcpStream>) + Send + 'static) -> (String, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let handle = thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        // Bounds the test if the client under test stops talking.
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        script(Peer::new(tcp));
-    });
-    (addr, handle)
-}
+use util::*;
 
 fn opts(addr: &str) -> ConnectOptions {
     let mut o = ConnectOptions::new(addr, false);
@@ -254,10 +170,74 @@ fn oversized_frame_from_server_is_a_decode_error() {
     server.join().unwrap();
 }
 
+#[test]
+fn followed_rooms_are_delivered_once_in_order_and_gaps_filled() {
+    let (addr, server) = plain_server(|mut p| {
+        p.handshake();
+        let (id, f) = p.read();
+        assert_eq!(f, ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: 1, seq: 0 }], page_size: 500 }));
+        let page =
+            DeltaPage { room: 1, deltas: vec![delta(1, 1, "a"), delta(1, 2, "b")], more: false, resume_after: 2 };
+        p.send(id, &ServerFrame::DeltaPage(page));
+        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 2 }] }));
+        p.send(0, &ServerFrame::Delta(delta(1, 3, "c")));
+        p.send(0, &ServerFrame::Delta(delta(1, 5, "e"))); // 4 was lost
+                                                          // The session asks for what is missing by itself.
+        let (id, f) = p.read();
+        assert_eq!(f, ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: 1, seq: 3 }], page_size: 500 }));
+        let page =
+            DeltaPage { room: 1, deltas: vec![delta(1, 4, "d"), delta(1, 5, "e")], more: false, resume_after: 5 };
+        p.send(id, &ServerFrame::DeltaPage(page));
+        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 5 }] }));
+        p.send(0, &ServerFrame::Delta(delta(1, 5, "e"))); // a duplicate
+        p.send(0, &ServerFrame::Delta(delta(1, 6, "f")));
+    });
+    let mut c = Client::connect(&opts(&addr)).unwrap();
+    c.follow(1, 0);
+    let sync_id = c.sync_followed().unwrap().unwrap();
+    let (mut seqs, mut gaps, mut done) = (Vec::new(), 0, false);
+    while seqs.last() != Some(&6) {
+        match c.next_event(Some(Duration::from_secs(5))).unwrap() {
+            Some(chime_client::Event::Delta { delta, .. }) => seqs.push(delta.seq),
+            Some(chime_client::Event::Gap { room: 1, cursor: 3, seq: 5, resync: Some(_) }) => gaps += 1,
+            Some(chime_client::Event::Reply { request_id, frame: ServerFrame::SyncDone(_) }) => {
+                assert_eq!(request_id, sync_id, "only the caller's SYNC is reported");
+                done = true;
+            }
+            Some(_) => {}
+            None => panic!("stopped after {seqs:?}"),
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+    assert_eq!((gaps, done), (1, true));
+    assert_eq!(c.session().cursor(1), Some(6));
+    server.join().unwrap();
+}
+
+#[test]
+fn a_silent_server_is_pinged_then_given_up_on() {
+    let (addr, server) = plain_server(|mut p| {
+        let (id, _) = p.read();
+        p.send(id, &ServerFrame::Welcome(Welcome { heartbeat_secs: 1, ..welcome() }));
+        // The client pings after a second of silence; no answer comes.
+        let (_, f) = p.read();
+        assert!(matches!(f, ClientFrame::Ping(_)), "expected the heartbeat PING, got {f:?}");
+        let mut rest = Vec::new();
+        let _ = p.stream.read_to_end(&mut rest);
+    });
+    let mut c = Client::connect(&opts(&addr)).unwrap();
+    let started = std::time::Instant::now();
+    let err = c.recv(Some(Duration::from_secs(10))).unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(err, ClientError::Timeout), "{err:?}");
+    assert!(waited >= Duration::from_millis(2900) && waited < Duration::from_secs(5), "gave up after {waited:?}");
+    drop(c);
+    server.join().unwrap();
+}
+
 mod tls {
     use super::*;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    use rustls::{ServerConfig, ServerConnection, StreamOwned};
+    use rustls::{ServerConnection, StreamOwned};
 
     struct TlsServer {
         addr: String,
@@ -268,17 +248,7 @@ mod tls {
     /// A TLS server that answers the handshake on `conns` connections, one after the other.
     /// Connections whose TLS handshake fails (a refused pin) are skipped.
     fn tls_server(conns: usize, versions: &[&'static rustls::SupportedProtocolVersion]) -> TlsServer {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let cert: CertificateDer<'static> = ck.cert.der().clone();
-        let fingerprint = cert_fingerprint(&cert);
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-        let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(versions)
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .unwrap();
-        let config = Arc::new(config);
+        let (config, fingerprint) = tls_config(versions);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let handle = thread::spawn(move || {
@@ -312,7 +282,7 @@ mod tls {
 
     fn ping_and_big_post(c: &mut Client) {
         c.ping().unwrap();
-        let posted = c.post(1, &chime_protocol::client::new_idempotency_key(), &"x".repeat(BIG_TEXT)).unwrap();
+        let posted = c.post(1, &chime_client::new_idempotency_key(), &"x".repeat(BIG_TEXT)).unwrap();
         assert_eq!(posted.seq, 2);
     }
 

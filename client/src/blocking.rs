@@ -1,0 +1,719 @@
+//! A blocking request/reply client over `std::net` and rustls: [`Client`].
+//!
+//! Each call writes what the [`Session`] queued and reads until the answer it waits for arrives,
+//! with a timeout; everything else that arrives meanwhile (pushes, replies to requests sent with
+//! [`Client::send`]) is kept, in order, for [`Client::recv`] or [`Client::next_event`]. The
+//! session does the protocol: request ids, reply matching, answering server pings, heartbeats
+//! (checked whenever the client waits), SYNC page checks and, for rooms given to
+//! [`Client::follow`], gap detection and resync. `chime`, the setup phase of `chime-load` and the
+//! integration tests all talk to `chimed` through this type.
+//!
+//! TLS is trust-on-first-use ([`crate::tls`]): the SHA-256 of the server's leaf certificate is
+//! exposed with [`Client::server_fingerprint`] for the caller to pin, and a pinned fingerprint
+//! that does not match fails the handshake with [`ClientError::FingerprintMismatch`].
+//!
+//! Only `std` is used (no unix-specific APIs), so the client builds for Windows unchanged.
+
+pub use crate::error::ClientError;
+pub use crate::idempotency::new_idempotency_key;
+use crate::session::{Event, Session, SessionConfig, Tick, HELLO_ID};
+use crate::tls::{server_name, tofu_client_config};
+use chime_protocol::fingerprint::fingerprint_hex;
+use chime_protocol::{
+    Authed, ClientFrame, CreateRoom, Credentials, Delta, DeltaPage, Empty, History, ListMembers, ListRooms,
+    ListSessions, MemberInfo, Ping, Post, Posted, Resume, RevokeSessions, RoomCursor, RoomInfo, RoomKind, RoomRef,
+    ServerFrame, SessionInfo, Sync, SyncDone, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+};
+use rustls::ClientConnection;
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+/// Page size [`Client::members`], [`Client::list_rooms`] and [`Client::list_sessions`] ask for.
+const PAGE: u32 = 500;
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How to reach a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// `HOST:PORT` (`[v6]:PORT` for IPv6 literals).
+    pub addr: String,
+    /// Whether to speak TLS (the default listener) or plaintext (a `--plaintext-listen` one).
+    pub tls: bool,
+    /// If set, the handshake fails unless the server's leaf certificate has this SHA-256.
+    pub pinned_fingerprint: Option<[u8; 32]>,
+    /// Sent in `HELLO`, for the server's logs.
+    pub client_name: String,
+    /// Sent in `HELLO`, for the server's logs.
+    pub client_version: String,
+    /// Limit for connecting (TCP and TLS handshake and `HELLO`) and for each request's reply.
+    pub timeout: Duration,
+    /// The largest length field accepted from the server.
+    pub max_frame: u32,
+}
+
+impl ConnectOptions {
+    /// Options with client name `"chime"`, this crate's version, a 10 s timeout and the default
+    /// maximum frame.
+    pub fn new(addr: impl Into<String>, tls: bool) -> Self {
+        ConnectOptions {
+            addr: addr.into(),
+            tls,
+            pinned_fingerprint: None,
+            client_name: "chime".to_string(),
+            client_version: env!("CARGO_PKG_VERSION").to_string(),
+            timeout: Duration::from_secs(10),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// A connected, handshaken Chime connection.
+///
+/// Not thread-safe by design: one thread drives it, as with a `TcpStream`.
+#[derive(Debug)]
+pub struct Client {
+    /// The byte stream, plain or TLS.
+    transport: Transport,
+    /// The protocol state.
+    session: Session,
+    /// Events that arrived while waiting for something else (pushes, replies to `send`), oldest
+    /// first; all older than anything still in the session.
+    queue: VecDeque<Event>,
+    /// Per-request reply timeout.
+    timeout: Duration,
+    /// The server's answer to our `HELLO`.
+    welcome: Welcome,
+    /// SHA-256 of the server's leaf certificate (TLS only).
+    fingerprint: Option<[u8; 32]>,
+    /// Nonce for the next [`Client::ping`].
+    next_nonce: u64,
+}
+
+impl Client {
+    /// Connects (TCP with `TCP_NODELAY`, then TLS if asked) and performs the `HELLO`/`WELCOME`
+    /// handshake.
+    pub fn connect(opts: &ConnectOptions) -> Result<Client, ClientError> {
+        let deadline = Instant::now() + opts.timeout;
+        let tcp = connect_tcp(&opts.addr, opts.timeout)?;
+        tcp.set_nodelay(true)?;
+        tcp.set_write_timeout(Some(opts.timeout.max(Duration::from_millis(1))))?;
+        let (transport, fingerprint) = if opts.tls {
+            let (tls, fp) = TlsTransport::handshake(tcp, opts, deadline)?;
+            (Transport::Tls(Box::new(tls)), Some(fp))
+        } else {
+            (Transport::Plain(tcp), None)
+        };
+        let mut config = SessionConfig::new(opts.client_name.clone(), opts.client_version.clone());
+        config.max_frame = opts.max_frame;
+        let mut client = Client {
+            transport,
+            session: Session::new(config, Instant::now()),
+            queue: VecDeque::new(),
+            timeout: opts.timeout,
+            welcome: Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                server_name: String::new(),
+                server_version: String::new(),
+                max_frame: DEFAULT_MAX_FRAME,
+                heartbeat_secs: 0,
+            },
+            fingerprint,
+            next_nonce: 1,
+        };
+        client.flush()?;
+        loop {
+            // A refusal is an ERROR then GOODBYE/close; the ERROR says more than the close does,
+            // whatever request id the server gave it.
+            let event = match client.next_session_event(Some(deadline)) {
+                Ok(Some(event)) => event,
+                Ok(None) => return Err(ClientError::Timeout),
+                Err(ClientError::Closed(g)) => {
+                    return Err(client.take_queued_error().unwrap_or(ClientError::Closed(g)))
+                }
+                Err(e) => return Err(e),
+            };
+            match event {
+                Event::Connected(welcome) => {
+                    client.welcome = welcome;
+                    return Ok(client);
+                }
+                Event::Failed { request_id: HELLO_ID, error } => return Err(ClientError::Server(error)),
+                Event::Invalid { request_id: HELLO_ID, error } => return Err(error.into()),
+                Event::Goodbye(g) => {
+                    return Err(client.take_queued_error().unwrap_or(ClientError::Closed(Some(g))));
+                }
+                other => client.queue.push_back(other),
+            }
+        }
+    }
+
+    /// SHA-256 of the server's leaf certificate DER, for pinning (TLS connections only).
+    pub fn server_fingerprint(&self) -> Option<[u8; 32]> {
+        self.fingerprint
+    }
+
+    /// The server's `WELCOME`.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The protocol state: followed rooms' cursors, pending requests, why it closed.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Sends a frame under the next request id and returns that id. The reply is read by
+    /// [`Client::recv`]. Frames longer than the server's `max_frame` are refused locally, since
+    /// the server would drop the connection for them.
+    pub fn send(&mut self, frame: &ClientFrame) -> Result<u32, ClientError> {
+        let id = self.session.send(frame)?;
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Returns the next frame from the server, reply or push, oldest first. `timeout: None`
+    /// waits indefinitely; `Ok(None)` means the timeout passed with nothing to return.
+    ///
+    /// A server `PING` is answered and not returned; a `GOODBYE` is returned as
+    /// `Err(Closed(Some(..)))` and EOF as `Err(Closed(None))`. A frame that cannot be decoded is
+    /// returned as `Err(Decode(..))`; unless the error is fatal, later frames can still be read.
+    /// For followed rooms (see [`Client::follow`]) pushes are the ones the session passes on
+    /// (no duplicates, none past a gap), and deltas it fetched itself are not returned here (see
+    /// [`Client::next_event`]).
+    pub fn recv(&mut self, timeout: Option<Duration>) -> Result<Option<(u32, ServerFrame)>, ClientError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let event = match self.queue.pop_front() {
+                Some(event) => event,
+                None => match self.next_session_event(deadline)? {
+                    Some(event) => event,
+                    None => return Ok(None),
+                },
+            };
+            match event {
+                Event::Reply { request_id, frame } => return Ok(Some((request_id, frame))),
+                Event::Failed { request_id, error } => return Ok(Some((request_id, ServerFrame::Error(error)))),
+                Event::Delta { delta, sync: None } => return Ok(Some((0, ServerFrame::Delta(delta)))),
+                Event::Goodbye(g) => return Err(ClientError::Closed(Some(g))),
+                Event::Invalid { error, .. } => return Err(error.into()),
+                Event::Delta { sync: Some(_), .. } | Event::Gap { .. } | Event::Connected(_) => {}
+            }
+        }
+    }
+
+    /// Returns the next [`Event`], oldest first, reading as needed; `Ok(None)` once `timeout`
+    /// passes (`None` waits indefinitely). Unlike [`Client::recv`] this gives everything the
+    /// session reports, including the deltas of followed rooms however they arrived and the gaps
+    /// it filled. After a [`Event::Goodbye`] the next call reports the close.
+    pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, ClientError> {
+        if let Some(event) = self.queue.pop_front() {
+            return Ok(Some(event));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.next_session_event(deadline)
+    }
+
+    /// Follows `room` from `cursor` (see [`Session::follow`]): its deltas then come as
+    /// [`Event::Delta`]s from [`Client::next_event`], once each and in order, and the session
+    /// SYNCs gaps by itself.
+    pub fn follow(&mut self, room: u64, cursor: u64) {
+        self.session.follow(room, cursor);
+    }
+
+    /// SYNCs every followed room not being synced yet, from its cursor (see
+    /// [`Session::sync_followed`]); returns the SYNC's request id, `None` if there was nothing to
+    /// sync. Its outcome comes through [`Client::next_event`].
+    pub fn sync_followed(&mut self) -> Result<Option<u32>, ClientError> {
+        let id = self.session.sync_followed()?;
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Sends a request and waits (up to the connect options' timeout) for the reply carrying its
+    /// id. Anything else that arrives meanwhile is queued for [`Client::recv`]. An `ERROR` reply
+    /// becomes `Err(Server(..))`.
+    ///
+    /// After a `Timeout` the late reply, if it ever comes, is queued like any other frame.
+    pub fn request(&mut self, frame: &ClientFrame) -> Result<ServerFrame, ClientError> {
+        let id = self.send(frame)?;
+        let deadline = Instant::now() + self.timeout;
+        self.await_reply(id, deadline)
+    }
+
+    /// `REGISTER`: creates the account and logs in; the reply carries a session token.
+    pub fn register(&mut self, user: &str, password: &str, user_agent: &str) -> Result<Authed, ClientError> {
+        let creds = credentials(user, password, user_agent);
+        match self.request(&ClientFrame::Register(creds))? {
+            ServerFrame::Authed(a) => Ok(a),
+            other => Err(unexpected("AUTHED", &other)),
+        }
+    }
+
+    /// `LOGIN` with a password; the reply carries a session token.
+    pub fn login(&mut self, user: &str, password: &str, user_agent: &str) -> Result<Authed, ClientError> {
+        let creds = credentials(user, password, user_agent);
+        match self.request(&ClientFrame::Login(creds))? {
+            ServerFrame::Authed(a) => Ok(a),
+            other => Err(unexpected("AUTHED", &other)),
+        }
+    }
+
+    /// `RESUME`: logs in with a session token from an earlier `AUTHED`.
+    pub fn resume(&mut self, token: &str, user_agent: &str) -> Result<Authed, ClientError> {
+        let body = Resume { token: token.to_string(), user_agent: user_agent.to_string() };
+        match self.request(&ClientFrame::Resume(body))? {
+            ServerFrame::Authed(a) => Ok(a),
+            other => Err(unexpected("AUTHED", &other)),
+        }
+    }
+
+    /// `LOGOUT`: revokes the session token in use.
+    pub fn logout(&mut self) -> Result<(), ClientError> {
+        match self.request(&ClientFrame::Logout(Empty {}))? {
+            ServerFrame::Done(_) => Ok(()),
+            other => Err(unexpected("DONE", &other)),
+        }
+    }
+
+    /// `CREATE_ROOM` for a group room; the creator becomes its owner.
+    pub fn create_room(&mut self, name: &str) -> Result<RoomInfo, ClientError> {
+        let body = CreateRoom { name: name.to_string(), kind: RoomKind::GROUP };
+        match self.request(&ClientFrame::CreateRoom(body))? {
+            ServerFrame::RoomInfo(r) => Ok(r),
+            other => Err(unexpected("ROOM_INFO", &other)),
+        }
+    }
+
+    /// `JOIN_ROOM`.
+    pub fn join_room(&mut self, room: u64) -> Result<RoomInfo, ClientError> {
+        match self.request(&ClientFrame::JoinRoom(RoomRef { room }))? {
+            ServerFrame::RoomInfo(r) => Ok(r),
+            other => Err(unexpected("ROOM_INFO", &other)),
+        }
+    }
+
+    /// `LEAVE_ROOM`.
+    pub fn leave_room(&mut self, room: u64) -> Result<(), ClientError> {
+        match self.request(&ClientFrame::LeaveRoom(RoomRef { room }))? {
+            ServerFrame::Done(_) => Ok(()),
+            other => Err(unexpected("DONE", &other)),
+        }
+    }
+
+    /// Every room the user is in, fetched with `LIST_ROOMS` pages of 500 until `next_after` is
+    /// `None`.
+    pub fn list_rooms(&mut self) -> Result<Vec<RoomInfo>, ClientError> {
+        self.all_pages(
+            "ROOM_LIST",
+            |after_room| ClientFrame::ListRooms(ListRooms { after_room, limit: PAGE }),
+            |f| match f {
+                ServerFrame::RoomList(l) => Ok((l.rooms, l.next_after)),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// All members of a room, fetched with `LIST_MEMBERS` pages of 500 until `next_after` is
+    /// `None`.
+    pub fn members(&mut self, room: u64) -> Result<Vec<MemberInfo>, ClientError> {
+        self.all_pages(
+            "MEMBER_LIST",
+            |after_user| ClientFrame::ListMembers(ListMembers { room, after_user, limit: PAGE }),
+            |f| match f {
+                ServerFrame::MemberList(l) => Ok((l.members, l.next_after)),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// The user's live sessions, fetched with `LIST_SESSIONS` pages of 500.
+    pub fn list_sessions(&mut self) -> Result<Vec<SessionInfo>, ClientError> {
+        self.all_pages(
+            "SESSION_LIST",
+            |after_session| ClientFrame::ListSessions(ListSessions { after_session, limit: PAGE }),
+            |f| match f {
+                ServerFrame::SessionList(l) => Ok((l.sessions, l.next_after)),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// `REVOKE_SESSIONS`: revokes one session of the user, or all of them with `None`; returns
+    /// how many were revoked. Revoking the session in use ends this connection right after the
+    /// reply (the next read returns `Closed` with GOODBYE `SESSION_REVOKED`).
+    pub fn revoke_sessions(&mut self, session: Option<u64>) -> Result<u32, ClientError> {
+        match self.request(&ClientFrame::RevokeSessions(RevokeSessions { session }))? {
+            ServerFrame::SessionsRevoked(r) => Ok(r.count),
+            other => Err(unexpected("SESSIONS_REVOKED", &other)),
+        }
+    }
+
+    /// Requests pages until the reply's cursor is `None`. `request` builds the request for a
+    /// cursor; `page` splits a reply into its items and next cursor (or gives the frame back when
+    /// it is not the expected reply, named `what`).
+    fn all_pages<T>(
+        &mut self,
+        what: &str,
+        request: impl Fn(u64) -> ClientFrame,
+        page: impl Fn(ServerFrame) -> Result<(Vec<T>, Option<u64>), ServerFrame>,
+    ) -> Result<Vec<T>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let (items, next) = page(self.request(&request(after))?).map_err(|other| unexpected(what, &other))?;
+            all.extend(items);
+            match next {
+                None => return Ok(all),
+                // A cursor that does not move forward would make this loop forever.
+                Some(next) if next <= after => {
+                    return Err(ClientError::Protocol(format!(
+                        "{what} next_after {next} does not advance past {after}"
+                    )))
+                }
+                Some(next) => after = next,
+            }
+        }
+    }
+
+    /// `POST`: returns once the server has made the message durable. Retrying with the same
+    /// `idempotency_key` (see [`new_idempotency_key`]) never posts twice.
+    pub fn post(&mut self, room: u64, idempotency_key: &str, text: &str) -> Result<Posted, ClientError> {
+        let body = Post { room, idempotency_key: idempotency_key.to_string(), text: text.to_string() };
+        match self.request(&ClientFrame::Post(body))? {
+            ServerFrame::Posted(p) => Ok(p),
+            other => Err(unexpected("POSTED", &other)),
+        }
+    }
+
+    /// `HISTORY`: one page of a room's deltas after `after`.
+    pub fn history(&mut self, room: u64, after: u64, limit: u32) -> Result<DeltaPage, ClientError> {
+        match self.request(&ClientFrame::History(History { room, after, limit }))? {
+            ServerFrame::DeltaPage(p) => Ok(p),
+            other => Err(unexpected("DELTA_PAGE", &other)),
+        }
+    }
+
+    /// `SYNC`: streams every delta after each cursor through `on_delta`, in seq order per room,
+    /// and returns the `SYNC_DONE`. `DELTA` pushes arriving meanwhile are queued for
+    /// [`Client::recv`]; after `SYNC_DONE` they continue exactly where the sync stopped.
+    ///
+    /// The timeout applies between pages, not to the whole sync. The session checks that each
+    /// page continues its room from the cursor: a gap or a repeat is a `Protocol` error rather
+    /// than silently lost or doubled messages.
+    pub fn sync(
+        &mut self,
+        cursors: &[RoomCursor],
+        page_size: u32,
+        on_delta: &mut dyn FnMut(&Delta),
+    ) -> Result<SyncDone, ClientError> {
+        let id = self.send(&ClientFrame::Sync(Sync { rooms: cursors.to_vec(), page_size }))?;
+        loop {
+            let deadline = Instant::now() + self.timeout;
+            match self.await_reply(id, deadline)? {
+                ServerFrame::DeltaPage(page) => {
+                    for delta in &page.deltas {
+                        on_delta(delta);
+                    }
+                }
+                ServerFrame::SyncDone(done) => return Ok(done),
+                other => return Err(unexpected("DELTA_PAGE or SYNC_DONE", &other)),
+            }
+        }
+    }
+
+    /// `PING`: measures one round trip.
+    pub fn ping(&mut self) -> Result<Duration, ClientError> {
+        let nonce = self.next_nonce;
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        let start = Instant::now();
+        match self.request(&ClientFrame::Ping(Ping { nonce }))? {
+            ServerFrame::Pong(p) if p.nonce == nonce => Ok(start.elapsed()),
+            ServerFrame::Pong(p) => {
+                Err(ClientError::Protocol(format!("PONG echoed nonce {} instead of {nonce}", p.nonce)))
+            }
+            other => Err(unexpected("PONG", &other)),
+        }
+    }
+
+    /// Removes and returns the first queued `ERROR`, as a `Server` error.
+    fn take_queued_error(&mut self) -> Option<ClientError> {
+        let pos = self.queue.iter().position(|e| matches!(e, Event::Failed { .. }))?;
+        match self.queue.remove(pos) {
+            Some(Event::Failed { error, .. }) => Some(ClientError::Server(error)),
+            _ => None,
+        }
+    }
+
+    /// Writes everything the session queued.
+    fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.session.has_output() {
+            return Ok(());
+        }
+        let out = self.session.pending_output();
+        let n = out.len();
+        self.transport.write_all(out).map_err(io_error)?;
+        self.session.consume_output(n);
+        Ok(())
+    }
+
+    /// Reads until the reply with request id `id` arrives, queueing every other event.
+    fn await_reply(&mut self, id: u32, deadline: Instant) -> Result<ServerFrame, ClientError> {
+        loop {
+            match self.next_session_event(Some(deadline))? {
+                None => return Err(ClientError::Timeout),
+                Some(Event::Reply { request_id, frame }) if request_id == id => return Ok(frame),
+                Some(Event::Failed { request_id, error }) if request_id == id => {
+                    return Err(ClientError::Server(error))
+                }
+                Some(Event::Invalid { request_id, error }) if request_id == id => return Err(error.into()),
+                Some(Event::Goodbye(g)) => return Err(ClientError::Closed(Some(g))),
+                Some(other) => self.queue.push_back(other),
+            }
+        }
+    }
+
+    /// The session's next event, reading (and writing what reading makes it queue: pongs,
+    /// resyncs, heartbeat pings) until one comes. `Ok(None)` once `deadline` passes; the session's
+    /// close reason once it is closed and every event was taken.
+    fn next_session_event(&mut self, deadline: Option<Instant>) -> Result<Option<Event>, ClientError> {
+        // Even an expired deadline gets one short read, so `recv(Some(Duration::ZERO))` polls.
+        let mut first_read = true;
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            if let Some(event) = self.session.poll_event() {
+                return Ok(Some(event));
+            }
+            if let Some(why) = self.session.closed() {
+                return Err(why.clone().into());
+            }
+            let now = Instant::now();
+            match self.session.on_tick(now) {
+                Tick::Pinged => self.flush()?,
+                Tick::Dead => continue,
+                Tick::Alive => {}
+            }
+            let mut wait = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(now) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ if first_read => Some(Duration::from_millis(1)),
+                    _ => return Ok(None),
+                },
+            };
+            if let Some(tick) = self.session.next_tick() {
+                // Never a zero wait: a zero socket timeout means "block forever" or an error to std.
+                let until = tick.saturating_duration_since(now).max(Duration::from_millis(1));
+                wait = Some(wait.map_or(until, |w| w.min(until)));
+            }
+            first_read = false;
+            match self.transport.read(&mut chunk, wait) {
+                Ok(0) => self.session.handle_eof(),
+                Ok(n) => {
+                    self.session.handle_bytes(&chunk[..n], Instant::now());
+                    self.flush()?;
+                }
+                Err(e) if is_timeout(&e) => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+    }
+}
+
+fn credentials(user: &str, password: &str, user_agent: &str) -> Credentials {
+    Credentials { user: user.to_string(), password: password.to_string(), user_agent: user_agent.to_string() }
+}
+
+fn unexpected(wanted: &str, got: &ServerFrame) -> ClientError {
+    ClientError::Protocol(format!("expected {wanted}, got {}", got.frame_type()))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    // Unix reports an expired socket timeout as WouldBlock, Windows as TimedOut.
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+fn io_error(e: io::Error) -> ClientError {
+    if is_timeout(&e) {
+        ClientError::Timeout
+    } else if matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    ) {
+        ClientError::Closed(None)
+    } else {
+        ClientError::Io(e)
+    }
+}
+
+/// Resolves `addr` and connects to the first address that answers.
+fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream, ClientError> {
+    let mut last_err = None;
+    for sa in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&sa, timeout.max(Duration::from_millis(1))) {
+            Ok(s) => return Ok(s),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(match last_err {
+        Some(e) => io_error(e),
+        None => ClientError::Io(io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no addresses"))),
+    })
+}
+
+/// Either transport, with one read/write interface.
+#[derive(Debug)]
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsTransport>),
+}
+
+impl Transport {
+    /// Reads whatever arrives within `timeout` into `chunk`; `Ok(0)` means EOF.
+    fn read(&mut self, chunk: &mut [u8], timeout: Option<Duration>) -> io::Result<usize> {
+        match self {
+            Transport::Plain(tcp) => {
+                tcp.set_read_timeout(timeout)?;
+                read_retrying(tcp, chunk)
+            }
+            Transport::Tls(tls) => tls.read(chunk, timeout),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Transport::Plain(tcp) => {
+                tcp.write_all(bytes)?;
+                tcp.flush()
+            }
+            Transport::Tls(tls) => tls.write_all(bytes),
+        }
+    }
+}
+
+fn read_retrying(r: &mut impl Read, chunk: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(chunk) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// A rustls client connection driven by hand over a blocking socket, so that read timeouts
+/// apply to each socket read and a timeout never loses buffered TLS records.
+#[derive(Debug)]
+struct TlsTransport {
+    conn: ClientConnection,
+    tcp: TcpStream,
+}
+
+impl TlsTransport {
+    /// Runs the TLS handshake to completion and returns the leaf certificate's fingerprint.
+    fn handshake(
+        tcp: TcpStream,
+        opts: &ConnectOptions,
+        deadline: Instant,
+    ) -> Result<(TlsTransport, [u8; 32]), ClientError> {
+        let (config, verifier) = tofu_client_config(opts.pinned_fingerprint)?;
+        let name = server_name(&opts.addr, tcp.peer_addr()?);
+        let conn = ClientConnection::new(config, name).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let mut tls = TlsTransport { conn, tcp };
+        let result = tls.drive_handshake(deadline);
+        let seen = verifier.get();
+        if let (Some(expected), Some(got)) = (opts.pinned_fingerprint, seen) {
+            if expected != got {
+                return Err(ClientError::FingerprintMismatch {
+                    expected: fingerprint_hex(&expected),
+                    got: fingerprint_hex(&got),
+                });
+            }
+        }
+        result?;
+        match seen {
+            Some(fp) => Ok((tls, fp)),
+            None => Err(ClientError::Tls("handshake finished without a server certificate".to_string())),
+        }
+    }
+
+    fn drive_handshake(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        while self.conn.is_handshaking() {
+            if self.conn.wants_write() {
+                self.flush_tls().map_err(io_error)?;
+                continue;
+            }
+            let left =
+                deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(ClientError::Timeout)?;
+            self.tcp.set_read_timeout(Some(left))?;
+            match self.conn.read_tls(&mut self.tcp) {
+                Ok(0) => return Err(ClientError::Closed(None)),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) => continue,
+                Err(e) => return Err(io_error(e)),
+            }
+            if let Err(e) = self.conn.process_new_packets() {
+                // Let the server see the alert rustls queued, then report the real cause.
+                let _ = self.flush_tls();
+                return Err(ClientError::Tls(e.to_string()));
+            }
+        }
+        // TLS 1.3: the client's Finished is queued as the handshake completes.
+        self.flush_tls().map_err(io_error)
+    }
+
+    fn flush_tls(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.tcp)?;
+        }
+        self.tcp.flush()
+    }
+
+    fn read(&mut self, chunk: &mut [u8], timeout: Option<Duration>) -> io::Result<usize> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            match self.conn.reader().read(chunk) {
+                Ok(n) => return Ok(n),
+                // The peer closed the socket without close_notify: EOF all the same for us.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            let left = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out")),
+                },
+            };
+            self.tcp.set_read_timeout(left)?;
+            match self.conn.read_tls(&mut self.tcp) {
+                Ok(0) => return Ok(0),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            if let Err(e) = self.conn.process_new_packets() {
+                let _ = self.flush_tls();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            // Key updates and alerts may need answering.
+            self.flush_tls()?;
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // rustls buffers a bounded amount (64 KiB by default) and accepts less than offered when
+        // full, so a large frame goes in pieces, draining to the socket between them.
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = self.conn.writer().write(rest)?;
+            rest = &rest[n..];
+            self.flush_tls()?;
+        }
+        Ok(())
+    }
+}
