@@ -23,6 +23,7 @@ pub mod blocking;
 mod error;
 pub mod home;
 mod idempotency;
+pub mod nonblocking;
 pub mod session;
 pub mod tls;
 
