@@ -9,7 +9,8 @@
 use crate::home::{Home, Session};
 use crate::output::Output;
 use anyhow::anyhow;
-use chime_protocol::client::{fingerprint_hex, Client, ClientError, ConnectOptions};
+use chime_client::blocking::{Client, ClientError, ConnectOptions};
+use chime_client::fingerprint_hex;
 use chime_protocol::ErrorCode;
 use std::io;
 use std::path::Path;

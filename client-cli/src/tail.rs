@@ -16,7 +16,7 @@
 use crate::backoff::Backoff;
 use crate::connect::{describe, CallError, Ctx};
 use anyhow::anyhow;
-use chime_protocol::client::{Client, ClientError};
+use chime_client::blocking::{Client, ClientError};
 use chime_protocol::{Delta, ErrorCode, RoomCursor, ServerFrame};
 use std::collections::BTreeMap;
 use std::convert::Infallible;

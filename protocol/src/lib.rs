@@ -5,12 +5,13 @@
 //! `serde` type encoded with `postcard` (see [`messages`]). The byte-exact specification lives in
 //! `docs/protocol.md`; golden frames in `protocol/tests/vectors/` pin it down.
 //!
-//! The crate holds no sockets and no clock, so it can be tested in memory, fuzzed, and compiled for
-//! any target. The one exception is [`client`], a small blocking client over `std::net` + rustls
-//! that native clients and the `chime` CLI link.
+//! The crate holds no sockets, no TLS and no clock, so it can be tested in memory, fuzzed, linked
+//! from C, and compiled for any target; `chime-storage` and a native client bringing its own
+//! transport depend on it without pulling in rustls. [`fingerprint`] defines what a pinned server
+//! certificate is. The client (a sans-I/O session, blocking and non-blocking drivers, TLS pinning)
+//! is the `chime-client` crate.
 #![deny(missing_docs)]
 
-pub mod client;
 pub mod fingerprint;
 pub mod frame;
 pub mod messages;

@@ -5,7 +5,7 @@
 //! Readiness is a TCP connect plus a full protocol handshake on the plaintext port, bounded in
 //! time. When a test panics, `Drop` prints the daemon's log so the failure can be read in context.
 
-use chime_protocol::client::{Client, ConnectOptions};
+use chime_client::blocking::{Client, ConnectOptions};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};

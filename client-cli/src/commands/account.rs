@@ -6,7 +6,7 @@ use crate::home::Session;
 use crate::output::rfc3339_ms;
 use crate::password::password;
 use anyhow::anyhow;
-use chime_protocol::client::ClientError;
+use chime_client::blocking::ClientError;
 use chime_protocol::{Authed, ErrorCode};
 use serde_json::json;
 

@@ -7,7 +7,7 @@
 use crate::backoff::Backoff;
 use crate::connect::{CallError, Ctx};
 use anyhow::anyhow;
-use chime_protocol::client::{new_idempotency_key, Client, ClientError};
+use chime_client::blocking::{new_idempotency_key, Client, ClientError};
 use chime_protocol::Posted;
 use serde_json::json;
 use std::time::Duration;

@@ -11,7 +11,7 @@
 //! `CHIME_LOAD_DEBUG=1` prints the seq ledger of every receiver that missed a delivery.
 
 use anyhow::{anyhow, bail, Context, Result};
-use chime_protocol::client::{Client, ClientError, ConnectOptions};
+use chime_client::blocking::{Client, ClientError, ConnectOptions};
 use chime_protocol::{ClientFrame, ErrorCode, Hello, Ping, Post, Resume, ServerFrame, MAGIC, PROTOCOL_VERSION};
 use chime_tests::load::accounting::{SeqLedger, Tally};
 use chime_tests::load::conn::{FrameConn, TlsSetup};

@@ -1,9 +1,10 @@
 //! TLS for the load generator: trust on first use, exactly as `chime` does (see
-//! [`chime_protocol::client::tofu_client_config`]). The first certificate seen by the setup
+//! [`chime_client::tls::tofu_client_config`]). The first certificate seen by the setup
 //! client is pinned for the run; load connections accept exactly that certificate, or any when
 //! nothing is pinned. Handshake signatures are still verified.
 
-use chime_protocol::client::{tofu_client_config, ClientError};
+use chime_client::tls::tofu_client_config;
+use chime_client::ClientError;
 use rustls::ClientConfig;
 use std::sync::Arc;
 

@@ -37,7 +37,7 @@ fn login_storm_is_rate_limited(backend: Backend) {
         let mut c = d.client();
         match c.login(&alice.name, PASSWORD, "storm") {
             Ok(_) => ok += 1,
-            Err(chime_protocol::client::ClientError::Server(e)) => {
+            Err(chime_client::blocking::ClientError::Server(e)) => {
                 assert_eq!(e.code, ErrorCode::RATE_LIMITED, "{e:?}");
                 assert!(e.retryable, "RATE_LIMITED must be retryable");
                 limited += 1;

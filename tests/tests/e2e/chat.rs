@@ -12,7 +12,7 @@ fn two_users_chat_live(backend: Backend) {
     let mut bob = d.register("bob");
     let room = alice.client.create_room("lounge").expect("create room").room;
     bob.client.join_room(room).expect("join");
-    let key = chime_protocol::client::new_idempotency_key();
+    let key = chime_client::new_idempotency_key();
     let posted = alice.client.post(room, &key, "hello bob").expect("post");
     // Bob's own JOIN comes first; the message is the last push he gets.
     let got = pushes_until(&mut bob.client, room, posted.seq, Duration::from_secs(5));
@@ -21,7 +21,7 @@ fn two_users_chat_live(backend: Backend) {
     // The poster's own connection gets the push too.
     let mine = pushes_until(&mut alice.client, room, posted.seq, Duration::from_secs(5));
     assert_eq!(mine.last().map(|d| d.text.as_str()), Some("hello bob"));
-    let reply = bob.client.post(room, &chime_protocol::client::new_idempotency_key(), "hi alice").expect("post");
+    let reply = bob.client.post(room, &chime_client::new_idempotency_key(), "hi alice").expect("post");
     assert_eq!(reply.seq, posted.seq + 1);
     let got = next_delta(&mut alice.client, room, Duration::from_secs(5));
     assert_eq!((got.seq, got.text.as_str(), got.author.as_str()), (reply.seq, "hi alice", bob.name.as_str()));

@@ -3,7 +3,7 @@
 //! and repeats nothing.
 
 use crate::util::*;
-use chime_protocol::client::{Client, ClientError};
+use chime_client::blocking::{Client, ClientError};
 use chime_tests::daemon::{Backend, Daemon};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,7 +48,7 @@ fn kill9_keeps_every_acked_post(backend: Backend) {
             s.spawn(move || {
                 let mut client = p.client;
                 for n in 0..EACH {
-                    let key = chime_protocol::client::new_idempotency_key();
+                    let key = chime_client::new_idempotency_key();
                     let text = format!("t{i} n{n}");
                     loop {
                         match client.post(room, &key, &text) {

@@ -6,7 +6,7 @@
 //! Checks that do not touch the store run on SQLite only; the others on both stores.
 
 use crate::util::*;
-use chime_protocol::client::ClientError;
+use chime_client::blocking::ClientError;
 use chime_protocol::{ClientFrame, ErrorCode, FrameType, ListRooms, Ping, RoomCursor, ServerFrame};
 use chime_tests::daemon::{Backend, Daemon, DaemonOptions};
 use chime_tests::seed;

@@ -23,7 +23,7 @@ fn hostile_bytes_do_not_disturb_others(backend: Backend) {
         let chat = s.spawn(|| {
             let mut sent = Vec::new();
             while !stop.load(Ordering::SeqCst) && sent.len() < 500 {
-                let key = chime_protocol::client::new_idempotency_key();
+                let key = chime_client::new_idempotency_key();
                 let p = alice.client.post(room, &key, &format!("calm {}", sent.len())).expect("chat post");
                 sent.push(p.seq);
                 std::thread::sleep(Duration::from_millis(10));

@@ -10,7 +10,7 @@ fn same_key_posts_once(backend: Backend) {
     let Some(d) = Daemon::start_backend(backend, "idempotency", &[]) else { return };
     let mut alice = d.register("alice");
     let room = alice.client.create_room("once").expect("create").room;
-    let key = chime_protocol::client::new_idempotency_key();
+    let key = chime_client::new_idempotency_key();
     let first = alice.client.post(room, &key, "only once").expect("post");
     assert!(!first.duplicate);
     let again = alice.client.post(room, &key, "only once").expect("retry");
@@ -20,7 +20,7 @@ fn same_key_posts_once(backend: Backend) {
     let mut other = d.resume(&alice.token);
     let third = other.post(room, &key, "only once").expect("retry elsewhere");
     assert_eq!((third.seq, third.duplicate), (first.seq, true));
-    let other_key = chime_protocol::client::new_idempotency_key();
+    let other_key = chime_client::new_idempotency_key();
     let next = alice.client.post(room, &other_key, "only once").expect("new key");
     assert_eq!(next.seq, first.seq + 1, "a new key is a new post");
     let history = history_all(&mut alice.client, room);

@@ -1,7 +1,7 @@
 //! (f) A non-member can neither post, read history, nor sync a room, and gets none of its pushes.
 
 use crate::util::*;
-use chime_protocol::client::ClientError;
+use chime_client::blocking::ClientError;
 use chime_protocol::{ClientFrame, ErrorCode, RoomCursor, ServerFrame, Sync};
 use chime_tests::daemon::{Backend, Daemon};
 use std::time::{Duration, Instant};
@@ -12,10 +12,10 @@ fn non_member_is_refused(backend: Backend) {
     let Some(d) = Daemon::start_backend(backend, "membership", &[]) else { return };
     let mut owner = d.register("owner");
     let room = owner.client.create_room("private-ish").expect("create").room;
-    owner.client.post(room, &chime_protocol::client::new_idempotency_key(), "secret").expect("post");
+    owner.client.post(room, &chime_client::new_idempotency_key(), "secret").expect("post");
     let mut outsider = d.user("outsider");
 
-    let key = chime_protocol::client::new_idempotency_key();
+    let key = chime_client::new_idempotency_key();
     assert_eq!(server_code("POST", outsider.post(room, &key, "let me in")), ErrorCode::NOT_MEMBER);
     assert_eq!(server_code("HISTORY", outsider.history(room, 0, 50)), ErrorCode::NOT_MEMBER);
     // SYNC either refuses the room or leaves it out; either way nothing of it is sent.
@@ -45,7 +45,7 @@ fn non_member_is_refused(backend: Backend) {
 
     // No pushes: post a few more and listen.
     for n in 0..3 {
-        owner.client.post(room, &chime_protocol::client::new_idempotency_key(), &format!("more {n}")).expect("post");
+        owner.client.post(room, &chime_client::new_idempotency_key(), &format!("more {n}")).expect("post");
     }
     let until = Instant::now() + Duration::from_millis(800);
     while let Some(left) = until.checked_duration_since(Instant::now()) {

@@ -28,7 +28,7 @@ fn thousand_posts_arrive_in_order(backend: Backend) {
         for (i, p) in posters.iter_mut().enumerate() {
             s.spawn(move || {
                 for n in 0..EACH {
-                    let key = chime_protocol::client::new_idempotency_key();
+                    let key = chime_client::new_idempotency_key();
                     p.client.post(room, &key, &format!("p{i} n{n}")).unwrap_or_else(|e| panic!("post: {e:?}"));
                 }
             });

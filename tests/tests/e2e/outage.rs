@@ -9,7 +9,7 @@
 //! everything works again with no acknowledged post lost.
 
 use crate::util::*;
-use chime_protocol::client::{Client, ClientError};
+use chime_client::blocking::{Client, ClientError};
 use chime_protocol::ErrorCode;
 use chime_tests::daemon::{Daemon, DaemonOptions, PASSWORD};
 use std::collections::BTreeMap;

@@ -3,7 +3,7 @@
 //! after an idle and an absolute lifetime, live connections included.
 
 use crate::util::*;
-use chime_protocol::client::{Client, ClientError};
+use chime_client::blocking::{Client, ClientError};
 use chime_protocol::{ErrorCode, ServerFrame};
 use chime_tests::daemon::{Backend, Daemon};
 use std::time::{Duration, Instant};

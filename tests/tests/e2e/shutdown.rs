@@ -2,7 +2,7 @@
 //! exits 0 within 10 s, and every acknowledged post is in the log after a restart.
 
 use crate::util::*;
-use chime_protocol::client::ClientError;
+use chime_client::blocking::ClientError;
 use chime_protocol::{ClientFrame, ErrorCode, Post, ServerFrame};
 use chime_tests::daemon::{Backend, Daemon};
 use std::time::{Duration, Instant};
@@ -20,8 +20,7 @@ fn sigterm_drains_and_says_goodbye(backend: Backend) {
     const BURST: u32 = 200;
     let mut ids = Vec::new();
     for i in 0..BURST {
-        let post =
-            Post { room, idempotency_key: chime_protocol::client::new_idempotency_key(), text: format!("burst {i}") };
+        let post = Post { room, idempotency_key: chime_client::new_idempotency_key(), text: format!("burst {i}") };
         ids.push(alice.client.send(&ClientFrame::Post(post)).expect("send"));
     }
     d.stop();

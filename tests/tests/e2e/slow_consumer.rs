@@ -2,7 +2,7 @@
 //! or a close), while a client that reads keeps receiving everything.
 
 use crate::util::*;
-use chime_protocol::client::ClientError;
+use chime_client::blocking::ClientError;
 use chime_protocol::{ErrorCode, ServerFrame};
 use chime_tests::daemon::{Backend, Daemon};
 use std::time::{Duration, Instant};

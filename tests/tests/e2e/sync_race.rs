@@ -36,7 +36,7 @@ fn sync_while_posting_sees_each_seq_once(backend: Backend) {
                     std::thread::yield_now();
                 }
                 for n in 0..EACH {
-                    let key = chime_protocol::client::new_idempotency_key();
+                    let key = chime_client::new_idempotency_key();
                     p.client.post(room, &key, &format!("live s{i} n{n}")).unwrap_or_else(|e| panic!("post: {e:?}"));
                 }
             });

@@ -2,7 +2,8 @@
 //! pinned fingerprint no longer matches.
 
 use crate::util::*;
-use chime_protocol::client::{fingerprint_hex, Client, ConnectOptions};
+use chime_client::blocking::{Client, ConnectOptions};
+use chime_client::fingerprint_hex;
 use chime_tests::daemon::{Backend, Daemon};
 
 on_both_stores!(tls_pins_on_first_use);

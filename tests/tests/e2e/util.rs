@@ -2,7 +2,7 @@
 //! reads, push waiting, and running or tailing the `chime` CLI.
 
 use bytes::BytesMut;
-use chime_protocol::client::{Client, ClientError};
+use chime_client::blocking::{Client, ClientError};
 use chime_protocol::{
     ClientFrame, Delta, FrameDecoder, FrameType, Hello, Post, RawFrame, ServerFrame, MAGIC, PROTOCOL_VERSION,
 };
@@ -109,7 +109,7 @@ pub fn post_with_window(client: &mut Client, room: u64, texts: &[String], window
         while next < texts.len() && pending.len() < window {
             let frame = ClientFrame::Post(Post {
                 room,
-                idempotency_key: chime_protocol::client::new_idempotency_key(),
+                idempotency_key: chime_client::new_idempotency_key(),
                 text: texts[next].clone(),
             });
             let id = client.send(&frame).unwrap_or_else(|e| panic!("sending a POST: {e:?}"));
