@@ -24,25 +24,12 @@
 //! The state machine is pure: it returns [`Action`]s and leaves sockets and workers to the loop.
 //! The `sync` fuzz target (`fuzz/`) drives it as the loop does and checks the guarantee.
 
-use crate::worker::{EncodeReply, Published};
+use crate::limits::HELD_CAP;
+pub use crate::limits::{DEFAULT_PAGE, HELD_BYTES, MAX_PAGE};
+use crate::work::{EncodeReply, Published};
 use bytes::Bytes;
 use chime_protocol::{Delta, DeltaPage, ErrorBody, RoomCursor, ServerFrame, SyncDone};
 use std::collections::{HashMap, VecDeque};
-
-/// Pushes held per catching-up room before further ones are dropped (and fetched again later).
-const HELD_CAP: usize = 4096;
-
-/// Bytes of pushes one connection holds across all its catching-up rooms before further ones are
-/// dropped (and fetched again later). Held pushes are shared with other recipients, but a
-/// connection holding them keeps them alive: without a bound, a slow SYNC in a busy room would pin
-/// everything published meanwhile.
-pub const HELD_BYTES: usize = 1 << 20;
-
-/// Largest SYNC page; a client asking for more gets this many.
-pub const MAX_PAGE: u32 = 1000;
-
-/// The page size used when a client asks for 0.
-pub const DEFAULT_PAGE: u32 = 500;
 
 /// Identifies one fetch of one connection's sync state.
 pub type FetchId = u64;

@@ -1,9 +1,11 @@
-//! One client connection: its socket (plaintext or rustls), its buffers, and its session state.
+//! One client connection's transport: its socket (plaintext or rustls) and its buffers. What the
+//! connection *is* in the protocol (logged in as whom, its rooms, its SYNC state, its requests in
+//! flight) is the core's (`core::Link`); this module only moves bytes.
 //!
 //! Memory is spent only while there is something to hold: the read buffer exists while a partial
 //! frame is buffered, the outbound queue holds shared `Bytes` (a published delta is one
-//! allocation for every recipient), and SYNC state is boxed and created on first use. An idle
-//! plaintext connection is this struct, its slab slot, and its room subscriptions.
+//! allocation for every recipient). An idle plaintext connection is this struct and its slab
+//! slot.
 //!
 //! ## What a queued frame costs
 //!
@@ -11,51 +13,23 @@
 //! ten thousand 22-byte PONGs, each its own allocation and queue slot, costs far more than 220 KB.
 //! So small frames are not queued one by one: they are copied into one coalescing buffer at the
 //! queue's tail (a PONG costs its 22 bytes), and every queued `Bytes` is charged its length plus
-//! [`CHUNK_OVERHEAD`] for its slot and allocation. [`Conn::cost`] is that sum plus the capacity of
+//! [`CHUNK_OVERHEAD`] for its slot and allocation. [`Transport::cost`] is that sum plus the capacity of
 //! the queue and of the coalescing buffer; it is what `max_outbound_bytes` bounds, and what the
 //! server-wide budget adds up.
 //!
-//! A connection whose queue passes the limit is told to resync and closed (see [`Conn::queue`]);
+//! A connection whose queue passes the limit is told to resync and closed (see [`Transport::queue`]);
 //! one that makes no write progress for the write timeout is closed outright
-//! ([`Conn::stalled_since`]), closing or not, so a peer with a zero TCP window cannot hold its
+//! ([`Transport::stalled_since`]), closing or not, so a peer with a zero TCP window cannot hold its
 //! memory. Outbound frames are written with vectored writes, so many frames queued during one
 //! loop iteration leave in one system call.
 
-use crate::sync::SyncState;
-use crate::worker::{ConnRef, Job};
+use crate::work::ConnRef;
 use bytes::{Buf, Bytes, BytesMut};
 use chime_protocol::{ErrorCode, Goodbye, ServerFrame};
 use mio::net::TcpStream;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
-
-/// Where a connection is in its life.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
-    /// Waiting for `HELLO`.
-    Handshake,
-    /// Handshake done, not logged in.
-    Open,
-    /// A password or resume request is with the workers.
-    Authenticating,
-    /// Logged in.
-    Authed(Session),
-}
-
-/// The logged-in user of a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
-    /// User id.
-    pub user_id: u64,
-    /// User name, shared with the jobs this connection submits.
-    pub name: Arc<str>,
-    /// The session (device) this connection logged in with: revoking it ends the connection.
-    pub session_id: u64,
-    /// When the session was created (Unix ms): it ends at its absolute lifetime.
-    pub session_created_ms: i64,
-}
 
 /// What sort of frame is queued, for the memory accounting and the slow-consumer policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,16 +54,14 @@ const TAIL_CAP: usize = 16 * 1024;
 /// allocator's header of the buffer it points into. An estimate, on the high side.
 pub const CHUNK_OVERHEAD: usize = 64;
 
-/// One connection.
-pub struct Conn {
+/// One connection's transport.
+pub struct Transport {
     /// Identity across slot reuse.
     pub id: ConnRef,
     sock: TcpStream,
     tls: Option<Box<rustls::ServerConnection>>,
     /// The peer's address.
     pub peer: SocketAddr,
-    /// Handshake / login state.
-    pub phase: Phase,
     /// Bytes read but not yet decoded (a partial frame). Empty, unallocated, most of the time.
     pub rbuf: BytesMut,
     /// Frames waiting to be written, before `tail`; the front one may be partly written already.
@@ -103,30 +75,10 @@ pub struct Conn {
     /// Bytes of `Class::Own` chunks in `outq` (what the server-wide budget counts for this
     /// connection, with `tail`'s capacity).
     own_bytes: usize,
-    /// Rooms whose pushes this connection receives (it is in each room's subscriber list),
-    /// ascending, so membership checks are a binary search.
-    pub rooms: Vec<u64>,
-    /// SYNC and catch-up state, created on first SYNC.
-    pub sync: Option<Box<SyncState>>,
-    /// Loop tick (seconds) at which a frame last arrived.
-    pub last_heard: u32,
-    /// Loop tick at which the connection last entered an unauthenticated state (accepted, or
-    /// logged out): it must log in within the auth timeout from then.
-    pub unauth_since: u32,
-    /// A PING is outstanding.
-    pub ping_sent: bool,
-    /// Requests handed to workers and not yet answered; reading pauses at a cap.
-    pub inflight: u32,
-    /// Of `inflight`, the jobs on the shared queue (reads, sync pages): capped lower, so one
-    /// connection cannot fill the queue that every other connection's reads wait in.
-    pub shared_inflight: u32,
-    /// A request whose job waits for a shared-queue slot of this connection; the frames after
-    /// it wait in `rbuf`.
-    pub parked: Option<Box<Job>>,
     /// Reading is paused because the connection's replies are not being read (its queue costs
     /// more than half its limit); the loop reads again once the queue has drained.
     pub read_paused: bool,
-    /// `own_cost()` as the server's total last counted it (see `server::reconcile`).
+    /// `own_cost()` as the server's total last counted it (see `server::Totals`).
     pub counted_cost: usize,
     /// Set once the connection must close after flushing what is queued.
     pub closing: bool,
@@ -143,8 +95,10 @@ pub enum ReadOutcome {
     Drained,
     /// Read a slice; more may be waiting (fairness: come back next iteration).
     More,
-    /// The peer closed or the socket failed.
-    Closed,
+    /// The peer closed its side (EOF): it sends nothing more, but may still read what it is owed.
+    Eof,
+    /// The socket failed.
+    Failed,
 }
 
 /// How many bytes one readable event may consume before yielding to other connections.
@@ -153,35 +107,25 @@ const READ_BUDGET: usize = 256 * 1024;
 /// Largest number of queued chunks handed to one vectored write.
 const MAX_IOVECS: usize = 128;
 
-impl Conn {
+impl Transport {
     /// Wraps an accepted socket.
     pub fn new(
         id: ConnRef,
         sock: TcpStream,
         peer: SocketAddr,
         tls: Option<Box<rustls::ServerConnection>>,
-        now: u32,
-    ) -> Conn {
-        Conn {
+    ) -> Transport {
+        Transport {
             id,
             sock,
             tls,
             peer,
-            phase: Phase::Handshake,
             rbuf: BytesMut::new(),
             outq: VecDeque::new(),
             tail: BytesMut::new(),
             out_bytes: 0,
             ephemeral_bytes: 0,
             own_bytes: 0,
-            rooms: Vec::new(),
-            sync: None,
-            last_heard: now,
-            unauth_since: now,
-            ping_sent: false,
-            inflight: 0,
-            shared_inflight: 0,
-            parked: None,
             read_paused: false,
             counted_cost: 0,
             closing: false,
@@ -193,19 +137,6 @@ impl Conn {
     /// The socket, for (re)registration.
     pub fn socket(&mut self) -> &mut TcpStream {
         &mut self.sock
-    }
-
-    /// The session, if logged in.
-    pub fn session(&self) -> Option<&Session> {
-        match &self.phase {
-            Phase::Authed(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// Whether the connection receives `room`'s pushes.
-    pub fn subscribed(&self, room: u64) -> bool {
-        self.rooms.binary_search(&room).is_ok()
     }
 
     /// Bytes queued for sending (not counting overheads).
@@ -346,6 +277,13 @@ impl Conn {
         }
     }
 
+    /// Closes once what is queued is written, with no GOODBYE (the peer half-closed: it is owed
+    /// its replies, and will not read anything more).
+    pub fn finish(&mut self) {
+        self.closing = true;
+        self.drop_unread();
+    }
+
     fn push_goodbye(&mut self, code: ErrorCode, message: &str, resync: bool) {
         let goodbye = ServerFrame::Goodbye(Goodbye { code, message: message.to_string(), resync });
         if let Ok(frame) = goodbye.encode(0) {
@@ -370,7 +308,7 @@ impl Conn {
                 Some(tls) => read_tls(tls, &mut self.sock, &mut self.rbuf, scratch),
             };
             match result {
-                Ok(0) => return ReadOutcome::Closed,
+                Ok(0) => return ReadOutcome::Eof,
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
@@ -381,7 +319,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     log::debug!("read from {} failed: {e}", self.peer);
-                    return ReadOutcome::Closed;
+                    return ReadOutcome::Failed;
                 }
             }
         }
@@ -602,12 +540,12 @@ mod tests {
     use chime_protocol::{FrameDecoder, Ping};
 
     /// A connection over a real loopback socket, and the peer's end.
-    fn pair() -> (Conn, std::net::TcpStream) {
+    fn pair() -> (Transport, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let peer = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (sock, addr) = listener.accept().expect("accept");
         sock.set_nonblocking(true).expect("non-blocking");
-        let conn = Conn::new(ConnRef { key: 0, gen: 1 }, TcpStream::from_std(sock), addr, None, 0);
+        let conn = Transport::new(ConnRef { key: 0, gen: 1 }, TcpStream::from_std(sock), addr, None);
         (conn, peer)
     }
 
