@@ -102,6 +102,8 @@ impl std::fmt::Debug for Work {
 
 /// A job that writes to an existing room's log.
 pub trait RoomWork: Send {
+    /// The job itself, for tests that check what was submitted.
+    fn as_any(&self) -> &dyn std::any::Any;
     /// The room: the job runs on its shard.
     fn room(&self) -> RoomId;
     /// Who it answers.
@@ -112,6 +114,8 @@ pub trait RoomWork: Send {
 
 /// A job that reads, or writes anything but an existing room's log.
 pub trait SharedWork: Send {
+    /// The job itself, for tests that check what was submitted.
+    fn as_any(&self) -> &dyn std::any::Any;
     /// Who it answers.
     fn reply_to(&self) -> Option<ReplyTo>;
     /// Runs it.
@@ -120,6 +124,8 @@ pub trait SharedWork: Send {
 
 /// A job that hashes a password.
 pub trait AuthWork: Send {
+    /// The job itself, for tests that check what was submitted.
+    fn as_any(&self) -> &dyn std::any::Any;
     /// Who it answers.
     fn reply_to(&self) -> Option<ReplyTo>;
     /// Runs it with the thread's argon2 working area.

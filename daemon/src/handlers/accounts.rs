@@ -99,6 +99,10 @@ struct PasswordJob {
 }
 
 impl AuthWork for PasswordJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }
@@ -153,6 +157,10 @@ struct ResumeJob {
 }
 
 impl SharedWork for ResumeJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }
@@ -204,6 +212,10 @@ struct RevokeJob {
 }
 
 impl SharedWork for RevokeJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }
@@ -239,6 +251,10 @@ struct ListSessionsJob {
 }
 
 impl SharedWork for ListSessionsJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }
@@ -276,6 +292,10 @@ struct TouchJob {
 }
 
 impl SharedWork for TouchJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         None
     }

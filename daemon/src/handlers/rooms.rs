@@ -80,6 +80,10 @@ struct CreateJob {
 }
 
 impl SharedWork for CreateJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }
@@ -106,6 +110,10 @@ struct JoinJob {
 }
 
 impl RoomWork for JoinJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn room(&self) -> RoomId {
         self.room
     }
@@ -148,6 +156,10 @@ struct LeaveJob {
 }
 
 impl RoomWork for LeaveJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn room(&self) -> RoomId {
         self.room
     }
@@ -180,6 +192,10 @@ struct ListRoomsJob {
 }
 
 impl SharedWork for ListRoomsJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }
@@ -208,6 +224,10 @@ struct MembersJob {
 }
 
 impl SharedWork for MembersJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }

@@ -50,9 +50,22 @@ impl FetchJob {
     pub fn sync(to: ReplyTo, actor: Actor, room: RoomId, after: u64, limit: u32, fetch: FetchId) -> FetchJob {
         FetchJob { to, actor, room, after, limit, purpose: Purpose::Sync(fetch) }
     }
+
+    /// The room, the seq it reads after, and the sync fetch it answers (`None` for HISTORY).
+    pub fn what(&self) -> (RoomId, u64, Option<FetchId>) {
+        let fetch = match self.purpose {
+            Purpose::History => None,
+            Purpose::Sync(f) => Some(f),
+        };
+        (self.room, self.after, fetch)
+    }
 }
 
 impl SharedWork for FetchJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn reply_to(&self) -> Option<ReplyTo> {
         Some(self.to)
     }
