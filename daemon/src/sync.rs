@@ -231,7 +231,6 @@ impl SyncState {
                 end = end.max(p.last_seq());
             }
         }
-        *overflowed &= !caught_up;
         let request = *request;
         match request {
             Some(id) => {
@@ -252,7 +251,9 @@ impl SyncState {
             }
         }
         if !caught_up {
-            // Still holding; the next page starts where this one ended.
+            // Still holding; the next page starts where this one ended. It is read after every
+            // push dropped so far was committed, so it covers them: forget the overflow.
+            *overflowed = false;
             *waiting = next_fetch;
             self.last_fetch = next_fetch;
             actions.push(Action::Fetch { room, after: page_end, limit: track.page_size, fetch: next_fetch });
@@ -650,6 +651,13 @@ mod tests {
         assert_eq!(s.held_bytes(), held);
         let a = s.page(1, f, vec![], false);
         assert!(matches!(a.last(), Some(Action::Fetch { room: 1, .. })), "{a:?}");
+        // The next page covers what was dropped: the room goes live and the SYNC ends.
+        let (_, after, _, f2) = fetch(&a);
+        assert_eq!(after, 0, "nothing is pushed between pages");
+        let a = s.page(1, f2, (1..=seq).map(|n| delta(1, n)).collect(), false);
+        assert_eq!(sent_seqs(&a), ((1..=seq).collect(), 1));
+        assert_eq!(s.held_bytes(), 0);
+        assert_eq!(sent_seqs(&s.push(&published(1, seq + 1..=seq + 1))), (vec![seq + 1], 0));
         s.forget(1);
         assert_eq!(s.held_bytes(), 0);
     }
