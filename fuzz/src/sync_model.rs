@@ -70,6 +70,7 @@
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
 use chime_protocol::{Delta, DeltaKind, ErrorBody, ErrorCode, FrameDecoder, RoomCursor, ServerFrame};
+use chimed::server::MAX_TEXT;
 use chimed::sync::{Action, FetchId, SyncState};
 use chimed::worker::Published;
 use std::collections::VecDeque;
@@ -84,6 +85,9 @@ const MAX_SEQ: usize = 64;
 const SETTLE_ROUNDS: usize = 1000;
 /// The connection's fetches in flight at most (`server.rs`'s `SHARED_WINDOW`).
 const SHARED_WINDOW: usize = 4;
+/// Text bytes (and author names) after which a worker cuts a page (`worker.rs`'s
+/// `PAGE_TEXT_BUDGET`).
+const PAGE_TEXT_BUDGET: usize = 256 * 1024;
 
 /// The user's id and name on its own JOIN/LEAVE deltas.
 const ME: (u64, &str) = (1, "me");
@@ -91,11 +95,12 @@ const ME: (u64, &str) = (1, "me");
 /// One step of the system, chosen by the fuzzer. Room selectors are taken modulo the room count.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Op {
-    /// Other members commit `1 + n % 3` deltas to a room in one group commit.
+    /// Other members commit `1 + n % 3` deltas to a room in one group commit, with texts of the
+    /// largest size (`MAX_TEXT`) when `n >= 128`, so that held pushes can reach `HELD_BYTES`.
     Commit {
         /// Room selector.
         room: u8,
-        /// Batch size selector.
+        /// Batch size and text size selector.
         n: u8,
     },
     /// The loop receives the room's next committed event (a batch, a join or a leave).
@@ -199,8 +204,8 @@ enum Event {
 /// One room in the database, and what the loop knows of it.
 #[derive(Debug)]
 struct Room {
-    /// The kind of delta at each seq (seq 1 first); the rest of a delta follows from the seq.
-    kinds: Vec<(DeltaKind, bool)>,
+    /// The delta at each seq (seq 1 first).
+    log: Vec<Logged>,
     /// Whether the user is a member, in the database.
     member: bool,
     /// Committed, not yet received by the loop.
@@ -213,8 +218,16 @@ struct Room {
 
 impl Room {
     fn head(&self) -> u64 {
-        self.kinds.len() as u64
+        self.log.len() as u64
     }
+}
+
+/// A delta in a room's log: its kind and text size; the rest follows from the room and seq.
+#[derive(Debug, Clone, Copy)]
+struct Logged {
+    kind: DeltaKind,
+    /// A text of `MAX_TEXT` bytes.
+    big: bool,
 }
 
 /// A fetch submitted to the workers (a `Job::Fetch` of the connection, in flight).
@@ -311,17 +324,15 @@ struct Model {
     client: Client,
 }
 
-fn delta_of(room: u64, seq: u64, kind: DeltaKind, mine: bool) -> Delta {
-    let (author_id, author) = if mine { ME } else { (2, "ann") };
-    Delta {
-        room,
-        seq,
-        kind,
-        author_id,
-        author: author.into(),
-        ts_ms: seq as i64 * 1000,
-        text: if kind == DeltaKind::MESSAGE { format!("{room}/{seq}") } else { String::new() },
+fn delta_of(room: u64, seq: u64, entry: Logged) -> Delta {
+    let Logged { kind, big } = entry;
+    // The user's own deltas are its JOINs and LEAVEs; the messages are someone else's.
+    let (author_id, author) = if kind == DeltaKind::MESSAGE { (2, "ann") } else { ME };
+    let mut text = if kind == DeltaKind::MESSAGE { format!("{room}/{seq}") } else { String::new() };
+    if big {
+        text.extend(std::iter::repeat_n('x', MAX_TEXT - text.len()));
     }
+    Delta { room, seq, kind, author_id, author: author.into(), ts_ms: seq as i64 * 1000, text }
 }
 
 impl Model {
@@ -330,7 +341,7 @@ impl Model {
         let rooms = [(3, true), (1, true), (2, false)]
             .into_iter()
             .map(|(n, member)| Room {
-                kinds: vec![(DeltaKind::MESSAGE, false); n],
+                log: vec![Logged { kind: DeltaKind::MESSAGE, big: false }; n],
                 member,
                 unpublished: VecDeque::new(),
                 published: n as u64,
@@ -354,8 +365,7 @@ impl Model {
     }
 
     fn delta(&self, room: u64, seq: u64) -> Delta {
-        let (kind, mine) = self.room(room).kinds[(seq - 1) as usize];
-        delta_of(room, seq, kind, mine)
+        delta_of(room, seq, self.room(room).log[(seq - 1) as usize])
     }
 
     fn deltas(&self, room: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Delta> {
@@ -368,13 +378,13 @@ impl Model {
         !r.member || r.unpublished.iter().any(|e| !matches!(e, Event::Posts { .. }))
     }
 
-    fn commit(&mut self, room: u64, kind: DeltaKind, n: usize) -> Option<u64> {
+    fn commit(&mut self, room: u64, entry: Logged, n: usize) -> Option<u64> {
         let r = &mut self.rooms[ix(room)];
-        if r.kinds.len() + n > MAX_SEQ {
+        if r.log.len() + n > MAX_SEQ {
             return None;
         }
         let first = r.head() + 1;
-        r.kinds.extend(std::iter::repeat_n((kind, kind != DeltaKind::MESSAGE), n));
+        r.log.extend(std::iter::repeat_n(entry, n));
         Some(first)
     }
 
@@ -382,8 +392,9 @@ impl Model {
         match *op {
             Op::Commit { room, n } => {
                 let room = room_of(room);
+                let entry = Logged { kind: DeltaKind::MESSAGE, big: n >= 128 };
                 let n = 1 + usize::from(n % 3);
-                if let Some(first) = self.commit(room, DeltaKind::MESSAGE, n) {
+                if let Some(first) = self.commit(room, entry, n) {
                     let last = first + n as u64 - 1;
                     self.rooms[ix(room)].unpublished.push_back(Event::Posts { first, last });
                 }
@@ -392,7 +403,7 @@ impl Model {
             Op::Join { room } => {
                 let room = room_of(room);
                 if !self.room(room).member {
-                    if let Some(seq) = self.commit(room, DeltaKind::JOIN, 1) {
+                    if let Some(seq) = self.commit(room, Logged { kind: DeltaKind::JOIN, big: false }, 1) {
                         self.rooms[ix(room)].member = true;
                         self.rooms[ix(room)].unpublished.push_back(Event::Joined(seq));
                     }
@@ -401,7 +412,7 @@ impl Model {
             Op::Leave { room } => {
                 let room = room_of(room);
                 if self.room(room).member {
-                    if let Some(seq) = self.commit(room, DeltaKind::LEAVE, 1) {
+                    if let Some(seq) = self.commit(room, Logged { kind: DeltaKind::LEAVE, big: false }, 1) {
                         self.rooms[ix(room)].member = false;
                         self.rooms[ix(room)].unpublished.push_back(Event::Left(seq));
                     }
@@ -605,13 +616,24 @@ impl Model {
             let head = self.room(f.room).head();
             let available = head.saturating_sub(f.after);
             let n = available.min(u64::from(f.limit));
-            let more = available > u64::from(f.limit);
+            let mut deltas = self.deltas(f.room, f.after + 1..=f.after + n);
+            let mut more = available > u64::from(f.limit);
+            // The byte budget, as the worker applies it (at least one delta per page).
+            let mut budget = 0;
+            if let Some(cut) = deltas.iter().position(|d| {
+                budget += d.text.len() + d.author.len();
+                budget > PAGE_TEXT_BUDGET
+            }) {
+                deltas.truncate(cut.max(1));
+                more = true;
+            }
             match how {
-                ReadHow::Cut(k) if n > 0 => {
-                    let n = 1 + u64::from(k) % n;
-                    Outcome::Page(self.deltas(f.room, f.after + 1..=f.after + n), true)
+                // Cut shorter still, as a smaller budget would.
+                ReadHow::Cut(k) if !deltas.is_empty() => {
+                    deltas.truncate(1 + usize::from(k) % deltas.len());
+                    Outcome::Page(deltas, true)
                 }
-                _ => Outcome::Page(self.deltas(f.room, f.after + 1..=f.after + n), more),
+                _ => Outcome::Page(deltas, more),
             }
         };
         self.fetches[i].read = Some(outcome);
