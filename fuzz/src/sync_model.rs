@@ -204,8 +204,8 @@ enum Event {
 /// One room in the database, and what the loop knows of it.
 #[derive(Debug)]
 struct Room {
-    /// The delta at each seq (seq 1 first).
-    log: Vec<Logged>,
+    /// The delta at each seq (seq 1 first), built once: pages and checks copy or compare them.
+    log: Vec<Delta>,
     /// Whether the user is a member, in the database.
     member: bool,
     /// Committed, not yet received by the loop.
@@ -220,14 +220,6 @@ impl Room {
     fn head(&self) -> u64 {
         self.log.len() as u64
     }
-}
-
-/// A delta in a room's log: its kind and text size; the rest follows from the room and seq.
-#[derive(Debug, Clone, Copy)]
-struct Logged {
-    kind: DeltaKind,
-    /// A text of `MAX_TEXT` bytes.
-    big: bool,
 }
 
 /// A fetch submitted to the workers (a `Job::Fetch` of the connection, in flight).
@@ -324,13 +316,13 @@ struct Model {
     client: Client,
 }
 
-fn delta_of(room: u64, seq: u64, entry: Logged) -> Delta {
-    let Logged { kind, big } = entry;
+/// The delta at `seq`; `big` gives it a text of `MAX_TEXT` bytes.
+fn delta_of(room: u64, seq: u64, kind: DeltaKind, big: bool) -> Delta {
     // The user's own deltas are its JOINs and LEAVEs; the messages are someone else's.
     let (author_id, author) = if kind == DeltaKind::MESSAGE { (2, "ann") } else { ME };
     let mut text = if kind == DeltaKind::MESSAGE { format!("{room}/{seq}") } else { String::new() };
     if big {
-        text.extend(std::iter::repeat_n('x', MAX_TEXT - text.len()));
+        text.push_str(&"x".repeat(MAX_TEXT - text.len()));
     }
     Delta { room, seq, kind, author_id, author: author.into(), ts_ms: seq as i64 * 1000, text }
 }
@@ -340,8 +332,9 @@ impl Model {
         // Some history, all of it published; the connection logged in at these heads.
         let rooms = [(3, true), (1, true), (2, false)]
             .into_iter()
-            .map(|(n, member)| Room {
-                log: vec![Logged { kind: DeltaKind::MESSAGE, big: false }; n],
+            .enumerate()
+            .map(|(i, (n, member))| Room {
+                log: (1..=n).map(|seq| delta_of(i as u64 + 1, seq, DeltaKind::MESSAGE, false)).collect(),
                 member,
                 unpublished: VecDeque::new(),
                 published: n as u64,
@@ -364,12 +357,15 @@ impl Model {
         &self.rooms[ix(room)]
     }
 
-    fn delta(&self, room: u64, seq: u64) -> Delta {
-        delta_of(room, seq, self.room(room).log[(seq - 1) as usize])
+    fn delta(&self, room: u64, seq: u64) -> &Delta {
+        &self.room(room).log[(seq - 1) as usize]
     }
 
-    fn deltas(&self, room: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Delta> {
-        seqs.map(|s| self.delta(room, s)).collect()
+    fn deltas(&self, room: u64, seqs: std::ops::RangeInclusive<u64>) -> &[Delta] {
+        if seqs.is_empty() {
+            return &[];
+        }
+        &self.room(room).log[(*seqs.start() - 1) as usize..*seqs.end() as usize]
     }
 
     /// Whether the room's membership is changing or absent, so its deltas are not checked.
@@ -378,13 +374,13 @@ impl Model {
         !r.member || r.unpublished.iter().any(|e| !matches!(e, Event::Posts { .. }))
     }
 
-    fn commit(&mut self, room: u64, entry: Logged, n: usize) -> Option<u64> {
+    fn commit(&mut self, room: u64, kind: DeltaKind, big: bool, n: usize) -> Option<u64> {
         let r = &mut self.rooms[ix(room)];
         if r.log.len() + n > MAX_SEQ {
             return None;
         }
         let first = r.head() + 1;
-        r.log.extend(std::iter::repeat_n(entry, n));
+        r.log.extend((first..first + n as u64).map(|seq| delta_of(room, seq, kind, big)));
         Some(first)
     }
 
@@ -392,9 +388,9 @@ impl Model {
         match *op {
             Op::Commit { room, n } => {
                 let room = room_of(room);
-                let entry = Logged { kind: DeltaKind::MESSAGE, big: n >= 128 };
+                let big = n >= 128;
                 let n = 1 + usize::from(n % 3);
-                if let Some(first) = self.commit(room, entry, n) {
+                if let Some(first) = self.commit(room, DeltaKind::MESSAGE, big, n) {
                     let last = first + n as u64 - 1;
                     self.rooms[ix(room)].unpublished.push_back(Event::Posts { first, last });
                 }
@@ -403,7 +399,7 @@ impl Model {
             Op::Join { room } => {
                 let room = room_of(room);
                 if !self.room(room).member {
-                    if let Some(seq) = self.commit(room, Logged { kind: DeltaKind::JOIN, big: false }, 1) {
+                    if let Some(seq) = self.commit(room, DeltaKind::JOIN, false, 1) {
                         self.rooms[ix(room)].member = true;
                         self.rooms[ix(room)].unpublished.push_back(Event::Joined(seq));
                     }
@@ -412,7 +408,7 @@ impl Model {
             Op::Leave { room } => {
                 let room = room_of(room);
                 if self.room(room).member {
-                    if let Some(seq) = self.commit(room, Logged { kind: DeltaKind::LEAVE, big: false }, 1) {
+                    if let Some(seq) = self.commit(room, DeltaKind::LEAVE, false, 1) {
                         self.rooms[ix(room)].member = false;
                         self.rooms[ix(room)].unpublished.push_back(Event::Left(seq));
                     }
@@ -616,7 +612,7 @@ impl Model {
             let head = self.room(f.room).head();
             let available = head.saturating_sub(f.after);
             let n = available.min(u64::from(f.limit));
-            let mut deltas = self.deltas(f.room, f.after + 1..=f.after + n);
+            let mut deltas = self.deltas(f.room, f.after + 1..=f.after + n).to_vec();
             let mut more = available > u64::from(f.limit);
             // The byte budget, as the worker applies it (at least one delta per page).
             let mut budget = 0;
@@ -850,7 +846,7 @@ impl Model {
     fn accept(&mut self, d: &Delta) {
         known_room(d.room);
         assert!(d.seq >= 1 && d.seq <= self.room(d.room).head(), "room {} has no seq {}", d.room, d.seq);
-        assert_eq!(*d, self.delta(d.room, d.seq), "a delta that is not the log's");
+        assert_eq!(d, self.delta(d.room, d.seq), "a delta that is not the log's");
         let exempt = self.exempt(d.room);
         let v = &mut self.client.views[ix(d.room)];
         if !exempt {
