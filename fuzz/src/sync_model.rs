@@ -6,7 +6,9 @@
 //! Three rooms with their logs, and one user with one connection, which starts logged in, a member
 //! of rooms 1 and 2 and subscribed to them. Each [`Op`] is one thing the real system can do next:
 //!
-//! - **Commit**: other members post 1-3 deltas to a room in one group commit. **Join**/**Leave**:
+//! - **Commit**: other members post 1-3 deltas to a room in one group commit, with short texts or
+//!   texts of `MAX_TEXT` bytes (so that held pushes can overflow `HELD_BYTES`, and pages are cut
+//!   by the worker's byte budget). **Join**/**Leave**:
 //!   the user joins or leaves a room (a JOIN/LEAVE delta; the database's membership changes now).
 //!   Each commit becomes an event queued for the loop, per room in commit order: a room's writes
 //!   go to one shard worker, whose completions reach the loop in order (`worker.rs`).
