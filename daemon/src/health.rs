@@ -19,7 +19,7 @@
 
 use chime_storage::{
     Delta, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RoomId, RoomKind, RoomRecord, SessionId,
-    SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
+    SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -39,6 +39,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub struct Health {
     /// Read by the loop for every request: is the database down?
     down: AtomicBool,
+    /// Back up, and the log has not said so yet (so `settle` takes the lock only then).
+    settling: AtomicBool,
     /// The outage being tracked, when down.
     state: Mutex<Outage>,
 }
@@ -49,12 +51,20 @@ struct Outage {
     since: Option<Instant>,
     /// Per worker: has it proven its connection since the outage began?
     proven: Vec<bool>,
+    /// Back up at this time, not yet said in the log: a failure before [`SETTLE`] has passed is
+    /// the same outage, not a new one (a disk with a little room left serves a ping, then fails
+    /// the next batch).
+    recovering: Option<Instant>,
 }
+
+/// How long the database must stay up after an outage before the log says it is back.
+const SETTLE: Duration = Duration::from_secs(2);
 
 impl Health {
     /// A healthy database seen by `workers` workers.
     pub fn new(workers: usize) -> Health {
-        Health { down: AtomicBool::new(false), state: Mutex::new(Outage { since: None, proven: vec![false; workers] }) }
+        let outage = Outage { since: None, proven: vec![false; workers], recovering: None };
+        Health { down: AtomicBool::new(false), settling: AtomicBool::new(false), state: Mutex::new(outage) }
     }
 
     /// Whether the database is down (new store work is refused).
@@ -70,7 +80,12 @@ impl Health {
     /// Worker `worker` could not use the database.
     pub fn failed(&self, worker: usize, reason: &str) {
         let mut outage = self.outage();
-        if outage.since.is_none() {
+        if outage.recovering.take().is_some() {
+            // Back for less than `SETTLE`: the same outage goes on, unannounced.
+            self.settling.store(false, Ordering::Release);
+            outage.proven.iter_mut().for_each(|p| *p = false);
+            self.down.store(true, Ordering::Release);
+        } else if outage.since.is_none() {
             outage.since = Some(Instant::now());
             outage.proven.iter_mut().for_each(|p| *p = false);
             self.down.store(true, Ordering::Release);
@@ -93,16 +108,35 @@ impl Health {
         if !outage.proven.iter().all(|p| *p) {
             return false;
         }
-        outage.since = None;
+        // Requests are served again now; the log waits until it has stayed up (`settle`).
+        let _ = since;
+        outage.recovering = Some(Instant::now());
+        self.settling.store(true, Ordering::Release);
         self.down.store(false, Ordering::Release);
-        log::info!("database reachable again after {:.1} s", since.elapsed().as_secs_f64());
         true
+    }
+
+    /// Says in the log that the database is back once it has stayed up for [`SETTLE`] (called by
+    /// the workers between jobs).
+    pub fn settle(&self) {
+        if !self.settling.load(Ordering::Acquire) || self.is_down() {
+            return;
+        }
+        let mut outage = self.outage();
+        let (Some(back), Some(since)) = (outage.recovering, outage.since) else { return };
+        if back.elapsed() < SETTLE {
+            return;
+        }
+        log::info!("database reachable again after {:.1} s", back.duration_since(since).as_secs_f64());
+        outage.recovering = None;
+        outage.since = None;
+        self.settling.store(false, Ordering::Release);
     }
 
     /// Whether worker `worker` still has to prove its connection in the current outage.
     fn must_prove(&self, worker: usize) -> bool {
         let outage = self.outage();
-        outage.since.is_some() && !outage.proven.get(worker).copied().unwrap_or(true)
+        outage.since.is_some() && outage.recovering.is_none() && !outage.proven.get(worker).copied().unwrap_or(true)
     }
 }
 
@@ -122,6 +156,9 @@ pub struct StoreSlot {
     next_try: Instant,
     /// Shared state.
     health: std::sync::Arc<Health>,
+    /// How many times the store was lost: a job during which this grew may have committed
+    /// without knowing it (a connection that died with the COMMIT's answer).
+    losses: u64,
 }
 
 impl StoreSlot {
@@ -141,7 +178,18 @@ impl StoreSlot {
             backoff: FIRST_BACKOFF,
             next_try: Instant::now(),
             health,
+            losses: 0,
         }
+    }
+
+    /// How many times the store was lost so far.
+    pub fn losses(&self) -> u64 {
+        self.losses
+    }
+
+    /// Whether the store is open (not being reopened).
+    pub fn is_open(&self) -> bool {
+        self.store.is_some()
     }
 
     /// Runs `f` on the store. While the store is being reopened, answers `Unavailable` at once;
@@ -160,6 +208,7 @@ impl StoreSlot {
     fn lost(&mut self, reason: &str) {
         log::debug!("worker {}: store lost: {reason}", self.worker);
         self.store = None;
+        self.losses += 1;
         self.health.failed(self.worker, reason);
         self.backoff = FIRST_BACKOFF;
         self.next_try = Instant::now() + self.backoff;
@@ -170,6 +219,7 @@ impl StoreSlot {
     /// worker's connection works).
     pub fn maintain(&mut self) {
         if self.store.is_some() && !self.health.is_down() {
+            self.health.settle();
             return;
         }
         if self.store.is_none() {
@@ -215,7 +265,7 @@ impl StoreSlot {
 
 /// The slot is a store: each call goes through [`StoreSlot::with`], so job code needs no idea of
 /// reconnection; while the store is being reopened, every call fails `Unavailable` at once.
-impl Store for StoreSlot {
+impl SharedStore for StoreSlot {
     fn create_user(&mut self, name: &str, password_hash: &str) -> chime_storage::Result<UserRecord> {
         self.with(|s| s.create_user(name, password_hash))
     }
@@ -266,19 +316,7 @@ impl Store for StoreSlot {
     fn room(&mut self, room: RoomId) -> chime_storage::Result<Option<RoomRecord>> {
         self.with(|s| s.room(room))
     }
-    fn join_room(
-        &mut self,
-        room: RoomId,
-        user: UserId,
-        user_name: &str,
-        now_ms: i64,
-        max_rooms: u64,
-    ) -> chime_storage::Result<Option<Delta>> {
-        self.with(|s| s.join_room(room, user, user_name, now_ms, max_rooms))
-    }
-    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> chime_storage::Result<Delta> {
-        self.with(|s| s.leave_room(room, user, user_name, now_ms))
-    }
+
     fn rooms_of_user(&mut self, user: UserId) -> chime_storage::Result<Vec<RoomRecord>> {
         self.with(|s| s.rooms_of_user(user))
     }
@@ -291,9 +329,7 @@ impl Store for StoreSlot {
     fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> chime_storage::Result<Vec<MemberRecord>> {
         self.with(|s| s.members(room, after_user, limit))
     }
-    fn append_posts(&mut self, posts: &[NewPost]) -> chime_storage::Result<Vec<PostOutcome>> {
-        self.with(|s| s.append_posts(posts))
-    }
+
     fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> chime_storage::Result<Vec<Delta>> {
         self.with(|s| s.deltas_after(room, after, limit))
     }
@@ -302,6 +338,27 @@ impl Store for StoreSlot {
     }
     fn checkpoint(&mut self) -> chime_storage::Result<()> {
         self.with(|s| s.checkpoint())
+    }
+}
+
+impl Store for StoreSlot {
+    fn join_room(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        user_name: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> chime_storage::Result<Option<Delta>> {
+        self.with(|s| s.join_room(room, user, user_name, now_ms, max_rooms))
+    }
+
+    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> chime_storage::Result<Delta> {
+        self.with(|s| s.leave_room(room, user, user_name, now_ms))
+    }
+
+    fn append_posts(&mut self, posts: &[NewPost]) -> chime_storage::Result<Vec<PostOutcome>> {
+        self.with(|s| s.append_posts(posts))
     }
 }
 
@@ -324,8 +381,9 @@ mod tests {
         assert!(h.is_down(), "worker 1 has not proven itself since its last failure");
         assert!(h.proven(1), "the last proof ends the outage");
         assert!(!h.is_down());
-        // A new outage needs every worker again.
+        // Failing again before it settled: the same outage, needing every worker again.
         h.failed(0, "disk full");
+        assert!(h.is_down());
         assert!(!h.proven(0) && !h.proven(1));
         assert!(h.proven(2));
         assert!(!h.is_down());

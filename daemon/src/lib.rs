@@ -5,11 +5,18 @@
 //! - [`tls`]: the server's certificate (given, or self-signed in the data dir) and rustls setup.
 //! - [`auth`]: password hashing, session tokens, user name and password rules.
 //! - [`ratelimit`]: token buckets for accepts and logins, server-wide and per IP.
-//! - [`server`]: the event loop (mio): listeners, accepting, dispatch, fan-out, heartbeats,
-//!   graceful stop.
-//! - [`conn`]: one client connection (TLS or plaintext, read buffer, bounded send queue).
+//! - [`server`]: the event loop (mio): listeners, accepting, reading, flushing, the transports'
+//!   memory and timeouts, graceful stop. It only moves bytes.
+//! - [`transport`]: one client connection's socket and buffers (TLS or plaintext, read buffer,
+//!   bounded send queue).
+//! - [`core`]: the I/O-free server core: every connection's protocol state driven by frames,
+//!   completions and time, and the [`core::hub`] (who receives which room's pushes).
+//! - [`handlers`]: one module per family of requests: validation on the loop, the job it runs on a
+//!   worker.
+//! - [`work`]: the jobs and the effects the loop and the workers exchange.
 //! - [`sync`]: the per-connection SYNC state machine that keeps delivery gap-free (pure).
 //! - [`worker`]: the database worker pool (one store connection per thread, group commit).
+//! - [`limits`]: every fixed limit, named once.
 //! - [`health`]: whether the database is usable, and each worker's store, reopened after it
 //!   fails (a database restart, a full disk).
 //!
@@ -20,12 +27,16 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod conn;
+pub mod core;
+pub mod handlers;
 pub mod health;
+pub mod limits;
 pub mod ratelimit;
 pub mod server;
 pub mod sync;
 pub mod tls;
+pub mod transport;
+pub mod work;
 pub mod worker;
 
 pub use config::{Config, ConfigError};

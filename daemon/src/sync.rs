@@ -24,25 +24,12 @@
 //! The state machine is pure: it returns [`Action`]s and leaves sockets and workers to the loop.
 //! The `sync` fuzz target (`fuzz/`) drives it as the loop does and checks the guarantee.
 
-use crate::worker::{EncodeReply, Published};
+use crate::limits::HELD_CAP;
+pub use crate::limits::{DEFAULT_PAGE, HELD_BYTES, MAX_PAGE};
+use crate::work::{EncodeReply, Published};
 use bytes::Bytes;
 use chime_protocol::{Delta, DeltaPage, ErrorBody, RoomCursor, ServerFrame, SyncDone};
 use std::collections::{HashMap, VecDeque};
-
-/// Pushes held per catching-up room before further ones are dropped (and fetched again later).
-const HELD_CAP: usize = 4096;
-
-/// Bytes of pushes one connection holds across all its catching-up rooms before further ones are
-/// dropped (and fetched again later). Held pushes are shared with other recipients, but a
-/// connection holding them keeps them alive: without a bound, a slow SYNC in a busy room would pin
-/// everything published meanwhile.
-pub const HELD_BYTES: usize = 1 << 20;
-
-/// Largest SYNC page; a client asking for more gets this many.
-pub const MAX_PAGE: u32 = 1000;
-
-/// The page size used when a client asks for 0.
-pub const DEFAULT_PAGE: u32 = 500;
 
 /// Identifies one fetch of one connection's sync state.
 pub type FetchId = u64;
@@ -244,7 +231,6 @@ impl SyncState {
                 end = end.max(p.last_seq());
             }
         }
-        *overflowed &= !caught_up;
         let request = *request;
         match request {
             Some(id) => {
@@ -265,7 +251,9 @@ impl SyncState {
             }
         }
         if !caught_up {
-            // Still holding; the next page starts where this one ended.
+            // Still holding; the next page starts where this one ended. It is read after every
+            // push dropped so far was committed, so it covers them: forget the overflow.
+            *overflowed = false;
             *waiting = next_fetch;
             self.last_fetch = next_fetch;
             actions.push(Action::Fetch { room, after: page_end, limit: track.page_size, fetch: next_fetch });
@@ -663,6 +651,13 @@ mod tests {
         assert_eq!(s.held_bytes(), held);
         let a = s.page(1, f, vec![], false);
         assert!(matches!(a.last(), Some(Action::Fetch { room: 1, .. })), "{a:?}");
+        // The next page covers what was dropped: the room goes live and the SYNC ends.
+        let (_, after, _, f2) = fetch(&a);
+        assert_eq!(after, 0, "nothing is pushed between pages");
+        let a = s.page(1, f2, (1..=seq).map(|n| delta(1, n)).collect(), false);
+        assert_eq!(sent_seqs(&a), ((1..=seq).collect(), 1));
+        assert_eq!(s.held_bytes(), 0);
+        assert_eq!(sent_seqs(&s.push(&published(1, seq + 1..=seq + 1))), (vec![seq + 1], 0));
         s.forget(1);
         assert_eq!(s.held_bytes(), 0);
     }

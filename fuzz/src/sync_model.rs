@@ -6,63 +6,76 @@
 //! Three rooms with their logs, and one user with one connection, which starts logged in, a member
 //! of rooms 1 and 2 and subscribed to them. Each [`Op`] is one thing the real system can do next:
 //!
-//! - **Commit**: other members post 1-3 deltas to a room in one group commit. **Join**/**Leave**:
+//! - **Commit**: other members post 1-3 deltas to a room in one group commit, with short texts or
+//!   texts of `MAX_TEXT` bytes (so that held pushes can overflow `HELD_BYTES`, and pages are cut
+//!   by the worker's byte budget). **Join**/**Leave**:
 //!   the user joins or leaves a room (a JOIN/LEAVE delta; the database's membership changes now).
 //!   Each commit becomes an event queued for the loop, per room in commit order: a room's writes
 //!   go to one shard worker, whose completions reach the loop in order (`worker.rs`).
 //! - **Publish**: the loop takes a room's next event, as `server.rs::complete` does: a batch is
 //!   `publish`ed (pushed through `SyncState::push` to the connection if it is subscribed); a join
 //!   first `subscribe_from`s the connection (a `catch_up` if the loop has published past the
-//!   JOIN's predecessor), then publishes; a leave publishes, then unsubscribes (`forget`). So every
-//!   commit is pushed exactly once, in order, before, between or after any pages.
+//!   JOIN's predecessor), then publishes; a leave publishes, then `unsubscribe`s (`forget`, whose
+//!   actions are applied: it may end a SYNC). So every commit is pushed exactly once, in order,
+//!   before, between or after any pages.
 //! - **Sync**: the client sends SYNC (fresh request ids, any cursors, including past the head and
 //!   for rooms it is not in; page sizes 0-3), answered by `SyncState::start`.
-//! - **Read**/**Complete**: a worker reads one of the fetches the machine asked for (`Action::Fetch`)
+//! - The loop's `apply`: `Send` and `Push` go to the client; a `Fetch` is submitted to the workers
+//!   if `can_fetch` (at most [`SHARED_WINDOW`] of the connection's fetches in flight, and no
+//!   **Congestion**: the client not reading or the database down), else deferred; a `FetchLater`
+//!   (after a failure) is always deferred. **Retry** is `retry_deferred` (a timer tick, a flush):
+//!   deferred fetches go oldest first while `can_fetch`, those the machine no longer `wants`
+//!   dropped. A fetch's result frees its slot and retries deferred ones too (`answered`), before
+//!   the result itself is applied.
+//! - **Read**/**Complete**: a worker reads one of the fetches in flight, carrying its fetch id,
 //!   from the log as it is at that moment, honouring `after` and `limit`, `more` set as
 //!   `worker.rs::fetch` sets it (including a page cut short by the byte budget, with `more`
-//!   true); or finds the user is not a member (`skip_room`); or the database fails
-//!   (`page_failed`, with the ERROR frame the worker builds). The result reaches the machine
-//!   later, while anything else happens in between. Results for a connection whose sync state was
-//!   dropped (logout) are discarded, as the loop does.
-//! - **Logout**, then **LoginRead** (the worker reads the user's rooms and heads) and
-//!   **LoginDone** (the loop subscribes the connection with `subscribe_from` each room at the head
-//!   read, which calls `catch_up` when the loop has already published past it).
+//!   true); or finds the user is not a member (`skip_room`); or the database fails (`page_failed`
+//!   with the worker's UNAVAILABLE error). The result reaches the machine later, with its fetch id,
+//!   while anything else happens in between: results of replaced fetches (an earlier SYNC or page
+//!   of the room) are delivered as the loop delivers them, and the machine must ignore them.
+//! - **Logout** (the loop drops the sync state; its fetches in flight still answer the same
+//!   connection, and the loop hands their results to whatever sync state the connection has by
+//!   then), then **LoginRead** (the worker reads the user's rooms and heads) and **LoginDone** (the
+//!   loop subscribes the connection with `subscribe_from` each room at the head read, which calls
+//!   `catch_up` when the loop has already published past it).
 //!
-//! At the end the system settles: pending logins and events are delivered and every fetch is
-//! answered from the final log, until the machine asks for nothing more.
+//! At the end the system settles: pending logins and events are delivered, congestion ends, and
+//! every fetch is answered (deferred ones retried) from the final log, until the machine asks
+//! for nothing more.
 //!
 //! # What is checked
 //!
 //! Every frame the connection is sent is decoded, and the client checks, per room:
 //! - every delta is the log's delta with that seq; it continues the client's cursor (set by a
 //!   SYNC, or "at most the head read" at login and just before its JOIN) with no gap and no
-//!   duplicate; pushes never arrive while the room still waits for the final page of a SYNC;
-//! - a `DELTA_PAGE` answers the SYNC the room is waiting on, `resume_after` is the new cursor;
-//! - `SYNC_DONE` answers an open SYNC, after every final page, with `heads` = the client's cursors,
-//!   leaving out only rooms refused as not-member for that SYNC;
-//! - an ERROR comes exactly when a SYNC's fetch fails, and carries that SYNC's request id;
-//! - once settled, every SYNC was answered, the machine asks for nothing, and every room the
+//!   duplicate, also after a failed fetch (the room's deltas then arrive as pushes);
+//! - no push of a room arrives while it waits for the final page of a SYNC (not between pages);
+//! - a `DELTA_PAGE` answers the SYNC the room is waiting on, `resume_after` is where it ends;
+//! - `SYNC_DONE` answers an open SYNC, after every final page, with `heads` = the client's cursors
+//!   of exactly the SYNC's rooms, leaving out rooms refused as not-member, left, or named by a
+//!   later SYNC;
+//! - an ERROR comes exactly when the fetch a SYNC's room waits for fails, with that SYNC's request
+//!   id and the worker's error;
+//! - `Action::Push` carries only `DELTA` frames, a slice of a published batch (shared, not
+//!   copied);
+//! - once settled, every SYNC was answered, nothing is deferred or held, and every room the
 //!   connection is subscribed to (and the user is a member of) was delivered up to the log's head.
 //!
-//! Rooms whose membership is changing (the user is not a member, or its JOIN/LEAVE has not reached
-//! the loop yet) are not held to the per-room rules: leaving and joining race with a SYNC in ways
-//! the protocol does not promise anything about.
+//! Deltas of rooms whose membership is changing (the user is not a member, or its JOIN/LEAVE has
+//! not reached the loop yet) are not held to the gap and duplicate rules: leaving and joining race
+//! with a SYNC in ways the protocol does not promise anything about.
 //!
-//! # Known bugs
-//!
-//! Some cases the loop can produce break the promise (see docs/fuzzing.md). The target steps
-//! around exactly those cases, so that it keeps looking for others, unless the environment
-//! variable `CHIME_FUZZ_STRICT` names them (`all`, or a comma-separated list such as
-//! `stale-page,left-room`); then `fuzz/corpus/sync/known-<name>` crashes. Each skip is marked
-//! `KNOWN BUG` below; [`Known`] lists them.
+//! The bugs this target found in older versions of `sync.rs` are kept as
+//! `fuzz/corpus/sync/regression-*` inputs (docs/fuzzing.md).
 
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
 use chime_protocol::{Delta, DeltaKind, ErrorBody, ErrorCode, FrameDecoder, RoomCursor, ServerFrame};
-use chimed::sync::{Action, SyncState};
+use chimed::server::MAX_TEXT;
+use chimed::sync::{Action, FetchId, SyncState};
 use chimed::worker::Published;
 use std::collections::VecDeque;
-use std::sync::OnceLock;
 
 /// Rooms 1 to `ROOMS`.
 const ROOMS: usize = 3;
@@ -72,6 +85,11 @@ const MAX_OPS: usize = 256;
 const MAX_SEQ: usize = 64;
 /// Rounds of answering fetches before the end is declared a livelock.
 const SETTLE_ROUNDS: usize = 1000;
+/// The connection's fetches in flight at most (`server.rs`'s `SHARED_WINDOW`).
+const SHARED_WINDOW: usize = 4;
+/// Text bytes (and author names) after which a worker cuts a page (`worker.rs`'s
+/// `PAGE_TEXT_BUDGET`).
+const PAGE_TEXT_BUDGET: usize = 256 * 1024;
 
 /// The user's id and name on its own JOIN/LEAVE deltas.
 const ME: (u64, &str) = (1, "me");
@@ -79,11 +97,12 @@ const ME: (u64, &str) = (1, "me");
 /// One step of the system, chosen by the fuzzer. Room selectors are taken modulo the room count.
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Op {
-    /// Other members commit `1 + n % 3` deltas to a room in one group commit.
+    /// Other members commit `1 + n % 3` deltas to a room in one group commit, with texts of the
+    /// largest size (`MAX_TEXT`) when `n >= 128`, so that held pushes can reach `HELD_BYTES`.
     Commit {
         /// Room selector.
         room: u8,
-        /// Batch size selector.
+        /// Batch size and text size selector.
         n: u8,
     },
     /// The loop receives the room's next committed event (a batch, a join or a leave).
@@ -109,7 +128,7 @@ pub enum Op {
         /// Page size, modulo 4 (0 is the server's default).
         page_size: u8,
     },
-    /// A worker reads one of the fetches not yet read (selector modulo their number).
+    /// A worker reads one of the fetches in flight not yet read (selector modulo their number).
     Read {
         /// Fetch selector.
         fetch: u8,
@@ -127,6 +146,15 @@ pub enum Op {
     LoginRead,
     /// The loop receives that login's result.
     LoginDone,
+    /// The loop may not submit SYNC fetches from now on (`on`: the client is not reading what it
+    /// was sent, or the database is down), or may again.
+    Congestion {
+        /// Whether fetches must wait.
+        on: bool,
+    },
+    /// The loop retries the connection's deferred fetches (`retry_deferred`: a timer tick, a
+    /// flush).
+    Retry,
 }
 
 /// How a fetch's read goes, if the user is a member.
@@ -149,53 +177,6 @@ pub fn run(ops: &[Op]) {
     m.settle();
 }
 
-/// A bug the target knows about and steps around unless asked not to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Known {
-    /// `skip_room` and `page_failed` carry no cursor, so a failure for a fetch the machine no
-    /// longer waits for (stale) ends the room's current SYNC or catch-up.
-    StaleFailure,
-    /// The ERROR ending a SYNC is the worker's frame for the fetch, whose request id is 0.
-    ErrorId,
-    /// `forget` leaves the room in its SYNC request: a room left before its final page keeps the
-    /// SYNC open forever, and one left after is reported in `heads` at seq 0.
-    LeftRoom,
-    /// A final page's `resume_after` counts the held pushes flushed after it.
-    ResumeAfter,
-    /// A page for an earlier SYNC, catch-up or session of the room with the same `after` is
-    /// taken as the current answer, though it was read before deltas that the current track
-    /// never held (they were published while the room was untracked), so they are never sent.
-    StalePage,
-    /// A SYNC naming a room that already had its final page in an earlier, still open SYNC
-    /// counts that room as done a second time in the earlier one, which then ends (SYNC_DONE)
-    /// before its other rooms have had theirs.
-    ResyncFinishedRoom,
-}
-
-impl Known {
-    const ALL: [(Known, &'static str); 6] = [
-        (Known::StaleFailure, "stale-failure"),
-        (Known::StalePage, "stale-page"),
-        (Known::ErrorId, "error-id"),
-        (Known::LeftRoom, "left-room"),
-        (Known::ResumeAfter, "resume-after"),
-        (Known::ResyncFinishedRoom, "resync-finished-room"),
-    ];
-}
-
-/// Whether to check `bug` rather than step around it: `CHIME_FUZZ_STRICT` is `all` or a
-/// comma-separated list of the names in [`Known::ALL`].
-fn strict(bug: Known) -> bool {
-    static STRICT: OnceLock<Vec<Known>> = OnceLock::new();
-    STRICT
-        .get_or_init(|| {
-            let var = std::env::var("CHIME_FUZZ_STRICT").unwrap_or_default();
-            let names: Vec<&str> = var.split(',').map(str::trim).collect();
-            Known::ALL.iter().filter(|(_, n)| names.contains(n) || names.contains(&"all")).map(|&(k, _)| k).collect()
-        })
-        .contains(&bug)
-}
-
 fn room_of(sel: u8) -> u64 {
     u64::from(sel) % ROOMS as u64 + 1
 }
@@ -206,6 +187,12 @@ fn known_room(room: u64) {
 
 fn ix(room: u64) -> usize {
     (room - 1) as usize
+}
+
+/// What the worker sends when the database fails (`worker.rs::store_error` for
+/// `StoreError::Unavailable`).
+fn db_error() -> ErrorBody {
+    ErrorBody::new(ErrorCode::UNAVAILABLE, "the database is unavailable; retry shortly")
 }
 
 /// A committed change not yet seen by the loop.
@@ -219,30 +206,34 @@ enum Event {
 /// One room in the database, and what the loop knows of it.
 #[derive(Debug)]
 struct Room {
-    /// The kind of delta at each seq (seq 1 first); the rest of a delta follows from the seq.
-    kinds: Vec<(DeltaKind, bool)>,
+    /// The delta at each seq (seq 1 first), built once: pages and checks copy or compare them.
+    log: Vec<Delta>,
     /// Whether the user is a member, in the database.
     member: bool,
     /// Committed, not yet received by the loop.
     unpublished: VecDeque<Event>,
     /// The loop's `room_heads` entry.
     published: u64,
+    /// Every batch published, so that a `Push` can be checked to be a slice of one.
+    batches: Vec<Published>,
 }
 
 impl Room {
     fn head(&self) -> u64 {
-        self.kinds.len() as u64
+        self.log.len() as u64
     }
 }
 
-/// A fetch the machine asked for.
+/// A fetch submitted to the workers (a `Job::Fetch` of the connection, in flight).
 #[derive(Debug)]
 struct Fetch {
     room: u64,
     after: u64,
     limit: u32,
-    /// The room's [`View::epoch`] when it was asked for.
-    epoch: u32,
+    /// The id the job carries back.
+    id: FetchId,
+    /// The [`Model::session`] whose sync state asked for it (the job itself does not say).
+    session: u32,
     read: Option<Outcome>,
 }
 
@@ -258,12 +249,14 @@ enum Outcome {
 struct Conn {
     authed: bool,
     subscribed: [bool; ROOMS],
+    /// Its deferred fetches are `sync.deferred`, as in the loop.
     sync: Option<SyncState>,
     /// A login read by its worker, not yet completed: (room, head).
     login: Option<Vec<(u64, u64)>>,
-    /// Per room, the `after` of the fetch the machine waits for: the last it asked for, until
-    /// answered or the room is dropped.
-    waiting: [Option<u64>; ROOMS],
+    /// Per room, the fetch the machine waits for, as ([`Model::session`], id): the last one it
+    /// asked for (again, for a `FetchLater`), until answered or the room is dropped. Only the
+    /// model's bookkeeping, to know when an ERROR is due; the machine keeps its own.
+    waiting: [Option<(u32, FetchId)>; ROOMS],
 }
 
 /// Where the client stands in a room.
@@ -283,21 +276,15 @@ struct View {
     cursor: Cursor,
     /// The SYNC whose final page this room waits for.
     pages: Option<u32>,
-    /// Bumped whenever the room starts over (a SYNC names it, login, leave, logout): fetches
-    /// asked for in an earlier epoch are stale.
-    epoch: u32,
 }
 
 /// A SYNC the client is waiting on.
 #[derive(Debug)]
 struct OpenSync {
     id: u32,
-    /// The rooms whose heads SYNC_DONE must report.
+    /// The rooms whose heads SYNC_DONE must report: those named, less the ones refused as
+    /// not-member, left, or named again by a later SYNC.
     rooms: Vec<u64>,
-    /// Rooms the user left before SYNC_DONE ([`Known::LeftRoom`]).
-    left: Vec<u64>,
-    /// Rooms that had their final page ([`Known::ResyncFinishedRoom`]).
-    finished: Vec<u64>,
 }
 
 /// The client: what it has received, checked as it arrives.
@@ -306,31 +293,40 @@ struct Client {
     views: [View; ROOMS],
     open: Vec<OpenSync>,
     next_id: u32,
-    /// The SYNC whose ERROR the next failure should produce.
+    /// The SYNC whose ERROR the failure being applied must produce.
     expect_error: Option<u32>,
-    /// A final page's `resume_after` past its deltas, to be reached by the pushes sent with it
-    /// ([`Known::ResumeAfter`]).
-    claimed: [Option<u64>; ROOMS],
+}
+
+impl Client {
+    /// The room no longer belongs to any open SYNC (refused, left, or named by a new SYNC).
+    fn drop_from_open(&mut self, room: u64) {
+        for open in &mut self.open {
+            open.rooms.retain(|&r| r != room);
+        }
+    }
 }
 
 struct Model {
     rooms: Vec<Room>,
     conn: Conn,
+    /// The connection's fetches in flight, from any of its sync states.
     fetches: Vec<Fetch>,
+    /// Bumped each time the connection's sync state is dropped (logout).
+    session: u32,
+    /// [`Op::Congestion`]: `can_fetch` is false.
+    congested: bool,
     client: Client,
 }
 
-fn delta_of(room: u64, seq: u64, kind: DeltaKind, mine: bool) -> Delta {
-    let (author_id, author) = if mine { ME } else { (2, "ann") };
-    Delta {
-        room,
-        seq,
-        kind,
-        author_id,
-        author: author.into(),
-        ts_ms: seq as i64 * 1000,
-        text: if kind == DeltaKind::MESSAGE { format!("{room}/{seq}") } else { String::new() },
+/// The delta at `seq`; `big` gives it a text of `MAX_TEXT` bytes.
+fn delta_of(room: u64, seq: u64, kind: DeltaKind, big: bool) -> Delta {
+    // The user's own deltas are its JOINs and LEAVEs; the messages are someone else's.
+    let (author_id, author) = if kind == DeltaKind::MESSAGE { (2, "ann") } else { ME };
+    let mut text = if kind == DeltaKind::MESSAGE { format!("{room}/{seq}") } else { String::new() };
+    if big {
+        text.push_str(&"x".repeat(MAX_TEXT - text.len()));
     }
+    Delta { room, seq, kind, author_id, author: author.into(), ts_ms: seq as i64 * 1000, text }
 }
 
 impl Model {
@@ -338,14 +334,16 @@ impl Model {
         // Some history, all of it published; the connection logged in at these heads.
         let rooms = [(3, true), (1, true), (2, false)]
             .into_iter()
-            .map(|(n, member)| Room {
-                kinds: vec![(DeltaKind::MESSAGE, false); n],
+            .enumerate()
+            .map(|(i, (n, member))| Room {
+                log: (1..=n).map(|seq| delta_of(i as u64 + 1, seq, DeltaKind::MESSAGE, false)).collect(),
                 member,
                 unpublished: VecDeque::new(),
                 published: n as u64,
+                batches: Vec::new(),
             })
             .collect::<Vec<_>>();
-        let mut views = [View { cursor: Cursor::Unknown, pages: None, epoch: 0 }; ROOMS];
+        let mut views = [View { cursor: Cursor::Unknown, pages: None }; ROOMS];
         let mut conn = Conn { authed: true, ..Conn::default() };
         for (i, r) in rooms.iter().enumerate() {
             if r.member {
@@ -353,21 +351,23 @@ impl Model {
                 views[i].cursor = Cursor::AtMost(r.head());
             }
         }
-        let client = Client { views, open: Vec::new(), next_id: 1, expect_error: None, claimed: [None; ROOMS] };
-        Model { rooms, conn, fetches: Vec::new(), client }
+        let client = Client { views, open: Vec::new(), next_id: 1, expect_error: None };
+        Model { rooms, conn, fetches: Vec::new(), session: 0, congested: false, client }
     }
 
     fn room(&self, room: u64) -> &Room {
         &self.rooms[ix(room)]
     }
 
-    fn delta(&self, room: u64, seq: u64) -> Delta {
-        let (kind, mine) = self.room(room).kinds[(seq - 1) as usize];
-        delta_of(room, seq, kind, mine)
+    fn delta(&self, room: u64, seq: u64) -> &Delta {
+        &self.room(room).log[(seq - 1) as usize]
     }
 
-    fn deltas(&self, room: u64, seqs: std::ops::RangeInclusive<u64>) -> Vec<Delta> {
-        seqs.map(|s| self.delta(room, s)).collect()
+    fn deltas(&self, room: u64, seqs: std::ops::RangeInclusive<u64>) -> &[Delta] {
+        if seqs.is_empty() {
+            return &[];
+        }
+        &self.room(room).log[(*seqs.start() - 1) as usize..*seqs.end() as usize]
     }
 
     /// Whether the room's membership is changing or absent, so its deltas are not checked.
@@ -376,13 +376,13 @@ impl Model {
         !r.member || r.unpublished.iter().any(|e| !matches!(e, Event::Posts { .. }))
     }
 
-    fn commit(&mut self, room: u64, kind: DeltaKind, n: usize) -> Option<u64> {
+    fn commit(&mut self, room: u64, kind: DeltaKind, big: bool, n: usize) -> Option<u64> {
         let r = &mut self.rooms[ix(room)];
-        if r.kinds.len() + n > MAX_SEQ {
+        if r.log.len() + n > MAX_SEQ {
             return None;
         }
         let first = r.head() + 1;
-        r.kinds.extend(std::iter::repeat_n((kind, kind != DeltaKind::MESSAGE), n));
+        r.log.extend((first..first + n as u64).map(|seq| delta_of(room, seq, kind, big)));
         Some(first)
     }
 
@@ -390,8 +390,9 @@ impl Model {
         match *op {
             Op::Commit { room, n } => {
                 let room = room_of(room);
+                let big = n >= 128;
                 let n = 1 + usize::from(n % 3);
-                if let Some(first) = self.commit(room, DeltaKind::MESSAGE, n) {
+                if let Some(first) = self.commit(room, DeltaKind::MESSAGE, big, n) {
                     let last = first + n as u64 - 1;
                     self.rooms[ix(room)].unpublished.push_back(Event::Posts { first, last });
                 }
@@ -400,7 +401,7 @@ impl Model {
             Op::Join { room } => {
                 let room = room_of(room);
                 if !self.room(room).member {
-                    if let Some(seq) = self.commit(room, DeltaKind::JOIN, 1) {
+                    if let Some(seq) = self.commit(room, DeltaKind::JOIN, false, 1) {
                         self.rooms[ix(room)].member = true;
                         self.rooms[ix(room)].unpublished.push_back(Event::Joined(seq));
                     }
@@ -409,7 +410,7 @@ impl Model {
             Op::Leave { room } => {
                 let room = room_of(room);
                 if self.room(room).member {
-                    if let Some(seq) = self.commit(room, DeltaKind::LEAVE, 1) {
+                    if let Some(seq) = self.commit(room, DeltaKind::LEAVE, false, 1) {
                         self.rooms[ix(room)].member = false;
                         self.rooms[ix(room)].unpublished.push_back(Event::Left(seq));
                     }
@@ -439,6 +440,8 @@ impl Model {
                 }
             }
             Op::LoginDone => self.login_done(),
+            Op::Congestion { on } => self.congested = on,
+            Op::Retry => self.retry_deferred(),
         }
     }
 
@@ -456,7 +459,6 @@ impl Model {
                     // SYNC it sent (or deltas it received) already set where the room continues.
                     if v.cursor == Cursor::Unknown {
                         v.cursor = Cursor::AtMost(seq - 1);
-                        v.epoch += 1;
                     }
                     self.subscribe_from(room, seq - 1);
                 }
@@ -465,18 +467,7 @@ impl Model {
             Event::Left(seq) => {
                 self.publish(room, seq, seq);
                 if self.conn.authed {
-                    self.conn.subscribed[ix(room)] = false;
-                    if let Some(sync) = self.conn.sync.as_mut() {
-                        sync.forget(room);
-                    }
-                    self.conn.waiting[ix(room)] = None;
-                    let v = &mut self.client.views[ix(room)];
-                    *v = View { cursor: Cursor::Unknown, pages: None, epoch: v.epoch + 1 };
-                    for open in &mut self.client.open {
-                        if open.rooms.contains(&room) {
-                            open.left.push(room);
-                        }
-                    }
+                    self.unsubscribe(room);
                 }
             }
         }
@@ -484,14 +475,15 @@ impl Model {
 
     /// `publish`: fan-out of one committed batch.
     fn publish(&mut self, room: u64, first: u64, last: u64) {
+        let p = Published::encode(room, &self.deltas(room, first..=last)).expect("a non-empty batch");
         let r = &mut self.rooms[ix(room)];
         r.published = r.published.max(last);
+        r.batches.push(p.clone());
         if !self.conn.subscribed[ix(room)] {
             return;
         }
-        let p = Published::encode(room, &self.deltas(room, first..=last)).expect("a non-empty batch");
         match self.conn.sync.as_mut() {
-            None => self.receive(&p.frames),
+            None => self.receive(&p.frames, true),
             Some(sync) => {
                 let actions = sync.push(&p);
                 self.apply(actions);
@@ -501,6 +493,10 @@ impl Model {
 
     /// `subscribe_from`.
     fn subscribe_from(&mut self, room: u64, after: u64) {
+        if self.conn.subscribed[ix(room)] {
+            // It has received every push since it subscribed.
+            return;
+        }
         self.conn.subscribed[ix(room)] = true;
         if self.room(room).published > after {
             let actions = self.conn.sync.get_or_insert_with(Default::default).catch_up(room, after);
@@ -508,27 +504,70 @@ impl Model {
         }
     }
 
-    /// `apply`: sends go to the client, fetches to the workers.
+    /// `unsubscribe`: the user left the room.
+    fn unsubscribe(&mut self, room: u64) {
+        self.conn.subscribed[ix(room)] = false;
+        // The client forgets the room, and no SYNC reports it any more.
+        self.client.views[ix(room)] = View { cursor: Cursor::Unknown, pages: None };
+        self.client.drop_from_open(room);
+        self.conn.waiting[ix(room)] = None;
+        if let Some(sync) = self.conn.sync.as_mut() {
+            let actions = sync.forget(room);
+            self.apply(actions);
+        }
+    }
+
+    /// `apply`: sends go to the client, fetches to the workers or to the deferred queue.
     fn apply(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Send(bytes) => self.receive(&bytes),
-                Action::Fetch { room, after, limit } => {
+                Action::Send(bytes) => self.receive(&bytes, false),
+                Action::Push(bytes) => self.receive(&bytes, true),
+                Action::FetchLater { room, after, limit, fetch } => {
                     known_room(room);
-                    self.conn.waiting[ix(room)] = Some(after);
-                    let epoch = self.client.views[ix(room)].epoch;
-                    self.fetches.push(Fetch { room, after, limit, epoch, read: None });
+                    self.conn.waiting[ix(room)] = Some((self.session, fetch));
+                    self.defer(Action::Fetch { room, after, limit, fetch });
+                }
+                Action::Fetch { room, fetch, .. } => {
+                    known_room(room);
+                    self.conn.waiting[ix(room)] = Some((self.session, fetch));
+                    if self.can_fetch() {
+                        self.submit(a);
+                    } else {
+                        self.defer(a);
+                    }
                 }
             }
         }
-        for room in 1..=ROOMS as u64 {
-            if let Some(resume_after) = self.client.claimed[ix(room)].take() {
-                let cursor = self.client.views[ix(room)].cursor;
-                assert_eq!(
-                    cursor,
-                    Cursor::Exactly(resume_after),
-                    "room {room}: resume_after beyond the flushed pushes"
-                );
+    }
+
+    /// `can_fetch`: a free slot in the connection's window, and no congestion.
+    fn can_fetch(&self) -> bool {
+        !self.congested && self.fetches.len() < SHARED_WINDOW
+    }
+
+    /// `fetch`: a job to the workers.
+    fn submit(&mut self, fetch: Action) {
+        let Action::Fetch { room, after, limit, fetch: id } = fetch else { return };
+        self.fetches.push(Fetch { room, after, limit, id, session: self.session, read: None });
+    }
+
+    /// `defer`.
+    fn defer(&mut self, fetch: Action) {
+        if let Some(sync) = self.conn.sync.as_mut() {
+            sync.deferred.push_back(fetch);
+        }
+    }
+
+    /// `retry_deferred`: oldest first while fetches may go, skipping replaced ones.
+    fn retry_deferred(&mut self) {
+        while self.can_fetch() {
+            let Some(sync) = self.conn.sync.as_mut() else { return };
+            let Some(next) = sync.deferred.pop_front() else { return };
+            if let Action::Fetch { room, fetch, .. } = next {
+                if sync.wants(room, fetch) {
+                    self.submit(next);
+                }
             }
         }
     }
@@ -545,11 +584,6 @@ impl Model {
                 RoomCursor { room, seq: u64::from(seq) % (self.room(room).head() + 3) }
             })
             .collect();
-        // KNOWN BUG: naming a room that is done in another open SYNC ends that one early.
-        let done_elsewhere = |r: u64| self.client.open.iter().any(|o| o.rooms.contains(&r) && o.finished.contains(&r));
-        if cursors.iter().any(|c| done_elsewhere(c.room)) && !strict(Known::ResyncFinishedRoom) {
-            return;
-        }
         let id = self.client.next_id;
         self.client.next_id += 1;
         let mut rooms = Vec::new();
@@ -558,14 +592,11 @@ impl Model {
                 continue;
             }
             rooms.push(c.room);
-            let v = &mut self.client.views[ix(c.room)];
-            *v = View { cursor: Cursor::Exactly(c.seq), pages: Some(id), epoch: v.epoch + 1 };
             // The room moves from an earlier, unfinished SYNC to this one.
-            for open in &mut self.client.open {
-                open.rooms.retain(|&r| r != c.room);
-            }
+            self.client.drop_from_open(c.room);
+            self.client.views[ix(c.room)] = View { cursor: Cursor::Exactly(c.seq), pages: Some(id) };
         }
-        self.client.open.push(OpenSync { id, rooms, left: Vec::new(), finished: Vec::new() });
+        self.client.open.push(OpenSync { id, rooms });
         let actions = self.conn.sync.get_or_insert_with(Default::default).start(id, &cursors, page_size);
         self.apply(actions);
     }
@@ -574,21 +605,33 @@ impl Model {
 
     fn read(&mut self, i: usize, how: ReadHow) {
         let f = &self.fetches[i];
-        let outcome = if !self.room(f.room).member {
+        // As `worker.rs::fetch`: the membership check, then the read, either of which may fail.
+        let outcome = if matches!(how, ReadHow::DbError) {
+            Outcome::DbError
+        } else if !self.room(f.room).member {
             Outcome::NotMember
         } else {
             let head = self.room(f.room).head();
             let available = head.saturating_sub(f.after);
-            let mut n = available.min(u64::from(f.limit));
+            let n = available.min(u64::from(f.limit));
+            let mut deltas = self.deltas(f.room, f.after + 1..=f.after + n).to_vec();
             let mut more = available > u64::from(f.limit);
+            // The byte budget, as the worker applies it (at least one delta per page).
+            let mut budget = 0;
+            if let Some(cut) = deltas.iter().position(|d| {
+                budget += d.text.len() + d.author.len();
+                budget > PAGE_TEXT_BUDGET
+            }) {
+                deltas.truncate(cut.max(1));
+                more = true;
+            }
             match how {
-                ReadHow::DbError => Outcome::DbError,
-                ReadHow::Cut(k) if n > 0 => {
-                    n = 1 + u64::from(k) % n;
-                    more = true;
-                    Outcome::Page(self.deltas(f.room, f.after + 1..=f.after + n), more)
+                // Cut shorter still, as a smaller budget would.
+                ReadHow::Cut(k) if !deltas.is_empty() => {
+                    deltas.truncate(1 + usize::from(k) % deltas.len());
+                    Outcome::Page(deltas, true)
                 }
-                _ => Outcome::Page(self.deltas(f.room, f.after + 1..=f.after + n), more),
+                _ => Outcome::Page(deltas, more),
             }
         };
         self.fetches[i].read = Some(outcome);
@@ -598,54 +641,37 @@ impl Model {
     fn complete(&mut self, i: usize) {
         let f = self.fetches.remove(i);
         let Some(outcome) = f.read else { return };
+        // `answered`: the slot is free, deferred fetches may go.
+        self.retry_deferred();
         let Some(sync) = self.conn.sync.as_mut() else { return };
-        // The machine takes this as the answer it waits for (the latest fetch it asked for the
-        // room) if the `after` matches; the fetch is current if it was also asked for in the
-        // room's current epoch (the current SYNC, catch-up or session).
-        let answers = self.conn.waiting[ix(f.room)] == Some(f.after);
-        let current = answers && f.epoch == self.client.views[ix(f.room)].epoch;
-        let failed = matches!(outcome, Outcome::NotMember | Outcome::DbError);
-        // KNOWN BUG: a failure carries no cursor, so one for a fetch the machine no longer waits
-        // for still ends the room's SYNC or catch-up.
-        if failed && !current && !strict(Known::StaleFailure) {
-            return;
-        }
-        // KNOWN BUG: a page from an earlier epoch with the same `after` is taken as the answer,
-        // though it may have been read before deltas the current epoch never held.
-        if !failed && answers && !current && !strict(Known::StalePage) {
-            return;
-        }
-        if answers || failed {
-            // Answered, or the room dropped (a next page, if any, is asked for by the actions).
-            self.conn.waiting[ix(f.room)] = None;
-        }
-        let stale = !current;
+        // Whether the machine waits for this very fetch. The loop cannot tell (a fetch of a sync
+        // state dropped at logout answers the connection's next one), so this is only for the
+        // client's expectations; the result goes to the machine either way.
+        let current = self.conn.waiting[ix(f.room)] == Some((f.session, f.id));
         let actions = match outcome {
-            Outcome::Page(deltas, more) => sync.page(f.room, f.after, deltas, more),
-            Outcome::NotMember => {
-                if !stale {
-                    let v = &mut self.client.views[ix(f.room)];
-                    // Left out of its SYNC (if any): the client forgets the room.
-                    v.cursor = Cursor::Unknown;
-                    if v.pages.take().is_some() {
-                        for open in &mut self.client.open {
-                            open.rooms.retain(|&r| r != f.room);
-                        }
-                    }
+            Outcome::Page(deltas, more) => {
+                if current {
+                    // Answered; a next page, if any, is asked for by the actions.
+                    self.conn.waiting[ix(f.room)] = None;
                 }
-                sync.skip_room(f.room)
+                sync.page(f.room, f.id, deltas, more)
+            }
+            Outcome::NotMember => {
+                if current {
+                    self.conn.waiting[ix(f.room)] = None;
+                    // Left out of its SYNC (if any): the client forgets the room.
+                    self.client.views[ix(f.room)] = View { cursor: Cursor::Unknown, pages: None };
+                    self.client.drop_from_open(f.room);
+                }
+                sync.skip_room(f.room, f.id)
             }
             Outcome::DbError => {
-                // The worker's `store_error_frame` for the fetch's `to`, whose request id is 0.
-                let error = ServerFrame::Error(ErrorBody::new(ErrorCode::INTERNAL, "internal error; retry later"));
-                let error = error.encode(0).expect("small");
-                if !stale {
-                    let v = &mut self.client.views[ix(f.room)];
-                    // Deltas may be lost for this room: the client must SYNC it again.
-                    v.cursor = Cursor::Unknown;
-                    self.client.expect_error = v.pages.take();
+                if current {
+                    // The room's SYNC, if it still waits for this room, ends with an ERROR; the
+                    // room keeps catching up (a `FetchLater`), its deltas to come as pushes.
+                    self.client.expect_error = self.client.views[ix(f.room)].pages;
                 }
-                sync.page_failed(f.room, error)
+                sync.page_failed(f.room, f.id, db_error())
             }
         };
         self.apply(actions);
@@ -657,8 +683,9 @@ impl Model {
             return;
         }
         self.conn = Conn::default();
+        self.session += 1;
         for v in &mut self.client.views {
-            *v = View { cursor: Cursor::Unknown, pages: None, epoch: v.epoch + 1 };
+            *v = View { cursor: Cursor::Unknown, pages: None };
         }
         self.client.open.clear();
     }
@@ -667,8 +694,7 @@ impl Model {
         let Some(rooms) = self.conn.login.take() else { return };
         self.conn.authed = true;
         for (room, head) in rooms {
-            let v = &mut self.client.views[ix(room)];
-            *v = View { cursor: Cursor::AtMost(head), pages: None, epoch: v.epoch + 1 };
+            self.client.views[ix(room)] = View { cursor: Cursor::AtMost(head), pages: None };
             self.subscribe_from(room, head);
         }
     }
@@ -682,8 +708,13 @@ impl Model {
                 self.publish_next(room);
             }
         }
+        self.congested = false;
         let mut rounds = 0;
-        while !self.fetches.is_empty() {
+        loop {
+            self.retry_deferred();
+            if self.fetches.is_empty() {
+                break;
+            }
             rounds += 1;
             assert!(rounds <= SETTLE_ROUNDS, "the machine keeps fetching: {:?}", self.fetches);
             if self.fetches[0].read.is_none() {
@@ -691,10 +722,12 @@ impl Model {
             }
             self.complete(0);
         }
+        if let Some(sync) = &self.conn.sync {
+            assert!(sync.deferred.is_empty(), "fetches still deferred: {:?}", sync.deferred);
+            assert_eq!(sync.held_bytes(), 0, "pushes still held once every fetch was answered");
+        }
         for open in &self.client.open {
-            // KNOWN BUG: a room forgotten (left) before its final page keeps its SYNC pending.
-            let known = !open.left.is_empty() && !strict(Known::LeftRoom);
-            assert!(known, "SYNC {} was never answered (rooms {:?}, left {:?})", open.id, open.rooms, open.left);
+            panic!("SYNC {} was never answered (rooms {:?})", open.id, open.rooms);
         }
         for room in 1..=ROOMS as u64 {
             let r = self.room(room);
@@ -712,15 +745,33 @@ impl Model {
 
     // ---- The client ----
 
-    /// Decodes and checks what one action (or one publish) sent.
-    fn receive(&mut self, bytes: &Bytes) {
+    /// Decodes and checks what one action (or one publish) sent; `push` for shared bytes
+    /// (`Action::Push`, or a batch queued as is).
+    fn receive(&mut self, bytes: &Bytes, push: bool) {
+        if push {
+            self.check_shared(bytes);
+        }
         let decoder = FrameDecoder::default();
         let mut buf = BytesMut::from(&bytes[..]);
         while let Some(raw) = decoder.decode(&mut buf).expect("the connection is sent valid frames") {
             let frame = ServerFrame::decode(&raw).expect("the connection is sent valid bodies");
+            if push {
+                assert!(matches!(frame, ServerFrame::Delta(_)), "a push of published frames holds {frame:?}");
+            }
             self.frame(raw.request_id, frame);
         }
         assert!(buf.is_empty(), "a send ends in a partial frame: {buf:02x?}");
+    }
+
+    /// A push is a non-empty tail of a published batch, in that batch's memory.
+    fn check_shared(&self, bytes: &Bytes) {
+        assert!(!bytes.is_empty(), "an empty push");
+        let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
+        let shared = self.rooms.iter().flat_map(|r| &r.batches).any(|p| {
+            let (p_start, p_end) = (p.frames.as_ptr() as usize, p.frames.as_ptr() as usize + p.frames.len());
+            p_start <= start && end == p_end
+        });
+        assert!(shared, "a push that is not the tail of a published batch: {bytes:02x?}");
     }
 
     fn frame(&mut self, id: u32, frame: ServerFrame) {
@@ -729,39 +780,28 @@ impl Model {
                 assert_eq!(id, 0, "a DELTA push carries request id 0");
                 known_room(d.room);
                 let v = self.client.views[ix(d.room)];
-                if !self.exempt(d.room) {
-                    assert_eq!(v.pages, None, "a push for room {} while its SYNC {:?} pages", d.room, v.pages);
-                }
+                assert_eq!(v.pages, None, "a push for room {} between the pages of SYNC {:?}", d.room, v.pages);
                 self.accept(&d);
             }
             ServerFrame::DeltaPage(p) => {
                 known_room(p.room);
-                let exempt = self.exempt(p.room);
                 let v = self.client.views[ix(p.room)];
-                if !exempt {
-                    assert_eq!(v.pages, Some(id), "a page of room {} for SYNC {id}", p.room);
-                }
+                assert_eq!(v.pages, Some(id), "a page of room {} for SYNC {id}", p.room);
                 for d in &p.deltas {
                     assert_eq!(d.room, p.room, "a page of room {} holds a delta of room {}", p.room, d.room);
                     self.accept(d);
                 }
                 let v = &mut self.client.views[ix(p.room)];
-                if !exempt && v.cursor != Cursor::Exactly(p.resume_after) {
-                    // KNOWN BUG: a final page's resume_after counts the held pushes flushed right
-                    // after it; `apply` checks that it does no more than that.
-                    let known = !p.more && !strict(Known::ResumeAfter);
-                    assert!(
-                        known,
-                        "room {}: resume_after {} but the page ends at {:?}",
-                        p.room, p.resume_after, v.cursor
-                    );
-                    self.client.claimed[ix(p.room)] = Some(p.resume_after);
-                }
+                assert_eq!(
+                    v.cursor,
+                    Cursor::Exactly(p.resume_after),
+                    "room {}: resume_after {} but the page ends at {:?}",
+                    p.room,
+                    p.resume_after,
+                    v.cursor
+                );
                 if !p.more {
                     v.pages = None;
-                    for open in self.client.open.iter_mut().filter(|o| o.id == id) {
-                        open.finished.push(p.room);
-                    }
                 }
             }
             ServerFrame::SyncDone(done) => {
@@ -769,35 +809,31 @@ impl Model {
                     panic!("SYNC_DONE for {id}, which is not an open SYNC");
                 };
                 let open = self.client.open.remove(i);
-                for h in &done.heads {
+                for (k, h) in done.heads.iter().enumerate() {
                     known_room(h.room);
-                    // KNOWN BUG: a room left during the SYNC is still reported, at seq 0.
-                    let left = open.left.contains(&h.room) && !strict(Known::LeftRoom);
-                    if self.exempt(h.room) || left {
-                        continue;
-                    }
                     assert!(open.rooms.contains(&h.room), "SYNC_DONE {id} reports room {} it does not cover", h.room);
+                    assert!(
+                        !done.heads[..k].iter().any(|o| o.room == h.room),
+                        "SYNC_DONE {id} reports room {} twice",
+                        h.room
+                    );
                     let v = self.client.views[ix(h.room)];
                     assert_eq!(v.pages, None, "SYNC_DONE {id} before room {}'s final page", h.room);
                     assert_eq!(v.cursor, Cursor::Exactly(h.seq), "SYNC_DONE {id}'s head of room {}", h.room);
                 }
                 for &room in &open.rooms {
-                    let reported = done.heads.iter().any(|h| h.room == room);
-                    assert!(reported || self.exempt(room), "SYNC_DONE {id} leaves out room {room}");
+                    assert!(done.heads.iter().any(|h| h.room == room), "SYNC_DONE {id} leaves out room {room}");
                 }
             }
             ServerFrame::Error(e) => {
                 let Some(sync) = self.client.expect_error.take() else {
                     panic!("an unexpected ERROR (request id {id}): {e}");
                 };
-                // KNOWN BUG: the ERROR ending a SYNC is the worker's, with the fetch's request id
-                // 0, so a client cannot tell which request failed.
-                assert!(
-                    id == sync || (id == 0 && !strict(Known::ErrorId)),
-                    "the ERROR ending SYNC {sync} has request id {id}"
-                );
+                assert_eq!(id, sync, "the ERROR ending SYNC {sync} has request id {id}");
+                assert_eq!(e, db_error(), "the ERROR ending SYNC {sync} is not the worker's");
+                assert!(self.client.open.iter().any(|o| o.id == sync), "an ERROR for SYNC {sync}, not open");
                 self.client.open.retain(|o| o.id != sync);
-                // Its other rooms continue, their deltas arriving as pushes.
+                // Its rooms continue from where their pages ended, their deltas arriving as pushes.
                 for v in &mut self.client.views {
                     if v.pages == Some(sync) {
                         v.pages = None;
@@ -812,7 +848,7 @@ impl Model {
     fn accept(&mut self, d: &Delta) {
         known_room(d.room);
         assert!(d.seq >= 1 && d.seq <= self.room(d.room).head(), "room {} has no seq {}", d.room, d.seq);
-        assert_eq!(*d, self.delta(d.room, d.seq), "a delta that is not the log's");
+        assert_eq!(d, self.delta(d.room, d.seq), "a delta that is not the log's");
         let exempt = self.exempt(d.room);
         let v = &mut self.client.views[ix(d.room)];
         if !exempt {

@@ -197,9 +197,15 @@ pub enum PostOutcome {
     NotMember,
 }
 
-/// The store's interface. Every method is one transaction; a method that returns `Ok` has
+/// What every worker may do with the store: reads, accounts, sessions, creating a room (a new
+/// log nobody else writes yet). Every method is one transaction; a method that returns `Ok` has
 /// committed durably (SQLite `synchronous=FULL` in WAL mode, PostgreSQL `synchronous_commit=on`).
-pub trait Store: Send {
+///
+/// Writes to an existing room's log are not here but in [`Store`]: the daemon hands jobs on its
+/// shared queue a `&mut dyn SharedStore`, so that only a room's own shard worker (the one writer
+/// of its log, which publishes its deltas in seq order) can append to it. A room write put on the
+/// wrong queue does not compile.
+pub trait SharedStore: Send {
     /// Creates a user. `Conflict` when the name is taken.
     fn create_user(&mut self, name: &str, password_hash: &str) -> Result<UserRecord>;
     /// Looks a user up by name.
@@ -243,6 +249,32 @@ pub trait Store: Send {
     ) -> Result<(RoomRecord, Delta)>;
     /// A room by id.
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>>;
+
+    /// The rooms a user is in, by id.
+    fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>>;
+    /// One page of the rooms a user is in: up to `limit` with id > `after_room`, by id.
+    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>>;
+    /// Whether a user is a member of a room.
+    fn is_member(&mut self, room: RoomId, user: UserId) -> Result<bool>;
+    /// One page of members with user id > `after_user`, by user id.
+    fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>>;
+
+    /// Up to `limit` deltas of a room with seq > `after`, in seq order.
+    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>>;
+
+    /// A cheap proof that the store works, errors classified like every other call's. SQLite
+    /// commits a one-row write (so the file is writable, not locked, and the disk has room for a
+    /// WAL frame); PostgreSQL runs `SELECT 1`.
+    fn ping(&mut self) -> Result<()>;
+    /// Moves committed WAL frames into the database file without ever waiting for a writer
+    /// (SQLite `wal_checkpoint(PASSIVE)`); nothing on PostgreSQL. Meant for a housekeeping thread
+    /// when the workers open with [`OpenOptions::manual_checkpoints`].
+    fn checkpoint(&mut self) -> Result<()>;
+}
+
+/// The whole store: [`SharedStore`] plus the writes that append to an existing room's log, which
+/// only the room's shard worker calls.
+pub trait Store: SharedStore {
     /// Adds a member and appends a `JOIN` delta. `Ok(None)` when already a member (no delta), even
     /// at the cap; `NotFound` when the room does not exist; `LimitReached` when the user is already
     /// a member of `max_rooms` rooms (nothing written).
@@ -256,29 +288,9 @@ pub trait Store: Send {
     ) -> Result<Option<Delta>>;
     /// Removes a member and appends a `LEAVE` delta. `NotMember` when not a member.
     fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Delta>;
-    /// The rooms a user is in, by id.
-    fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>>;
-    /// One page of the rooms a user is in: up to `limit` with id > `after_room`, by id.
-    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>>;
-    /// Whether a user is a member of a room.
-    fn is_member(&mut self, room: RoomId, user: UserId) -> Result<bool>;
-    /// One page of members with user id > `after_user`, by user id.
-    fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>>;
-
     /// Group commit: every post in one transaction, outcomes in input order. Seqs within a room
     /// follow input order. A retry of a key already in the batch or the log is a `Duplicate`.
     fn append_posts(&mut self, posts: &[NewPost]) -> Result<Vec<PostOutcome>>;
-    /// Up to `limit` deltas of a room with seq > `after`, in seq order.
-    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>>;
-
-    /// A cheap proof that the store works, errors classified like every other call's. SQLite
-    /// commits a one-row write (so the file is writable, not locked, and the disk has room for a
-    /// WAL frame); PostgreSQL runs `SELECT 1`.
-    fn ping(&mut self) -> Result<()>;
-    /// Moves committed WAL frames into the database file without ever waiting for a writer
-    /// (SQLite `wal_checkpoint(PASSIVE)`); nothing on PostgreSQL. Meant for a housekeeping thread
-    /// when the workers open with [`OpenOptions::manual_checkpoints`].
-    fn checkpoint(&mut self) -> Result<()>;
 }
 
 /// Refuses a new membership when `user` already has `count` of at most `max_rooms`.

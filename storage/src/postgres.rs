@@ -20,7 +20,8 @@ use postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use crate::batch::{self, Probe};
 use crate::{
     from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, Result,
-    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
+    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
+    UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -372,7 +373,7 @@ impl PgStore {
     }
 }
 
-impl Store for PgStore {
+impl SharedStore for PgStore {
     fn create_user(&mut self, name: &str, password_hash: &str) -> Result<UserRecord> {
         let row = self.client.query_one(&self.st.create_user, &[&name, &password_hash, &now_ms()]).map_err(pg_err)?;
         Ok(UserRecord { id: from_db(row.get(0)), name: name.into(), password_hash: password_hash.into() })
@@ -469,6 +470,71 @@ impl Store for PgStore {
         row.as_ref().map(room_row).transpose()
     }
 
+    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>> {
+        let rows = self
+            .client
+            .query(&self.st.rooms_page, &[&to_db(user), &to_db(after_room), &i64::from(limit)])
+            .map_err(pg_err)?;
+        rows.iter().map(room_row).collect()
+    }
+
+    fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>> {
+        let rows = self.client.query(&self.st.rooms_of_user, &[&to_db(user)]).map_err(pg_err)?;
+        rows.iter().map(room_row).collect()
+    }
+
+    fn is_member(&mut self, room: RoomId, user: UserId) -> Result<bool> {
+        let row = self.client.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
+        Ok(row.is_some())
+    }
+
+    fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>> {
+        let rows = self
+            .client
+            .query(&self.st.members, &[&to_db(room), &to_db(after_user), &i64::from(limit)])
+            .map_err(pg_err)?;
+        Ok(rows
+            .iter()
+            .map(|row| MemberRecord {
+                user_id: from_db(row.get(0)),
+                name: row.get(1),
+                role: row.get(2),
+                muted: row.get(3),
+            })
+            .collect())
+    }
+
+    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>> {
+        let rows = self
+            .client
+            .query(&self.st.deltas_after, &[&to_db(room), &to_db(after), &i64::from(limit)])
+            .map_err(pg_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Delta {
+                    room,
+                    seq: from_db(row.get(0)),
+                    kind: DeltaKind(code(row.get(1))?),
+                    author_id: from_db(row.get(2)),
+                    author: row.get(3),
+                    ts_ms: row.get(4),
+                    text: row.get(5),
+                })
+            })
+            .collect()
+    }
+
+    fn ping(&mut self) -> Result<()> {
+        self.client.query_one(&self.st.ping, &[]).map(drop).map_err(pg_err)
+    }
+
+    /// PostgreSQL checkpoints on its own schedule, outside any client's commit.
+    fn checkpoint(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Store for PgStore {
     fn join_room(
         &mut self,
         room: RoomId,
@@ -505,40 +571,6 @@ impl Store for PgStore {
         }
         tx.commit().map_err(pg_err)?;
         Ok(delta)
-    }
-
-    fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>> {
-        let rows = self
-            .client
-            .query(&self.st.rooms_page, &[&to_db(user), &to_db(after_room), &i64::from(limit)])
-            .map_err(pg_err)?;
-        rows.iter().map(room_row).collect()
-    }
-
-    fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>> {
-        let rows = self.client.query(&self.st.rooms_of_user, &[&to_db(user)]).map_err(pg_err)?;
-        rows.iter().map(room_row).collect()
-    }
-
-    fn is_member(&mut self, room: RoomId, user: UserId) -> Result<bool> {
-        let row = self.client.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
-        Ok(row.is_some())
-    }
-
-    fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>> {
-        let rows = self
-            .client
-            .query(&self.st.members, &[&to_db(room), &to_db(after_user), &i64::from(limit)])
-            .map_err(pg_err)?;
-        Ok(rows
-            .iter()
-            .map(|row| MemberRecord {
-                user_id: from_db(row.get(0)),
-                name: row.get(1),
-                role: row.get(2),
-                muted: row.get(3),
-            })
-            .collect())
     }
 
     fn append_posts(&mut self, posts: &[NewPost]) -> Result<Vec<PostOutcome>> {
@@ -604,35 +636,6 @@ impl Store for PgStore {
         }
         tx.commit().map_err(pg_err)?;
         Ok(plan.outcomes)
-    }
-
-    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>> {
-        let rows = self
-            .client
-            .query(&self.st.deltas_after, &[&to_db(room), &to_db(after), &i64::from(limit)])
-            .map_err(pg_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(Delta {
-                    room,
-                    seq: from_db(row.get(0)),
-                    kind: DeltaKind(code(row.get(1))?),
-                    author_id: from_db(row.get(2)),
-                    author: row.get(3),
-                    ts_ms: row.get(4),
-                    text: row.get(5),
-                })
-            })
-            .collect()
-    }
-
-    fn ping(&mut self) -> Result<()> {
-        self.client.query_one(&self.st.ping, &[]).map(drop).map_err(pg_err)
-    }
-
-    /// PostgreSQL checkpoints on its own schedule, outside any client's commit.
-    fn checkpoint(&mut self) -> Result<()> {
-        Ok(())
     }
 }
 

@@ -26,7 +26,8 @@ use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehav
 use crate::batch::{self, Probe};
 use crate::{
     from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, Result,
-    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
+    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
+    UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -334,7 +335,7 @@ fn membership_delta(
     Ok(Some(delta))
 }
 
-impl Store for SqliteStore {
+impl SharedStore for SqliteStore {
     fn create_user(&mut self, name: &str, password_hash: &str) -> Result<UserRecord> {
         self.write(|conn| {
             let id: i64 = conn
@@ -477,43 +478,6 @@ impl Store for SqliteStore {
             .map_err(db_err)
     }
 
-    fn join_room(
-        &mut self,
-        room: RoomId,
-        user: UserId,
-        user_name: &str,
-        now_ms: i64,
-        max_rooms: u64,
-    ) -> Result<Option<Delta>> {
-        self.write(|conn| {
-            if !exists(conn, room)? {
-                return Err(StoreError::NotFound(format!("room {room}")));
-            }
-            if is_member(conn, room, user)? {
-                return Ok(None);
-            }
-            crate::check_room_cap(user, room_count(conn, user)?, max_rooms)?;
-            add_member(conn, room, user, "member", now_ms)?;
-            match membership_delta(conn, room, DeltaKind::JOIN, user, user_name, now_ms)? {
-                Some(delta) => Ok(Some(delta)),
-                None => Err(StoreError::NotFound(format!("room {room}"))),
-            }
-        })
-    }
-
-    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Delta> {
-        self.write(|conn| {
-            let removed = conn
-                .prepare_cached("DELETE FROM room_members WHERE room_id = ?1 AND user_id = ?2")
-                .and_then(|mut st| st.execute(params![to_db(room), to_db(user)]))
-                .map_err(db_err)?;
-            if removed == 0 {
-                return Err(StoreError::NotMember(room));
-            }
-            membership_delta(conn, room, DeltaKind::LEAVE, user, user_name, now_ms)?.ok_or(StoreError::NotMember(room))
-        })
-    }
-
     fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>> {
         self.conn
             .prepare_cached(
@@ -558,6 +522,88 @@ impl Store for SqliteStore {
                 .collect()
             })
             .map_err(db_err)
+    }
+
+    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>> {
+        self.conn
+            .prepare_cached(
+                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body FROM deltas d
+                 JOIN users u ON u.id = d.author_id
+                 WHERE d.room_id = ?1 AND d.seq > ?2 ORDER BY d.seq LIMIT ?3",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![to_db(room), to_db(after), limit], |row| {
+                    Ok(Delta {
+                        room,
+                        seq: from_db(row.get(0)?),
+                        kind: DeltaKind(row.get(1)?),
+                        author_id: from_db(row.get(2)?),
+                        author: row.get(3)?,
+                        ts_ms: row.get(4)?,
+                        text: row.get(5)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(db_err)
+    }
+
+    fn ping(&mut self) -> Result<()> {
+        self.write(|conn| {
+            // The counter makes every probe change the row: SQLite skips writing a page an update
+            // leaves as it was, and such a commit would prove nothing about the WAL.
+            let updated = conn
+                .prepare_cached("UPDATE health SET pings = pings + 1, pinged_at = ?1 WHERE id = 1")
+                .and_then(|mut st| st.execute([now_ms()]))
+                .map_err(db_err)?;
+            if updated != 1 {
+                return Err(StoreError::Database("the health row is missing".into()));
+            }
+            Ok(())
+        })
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        self.wal_checkpoint().map(drop)
+    }
+}
+
+impl Store for SqliteStore {
+    fn join_room(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        user_name: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> Result<Option<Delta>> {
+        self.write(|conn| {
+            if !exists(conn, room)? {
+                return Err(StoreError::NotFound(format!("room {room}")));
+            }
+            if is_member(conn, room, user)? {
+                return Ok(None);
+            }
+            crate::check_room_cap(user, room_count(conn, user)?, max_rooms)?;
+            add_member(conn, room, user, "member", now_ms)?;
+            match membership_delta(conn, room, DeltaKind::JOIN, user, user_name, now_ms)? {
+                Some(delta) => Ok(Some(delta)),
+                None => Err(StoreError::NotFound(format!("room {room}"))),
+            }
+        })
+    }
+
+    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Delta> {
+        self.write(|conn| {
+            let removed = conn
+                .prepare_cached("DELETE FROM room_members WHERE room_id = ?1 AND user_id = ?2")
+                .and_then(|mut st| st.execute(params![to_db(room), to_db(user)]))
+                .map_err(db_err)?;
+            if removed == 0 {
+                return Err(StoreError::NotMember(room));
+            }
+            membership_delta(conn, room, DeltaKind::LEAVE, user, user_name, now_ms)?.ok_or(StoreError::NotMember(room))
+        })
     }
 
     fn append_posts(&mut self, posts: &[NewPost]) -> Result<Vec<PostOutcome>> {
@@ -617,49 +663,6 @@ impl Store for SqliteStore {
             }
             Ok(plan.outcomes)
         })
-    }
-
-    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>> {
-        self.conn
-            .prepare_cached(
-                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body FROM deltas d
-                 JOIN users u ON u.id = d.author_id
-                 WHERE d.room_id = ?1 AND d.seq > ?2 ORDER BY d.seq LIMIT ?3",
-            )
-            .and_then(|mut st| {
-                st.query_map(params![to_db(room), to_db(after), limit], |row| {
-                    Ok(Delta {
-                        room,
-                        seq: from_db(row.get(0)?),
-                        kind: DeltaKind(row.get(1)?),
-                        author_id: from_db(row.get(2)?),
-                        author: row.get(3)?,
-                        ts_ms: row.get(4)?,
-                        text: row.get(5)?,
-                    })
-                })?
-                .collect()
-            })
-            .map_err(db_err)
-    }
-
-    fn ping(&mut self) -> Result<()> {
-        self.write(|conn| {
-            // The counter makes every probe change the row: SQLite skips writing a page an update
-            // leaves as it was, and such a commit would prove nothing about the WAL.
-            let updated = conn
-                .prepare_cached("UPDATE health SET pings = pings + 1, pinged_at = ?1 WHERE id = 1")
-                .and_then(|mut st| st.execute([now_ms()]))
-                .map_err(db_err)?;
-            if updated != 1 {
-                return Err(StoreError::Database("the health row is missing".into()));
-            }
-            Ok(())
-        })
-    }
-
-    fn checkpoint(&mut self) -> Result<()> {
-        self.wal_checkpoint().map(drop)
     }
 }
 

@@ -118,10 +118,12 @@ fn never_reading_peers_cost_their_bound_and_are_closed() {
     );
     // The documented bound: max_outbound_bytes (4 MiB) per connection, whatever the frames.
     assert!(grown_mib < (PEERS * 4) as f64, "RSS grew {grown_mib:.1} MiB for {PEERS} peers");
-    let took = wait_all_closed(&mut peers, Duration::from_secs(15));
-    eprintln!("closed {:.1} s after they stopped reading", (stalled.elapsed()).as_secs_f64());
-    // The 3 s timeout, checked once a second, plus slack for a machine shared with other tests.
-    assert!(took <= Duration::from_secs(10), "peers closed after {took:?}; write timeout is 3 s");
+    // The 3 s timeout runs from the last byte the server could write: its kernel send buffer may
+    // take a while to fill after the peers' own stop (and longer on a machine shared with other
+    // tests), hence the slack.
+    let took = wait_all_closed(&mut peers, Duration::from_secs(25));
+    eprintln!("closed {:.1} s after they could write no more", (stalled.elapsed()).as_secs_f64());
+    assert!(took <= Duration::from_secs(20), "peers closed after {took:?}; write timeout is 3 s");
     drop(peers);
     std::thread::sleep(Duration::from_millis(1500));
     let after = d.rss_kib();

@@ -108,6 +108,17 @@ fn nothing_lost(d: &Daemon, room: u64, token: &str, seen: &Seen, member: &mut Cl
     assert_contiguous("the member's live pushes across the outage", &seqs, first, last);
 }
 
+/// Waits (up to 10 s) until the log says the database is back `n` times: the next outage must
+/// not start before the last one is over (a second failure within a couple of seconds of the
+/// recovery is taken for the same outage).
+fn wait_back(d: &Daemon, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.log().matches("database reachable again").count() < n {
+        assert!(Instant::now() < deadline, "the log never said the database is back:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn assert_logged_once(d: &Daemon, outages: usize) {
     let log = d.log();
     let down = log.matches("database unreachable").count();
@@ -151,6 +162,7 @@ fn postgres_restarts_and_stops_under_load() {
         eprintln!("pg_ctl restart -m fast took {:.2} s", t.elapsed().as_secs_f64());
     });
     report("PostgreSQL restarted", &restart);
+    wait_back(&d, 1);
     // 2. Down for three seconds: refusals come at once, not after a timeout.
     let stopped = under_load(&d, room, &alice.token, || {
         pg.stop_fast().expect("pg_ctl stop");
@@ -158,6 +170,7 @@ fn postgres_restarts_and_stops_under_load() {
         pg.start_again().expect("pg_ctl start");
     });
     report("PostgreSQL stopped for 3 s", &stopped);
+    wait_back(&d, 2);
     assert!(!stopped.refusals.is_empty(), "posts during a 3 s outage were refused");
     for (code, took) in restart.refusals.iter().chain(&stopped.refusals) {
         assert_eq!(*code, ErrorCode::UNAVAILABLE);
@@ -237,6 +250,7 @@ fn the_embedded_store_survives_a_full_disk_and_a_lock() {
     });
     report("disk full for 3 s", &full);
     assert!(!full.refusals.is_empty(), "writes to a full disk were refused");
+    wait_back(&d, 1);
 
     // 2. Another process holds the database's write lock for 3 s.
     let locked = under_load(&d, room, &alice.token, || {
@@ -247,6 +261,7 @@ fn the_embedded_store_survives_a_full_disk_and_a_lock() {
     });
     report("locked for 3 s", &locked);
     assert!(!locked.refusals.is_empty(), "writes behind another process's lock were refused");
+    wait_back(&d, 2);
     for seen in [&full, &locked] {
         for (code, took) in &seen.refusals {
             assert_eq!(*code, ErrorCode::UNAVAILABLE);

@@ -1,0 +1,407 @@
+//! The core in memory: no sockets, no database, no clock. A fake [`Io`] records what the core
+//! sends and submits; the tests play the workers by handing back the effects a job would return,
+//! in whatever order the race under test needs. Each test is one race that end-to-end runs only
+//! hit by chance.
+
+use super::*;
+use crate::handlers::sync::FetchJob;
+use crate::work::{Published, ReplyTo};
+use bytes::BytesMut;
+use chime_protocol::{
+    Authed, ClientFrame, Credentials, Delta, DeltaKind, FrameDecoder, History, Post, Resume, RoomCursor, Sync,
+};
+use chime_storage::SessionRecord;
+use std::collections::HashMap;
+
+/// What the core did, as a loop would see it.
+#[derive(Default)]
+struct FakeIo {
+    /// Frames queued per connection, decoded: (request id, frame).
+    sent: HashMap<Key, Vec<(u32, ServerFrame)>>,
+    goodbyes: Vec<(Key, ErrorCode)>,
+    finished: Vec<Key>,
+    closed: Vec<Key>,
+    /// Jobs submitted, oldest first.
+    submitted: Vec<Work>,
+    woken: Vec<Key>,
+    /// The database is down.
+    down: bool,
+    /// Queues are full.
+    full: bool,
+}
+
+impl Io for FakeIo {
+    fn send(&mut self, key: Key, bytes: Bytes, _class: Class) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        let decoder = FrameDecoder::default();
+        while let Some(raw) = decoder.decode(&mut buf).expect("the core sends whole frames") {
+            let frame = ServerFrame::decode(&raw).expect("the core sends valid frames");
+            self.sent.entry(key).or_default().push((raw.request_id, frame));
+        }
+    }
+
+    fn queued(&self, _key: Key) -> usize {
+        0
+    }
+
+    fn goodbye(&mut self, key: Key, code: ErrorCode, _message: &str, _bye: Bye) {
+        self.goodbyes.push((key, code));
+    }
+
+    fn finish(&mut self, key: Key) {
+        self.finished.push(key);
+    }
+
+    fn close(&mut self, key: Key) {
+        self.closed.push(key);
+    }
+
+    fn submit(&mut self, work: Work) -> bool {
+        if self.full {
+            return false;
+        }
+        self.submitted.push(work);
+        true
+    }
+
+    fn db_down(&self) -> bool {
+        self.down
+    }
+
+    fn wake(&mut self, key: Key) {
+        self.woken.push(key);
+    }
+}
+
+impl FakeIo {
+    /// Takes the frames sent to `key` so far.
+    fn take(&mut self, key: Key) -> Vec<(u32, ServerFrame)> {
+        self.sent.remove(&key).unwrap_or_default()
+    }
+
+    /// The seqs of the DELTA pushes and DELTA_PAGE deltas sent to `key` so far, for `room`.
+    fn seqs(&mut self, key: Key, room: RoomId) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        for (_, f) in self.take(key) {
+            match f {
+                ServerFrame::Delta(d) if d.room == room => seqs.push(d.seq),
+                ServerFrame::DeltaPage(p) if p.room == room => seqs.extend(p.deltas.iter().map(|d| d.seq)),
+                _ => {}
+            }
+        }
+        seqs
+    }
+
+    /// Takes the oldest submitted job that is a SYNC fetch: (who, room, after, fetch id).
+    fn take_fetch(&mut self) -> (ReplyTo, RoomId, u64, FetchId) {
+        let i = self
+            .submitted
+            .iter()
+            .position(|w| match w {
+                Work::Shared(j) => j.as_any().downcast_ref::<FetchJob>().is_some_and(|f| f.what().2.is_some()),
+                _ => false,
+            })
+            .expect("a SYNC fetch was submitted");
+        let work = self.submitted.remove(i);
+        let Work::Shared(job) = &work else { unreachable!() };
+        let fetch = job.as_any().downcast_ref::<FetchJob>().expect("a fetch");
+        let (room, after, id) = fetch.what();
+        (work.reply_to().expect("answers someone"), room, after, id.expect("a sync fetch"))
+    }
+
+    /// Takes the oldest submitted job.
+    fn take_job(&mut self) -> Work {
+        assert!(!self.submitted.is_empty(), "no job was submitted");
+        self.submitted.remove(0)
+    }
+}
+
+fn now(secs: u32) -> Now {
+    Now { secs, instant: Instant::now(), ms: 1_700_000_000_000 + i64::from(secs) * 1000 }
+}
+
+fn raw(frame: ClientFrame, rid: u32) -> RawFrame {
+    let bytes = frame.encode(rid).expect("small");
+    FrameDecoder::default().decode(&mut BytesMut::from(&bytes[..])).expect("valid").expect("whole")
+}
+
+fn delta(room: RoomId, seq: u64) -> Delta {
+    Delta {
+        room,
+        seq,
+        kind: DeltaKind::MESSAGE,
+        author_id: 99,
+        author: "other".into(),
+        ts_ms: 0,
+        text: format!("{seq}"),
+    }
+}
+
+fn published(room: RoomId, seqs: std::ops::RangeInclusive<u64>) -> Published {
+    Published::encode(room, &seqs.map(|s| delta(room, s)).collect::<Vec<_>>()).expect("non-empty")
+}
+
+const USER: UserId = 7;
+const SESSION: SessionId = 70;
+
+/// A core with one connection at `key`, handshaken.
+fn core_with(keys: &[Key]) -> (Core, FakeIo) {
+    let mut core = Core::new(Config::default(), Instant::now());
+    let mut io = FakeIo::default();
+    for &key in keys {
+        core.open(ConnRef { key, gen: key as u64 + 1 }, "127.0.0.1".parse().expect("ip"), now(0));
+        let hello = Hello {
+            magic: MAGIC,
+            protocol_version: PROTOCOL_VERSION,
+            client_name: "t".into(),
+            client_version: "0".into(),
+        };
+        assert_eq!(core.frame(&mut io, key, raw(ClientFrame::Hello(hello), 1), now(0)), Flow::Continue);
+        assert!(matches!(io.take(key)[..], [(1, ServerFrame::Welcome(_))]));
+    }
+    (core, io)
+}
+
+fn to(key: Key, rid: u32) -> ReplyTo {
+    ReplyTo { conn: ConnRef { key, gen: key as u64 + 1 }, request_id: rid }
+}
+
+/// What a worker returns for a successful login of `key` with request `rid`.
+fn login_effects(key: Key, rid: u32, rooms: Vec<(RoomId, u64)>) -> Completion {
+    let session = SessionRecord {
+        id: SESSION,
+        user_id: USER,
+        ip: "127.0.0.1".into(),
+        user_agent: "t".into(),
+        created_at_ms: 1_700_000_000_000,
+        last_used_at_ms: 1_700_000_000_000,
+    };
+    Completion(vec![
+        Effect::LoggedIn { to: to(key, rid), user: USER, name: "me".into(), session, rooms },
+        crate::work::reply(to(key, rid), ServerFrame::Authed(Authed { user_id: USER, user: "me".into(), token: None })),
+        Effect::Release { to: to(key, rid), shared: true },
+    ])
+}
+
+/// Logs connection `key` in (RESUME) with `rooms` as the worker read them.
+fn log_in(core: &mut Core, io: &mut FakeIo, key: Key, rooms: Vec<(RoomId, u64)>) {
+    let resume = Resume { token: "t".into(), user_agent: "t".into() };
+    assert_eq!(core.frame(io, key, raw(ClientFrame::Resume(resume), 2), now(1)), Flow::Stop);
+    io.take_job();
+    core.completion(io, login_effects(key, 2, rooms), now(1));
+    assert!(io.take(key).iter().any(|(r, f)| *r == 2 && matches!(f, ServerFrame::Authed(_))));
+}
+
+#[test]
+fn a_login_whose_room_list_is_older_than_what_was_published_catches_up() {
+    let (mut core, mut io) = core_with(&[1]);
+    let resume = Resume { token: "t".into(), user_agent: "t".into() };
+    core.frame(&mut io, 1, raw(ClientFrame::Resume(resume), 2), now(1));
+    io.take_job();
+    // The worker read room 5 at head 3; meanwhile the loop published 4 and 5 (nobody online).
+    core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 4..=5))]), now(1));
+    core.completion(&mut io, login_effects(1, 2, vec![(5, 3)]), now(1));
+    io.take(1);
+    // The connection catches up on 4..5 before anything of room 5 goes live.
+    let (who, room, after, fetch) = io.take_fetch();
+    assert_eq!((room, after), (5, 3));
+    core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 6..=6))]), now(2));
+    assert!(io.seqs(1, 5).is_empty(), "held while catching up");
+    let page = Effect::Page { to: who, room: 5, fetch, deltas: vec![delta(5, 4), delta(5, 5)], more: false };
+    core.completion(&mut io, Completion(vec![page, Effect::Release { to: who, shared: true }]), now(2));
+    assert_eq!(io.seqs(1, 5), [4, 5, 6]);
+    core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 7..=7))]), now(2));
+    assert_eq!(io.seqs(1, 5), [7]);
+}
+
+#[test]
+fn a_join_made_while_a_login_was_read_is_not_missed() {
+    let (mut core, mut io) = core_with(&[1, 2]);
+    log_in(&mut core, &mut io, 1, vec![]);
+    // Connection 2 logs in as the same user; while its room list is read, the user joins room 9
+    // from connection 1.
+    let resume = Resume { token: "t".into(), user_agent: "t".into() };
+    core.frame(&mut io, 2, raw(ClientFrame::Resume(resume), 2), now(1));
+    io.take_job();
+    core.completion(
+        &mut io,
+        Completion(vec![
+            Effect::Subscribe { user: USER, room: 9, after: Some(2) },
+            Effect::Publish(published(9, 3..=3)),
+        ]),
+        now(1),
+    );
+    assert_eq!(io.seqs(1, 9), [3]);
+    core.completion(&mut io, login_effects(2, 2, vec![]), now(1));
+    io.take(2);
+    core.completion(&mut io, Completion(vec![Effect::Publish(published(9, 4..=4))]), now(2));
+    // Connection 2 knew room 9 from just before the JOIN: it catches up on 3, then gets 4.
+    let (who, room, after, fetch) = io.take_fetch();
+    assert_eq!((who.conn.key, room, after), (2, 9, 2));
+    let page = Effect::Page { to: who, room: 9, fetch, deltas: vec![delta(9, 3)], more: false };
+    core.completion(&mut io, Completion(vec![page]), now(2));
+    assert_eq!(io.seqs(2, 9), [3, 4]);
+    // A leave made while a login is read is not missed either.
+    let resume = Resume { token: "t".into(), user_agent: "t".into() };
+    core.open(ConnRef { key: 3, gen: 4 }, "127.0.0.1".parse().expect("ip"), now(2));
+    let hello =
+        Hello { magic: MAGIC, protocol_version: PROTOCOL_VERSION, client_name: "t".into(), client_version: "0".into() };
+    core.frame(&mut io, 3, raw(ClientFrame::Hello(hello), 1), now(2));
+    core.frame(&mut io, 3, raw(ClientFrame::Resume(resume), 2), now(2));
+    io.take_job();
+    core.completion(&mut io, Completion(vec![Effect::Unsubscribe { user: USER, room: 9 }]), now(2));
+    core.completion(&mut io, login_effects(3, 2, vec![(9, 4)]), now(2));
+    io.take(3);
+    core.completion(&mut io, Completion(vec![Effect::Publish(published(9, 5..=5))]), now(3));
+    assert!(io.seqs(3, 9).is_empty(), "the room list predated the leave");
+}
+
+#[test]
+fn a_member_leaving_while_a_page_is_in_flight_gets_nothing_more_of_the_room() {
+    let (mut core, mut io) = core_with(&[1]);
+    log_in(&mut core, &mut io, 1, vec![(5, 3), (6, 1)]);
+    let sync = Sync { rooms: vec![RoomCursor { room: 5, seq: 0 }, RoomCursor { room: 6, seq: 1 }], page_size: 10 };
+    core.frame(&mut io, 1, raw(ClientFrame::Sync(sync), 3), now(1));
+    let (who5, _, _, fetch5) = io.take_fetch();
+    let (who6, _, _, fetch6) = io.take_fetch();
+    // The user leaves room 5 (LEAVE published, then unsubscribed) before room 5's page arrives.
+    core.completion(
+        &mut io,
+        Completion(vec![Effect::Publish(published(5, 4..=4)), Effect::Unsubscribe { user: USER, room: 5 }]),
+        now(2),
+    );
+    let late = Effect::Page { to: who5, room: 5, fetch: fetch5, deltas: vec![delta(5, 1)], more: false };
+    core.completion(&mut io, Completion(vec![late, Effect::Release { to: who5, shared: true }]), now(2));
+    assert!(io.seqs(1, 5).is_empty(), "nothing of a room left");
+    let page6 = Effect::Page { to: who6, room: 6, fetch: fetch6, deltas: vec![], more: false };
+    core.completion(&mut io, Completion(vec![page6, Effect::Release { to: who6, shared: true }]), now(2));
+    let sent = io.take(1);
+    let done = sent.iter().find_map(|(rid, f)| match f {
+        ServerFrame::SyncDone(d) if *rid == 3 => Some(d.heads.clone()),
+        _ => None,
+    });
+    assert_eq!(done, Some(vec![RoomCursor { room: 6, seq: 1 }]), "the SYNC ends without the room left");
+}
+
+#[test]
+fn shutdown_waits_for_jobs_in_flight_and_refuses_new_requests() {
+    let (mut core, mut io) = core_with(&[1]);
+    log_in(&mut core, &mut io, 1, vec![(5, 1)]);
+    let post = Post { room: 5, idempotency_key: "k".into(), text: "hi".into() };
+    core.frame(&mut io, 1, raw(ClientFrame::Post(post), 3), now(1));
+    let job = io.take_job();
+    assert!(matches!(job, Work::Post(_)));
+    core.shut_down();
+    assert!(core.busy(), "a post is in flight");
+    let history = History { room: 5, after: 0, limit: 10 };
+    core.frame(&mut io, 1, raw(ClientFrame::History(history), 4), now(1));
+    assert!(io.submitted.is_empty(), "no new work once stopping");
+    assert!(matches!(&io.take(1)[..], [(4, ServerFrame::Error(e))] if e.code == ErrorCode::SHUTTING_DOWN));
+    let posted = chime_protocol::Posted { room: 5, seq: 2, ts_ms: 0, duplicate: false };
+    core.completion(
+        &mut io,
+        Completion(vec![
+            crate::work::reply(to(1, 3), ServerFrame::Posted(posted)),
+            Effect::Publish(published(5, 2..=2)),
+            Effect::Release { to: to(1, 3), shared: false },
+        ]),
+        now(1),
+    );
+    assert!(!core.busy());
+    let sent = io.take(1);
+    assert!(matches!(sent[0], (3, ServerFrame::Posted(_))), "the acknowledged post is answered: {sent:?}");
+}
+
+#[test]
+fn frames_behind_a_login_wait_for_it_and_a_second_login_is_already_authenticated() {
+    let (mut core, mut io) = core_with(&[1]);
+    let creds = || Credentials { user: "me".into(), password: "correct horse".into(), user_agent: "t".into() };
+    assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::Login(creds()), 2), now(1)), Flow::Stop);
+    assert!(matches!(io.take_job(), Work::Auth(_)));
+    // The loop stops decoding; once the login is done it is woken and decodes the rest.
+    core.completion(&mut io, login_effects(1, 2, vec![]), now(1));
+    assert!(io.woken.contains(&1));
+    io.take(1);
+    assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::Login(creds()), 3), now(1)), Flow::Continue);
+    assert!(matches!(&io.take(1)[..], [(3, ServerFrame::Error(e))] if e.code == ErrorCode::ALREADY_AUTHENTICATED));
+    let history = History { room: 5, after: 0, limit: 10 };
+    core.frame(&mut io, 1, raw(ClientFrame::History(history), 4), now(1));
+    assert!(matches!(io.take_job(), Work::Shared(_)), "a request behind the login runs once it is done");
+}
+
+#[test]
+fn the_shared_window_parks_the_fifth_read_until_a_slot_frees() {
+    let (mut core, mut io) = core_with(&[1]);
+    log_in(&mut core, &mut io, 1, vec![]);
+    for rid in 10..14 {
+        let h = History { room: 5, after: 0, limit: 10 };
+        assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::History(h), rid), now(1)), Flow::Continue);
+    }
+    let h = History { room: 5, after: 0, limit: 10 };
+    assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::History(h), 14), now(1)), Flow::Stop, "parked");
+    assert_eq!(io.submitted.len(), 4);
+    core.completion(&mut io, Completion(vec![Effect::Release { to: to(1, 10), shared: true }]), now(1));
+    assert_eq!(io.submitted.len(), 5, "the parked read went when a slot freed");
+    assert_eq!(io.submitted[4].reply_to(), Some(to(1, 14)));
+}
+
+#[test]
+fn revoking_a_session_ends_all_its_connections() {
+    let (mut core, mut io) = core_with(&[1, 2]);
+    log_in(&mut core, &mut io, 1, vec![(5, 1)]);
+    log_in(&mut core, &mut io, 2, vec![(5, 1)]);
+    core.completion(
+        &mut io,
+        Completion(vec![Effect::EndSessions { sessions: vec![SESSION], code: ErrorCode::SESSION_REVOKED }]),
+        now(2),
+    );
+    let mut ended: Vec<Key> =
+        io.goodbyes.iter().filter(|(_, c)| *c == ErrorCode::SESSION_REVOKED).map(|(k, _)| *k).collect();
+    ended.sort_unstable();
+    assert_eq!(ended, [1, 2]);
+    core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 2..=2))]), now(2));
+    assert!(io.seqs(1, 5).is_empty() && io.seqs(2, 5).is_empty(), "a revoked session gets nothing more");
+}
+
+#[test]
+fn a_client_that_half_closes_is_answered_then_closed() {
+    let (mut core, mut io) = core_with(&[1]);
+    log_in(&mut core, &mut io, 1, vec![]);
+    let h = History { room: 5, after: 0, limit: 10 };
+    core.frame(&mut io, 1, raw(ClientFrame::History(h), 3), now(1));
+    core.read_closed(&mut io, 1);
+    assert!(io.finished.is_empty(), "a reply is still owed");
+    core.completion(&mut io, Completion(vec![Effect::Release { to: to(1, 3), shared: true }]), now(1));
+    assert_eq!(io.finished, [1]);
+}
+
+#[test]
+fn while_the_database_is_down_requests_are_refused_at_once() {
+    let (mut core, mut io) = core_with(&[1]);
+    log_in(&mut core, &mut io, 1, vec![]);
+    io.down = true;
+    let post = Post { room: 5, idempotency_key: "k".into(), text: "hi".into() };
+    core.frame(&mut io, 1, raw(ClientFrame::Post(post), 3), now(1));
+    assert!(io.submitted.is_empty());
+    assert!(matches!(&io.take(1)[..], [(3, ServerFrame::Error(e))] if e.code == ErrorCode::UNAVAILABLE && e.retryable));
+    assert!(!core.busy());
+}
+
+#[test]
+fn timeouts_and_heartbeats() {
+    let (mut core, mut io) = core_with(&[1, 2]);
+    core.open(ConnRef { key: 3, gen: 4 }, "127.0.0.1".parse().expect("ip"), now(0));
+    log_in(&mut core, &mut io, 2, vec![]);
+    // Connection 3 never says HELLO: closed after the handshake deadline.
+    core.tick(&mut io, now(HANDSHAKE_SECS));
+    assert!(io.closed.contains(&3));
+    // Connection 1 never logs in: ended at the auth deadline (30 s by default).
+    core.tick(&mut io, now(31));
+    assert!(io.goodbyes.contains(&(1, ErrorCode::AUTH_TIMEOUT)));
+    // Connection 2 is quiet: pinged after a heartbeat, ended after three.
+    let hb = Config::default().heartbeat_secs;
+    core.tick(&mut io, now(1 + hb));
+    assert!(io.take(2).iter().any(|(_, f)| matches!(f, ServerFrame::Ping(_))));
+    core.tick(&mut io, now(1 + 3 * hb));
+    assert!(io.goodbyes.contains(&(2, ErrorCode::IDLE_TIMEOUT)));
+}

@@ -1,0 +1,79 @@
+//! Messages: POST (group-committed) and HISTORY.
+//!
+//! A post is [`Work::Post`], a plain value: its room's shard worker takes every post waiting in
+//! its queue and hands them to [`commit`] together, which writes them in one transaction (one
+//! fsync for the batch), answers each POSTED only after that commit, and encodes each room's new
+//! deltas once for every recipient ([`Published`]).
+
+use super::{invalid, page_size, sync::FetchJob, Admitted, Ctx};
+use crate::limits::{MAX_KEY, MAX_TEXT};
+use crate::work::{refuse, reply, store_error, Effect, PostWork, Published, Work};
+use chime_protocol::{Delta, ErrorBody, ErrorCode, History, Post, Posted, ServerFrame};
+use chime_storage::{now_ms, NewPost, PostOutcome, RoomId, Store};
+
+/// Admits POST: a text of 1 to 16,384 bytes and an idempotency key of 1 to 64 bytes.
+pub fn post(ctx: &mut Ctx<'_>, p: Post) -> Result<Admitted, ErrorBody> {
+    if p.text.is_empty() || p.text.len() > MAX_TEXT {
+        return Err(invalid(format!("text must be 1 to {MAX_TEXT} bytes")));
+    }
+    if p.idempotency_key.is_empty() || p.idempotency_key.len() > MAX_KEY {
+        return Err(invalid(format!("idempotency key must be 1 to {MAX_KEY} bytes")));
+    }
+    let post = NewPost {
+        room: p.room,
+        author_id: ctx.who.actor.user_id,
+        author: ctx.who.actor.name.to_string(),
+        idempotency_key: p.idempotency_key,
+        text: p.text,
+        now_ms: 0,
+    };
+    Ok(Admitted::Work(Work::Post(PostWork { to: ctx.to, post })))
+}
+
+/// Admits HISTORY: one page of a room's log after a seq, for members.
+pub fn history(ctx: &mut Ctx<'_>, h: History) -> Result<Admitted, ErrorBody> {
+    let job = FetchJob::history(ctx.to, ctx.who.actor.clone(), h.room, h.after, page_size(h.limit));
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// Commits a batch of posts in one transaction (their times are the commit's) and returns the
+/// acks, then the published deltas: acks first, so authors hear back before a thousand recipients
+/// are served.
+pub fn commit(store: &mut dyn Store, posts: Vec<PostWork>) -> Vec<Effect> {
+    if posts.is_empty() {
+        return Vec::new();
+    }
+    let now = now_ms();
+    let (tos, batch): (Vec<_>, Vec<NewPost>) =
+        posts.into_iter().map(|p| (p.to, NewPost { now_ms: now, ..p.post })).unzip();
+    let outcomes = match store.append_posts(&batch) {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            let error = store_error(&e);
+            return tos.into_iter().map(|to| refuse(to, error.clone())).collect();
+        }
+    };
+    let mut effects = Vec::with_capacity(tos.len() + 1);
+    let mut by_room: Vec<(RoomId, Vec<Delta>)> = Vec::new();
+    for ((to, post), outcome) in tos.into_iter().zip(&batch).zip(outcomes) {
+        let answer = match outcome {
+            PostOutcome::Inserted(delta) => {
+                let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+                match by_room.iter_mut().find(|(r, _)| *r == delta.room) {
+                    Some((_, v)) => v.push(delta),
+                    None => by_room.push((delta.room, vec![delta])),
+                }
+                reply(to, ServerFrame::Posted(posted))
+            }
+            PostOutcome::Duplicate { seq, ts_ms } => {
+                reply(to, ServerFrame::Posted(Posted { room: post.room, seq, ts_ms, duplicate: true }))
+            }
+            PostOutcome::NotMember => {
+                refuse(to, ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {}", post.room)))
+            }
+        };
+        effects.push(answer);
+    }
+    effects.extend(by_room.iter().filter_map(|(room, deltas)| Published::encode(*room, deltas)).map(Effect::Publish));
+    effects
+}

@@ -1,0 +1,258 @@
+//! Rooms and membership: CREATE_ROOM, JOIN_ROOM, LEAVE_ROOM, LIST_ROOMS, LIST_MEMBERS.
+//!
+//! Joins and leaves append to the room's log, so they run on the room's shard ([`Work::Room`]);
+//! creating a room starts a log nobody else can write yet, so it runs on the shared queue. Their
+//! effects keep the subscriptions in step with the log: a joiner's connections are subscribed
+//! knowing the log up to just before its JOIN (so they catch up on anything the loop published
+//! meanwhile), then the JOIN is published; a leaver's LEAVE is published before its connections
+//! are unsubscribed, so they see it.
+
+use super::{invalid, page_size, Admitted, Ctx};
+use crate::limits::MAX_ROOM_NAME;
+use crate::work::{
+    refuse, reply, store_error, Actor, Effect, Published, ReplyTo, RoomWork, Settings, SharedWork, Work,
+};
+use chime_protocol::{
+    CreateRoom, ErrorBody, ErrorCode, ListMembers, ListRooms, MemberInfo, MemberList, RoomInfo, RoomKind, RoomList,
+    RoomRef, ServerFrame,
+};
+use chime_storage::{now_ms, RoomId, RoomRecord, SharedStore, Store, UserId};
+
+/// Admits CREATE_ROOM: a name of 1 to 100 characters, a known kind, within the user's rate.
+pub fn create(ctx: &mut Ctx<'_>, c: CreateRoom) -> Result<Admitted, ErrorBody> {
+    let name = c.name.trim().to_string();
+    if name.is_empty() || name.chars().count() > MAX_ROOM_NAME {
+        return Err(invalid(format!("room name must be 1 to {MAX_ROOM_NAME} characters")));
+    }
+    if c.kind != RoomKind::GROUP {
+        return Err(invalid(format!("unknown room kind {}", c.kind)));
+    }
+    if !ctx.limiters.creates_per_user.try_take(ctx.who.actor.user_id, ctx.now) {
+        let per_minute = ctx.config.room_create_per_minute;
+        return Err(ErrorBody::new(
+            ErrorCode::RATE_LIMITED,
+            format!("at most {per_minute} rooms per minute; retry later"),
+        ));
+    }
+    let job = CreateJob { to: ctx.to, actor: ctx.who.actor.clone(), name, kind: c.kind };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// Admits JOIN_ROOM.
+pub fn join(ctx: &mut Ctx<'_>, r: RoomRef) -> Result<Admitted, ErrorBody> {
+    Ok(Admitted::Work(Work::Room(Box::new(JoinJob { to: ctx.to, actor: ctx.who.actor.clone(), room: r.room }))))
+}
+
+/// Admits LEAVE_ROOM.
+pub fn leave(ctx: &mut Ctx<'_>, r: RoomRef) -> Result<Admitted, ErrorBody> {
+    Ok(Admitted::Work(Work::Room(Box::new(LeaveJob { to: ctx.to, actor: ctx.who.actor.clone(), room: r.room }))))
+}
+
+/// Admits LIST_ROOMS.
+pub fn list(ctx: &mut Ctx<'_>, l: ListRooms) -> Result<Admitted, ErrorBody> {
+    let job = ListRoomsJob { to: ctx.to, user: ctx.who.actor.user_id, after: l.after_room, limit: page_size(l.limit) };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// Admits LIST_MEMBERS.
+pub fn members(ctx: &mut Ctx<'_>, m: ListMembers) -> Result<Admitted, ErrorBody> {
+    let job = MembersJob {
+        to: ctx.to,
+        user: ctx.who.actor.user_id,
+        room: m.room,
+        after: m.after_user,
+        limit: page_size(m.limit),
+    };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// A room as ROOM_INFO and ROOM_LIST describe it.
+pub fn room_info(r: &RoomRecord) -> RoomInfo {
+    RoomInfo { room: r.id, name: r.name.clone(), kind: r.kind, head_seq: r.last_seq }
+}
+
+/// CREATE_ROOM.
+struct CreateJob {
+    to: ReplyTo,
+    actor: Actor,
+    name: String,
+    kind: RoomKind,
+}
+
+impl SharedWork for CreateJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect> {
+        let (user, name) = (self.actor.user_id, &self.actor.name);
+        match store.create_room(&self.name, self.kind, user, name, now_ms(), settings.max_rooms_per_user) {
+            Ok((room, delta)) => {
+                let mut effects = vec![Effect::Subscribe { user, room: room.id, after: Some(0) }];
+                effects.extend(Published::encode(room.id, std::slice::from_ref(&delta)).map(Effect::Publish));
+                effects.push(reply(self.to, ServerFrame::RoomInfo(room_info(&room))));
+                effects
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// JOIN_ROOM, on the room's shard.
+struct JoinJob {
+    to: ReplyTo,
+    actor: Actor,
+    room: RoomId,
+}
+
+impl RoomWork for JoinJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn room(&self) -> RoomId {
+        self.room
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn Store, settings: &Settings) -> Vec<Effect> {
+        let (to, room, user) = (self.to, self.room, self.actor.user_id);
+        let joined = match store.join_room(room, user, &self.actor.name, now_ms(), settings.max_rooms_per_user) {
+            Ok(joined) => joined,
+            Err(e) => return vec![refuse(to, store_error(&e))],
+        };
+        let record = match store.room(room) {
+            Ok(Some(record)) => record,
+            Ok(None) => return vec![refuse(to, ErrorBody::new(ErrorCode::NOT_FOUND, "no such room"))],
+            Err(e) => return vec![refuse(to, store_error(&e))],
+        };
+        let mut effects = Vec::new();
+        match joined {
+            // The joiner's view of the log ends just before its JOIN.
+            Some(delta) => {
+                effects.push(Effect::Subscribe { user, room, after: Some(delta.seq.saturating_sub(1)) });
+                effects.extend(Published::encode(room, &[delta]).map(Effect::Publish));
+            }
+            // A member already: nothing new to catch up on.
+            None => effects.push(Effect::Subscribe { user, room, after: None }),
+        }
+        effects.push(reply(to, ServerFrame::RoomInfo(room_info(&record))));
+        effects
+    }
+}
+
+/// LEAVE_ROOM, on the room's shard.
+struct LeaveJob {
+    to: ReplyTo,
+    actor: Actor,
+    room: RoomId,
+}
+
+impl RoomWork for LeaveJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn room(&self) -> RoomId {
+        self.room
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn Store, _settings: &Settings) -> Vec<Effect> {
+        let (to, room, user) = (self.to, self.room, self.actor.user_id);
+        match store.leave_room(room, user, &self.actor.name, now_ms()) {
+            Ok(delta) => {
+                let mut effects: Vec<Effect> =
+                    Published::encode(room, &[delta]).map(Effect::Publish).into_iter().collect();
+                effects.push(Effect::Unsubscribe { user, room });
+                effects.push(reply(to, ServerFrame::Done(Default::default())));
+                effects
+            }
+            Err(e) => vec![refuse(to, store_error(&e))],
+        }
+    }
+}
+
+/// LIST_ROOMS: one page, by id.
+struct ListRoomsJob {
+    to: ReplyTo,
+    user: UserId,
+    after: RoomId,
+    limit: u32,
+}
+
+impl SharedWork for ListRoomsJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        match store.rooms_page(self.user, self.after, self.limit.saturating_add(1)) {
+            Ok(rooms) => {
+                let mut page: Vec<RoomInfo> = rooms.iter().map(room_info).collect();
+                let more = page.len() > self.limit as usize;
+                page.truncate(self.limit as usize);
+                let next_after = if more { page.last().map(|r| r.room) } else { None };
+                vec![reply(self.to, ServerFrame::RoomList(RoomList { rooms: page, next_after }))]
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// LIST_MEMBERS: one page, by user id, for members only.
+struct MembersJob {
+    to: ReplyTo,
+    user: UserId,
+    room: RoomId,
+    after: UserId,
+    limit: u32,
+}
+
+impl SharedWork for MembersJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let (to, room, limit) = (self.to, self.room, self.limit);
+        match store.is_member(room, self.user) {
+            Ok(true) => {}
+            Ok(false) => {
+                return vec![refuse(to, ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {room}")))]
+            }
+            Err(e) => return vec![refuse(to, store_error(&e))],
+        }
+        match store.members(room, self.after, limit.saturating_add(1)) {
+            Ok(mut members) => {
+                let more = members.len() > limit as usize;
+                members.truncate(limit as usize);
+                let next_after = if more { members.last().map(|m| m.user_id) } else { None };
+                let members = members
+                    .into_iter()
+                    .map(|m| MemberInfo { user_id: m.user_id, user: m.name, role: m.role })
+                    .collect();
+                vec![reply(to, ServerFrame::MemberList(MemberList { room, members, next_after }))]
+            }
+            Err(e) => vec![refuse(to, store_error(&e))],
+        }
+    }
+}

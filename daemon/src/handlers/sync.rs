@@ -1,0 +1,109 @@
+//! SYNC, and the page reads behind it, behind catch-ups and behind HISTORY.
+//!
+//! SYNC itself needs no job: it starts the connection's sync state machine (`crate::sync`), which
+//! asks for page reads ([`FetchJob`]) as the client drains what it was sent; their results come
+//! back as [`Effect::Page`] / [`Effect::PageFailed`] for the machine. HISTORY is the same read,
+//! answered directly as one DELTA_PAGE.
+
+use super::{invalid, Admitted, Ctx};
+use crate::limits::{MAX_SYNC_ROOMS, PAGE_TEXT_BUDGET};
+use crate::sync::FetchId;
+use crate::work::{reply, Actor, Effect, ReplyTo, Settings, SharedWork};
+use chime_protocol::{DeltaPage, ErrorBody, ErrorCode, ServerFrame, Sync};
+use chime_storage::{RoomId, SharedStore};
+
+/// Admits SYNC: at most 1,000 rooms; starts (or extends) the connection's sync state.
+pub fn start(ctx: &mut Ctx<'_>, s: Sync) -> Result<Admitted, ErrorBody> {
+    if s.rooms.len() > MAX_SYNC_ROOMS {
+        return Err(invalid(format!("at most {MAX_SYNC_ROOMS} rooms per SYNC")));
+    }
+    let sync = ctx.sync.get_or_insert_with(Default::default);
+    Ok(Admitted::Sync(sync.start(ctx.to.request_id, &s.rooms, s.page_size)))
+}
+
+/// Why a page is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A HISTORY request: the answer is one DELTA_PAGE.
+    History,
+    /// Fetch `FetchId` of the connection's sync state.
+    Sync(FetchId),
+}
+
+/// One page of a room's log after a seq, for a member.
+pub struct FetchJob {
+    to: ReplyTo,
+    actor: Actor,
+    room: RoomId,
+    after: u64,
+    limit: u32,
+    purpose: Purpose,
+}
+
+impl FetchJob {
+    /// A HISTORY read.
+    pub fn history(to: ReplyTo, actor: Actor, room: RoomId, after: u64, limit: u32) -> FetchJob {
+        FetchJob { to, actor, room, after, limit, purpose: Purpose::History }
+    }
+
+    /// A read for fetch `fetch` of the connection's sync state.
+    pub fn sync(to: ReplyTo, actor: Actor, room: RoomId, after: u64, limit: u32, fetch: FetchId) -> FetchJob {
+        FetchJob { to, actor, room, after, limit, purpose: Purpose::Sync(fetch) }
+    }
+
+    /// The room, the seq it reads after, and the sync fetch it answers (`None` for HISTORY).
+    pub fn what(&self) -> (RoomId, u64, Option<FetchId>) {
+        let fetch = match self.purpose {
+            Purpose::History => None,
+            Purpose::Sync(f) => Some(f),
+        };
+        (self.room, self.after, fetch)
+    }
+}
+
+impl SharedWork for FetchJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let FetchJob { to, actor, room, after, limit, purpose } = *self;
+        let failed = |error: ErrorBody, not_member| match purpose {
+            Purpose::History => vec![reply(to, ServerFrame::Error(error))],
+            Purpose::Sync(fetch) => vec![Effect::PageFailed { to, room, fetch, not_member, error }],
+        };
+        match store.is_member(room, actor.user_id) {
+            Ok(true) => {}
+            Ok(false) => {
+                return failed(ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {room}")), true)
+            }
+            Err(e) => return failed(crate::work::store_error(&e), false),
+        }
+        // One extra row tells whether more follow without a second query.
+        let mut deltas = match store.deltas_after(room, after, limit.saturating_add(1)) {
+            Ok(d) => d,
+            Err(e) => return failed(crate::work::store_error(&e), false),
+        };
+        let mut more = deltas.len() > limit as usize;
+        deltas.truncate(limit as usize);
+        let mut budget = 0usize;
+        if let Some(cut) = deltas.iter().position(|d| {
+            budget += d.text.len() + d.author.len();
+            budget > PAGE_TEXT_BUDGET
+        }) {
+            deltas.truncate(cut.max(1));
+            more = true;
+        }
+        match purpose {
+            Purpose::History => {
+                let resume_after = deltas.last().map_or(after, |d| d.seq);
+                vec![reply(to, ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after }))]
+            }
+            Purpose::Sync(fetch) => vec![Effect::Page { to, room, fetch, deltas, more }],
+        }
+    }
+}

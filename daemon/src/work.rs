@@ -1,0 +1,402 @@
+//! What the event loop and the worker pool say to each other: jobs (`Work`) going out, and the
+//! small closed set of `Effect`s coming back.
+//!
+//! A request that needs the store becomes a job built by its handler (`handlers/`) on the loop.
+//! The job's queue is part of its type, so routing cannot be wrong: [`Work::Room`] jobs run on
+//! their room's shard worker, the only thread that appends to that room's log (so its deltas are
+//! committed and published in seq order), and only they get a [`Store`]; [`Work::Shared`] jobs
+//! (reads, accounts, creating a room) run on any shard worker with a [`SharedStore`], which cannot
+//! append to an existing room; [`Work::Auth`] jobs hash passwords on their own threads. Posts are
+//! [`Work::Post`], a plain value the shard worker recognizes and commits in groups.
+//!
+//! A job returns effects; the loop carries them out in order: reply to a connection, publish a
+//! room's new deltas, (un)subscribe a user's connections, start or end sessions, hand a page to a
+//! connection's SYNC state. The worker adds [`Effect::Release`] after each job, so a job's slot
+//! in its connection's in-flight window is always given back, whatever the job did.
+
+use crate::sync::FetchId;
+use bytes::Bytes;
+use chime_protocol::{Delta, ErrorBody, ErrorCode, ServerFrame};
+use chime_storage::{NewPost, RoomId, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Identifies a connection across slab-slot reuse: a completion for a connection that has gone
+/// (and whose slot was reused) is dropped instead of reaching a stranger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// The slab key (mio token).
+    pub key: usize,
+    /// The connection's generation, unique for the life of the process.
+    pub gen: u64,
+}
+
+/// Who is asking: a connection and a request id to answer on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The connection.
+    pub conn: ConnRef,
+    /// The request id to echo (0 for the connection's own SYNC fetches).
+    pub request_id: u32,
+}
+
+/// The logged-in user a job runs as.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// The user's id.
+    pub user_id: UserId,
+    /// The user's name, shared by all of the connection's jobs.
+    pub name: Arc<str>,
+}
+
+/// What the workers know besides their jobs: limits from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Rooms one user may be a member of.
+    pub max_rooms_per_user: u64,
+    /// When sessions expire.
+    pub session_limits: SessionLimits,
+}
+
+/// A job for the pool; the variant is its queue.
+pub enum Work {
+    /// Writes to one existing room: its shard worker.
+    Room(Box<dyn RoomWork>),
+    /// A post: its room's shard worker, which commits the posts waiting together in one
+    /// transaction.
+    Post(PostWork),
+    /// Reads and account work: any shard worker, after its own queue.
+    Shared(Box<dyn SharedWork>),
+    /// Password hashing: the auth workers.
+    Auth(Box<dyn AuthWork>),
+}
+
+impl Work {
+    /// Who the job answers (none for jobs nobody waits for).
+    pub fn reply_to(&self) -> Option<ReplyTo> {
+        match self {
+            Work::Room(w) => w.reply_to(),
+            Work::Post(p) => Some(p.to),
+            Work::Shared(w) => w.reply_to(),
+            Work::Auth(w) => w.reply_to(),
+        }
+    }
+
+    /// Whether the job waits in the shared queue, where each connection has a small window.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Work::Shared(_))
+    }
+}
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (queue, to) = match self {
+            Work::Room(w) => ("room", w.reply_to()),
+            Work::Post(p) => ("post", Some(p.to)),
+            Work::Shared(w) => ("shared", w.reply_to()),
+            Work::Auth(w) => ("auth", w.reply_to()),
+        };
+        f.debug_struct("Work").field("queue", &queue).field("to", &to).finish()
+    }
+}
+
+/// A job that writes to an existing room's log.
+pub trait RoomWork: Send {
+    /// The job itself, for tests that check what was submitted.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// The room: the job runs on its shard.
+    fn room(&self) -> RoomId;
+    /// Who it answers.
+    fn reply_to(&self) -> Option<ReplyTo>;
+    /// Runs it.
+    fn run(self: Box<Self>, store: &mut dyn Store, settings: &Settings) -> Vec<Effect>;
+}
+
+/// A job that reads, or writes anything but an existing room's log.
+pub trait SharedWork: Send {
+    /// The job itself, for tests that check what was submitted.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// Who it answers.
+    fn reply_to(&self) -> Option<ReplyTo>;
+    /// Runs it.
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect>;
+}
+
+/// A job that hashes a password.
+pub trait AuthWork: Send {
+    /// The job itself, for tests that check what was submitted.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// Who it answers.
+    fn reply_to(&self) -> Option<ReplyTo>;
+    /// Runs it with the thread's argon2 working area.
+    fn run(
+        self: Box<Self>,
+        store: &mut dyn SharedStore,
+        hasher: &mut crate::auth::Hasher,
+        settings: &Settings,
+    ) -> Vec<Effect>;
+}
+
+/// One post, committed with the others waiting on its room's shard (see `worker`).
+#[derive(Debug)]
+pub struct PostWork {
+    /// Who gets the POSTED.
+    pub to: ReplyTo,
+    /// The post; its time is set at commit.
+    pub post: NewPost,
+}
+
+/// What a job asks the loop to do, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Send an encoded frame (a reply) to a connection, if it is still there.
+    Reply {
+        /// The connection and request.
+        to: ReplyTo,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// Fan a room's newly committed deltas out to its subscribers.
+    Publish(Published),
+    /// Subscribe every connection of `user` to `room`; they know its log up to `after`.
+    Subscribe {
+        /// The user.
+        user: UserId,
+        /// The room.
+        room: RoomId,
+        /// The last seq they are taken to know (the seq before their JOIN or the room's CREATE):
+        /// a connection that missed later deltas already published catches up on them. `None`:
+        /// nothing to catch up on (the user was a member already).
+        after: Option<u64>,
+    },
+    /// Unsubscribe every connection of `user` from `room`.
+    Unsubscribe {
+        /// The user.
+        user: UserId,
+        /// The room.
+        room: RoomId,
+    },
+    /// The connection logged in: it becomes `session` of `user`, subscribed to `rooms` (id and
+    /// head when read).
+    LoggedIn {
+        /// The connection (its reply follows as a `Reply`).
+        to: ReplyTo,
+        /// The user's id.
+        user: UserId,
+        /// The user's name.
+        name: String,
+        /// The session it logged in with.
+        session: SessionRecord,
+        /// The user's rooms and their heads, by id.
+        rooms: Vec<(RoomId, u64)>,
+    },
+    /// The connection logged out (its reply follows).
+    LoggedOut {
+        /// The connection.
+        to: ReplyTo,
+    },
+    /// These sessions ended: every connection of them is closed with `code`.
+    EndSessions {
+        /// The sessions.
+        sessions: Vec<SessionId>,
+        /// Why (GOODBYE code).
+        code: ErrorCode,
+    },
+    /// A page a SYNC fetch read, for the connection's sync state.
+    Page {
+        /// The connection.
+        to: ReplyTo,
+        /// The room.
+        room: RoomId,
+        /// The fetch it answers.
+        fetch: FetchId,
+        /// The deltas after the fetch's cursor.
+        deltas: Vec<Delta>,
+        /// Whether more follow.
+        more: bool,
+    },
+    /// A SYNC fetch failed.
+    PageFailed {
+        /// The connection.
+        to: ReplyTo,
+        /// The room.
+        room: RoomId,
+        /// The fetch it answers.
+        fetch: FetchId,
+        /// The user is not a member (the room is left out of the SYNC); else the database
+        /// failed.
+        not_member: bool,
+        /// The error.
+        error: ErrorBody,
+    },
+    /// The job for `to` is finished: its slot in the connection's window is free. Added by the
+    /// worker after every job that answers someone.
+    Release {
+        /// The connection and request.
+        to: ReplyTo,
+        /// Whether the job took a slot of the connection's shared-queue window.
+        shared: bool,
+    },
+}
+
+/// Effects of one worker batch, handed to the loop together.
+#[derive(Debug)]
+pub struct Completion(pub Vec<Effect>);
+
+/// Encoding for the daemon's replies: the protocol's encoder refuses a frame over the largest
+/// frame size, and a reply that would not fit (a bug: every list is paged and every page is cut
+/// to a byte budget) goes out as an `INTERNAL` error instead, logged.
+pub trait EncodeReply {
+    /// The encoded frame, or an `INTERNAL` error frame with the same request id.
+    fn reply(&self, request_id: u32) -> Bytes;
+}
+
+impl EncodeReply for ServerFrame {
+    fn reply(&self, request_id: u32) -> Bytes {
+        match self.encode(request_id) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log::error!("not sending a reply: {e}");
+                let error = ErrorBody::new(ErrorCode::INTERNAL, "the reply would exceed the largest frame size");
+                ServerFrame::Error(error).encode(request_id).unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// A reply effect: `frame` encoded for `to`.
+pub fn reply(to: ReplyTo, frame: ServerFrame) -> Effect {
+    Effect::Reply { to, frame: frame.reply(to.request_id) }
+}
+
+/// An ERROR reply effect.
+pub fn refuse(to: ReplyTo, error: ErrorBody) -> Effect {
+    reply(to, ServerFrame::Error(error))
+}
+
+/// Maps a store error to the wire, in this one place, logging what the client is not told.
+pub fn store_error(e: &StoreError) -> ErrorBody {
+    let (code, msg) = match e {
+        StoreError::Conflict(m) => (ErrorCode::USER_EXISTS, format!("already exists: {m}")),
+        StoreError::NotFound(m) => (ErrorCode::NOT_FOUND, format!("not found: {m}")),
+        StoreError::NotMember(room) => (ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
+        StoreError::LimitReached(m) => (ErrorCode::LIMIT_REACHED, m.clone()),
+        // Logged once, by `Health`, for the whole outage.
+        StoreError::Unavailable(_) => {
+            (ErrorCode::UNAVAILABLE, "the database is unavailable; retry shortly".to_string())
+        }
+        other => {
+            log::error!("store error: {other:?}");
+            (ErrorCode::INTERNAL, "internal error".to_string())
+        }
+    };
+    ErrorBody::new(code, msg)
+}
+
+/// A room's newly committed deltas, encoded once, contiguous in seq.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The room.
+    pub room: RoomId,
+    /// The seq of the first delta in `frames`.
+    pub first_seq: u64,
+    /// `DELTA` push frames for seqs `first_seq..`, back to back.
+    pub frames: Bytes,
+    /// End offset of each frame in `frames` (frame i is `ends[i-1]..ends[i]`).
+    pub ends: Vec<u32>,
+}
+
+impl Published {
+    /// The seq of the last delta.
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.ends.len() as u64 - 1
+    }
+
+    /// The frames for seqs greater than `after` (all of them if `after < first_seq`).
+    pub fn frames_after(&self, after: u64) -> Bytes {
+        if after < self.first_seq {
+            return self.frames.clone();
+        }
+        let skip = (after - self.first_seq + 1) as usize;
+        match skip.checked_sub(1).and_then(|i| self.ends.get(i)) {
+            Some(&start) => self.frames.slice(start as usize..),
+            None => Bytes::new(),
+        }
+    }
+
+    /// Encodes `deltas` (one room's, contiguous) as push frames; `None` when there are none.
+    pub fn encode(room: RoomId, deltas: &[Delta]) -> Option<Published> {
+        let first_seq = deltas.first()?.seq;
+        let mut buf = Vec::with_capacity(deltas.len() * 96);
+        let mut ends = Vec::with_capacity(deltas.len());
+        for d in deltas {
+            if let Err(e) = ServerFrame::Delta(d.clone()).encode_into(&mut buf, 0) {
+                // Cannot happen for texts within the limits; the deltas encoded so far are still
+                // contiguous, and a client's gap check finds the rest in the log.
+                log::error!("not publishing room {room} from seq {}: {e}", d.seq);
+                break;
+            }
+            ends.push(buf.len() as u32);
+        }
+        if ends.is_empty() {
+            return None;
+        }
+        Some(Published { room, first_seq, frames: Bytes::from_owner(Counted::new(buf)), ends })
+    }
+}
+
+/// Bytes of published frames alive anywhere in this process (in queues of connections that have
+/// not sent them yet, held by catching-up connections, on their way to the loop). Each batch is
+/// one allocation shared by all its recipients, so it is counted once here, from its encoding
+/// until the last reference to it is dropped: the server-wide outbound budget adds this to what
+/// connections hold alone.
+static PUBLISHED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The current value of [`PUBLISHED_BYTES`].
+pub fn published_bytes() -> usize {
+    PUBLISHED_BYTES.load(Ordering::Relaxed)
+}
+
+/// A published buffer that counts itself in [`PUBLISHED_BYTES`] while it lives.
+struct Counted(Vec<u8>);
+
+impl Counted {
+    fn new(buf: Vec<u8>) -> Counted {
+        PUBLISHED_BYTES.fetch_add(buf.capacity(), Ordering::Relaxed);
+        Counted(buf)
+    }
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        PUBLISHED_BYTES.fetch_sub(self.0.capacity(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chime_protocol::DeltaKind;
+
+    fn delta(seq: u64) -> Delta {
+        Delta { room: 7, seq, kind: DeltaKind::MESSAGE, author_id: 1, author: "a".into(), ts_ms: 0, text: "x".into() }
+    }
+
+    #[test]
+    fn frames_after_slices_whole_frames() {
+        let p = Published::encode(7, &[delta(5), delta(6), delta(7)]).expect("non-empty");
+        assert_eq!(p.last_seq(), 7);
+        assert_eq!(p.frames_after(0), p.frames);
+        assert_eq!(p.frames_after(4), p.frames);
+        let one = ServerFrame::Delta(delta(7)).reply(0);
+        assert_eq!(p.frames_after(6), one);
+        assert!(p.frames_after(7).is_empty());
+        assert!(p.frames_after(100).is_empty());
+    }
+}
