@@ -1,9 +1,8 @@
 //! Building blocks of the `chime-load` generator, kept in the library so they can be unit-tested
-//! without a daemon: message stamps, loss/duplicate accounting, latency summaries, and a
-//! non-blocking (optionally TLS) frame connection for `mio`.
+//! without a daemon: message stamps, loss/duplicate accounting and latency summaries. Its
+//! connections are `chime-client`'s (`nonblocking::Connection` under load, the blocking `Client`
+//! for setup), like every other client's.
 
 pub mod accounting;
-pub mod conn;
 pub mod latency;
 pub mod stamp;
-pub mod tls;
