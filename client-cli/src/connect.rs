@@ -6,14 +6,14 @@
 //! says so on stderr; later connections hand the pin to the client, which refuses a different
 //! certificate before any password or token is sent.
 
-use crate::home::{Home, Session};
 use crate::output::Output;
 use anyhow::anyhow;
 use chime_client::blocking::{Client, ClientError, ConnectOptions};
 use chime_client::fingerprint_hex;
+use chime_client::home::{Home, HomeError, Session};
 use chime_protocol::ErrorCode;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The client's version, sent in `HELLO` and the user agent.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -55,9 +55,23 @@ impl From<io::Error> for CallError {
     }
 }
 
+impl From<HomeError> for CallError {
+    fn from(e: HomeError) -> Self {
+        CallError::Local(e.into())
+    }
+}
+
 impl From<anyhow::Error> for CallError {
     fn from(e: anyhow::Error) -> Self {
         CallError::Local(e)
+    }
+}
+
+/// The home from `--home`/`CHIME_HOME`, or else `$HOME/.config/chime`.
+pub fn home_from_flag(flag: Option<PathBuf>) -> anyhow::Result<Home> {
+    match flag.or_else(Home::default_dir) {
+        Some(dir) => Ok(Home::new(dir)),
+        None => Err(anyhow!("no home directory: HOME is not set (pass --home DIR or set CHIME_HOME)")),
     }
 }
 

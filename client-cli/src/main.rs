@@ -6,11 +6,9 @@
 //! The error line and log lines carry the server's words, so they are escaped for the terminal
 //! like human output on stdout ([`output::escape_for_terminal`]).
 
-mod backoff;
 mod cli;
 mod commands;
 mod connect;
-mod home;
 mod output;
 mod password;
 mod tail;

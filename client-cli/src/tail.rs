@@ -13,9 +13,9 @@
 //! - any failure that a reconnect may cure (lost connection, GOODBYE, timeout, a retryable server
 //!   error) leads to a reconnect after an exponential backoff with jitter capped at 2 s.
 
-use crate::backoff::Backoff;
 use crate::connect::{describe, CallError, Ctx};
 use anyhow::anyhow;
+use chime_client::backoff::Backoff;
 use chime_client::blocking::{Client, ClientError};
 use chime_protocol::{Delta, ErrorCode, RoomCursor, ServerFrame};
 use std::collections::BTreeMap;

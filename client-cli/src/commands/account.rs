@@ -2,11 +2,11 @@
 //! the account's sessions (devices), and revoking them.
 
 use crate::connect::{user_agent, CallError, Ctx};
-use crate::home::Session;
 use crate::output::rfc3339_ms;
 use crate::password::password;
 use anyhow::anyhow;
 use chime_client::blocking::ClientError;
+use chime_client::home::Session;
 use chime_protocol::{Authed, ErrorCode};
 use serde_json::json;
 

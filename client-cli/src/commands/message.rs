@@ -4,9 +4,9 @@
 //! connection was lost, so a post that reached the server before the connection broke is
 //! answered with its first seq instead of being written twice.
 
-use crate::backoff::Backoff;
 use crate::connect::{CallError, Ctx};
 use anyhow::anyhow;
+use chime_client::backoff::Backoff;
 use chime_client::blocking::{new_idempotency_key, Client, ClientError};
 use chime_protocol::Posted;
 use serde_json::json;

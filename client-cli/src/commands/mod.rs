@@ -9,15 +9,14 @@ mod message;
 mod room;
 
 use crate::cli::{Cli, Command, RoomCommand, SessionsCommand};
-use crate::connect::{CallError, Ctx};
-use crate::home::Home;
+use crate::connect::{home_from_flag, CallError, Ctx};
 use crate::output::Output;
 use crate::tail;
 use serde_json::json;
 
 /// Carries out the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let home = Home::from_flag(cli.global.home)?;
+    let home = home_from_flag(cli.global.home)?;
     let mut ctx = Ctx {
         server: cli.global.server,
         tls: !cli.global.plaintext,
