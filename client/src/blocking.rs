@@ -161,6 +161,12 @@ impl Client {
         &self.welcome
     }
 
+    /// How long a request waits for its reply (the connect options' timeout): what a caller
+    /// waiting for a reply through [`Client::next_event`] should allow too.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The protocol state: followed rooms' cursors, pending requests, why it closed.
     pub fn session(&self) -> &Session {
         &self.session
