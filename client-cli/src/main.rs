@@ -6,13 +6,7 @@
 //! The error line and log lines carry the server's words, so they are escaped for the terminal
 //! like human output on stdout ([`output::escape_for_terminal`]).
 
-mod cli;
-mod commands;
-mod connect;
-mod output;
-mod password;
-mod tail;
-
+use chime::{cli, commands, output};
 use clap::Parser;
 use std::io::{self, Write};
 use std::process::ExitCode;
