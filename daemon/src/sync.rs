@@ -112,6 +112,13 @@ pub struct SyncState {
 }
 
 impl SyncState {
+    /// Forgets every SYNC, catch-up, held push and deferred fetch (the connection logged out),
+    /// but keeps counting fetch ids: fetches of the earlier session still in flight answer this
+    /// connection later, and must not be taken for the new session's fetches with the same id.
+    pub fn restart(&mut self) {
+        *self = SyncState { last_fetch: self.last_fetch, ..SyncState::default() };
+    }
+
     fn next_fetch(&mut self) -> FetchId {
         self.last_fetch += 1;
         self.last_fetch
@@ -294,11 +301,35 @@ impl SyncState {
             return Vec::new();
         }
         let retry = Action::FetchLater { room, after: track.delivered, limit: track.page_size, fetch };
-        let Some(id) = request.take() else {
-            return vec![retry];
+        let request = request.take();
+        let mut actions = self.end_request(request, error);
+        actions.push(retry);
+        actions
+    }
+
+    /// Fetch `fetch` found the SYNC's cursor for `room` past the room's head (a corrupt cursor,
+    /// or a server restored from an older backup). The SYNC ends with `error` (CURSOR_AHEAD, with
+    /// its request id) and the room is dropped from it; the request's other rooms keep catching
+    /// up as pushes, and the room's live pushes go out as they come. A report for a fetch the
+    /// room no longer waits for is ignored.
+    pub fn reject_room(&mut self, room: u64, fetch: FetchId, error: ErrorBody) -> Vec<Action> {
+        if !self.wants(room, fetch) {
+            return Vec::new();
+        }
+        let request = match self.tracks.get_mut(&room) {
+            Some(Track { mode: Mode::CatchingUp { request, .. }, .. }) => request.take(),
+            _ => None,
         };
+        let mut actions = self.end_request(request, error);
+        actions.extend(self.forget(room));
+        actions
+    }
+
+    /// Ends SYNC `id` (if still open) with `error`: its rooms go on catching up without it.
+    fn end_request(&mut self, id: Option<u32>, error: ErrorBody) -> Vec<Action> {
+        let Some(id) = id else { return Vec::new() };
         let Some(i) = self.requests.iter().position(|r| r.id == id) else {
-            return vec![retry];
+            return Vec::new();
         };
         let req = self.requests.remove(i);
         for other in req.rooms {
@@ -308,7 +339,7 @@ impl SyncState {
                 }
             }
         }
-        vec![Action::Send(ServerFrame::Error(error).reply(id)), retry]
+        vec![Action::Send(ServerFrame::Error(error).reply(id))]
     }
 
     /// The connection was subscribed to `room` knowing its log only up to `after`, and the room
@@ -457,6 +488,48 @@ mod tests {
 
     fn unavailable() -> ErrorBody {
         ErrorBody::new(ErrorCode::UNAVAILABLE, "down")
+    }
+
+    #[test]
+    fn a_fetch_of_an_earlier_session_is_not_taken_for_a_new_one() {
+        let mut s = SyncState::default();
+        let (_, _, _, old) = fetch(&s.start(1, &[RoomCursor { room: 2, seq: 1 }], 2));
+        s.restart();
+        let a = s.start(2, &[RoomCursor { room: 2, seq: 0 }], 2);
+        let (_, after, _, new) = fetch(&a);
+        assert_eq!(after, 0);
+        assert_ne!(old, new, "fetch ids keep counting across a logout");
+        // The earlier session's empty page and failure arrive first: both are ignored.
+        assert!(s.page(2, old, vec![], false).is_empty());
+        assert!(s.page_failed(2, old, unavailable()).is_empty());
+        assert!(!s.wants(2, old));
+        let a = s.page(2, new, vec![delta(2, 1)], false);
+        assert_eq!(sent_seqs(&a), (vec![1], 1));
+    }
+
+    #[test]
+    fn a_cursor_past_the_head_ends_the_sync_with_an_error_and_drops_the_room() {
+        let mut s = SyncState::default();
+        let a = s.start(5, &[RoomCursor { room: 1, seq: 9 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let fetches: Vec<_> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::Fetch { room, fetch, .. } => Some((*room, *fetch)),
+                _ => None,
+            })
+            .collect();
+        let (f1, f2) = (fetches[0].1, fetches[1].1);
+        assert_eq!((fetches[0].0, fetches[1].0), (1, 2));
+        let ahead = ErrorBody::new(ErrorCode::CURSOR_AHEAD, "past the head");
+        let a = s.reject_room(1, f1, ahead.clone());
+        let sent = frames(&a);
+        assert!(matches!(&sent[..], [(5, ServerFrame::Error(e))] if e.code == ErrorCode::CURSOR_AHEAD), "{sent:?}");
+        // The room is live now; room 2 goes on catching up, its page sent as pushes.
+        assert_eq!(sent_seqs(&s.push(&published(1, 3..=3))), (vec![3], 0));
+        assert!(s.reject_room(1, f1, ahead).is_empty(), "a second report is stale");
+        let a = s.page(2, f2, vec![delta(2, 1)], false);
+        let sent = frames(&a);
+        assert!(matches!(&sent[..], [(0, ServerFrame::Delta(d))] if d.seq == 1), "{sent:?}");
     }
 
     #[test]

@@ -146,6 +146,18 @@ pub struct PostWork {
     pub post: NewPost,
 }
 
+/// Why a SYNC fetch read no page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFailure {
+    /// The user is not a member: the room is left out of the SYNC.
+    NotMember,
+    /// The SYNC's cursor is past the room's head: the SYNC ends with the error, the room is
+    /// dropped from it.
+    CursorAhead,
+    /// The database failed: the SYNC ends with the error, the fetch is retried.
+    Store,
+}
+
 /// What a job asks the loop to do, in order.
 #[derive(Debug)]
 pub enum Effect {
@@ -223,9 +235,8 @@ pub enum Effect {
         room: RoomId,
         /// The fetch it answers.
         fetch: FetchId,
-        /// The user is not a member (the room is left out of the SYNC); else the database
-        /// failed.
-        not_member: bool,
+        /// Why.
+        why: PageFailure,
         /// The error.
         error: ErrorBody,
     },

@@ -11,8 +11,8 @@
 //!   by the worker's byte budget). **Join**/**Leave**:
 //!   the user joins or leaves a room (a JOIN/LEAVE delta; the database's membership changes now).
 //!   Each commit becomes an event queued for the loop, per room in commit order: a room's writes
-//!   go to one shard worker, whose completions reach the loop in order (`worker.rs`).
-//! - **Publish**: the loop takes a room's next event, as `server.rs::complete` does: a batch is
+//!   go to one shard worker, whose completions reach the loop in order (`worker.rs`, `work.rs`).
+//! - **Publish**: the loop takes a room's next event, as the core's `Effect::Published` does: a batch is
 //!   `publish`ed (pushed through `SyncState::push` to the connection if it is subscribed); a join
 //!   first `subscribe_from`s the connection (a `catch_up` if the loop has published past the
 //!   JOIN's predecessor), then publishes; a leave publishes, then `unsubscribe`s (`forget`, whose
@@ -29,14 +29,14 @@
 //!   the result itself is applied.
 //! - **Read**/**Complete**: a worker reads one of the fetches in flight, carrying its fetch id,
 //!   from the log as it is at that moment, honouring `after` and `limit`, `more` set as
-//!   `worker.rs::fetch` sets it (including a page cut short by the byte budget, with `more`
+//!   `handlers/sync.rs` (`FetchJob::run`) sets it (including a page cut short by the byte budget, with `more`
 //!   true); or finds the user is not a member (`skip_room`); or the database fails (`page_failed`
 //!   with the worker's UNAVAILABLE error). The result reaches the machine later, with its fetch id,
 //!   while anything else happens in between: results of replaced fetches (an earlier SYNC or page
 //!   of the room) are delivered as the loop delivers them, and the machine must ignore them.
-//! - **Logout** (the loop drops the sync state; its fetches in flight still answer the same
-//!   connection, and the loop hands their results to whatever sync state the connection has by
-//!   then), then **LoginRead** (the worker reads the user's rooms and heads) and **LoginDone** (the
+//! - **Logout** (the loop restarts the sync state, which keeps counting fetch ids; its fetches in
+//!   flight still answer the same connection, and the loop hands their results to whatever sync
+//!   state the connection has by then), then **LoginRead** (the worker reads the user's rooms and heads) and **LoginDone** (the
 //!   loop subscribes the connection with `subscribe_from` each room at the head read, which calls
 //!   `catch_up` when the loop has already published past it).
 //!
@@ -56,7 +56,8 @@
 //!   of exactly the SYNC's rooms, leaving out rooms refused as not-member, left, or named by a
 //!   later SYNC;
 //! - an ERROR comes exactly when the fetch a SYNC's room waits for fails, with that SYNC's request
-//!   id and the worker's error;
+//!   id and the worker's error (UNAVAILABLE), or finds the SYNC's cursor past the room's head
+//!   (CURSOR_AHEAD: the room is dropped from the SYNC and goes live);
 //! - `Action::Push` carries only `DELTA` frames, a slice of a published batch (shared, not
 //!   copied);
 //! - once settled, every SYNC was answered, nothing is deferred or held, and every room the
@@ -72,9 +73,9 @@
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
 use chime_protocol::{Delta, DeltaKind, ErrorBody, ErrorCode, FrameDecoder, RoomCursor, ServerFrame};
-use chimed::server::MAX_TEXT;
+use chimed::limits::MAX_TEXT;
 use chimed::sync::{Action, FetchId, SyncState};
-use chimed::worker::Published;
+use chimed::work::Published;
 use std::collections::VecDeque;
 
 /// Rooms 1 to `ROOMS`.
@@ -85,10 +86,9 @@ const MAX_OPS: usize = 256;
 const MAX_SEQ: usize = 64;
 /// Rounds of answering fetches before the end is declared a livelock.
 const SETTLE_ROUNDS: usize = 1000;
-/// The connection's fetches in flight at most (`server.rs`'s `SHARED_WINDOW`).
+/// The connection's fetches in flight at most (`limits::SHARED_WINDOW`).
 const SHARED_WINDOW: usize = 4;
-/// Text bytes (and author names) after which a worker cuts a page (`worker.rs`'s
-/// `PAGE_TEXT_BUDGET`).
+/// Text bytes (and author names) after which a worker cuts a page (`limits::PAGE_TEXT_BUDGET`).
 const PAGE_TEXT_BUDGET: usize = 256 * 1024;
 
 /// The user's id and name on its own JOIN/LEAVE deltas.
@@ -189,7 +189,7 @@ fn ix(room: u64) -> usize {
     (room - 1) as usize
 }
 
-/// What the worker sends when the database fails (`worker.rs::store_error` for
+/// What the worker sends when the database fails (`work.rs::store_error` for
 /// `StoreError::Unavailable`).
 fn db_error() -> ErrorBody {
     ErrorBody::new(ErrorCode::UNAVAILABLE, "the database is unavailable; retry shortly")
@@ -241,6 +241,8 @@ struct Fetch {
 enum Outcome {
     Page(Vec<Delta>, bool),
     NotMember,
+    /// The fetch's cursor is past the room's head.
+    Ahead,
     DbError,
 }
 
@@ -293,8 +295,8 @@ struct Client {
     views: [View; ROOMS],
     open: Vec<OpenSync>,
     next_id: u32,
-    /// The SYNC whose ERROR the failure being applied must produce.
-    expect_error: Option<u32>,
+    /// The SYNC whose ERROR the failure being applied must produce, and its code.
+    expect_error: Option<(u32, ErrorCode)>,
 }
 
 impl Client {
@@ -445,7 +447,7 @@ impl Model {
         }
     }
 
-    // ---- The loop (server.rs), for this one connection ----
+    // ---- The loop (core/mod.rs), for this one connection ----
 
     /// `complete` for the room's next event.
     fn publish_next(&mut self, room: u64) {
@@ -601,11 +603,11 @@ impl Model {
         self.apply(actions);
     }
 
-    // ---- The workers (worker.rs::fetch) ----
+    // ---- The workers (handlers/sync.rs, `FetchJob::run`) ----
 
     fn read(&mut self, i: usize, how: ReadHow) {
         let f = &self.fetches[i];
-        // As `worker.rs::fetch`: the membership check, then the read, either of which may fail.
+        // As `FetchJob::run`: the membership check, then the read, either of which may fail.
         let outcome = if matches!(how, ReadHow::DbError) {
             Outcome::DbError
         } else if !self.room(f.room).member {
@@ -614,6 +616,11 @@ impl Model {
             let head = self.room(f.room).head();
             let available = head.saturating_sub(f.after);
             let n = available.min(u64::from(f.limit));
+            if f.after > head {
+                // A cursor past the head is refused, naming the head.
+                self.fetches[i].read = Some(Outcome::Ahead);
+                return;
+            }
             let mut deltas = self.deltas(f.room, f.after + 1..=f.after + n).to_vec();
             let mut more = available > u64::from(f.limit);
             // The byte budget, as the worker applies it (at least one delta per page).
@@ -665,11 +672,25 @@ impl Model {
                 }
                 sync.skip_room(f.room, f.id)
             }
+            Outcome::Ahead => {
+                if current {
+                    self.conn.waiting[ix(f.room)] = None;
+                    // The room's SYNC, if it still waits for this room, ends with CURSOR_AHEAD;
+                    // the room is dropped from it and goes live; the client must SYNC it again.
+                    let v = &mut self.client.views[ix(f.room)];
+                    self.client.expect_error = v.pages.map(|id| (id, ErrorCode::CURSOR_AHEAD));
+                    *v = View { cursor: Cursor::Unknown, pages: None };
+                    self.client.drop_from_open(f.room);
+                }
+                let error = ErrorBody::new(ErrorCode::CURSOR_AHEAD, format!("cursor {} is past the head", f.after));
+                sync.reject_room(f.room, f.id, error)
+            }
             Outcome::DbError => {
                 if current {
                     // The room's SYNC, if it still waits for this room, ends with an ERROR; the
                     // room keeps catching up (a `FetchLater`), its deltas to come as pushes.
-                    self.client.expect_error = self.client.views[ix(f.room)].pages;
+                    self.client.expect_error =
+                        self.client.views[ix(f.room)].pages.map(|id| (id, ErrorCode::UNAVAILABLE));
                 }
                 sync.page_failed(f.room, f.id, db_error())
             }
@@ -682,7 +703,13 @@ impl Model {
         if !self.conn.authed {
             return;
         }
-        self.conn = Conn::default();
+        // The loop restarts the sync state rather than dropping it, so that fetch ids keep
+        // counting: results of this session's fetches still in flight must not answer the next.
+        let sync = self.conn.sync.take().map(|mut s| {
+            s.restart();
+            s
+        });
+        self.conn = Conn { sync, ..Conn::default() };
         self.session += 1;
         for v in &mut self.client.views {
             *v = View { cursor: Cursor::Unknown, pages: None };
@@ -826,11 +853,14 @@ impl Model {
                 }
             }
             ServerFrame::Error(e) => {
-                let Some(sync) = self.client.expect_error.take() else {
+                let Some((sync, code)) = self.client.expect_error.take() else {
                     panic!("an unexpected ERROR (request id {id}): {e}");
                 };
                 assert_eq!(id, sync, "the ERROR ending SYNC {sync} has request id {id}");
-                assert_eq!(e, db_error(), "the ERROR ending SYNC {sync} is not the worker's");
+                assert_eq!(e.code, code, "the ERROR ending SYNC {sync}: {e}");
+                if code == ErrorCode::UNAVAILABLE {
+                    assert_eq!(e, db_error(), "the ERROR ending SYNC {sync} is not the worker's");
+                }
                 assert!(self.client.open.iter().any(|o| o.id == sync), "an ERROR for SYNC {sync}, not open");
                 self.client.open.retain(|o| o.id != sync);
                 // Its rooms continue from where their pages ended, their deltas arriving as pushes.

@@ -184,6 +184,9 @@ wire_code! {
         AUTH_TIMEOUT = 23,
         /// The connection did not read what the server sent within the write timeout.
         WRITE_TIMEOUT = 24,
+        /// A SYNC or HISTORY cursor is past the room's head (the message names the head); the
+        /// client's cursor is wrong: SYNC the room again from at most the head.
+        CURSOR_AHEAD = 25,
     }
 }
 

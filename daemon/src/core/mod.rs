@@ -25,7 +25,7 @@ use crate::handlers::{self, accounts, Admitted, Ctx, Limiters, Who};
 use crate::limits::{HANDSHAKE_SECS, MAX_IN_FLIGHT, SHARED_WINDOW, TOUCH_LIVE_EVERY};
 use crate::sync::{Action, FetchId, SyncState};
 use crate::transport::Class;
-use crate::work::{Actor, Completion, ConnRef, Effect, EncodeReply, Published, ReplyTo, Work};
+use crate::work::{Actor, Completion, ConnRef, Effect, EncodeReply, PageFailure, Published, ReplyTo, Work};
 use bytes::Bytes;
 use chime_protocol::{
     ClientFrame, DecodeError, ErrorBody, ErrorCode, Hello, Ping, RawFrame, ServerFrame, Welcome, MAGIC,
@@ -530,10 +530,13 @@ impl Core {
                 let actions = sync.page(room, fetch, deltas, more);
                 self.apply(io, to.conn.key, actions);
             }
-            Effect::PageFailed { to, room, fetch, not_member, error } => {
+            Effect::PageFailed { to, room, fetch, why, error } => {
                 let Some(sync) = self.link_of(to.conn).and_then(|l| l.sync.as_mut()) else { return };
-                let actions =
-                    if not_member { sync.skip_room(room, fetch) } else { sync.page_failed(room, fetch, error) };
+                let actions = match why {
+                    PageFailure::NotMember => sync.skip_room(room, fetch),
+                    PageFailure::CursorAhead => sync.reject_room(room, fetch, error),
+                    PageFailure::Store => sync.page_failed(room, fetch, error),
+                };
                 self.apply(io, to.conn.key, actions);
             }
             Effect::Release { to, shared } => self.release(io, to, shared),
@@ -739,7 +742,9 @@ impl Core {
         let who = link.who().cloned();
         link.phase = Phase::Open;
         link.unauth_since = now_secs;
-        link.sync = None;
+        if let Some(sync) = link.sync.as_mut() {
+            sync.restart();
+        }
         for room in rooms {
             self.hub.unsubscribe(room, key);
         }

@@ -8,7 +8,7 @@
 use super::{invalid, Admitted, Ctx};
 use crate::limits::{MAX_SYNC_ROOMS, PAGE_TEXT_BUDGET};
 use crate::sync::FetchId;
-use crate::work::{reply, Actor, Effect, ReplyTo, Settings, SharedWork};
+use crate::work::{reply, Actor, Effect, PageFailure, ReplyTo, Settings, SharedWork};
 use chime_protocol::{DeltaPage, ErrorBody, ErrorCode, ServerFrame, Sync};
 use chime_storage::{RoomId, SharedStore};
 
@@ -72,22 +72,42 @@ impl SharedWork for FetchJob {
 
     fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
         let FetchJob { to, actor, room, after, limit, purpose } = *self;
-        let failed = |error: ErrorBody, not_member| match purpose {
+        let failed = |error: ErrorBody, why| match purpose {
             Purpose::History => vec![reply(to, ServerFrame::Error(error))],
-            Purpose::Sync(fetch) => vec![Effect::PageFailed { to, room, fetch, not_member, error }],
+            Purpose::Sync(fetch) => vec![Effect::PageFailed { to, room, fetch, why, error }],
         };
         match store.is_member(room, actor.user_id) {
             Ok(true) => {}
             Ok(false) => {
-                return failed(ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {room}")), true)
+                let error = ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {room}"));
+                return failed(error, PageFailure::NotMember);
             }
-            Err(e) => return failed(crate::work::store_error(&e), false),
+            Err(e) => return failed(crate::work::store_error(&e), PageFailure::Store),
         }
         // One extra row tells whether more follow without a second query.
         let mut deltas = match store.deltas_after(room, after, limit.saturating_add(1)) {
             Ok(d) => d,
-            Err(e) => return failed(crate::work::store_error(&e), false),
+            Err(e) => return failed(crate::work::store_error(&e), PageFailure::Store),
         };
+        // Nothing after the cursor: it is the head, or past it. A cursor past the head would make
+        // the client drop every later delta as a duplicate, so it is refused, naming the head (one
+        // more read, only for an empty page).
+        if deltas.is_empty() && after > 0 {
+            match store.room(room) {
+                Ok(Some(r)) if r.last_seq < after => {
+                    let error = ErrorBody::new(
+                        ErrorCode::CURSOR_AHEAD,
+                        format!(
+                            "cursor {after} is past room {room}'s head {}; SYNC it again from at most {}",
+                            r.last_seq, r.last_seq
+                        ),
+                    );
+                    return failed(error, PageFailure::CursorAhead);
+                }
+                Ok(_) => {}
+                Err(e) => return failed(crate::work::store_error(&e), PageFailure::Store),
+            }
+        }
         let mut more = deltas.len() > limit as usize;
         deltas.truncate(limit as usize);
         let mut budget = 0usize;
