@@ -5,7 +5,9 @@
 #
 #   scripts/bench.sh [sqlite|postgres|both] [quick]
 #
-# "quick" shortens every window to 5 s (for a smoke run).
+# "quick" shortens every window to 5 s (for a smoke run). CHIME_BENCH_BIN=DIR runs the chimed and
+# chime-load found in DIR instead of building this tree (to measure an older build side by side;
+# its chime-load must speak its chimed's protocol version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stores=${1:-both}
@@ -13,8 +15,12 @@ dur=20
 [ "${2:-}" = quick ] && dur=5
 ulimit -n 20000
 
-cargo build --release --workspace -q
-L=target/release/chime-load
+bin=${CHIME_BENCH_BIN:-}
+if [ -z "$bin" ]; then
+    cargo build --release --workspace -q
+    bin=target/release
+fi
+L=$bin/chime-load
 work=$(mktemp -d /tmp/chime-bench.XXXXXX)
 chimed_pid=""
 pg_bin=""
@@ -49,7 +55,7 @@ start_chimed() { # $1 = store
         "$pg_bin/psql" -q -h 127.0.0.1 -p 55439 -U postgres -c "CREATE DATABASE bench$db_n" >/dev/null
         db=(--database "postgres://postgres@127.0.0.1:55439/bench$db_n")
     fi
-    RUST_LOG=warn target/release/chimed serve --data-dir "$work/data" "${db[@]}" \
+    RUST_LOG=warn "$bin/chimed" serve --data-dir "$work/data" "${db[@]}" \
         --listen 127.0.0.1:7978 --plaintext-listen 127.0.0.1:7979 \
         --login-rate 1000 --accept-rate 5000 --max-connections 19000 \
         --max-connections-per-ip 19000 --resume-rate-per-ip 100000 2>"$work/chimed.log" &

@@ -53,6 +53,8 @@ pub enum Command {
     },
     /// Revoke the stored session token and forget it.
     Logout,
+    /// Show who you are logged in as.
+    Whoami,
     /// Create, join or leave a room.
     Room {
         /// What to do with the room.
@@ -139,6 +141,12 @@ pub enum RoomCommand {
     },
     /// Leave a room.
     Leave {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+    },
+    /// Show a room's name, kind, latest seq, member count and your role.
+    Info {
         /// The room id.
         #[arg(value_parser = parse_room)]
         room: u64,

@@ -119,13 +119,13 @@ pub fn delta_json(delta: &Delta) -> Value {
         text: &'a str,
     }
     let record = DeltaJson {
-        room: delta.room,
-        seq: delta.seq,
-        kind: delta.kind.json_name(),
+        room: delta.room.get(),
+        seq: delta.seq.get(),
+        kind: delta.kind().json_name(),
         author: &delta.author,
-        author_id: delta.author_id,
+        author_id: delta.author_id.get(),
         ts: rfc3339_ms(delta.ts_ms),
-        text: &delta.text,
+        text: delta.body.text().unwrap_or(""),
     };
     // A struct of strings and integers always converts.
     serde_json::to_value(record).unwrap_or_else(|_| json!({}))
@@ -135,8 +135,8 @@ pub fn delta_json(delta: &Delta) -> Value {
 /// escaped ([`Output::record`] does that).
 fn delta_human(delta: &Delta) -> String {
     let head = format!("[#{} {}] {}", delta.room, delta.seq, rfc3339_ms(delta.ts_ms));
-    let (author, text) = (&delta.author, &delta.text);
-    match delta.kind {
+    let (author, text) = (&delta.author, delta.body.text().unwrap_or(""));
+    match delta.kind() {
         DeltaKind::MESSAGE => format!("{head} {author}: {text}"),
         DeltaKind::CREATE => format!("{head} * {author} created the room \"{text}\""),
         DeltaKind::JOIN => format!("{head} * {author} joined"),
@@ -207,17 +207,24 @@ fn joinable_emoji(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chime_protocol::{CreateBody, DeltaBody, RoomId, Seq, UserId};
 
     fn delta(kind: DeltaKind, text: &str) -> Delta {
+        let body = match kind {
+            DeltaKind::MESSAGE => DeltaBody::message(text),
+            DeltaKind::CREATE => DeltaBody::Create(CreateBody { name: text.into() }),
+            DeltaKind::JOIN => DeltaBody::Join,
+            DeltaKind::LEAVE => DeltaBody::Leave,
+            kind => DeltaBody::Unknown { kind, payload: text.as_bytes().to_vec() },
+        };
         Delta {
-            room: 3,
-            seq: 12,
-            kind,
-            author_id: 5,
+            room: RoomId(3),
+            seq: Seq(12),
+            author_id: UserId(5),
             author: "alice".into(),
             // 2026-11-22T10:00:00.042Z
             ts_ms: 1_795_341_600_042,
-            text: text.into(),
+            body,
         }
     }
 

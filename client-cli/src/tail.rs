@@ -21,7 +21,7 @@ use anyhow::anyhow;
 use chime_client::backoff::Backoff;
 use chime_client::blocking::{Client, ClientError};
 use chime_client::Event;
-use chime_protocol::{ErrorCode, ServerFrame};
+use chime_protocol::{ErrorCode, RoomId, Seq, ServerFrame};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -87,10 +87,10 @@ fn follow(
         None => printed.insert(current_heads(ctx, &mut client, rooms)?),
     };
     for (&room, &seq) in printed.iter() {
-        client.follow(room, seq);
+        client.follow(RoomId(room), Seq(seq));
     }
     let reply_timeout = client.timeout();
-    let heartbeat = client.welcome().heartbeat_secs;
+    let heartbeat = client.welcome().limits.heartbeat_secs;
     let idle =
         if heartbeat == 0 { DEFAULT_IDLE } else { Duration::from_secs(u64::from(heartbeat)).min(DEFAULT_IDLE * 2) };
     // The catch-up SYNC in flight, and when it last showed progress (sent, or a page came).
@@ -118,9 +118,9 @@ fn follow(
             // The next delta of its room, from a push or a page (the session saw to that), or a
             // push of a room the user is in but tail does not follow.
             Event::Delta { delta, .. } => {
-                let Some(last) = printed.get_mut(&delta.room) else { continue };
+                let Some(last) = printed.get_mut(&delta.room.get()) else { continue };
                 ctx.out.delta(&delta)?;
-                *last = delta.seq;
+                *last = delta.seq.get();
                 deadline = Instant::now() + idle;
             }
             Event::Reply { request_id, frame } if catch_up.is_some_and(|(id, _)| id == request_id) => {
@@ -151,7 +151,8 @@ fn follow(
 
 /// The head seq of each followed room, for a `tail` without `--after` (only new deltas).
 fn current_heads(ctx: &Ctx, client: &mut Client, rooms: &[u64]) -> Result<BTreeMap<u64, u64>, CallError> {
-    let heads: BTreeMap<u64, u64> = client.list_rooms()?.into_iter().map(|info| (info.room, info.head_seq)).collect();
+    let heads: BTreeMap<u64, u64> =
+        client.list_rooms()?.into_iter().map(|info| (info.room.get(), info.head_seq.get())).collect();
     let mut start = BTreeMap::new();
     for &room in rooms {
         let Some(&head) = heads.get(&room) else {

@@ -6,8 +6,8 @@
 //! client sends.
 
 use chime_protocol::{
-    frame, Authed, Delta, DeltaKind, DeltaPage, ErrorBody, ErrorCode, FrameType, History, Post, Posted, RoomCursor,
-    Sync, SyncDone, Welcome,
+    frame, Authed, CreateBody, Delta, DeltaBody, DeltaPage, ErrorBody, ErrorCode, FrameType, History, Limits, Post,
+    Posted, RoomCursor, RoomId, Seq, Sync, SyncDone, UserId, Welcome,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -59,35 +59,50 @@ impl Conn {
             protocol_version: chime_protocol::PROTOCOL_VERSION,
             server_name: "fake".into(),
             server_version: "0".into(),
-            max_frame: frame::DEFAULT_MAX_FRAME,
-            heartbeat_secs: 30,
+            min_version: chime_protocol::MIN_PROTOCOL_VERSION,
+            max_version: chime_protocol::PROTOCOL_VERSION,
+            limits: Limits {
+                max_frame: frame::DEFAULT_MAX_FRAME,
+                heartbeat_secs: 30,
+                max_text: 16_384,
+                max_key: 64,
+                max_room_name: 100,
+                max_user_name: 32,
+                min_password: 8,
+                max_password: 1024,
+                max_in_flight: 256,
+                max_queued_during_login: 64,
+                default_page: 500,
+                max_page: 1000,
+                max_sync_rooms: 1000,
+            },
         };
         self.reply(FrameType::WELCOME, id, &welcome);
         let (id, resume): (u32, chime_protocol::Resume) = self.expect(FrameType::RESUME);
         assert_eq!(resume.token, "tok");
-        self.reply(FrameType::AUTHED, id, &Authed { user_id: 1, user: "alice".into(), token: None });
+        self.reply(FrameType::AUTHED, id, &Authed { user_id: UserId(1), user: "alice".into(), token: None });
     }
 
     /// Answers a SYNC of room 1 that must start after `from` with the deltas `seqs`.
     fn sync(&mut self, from: u64, seqs: std::ops::RangeInclusive<u64>) {
         let (id, sync): (u32, Sync) = self.expect(FrameType::SYNC);
-        assert_eq!(sync.rooms, [RoomCursor { room: 1, seq: from }]);
+        assert_eq!(sync.rooms, [RoomCursor { room: RoomId(1), seq: Seq(from) }]);
         let last = *seqs.end();
-        let page = DeltaPage { room: 1, deltas: seqs.map(delta).collect(), more: false, resume_after: last };
+        let page =
+            DeltaPage { room: RoomId(1), deltas: seqs.map(delta).collect(), more: false, resume_after: Seq(last) };
         self.reply(FrameType::DELTA_PAGE, id, &page);
-        self.reply(FrameType::SYNC_DONE, id, &SyncDone { heads: vec![RoomCursor { room: 1, seq: last }] });
+        self.reply(FrameType::SYNC_DONE, id, &SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(last) }] });
     }
 }
 
 fn delta(seq: u64) -> Delta {
     Delta {
-        room: 1,
-        seq,
-        kind: DeltaKind::MESSAGE,
-        author_id: 1,
+        room: RoomId(1),
+        seq: Seq(seq),
+        author_id: UserId(1),
         author: "alice".into(),
         ts_ms: 1_795_341_600_000 + seq as i64,
-        text: format!("message {seq}"),
+        body: DeltaBody::message(format!("message {seq}")),
     }
 }
 
@@ -175,14 +190,14 @@ fn send_retries_with_the_same_idempotency_key() {
         let mut first = Conn::accept(&listener);
         first.handshake();
         let (_, post): (u32, Post) = first.expect(FrameType::POST);
-        assert_eq!((post.room, post.text.as_str()), (1, "hello there"));
+        assert_eq!((post.room, post.text.as_str()), (RoomId(1), "hello there"));
         drop(first); // lost before the reply
 
         let mut second = Conn::accept(&listener);
         second.handshake();
         let (id, retry): (u32, Post) = second.expect(FrameType::POST);
         assert_eq!(retry, post);
-        second.reply(FrameType::POSTED, id, &Posted { room: 1, seq: 9, ts_ms: 0, duplicate: true });
+        second.reply(FrameType::POSTED, id, &Posted { room: RoomId(1), seq: Seq(9), ts_ms: 0, duplicate: true });
     });
     let child = chime(home.path(), &addr, &["--json", "send", "1", "hello", "there"]);
     let output = child.wait_with_output().expect("wait");
@@ -198,7 +213,7 @@ fn a_server_refusal_is_one_line_with_its_code() {
         let mut conn = Conn::accept(&listener);
         conn.handshake();
         let (id, history): (u32, History) = conn.expect(FrameType::HISTORY);
-        assert_eq!((history.room, history.after), (3, 0));
+        assert_eq!((history.room, history.after), (RoomId(3), Seq(0)));
         let refusal = ErrorBody::new(ErrorCode::NOT_MEMBER, "not a member of room 3");
         conn.reply(FrameType::ERROR, id, &refusal);
     });
@@ -213,13 +228,12 @@ fn a_server_refusal_is_one_line_with_its_code() {
 /// A room whose name, creator and first message were chosen to spoof the reader's terminal.
 fn spoofing_page() -> DeltaPage {
     let mut create = delta(1);
-    create.kind = DeltaKind::CREATE;
     create.author = "mal\u{2067}lory".into();
-    create.text = "gen\u{200b}eral".into();
+    create.body = DeltaBody::Create(CreateBody { name: "gen\u{200b}eral".into() });
     let mut message = delta(2);
     message.author = "mal\u{2067}lory".into();
-    message.text = "open invoice\u{202e}fdp.exe please".into();
-    DeltaPage { room: 1, deltas: vec![create, message], more: false, resume_after: 2 }
+    message.body = DeltaBody::message("open invoice\u{202e}fdp.exe please");
+    DeltaPage { room: RoomId(1), deltas: vec![create, message], more: false, resume_after: Seq(2) }
 }
 
 #[test]
@@ -230,7 +244,7 @@ fn history_escapes_format_characters_for_people_and_keeps_them_in_json() {
             let mut conn = Conn::accept(&listener);
             conn.handshake();
             let (id, history): (u32, History) = conn.expect(FrameType::HISTORY);
-            assert_eq!((history.room, history.after), (1, 0));
+            assert_eq!((history.room, history.after), (RoomId(1), Seq(0)));
             conn.reply(FrameType::DELTA_PAGE, id, &spoofing_page());
         }
     });

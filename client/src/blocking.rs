@@ -20,9 +20,10 @@ use crate::session::{Event, Session, SessionConfig, Tick, HELLO_ID};
 use crate::tls::{server_name, tofu_client_config};
 use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
-    Authed, ClientFrame, CreateRoom, Credentials, Delta, DeltaPage, Empty, History, ListMembers, ListRooms,
-    ListSessions, MemberInfo, Ping, Post, Posted, Resume, RevokeSessions, RoomCursor, RoomInfo, RoomKind, RoomRef,
-    ServerFrame, SessionInfo, Sync, SyncDone, Welcome, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
+    Authed, ClientFrame, CreateRoom, Credentials, Delta, DeltaPage, Empty, History, Identity, Limits, ListMembers,
+    ListRooms, ListSessions, MemberInfo, Ping, Post, Posted, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId,
+    RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, SessionInfo, Sync, SyncDone, Welcome, DEFAULT_MAX_FRAME,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -116,10 +117,25 @@ impl Client {
             timeout: opts.timeout,
             welcome: Welcome {
                 protocol_version: PROTOCOL_VERSION,
+                min_version: MIN_PROTOCOL_VERSION,
+                max_version: PROTOCOL_VERSION,
                 server_name: String::new(),
                 server_version: String::new(),
-                max_frame: DEFAULT_MAX_FRAME,
-                heartbeat_secs: 0,
+                limits: Limits {
+                    max_frame: DEFAULT_MAX_FRAME,
+                    heartbeat_secs: 0,
+                    max_text: 0,
+                    max_key: 0,
+                    max_room_name: 0,
+                    max_user_name: 0,
+                    min_password: 0,
+                    max_password: 0,
+                    max_in_flight: 0,
+                    max_queued_during_login: 0,
+                    default_page: 0,
+                    max_page: 0,
+                    max_sync_rooms: 0,
+                },
             },
             fingerprint,
             next_nonce: 1,
@@ -226,8 +242,8 @@ impl Client {
     /// Follows `room` from `cursor` (see [`Session::follow`]): its deltas then come as
     /// [`Event::Delta`]s from [`Client::next_event`], once each and in order, and the session
     /// SYNCs gaps by itself.
-    pub fn follow(&mut self, room: u64, cursor: u64) {
-        self.session.follow(room, cursor);
+    pub fn follow(&mut self, room: impl Into<RoomId>, cursor: impl Into<Seq>) {
+        self.session.follow(room.into(), cursor.into());
     }
 
     /// SYNCs every followed room not being synced yet, from its cursor (see
@@ -295,15 +311,34 @@ impl Client {
     }
 
     /// `JOIN_ROOM`.
-    pub fn join_room(&mut self, room: u64) -> Result<RoomInfo, ClientError> {
+    pub fn join_room(&mut self, room: impl Into<RoomId>) -> Result<RoomInfo, ClientError> {
+        let room = room.into();
         match self.request(&ClientFrame::JoinRoom(RoomRef { room }))? {
             ServerFrame::RoomInfo(r) => Ok(r),
             other => Err(unexpected("ROOM_INFO", &other)),
         }
     }
 
+    /// `GET_ROOM`: the room, its member count and the user's role in it.
+    pub fn get_room(&mut self, room: impl Into<RoomId>) -> Result<RoomDetails, ClientError> {
+        let room = room.into();
+        match self.request(&ClientFrame::GetRoom(RoomRef { room }))? {
+            ServerFrame::RoomDetails(d) => Ok(d),
+            other => Err(unexpected("ROOM_DETAILS", &other)),
+        }
+    }
+
+    /// `WHOAMI`: who this connection is logged in as.
+    pub fn whoami(&mut self) -> Result<Identity, ClientError> {
+        match self.request(&ClientFrame::Whoami(Empty {}))? {
+            ServerFrame::Identity(i) => Ok(i),
+            other => Err(unexpected("IDENTITY", &other)),
+        }
+    }
+
     /// `LEAVE_ROOM`.
-    pub fn leave_room(&mut self, room: u64) -> Result<(), ClientError> {
+    pub fn leave_room(&mut self, room: impl Into<RoomId>) -> Result<(), ClientError> {
+        let room = room.into();
         match self.request(&ClientFrame::LeaveRoom(RoomRef { room }))? {
             ServerFrame::Done(_) => Ok(()),
             other => Err(unexpected("DONE", &other)),
@@ -325,7 +360,8 @@ impl Client {
 
     /// All members of a room, fetched with `LIST_MEMBERS` pages of 500 until `next_after` is
     /// `None`.
-    pub fn members(&mut self, room: u64) -> Result<Vec<MemberInfo>, ClientError> {
+    pub fn members(&mut self, room: impl Into<RoomId>) -> Result<Vec<MemberInfo>, ClientError> {
+        let room = room.into();
         self.all_pages(
             "MEMBER_LIST",
             |after_user| ClientFrame::ListMembers(ListMembers { room, after_user, limit: PAGE }),
@@ -361,14 +397,14 @@ impl Client {
     /// Requests pages until the reply's cursor is `None`. `request` builds the request for a
     /// cursor; `page` splits a reply into its items and next cursor (or gives the frame back when
     /// it is not the expected reply, named `what`).
-    fn all_pages<T>(
+    fn all_pages<T, K: Copy + Ord + Default + std::fmt::Display>(
         &mut self,
         what: &str,
-        request: impl Fn(u64) -> ClientFrame,
-        page: impl Fn(ServerFrame) -> Result<(Vec<T>, Option<u64>), ServerFrame>,
+        request: impl Fn(K) -> ClientFrame,
+        page: impl Fn(ServerFrame) -> Result<(Vec<T>, Option<K>), ServerFrame>,
     ) -> Result<Vec<T>, ClientError> {
         let mut all = Vec::new();
-        let mut after = 0;
+        let mut after = K::default();
         loop {
             let (items, next) = page(self.request(&request(after))?).map_err(|other| unexpected(what, &other))?;
             all.extend(items);
@@ -387,7 +423,8 @@ impl Client {
 
     /// `POST`: returns once the server has made the message durable. Retrying with the same
     /// `idempotency_key` (see [`new_idempotency_key`]) never posts twice.
-    pub fn post(&mut self, room: u64, idempotency_key: &str, text: &str) -> Result<Posted, ClientError> {
+    pub fn post(&mut self, room: impl Into<RoomId>, idempotency_key: &str, text: &str) -> Result<Posted, ClientError> {
+        let room = room.into();
         let body = Post { room, idempotency_key: idempotency_key.to_string(), text: text.to_string() };
         match self.request(&ClientFrame::Post(body))? {
             ServerFrame::Posted(p) => Ok(p),
@@ -396,7 +433,13 @@ impl Client {
     }
 
     /// `HISTORY`: one page of a room's deltas after `after`.
-    pub fn history(&mut self, room: u64, after: u64, limit: u32) -> Result<DeltaPage, ClientError> {
+    pub fn history(
+        &mut self,
+        room: impl Into<RoomId>,
+        after: impl Into<Seq>,
+        limit: u32,
+    ) -> Result<DeltaPage, ClientError> {
+        let (room, after) = (room.into(), after.into());
         match self.request(&ClientFrame::History(History { room, after, limit }))? {
             ServerFrame::DeltaPage(p) => Ok(p),
             other => Err(unexpected("DELTA_PAGE", &other)),

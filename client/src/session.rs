@@ -61,7 +61,8 @@
 use bytes::BytesMut;
 use chime_protocol::{
     ClientFrame, DecodeError, Delta, DeltaPage, EncodeError, ErrorBody, FrameDecoder, FrameType, Goodbye, Hello, Ping,
-    RawFrame, RoomCursor, ServerFrame, Sync, SyncDone, Welcome, DEFAULT_MAX_FRAME, MAGIC, PROTOCOL_VERSION,
+    RawFrame, RoomCursor, RoomId, Seq, ServerFrame, Sync, SyncDone, Welcome, DEFAULT_MAX_FRAME, MAGIC,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -163,11 +164,11 @@ pub enum Event {
     /// has already asked for them (`resync`, unless the session could not send).
     Gap {
         /// The room.
-        room: u64,
+        room: RoomId,
         /// The last seq delivered.
-        cursor: u64,
+        cursor: Seq,
         /// The seq that arrived.
-        seq: u64,
+        seq: Seq,
         /// The SYNC the session sent for the room.
         resync: Option<u32>,
     },
@@ -209,7 +210,7 @@ struct Pending {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SyncRoom {
     /// Pages continue after this seq.
-    After(u64),
+    After(Seq),
     /// The final page came.
     Final,
     /// A later SYNC named the room, so this one no longer answers for it (pages the server sent
@@ -221,11 +222,11 @@ enum SyncRoom {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Followed {
     /// The last seq delivered.
-    cursor: u64,
+    cursor: Seq,
     /// The SYNC currently catching the room up, if any.
     syncing: Option<u32>,
     /// The highest seq dropped while syncing because it skipped ahead (0: none).
-    missed: u64,
+    missed: Seq,
 }
 
 /// One client connection's protocol state; see the module doc.
@@ -246,9 +247,9 @@ pub struct Session {
     /// Requests awaiting a reply, by id.
     pending: HashMap<u32, Pending>,
     /// Per SYNC request still running, where each of its rooms stands.
-    syncs: HashMap<u32, HashMap<u64, SyncRoom>>,
+    syncs: HashMap<u32, HashMap<RoomId, SyncRoom>>,
     /// Followed rooms by id.
-    rooms: BTreeMap<u64, Followed>,
+    rooms: BTreeMap<RoomId, Followed>,
     /// Events not yet taken.
     events: VecDeque<Event>,
     /// The server's `WELCOME`, once it came.
@@ -274,7 +275,8 @@ impl Session {
     pub fn new(config: SessionConfig, now: Instant) -> Session {
         let hello = ClientFrame::Hello(Hello {
             magic: MAGIC,
-            protocol_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            min_version: MIN_PROTOCOL_VERSION,
             client_name: config.client_name.clone(),
             client_version: config.client_version.clone(),
         });
@@ -455,18 +457,19 @@ impl Session {
     /// Follows `room` from `cursor` (the last seq the caller holds; 0 for none): from now on its
     /// deltas arrive as [`Event::Delta`]s exactly once and in order, and gaps are filled by SYNCs
     /// the session sends itself. Following a followed room again resets its cursor.
-    pub fn follow(&mut self, room: u64, cursor: u64) {
-        self.rooms.insert(room, Followed { cursor, syncing: None, missed: 0 });
+    pub fn follow(&mut self, room: impl Into<RoomId>, cursor: impl Into<Seq>) {
+        let (room, cursor) = (room.into(), cursor.into());
+        self.rooms.insert(room, Followed { cursor, syncing: None, missed: Seq::ZERO });
     }
 
     /// Stops following `room`; returns its cursor if it was followed.
-    pub fn unfollow(&mut self, room: u64) -> Option<u64> {
-        self.rooms.remove(&room).map(|f| f.cursor)
+    pub fn unfollow(&mut self, room: impl Into<RoomId>) -> Option<Seq> {
+        self.rooms.remove(&room.into()).map(|f| f.cursor)
     }
 
     /// The cursor of a followed room: the last seq delivered.
-    pub fn cursor(&self, room: u64) -> Option<u64> {
-        self.rooms.get(&room).map(|f| f.cursor)
+    pub fn cursor(&self, room: impl Into<RoomId>) -> Option<Seq> {
+        self.rooms.get(&room.into()).map(|f| f.cursor)
     }
 
     /// The cursors of every followed room, by room id: what to follow again on a new connection.
@@ -553,7 +556,7 @@ impl Session {
         self.out_pos = 0;
         for f in self.rooms.values_mut() {
             f.syncing = None;
-            f.missed = 0;
+            f.missed = Seq::ZERO;
         }
     }
 
@@ -635,17 +638,19 @@ impl Session {
     }
 
     fn on_welcome(&mut self, request_id: u32, welcome: Welcome) {
-        if welcome.protocol_version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&welcome.protocol_version) {
             let why = SessionError::Protocol(format!(
-                "the server answered HELLO with protocol version {}; this client speaks {PROTOCOL_VERSION}",
+                "the server answered HELLO with protocol version {}; this client speaks \
+                 {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
                 welcome.protocol_version
             ));
             self.events.push_back(Event::Invalid { request_id, error: why.clone() });
             self.close(why);
             return;
         }
-        self.max_out = welcome.max_frame;
-        self.heartbeat = (welcome.heartbeat_secs > 0).then(|| Duration::from_secs(u64::from(welcome.heartbeat_secs)));
+        self.max_out = welcome.limits.max_frame;
+        let beat = welcome.limits.heartbeat_secs;
+        self.heartbeat = (beat > 0).then(|| Duration::from_secs(u64::from(beat)));
         self.welcome = Some(welcome.clone());
         self.events.push_back(Event::Connected(welcome));
     }
@@ -730,7 +735,7 @@ impl Session {
 
     /// A SYNC page broke the rules: report it and stop tracking the room in that SYNC. A followed
     /// room stops waiting for it; a later push shows whether anything is missing.
-    fn bad_page(&mut self, id: u32, room: u64, why: String) {
+    fn bad_page(&mut self, id: u32, room: RoomId, why: String) {
         if let Some(state) = self.syncs.get_mut(&id).and_then(|track| track.get_mut(&room)) {
             *state = SyncRoom::Final;
         }
@@ -744,7 +749,7 @@ impl Session {
 
     /// `room` had the final page of SYNC `id`: pushes continue from here. If one that skipped
     /// ahead was dropped meanwhile and the pages stopped short of it, ask again.
-    fn room_synced(&mut self, room: u64, id: u32) {
+    fn room_synced(&mut self, room: RoomId, id: u32) {
         let Some(f) = self.rooms.get_mut(&room) else { return };
         if f.syncing != Some(id) {
             return;
@@ -803,7 +808,7 @@ impl Session {
         if delta.seq <= f.cursor {
             return;
         }
-        if delta.seq - 1 == f.cursor {
+        if delta.seq.prev() == f.cursor {
             f.cursor = delta.seq;
             self.events.push_back(Event::Delta { delta, sync: via });
             return;
@@ -817,7 +822,7 @@ impl Session {
     }
 
     /// Deltas after `cursor` are missing in `room` (`seq` arrived): SYNC the room.
-    fn gap(&mut self, room: u64, cursor: u64, seq: u64) {
+    fn gap(&mut self, room: RoomId, cursor: Seq, seq: Seq) {
         let sync = ClientFrame::Sync(Sync {
             rooms: vec![RoomCursor { room, seq: cursor }],
             page_size: self.config.sync_page_size,
@@ -828,13 +833,13 @@ impl Session {
 }
 
 /// Checks that a SYNC page continues its room right after `after` and ends at `resume_after`.
-fn check_page(after: u64, page: &DeltaPage) -> Result<(), String> {
+fn check_page(after: Seq, page: &DeltaPage) -> Result<(), String> {
     let mut last = after;
     for delta in &page.deltas {
         if delta.room != page.room {
             return Err(format!("DELTA_PAGE for room {} holds a delta of room {}", page.room, delta.room));
         }
-        if delta.seq.checked_sub(1) != Some(last) {
+        if delta.seq.get().checked_sub(1) != Some(last.get()) {
             return Err(format!("room {} delta seq {} does not follow {last}", delta.room, delta.seq));
         }
         last = delta.seq;
@@ -862,6 +867,8 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         FrameType::CREATE_ROOM | FrameType::JOIN_ROOM => FrameType::ROOM_INFO,
         FrameType::LIST_ROOMS => FrameType::ROOM_LIST,
         FrameType::LIST_MEMBERS => FrameType::MEMBER_LIST,
+        FrameType::GET_ROOM => FrameType::ROOM_DETAILS,
+        FrameType::WHOAMI => FrameType::IDENTITY,
         FrameType::POST => FrameType::POSTED,
         FrameType::HISTORY => FrameType::DELTA_PAGE,
         _ => return None,

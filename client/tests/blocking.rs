@@ -30,7 +30,7 @@ fn replies_match_requests_around_pushes_and_pings() {
         assert!(matches!(f, ClientFrame::Post(ref post) if post.room == 1 && post.text == "hi"));
         p.send(0, &ServerFrame::Ping(Ping { nonce: 42 }));
         p.send(0, &ServerFrame::Delta(delta(1, 1, "hi")));
-        p.send(id, &ServerFrame::Posted(Posted { room: 1, seq: 1, ts_ms: 5, duplicate: false }));
+        p.send(id, &ServerFrame::Posted(Posted { room: RoomId(1), seq: Seq(1), ts_ms: 5, duplicate: false }));
         let (pong_id, pong) = p.read();
         assert_eq!((pong_id, pong), (0, ClientFrame::Pong(Ping { nonce: 42 })));
 
@@ -45,30 +45,40 @@ fn replies_match_requests_around_pushes_and_pings() {
 
         // An ERROR reply.
         let (id, f) = p.read();
-        assert_eq!(f, ClientFrame::JoinRoom(RoomRef { room: 9 }));
+        assert_eq!(f, ClientFrame::JoinRoom(RoomRef { room: RoomId(9) }));
         p.send(id, &ServerFrame::Error(ErrorBody::new(ErrorCode::NOT_FOUND, "no room 9")));
 
         // Member pages.
-        let member = |id: u64| MemberInfo { user_id: id, user: format!("u{id}"), role: "member".into() };
+        let member = |id: u64| MemberInfo { user_id: UserId(id), user: format!("u{id}"), role: "member".into() };
         let (id, f) = p.read();
-        assert_eq!(f, ClientFrame::ListMembers(ListMembers { room: 1, after_user: 0, limit: 500 }));
-        let page = MemberList { room: 1, members: vec![member(1), member(2)], next_after: Some(2) };
+        assert_eq!(f, ClientFrame::ListMembers(ListMembers { room: RoomId(1), after_user: UserId(0), limit: 500 }));
+        let page = MemberList { room: RoomId(1), members: vec![member(1), member(2)], next_after: Some(UserId(2)) };
         p.send(id, &ServerFrame::MemberList(page));
         let (id, f) = p.read();
-        assert_eq!(f, ClientFrame::ListMembers(ListMembers { room: 1, after_user: 2, limit: 500 }));
-        p.send(id, &ServerFrame::MemberList(MemberList { room: 1, members: vec![member(3)], next_after: None }));
+        assert_eq!(f, ClientFrame::ListMembers(ListMembers { room: RoomId(1), after_user: UserId(2), limit: 500 }));
+        p.send(
+            id,
+            &ServerFrame::MemberList(MemberList { room: RoomId(1), members: vec![member(3)], next_after: None }),
+        );
 
         // SYNC in two pages with a live push in between.
         let (id, f) = p.read();
-        assert_eq!(f, ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: 1, seq: 1 }], page_size: 2 }));
-        let page1 =
-            DeltaPage { room: 1, deltas: vec![delta(1, 2, "b"), delta(1, 3, "c")], more: true, resume_after: 3 };
+        assert_eq!(
+            f,
+            ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: RoomId(1), seq: Seq(1) }], page_size: 2 })
+        );
+        let page1 = DeltaPage {
+            room: RoomId(1),
+            deltas: vec![delta(1, 2, "b"), delta(1, 3, "c")],
+            more: true,
+            resume_after: Seq(3),
+        };
         p.send(id, &ServerFrame::DeltaPage(page1));
         // Live pushes for rooms outside the SYNC may arrive between its pages.
         p.send(0, &ServerFrame::Delta(delta(2, 9, "other room")));
-        let page2 = DeltaPage { room: 1, deltas: vec![delta(1, 4, "d")], more: false, resume_after: 4 };
+        let page2 = DeltaPage { room: RoomId(1), deltas: vec![delta(1, 4, "d")], more: false, resume_after: Seq(4) };
         p.send(id, &ServerFrame::DeltaPage(page2));
-        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 4 }] }));
+        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(4) }] }));
 
         // An unknown frame type, then a push that must still be readable, then GOODBYE.
         p.send_raw(&encode(FrameType(0x8fff), 0, &Empty {}).unwrap());
@@ -101,9 +111,9 @@ fn replies_match_requests_around_pushes_and_pings() {
     assert_eq!(members.iter().map(|m| m.user_id).collect::<Vec<_>>(), vec![1, 2, 3]);
 
     let mut got = Vec::new();
-    let done = c.sync(&[RoomCursor { room: 1, seq: 1 }], 2, &mut |d| got.push(d.seq)).unwrap();
+    let done = c.sync(&[RoomCursor { room: RoomId(1), seq: Seq(1) }], 2, &mut |d| got.push(d.seq.get())).unwrap();
     assert_eq!(got, vec![2, 3, 4]);
-    assert_eq!(done.heads, vec![RoomCursor { room: 1, seq: 4 }]);
+    assert_eq!(done.heads, vec![RoomCursor { room: RoomId(1), seq: Seq(4) }]);
     assert_eq!(c.recv(Some(Duration::from_secs(2))).unwrap(), Some((0, ServerFrame::Delta(delta(2, 9, "other room")))));
 
     assert!(matches!(
@@ -175,20 +185,34 @@ fn followed_rooms_are_delivered_once_in_order_and_gaps_filled() {
     let (addr, server) = plain_server(|mut p| {
         p.handshake();
         let (id, f) = p.read();
-        assert_eq!(f, ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: 1, seq: 0 }], page_size: 500 }));
-        let page =
-            DeltaPage { room: 1, deltas: vec![delta(1, 1, "a"), delta(1, 2, "b")], more: false, resume_after: 2 };
+        assert_eq!(
+            f,
+            ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: RoomId(1), seq: Seq(0) }], page_size: 500 })
+        );
+        let page = DeltaPage {
+            room: RoomId(1),
+            deltas: vec![delta(1, 1, "a"), delta(1, 2, "b")],
+            more: false,
+            resume_after: Seq(2),
+        };
         p.send(id, &ServerFrame::DeltaPage(page));
-        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 2 }] }));
+        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(2) }] }));
         p.send(0, &ServerFrame::Delta(delta(1, 3, "c")));
         p.send(0, &ServerFrame::Delta(delta(1, 5, "e"))); // 4 was lost
                                                           // The session asks for what is missing by itself.
         let (id, f) = p.read();
-        assert_eq!(f, ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: 1, seq: 3 }], page_size: 500 }));
-        let page =
-            DeltaPage { room: 1, deltas: vec![delta(1, 4, "d"), delta(1, 5, "e")], more: false, resume_after: 5 };
+        assert_eq!(
+            f,
+            ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: RoomId(1), seq: Seq(3) }], page_size: 500 })
+        );
+        let page = DeltaPage {
+            room: RoomId(1),
+            deltas: vec![delta(1, 4, "d"), delta(1, 5, "e")],
+            more: false,
+            resume_after: Seq(5),
+        };
         p.send(id, &ServerFrame::DeltaPage(page));
-        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 5 }] }));
+        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(5) }] }));
         p.send(0, &ServerFrame::Delta(delta(1, 5, "e"))); // a duplicate
         p.send(0, &ServerFrame::Delta(delta(1, 6, "f")));
     });
@@ -198,8 +222,10 @@ fn followed_rooms_are_delivered_once_in_order_and_gaps_filled() {
     let (mut seqs, mut gaps, mut done) = (Vec::new(), 0, false);
     while seqs.last() != Some(&6) {
         match c.next_event(Some(Duration::from_secs(5))).unwrap() {
-            Some(chime_client::Event::Delta { delta, .. }) => seqs.push(delta.seq),
-            Some(chime_client::Event::Gap { room: 1, cursor: 3, seq: 5, resync: Some(_) }) => gaps += 1,
+            Some(chime_client::Event::Delta { delta, .. }) => seqs.push(delta.seq.get()),
+            Some(chime_client::Event::Gap { room: RoomId(1), cursor: Seq(3), seq: Seq(5), resync: Some(_) }) => {
+                gaps += 1
+            }
             Some(chime_client::Event::Reply { request_id, frame: ServerFrame::SyncDone(_) }) => {
                 assert_eq!(request_id, sync_id, "only the caller's SYNC is reported");
                 done = true;
@@ -210,7 +236,7 @@ fn followed_rooms_are_delivered_once_in_order_and_gaps_filled() {
     }
     assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     assert_eq!((gaps, done), (1, true));
-    assert_eq!(c.session().cursor(1), Some(6));
+    assert_eq!(c.session().cursor(1), Some(Seq(6)));
     server.join().unwrap();
 }
 
@@ -218,7 +244,10 @@ fn followed_rooms_are_delivered_once_in_order_and_gaps_filled() {
 fn a_silent_server_is_pinged_then_given_up_on() {
     let (addr, server) = plain_server(|mut p| {
         let (id, _) = p.read();
-        p.send(id, &ServerFrame::Welcome(Welcome { heartbeat_secs: 1, ..welcome() }));
+        p.send(
+            id,
+            &ServerFrame::Welcome(Welcome { limits: Limits { heartbeat_secs: 1, ..Limits::default() }, ..welcome() }),
+        );
         // The client pings after a second of silence; no answer comes.
         let (_, f) = p.read();
         assert!(matches!(f, ClientFrame::Ping(_)), "expected the heartbeat PING, got {f:?}");
@@ -272,7 +301,7 @@ mod tls {
                 let (id, f) = p.read();
                 let ClientFrame::Post(post) = f else { panic!("expected POST, got {f:?}") };
                 assert_eq!(post.text.len(), BIG_TEXT);
-                p.send(id, &ServerFrame::Posted(Posted { room: post.room, seq: 2, ts_ms: 0, duplicate: false }));
+                p.send(id, &ServerFrame::Posted(Posted { room: post.room, seq: Seq(2), ts_ms: 0, duplicate: false }));
             }
         });
         TlsServer { addr, fingerprint, handle }

@@ -53,13 +53,13 @@ fn pipelined_login_pushes_pings_and_the_end_of_the_stream() {
         p.handshake();
         let (id, f) = p.read();
         assert_eq!(f, ClientFrame::Resume(Resume { token: "tok".into(), user_agent: "test".into() }));
-        p.send(id, &ServerFrame::Authed(Authed { user_id: 3, user: "ann".into(), token: None }));
+        p.send(id, &ServerFrame::Authed(Authed { user_id: UserId(3), user: "ann".into(), token: None }));
         p.send(0, &ServerFrame::Ping(Ping { nonce: 9 }));
         p.send(0, &ServerFrame::Delta(delta(1, 4, "hi")));
         assert_eq!(p.read(), (0, ClientFrame::Pong(Ping { nonce: 9 })));
         let (id, f) = p.read();
         assert!(matches!(f, ClientFrame::Post(_)), "{f:?}");
-        p.send(id, &ServerFrame::Posted(Posted { room: 1, seq: 5, ts_ms: 0, duplicate: false }));
+        p.send(id, &ServerFrame::Posted(Posted { room: RoomId(1), seq: Seq(5), ts_ms: 0, duplicate: false }));
         let bye = Goodbye { code: ErrorCode::SHUTTING_DOWN, message: "later".into(), resync: true };
         p.send(0, &ServerFrame::Goodbye(bye));
     });
@@ -73,7 +73,9 @@ fn pipelined_login_pushes_pings_and_the_end_of_the_stream() {
     assert!(matches!(&events[1], Event::Reply { request_id, frame: ServerFrame::Authed(_) } if *request_id == resume));
     assert_eq!(events[2], Event::Delta { delta: delta(1, 4, "hi"), sync: None });
 
-    let post = conn.send(&ClientFrame::Post(Post { room: 1, idempotency_key: "k".into(), text: "yo".into() })).unwrap();
+    let post = conn
+        .send(&ClientFrame::Post(Post { room: RoomId(1), idempotency_key: "k".into(), text: "yo".into() }))
+        .unwrap();
     conn.flush().unwrap();
     let (events, result) = drive(&mut conn, &mut poll, |_| false);
     assert!(
@@ -106,7 +108,7 @@ fn tls_server(conns: usize) -> (SocketAddr, [u8; 32], thread::JoinHandle<()>) {
             let (id, f) = p.read();
             let ClientFrame::Post(post) = f else { panic!("expected POST, got {f:?}") };
             assert_eq!(post.text.len(), 300 * 1024);
-            p.send(id, &ServerFrame::Posted(Posted { room: post.room, seq: 2, ts_ms: 0, duplicate: false }));
+            p.send(id, &ServerFrame::Posted(Posted { room: post.room, seq: Seq(2), ts_ms: 0, duplicate: false }));
             // Until the client hangs up.
             let _ = p.stream.read_to_end(&mut Vec::new());
         }
@@ -122,7 +124,8 @@ fn tls_carries_a_frame_larger_than_rustls_buffers_and_pins() {
         let setup = TlsSetup::tofu(name.clone(), pin).unwrap();
         let (mut conn, mut poll) = connect(addr, Some(&setup));
         // Queued before the TLS handshake even started.
-        let big = ClientFrame::Post(Post { room: 1, idempotency_key: "k".into(), text: "x".repeat(300 * 1024) });
+        let big =
+            ClientFrame::Post(Post { room: RoomId(1), idempotency_key: "k".into(), text: "x".repeat(300 * 1024) });
         let id = conn.send(&big).unwrap();
         conn.flush().unwrap();
         let (events, result) = drive(&mut conn, &mut poll, |e| e.iter().any(|e| matches!(e, Event::Reply { .. })));

@@ -18,8 +18,8 @@
 //! [`StoreSlot::maintain`].
 
 use chime_storage::{
-    Delta, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RoomId, RoomKind, RoomRecord, SessionId,
-    SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
+    DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RoomDetailsRecord, RoomId, RoomKind,
+    RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -310,7 +310,7 @@ impl SharedStore for StoreSlot {
         owner_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> chime_storage::Result<(RoomRecord, Delta)> {
+    ) -> chime_storage::Result<(RoomRecord, DeltaRecord)> {
         self.with(|s| s.create_room(name, kind, owner, owner_name, now_ms, max_rooms))
     }
     fn room(&mut self, room: RoomId) -> chime_storage::Result<Option<RoomRecord>> {
@@ -326,11 +326,14 @@ impl SharedStore for StoreSlot {
     fn is_member(&mut self, room: RoomId, user: UserId) -> chime_storage::Result<bool> {
         self.with(|s| s.is_member(room, user))
     }
+    fn room_details(&mut self, room: RoomId, user: UserId) -> chime_storage::Result<Option<RoomDetailsRecord>> {
+        self.with(|s| s.room_details(room, user))
+    }
     fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> chime_storage::Result<Vec<MemberRecord>> {
         self.with(|s| s.members(room, after_user, limit))
     }
 
-    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> chime_storage::Result<Vec<Delta>> {
+    fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> chime_storage::Result<Vec<DeltaRecord>> {
         self.with(|s| s.deltas_after(room, after, limit))
     }
     fn ping(&mut self) -> chime_storage::Result<()> {
@@ -349,11 +352,17 @@ impl Store for StoreSlot {
         user_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> chime_storage::Result<Option<Delta>> {
+    ) -> chime_storage::Result<Option<DeltaRecord>> {
         self.with(|s| s.join_room(room, user, user_name, now_ms, max_rooms))
     }
 
-    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> chime_storage::Result<Delta> {
+    fn leave_room(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        user_name: &str,
+        now_ms: i64,
+    ) -> chime_storage::Result<DeltaRecord> {
         self.with(|s| s.leave_room(room, user, user_name, now_ms))
     }
 

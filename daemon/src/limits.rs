@@ -3,6 +3,7 @@
 //! sizes, heartbeat) are also announced to every client in `WELCOME` and listed in
 //! docs/protocol.md.
 
+use chime_protocol::Limits;
 use std::time::Duration;
 
 // --- What a client sends ---
@@ -73,3 +74,24 @@ pub const TOUCH_LIVE_EVERY: u32 = 3600;
 pub const FAIR_SHARE: usize = 64 * 1024;
 /// Give freed heap back to the OS once this much outbound memory was released since last time.
 pub const TRIM_AFTER: usize = 16 << 20;
+
+/// The limits announced in `WELCOME`: these constants, and the configured frame size and
+/// heartbeat.
+pub fn announced(max_frame: u32, heartbeat_secs: u32) -> Limits {
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    Limits {
+        max_frame,
+        heartbeat_secs,
+        max_text: n(MAX_TEXT),
+        max_key: n(MAX_KEY),
+        max_room_name: n(MAX_ROOM_NAME),
+        max_user_name: n(MAX_USER_NAME),
+        min_password: n(MIN_PASSWORD),
+        max_password: n(MAX_PASSWORD),
+        max_in_flight: MAX_IN_FLIGHT,
+        max_queued_during_login: n(MAX_QUEUED_DURING_LOGIN),
+        default_page: DEFAULT_PAGE,
+        max_page: MAX_PAGE,
+        max_sync_rooms: n(MAX_SYNC_ROOMS),
+    }
+}

@@ -28,7 +28,7 @@ use crate::limits::HELD_CAP;
 pub use crate::limits::{DEFAULT_PAGE, HELD_BYTES, MAX_PAGE};
 use crate::work::{EncodeReply, Published};
 use bytes::Bytes;
-use chime_protocol::{Delta, DeltaPage, ErrorBody, RoomCursor, ServerFrame, SyncDone};
+use chime_protocol::{Delta, DeltaPage, ErrorBody, RoomCursor, RoomId, Seq, ServerFrame, SyncDone};
 use std::collections::{HashMap, VecDeque};
 
 /// Identifies one fetch of one connection's sync state.
@@ -45,9 +45,9 @@ pub enum Action {
     /// with the same `fetch` id.
     Fetch {
         /// Room.
-        room: u64,
+        room: RoomId,
         /// Seq to fetch after.
-        after: u64,
+        after: Seq,
         /// Page size.
         limit: u32,
         /// The fetch's id.
@@ -57,9 +57,9 @@ pub enum Action {
     /// retries it after a delay. The room stays where it was, holding pushes meanwhile.
     FetchLater {
         /// Room.
-        room: u64,
+        room: RoomId,
         /// Seq to fetch after.
-        after: u64,
+        after: Seq,
         /// Page size.
         limit: u32,
         /// The fetch's id.
@@ -83,7 +83,7 @@ enum Mode {
 
 #[derive(Debug)]
 struct Track {
-    delivered: u64,
+    delivered: Seq,
     mode: Mode,
     page_size: u32,
 }
@@ -92,15 +92,15 @@ struct Track {
 struct Request {
     id: u32,
     /// The request's rooms, reported in SYNC_DONE's heads.
-    rooms: Vec<u64>,
+    rooms: Vec<RoomId>,
     /// Of those, the rooms that have not had their final page yet.
-    pending: Vec<u64>,
+    pending: Vec<RoomId>,
 }
 
 /// A connection's SYNC state.
 #[derive(Debug, Default)]
 pub struct SyncState {
-    tracks: HashMap<u64, Track>,
+    tracks: HashMap<RoomId, Track>,
     requests: Vec<Request>,
     /// Bytes of all held pushes, bounded by [`HELD_BYTES`].
     held_bytes: usize,
@@ -128,7 +128,7 @@ impl SyncState {
     /// not; a fetch for a room the user is not in reports it (see [`SyncState::skip_room`]).
     pub fn start(&mut self, request_id: u32, cursors: &[RoomCursor], page_size: u32) -> Vec<Action> {
         let page_size = if page_size == 0 { DEFAULT_PAGE } else { page_size.min(MAX_PAGE) };
-        let mut rooms: Vec<u64> = Vec::with_capacity(cursors.len());
+        let mut rooms: Vec<RoomId> = Vec::with_capacity(cursors.len());
         let mut actions = Vec::new();
         for c in cursors {
             if rooms.contains(&c.room) {
@@ -177,7 +177,7 @@ impl SyncState {
             Mode::Live => {
                 if p.last_seq() <= track.delivered {
                     Vec::new()
-                } else if p.first_seq <= track.delivered + 1 {
+                } else if p.first_seq <= track.delivered.next() {
                     let frames = p.frames_after(track.delivered);
                     track.delivered = p.last_seq();
                     vec![Action::Push(frames)]
@@ -200,7 +200,7 @@ impl SyncState {
 
     /// The page that fetch `fetch` of `room` read: `deltas` after the fetch's cursor, and whether
     /// more follow. A page for any other fetch than the one the room waits for is ignored.
-    pub fn page(&mut self, room: u64, fetch: FetchId, deltas: Vec<Delta>, more: bool) -> Vec<Action> {
+    pub fn page(&mut self, room: RoomId, fetch: FetchId, deltas: Vec<Delta>, more: bool) -> Vec<Action> {
         let mut actions = Vec::new();
         let next_fetch = self.last_fetch + 1;
         let Some(track) = self.tracks.get_mut(&room) else {
@@ -231,7 +231,7 @@ impl SyncState {
         if caught_up {
             let mut end = page_end;
             for p in held.iter() {
-                if p.first_seq > end + 1 {
+                if p.first_seq > end.next() {
                     caught_up = false;
                     break;
                 }
@@ -290,7 +290,7 @@ impl SyncState {
     /// the request's other rooms, keep catching up, their deltas sent as pushes, so that no gap
     /// ever reaches the client. The failed fetch is retried later ([`Action::FetchLater`]), still
     /// holding pushes. A failure of a fetch the room no longer waits for is ignored.
-    pub fn page_failed(&mut self, room: u64, fetch: FetchId, error: ErrorBody) -> Vec<Action> {
+    pub fn page_failed(&mut self, room: RoomId, fetch: FetchId, error: ErrorBody) -> Vec<Action> {
         let Some(track) = self.tracks.get_mut(&room) else {
             return Vec::new();
         };
@@ -312,7 +312,7 @@ impl SyncState {
     /// its request id) and the room is dropped from it; the request's other rooms keep catching
     /// up as pushes, and the room's live pushes go out as they come. A report for a fetch the
     /// room no longer waits for is ignored.
-    pub fn reject_room(&mut self, room: u64, fetch: FetchId, error: ErrorBody) -> Vec<Action> {
+    pub fn reject_room(&mut self, room: RoomId, fetch: FetchId, error: ErrorBody) -> Vec<Action> {
         if !self.wants(room, fetch) {
             return Vec::new();
         }
@@ -345,7 +345,7 @@ impl SyncState {
     /// The connection was subscribed to `room` knowing its log only up to `after`, and the room
     /// has moved on since: fetch the rest, holding live pushes meanwhile, then go live. Nothing
     /// to do if the room is tracked already.
-    pub fn catch_up(&mut self, room: u64, after: u64) -> Vec<Action> {
+    pub fn catch_up(&mut self, room: RoomId, after: Seq) -> Vec<Action> {
         if self.tracks.contains_key(&room) {
             return Vec::new();
         }
@@ -357,7 +357,7 @@ impl SyncState {
 
     /// Fetch `fetch` found the user is not a member of `room`: it gets no pages and is left out
     /// of its SYNC's `heads`. A report for a fetch the room no longer waits for is ignored.
-    pub fn skip_room(&mut self, room: u64, fetch: FetchId) -> Vec<Action> {
+    pub fn skip_room(&mut self, room: RoomId, fetch: FetchId) -> Vec<Action> {
         if !self.wants(room, fetch) {
             return Vec::new();
         }
@@ -366,7 +366,7 @@ impl SyncState {
 
     /// The connection no longer receives `room` (the user left it): forget it, and leave it out
     /// of any SYNC still open (which may then be complete).
-    pub fn forget(&mut self, room: u64) -> Vec<Action> {
+    pub fn forget(&mut self, room: RoomId) -> Vec<Action> {
         self.remove_track(room);
         let mut touched = false;
         for r in &mut self.requests {
@@ -384,7 +384,7 @@ impl SyncState {
 
     /// Whether `room` still waits for fetch `fetch` (a deferred fetch that a newer one replaced
     /// need not run).
-    pub fn wants(&self, room: u64, fetch: FetchId) -> bool {
+    pub fn wants(&self, room: RoomId, fetch: FetchId) -> bool {
         matches!(
             self.tracks.get(&room),
             Some(Track { mode: Mode::CatchingUp { waiting, .. }, .. }) if *waiting == fetch
@@ -397,7 +397,7 @@ impl SyncState {
     }
 
     /// Removes a room's track, releasing what it held.
-    fn remove_track(&mut self, room: u64) -> Option<Track> {
+    fn remove_track(&mut self, room: RoomId) -> Option<Track> {
         let track = self.tracks.remove(&room)?;
         if let Mode::CatchingUp { held, .. } = &track.mode {
             self.held_bytes -= held.iter().map(|p| p.frames.len()).sum::<usize>();
@@ -416,7 +416,7 @@ impl SyncState {
             let heads = r
                 .rooms
                 .iter()
-                .map(|&room| RoomCursor { room, seq: tracks.get(&room).map_or(0, |t| t.delivered) })
+                .map(|&room| RoomCursor { room, seq: tracks.get(&room).map_or(Seq::ZERO, |t| t.delivered) })
                 .collect();
             actions.push(Action::Send(ServerFrame::SyncDone(SyncDone { heads }).reply(r.id)));
             false
@@ -429,23 +429,22 @@ impl SyncState {
 mod tests {
     use super::*;
     use bytes::BytesMut;
-    use chime_protocol::{DeltaKind, ErrorCode, FrameDecoder};
+    use chime_protocol::{DeltaBody, ErrorCode, FrameDecoder, UserId};
 
     fn delta(room: u64, seq: u64) -> Delta {
         Delta {
-            room,
-            seq,
-            kind: DeltaKind::MESSAGE,
-            author_id: 1,
+            room: RoomId(room),
+            seq: Seq(seq),
+            author_id: UserId(1),
             author: "a".into(),
             ts_ms: 0,
-            text: format!("{seq}"),
+            body: DeltaBody::message(format!("{seq}")),
         }
     }
 
     fn published(room: u64, seqs: std::ops::RangeInclusive<u64>) -> Published {
         let deltas: Vec<Delta> = seqs.map(|s| delta(room, s)).collect();
-        Published::encode(room, &deltas).expect("non-empty range")
+        Published::encode(RoomId(room), &deltas).expect("non-empty range")
     }
 
     /// Every frame sent, decoded, in order.
@@ -469,8 +468,8 @@ mod tests {
         let mut dones = 0;
         for (_, f) in frames(actions) {
             match f {
-                ServerFrame::Delta(d) => seqs.push(d.seq),
-                ServerFrame::DeltaPage(p) => seqs.extend(p.deltas.iter().map(|d| d.seq)),
+                ServerFrame::Delta(d) => seqs.push(d.seq.get()),
+                ServerFrame::DeltaPage(p) => seqs.extend(p.deltas.iter().map(|d| d.seq.get())),
                 ServerFrame::SyncDone(_) => dones += 1,
                 other => panic!("unexpected {other:?}"),
             }
@@ -481,7 +480,7 @@ mod tests {
     /// The last fetch asked for: (room, after, limit, id).
     fn fetch(actions: &[Action]) -> (u64, u64, u32, FetchId) {
         match actions.iter().rev().find(|a| matches!(a, Action::Fetch { .. })) {
-            Some(&Action::Fetch { room, after, limit, fetch }) => (room, after, limit, fetch),
+            Some(&Action::Fetch { room, after, limit, fetch }) => (room.get(), after.get(), limit, fetch),
             _ => panic!("no fetch in {actions:?}"),
         }
     }
@@ -493,24 +492,25 @@ mod tests {
     #[test]
     fn a_fetch_of_an_earlier_session_is_not_taken_for_a_new_one() {
         let mut s = SyncState::default();
-        let (_, _, _, old) = fetch(&s.start(1, &[RoomCursor { room: 2, seq: 1 }], 2));
+        let (_, _, _, old) = fetch(&s.start(1, &[RoomCursor { room: RoomId(2), seq: Seq(1) }], 2));
         s.restart();
-        let a = s.start(2, &[RoomCursor { room: 2, seq: 0 }], 2);
+        let a = s.start(2, &[RoomCursor { room: RoomId(2), seq: Seq(0) }], 2);
         let (_, after, _, new) = fetch(&a);
         assert_eq!(after, 0);
         assert_ne!(old, new, "fetch ids keep counting across a logout");
         // The earlier session's empty page and failure arrive first: both are ignored.
-        assert!(s.page(2, old, vec![], false).is_empty());
-        assert!(s.page_failed(2, old, unavailable()).is_empty());
-        assert!(!s.wants(2, old));
-        let a = s.page(2, new, vec![delta(2, 1)], false);
+        assert!(s.page(RoomId(2), old, vec![], false).is_empty());
+        assert!(s.page_failed(RoomId(2), old, unavailable()).is_empty());
+        assert!(!s.wants(RoomId(2), old));
+        let a = s.page(RoomId(2), new, vec![delta(2, 1)], false);
         assert_eq!(sent_seqs(&a), (vec![1], 1));
     }
 
     #[test]
     fn a_cursor_past_the_head_ends_the_sync_with_an_error_and_drops_the_room() {
         let mut s = SyncState::default();
-        let a = s.start(5, &[RoomCursor { room: 1, seq: 9 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let a =
+            s.start(5, &[RoomCursor { room: RoomId(1), seq: Seq(9) }, RoomCursor { room: RoomId(2), seq: Seq(0) }], 10);
         let fetches: Vec<_> = a
             .iter()
             .filter_map(|a| match a {
@@ -519,34 +519,34 @@ mod tests {
             })
             .collect();
         let (f1, f2) = (fetches[0].1, fetches[1].1);
-        assert_eq!((fetches[0].0, fetches[1].0), (1, 2));
+        assert_eq!((fetches[0].0, fetches[1].0), (RoomId(1), RoomId(2)));
         let ahead = ErrorBody::new(ErrorCode::CURSOR_AHEAD, "past the head");
-        let a = s.reject_room(1, f1, ahead.clone());
+        let a = s.reject_room(RoomId(1), f1, ahead.clone());
         let sent = frames(&a);
         assert!(matches!(&sent[..], [(5, ServerFrame::Error(e))] if e.code == ErrorCode::CURSOR_AHEAD), "{sent:?}");
         // The room is live now; room 2 goes on catching up, its page sent as pushes.
         assert_eq!(sent_seqs(&s.push(&published(1, 3..=3))), (vec![3], 0));
-        assert!(s.reject_room(1, f1, ahead).is_empty(), "a second report is stale");
-        let a = s.page(2, f2, vec![delta(2, 1)], false);
+        assert!(s.reject_room(RoomId(1), f1, ahead).is_empty(), "a second report is stale");
+        let a = s.page(RoomId(2), f2, vec![delta(2, 1)], false);
         let sent = frames(&a);
-        assert!(matches!(&sent[..], [(0, ServerFrame::Delta(d))] if d.seq == 1), "{sent:?}");
+        assert!(matches!(&sent[..], [(0, ServerFrame::Delta(d))] if d.seq == Seq(1)), "{sent:?}");
     }
 
     #[test]
     fn pushes_during_sync_are_held_then_deduplicated() {
         let mut s = SyncState::default();
-        let a = s.start(9, &[RoomCursor { room: 1, seq: 0 }], 2);
+        let a = s.start(9, &[RoomCursor { room: RoomId(1), seq: Seq(0) }], 2);
         let (_, after, limit, f1) = fetch(&a);
         assert_eq!((after, limit), (0, 2));
         // Seq 3 commits while page 1 is read; its push arrives before the page.
         assert!(s.push(&published(1, 3..=3)).is_empty());
-        let a = s.page(1, f1, vec![delta(1, 1), delta(1, 2)], true);
+        let a = s.page(RoomId(1), f1, vec![delta(1, 1), delta(1, 2)], true);
         assert_eq!(sent_seqs(&a), (vec![1, 2], 0));
         let (_, after, _, f2) = fetch(&a);
         assert_eq!(after, 2);
         // Seq 4 commits after page 2 was read.
         assert!(s.push(&published(1, 4..=4)).is_empty());
-        let a = s.page(1, f2, vec![delta(1, 3)], false);
+        let a = s.page(RoomId(1), f2, vec![delta(1, 3)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4], 1));
         // Live now: a duplicate is dropped, the next one goes out.
         assert!(s.push(&published(1, 4..=4)).is_empty());
@@ -556,72 +556,73 @@ mod tests {
     #[test]
     fn the_final_page_resumes_where_it_ends_and_pushes_follow_it() {
         let mut s = SyncState::default();
-        let (_, _, _, f) = fetch(&s.start(3, &[RoomCursor { room: 1, seq: 0 }], 10));
+        let (_, _, _, f) = fetch(&s.start(3, &[RoomCursor { room: RoomId(1), seq: Seq(0) }], 10));
         assert!(s.push(&published(1, 3..=4)).is_empty());
-        let a = s.page(1, f, vec![delta(1, 1), delta(1, 2)], false);
+        let a = s.page(RoomId(1), f, vec![delta(1, 1), delta(1, 2)], false);
         let sent = frames(&a);
         // The page covers 1..2 and says so; the held 3..4 follow it as pushes; then SYNC_DONE.
         let ServerFrame::DeltaPage(page) = &sent[0].1 else { panic!("{sent:?}") };
-        assert_eq!((page.resume_after, page.more), (2, false));
-        assert!(matches!(&sent[1].1, ServerFrame::Delta(d) if d.seq == 3));
-        assert!(matches!(&sent[2].1, ServerFrame::Delta(d) if d.seq == 4));
+        assert_eq!((page.resume_after, page.more), (Seq(2), false));
+        assert!(matches!(&sent[1].1, ServerFrame::Delta(d) if d.seq == Seq(3)));
+        assert!(matches!(&sent[2].1, ServerFrame::Delta(d) if d.seq == Seq(4)));
         let ServerFrame::SyncDone(done) = &sent[3].1 else { panic!("{sent:?}") };
-        assert_eq!(done.heads, vec![RoomCursor { room: 1, seq: 4 }]);
+        assert_eq!(done.heads, vec![RoomCursor { room: RoomId(1), seq: Seq(4) }]);
     }
 
     #[test]
     fn no_push_between_pages_when_held_ones_leave_a_gap() {
         let mut s = SyncState::default();
-        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10));
+        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: RoomId(1), seq: Seq(0) }], 10));
         s.push(&published(1, 5..=5));
-        let a = s.page(1, f, vec![delta(1, 1), delta(1, 2)], false);
+        let a = s.page(RoomId(1), f, vec![delta(1, 1), delta(1, 2)], false);
         // Held 5 does not continue 2: another page first, and nothing pushed before it.
         assert_eq!(sent_seqs(&a), (vec![1, 2], 0));
         let ServerFrame::DeltaPage(page) = &frames(&a)[0].1 else { panic!() };
         assert!(page.more);
         let (_, after, _, f2) = fetch(&a);
         assert_eq!(after, 2);
-        let a = s.page(1, f2, vec![delta(1, 3), delta(1, 4), delta(1, 5)], false);
+        let a = s.page(RoomId(1), f2, vec![delta(1, 3), delta(1, 4), delta(1, 5)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4, 5], 1));
     }
 
     #[test]
     fn a_live_gap_starts_a_catch_up() {
         let mut s = SyncState::default();
-        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10));
-        s.page(1, f, vec![], false);
+        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: RoomId(1), seq: Seq(0) }], 10));
+        s.page(RoomId(1), f, vec![], false);
         let a = s.push(&published(1, 3..=3));
         let (room, after, limit, f) = fetch(&a);
         assert_eq!((room, after, limit), (1, 0, 10));
-        let a = s.page(1, f, vec![delta(1, 1), delta(1, 2), delta(1, 3)], false);
+        let a = s.page(RoomId(1), f, vec![delta(1, 1), delta(1, 2), delta(1, 3)], false);
         assert_eq!(sent_seqs(&a), (vec![1, 2, 3], 0));
     }
 
     #[test]
     fn non_member_rooms_are_left_out() {
         let mut s = SyncState::default();
-        let a = s.start(4, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let a =
+            s.start(4, &[RoomCursor { room: RoomId(1), seq: Seq(0) }, RoomCursor { room: RoomId(2), seq: Seq(0) }], 10);
         let Action::Fetch { fetch: f1, .. } = a[0] else { panic!() };
         let Action::Fetch { fetch: f2, .. } = a[1] else { panic!() };
-        assert!(s.skip_room(2, f2).is_empty());
-        let a = s.page(1, f1, vec![delta(1, 1)], false);
+        assert!(s.skip_room(RoomId(2), f2).is_empty());
+        let a = s.page(RoomId(1), f1, vec![delta(1, 1)], false);
         assert_eq!(sent_seqs(&a), (vec![1], 1));
         let Some((4, ServerFrame::SyncDone(d))) = frames(&a).pop() else { panic!("no SYNC_DONE") };
-        assert_eq!(d.heads, vec![RoomCursor { room: 1, seq: 1 }]);
+        assert_eq!(d.heads, vec![RoomCursor { room: RoomId(1), seq: Seq(1) }]);
     }
 
     #[test]
     fn a_late_subscription_catches_up_then_goes_live() {
         let mut s = SyncState::default();
         // Subscribed knowing seq 3; the loop had already published up to 5.
-        let a = s.catch_up(1, 3);
+        let a = s.catch_up(RoomId(1), Seq(3));
         let (_, after, limit, f) = fetch(&a);
         assert_eq!((after, limit), (3, DEFAULT_PAGE));
         assert!(s.push(&published(1, 6..=6)).is_empty());
-        let a = s.page(1, f, vec![delta(1, 4), delta(1, 5)], false);
+        let a = s.page(RoomId(1), f, vec![delta(1, 4), delta(1, 5)], false);
         assert_eq!(sent_seqs(&a), (vec![4, 5, 6], 0));
         assert_eq!(sent_seqs(&s.push(&published(1, 7..=7))), (vec![7], 0));
-        assert!(s.catch_up(1, 0).is_empty(), "already tracked");
+        assert!(s.catch_up(RoomId(1), Seq(0)).is_empty(), "already tracked");
     }
 
     #[test]
@@ -633,84 +634,87 @@ mod tests {
     #[test]
     fn pages_and_failures_of_replaced_fetches_are_ignored() {
         let mut s = SyncState::default();
-        let a = s.start(1, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let a =
+            s.start(1, &[RoomCursor { room: RoomId(1), seq: Seq(0) }, RoomCursor { room: RoomId(2), seq: Seq(0) }], 10);
         let Action::Fetch { fetch: old, .. } = a[0] else { panic!() };
         let Action::Fetch { fetch: two, .. } = a[1] else { panic!() };
         // A second SYNC of room 1 from the same cursor replaces the first one's fetch.
-        let (_, _, _, new) = fetch(&s.start(2, &[RoomCursor { room: 1, seq: 0 }], 10));
-        assert!(s.page(1, old, vec![delta(1, 1)], false).is_empty(), "an old page, even with the same cursor");
-        assert!(s.page_failed(1, old, unavailable()).is_empty(), "an old failure");
-        assert!(s.skip_room(1, old).is_empty(), "an old refusal");
+        let (_, _, _, new) = fetch(&s.start(2, &[RoomCursor { room: RoomId(1), seq: Seq(0) }], 10));
+        assert!(s.page(RoomId(1), old, vec![delta(1, 1)], false).is_empty(), "an old page, even with the same cursor");
+        assert!(s.page_failed(RoomId(1), old, unavailable()).is_empty(), "an old failure");
+        assert!(s.skip_room(RoomId(1), old).is_empty(), "an old refusal");
         // Room 2's failure ends request 1 with its own request id, and room 2 keeps catching up.
-        let a = s.page_failed(2, two, unavailable());
+        let a = s.page_failed(RoomId(2), two, unavailable());
         let sent = frames(&a);
         assert!(matches!(&sent[..], [(1, ServerFrame::Error(e))] if e.code == ErrorCode::UNAVAILABLE), "{sent:?}");
-        assert_eq!(a.last(), Some(&Action::FetchLater { room: 2, after: 0, limit: 10, fetch: two }));
-        let a = s.page(1, new, vec![delta(1, 1)], false);
+        assert_eq!(a.last(), Some(&Action::FetchLater { room: RoomId(2), after: Seq(0), limit: 10, fetch: two }));
+        let a = s.page(RoomId(1), new, vec![delta(1, 1)], false);
         assert_eq!(sent_seqs(&a), (vec![1], 1));
         // Room 2's retried fetch: its deltas arrive as pushes, gap-free.
         assert!(s.push(&published(2, 3..=3)).is_empty());
-        let a = s.page(2, two, vec![delta(2, 1), delta(2, 2)], false);
+        let a = s.page(RoomId(2), two, vec![delta(2, 1), delta(2, 2)], false);
         assert_eq!(sent_seqs(&a), (vec![1, 2, 3], 0));
     }
 
     #[test]
     fn a_failed_catch_up_is_retried_not_dropped() {
         let mut s = SyncState::default();
-        let (_, _, _, f) = fetch(&s.catch_up(4, 2));
+        let (_, _, _, f) = fetch(&s.catch_up(RoomId(4), Seq(2)));
         assert_eq!(
-            s.page_failed(4, f, unavailable()),
-            vec![Action::FetchLater { room: 4, after: 2, limit: DEFAULT_PAGE, fetch: f }]
+            s.page_failed(RoomId(4), f, unavailable()),
+            vec![Action::FetchLater { room: RoomId(4), after: Seq(2), limit: DEFAULT_PAGE, fetch: f }]
         );
-        assert!(s.wants(4, f));
+        assert!(s.wants(RoomId(4), f));
         // Still held, still gap-checked: a push is not sent raw.
         assert!(s.push(&published(4, 5..=5)).is_empty());
-        let a = s.page(4, f, vec![delta(4, 3), delta(4, 4)], false);
+        let a = s.page(RoomId(4), f, vec![delta(4, 3), delta(4, 4)], false);
         assert_eq!(sent_seqs(&a), (vec![3, 4, 5], 0));
-        assert!(!s.wants(4, f));
+        assert!(!s.wants(RoomId(4), f));
     }
 
     #[test]
     fn a_room_left_during_a_sync_is_dropped_from_it() {
         let mut s = SyncState::default();
-        let a = s.start(7, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let a =
+            s.start(7, &[RoomCursor { room: RoomId(1), seq: Seq(0) }, RoomCursor { room: RoomId(2), seq: Seq(0) }], 10);
         let Action::Fetch { fetch: f1, .. } = a[0] else { panic!() };
-        assert!(s.page(1, f1, vec![delta(1, 1)], false).iter().all(|a| !matches!(a, Action::Fetch { .. })));
+        assert!(s.page(RoomId(1), f1, vec![delta(1, 1)], false).iter().all(|a| !matches!(a, Action::Fetch { .. })));
         // Room 2 is left before its final page: the SYNC completes without it.
-        let a = s.forget(2);
+        let a = s.forget(RoomId(2));
         let Some((7, ServerFrame::SyncDone(d))) = frames(&a).pop() else { panic!("no SYNC_DONE: {a:?}") };
-        assert_eq!(d.heads, vec![RoomCursor { room: 1, seq: 1 }]);
+        assert_eq!(d.heads, vec![RoomCursor { room: RoomId(1), seq: Seq(1) }]);
     }
 
     #[test]
     fn a_new_sync_of_a_finished_room_does_not_end_the_earlier_one() {
         let mut s = SyncState::default();
-        let a = s.start(1, &[RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 0 }], 10);
+        let a =
+            s.start(1, &[RoomCursor { room: RoomId(1), seq: Seq(0) }, RoomCursor { room: RoomId(2), seq: Seq(0) }], 10);
         let Action::Fetch { fetch: f1, .. } = a[0] else { panic!() };
         let Action::Fetch { fetch: f2, .. } = a[1] else { panic!() };
-        assert_eq!(sent_seqs(&s.page(1, f1, vec![delta(1, 1)], false)), (vec![1], 0));
+        assert_eq!(sent_seqs(&s.page(RoomId(1), f1, vec![delta(1, 1)], false)), (vec![1], 0));
         // Room 1 (already final in request 1) is synced again: request 1 still waits for room 2.
-        let a = s.start(2, &[RoomCursor { room: 1, seq: 1 }], 10);
+        let a = s.start(2, &[RoomCursor { room: RoomId(1), seq: Seq(1) }], 10);
         assert!(frames(&a).is_empty(), "request 1 must not end yet: {a:?}");
         let (_, _, _, f3) = fetch(&a);
-        let done = frames(&s.page(2, f2, vec![delta(2, 1)], false));
+        let done = frames(&s.page(RoomId(2), f2, vec![delta(2, 1)], false));
         assert!(
-            matches!(done.last(), Some((1, ServerFrame::SyncDone(d))) if d.heads == vec![RoomCursor { room: 2, seq: 1 }])
+            matches!(done.last(), Some((1, ServerFrame::SyncDone(d))) if d.heads == vec![RoomCursor { room: RoomId(2), seq: Seq(1) }])
         );
-        let done = frames(&s.page(1, f3, vec![], false));
+        let done = frames(&s.page(RoomId(1), f3, vec![], false));
         assert!(
-            matches!(done.last(), Some((2, ServerFrame::SyncDone(d))) if d.heads == vec![RoomCursor { room: 1, seq: 1 }])
+            matches!(done.last(), Some((2, ServerFrame::SyncDone(d))) if d.heads == vec![RoomCursor { room: RoomId(1), seq: Seq(1) }])
         );
     }
 
     #[test]
     fn held_pushes_are_bounded_in_bytes() {
         let mut s = SyncState::default();
-        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: 1, seq: 0 }], 10));
+        let (_, _, _, f) = fetch(&s.start(1, &[RoomCursor { room: RoomId(1), seq: Seq(0) }], 10));
         let big = |seq: u64| {
             let mut d = delta(1, seq);
-            d.text = "x".repeat(60_000);
-            Published::encode(1, &[d]).expect("one delta")
+            d.body = DeltaBody::message("x".repeat(60_000));
+            Published::encode(RoomId(1), &[d]).expect("one delta")
         };
         let mut seq = 1;
         while s.held_bytes() + 61_000 <= HELD_BYTES {
@@ -722,16 +726,16 @@ mod tests {
         // Over the bound: dropped (the database has it), and the page that follows fetches again.
         assert!(s.push(&big(seq)).is_empty());
         assert_eq!(s.held_bytes(), held);
-        let a = s.page(1, f, vec![], false);
-        assert!(matches!(a.last(), Some(Action::Fetch { room: 1, .. })), "{a:?}");
+        let a = s.page(RoomId(1), f, vec![], false);
+        assert!(matches!(a.last(), Some(Action::Fetch { room: RoomId(1), .. })), "{a:?}");
         // The next page covers what was dropped: the room goes live and the SYNC ends.
         let (_, after, _, f2) = fetch(&a);
         assert_eq!(after, 0, "nothing is pushed between pages");
-        let a = s.page(1, f2, (1..=seq).map(|n| delta(1, n)).collect(), false);
+        let a = s.page(RoomId(1), f2, (1..=seq).map(|n| delta(1, n)).collect(), false);
         assert_eq!(sent_seqs(&a), ((1..=seq).collect(), 1));
         assert_eq!(s.held_bytes(), 0);
         assert_eq!(sent_seqs(&s.push(&published(1, seq + 1..=seq + 1))), (vec![seq + 1], 0));
-        s.forget(1);
+        s.forget(RoomId(1));
         assert_eq!(s.held_bytes(), 0);
     }
 }

@@ -25,7 +25,7 @@ use crate::auth;
 use crate::handlers::messages;
 use crate::health::{Health, StoreSlot};
 use crate::work::{Completion, Effect, PostWork, Published, Settings, Work};
-use chime_storage::{OpenOptions, RoomId, SharedStore, Store};
+use chime_storage::{OpenOptions, RoomId, Seq, SharedStore, Store};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -184,8 +184,8 @@ impl Pool {
         }
     }
 
-    fn shard(&self, room: u64) -> &Sender<Msg> {
-        &self.shards[(room % self.shards.len() as u64) as usize]
+    fn shard(&self, room: RoomId) -> &Sender<Msg> {
+        &self.shards[(room.get() % self.shards.len() as u64) as usize]
     }
 
     /// Lets every worker finish what is queued, then stops it and waits for it to exit.
@@ -227,7 +227,7 @@ impl Pool {
 #[derive(Debug, Default)]
 struct Ledger {
     /// The last seq published per room this worker wrote to.
-    published: HashMap<RoomId, u64>,
+    published: HashMap<RoomId, Seq>,
     /// Rooms with a write of unknown outcome.
     uncertain: BTreeSet<RoomId>,
 }
@@ -263,6 +263,7 @@ impl Ledger {
             match store.deltas_after(room, after, 500) {
                 Ok(deltas) => {
                     let full = deltas.len() == 500;
+                    let deltas: Vec<_> = deltas.into_iter().map(crate::work::wire_delta).collect();
                     if let Some(p) = Published::encode(room, &deltas) {
                         after = p.last_seq();
                         out.push(Effect::Publish(p));
@@ -278,7 +279,7 @@ impl Ledger {
         if after > from {
             log::info!(
                 "room {room}: published seqs {}..={after}, committed while the database connection was lost",
-                from + 1
+                from.next()
             );
         }
         self.published.insert(room, after);
@@ -289,7 +290,7 @@ impl Ledger {
     fn record(&mut self, rooms: &[RoomId], lost: bool, effects: &[Effect]) {
         for e in effects {
             if let Effect::Publish(p) = e {
-                let seq = self.published.entry(p.room).or_insert(0);
+                let seq = self.published.entry(p.room).or_insert(Seq::ZERO);
                 *seq = (*seq).max(p.last_seq());
             }
         }

@@ -8,8 +8,9 @@
 //!   `BadBody`/`TrailingBytes` error naming that code;
 //! - a body that decodes, with one byte appended, is refused as `TrailingBytes { extra: 1 }`;
 //! - re-encoding gives the same type and request id in a well-formed header, and the same body
-//!   bytes; or, when postcard accepted a non-shortest varint, a strictly shorter body that decodes
-//!   to the same value and encodes to itself (the encoding is canonical);
+//!   bytes; or, when postcard accepted a non-shortest varint or a delta payload carried bytes past
+//!   the fields its kind has (a later version's fields, ignored), a strictly shorter body that
+//!   decodes to the same value and encodes to itself (the encoding is canonical);
 //! - the direction's own rule ([`Direction::rule`]).
 
 use bytes::Bytes;

@@ -72,7 +72,10 @@
 
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
-use chime_protocol::{Delta, DeltaKind, ErrorBody, ErrorCode, FrameDecoder, RoomCursor, ServerFrame};
+use chime_protocol::{
+    CreateBody, Delta, DeltaBody, DeltaKind, ErrorBody, ErrorCode, FrameDecoder, RoomCursor, RoomId, Seq, ServerFrame,
+    UserId,
+};
 use chimed::limits::MAX_TEXT;
 use chimed::sync::{Action, FetchId, SyncState};
 use chimed::work::Published;
@@ -181,12 +184,13 @@ fn room_of(sel: u8) -> u64 {
     u64::from(sel) % ROOMS as u64 + 1
 }
 
-fn known_room(room: u64) {
+fn known_room(room: impl Into<u64>) {
+    let room: u64 = room.into();
     assert!((1..=ROOMS as u64).contains(&room), "the connection is sent room {room}, which nobody named");
 }
 
-fn ix(room: u64) -> usize {
-    (room - 1) as usize
+fn ix(room: impl Into<u64>) -> usize {
+    (room.into() - 1) as usize
 }
 
 /// What the worker sends when the database fails (`work.rs::store_error` for
@@ -328,7 +332,20 @@ fn delta_of(room: u64, seq: u64, kind: DeltaKind, big: bool) -> Delta {
     if big {
         text.push_str(&"x".repeat(MAX_TEXT - text.len()));
     }
-    Delta { room, seq, kind, author_id, author: author.into(), ts_ms: seq as i64 * 1000, text }
+    let body = match kind {
+        DeltaKind::MESSAGE => DeltaBody::message(text),
+        DeltaKind::JOIN => DeltaBody::Join,
+        DeltaKind::LEAVE => DeltaBody::Leave,
+        _ => DeltaBody::Create(CreateBody { name: text }),
+    };
+    Delta {
+        room: RoomId(room),
+        seq: Seq(seq),
+        author_id: UserId(author_id),
+        author: author.into(),
+        ts_ms: seq as i64 * 1000,
+        body,
+    }
 }
 
 impl Model {
@@ -477,7 +494,7 @@ impl Model {
 
     /// `publish`: fan-out of one committed batch.
     fn publish(&mut self, room: u64, first: u64, last: u64) {
-        let p = Published::encode(room, &self.deltas(room, first..=last)).expect("a non-empty batch");
+        let p = Published::encode(RoomId(room), &self.deltas(room, first..=last)).expect("a non-empty batch");
         let r = &mut self.rooms[ix(room)];
         r.published = r.published.max(last);
         r.batches.push(p.clone());
@@ -501,7 +518,7 @@ impl Model {
         }
         self.conn.subscribed[ix(room)] = true;
         if self.room(room).published > after {
-            let actions = self.conn.sync.get_or_insert_with(Default::default).catch_up(room, after);
+            let actions = self.conn.sync.get_or_insert_with(Default::default).catch_up(RoomId(room), Seq(after));
             self.apply(actions);
         }
     }
@@ -514,7 +531,7 @@ impl Model {
         self.client.drop_from_open(room);
         self.conn.waiting[ix(room)] = None;
         if let Some(sync) = self.conn.sync.as_mut() {
-            let actions = sync.forget(room);
+            let actions = sync.forget(RoomId(room));
             self.apply(actions);
         }
     }
@@ -551,7 +568,7 @@ impl Model {
     /// `fetch`: a job to the workers.
     fn submit(&mut self, fetch: Action) {
         let Action::Fetch { room, after, limit, fetch: id } = fetch else { return };
-        self.fetches.push(Fetch { room, after, limit, id, session: self.session, read: None });
+        self.fetches.push(Fetch { room: room.get(), after: after.get(), limit, id, session: self.session, read: None });
     }
 
     /// `defer`.
@@ -583,20 +600,21 @@ impl Model {
             .take(2 * ROOMS)
             .map(|&(room, seq)| {
                 let room = room_of(room);
-                RoomCursor { room, seq: u64::from(seq) % (self.room(room).head() + 3) }
+                RoomCursor { room: RoomId(room), seq: Seq(u64::from(seq) % (self.room(room).head() + 3)) }
             })
             .collect();
         let id = self.client.next_id;
         self.client.next_id += 1;
         let mut rooms = Vec::new();
         for c in &cursors {
-            if rooms.contains(&c.room) {
+            let (room, seq) = (c.room.get(), c.seq.get());
+            if rooms.contains(&room) {
                 continue;
             }
-            rooms.push(c.room);
+            rooms.push(room);
             // The room moves from an earlier, unfinished SYNC to this one.
-            self.client.drop_from_open(c.room);
-            self.client.views[ix(c.room)] = View { cursor: Cursor::Exactly(c.seq), pages: Some(id) };
+            self.client.drop_from_open(room);
+            self.client.views[ix(room)] = View { cursor: Cursor::Exactly(seq), pages: Some(id) };
         }
         self.client.open.push(OpenSync { id, rooms });
         let actions = self.conn.sync.get_or_insert_with(Default::default).start(id, &cursors, page_size);
@@ -626,7 +644,7 @@ impl Model {
             // The byte budget, as the worker applies it (at least one delta per page).
             let mut budget = 0;
             if let Some(cut) = deltas.iter().position(|d| {
-                budget += d.text.len() + d.author.len();
+                budget += d.body.text().map_or(0, str::len) + d.author.len();
                 budget > PAGE_TEXT_BUDGET
             }) {
                 deltas.truncate(cut.max(1));
@@ -661,7 +679,7 @@ impl Model {
                     // Answered; a next page, if any, is asked for by the actions.
                     self.conn.waiting[ix(f.room)] = None;
                 }
-                sync.page(f.room, f.id, deltas, more)
+                sync.page(RoomId(f.room), f.id, deltas, more)
             }
             Outcome::NotMember => {
                 if current {
@@ -670,7 +688,7 @@ impl Model {
                     self.client.views[ix(f.room)] = View { cursor: Cursor::Unknown, pages: None };
                     self.client.drop_from_open(f.room);
                 }
-                sync.skip_room(f.room, f.id)
+                sync.skip_room(RoomId(f.room), f.id)
             }
             Outcome::Ahead => {
                 if current {
@@ -683,7 +701,7 @@ impl Model {
                     self.client.drop_from_open(f.room);
                 }
                 let error = ErrorBody::new(ErrorCode::CURSOR_AHEAD, format!("cursor {} is past the head", f.after));
-                sync.reject_room(f.room, f.id, error)
+                sync.reject_room(RoomId(f.room), f.id, error)
             }
             Outcome::DbError => {
                 if current {
@@ -692,7 +710,7 @@ impl Model {
                     self.client.expect_error =
                         self.client.views[ix(f.room)].pages.map(|id| (id, ErrorCode::UNAVAILABLE));
                 }
-                sync.page_failed(f.room, f.id, db_error())
+                sync.page_failed(RoomId(f.room), f.id, db_error())
             }
         };
         self.apply(actions);
@@ -821,7 +839,7 @@ impl Model {
                 let v = &mut self.client.views[ix(p.room)];
                 assert_eq!(
                     v.cursor,
-                    Cursor::Exactly(p.resume_after),
+                    Cursor::Exactly(p.resume_after.get()),
                     "room {}: resume_after {} but the page ends at {:?}",
                     p.room,
                     p.resume_after,
@@ -838,7 +856,11 @@ impl Model {
                 let open = self.client.open.remove(i);
                 for (k, h) in done.heads.iter().enumerate() {
                     known_room(h.room);
-                    assert!(open.rooms.contains(&h.room), "SYNC_DONE {id} reports room {} it does not cover", h.room);
+                    assert!(
+                        open.rooms.contains(&h.room.get()),
+                        "SYNC_DONE {id} reports room {} it does not cover",
+                        h.room
+                    );
                     assert!(
                         !done.heads[..k].iter().any(|o| o.room == h.room),
                         "SYNC_DONE {id} reports room {} twice",
@@ -846,10 +868,10 @@ impl Model {
                     );
                     let v = self.client.views[ix(h.room)];
                     assert_eq!(v.pages, None, "SYNC_DONE {id} before room {}'s final page", h.room);
-                    assert_eq!(v.cursor, Cursor::Exactly(h.seq), "SYNC_DONE {id}'s head of room {}", h.room);
+                    assert_eq!(v.cursor, Cursor::Exactly(h.seq.get()), "SYNC_DONE {id}'s head of room {}", h.room);
                 }
                 for &room in &open.rooms {
-                    assert!(done.heads.iter().any(|h| h.room == room), "SYNC_DONE {id} leaves out room {room}");
+                    assert!(done.heads.iter().any(|h| h.room.get() == room), "SYNC_DONE {id} leaves out room {room}");
                 }
             }
             ServerFrame::Error(e) => {
@@ -877,17 +899,18 @@ impl Model {
     /// One delta reaches the client.
     fn accept(&mut self, d: &Delta) {
         known_room(d.room);
-        assert!(d.seq >= 1 && d.seq <= self.room(d.room).head(), "room {} has no seq {}", d.room, d.seq);
-        assert_eq!(d, self.delta(d.room, d.seq), "a delta that is not the log's");
-        let exempt = self.exempt(d.room);
-        let v = &mut self.client.views[ix(d.room)];
+        let (room, seq) = (d.room.get(), d.seq.get());
+        assert!(seq >= 1 && seq <= self.room(room).head(), "room {room} has no seq {seq}");
+        assert_eq!(d, self.delta(room, seq), "a delta that is not the log's");
+        let exempt = self.exempt(room);
+        let v = &mut self.client.views[ix(room)];
         if !exempt {
             match v.cursor {
-                Cursor::Exactly(c) => assert_eq!(d.seq, c + 1, "room {}: seq {} after {c}", d.room, d.seq),
-                Cursor::AtMost(c) => assert!(d.seq <= c + 1, "room {}: seq {} after at most {c}", d.room, d.seq),
+                Cursor::Exactly(c) => assert_eq!(seq, c + 1, "room {room}: seq {seq} after {c}"),
+                Cursor::AtMost(c) => assert!(seq <= c + 1, "room {room}: seq {seq} after at most {c}"),
                 Cursor::Unknown => {}
             }
         }
-        v.cursor = Cursor::Exactly(d.seq);
+        v.cursor = Cursor::Exactly(seq);
     }
 }

@@ -12,6 +12,7 @@
 //! is the `chime-client` crate.
 #![deny(missing_docs)]
 
+pub mod delta;
 pub mod fingerprint;
 pub mod frame;
 pub mod messages;
@@ -24,9 +25,18 @@ pub use types::*;
 /// The four bytes a client's `Hello` carries to say it speaks Chime at all.
 pub const MAGIC: [u8; 4] = *b"CHIM";
 
-/// The protocol version this crate speaks. A server refuses a `Hello` with another version with
-/// [`ErrorCode::VERSION_UNSUPPORTED`], naming the versions it supports.
+/// The newest protocol version this crate speaks. Client and server each state the range they
+/// speak (`HELLO`, `WELCOME`) and use the newest version in both; a server refuses a client
+/// whose range does not meet its own with [`ErrorCode::VERSION_UNSUPPORTED`], naming both.
 ///
-/// Version 2: `LIST_ROOMS`/`ROOM_LIST` are paged, sessions can be listed and revoked, and the
-/// error codes 19-24 exist. Version 1 had an empty `LIST_ROOMS` body and one unbounded `ROOM_LIST`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: ids are typed; a delta carries its kind and a payload tagged by it
+/// ([`DeltaBody`]), so unknown kinds can be skipped; `HELLO` states a range of versions and
+/// `WELCOME` the server's range and its [`Limits`]; `WHOAMI`, `GET_ROOM` and the error code 25
+/// (`CURSOR_AHEAD`) exist. Version 2: `LIST_ROOMS`/`ROOM_LIST` are paged, sessions can be listed
+/// and revoked, and the error codes 19-24 exist. Version 1 had an empty `LIST_ROOMS` body and
+/// one unbounded `ROOM_LIST`.
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The oldest protocol version this crate speaks. Versions before 3 had no version range in
+/// `HELLO` and another delta layout, so they are not spoken.
+pub const MIN_PROTOCOL_VERSION: u16 = 3;

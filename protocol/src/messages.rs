@@ -5,38 +5,116 @@
 //! [`ClientFrame`] is what a client sends, [`ServerFrame`] what a server sends; both map to and
 //! from [`RawFrame`]s through the code table below, which `docs/protocol.md` repeats.
 
+pub use crate::delta::{CreateBody, DeltaBody, MessageBody};
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
-use crate::types::{DeltaKind, ErrorCode, FrameType, RoomKind};
+use crate::types::{ErrorCode, FrameType, RoomId, RoomKind, Seq, UserId};
+use crate::DeltaKind;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// `HELLO`: the first frame of every connection.
+///
+/// Its first two fields are fixed for every version, past and future: a server reads them alone
+/// first, so that it can refuse any client (older versions had other fields after them) with a
+/// message that names both sides' versions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Always [`crate::MAGIC`] (`b"CHIM"`), four raw bytes.
     pub magic: [u8; 4],
-    /// The protocol version the client speaks.
-    pub protocol_version: u16,
+    /// The newest protocol version the client speaks (in versions 1 and 2 the only one).
+    pub max_version: u16,
+    /// The oldest protocol version the client speaks.
+    pub min_version: u16,
     /// The client program's name, for logs (`"chime"`).
     pub client_name: String,
     /// The client program's version, for logs.
     pub client_version: String,
 }
 
+/// The part of `HELLO` that every version shares (see [`Hello`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloPrefix {
+    /// The magic.
+    pub magic: [u8; 4],
+    /// The newest version the client speaks.
+    pub max_version: u16,
+}
+
+impl HelloPrefix {
+    /// Reads the prefix of a `HELLO` body of any version; `None` when even that does not decode.
+    pub fn peek(body: &[u8]) -> Option<HelloPrefix> {
+        postcard::take_from_bytes(body).ok().map(|(prefix, _rest)| prefix)
+    }
+}
+
 /// `WELCOME`: the server accepted the handshake.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
-    /// The protocol version the server will speak on this connection.
+    /// The protocol version the server will speak on this connection: the newest both speak.
     pub protocol_version: u16,
+    /// The oldest version the server speaks.
+    pub min_version: u16,
+    /// The newest version the server speaks.
+    pub max_version: u16,
     /// The server program's name (`"chimed"`).
     pub server_name: String,
     /// The server program's version.
     pub server_version: String,
-    /// The largest length field the server accepts.
+    /// The limits a client must plan for.
+    pub limits: Limits,
+}
+
+/// The server's limits that a client must plan for, announced in `WELCOME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// The largest `length` field the server accepts (and sends).
     pub max_frame: u32,
-    /// How often, in seconds, the server pings an idle connection; a connection silent for three
+    /// How often, in seconds, the server pings a silent connection; one silent for about three
     /// intervals is closed.
     pub heartbeat_secs: u32,
+    /// Longest message text, in bytes.
+    pub max_text: u32,
+    /// Longest idempotency key, in bytes.
+    pub max_key: u32,
+    /// Longest room name, in characters.
+    pub max_room_name: u32,
+    /// Longest user name, in characters.
+    pub max_user_name: u32,
+    /// Shortest password accepted at registration, in bytes.
+    pub min_password: u32,
+    /// Longest password, in bytes.
+    pub max_password: u32,
+    /// Requests one connection may have in flight; further frames wait unread (backpressure).
+    pub max_in_flight: u32,
+    /// Frames that may follow a login still being checked; further ones wait unread.
+    pub max_queued_during_login: u32,
+    /// The page size used when a request asks for 0.
+    pub default_page: u32,
+    /// The largest page; asking for more gives this many.
+    pub max_page: u32,
+    /// Most rooms in one SYNC.
+    pub max_sync_rooms: u32,
+}
+
+impl Default for Limits {
+    /// The reference server's limits when its operator changed none.
+    fn default() -> Limits {
+        Limits {
+            max_frame: crate::DEFAULT_MAX_FRAME,
+            heartbeat_secs: 30,
+            max_text: 16 * 1024,
+            max_key: 64,
+            max_room_name: 100,
+            max_user_name: 32,
+            min_password: 8,
+            max_password: 1024,
+            max_in_flight: 256,
+            max_queued_during_login: 64,
+            default_page: 500,
+            max_page: 1000,
+            max_sync_rooms: 1000,
+        }
+    }
 }
 
 /// `PING` / `PONG` in either direction.
@@ -92,11 +170,22 @@ pub struct Resume {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Authed {
     /// The user's id.
-    pub user_id: u64,
+    pub user_id: UserId,
     /// The user's name.
     pub user: String,
     /// A new session token (on `REGISTER` and `LOGIN`); `None` on `RESUME`.
     pub token: Option<String>,
+}
+
+/// `IDENTITY`: who the connection is logged in as (the answer to `WHOAMI`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The user's id.
+    pub user_id: UserId,
+    /// The user's name.
+    pub user: String,
+    /// The session the connection uses (as `SESSION_LIST` names it).
+    pub session: u64,
 }
 
 /// A body with no fields (`LOGOUT`, `DONE`).
@@ -112,20 +201,20 @@ pub struct CreateRoom {
     pub kind: RoomKind,
 }
 
-/// `JOIN_ROOM` and `LEAVE_ROOM`.
+/// `JOIN_ROOM`, `LEAVE_ROOM` and `GET_ROOM`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomRef {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
 }
 
 /// `LIST_MEMBERS`: one page of members, ordered by user id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListMembers {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// Start after this user id (0 for the first page).
-    pub after_user: u64,
+    pub after_user: UserId,
     /// Page size; the server caps it.
     pub limit: u32,
 }
@@ -134,20 +223,31 @@ pub struct ListMembers {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomInfo {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// The room's name.
     pub name: String,
     /// What sort of room.
     pub kind: RoomKind,
     /// The seq of the room's latest delta.
-    pub head_seq: u64,
+    pub head_seq: Seq,
+}
+
+/// `ROOM_DETAILS`: one room in more detail (the answer to `GET_ROOM`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomDetails {
+    /// The room's id, name, kind and head.
+    pub info: RoomInfo,
+    /// How many members it has.
+    pub members: u64,
+    /// The asking user's role in it (`"owner"`, `"member"`).
+    pub role: String,
 }
 
 /// `LIST_ROOMS`: one page of the rooms the user is in, ordered by room id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ListRooms {
     /// Start after this room id (0 for the first page).
-    pub after_room: u64,
+    pub after_room: RoomId,
     /// Page size; 0 means the server's default (500); the server caps it at 1,000.
     pub limit: u32,
 }
@@ -158,7 +258,7 @@ pub struct RoomList {
     /// The rooms of this page, by id.
     pub rooms: Vec<RoomInfo>,
     /// Pass as `after_room` for the next page; `None` on the last page.
-    pub next_after: Option<u64>,
+    pub next_after: Option<RoomId>,
 }
 
 /// `LIST_SESSIONS`: one page of the user's live sessions (devices), ordered by session id.
@@ -217,7 +317,7 @@ pub struct SessionsRevoked {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberInfo {
     /// The user's id.
-    pub user_id: u64,
+    pub user_id: UserId,
     /// The user's name.
     pub user: String,
     /// The member's role (`"owner"`, `"member"`).
@@ -228,18 +328,18 @@ pub struct MemberInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberList {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// This page, by user id.
     pub members: Vec<MemberInfo>,
     /// Pass as `after_user` for the next page; `None` on the last page.
-    pub next_after: Option<u64>,
+    pub next_after: Option<UserId>,
 }
 
 /// `POST`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Post {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// A key the client chooses per message (a UUID, say). Posting again with the same key in the
     /// same room returns the first post's seq and writes nothing.
     pub idempotency_key: String,
@@ -251,9 +351,9 @@ pub struct Post {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Posted {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// The delta's seq.
-    pub seq: u64,
+    pub seq: Seq,
     /// Commit time, Unix milliseconds.
     pub ts_ms: i64,
     /// True when this is a retry of an earlier post with the same key.
@@ -264,9 +364,9 @@ pub struct Posted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomCursor {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// The last seq held (0 for none).
-    pub seq: u64,
+    pub seq: Seq,
 }
 
 /// `SYNC`: stream what is missing after each cursor.
@@ -282,9 +382,9 @@ pub struct Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct History {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// Deltas after this seq.
-    pub after: u64,
+    pub after: Seq,
     /// At most this many; the server caps it.
     pub limit: u32,
 }
@@ -293,33 +393,43 @@ pub struct History {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delta {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// Position in the room's log: 1, 2, 3, ... with no gaps.
-    pub seq: u64,
-    /// What the delta does.
-    pub kind: DeltaKind,
+    pub seq: Seq,
     /// The author's user id.
-    pub author_id: u64,
+    pub author_id: UserId,
     /// The author's user name.
     pub author: String,
     /// Commit time, Unix milliseconds.
     pub ts_ms: i64,
-    /// The message text (or the room name for `CREATE`; empty for `JOIN`/`LEAVE`).
-    pub text: String,
+    /// What the delta does, tagged by kind.
+    pub body: DeltaBody,
+}
+
+impl Delta {
+    /// The delta's kind.
+    pub fn kind(&self) -> DeltaKind {
+        self.body.kind()
+    }
+
+    /// The text a person reads for it (a message, a created room's name), or `""`.
+    pub fn text(&self) -> &str {
+        self.body.text().unwrap_or("")
+    }
 }
 
 /// `DELTA_PAGE`: one page of a SYNC or a HISTORY reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeltaPage {
     /// The room's id.
-    pub room: u64,
+    pub room: RoomId,
     /// Deltas in seq order, contiguous.
     pub deltas: Vec<Delta>,
     /// Whether more deltas follow (for SYNC, another page of this room comes next on the same
     /// request id; for HISTORY, ask again from `resume_after`).
     pub more: bool,
     /// The last seq covered by this page (the cursor to resume from).
-    pub resume_after: u64,
+    pub resume_after: Seq,
 }
 
 /// `SYNC_DONE`: every room in the SYNC is caught up; live pushes continue from each head.
@@ -391,6 +501,8 @@ frame_enum! {
         ListSessions(ListSessions) = LIST_SESSIONS,
         /// Revoke one or all of my sessions.
         RevokeSessions(RevokeSessions) = REVOKE_SESSIONS,
+        /// Who am I logged in as.
+        Whoami(Empty) = WHOAMI,
         /// Create a room.
         CreateRoom(CreateRoom) = CREATE_ROOM,
         /// Join a room.
@@ -401,6 +513,8 @@ frame_enum! {
         ListRooms(ListRooms) = LIST_ROOMS,
         /// List members.
         ListMembers(ListMembers) = LIST_MEMBERS,
+        /// One room in detail.
+        GetRoom(RoomRef) = GET_ROOM,
         /// Post.
         Post(Post) = POST,
         /// Sync.
@@ -429,12 +543,16 @@ frame_enum! {
         SessionList(SessionList) = SESSION_LIST,
         /// Sessions revoked.
         SessionsRevoked(SessionsRevoked) = SESSIONS_REVOKED,
+        /// Who the connection is logged in as.
+        Identity(Identity) = IDENTITY,
         /// One room.
         RoomInfo(RoomInfo) = ROOM_INFO,
         /// My rooms.
         RoomList(RoomList) = ROOM_LIST,
         /// A page of members.
         MemberList(MemberList) = MEMBER_LIST,
+        /// One room in detail.
+        RoomDetails(RoomDetails) = ROOM_DETAILS,
         /// Post is durable.
         Posted(Posted) = POSTED,
         /// A page of deltas.

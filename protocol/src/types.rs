@@ -1,8 +1,13 @@
-//! Wire code newtypes: frame types, error codes, delta kinds and room kinds.
+//! Wire code newtypes (frame types, error codes, delta kinds and room kinds) and id newtypes
+//! (rooms, users, seqs).
 //!
-//! Each is a transparent integer with named constants rather than a Rust `enum`, so a code this
-//! build does not know still decodes, can be reported by value, and never panics (the approach of
-//! rustls' `msgs/macros.rs` and quinn's `frame.rs`). Never renumber a constant that has shipped.
+//! Each code is a transparent integer with named constants rather than a Rust `enum`, so a code
+//! this build does not know still decodes, can be reported by value, and never panics (the
+//! approach of rustls' `msgs/macros.rs` and quinn's `frame.rs`). Never renumber a constant that
+//! has shipped.
+//!
+//! Ids are newtypes too, so that a room id cannot be passed where a seq or a user id is meant.
+//! On the wire each is its bare integer (a postcard varint), exactly as before they were types.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -68,6 +73,8 @@ wire_code! {
         LIST_SESSIONS = 0x0014,
         /// Revoke one or all of the user's sessions.
         REVOKE_SESSIONS = 0x0015,
+        /// Who the connection is logged in as.
+        WHOAMI = 0x0016,
         /// Create a room.
         CREATE_ROOM = 0x0020,
         /// Join a room.
@@ -78,6 +85,8 @@ wire_code! {
         LIST_ROOMS = 0x0023,
         /// List a room's members, paged.
         LIST_MEMBERS = 0x0024,
+        /// One room in detail.
+        GET_ROOM = 0x0025,
         /// Post a message.
         POST = 0x0030,
         /// Catch up on what was missed, per room.
@@ -101,12 +110,16 @@ wire_code! {
         SESSION_LIST = 0x8012,
         /// How many sessions a `REVOKE_SESSIONS` revoked.
         SESSIONS_REVOKED = 0x8013,
+        /// Who the connection is logged in as.
+        IDENTITY = 0x8014,
         /// One room.
         ROOM_INFO = 0x8020,
         /// A page of the user's rooms.
         ROOM_LIST = 0x8021,
         /// A page of members.
         MEMBER_LIST = 0x8022,
+        /// One room in detail.
+        ROOM_DETAILS = 0x8023,
         /// A post is durable.
         POSTED = 0x8030,
         /// A page of deltas (SYNC and HISTORY).
@@ -187,15 +200,19 @@ wire_code! {
         /// A SYNC or HISTORY cursor is past the room's head (the message names the head); the
         /// client's cursor is wrong: SYNC the room again from at most the head.
         CURSOR_AHEAD = 25,
+        /// A `HELLO` after the handshake was done; it is ignored and the connection goes on.
+        HANDSHAKE_COMPLETE = 26,
     }
 }
 
 wire_code! {
-    /// What a delta does to its room.
-    DeltaKind(u8) {
-        /// The room was created (always seq 1; text is the room's name).
+    /// What a delta does to its room: the tag of its [`crate::DeltaBody`]. Kinds this build does
+    /// not know still decode (as [`crate::DeltaBody::Unknown`]), so new kinds can be added without
+    /// breaking older clients.
+    DeltaKind(u16) {
+        /// The room was created (always seq 1).
         CREATE = 1,
-        /// A chat message (text is the message).
+        /// A chat message.
         MESSAGE = 2,
         /// The author joined.
         JOIN = 3,
@@ -219,5 +236,98 @@ wire_code! {
     RoomKind(u8) {
         /// A group room that anyone may join.
         GROUP = 1,
+    }
+}
+
+macro_rules! id_type {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
+
+        impl $name {
+            /// The bare number.
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+        }
+
+        impl From<u64> for $name {
+            fn from(v: u64) -> Self {
+                $name(v)
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(v: $name) -> u64 {
+                v.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        // Comparing with a bare number (a literal in a test, a number a user typed) cannot mix
+        // two kinds of id up, so it is allowed; arithmetic is not.
+        impl PartialEq<u64> for $name {
+            fn eq(&self, other: &u64) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialOrd<u64> for $name {
+            fn partial_cmp(&self, other: &u64) -> Option<std::cmp::Ordering> {
+                self.0.partial_cmp(other)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = std::num::ParseIntError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                s.parse().map($name)
+            }
+        }
+    };
+}
+
+id_type! {
+    /// A room's id (0 is never a room: "before the first" in paged lists).
+    RoomId
+}
+
+id_type! {
+    /// A user's id (0 is never a user).
+    UserId
+}
+
+id_type! {
+    /// A position in a room's log: 1, 2, 3, … with no gaps; 0 is "before the first delta" (a
+    /// cursor that holds nothing).
+    Seq
+}
+
+impl Seq {
+    /// Before the first delta.
+    pub const ZERO: Seq = Seq(0);
+
+    /// The seq after this one.
+    pub const fn next(self) -> Seq {
+        Seq(self.0.saturating_add(1))
+    }
+
+    /// The seq before this one (0 stays 0).
+    pub const fn prev(self) -> Seq {
+        Seq(self.0.saturating_sub(1))
     }
 }

@@ -14,8 +14,47 @@ fn text() -> impl Strategy<Value = String> {
     prop_oneof![4 => any::<String>(), 1 => "[a-z\u{e9}\u{1f600}]{100,200}"]
 }
 
-fn delta_kind() -> impl Strategy<Value = DeltaKind> {
-    any::<u8>().prop_map(DeltaKind)
+fn room() -> impl Strategy<Value = RoomId> {
+    any::<u64>().prop_map(RoomId)
+}
+
+fn user() -> impl Strategy<Value = UserId> {
+    any::<u64>().prop_map(UserId)
+}
+
+fn seq() -> impl Strategy<Value = Seq> {
+    any::<u64>().prop_map(Seq)
+}
+
+/// Every body shape: the known kinds, and kinds this build does not know with any payload.
+fn delta_body() -> impl Strategy<Value = DeltaBody> {
+    let known = [DeltaKind::CREATE.0, DeltaKind::MESSAGE.0, DeltaKind::JOIN.0, DeltaKind::LEAVE.0];
+    prop_oneof![
+        text().prop_map(|name| DeltaBody::Create(CreateBody { name })),
+        text().prop_map(DeltaBody::message),
+        Just(DeltaBody::Join),
+        Just(DeltaBody::Leave),
+        (any::<u16>().prop_filter("unknown", move |k| !known.contains(k)), vec(any::<u8>(), 0..40))
+            .prop_map(|(kind, payload)| DeltaBody::Unknown { kind: DeltaKind(kind), payload }),
+    ]
+}
+
+fn limits() -> impl Strategy<Value = Limits> {
+    (vec(any::<u32>(), 13..=13)).prop_map(|v| Limits {
+        max_frame: v[0],
+        heartbeat_secs: v[1],
+        max_text: v[2],
+        max_key: v[3],
+        max_room_name: v[4],
+        max_user_name: v[5],
+        min_password: v[6],
+        max_password: v[7],
+        max_in_flight: v[8],
+        max_queued_during_login: v[9],
+        default_page: v[10],
+        max_page: v[11],
+        max_sync_rooms: v[12],
+    })
 }
 
 fn room_kind() -> impl Strategy<Value = RoomKind> {
@@ -35,11 +74,11 @@ fn credentials() -> impl Strategy<Value = Credentials> {
 }
 
 fn cursor() -> impl Strategy<Value = RoomCursor> {
-    (any::<u64>(), any::<u64>()).prop_map(|(room, seq)| RoomCursor { room, seq })
+    (room(), seq()).prop_map(|(room, seq)| RoomCursor { room, seq })
 }
 
 fn room_info() -> impl Strategy<Value = RoomInfo> {
-    (any::<u64>(), text(), room_kind(), any::<u64>()).prop_map(|(room, name, kind, head_seq)| RoomInfo {
+    (room(), text(), room_kind(), seq()).prop_map(|(room, name, kind, head_seq)| RoomInfo {
         room,
         name,
         kind,
@@ -48,18 +87,19 @@ fn room_info() -> impl Strategy<Value = RoomInfo> {
 }
 
 fn delta() -> impl Strategy<Value = Delta> {
-    (any::<u64>(), any::<u64>(), delta_kind(), any::<u64>(), text(), any::<i64>(), text()).prop_map(
-        |(room, seq, kind, author_id, author, ts_ms, text)| Delta { room, seq, kind, author_id, author, ts_ms, text },
-    )
+    (room(), seq(), user(), text(), any::<i64>(), delta_body())
+        .prop_map(|(room, seq, author_id, author, ts_ms, body)| Delta { room, seq, author_id, author, ts_ms, body })
 }
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
-        (any::<[u8; 4]>(), any::<u16>(), text(), text()).prop_map(
-            |(magic, protocol_version, client_name, client_version)| {
-                ClientFrame::Hello(Hello { magic, protocol_version, client_name, client_version })
+        (any::<[u8; 4]>(), any::<u16>(), any::<u16>(), text(), text()).prop_map(
+            |(magic, max_version, min_version, client_name, client_version)| {
+                ClientFrame::Hello(Hello { magic, max_version, min_version, client_name, client_version })
             }
         ),
+        Just(ClientFrame::Whoami(Empty {})),
+        room().prop_map(|room| ClientFrame::GetRoom(RoomRef { room })),
         ping().prop_map(ClientFrame::Ping),
         ping().prop_map(ClientFrame::Pong),
         credentials().prop_map(ClientFrame::Register),
@@ -67,22 +107,24 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         (text(), text()).prop_map(|(token, user_agent)| ClientFrame::Resume(Resume { token, user_agent })),
         Just(ClientFrame::Logout(Empty {})),
         (text(), room_kind()).prop_map(|(name, kind)| ClientFrame::CreateRoom(CreateRoom { name, kind })),
-        any::<u64>().prop_map(|room| ClientFrame::JoinRoom(RoomRef { room })),
-        any::<u64>().prop_map(|room| ClientFrame::LeaveRoom(RoomRef { room })),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(after_room, limit)| ClientFrame::ListRooms(ListRooms { after_room, limit })),
+        room().prop_map(|room| ClientFrame::JoinRoom(RoomRef { room })),
+        room().prop_map(|room| ClientFrame::LeaveRoom(RoomRef { room })),
+        (room(), any::<u32>()).prop_map(|(after_room, limit)| ClientFrame::ListRooms(ListRooms { after_room, limit })),
         (any::<u64>(), any::<u32>())
             .prop_map(|(after_session, limit)| ClientFrame::ListSessions(ListSessions { after_session, limit })),
         proptest::option::of(any::<u64>()).prop_map(|session| ClientFrame::RevokeSessions(RevokeSessions { session })),
-        (any::<u64>(), any::<u64>(), any::<u32>())
-            .prop_map(|(room, after_user, limit)| ClientFrame::ListMembers(ListMembers { room, after_user, limit })),
-        (any::<u64>(), text(), text()).prop_map(|(room, idempotency_key, text)| ClientFrame::Post(Post {
+        (room(), user(), any::<u32>()).prop_map(|(room, after_user, limit)| ClientFrame::ListMembers(ListMembers {
+            room,
+            after_user,
+            limit
+        })),
+        (room(), text(), text()).prop_map(|(room, idempotency_key, text)| ClientFrame::Post(Post {
             room,
             idempotency_key,
             text
         })),
         (vec(cursor(), 0..5), any::<u32>()).prop_map(|(rooms, page_size)| ClientFrame::Sync(Sync { rooms, page_size })),
-        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(room, after, limit)| ClientFrame::History(History {
+        (room(), seq(), any::<u32>()).prop_map(|(room, after, limit)| ClientFrame::History(History {
             room,
             after,
             limit
@@ -92,17 +134,16 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
-        (any::<u16>(), text(), text(), any::<u32>(), any::<u32>()).prop_map(
-            |(protocol_version, server_name, server_version, max_frame, heartbeat_secs)| {
-                ServerFrame::Welcome(Welcome {
-                    protocol_version,
-                    server_name,
-                    server_version,
-                    max_frame,
-                    heartbeat_secs,
-                })
-            }
-        ),
+        (any::<[u16; 3]>(), text(), text(), limits()).prop_map(|(versions, server_name, server_version, limits)| {
+            ServerFrame::Welcome(Welcome {
+                protocol_version: versions[0],
+                min_version: versions[1],
+                max_version: versions[2],
+                server_name,
+                server_version,
+                limits,
+            })
+        }),
         ping().prop_map(ServerFrame::Ping),
         ping().prop_map(ServerFrame::Pong),
         (error_code(), text(), any::<bool>()).prop_map(|(code, message, retryable)| ServerFrame::Error(ErrorBody {
@@ -110,11 +151,24 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             message,
             retryable
         })),
-        (any::<u64>(), text(), proptest::option::of(text()))
-            .prop_map(|(user_id, user, token)| ServerFrame::Authed(Authed { user_id, user, token })),
+        (user(), text(), proptest::option::of(text())).prop_map(|(user_id, user, token)| ServerFrame::Authed(Authed {
+            user_id,
+            user,
+            token
+        })),
+        (user(), text(), any::<u64>()).prop_map(|(user_id, user, session)| ServerFrame::Identity(Identity {
+            user_id,
+            user,
+            session
+        })),
+        (room_info(), any::<u64>(), text()).prop_map(|(info, members, role)| ServerFrame::RoomDetails(RoomDetails {
+            info,
+            members,
+            role
+        })),
         Just(ServerFrame::Done(Empty {})),
         room_info().prop_map(ServerFrame::RoomInfo),
-        (vec(room_info(), 0..4), proptest::option::of(any::<u64>()))
+        (vec(room_info(), 0..4), proptest::option::of(room()))
             .prop_map(|(rooms, next_after)| ServerFrame::RoomList(RoomList { rooms, next_after })),
         (
             vec(
@@ -135,25 +189,20 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             .prop_map(|(sessions, next_after)| ServerFrame::SessionList(SessionList { sessions, next_after })),
         any::<u32>().prop_map(|count| ServerFrame::SessionsRevoked(SessionsRevoked { count })),
         (
-            any::<u64>(),
-            vec(
-                (any::<u64>(), text(), text()).prop_map(|(user_id, user, role)| MemberInfo { user_id, user, role }),
-                0..4
-            ),
-            proptest::option::of(any::<u64>())
+            room(),
+            vec((user(), text(), text()).prop_map(|(user_id, user, role)| MemberInfo { user_id, user, role }), 0..4),
+            proptest::option::of(user())
         )
             .prop_map(|(room, members, next_after)| ServerFrame::MemberList(MemberList {
                 room,
                 members,
                 next_after
             })),
-        (any::<u64>(), any::<u64>(), any::<i64>(), any::<bool>())
+        (room(), seq(), any::<i64>(), any::<bool>())
             .prop_map(|(room, seq, ts_ms, duplicate)| ServerFrame::Posted(Posted { room, seq, ts_ms, duplicate })),
-        (any::<u64>(), vec(delta(), 0..4), any::<bool>(), any::<u64>()).prop_map(
-            |(room, deltas, more, resume_after)| {
-                ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after })
-            }
-        ),
+        (room(), vec(delta(), 0..4), any::<bool>(), seq()).prop_map(|(room, deltas, more, resume_after)| {
+            ServerFrame::DeltaPage(DeltaPage { room, deltas, more, resume_after })
+        }),
         vec(cursor(), 0..5).prop_map(|heads| ServerFrame::SyncDone(SyncDone { heads })),
         delta().prop_map(ServerFrame::Delta),
         (error_code(), text(), any::<bool>()).prop_map(|(code, message, resync)| ServerFrame::Goodbye(Goodbye {
@@ -300,7 +349,8 @@ fn frames_in_the_wrong_direction_are_unknown_types() {
     let raw = |f: Vec<u8>| FrameDecoder::default().decode(&mut BytesMut::from(&f[..])).unwrap().unwrap();
     let hello = raw(ClientFrame::Hello(Hello {
         magic: MAGIC,
-        protocol_version: 1,
+        max_version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
         client_name: String::new(),
         client_version: String::new(),
     })

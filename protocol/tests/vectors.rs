@@ -60,8 +60,33 @@ fn s(file: &'static str, about: &'static str, id: u32, f: ServerFrame) -> Vector
     Vector { file, about, id, frame: AnyFrame::Server(f) }
 }
 
-fn delta(seq: u64, kind: DeltaKind, text: &str) -> Delta {
-    Delta { room: 300, seq, kind, author_id: 7, author: "ann".into(), ts_ms: 1_700_000_000_000, text: text.into() }
+fn delta(seq: u64, body: DeltaBody) -> Delta {
+    Delta {
+        room: RoomId(300),
+        seq: Seq(seq),
+        author_id: UserId(7),
+        author: "ann".into(),
+        ts_ms: 1_700_000_000_000,
+        body,
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_frame: 1_048_576,
+        heartbeat_secs: 30,
+        max_text: 16_384,
+        max_key: 64,
+        max_room_name: 100,
+        max_user_name: 32,
+        min_password: 8,
+        max_password: 1024,
+        max_in_flight: 256,
+        max_queued_during_login: 64,
+        default_page: 500,
+        max_page: 1000,
+        max_sync_rooms: 1000,
+    }
 }
 
 fn vectors() -> Vec<Vector> {
@@ -69,11 +94,12 @@ fn vectors() -> Vec<Vector> {
     vec![
         c(
             "hello",
-            "HELLO id=1 magic=\"CHIM\" protocol_version=2 client_name=\"chime\" client_version=\"0.1.0\"",
+            "HELLO id=1 magic=\"CHIM\" max_version=3 min_version=3 client_name=\"chime\" client_version=\"0.1.0\"",
             1,
             ClientFrame::Hello(Hello {
                 magic: MAGIC,
-                protocol_version: 2,
+                max_version: 3,
+                min_version: 3,
                 client_name: "chime".into(),
                 client_version: "0.1.0".into(),
             }),
@@ -105,13 +131,15 @@ fn vectors() -> Vec<Vector> {
             3,
             ClientFrame::CreateRoom(CreateRoom { name: "general".into(), kind: RoomKind::GROUP }),
         ),
-        c("join_room", "JOIN_ROOM id=4 room=300", 4, ClientFrame::JoinRoom(RoomRef { room: 300 })),
-        c("leave_room", "LEAVE_ROOM id=4 room=300", 4, ClientFrame::LeaveRoom(RoomRef { room: 300 })),
+        c("join_room", "JOIN_ROOM id=4 room=300", 4, ClientFrame::JoinRoom(RoomRef { room: RoomId(300) })),
+        c("leave_room", "LEAVE_ROOM id=4 room=300", 4, ClientFrame::LeaveRoom(RoomRef { room: RoomId(300) })),
+        c("get_room", "GET_ROOM id=12 room=300", 12, ClientFrame::GetRoom(RoomRef { room: RoomId(300) })),
+        c("whoami", "WHOAMI id=13 (empty body)", 13, ClientFrame::Whoami(Empty {})),
         c(
             "list_rooms",
             "LIST_ROOMS id=6 after_room=300 limit=500",
             6,
-            ClientFrame::ListRooms(ListRooms { after_room: 300, limit: 500 }),
+            ClientFrame::ListRooms(ListRooms { after_room: RoomId(300), limit: 500 }),
         ),
         c(
             "list_sessions",
@@ -135,20 +163,23 @@ fn vectors() -> Vec<Vector> {
             "list_members",
             "LIST_MEMBERS id=7 room=300 after_user=128 limit=500",
             7,
-            ClientFrame::ListMembers(ListMembers { room: 300, after_user: 128, limit: 500 }),
+            ClientFrame::ListMembers(ListMembers { room: RoomId(300), after_user: UserId(128), limit: 500 }),
         ),
         c(
             "post",
             "POST id=2 room=300 idempotency_key=\"0123456789abcdef0123456789abcdef\" text=\"h\u{e9}llo\" (e-acute is 2 UTF-8 bytes)",
             2,
-            ClientFrame::Post(Post { room: 300, idempotency_key: key.into(), text: "h\u{e9}llo".into() }),
+            ClientFrame::Post(Post { room: RoomId(300), idempotency_key: key.into(), text: "h\u{e9}llo".into() }),
         ),
         c(
             "sync",
             "SYNC id=8 rooms=[{room=300 seq=0},{room=1 seq=70000}] page_size=256",
             8,
             ClientFrame::Sync(Sync {
-                rooms: vec![RoomCursor { room: 300, seq: 0 }, RoomCursor { room: 1, seq: 70_000 }],
+                rooms: vec![
+                    RoomCursor { room: RoomId(300), seq: Seq(0) },
+                    RoomCursor { room: RoomId(1), seq: Seq(70_000) },
+                ],
                 page_size: 256,
             }),
         ),
@@ -156,18 +187,19 @@ fn vectors() -> Vec<Vector> {
             "history",
             "HISTORY id=10 room=300 after=0 limit=100",
             10,
-            ClientFrame::History(History { room: 300, after: 0, limit: 100 }),
+            ClientFrame::History(History { room: RoomId(300), after: Seq(0), limit: 100 }),
         ),
         s(
             "welcome",
-            "WELCOME id=1 protocol_version=1 server_name=\"chimed\" server_version=\"0.1.0\" max_frame=1048576 heartbeat_secs=30",
+            "WELCOME id=1 protocol_version=3 min_version=3 max_version=3 server_name=\"chimed\" server_version=\"0.1.0\" limits={max_frame=1048576 heartbeat_secs=30 max_text=16384 max_key=64 max_room_name=100 max_user_name=32 min_password=8 max_password=1024 max_in_flight=256 max_queued_during_login=64 default_page=500 max_page=1000 max_sync_rooms=1000}",
             1,
             ServerFrame::Welcome(Welcome {
-                protocol_version: 1,
+                protocol_version: 3,
+                min_version: 3,
+                max_version: 3,
                 server_name: "chimed".into(),
                 server_version: "0.1.0".into(),
-                max_frame: 1_048_576,
-                heartbeat_secs: 30,
+                limits: limits(),
             }),
         ),
         s("server_ping", "SERVER_PING id=0 nonce=1000", 0, ServerFrame::Ping(Ping { nonce: 1000 })),
@@ -182,14 +214,35 @@ fn vectors() -> Vec<Vector> {
             "authed",
             "AUTHED id=2 user_id=7 user=\"ann\" token=Some(\"tok\")",
             2,
-            ServerFrame::Authed(Authed { user_id: 7, user: "ann".into(), token: Some("tok".into()) }),
+            ServerFrame::Authed(Authed { user_id: UserId(7), user: "ann".into(), token: Some("tok".into()) }),
         ),
         s("done", "DONE id=9 (empty body)", 9, ServerFrame::Done(Empty {})),
+        s(
+            "identity",
+            "IDENTITY id=13 user_id=7 user=\"ann\" session=12",
+            13,
+            ServerFrame::Identity(Identity { user_id: UserId(7), user: "ann".into(), session: 12 }),
+        ),
+        s(
+            "room_details",
+            "ROOM_DETAILS id=12 info={room=300 name=\"general\" kind=GROUP(1) head_seq=2} members=2 role=\"owner\"",
+            12,
+            ServerFrame::RoomDetails(RoomDetails {
+                info: RoomInfo { room: RoomId(300), name: "general".into(), kind: RoomKind::GROUP, head_seq: Seq(2) },
+                members: 2,
+                role: "owner".into(),
+            }),
+        ),
         s(
             "room_info",
             "ROOM_INFO id=3 room=300 name=\"general\" kind=GROUP(1) head_seq=1",
             3,
-            ServerFrame::RoomInfo(RoomInfo { room: 300, name: "general".into(), kind: RoomKind::GROUP, head_seq: 1 }),
+            ServerFrame::RoomInfo(RoomInfo {
+                room: RoomId(300),
+                name: "general".into(),
+                kind: RoomKind::GROUP,
+                head_seq: Seq(1),
+            }),
         ),
         s(
             "room_list",
@@ -197,10 +250,10 @@ fn vectors() -> Vec<Vector> {
             6,
             ServerFrame::RoomList(RoomList {
                 rooms: vec![
-                    RoomInfo { room: 300, name: "general".into(), kind: RoomKind::GROUP, head_seq: 2 },
-                    RoomInfo { room: 301, name: "x".into(), kind: RoomKind::GROUP, head_seq: 1 },
+                    RoomInfo { room: RoomId(300), name: "general".into(), kind: RoomKind::GROUP, head_seq: Seq(2) },
+                    RoomInfo { room: RoomId(301), name: "x".into(), kind: RoomKind::GROUP, head_seq: Seq(1) },
                 ],
-                next_after: Some(301),
+                next_after: Some(RoomId(301)),
             }),
         ),
         s(
@@ -225,8 +278,8 @@ fn vectors() -> Vec<Vector> {
             "MEMBER_LIST id=7 room=300 members=[{user_id=7 user=\"ann\" role=\"owner\"}] next_after=None",
             7,
             ServerFrame::MemberList(MemberList {
-                room: 300,
-                members: vec![MemberInfo { user_id: 7, user: "ann".into(), role: "owner".into() }],
+                room: RoomId(300),
+                members: vec![MemberInfo { user_id: UserId(7), user: "ann".into(), role: "owner".into() }],
                 next_after: None,
             }),
         ),
@@ -234,38 +287,52 @@ fn vectors() -> Vec<Vector> {
             "posted",
             "POSTED id=2 room=300 seq=2 ts_ms=1700000000000 duplicate=false",
             2,
-            ServerFrame::Posted(Posted { room: 300, seq: 2, ts_ms: 1_700_000_000_000, duplicate: false }),
+            ServerFrame::Posted(Posted { room: RoomId(300), seq: Seq(2), ts_ms: 1_700_000_000_000, duplicate: false }),
         ),
         s(
             "delta_page",
-            "DELTA_PAGE id=8 room=300 deltas=[{seq=1 CREATE \"general\"},{seq=2 MESSAGE \"hi\"}] (author_id=7 author=\"ann\" ts_ms=1700000000000) more=true resume_after=2",
+            "DELTA_PAGE id=8 room=300 deltas=[{seq=1 CREATE name=\"general\"},{seq=2 MESSAGE text=\"hi\"}] (author_id=7 author=\"ann\" ts_ms=1700000000000) more=true resume_after=2",
             8,
             ServerFrame::DeltaPage(DeltaPage {
-                room: 300,
-                deltas: vec![delta(1, DeltaKind::CREATE, "general"), delta(2, DeltaKind::MESSAGE, "hi")],
+                room: RoomId(300),
+                deltas: vec![
+                    delta(1, DeltaBody::Create(CreateBody { name: "general".into() })),
+                    delta(2, DeltaBody::message("hi")),
+                ],
                 more: true,
-                resume_after: 2,
+                resume_after: Seq(2),
             }),
         ),
         s(
             "sync_done",
             "SYNC_DONE id=8 heads=[{room=300 seq=2}]",
             8,
-            ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 300, seq: 2 }] }),
+            ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(300), seq: Seq(2) }] }),
         ),
         s(
             "delta",
-            "DELTA (push) id=0 room=300 seq=3 kind=JOIN(3) author_id=7 author=\"ann\" ts_ms=-1 text=\"\"",
+            "DELTA (push) id=0 room=300 seq=3 author_id=7 author=\"ann\" ts_ms=-1 body=JOIN(3) with an empty payload",
             0,
             ServerFrame::Delta(Delta {
-                room: 300,
-                seq: 3,
-                kind: DeltaKind::JOIN,
-                author_id: 7,
+                room: RoomId(300),
+                seq: Seq(3),
+                author_id: UserId(7),
                 author: "ann".into(),
                 ts_ms: -1,
-                text: String::new(),
+                body: DeltaBody::Join,
             }),
+        ),
+        s(
+            "delta_message",
+            "DELTA (push) id=0 room=300 seq=4 author_id=7 author=\"ann\" ts_ms=1700000000000 body=MESSAGE(2) text=\"hi\"",
+            0,
+            ServerFrame::Delta(delta(4, DeltaBody::message("hi"))),
+        ),
+        s(
+            "delta_unknown_kind",
+            "DELTA (push) id=0 room=300 seq=5 author_id=7 author=\"ann\" ts_ms=1700000000000 body=kind 0x7abc (unknown) payload=[01 02 03]: a client that does not know the kind skips it and still advances its cursor to 5",
+            0,
+            ServerFrame::Delta(delta(5, DeltaBody::Unknown { kind: DeltaKind(0x7abc), payload: vec![1, 2, 3] })),
         ),
         s(
             "goodbye",

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::{Delta, DeltaKind, NewPost, PostOutcome, RoomId, UserId};
+use crate::{DeltaRecord, NewPost, PostOutcome, RecordKind, RoomId, Seq, UserId};
 
 /// What the database knows about one post, read inside the batch's transaction.
 #[derive(Debug, Clone, Copy, Default)]
@@ -42,7 +42,7 @@ pub(crate) fn plan(posts: &[NewPost], probes: &[Probe], heads: &HashMap<RoomId, 
         let key = (post.room, post.author_id, post.idempotency_key.as_str());
         let earlier = probe.existing.or_else(|| seen.get(&key).copied()).filter(|_| keyed);
         if let Some((seq, ts_ms)) = earlier {
-            outcomes.push(PostOutcome::Duplicate { seq, ts_ms });
+            outcomes.push(PostOutcome::Duplicate { seq: Seq(seq), ts_ms });
             continue;
         }
         let last = next.entry(post.room).or_insert(head);
@@ -50,14 +50,14 @@ pub(crate) fn plan(posts: &[NewPost], probes: &[Probe], heads: &HashMap<RoomId, 
         if keyed {
             seen.insert(key, (*last, post.now_ms));
         }
-        outcomes.push(PostOutcome::Inserted(Delta {
+        outcomes.push(PostOutcome::Inserted(DeltaRecord {
             room: post.room,
-            seq: *last,
-            kind: DeltaKind::MESSAGE,
+            seq: Seq(*last),
+            kind: RecordKind::MESSAGE,
             author_id: post.author_id,
             author: post.author.clone(),
             ts_ms: post.now_ms,
-            text: post.text.clone(),
+            body: post.text.clone(),
         }));
     }
     Plan { outcomes, heads: next }
@@ -67,10 +67,10 @@ pub(crate) fn plan(posts: &[NewPost], probes: &[Probe], heads: &HashMap<RoomId, 
 mod tests {
     use super::*;
 
-    fn post(room: RoomId, author: UserId, key: &str) -> NewPost {
+    fn post(room: u64, author: u64, key: &str) -> NewPost {
         NewPost {
-            room,
-            author_id: author,
+            room: RoomId(room),
+            author_id: UserId(author),
             author: format!("u{author}"),
             idempotency_key: key.into(),
             text: format!("{room}/{author}/{key}"),
@@ -82,7 +82,7 @@ mod tests {
         plan.outcomes
             .iter()
             .map(|o| match o {
-                PostOutcome::Inserted(d) => Some(d.seq),
+                PostOutcome::Inserted(d) => Some(d.seq.get()),
                 _ => None,
             })
             .collect()
@@ -92,10 +92,10 @@ mod tests {
     fn seqs_follow_input_order_per_room() {
         let posts = [post(1, 1, "a"), post(2, 1, "a"), post(1, 1, "b"), post(2, 1, "")];
         let probes = [Probe { member: true, existing: None }; 4];
-        let heads = HashMap::from([(1, 5), (2, 0)]);
+        let heads = HashMap::from([(RoomId(1), 5), (RoomId(2), 0)]);
         let plan = plan(&posts, &probes, &heads);
         assert_eq!(seqs(&plan), [Some(6), Some(1), Some(7), Some(2)]);
-        assert_eq!(plan.heads, HashMap::from([(1, 7), (2, 2)]));
+        assert_eq!(plan.heads, HashMap::from([(RoomId(1), 7), (RoomId(2), 2)]));
     }
 
     #[test]
@@ -109,20 +109,20 @@ mod tests {
             Probe { member: true, existing: Some((3, 77)) },
             member,
         ];
-        let plan = plan(&posts, &probes, &HashMap::from([(1, 4)]));
-        assert_eq!(plan.outcomes[1], PostOutcome::Duplicate { seq: 5, ts_ms: 1000 });
+        let plan = plan(&posts, &probes, &HashMap::from([(RoomId(1), 4)]));
+        assert_eq!(plan.outcomes[1], PostOutcome::Duplicate { seq: Seq(5), ts_ms: 1000 });
         assert_eq!(plan.outcomes[2], PostOutcome::NotMember);
-        assert_eq!(plan.outcomes[3], PostOutcome::Duplicate { seq: 3, ts_ms: 77 });
+        assert_eq!(plan.outcomes[3], PostOutcome::Duplicate { seq: Seq(3), ts_ms: 77 });
         // Room 9 does not exist, whatever the probe said.
         assert_eq!(plan.outcomes[4], PostOutcome::NotMember);
-        assert_eq!(plan.heads, HashMap::from([(1, 5)]));
+        assert_eq!(plan.heads, HashMap::from([(RoomId(1), 5)]));
     }
 
     #[test]
     fn empty_keys_never_collide() {
         let posts = [post(1, 1, ""), post(1, 1, "")];
         let probes = [Probe { member: true, existing: Some((1, 1)) }; 2];
-        let plan = plan(&posts, &probes, &HashMap::from([(1, 1)]));
+        let plan = plan(&posts, &probes, &HashMap::from([(RoomId(1), 1)]));
         assert_eq!(seqs(&plan), [Some(2), Some(3)]);
     }
 }

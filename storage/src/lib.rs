@@ -22,12 +22,8 @@ pub mod sqlite;
 
 use std::time::Duration;
 
-pub use chime_protocol::{Delta, DeltaKind, RoomKind};
+pub use chime_protocol::{RoomId, RoomKind, Seq, UserId};
 
-/// A user's id.
-pub type UserId = u64;
-/// A room's id.
-pub type RoomId = u64;
 /// A login session's id.
 pub type SessionId = u64;
 
@@ -147,7 +143,54 @@ pub struct RoomRecord {
     /// Its kind.
     pub kind: RoomKind,
     /// The seq of its latest delta.
-    pub last_seq: u64,
+    pub last_seq: Seq,
+}
+
+/// A room with its member count and one user's role in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomDetailsRecord {
+    /// The room.
+    pub room: RoomRecord,
+    /// How many members it has (kept by the database as members come and go, not counted).
+    pub members: u64,
+    /// The user's role, `None` when the user is not a member.
+    pub role: Option<String>,
+}
+
+/// What a stored delta does: the `deltas.kind` column. The store's own codes, so that the schema
+/// and the wire (`chime_protocol::DeltaKind`) can change separately; today they share values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RecordKind(pub u8);
+
+impl RecordKind {
+    /// The room was created (seq 1); the body is the room's name.
+    pub const CREATE: RecordKind = RecordKind(1);
+    /// A message; the body is its text.
+    pub const MESSAGE: RecordKind = RecordKind(2);
+    /// The author joined; no body.
+    pub const JOIN: RecordKind = RecordKind(3);
+    /// The author left; no body.
+    pub const LEAVE: RecordKind = RecordKind(4);
+}
+
+/// A delta as the store keeps it (one row of `deltas`, with its author's name). The daemon turns
+/// it into the wire's `chime_protocol::Delta`; the two types change separately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaRecord {
+    /// The room.
+    pub room: RoomId,
+    /// Its position in the room's log.
+    pub seq: Seq,
+    /// What it does.
+    pub kind: RecordKind,
+    /// The author.
+    pub author_id: UserId,
+    /// The author's name.
+    pub author: String,
+    /// Commit time, Unix milliseconds.
+    pub ts_ms: i64,
+    /// The `body` column: a message's text, a created room's name, empty otherwise.
+    pub body: String,
 }
 
 /// A member of a room.
@@ -185,11 +228,11 @@ pub struct NewPost {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PostOutcome {
     /// Written; the new delta, to publish.
-    Inserted(Delta),
+    Inserted(DeltaRecord),
     /// The same (room, author, key) was written before: its seq and time. Nothing was written.
     Duplicate {
         /// The earlier delta's seq.
-        seq: u64,
+        seq: Seq,
         /// The earlier delta's time.
         ts_ms: i64,
     },
@@ -246,7 +289,7 @@ pub trait SharedStore: Send {
         owner_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> Result<(RoomRecord, Delta)>;
+    ) -> Result<(RoomRecord, DeltaRecord)>;
     /// A room by id.
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>>;
 
@@ -256,11 +299,13 @@ pub trait SharedStore: Send {
     fn rooms_page(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<Vec<RoomRecord>>;
     /// Whether a user is a member of a room.
     fn is_member(&mut self, room: RoomId, user: UserId) -> Result<bool>;
+    /// A room, its member count and `user`'s role in it; `None` when there is no such room.
+    fn room_details(&mut self, room: RoomId, user: UserId) -> Result<Option<RoomDetailsRecord>>;
     /// One page of members with user id > `after_user`, by user id.
     fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>>;
 
     /// Up to `limit` deltas of a room with seq > `after`, in seq order.
-    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>>;
+    fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>>;
 
     /// A cheap proof that the store works, errors classified like every other call's. SQLite
     /// commits a one-row write (so the file is writable, not locked, and the disk has room for a
@@ -285,9 +330,9 @@ pub trait Store: SharedStore {
         user_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> Result<Option<Delta>>;
+    ) -> Result<Option<DeltaRecord>>;
     /// Removes a member and appends a `LEAVE` delta. `NotMember` when not a member.
-    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Delta>;
+    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<DeltaRecord>;
     /// Group commit: every post in one transaction, outcomes in input order. Seqs within a room
     /// follow input order. A retry of a key already in the batch or the log is a `Duplicate`.
     fn append_posts(&mut self, posts: &[NewPost]) -> Result<Vec<PostOutcome>>;
@@ -323,16 +368,16 @@ pub(crate) fn created_room(
     owner: UserId,
     owner_name: &str,
     now_ms: i64,
-) -> (RoomRecord, Delta) {
-    let room = RoomRecord { id, name: name.into(), kind, last_seq: 1 };
-    let delta = Delta {
+) -> (RoomRecord, DeltaRecord) {
+    let room = RoomRecord { id, name: name.into(), kind, last_seq: Seq(1) };
+    let delta = DeltaRecord {
         room: id,
-        seq: 1,
-        kind: DeltaKind::CREATE,
+        seq: Seq(1),
+        kind: RecordKind::CREATE,
         author_id: owner,
         author: owner_name.into(),
         ts_ms: now_ms,
-        text: name.into(),
+        body: name.into(),
     };
     (room, delta)
 }
@@ -390,13 +435,13 @@ pub fn now_ms() -> i64 {
 
 /// An id or seq as both databases store it (signed 64-bit). Values past `i64::MAX` are never
 /// assigned, so clamping keeps lookups of such values empty instead of failing.
-fn to_db(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+fn to_db(v: impl Into<u64>) -> i64 {
+    i64::try_from(v.into()).unwrap_or(i64::MAX)
 }
 
 /// An id or seq read back; the schema never stores a negative one.
-fn from_db(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
+fn from_db<T: From<u64>>(v: i64) -> T {
+    T::from(u64::try_from(v).unwrap_or(0))
 }
 
 /// The database error under a failed migration, when the migration failed because the database

@@ -19,9 +19,9 @@ use postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, Result,
-    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
-    UserRecord,
+    from_db, now_ms, to_db, DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RecordKind,
+    Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore,
+    Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -74,6 +74,7 @@ struct Statements {
     rooms_page: Statement,
     touch_sessions: Statement,
     is_member: Statement,
+    room_details: Statement,
     members: Statement,
     lock_rooms: Statement,
     probe_posts: Statement,
@@ -144,6 +145,10 @@ impl Statements {
                  WHERE id = ANY($1) AND revoked_at IS NULL",
             )?,
             is_member: client.prepare("SELECT 1 FROM room_members WHERE room_id = $1 AND user_id = $2")?,
+            room_details: client.prepare(
+                "SELECT r.id, r.name, r.kind, r.last_seq, r.member_count, m.role FROM rooms r
+                 LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = $2 WHERE r.id = $1",
+            )?,
             members: client.prepare(
                 "SELECT m.user_id, u.name, m.role, m.muted FROM room_members m
                  JOIN users u ON u.id = m.user_id
@@ -347,26 +352,26 @@ impl PgStore {
         st: &Statements,
         tx: &mut Transaction<'_>,
         room: RoomId,
-        kind: DeltaKind,
+        kind: RecordKind,
         user: UserId,
         user_name: &str,
         now_ms: i64,
-    ) -> Result<Option<Delta>> {
+    ) -> Result<Option<DeltaRecord>> {
         let Some(row) = tx.query_opt(&st.bump_room, &[&to_db(room)]).map_err(pg_err)? else {
             return Ok(None);
         };
-        let delta = Delta {
+        let delta = DeltaRecord {
             room,
             seq: from_db(row.get(0)),
             kind,
             author_id: user,
             author: user_name.into(),
             ts_ms: now_ms,
-            text: String::new(),
+            body: String::new(),
         };
         tx.execute(
             &st.insert_delta,
-            &[&to_db(room), &to_db(delta.seq), &i16::from(kind.0), &to_db(user), &delta.text, &now_ms],
+            &[&to_db(room), &to_db(delta.seq), &i16::from(kind.0), &to_db(user), &delta.body, &now_ms],
         )
         .map_err(pg_err)?;
         Ok(Some(delta))
@@ -449,7 +454,7 @@ impl SharedStore for PgStore {
         owner_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> Result<(RoomRecord, Delta)> {
+    ) -> Result<(RoomRecord, DeltaRecord)> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
         Self::check_room_cap(&self.st, &mut tx, owner, max_rooms)?;
         let row =
@@ -458,7 +463,7 @@ impl SharedStore for PgStore {
         tx.execute(&self.st.add_member, &[&id, &to_db(owner), &"owner", &now_ms]).map_err(pg_err)?;
         tx.execute(
             &self.st.insert_delta,
-            &[&id, &1_i64, &i16::from(DeltaKind::CREATE.0), &to_db(owner), &name, &now_ms],
+            &[&id, &1_i64, &i16::from(RecordKind::CREATE.0), &to_db(owner), &name, &now_ms],
         )
         .map_err(pg_err)?;
         tx.commit().map_err(pg_err)?;
@@ -488,6 +493,12 @@ impl SharedStore for PgStore {
         Ok(row.is_some())
     }
 
+    fn room_details(&mut self, room: RoomId, user: UserId) -> Result<Option<RoomDetailsRecord>> {
+        let row = self.client.query_opt(&self.st.room_details, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
+        row.map(|row| Ok(RoomDetailsRecord { room: room_row(&row)?, members: from_db(row.get(4)), role: row.get(5) }))
+            .transpose()
+    }
+
     fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>> {
         let rows = self
             .client
@@ -504,21 +515,21 @@ impl SharedStore for PgStore {
             .collect())
     }
 
-    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>> {
+    fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>> {
         let rows = self
             .client
             .query(&self.st.deltas_after, &[&to_db(room), &to_db(after), &i64::from(limit)])
             .map_err(pg_err)?;
         rows.iter()
             .map(|row| {
-                Ok(Delta {
+                Ok(DeltaRecord {
                     room,
                     seq: from_db(row.get(0)),
-                    kind: DeltaKind(code(row.get(1))?),
+                    kind: RecordKind(code(row.get(1))?),
                     author_id: from_db(row.get(2)),
                     author: row.get(3),
                     ts_ms: row.get(4),
-                    text: row.get(5),
+                    body: row.get(5),
                 })
             })
             .collect()
@@ -542,11 +553,11 @@ impl Store for PgStore {
         user_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> Result<Option<Delta>> {
+    ) -> Result<Option<DeltaRecord>> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
         // The seq first: it takes the room's lock (the order every room write follows) and tells
         // whether the room exists. Dropping the transaction undoes it when nothing is joined.
-        let Some(delta) = Self::membership_delta(&self.st, &mut tx, room, DeltaKind::JOIN, user, user_name, now_ms)?
+        let Some(delta) = Self::membership_delta(&self.st, &mut tx, room, RecordKind::JOIN, user, user_name, now_ms)?
         else {
             return Err(StoreError::NotFound(format!("room {room}")));
         };
@@ -561,9 +572,9 @@ impl Store for PgStore {
         Ok(Some(delta))
     }
 
-    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Delta> {
+    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<DeltaRecord> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
-        let delta = Self::membership_delta(&self.st, &mut tx, room, DeltaKind::LEAVE, user, user_name, now_ms)?
+        let delta = Self::membership_delta(&self.st, &mut tx, room, RecordKind::LEAVE, user, user_name, now_ms)?
             .ok_or(StoreError::NotMember(room))?;
         let removed = tx.execute(&self.st.remove_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
         if removed == 0 {
@@ -623,7 +634,7 @@ impl Store for PgStore {
                 &[
                     &head_rooms,
                     &head_seqs,
-                    &i16::from(DeltaKind::MESSAGE.0),
+                    &i16::from(RecordKind::MESSAGE.0),
                     &rows.room,
                     &rows.seq,
                     &rows.author,
@@ -651,11 +662,11 @@ struct InsertColumns<'a> {
 }
 
 impl<'a> InsertColumns<'a> {
-    fn push(&mut self, delta: &'a Delta, key: Option<&'a str>) {
+    fn push(&mut self, delta: &'a DeltaRecord, key: Option<&'a str>) {
         self.room.push(to_db(delta.room));
         self.seq.push(to_db(delta.seq));
         self.author.push(to_db(delta.author_id));
-        self.body.push(&delta.text);
+        self.body.push(&delta.body);
         self.created_at.push(delta.ts_ms);
         self.key.push(key);
     }

@@ -25,9 +25,9 @@ use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehav
 
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, Result,
-    RoomId, RoomKind, RoomRecord, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
-    UserRecord,
+    from_db, now_ms, to_db, DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RecordKind,
+    Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore,
+    Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -299,7 +299,7 @@ fn next_seq(conn: &Connection, room: RoomId) -> Result<Option<u64>> {
 }
 
 /// Inserts one delta row.
-fn insert_delta(conn: &Connection, delta: &Delta, key: Option<&str>) -> Result<()> {
+fn insert_delta(conn: &Connection, delta: &DeltaRecord, key: Option<&str>) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, idempotency_key)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -310,7 +310,7 @@ fn insert_delta(conn: &Connection, delta: &Delta, key: Option<&str>) -> Result<(
             to_db(delta.seq),
             delta.kind.0,
             to_db(delta.author_id),
-            delta.text,
+            delta.body,
             delta.ts_ms,
             key,
         ])
@@ -323,14 +323,21 @@ fn insert_delta(conn: &Connection, delta: &Delta, key: Option<&str>) -> Result<(
 fn membership_delta(
     conn: &Connection,
     room: RoomId,
-    kind: DeltaKind,
+    kind: RecordKind,
     user: UserId,
     user_name: &str,
     now_ms: i64,
-) -> Result<Option<Delta>> {
+) -> Result<Option<DeltaRecord>> {
     let Some(seq) = next_seq(conn, room)? else { return Ok(None) };
-    let delta =
-        Delta { room, seq, kind, author_id: user, author: user_name.into(), ts_ms: now_ms, text: String::new() };
+    let delta = DeltaRecord {
+        room,
+        seq: Seq(seq),
+        kind,
+        author_id: user,
+        author: user_name.into(),
+        ts_ms: now_ms,
+        body: String::new(),
+    };
     insert_delta(conn, &delta, None)?;
     Ok(Some(delta))
 }
@@ -453,7 +460,7 @@ impl SharedStore for SqliteStore {
         owner_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> Result<(RoomRecord, Delta)> {
+    ) -> Result<(RoomRecord, DeltaRecord)> {
         self.write(|conn| {
             // BEGIN IMMEDIATE serializes writers, so the count cannot change before the insert.
             crate::check_room_cap(owner, room_count(conn, owner)?, max_rooms)?;
@@ -503,6 +510,21 @@ impl SharedStore for SqliteStore {
         is_member(&self.conn, room, user)
     }
 
+    fn room_details(&mut self, room: RoomId, user: UserId) -> Result<Option<RoomDetailsRecord>> {
+        self.conn
+            .prepare_cached(
+                "SELECT r.id, r.name, r.kind, r.last_seq, r.member_count, m.role FROM rooms r
+                 LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = ?2 WHERE r.id = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![to_db(room), to_db(user)], |row| {
+                    Ok(RoomDetailsRecord { room: room_row(row)?, members: from_db(row.get(4)?), role: row.get(5)? })
+                })
+                .optional()
+            })
+            .map_err(db_err)
+    }
+
     fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>> {
         self.conn
             .prepare_cached(
@@ -524,7 +546,7 @@ impl SharedStore for SqliteStore {
             .map_err(db_err)
     }
 
-    fn deltas_after(&mut self, room: RoomId, after: u64, limit: u32) -> Result<Vec<Delta>> {
+    fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>> {
         self.conn
             .prepare_cached(
                 "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body FROM deltas d
@@ -533,14 +555,14 @@ impl SharedStore for SqliteStore {
             )
             .and_then(|mut st| {
                 st.query_map(params![to_db(room), to_db(after), limit], |row| {
-                    Ok(Delta {
+                    Ok(DeltaRecord {
                         room,
                         seq: from_db(row.get(0)?),
-                        kind: DeltaKind(row.get(1)?),
+                        kind: RecordKind(row.get(1)?),
                         author_id: from_db(row.get(2)?),
                         author: row.get(3)?,
                         ts_ms: row.get(4)?,
-                        text: row.get(5)?,
+                        body: row.get(5)?,
                     })
                 })?
                 .collect()
@@ -576,7 +598,7 @@ impl Store for SqliteStore {
         user_name: &str,
         now_ms: i64,
         max_rooms: u64,
-    ) -> Result<Option<Delta>> {
+    ) -> Result<Option<DeltaRecord>> {
         self.write(|conn| {
             if !exists(conn, room)? {
                 return Err(StoreError::NotFound(format!("room {room}")));
@@ -586,14 +608,14 @@ impl Store for SqliteStore {
             }
             crate::check_room_cap(user, room_count(conn, user)?, max_rooms)?;
             add_member(conn, room, user, "member", now_ms)?;
-            match membership_delta(conn, room, DeltaKind::JOIN, user, user_name, now_ms)? {
+            match membership_delta(conn, room, RecordKind::JOIN, user, user_name, now_ms)? {
                 Some(delta) => Ok(Some(delta)),
                 None => Err(StoreError::NotFound(format!("room {room}"))),
             }
         })
     }
 
-    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<Delta> {
+    fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<DeltaRecord> {
         self.write(|conn| {
             let removed = conn
                 .prepare_cached("DELETE FROM room_members WHERE room_id = ?1 AND user_id = ?2")
@@ -602,7 +624,7 @@ impl Store for SqliteStore {
             if removed == 0 {
                 return Err(StoreError::NotMember(room));
             }
-            membership_delta(conn, room, DeltaKind::LEAVE, user, user_name, now_ms)?.ok_or(StoreError::NotMember(room))
+            membership_delta(conn, room, RecordKind::LEAVE, user, user_name, now_ms)?.ok_or(StoreError::NotMember(room))
         })
     }
 
@@ -906,12 +928,12 @@ mod tests {
         store.conn.execute_batch(&format!("PRAGMA max_page_count = {pages}")).expect("limit");
         let err = store.append_posts(&[message(room.id, &ada, "k", "x".repeat(64 << 10))]).expect_err("full");
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
-        assert_eq!(store.deltas_after(room.id, 0, 100).expect("log").len(), 1, "nothing written");
-        assert_eq!(store.room(room.id).expect("room").expect("exists").last_seq, 1);
+        assert_eq!(store.deltas_after(room.id, Seq(0), 100).expect("log").len(), 1, "nothing written");
+        assert_eq!(store.room(room.id).expect("room").expect("exists").last_seq, Seq(1));
 
         store.conn.execute_batch("PRAGMA max_page_count = 1073741823").expect("room again");
         let out = store.append_posts(&[message(room.id, &ada, "k", "x".repeat(64 << 10))]).expect("append");
-        assert!(matches!(&out[0], PostOutcome::Inserted(d) if d.seq == 2), "{out:?}");
+        assert!(matches!(&out[0], PostOutcome::Inserted(d) if d.seq == Seq(2)), "{out:?}");
     }
 
     #[test]

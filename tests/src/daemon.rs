@@ -381,7 +381,7 @@ impl Daemon {
         let Some(token) = authed.token else {
             panic!("register {unique}: AUTHED carries no token");
         };
-        TestUser { client, name: unique, user_id: authed.user_id, token }
+        TestUser { client, name: unique, user_id: authed.user_id.get(), token }
     }
 
     /// A registered, logged-in client with a unique name starting with `name`.

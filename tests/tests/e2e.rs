@@ -36,3 +36,5 @@ mod slow_consumer;
 mod sync_race;
 #[path = "e2e/tls.rs"]
 mod tls;
+#[path = "e2e/wire.rs"]
+mod wire;

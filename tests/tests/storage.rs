@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::thread;
 
 use chime_storage::{
-    Delta, DeltaKind, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RoomId, RoomKind, RoomRecord,
-    SessionLimits, SessionRecord, Store, StoreError, UserRecord,
+    DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RecordKind, RoomId, RoomKind, RoomRecord,
+    Seq, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -74,6 +74,7 @@ conformance! {
         ping_on_a_healthy_store,
         create_room_starts_the_log,
         join_and_leave,
+        room_details_count_members_without_counting_rows,
         rooms_per_user_are_capped,
         rooms_of_user,
         members_are_paged,
@@ -141,19 +142,19 @@ fn post(room: RoomId, author: &UserRecord, key: &str, text: &str) -> NewPost {
     }
 }
 
-fn inserted(outcome: &PostOutcome) -> &Delta {
+fn inserted(outcome: &PostOutcome) -> &DeltaRecord {
     match outcome {
         PostOutcome::Inserted(delta) => delta,
         other => panic!("expected an inserted delta, got {other:?}"),
     }
 }
 
-fn log(store: &mut dyn Store, room: RoomId) -> Vec<Delta> {
-    store.deltas_after(room, 0, 10_000).expect("deltas")
+fn log(store: &mut dyn Store, room: RoomId) -> Vec<DeltaRecord> {
+    store.deltas_after(room, Seq(0), 10_000).expect("deltas")
 }
 
-fn seqs(deltas: &[Delta]) -> Vec<u64> {
-    deltas.iter().map(|d| d.seq).collect()
+fn seqs(deltas: &[DeltaRecord]) -> Vec<u64> {
+    deltas.iter().map(|d| d.seq.get()).collect()
 }
 
 fn users(store: &mut dyn Store) {
@@ -190,7 +191,7 @@ fn sessions(store: &mut dyn Store) {
 
     assert_eq!(store.list_sessions(ada.id, T0 + 30, &LIMITS).expect("list"), [a1.clone(), a2.clone()]);
     assert_eq!(store.list_sessions(bob.id, T0 + 30, &LIMITS).expect("list"), std::slice::from_ref(&b1));
-    assert!(store.list_sessions(9_999, T0, &LIMITS).expect("unknown user").is_empty());
+    assert!(store.list_sessions(UserId(9_999), T0, &LIMITS).expect("unknown user").is_empty());
 
     // Logging in records the use and returns the user and the updated session.
     let (who, session) = store.session_user(&[1; 32], T0 + 100, &LIMITS).expect("lookup").expect("live");
@@ -275,23 +276,23 @@ fn ping_on_a_healthy_store(store: &mut dyn Store) {
 fn create_room_starts_the_log(store: &mut dyn Store) {
     let ada = user(store, "ada");
     let (room, delta) = store.create_room("lobby", RoomKind::GROUP, ada.id, "ada", T0, MAX_ROOMS).expect("create");
-    assert_eq!((room.name.as_str(), room.kind, room.last_seq), ("lobby", RoomKind::GROUP, 1));
-    let expected = Delta {
+    assert_eq!((room.name.as_str(), room.kind, room.last_seq), ("lobby", RoomKind::GROUP, Seq(1)));
+    let expected = DeltaRecord {
         room: room.id,
-        seq: 1,
-        kind: DeltaKind::CREATE,
+        seq: Seq(1),
+        kind: RecordKind::CREATE,
         author_id: ada.id,
         author: "ada".into(),
         ts_ms: T0,
-        text: "lobby".into(),
+        body: "lobby".into(),
     };
     assert_eq!(delta, expected);
     assert_eq!(log(store, room.id), [expected]);
     assert_eq!(store.room(room.id).expect("room"), Some(room.clone()));
-    assert_eq!(store.room(room.id + 1000).expect("no room"), None);
+    assert_eq!(store.room(RoomId(room.id.get() + 1000)).expect("no room"), None);
     assert!(store.is_member(room.id, ada.id).expect("is_member"));
     let owner = MemberRecord { user_id: ada.id, name: "ada".into(), role: "owner".into(), muted: false };
-    assert_eq!(store.members(room.id, 0, 10).expect("members"), [owner]);
+    assert_eq!(store.members(room.id, UserId(0), 10).expect("members"), [owner]);
     let other = store.create_room("lobby", RoomKind::GROUP, ada.id, "ada", T0, MAX_ROOMS).expect("same name").0;
     assert_ne!(other.id, room.id, "room names need not be unique");
 }
@@ -304,14 +305,14 @@ fn join_and_leave(store: &mut dyn Store) {
     let join = store.join_room(lobby.id, bob.id, "bob", T0 + 1, MAX_ROOMS).expect("join").expect("a JOIN delta");
     assert_eq!(
         join,
-        Delta {
+        DeltaRecord {
             room: lobby.id,
-            seq: 2,
-            kind: DeltaKind::JOIN,
+            seq: Seq(2),
+            kind: RecordKind::JOIN,
             author_id: bob.id,
             author: "bob".into(),
             ts_ms: T0 + 1,
-            text: String::new()
+            body: String::new()
         }
     );
     assert!(store.is_member(lobby.id, bob.id).expect("is_member"));
@@ -319,23 +320,50 @@ fn join_and_leave(store: &mut dyn Store) {
     assert_eq!(store.join_room(lobby.id, ada.id, "ada", T0 + 2, MAX_ROOMS).expect("owner joins"), None);
     assert_eq!(store.room(lobby.id).expect("room").expect("exists").last_seq, 2, "no seq for a no-op join");
 
-    let err = store.join_room(lobby.id + 1000, bob.id, "bob", T0, MAX_ROOMS).expect_err("no such room");
+    let err = store.join_room(RoomId(lobby.id.get() + 1000), bob.id, "bob", T0, MAX_ROOMS).expect_err("no such room");
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 
     let leave = store.leave_room(lobby.id, bob.id, "bob", T0 + 3).expect("leave");
-    assert_eq!((leave.seq, leave.kind, leave.author.as_str(), leave.text.as_str()), (3, DeltaKind::LEAVE, "bob", ""));
+    assert_eq!(
+        (leave.seq, leave.kind, leave.author.as_str(), leave.body.as_str()),
+        (Seq(3), RecordKind::LEAVE, "bob", "")
+    );
     assert!(!store.is_member(lobby.id, bob.id).expect("is_member"));
     let err = store.leave_room(lobby.id, bob.id, "bob", T0 + 4).expect_err("not a member");
     assert!(matches!(err, StoreError::NotMember(r) if r == lobby.id), "{err:?}");
-    let err = store.leave_room(lobby.id + 1000, bob.id, "bob", T0 + 4).expect_err("no such room");
+    let err = store.leave_room(RoomId(lobby.id.get() + 1000), bob.id, "bob", T0 + 4).expect_err("no such room");
     assert!(matches!(err, StoreError::NotMember(_)), "{err:?}");
 
     // Rejoining after leaving is a new membership with its own delta.
     let rejoin = store.join_room(lobby.id, bob.id, "bob", T0 + 5, MAX_ROOMS).expect("rejoin").expect("a JOIN delta");
     assert_eq!(rejoin.seq, 4);
-    let kinds: Vec<DeltaKind> = log(store, lobby.id).iter().map(|d| d.kind).collect();
-    assert_eq!(kinds, [DeltaKind::CREATE, DeltaKind::JOIN, DeltaKind::LEAVE, DeltaKind::JOIN]);
+    let kinds: Vec<RecordKind> = log(store, lobby.id).iter().map(|d| d.kind).collect();
+    assert_eq!(kinds, [RecordKind::CREATE, RecordKind::JOIN, RecordKind::LEAVE, RecordKind::JOIN]);
     assert_eq!(seqs(&log(store, lobby.id)), [1, 2, 3, 4]);
+}
+
+/// The member count follows every join and leave (a no-op join changes nothing), and the role is
+/// the asker's; it is kept in the room's row, not counted.
+fn room_details_count_members_without_counting_rows(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cy = user(store, "cy");
+    let lobby = room(store, "lobby", &ada);
+    let details = |store: &mut dyn Store, who: &UserRecord| {
+        let d = store.room_details(lobby.id, who.id).expect("details").expect("the room exists");
+        (d.members, d.role)
+    };
+    assert_eq!(details(store, &ada), (1, Some("owner".into())));
+    assert_eq!(details(store, &bob), (1, None), "a stranger sees the count but has no role");
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join again");
+    store.join_room(lobby.id, cy.id, "cy", T0, MAX_ROOMS).expect("join");
+    assert_eq!(details(store, &bob), (3, Some("member".into())));
+    store.leave_room(lobby.id, cy.id, "cy", T0).expect("leave");
+    assert_eq!(details(store, &ada), (2, Some("owner".into())));
+    let d = store.room_details(lobby.id, ada.id).expect("details").expect("exists");
+    assert_eq!((d.room.name.as_str(), d.room.last_seq), ("lobby", Seq(4)), "CREATE, 2 JOINs, a LEAVE");
+    assert_eq!(store.room_details(RoomId(lobby.id.get() + 1000), ada.id).expect("details"), None);
 }
 
 fn rooms_per_user_are_capped(store: &mut dyn Store) {
@@ -357,17 +385,17 @@ fn rooms_per_user_are_capped(store: &mut dyn Store) {
     assert!(matches!(err, StoreError::LimitReached(_)), "{err:?}");
     assert_eq!(store.rooms_of_user(ada.id).expect("ada's rooms"), mine);
     assert!(!store.is_member(caras.id, ada.id).expect("is_member"));
-    assert_eq!(store.members(caras.id, 0, 10).expect("members").len(), 1);
+    assert_eq!(store.members(caras.id, UserId(0), 10).expect("members").len(), 1);
     assert_eq!(seqs(&log(store, caras.id)), [1], "no JOIN delta");
     assert_eq!(store.room(caras.id).expect("room").expect("exists").last_seq, 1);
-    for id in own.id + 1..=own.id + 3 {
+    for id in (own.id.get() + 1..=own.id.get() + 3).map(RoomId) {
         assert_eq!(store.room(id).expect("room"), None, "no room was created");
     }
 
     // Rooms one is in already are no new membership: still Ok(None) at the cap.
     assert_eq!(store.join_room(bobs.id, ada.id, "ada", T0, CAP).expect("rejoin"), None);
     assert_eq!(store.join_room(own.id, ada.id, "ada", T0, CAP).expect("rejoin own"), None);
-    let err = store.join_room(caras.id + 1_000, ada.id, "ada", T0, CAP).expect_err("no such room");
+    let err = store.join_room(RoomId(caras.id.get() + 1_000), ada.id, "ada", T0, CAP).expect_err("no such room");
     assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
 
     // Leaving frees a place; other users are not affected by ada's count.
@@ -391,16 +419,16 @@ fn rooms_of_user(store: &mut dyn Store) {
     assert_eq!(ids(store.rooms_of_user(ada.id).expect("ada's rooms")), [a.id, b.id]);
     assert_eq!(ids(store.rooms_of_user(bob.id).expect("bob's rooms")), [a.id, c.id]);
     // Paged: by id, after a cursor, at most `limit`.
-    assert_eq!(ids(store.rooms_page(ada.id, 0, 1).expect("page 1")), [a.id]);
+    assert_eq!(ids(store.rooms_page(ada.id, RoomId(0), 1).expect("page 1")), [a.id]);
     assert_eq!(ids(store.rooms_page(ada.id, a.id, 1).expect("page 2")), [b.id]);
     assert!(store.rooms_page(ada.id, b.id, 1).expect("past the end").is_empty());
-    assert_eq!(ids(store.rooms_page(bob.id, 0, 10).expect("all")), [a.id, c.id]);
+    assert_eq!(ids(store.rooms_page(bob.id, RoomId(0), 10).expect("all")), [a.id, c.id]);
     // The records carry each room's head.
     let bobs = store.rooms_of_user(bob.id).expect("bob's rooms");
-    assert_eq!(bobs[0], RoomRecord { last_seq: 2, ..a });
+    assert_eq!(bobs[0], RoomRecord { last_seq: Seq(2), ..a });
     store.leave_room(a.id, bob.id, "bob", T0).expect("leave");
     assert_eq!(ids(store.rooms_of_user(bob.id).expect("bob's rooms")), [c.id]);
-    assert!(store.rooms_of_user(9_999).expect("unknown user").is_empty());
+    assert!(store.rooms_of_user(UserId(9_999)).expect("unknown user").is_empty());
 }
 
 fn members_are_paged(store: &mut dyn Store) {
@@ -414,7 +442,7 @@ fn members_are_paged(store: &mut dyn Store) {
     }
     all.sort();
     let mut pages = Vec::new();
-    let mut after = 0;
+    let mut after = Default::default();
     loop {
         let page = store.members(lobby.id, after, 3).expect("page");
         assert!(page.len() <= 3);
@@ -423,16 +451,16 @@ fn members_are_paged(store: &mut dyn Store) {
         pages.push(page);
     }
     assert_eq!(pages.len(), 3, "7 members in pages of 3");
-    let got: Vec<(u64, String, &str)> = pages
+    let got: Vec<(UserId, String, &str)> = pages
         .iter()
         .flatten()
         .inspect(|m| assert!(!m.muted))
         .map(|m| (m.user_id, m.name.clone(), m.role.as_str()))
         .collect();
-    let want: Vec<(u64, String, &str)> = all.iter().map(|(id, name, role)| (*id, name.clone(), *role)).collect();
+    let want: Vec<(UserId, String, &str)> = all.iter().map(|(id, name, role)| (*id, name.clone(), *role)).collect();
     assert_eq!(got, want);
-    assert!(store.members(lobby.id + 1000, 0, 10).expect("no room").is_empty());
-    assert!(store.members(lobby.id, 0, 0).expect("limit 0").is_empty());
+    assert!(store.members(RoomId(lobby.id.get() + 1000), UserId(0), 10).expect("no room").is_empty());
+    assert!(store.members(lobby.id, UserId(0), 0).expect("limit 0").is_empty());
 }
 
 fn posts_take_contiguous_seqs_in_input_order(store: &mut dyn Store) {
@@ -452,18 +480,18 @@ fn posts_take_contiguous_seqs_in_input_order(store: &mut dyn Store) {
         post(r2.id, &ada, "", "tres"),
     ];
     let outcomes = store.append_posts(&batch).expect("append");
-    let got: Vec<(RoomId, u64)> = outcomes.iter().map(inserted).map(|d| (d.room, d.seq)).collect();
+    let got: Vec<(RoomId, u64)> = outcomes.iter().map(inserted).map(|d| (d.room, d.seq.get())).collect();
     assert_eq!(got, [(r1.id, 2), (r2.id, 3), (r1.id, 3), (r2.id, 4), (r1.id, 4), (r2.id, 5)]);
     for (outcome, post) in outcomes.iter().zip(&batch) {
         let d = inserted(outcome);
         assert_eq!(
-            (d.kind, d.author_id, d.author.as_str(), d.text.as_str(), d.ts_ms),
-            (DeltaKind::MESSAGE, post.author_id, post.author.as_str(), post.text.as_str(), post.now_ms)
+            (d.kind, d.author_id, d.author.as_str(), d.body.as_str(), d.ts_ms),
+            (RecordKind::MESSAGE, post.author_id, post.author.as_str(), post.text.as_str(), post.now_ms)
         );
     }
     // The log holds exactly what was returned, after the earlier deltas.
     for r in [r1.id, r2.id] {
-        let returned: Vec<Delta> = outcomes.iter().map(inserted).filter(|d| d.room == r).cloned().collect();
+        let returned: Vec<DeltaRecord> = outcomes.iter().map(inserted).filter(|d| d.room == r).cloned().collect();
         let logged = log(store, r);
         assert_eq!(logged[logged.len() - returned.len()..], returned[..]);
         assert_eq!(seqs(&logged), (1..=logged.len() as u64).collect::<Vec<_>>());
@@ -487,15 +515,15 @@ fn duplicate_keys_write_nothing(store: &mut dyn Store) {
         .expect("append");
     let d = inserted(&first[0]).clone();
     assert_eq!(d.seq, 3);
-    assert_eq!(first[1], PostOutcome::Duplicate { seq: 3, ts_ms: d.ts_ms }, "repeat within a batch");
+    assert_eq!(first[1], PostOutcome::Duplicate { seq: Seq(3), ts_ms: d.ts_ms }, "repeat within a batch");
     // Keys are per author: bob's "same" is a different post.
     assert_eq!(inserted(&first[2]).seq, 4);
 
     let again =
         store.append_posts(&[post(r.id, &bob, "new", "x"), retry, post(r.id, &bob, "same", "y")]).expect("append");
     assert_eq!(inserted(&again[0]).seq, 5);
-    assert_eq!(again[1], PostOutcome::Duplicate { seq: 3, ts_ms: d.ts_ms }, "repeat across batches");
-    assert_eq!(again[2], PostOutcome::Duplicate { seq: 4, ts_ms: T0 + 5 });
+    assert_eq!(again[1], PostOutcome::Duplicate { seq: Seq(3), ts_ms: d.ts_ms }, "repeat across batches");
+    assert_eq!(again[2], PostOutcome::Duplicate { seq: Seq(4), ts_ms: T0 + 5 });
 
     let logged = log(store, r.id);
     assert_eq!(seqs(&logged), [1, 2, 3, 4, 5], "duplicates take no seq");
@@ -511,7 +539,7 @@ fn non_members_write_nothing(store: &mut dyn Store) {
         .append_posts(&[
             post(r.id, &ada, "a", "kept"),
             post(r.id, &eve, "e", "not a member"),
-            post(r.id + 1000, &ada, "x", "no such room"),
+            post(RoomId(r.id.get() + 1000), &ada, "x", "no such room"),
             post(r.id, &ada, "b", "kept too"),
         ])
         .expect("append");
@@ -519,9 +547,9 @@ fn non_members_write_nothing(store: &mut dyn Store) {
     assert_eq!(outcomes[1], PostOutcome::NotMember);
     assert_eq!(outcomes[2], PostOutcome::NotMember);
     assert_eq!(inserted(&outcomes[3]).seq, 3);
-    let texts: Vec<String> = log(store, r.id).into_iter().map(|d| d.text).collect();
+    let texts: Vec<String> = log(store, r.id).into_iter().map(|d| d.body).collect();
     assert_eq!(texts, ["r", "kept", "kept too"]);
-    assert!(log(store, r.id + 1000).is_empty());
+    assert!(log(store, RoomId(r.id.get() + 1000)).is_empty());
 
     // Once eve joins, her key was never used, so the same post now goes in.
     store.join_room(r.id, eve.id, "eve", T0, MAX_ROOMS).expect("join");
@@ -535,7 +563,7 @@ fn deltas_after_pages(store: &mut dyn Store) {
     let batch: Vec<NewPost> = (0..10).map(|i| post(r.id, &ada, &format!("k{i}"), &format!("m{i}"))).collect();
     store.append_posts(&batch).expect("append");
     let mut seen = Vec::new();
-    let mut after = 0;
+    let mut after = Default::default();
     loop {
         let page = store.deltas_after(r.id, after, 3).expect("page");
         assert!(page.len() <= 3);
@@ -545,11 +573,11 @@ fn deltas_after_pages(store: &mut dyn Store) {
     }
     assert_eq!(seqs(&seen), (1..=11).collect::<Vec<_>>());
     assert!(seen.iter().all(|d| d.room == r.id && d.author == "ada"));
-    assert_eq!(seen[1].text, "m0");
-    assert_eq!(seqs(&store.deltas_after(r.id, 9, 100).expect("tail")), [10, 11]);
-    assert!(store.deltas_after(r.id, 11, 100).expect("at head").is_empty());
-    assert!(store.deltas_after(r.id, u64::MAX, 100).expect("past head").is_empty());
-    assert!(store.deltas_after(r.id, 0, 0).expect("limit 0").is_empty());
+    assert_eq!(seen[1].body, "m0");
+    assert_eq!(seqs(&store.deltas_after(r.id, Seq(9), 100).expect("tail")), [10, 11]);
+    assert!(store.deltas_after(r.id, Seq(11), 100).expect("at head").is_empty());
+    assert!(store.deltas_after(r.id, Seq(u64::MAX), 100).expect("past head").is_empty());
+    assert!(store.deltas_after(r.id, Seq(0), 0).expect("limit 0").is_empty());
 }
 
 /// Writers on separate connections posting into the same rooms at once: every post gets a seq,
@@ -600,9 +628,9 @@ fn concurrent_writers_leave_no_gaps(db: &Db) {
     let mut returned: BTreeMap<(RoomId, u64), String> = BTreeMap::new();
     for (post, outcome) in results.iter().flatten() {
         let d = inserted(outcome);
-        assert_eq!((d.room, d.text.as_str()), (post.room, post.text.as_str()));
+        assert_eq!((d.room, d.body.as_str()), (post.room, post.text.as_str()));
         assert!(
-            returned.insert((d.room, d.seq), d.text.clone()).is_none(),
+            returned.insert((d.room, d.seq.get()), d.body.clone()).is_none(),
             "seq {} of room {} handed out twice",
             d.seq,
             d.room
@@ -612,10 +640,10 @@ fn concurrent_writers_leave_no_gaps(db: &Db) {
     for r in rooms {
         let logged = log(&mut *check, r);
         assert_eq!(seqs(&logged), (1..=logged.len() as u64).collect::<Vec<_>>(), "room {r} has gaps");
-        let messages: Vec<&Delta> = logged.iter().filter(|d| d.kind == DeltaKind::MESSAGE).collect();
+        let messages: Vec<&DeltaRecord> = logged.iter().filter(|d| d.kind == RecordKind::MESSAGE).collect();
         assert_eq!(messages.len(), returned.keys().filter(|(room, _)| *room == r).count());
         for d in messages {
-            assert_eq!(returned.get(&(r, d.seq)), Some(&d.text), "the log and the outcomes disagree");
+            assert_eq!(returned.get(&(r, d.seq.get())), Some(&d.body), "the log and the outcomes disagree");
         }
         assert_eq!(check.room(r).expect("room").expect("exists").last_seq, logged.len() as u64);
     }
@@ -623,7 +651,7 @@ fn concurrent_writers_leave_no_gaps(db: &Db) {
     for writer in &results {
         for r in rooms {
             let mine: Vec<u64> =
-                writer.iter().map(|(_, o)| inserted(o)).filter(|d| d.room == r).map(|d| d.seq).collect();
+                writer.iter().map(|(_, o)| inserted(o)).filter(|d| d.room == r).map(|d| d.seq.get()).collect();
             assert!(mine.windows(2).all(|w| w[0] < w[1]), "{mine:?}");
         }
     }
@@ -638,7 +666,7 @@ fn concurrent_joins_respect_the_room_cap(db: &Db) {
     let owner = user(&mut *setup, "owner");
     let ada = user(&mut *setup, "ada");
     let rooms: Vec<RoomId> = (0..ROOMS).map(|i| room(&mut *setup, &format!("r{i}"), &owner).id).collect();
-    let outcomes: Vec<Result<Option<Delta>, StoreError>> = thread::scope(|s| {
+    let outcomes: Vec<Result<Option<DeltaRecord>, StoreError>> = thread::scope(|s| {
         let handles: Vec<_> = rooms
             .iter()
             .map(|&r| {
@@ -689,7 +717,7 @@ fn reopening_keeps_everything(db: &Db) {
     let (who, _) = store.session_user(&[7; 32], T0 + 1, &LIMITS).expect("session").expect("live");
     assert_eq!(who, ada);
     assert_eq!(log(&mut *store, r.id).last(), Some(&last));
-    assert_eq!(store.rooms_of_user(ada.id).expect("rooms"), [RoomRecord { last_seq: 2, ..r.clone() }]);
+    assert_eq!(store.rooms_of_user(ada.id).expect("rooms"), [RoomRecord { last_seq: Seq(2), ..r.clone() }]);
     // A retry after the restart is still recognised, and new posts continue the log.
     let out =
         store.append_posts(&[post(r.id, &ada, "k", "persisted"), post(r.id, &ada, "k2", "after")]).expect("append");

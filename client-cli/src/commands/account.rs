@@ -29,7 +29,7 @@ pub fn login(ctx: &mut Ctx, user: &str) -> Result<(), CallError> {
 /// Stores the session of a fresh `AUTHED` and prints who is logged in.
 fn store(ctx: &mut Ctx, authed: Authed, what: &str) -> Result<(), CallError> {
     let token = authed.token.ok_or_else(|| anyhow!("{} sent no session token with AUTHED", ctx.server))?;
-    let session = Session { token, user: authed.user, user_id: authed.user_id };
+    let session = Session { token, user: authed.user, user_id: authed.user_id.get() };
     ctx.home.store_session(&ctx.server, session.clone())?;
     print_user(ctx, &session, what)
 }
@@ -50,6 +50,17 @@ pub fn logout(ctx: &mut Ctx) -> Result<(), CallError> {
     }
     ctx.home.remove_session(&ctx.server)?;
     print_user(ctx, &session, "logged out")
+}
+
+/// `whoami`: the user this home's session logs in as, as the server knows it.
+pub fn whoami(ctx: &mut Ctx) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let me = client.whoami()?;
+    ctx.out.record(
+        &json!({"user": me.user, "user_id": me.user_id, "session": me.session}),
+        &format!("{} (user {}, session {})", me.user, me.user_id, me.session),
+    )?;
+    Ok(())
 }
 
 /// `sessions`: one record per live session of the account.

@@ -8,7 +8,7 @@ use crate::connect::{CallError, Ctx};
 use anyhow::anyhow;
 use chime_client::backoff::Backoff;
 use chime_client::blocking::{new_idempotency_key, Client, ClientError};
-use chime_protocol::Posted;
+use chime_protocol::{Posted, RoomId, Seq};
 use serde_json::json;
 use std::time::Duration;
 
@@ -54,7 +54,7 @@ fn post_once(ctx: &Ctx, client: &mut Option<Client>, room: u64, key: &str, text:
         Some(connected) => connected,
         None => client.insert(ctx.connect_authed()?.0),
     };
-    Ok(connected.post(room, key, text)?)
+    Ok(connected.post(RoomId(room), key, text)?)
 }
 
 /// `history ROOM [--after SEQ] [--limit N]`: deltas oldest first, page after page.
@@ -64,7 +64,7 @@ pub fn history(ctx: &mut Ctx, room: u64, after: u64, limit: Option<u64>) -> Resu
     let mut remaining = limit.unwrap_or(u64::MAX);
     while remaining > 0 {
         let ask = u32::try_from(remaining.min(HISTORY_PAGE)).unwrap_or(u32::MAX);
-        let page = client.history(room, after, ask)?;
+        let page = client.history(RoomId(room), Seq(after), ask)?;
         for delta in &page.deltas {
             if remaining == 0 {
                 break;
@@ -75,14 +75,14 @@ pub fn history(ctx: &mut Ctx, room: u64, after: u64, limit: Option<u64>) -> Resu
         if !page.more {
             break;
         }
-        if page.resume_after <= after {
+        if page.resume_after.get() <= after {
             // Asking again from the same place would loop forever.
             return Err(CallError::Local(anyhow!(
                 "{} sent a HISTORY page for room {room} that does not advance past seq {after}",
                 ctx.server
             )));
         }
-        after = page.resume_after;
+        after = page.resume_after.get();
     }
     Ok(())
 }

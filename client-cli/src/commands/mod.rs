@@ -28,10 +28,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Register { user } => account::register(&mut ctx, &user),
         Command::Login { user } => account::login(&mut ctx, &user),
         Command::Logout => account::logout(&mut ctx),
+        Command::Whoami => account::whoami(&mut ctx),
         Command::Room { command } => match command {
             RoomCommand::Create { name } => room::create(&mut ctx, &name),
             RoomCommand::Join { room } => room::join(&mut ctx, room),
             RoomCommand::Leave { room } => room::leave(&mut ctx, room),
+            RoomCommand::Info { room } => room::info(&mut ctx, room),
         },
         Command::Rooms => room::list(&mut ctx),
         Command::Members { room } => room::members(&mut ctx, room),

@@ -1,6 +1,7 @@
-//! `room create|join|leave`, `rooms` and `members`.
+//! `room create|join|leave|info`, `rooms` and `members`.
 
 use crate::connect::{CallError, Ctx};
+use chime_protocol::RoomId;
 use serde_json::json;
 
 /// `room create NAME`: a group room owned by the caller.
@@ -17,7 +18,7 @@ pub fn create(ctx: &mut Ctx, name: &str) -> Result<(), CallError> {
 /// `room join ROOM`.
 pub fn join(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;
-    let info = client.join_room(room)?;
+    let info = client.join_room(RoomId(room))?;
     ctx.out.record(&json!({"room": info.room}), &format!("joined room #{} {}", info.room, info.name))?;
     Ok(())
 }
@@ -25,8 +26,35 @@ pub fn join(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
 /// `room leave ROOM`.
 pub fn leave(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;
-    client.leave_room(room)?;
+    client.leave_room(RoomId(room))?;
     ctx.out.record(&json!({"room": room}), &format!("left room #{room}"))?;
+    Ok(())
+}
+
+/// `room info ROOM`: its name, kind, head seq, member count and the caller's role.
+pub fn info(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let d = client.get_room(RoomId(room))?;
+    let kind = d.info.kind.name().map_or_else(|| d.info.kind.0.to_string(), str::to_ascii_lowercase);
+    ctx.out.record(
+        &json!({
+            "room": d.info.room,
+            "name": d.info.name,
+            "kind": kind,
+            "head": d.info.head_seq,
+            "members": d.members,
+            "role": d.role,
+        }),
+        &format!(
+            "#{} {} ({kind}): latest seq {}, {} member{}, you are {}",
+            d.info.room,
+            d.info.name,
+            d.info.head_seq,
+            d.members,
+            if d.members == 1 { "" } else { "s" },
+            d.role
+        ),
+    )?;
     Ok(())
 }
 
@@ -47,7 +75,7 @@ pub fn list(ctx: &mut Ctx) -> Result<(), CallError> {
 /// `members ROOM`: one record per member.
 pub fn members(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;
-    for member in client.members(room)? {
+    for member in client.members(RoomId(room))? {
         ctx.out.record(
             &json!({"room": room, "user": member.user, "user_id": member.user_id, "role": member.role}),
             &format!("{} (user {}) {}", member.user, member.user_id, member.role),

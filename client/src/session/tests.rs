@@ -4,7 +4,8 @@
 
 use super::*;
 use chime_protocol::{
-    Authed, DeltaKind, Empty, ErrorCode, ListRooms, Post, Posted, Resume, RoomList, RoomRef, MAX_FRAME,
+    Authed, DeltaBody, DeltaKind, Empty, ErrorCode, Limits, ListRooms, Post, Posted, Resume, RoomList, RoomRef, UserId,
+    MAX_FRAME,
 };
 
 /// The server side of a session under test.
@@ -62,7 +63,7 @@ impl Peer {
         self.events()
             .into_iter()
             .filter_map(|e| match e {
-                Event::Delta { delta, .. } => Some(delta.seq),
+                Event::Delta { delta, .. } => Some(delta.seq.get()),
                 _ => None,
             })
             .collect()
@@ -86,40 +87,44 @@ impl Peer {
     /// Answers SYNC `id` for `room` with one final page of `seqs` after `after`, then SYNC_DONE.
     fn answer_sync(&mut self, id: u32, room: u64, after: u64, last: u64) {
         self.reply(id, ServerFrame::DeltaPage(page(room, after, last, false)));
-        self.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room, seq: last.max(after) }] }));
+        let head = RoomCursor { room: RoomId(room), seq: Seq(last.max(after)) };
+        self.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![head] }));
     }
 }
 
 fn welcome(heartbeat_secs: u32) -> Welcome {
     Welcome {
         protocol_version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
         server_name: "test".into(),
         server_version: "0".into(),
-        max_frame: DEFAULT_MAX_FRAME,
-        heartbeat_secs,
+        limits: Limits { heartbeat_secs, ..Limits::default() },
     }
 }
 
 fn delta(room: u64, seq: u64) -> Delta {
     Delta {
-        room,
-        seq,
-        kind: DeltaKind::MESSAGE,
-        author_id: 1,
+        room: RoomId(room),
+        seq: Seq(seq),
+        author_id: UserId(1),
         author: "ann".into(),
         ts_ms: 1_700_000_000_000,
-        text: format!("m{seq}"),
+        body: DeltaBody::message(format!("m{seq}")),
     }
 }
 
 /// A page of `room` holding `after + 1 ..= last` (empty when `last <= after`).
 fn page(room: u64, after: u64, last: u64, more: bool) -> DeltaPage {
     let deltas: Vec<Delta> = (after + 1..=last).map(|s| delta(room, s)).collect();
-    DeltaPage { room, deltas, more, resume_after: last.max(after) }
+    DeltaPage { room: RoomId(room), deltas, more, resume_after: Seq(last.max(after)) }
 }
 
 fn sync(rooms: &[(u64, u64)]) -> ClientFrame {
-    ClientFrame::Sync(Sync { rooms: rooms.iter().map(|&(room, seq)| RoomCursor { room, seq }).collect(), page_size: 2 })
+    ClientFrame::Sync(Sync {
+        rooms: rooms.iter().map(|&(room, seq)| RoomCursor { room: room.into(), seq: seq.into() }).collect(),
+        page_size: 2,
+    })
 }
 
 fn is_protocol_violation(event: &Event, id: u32, needle: &str) -> bool {
@@ -139,7 +144,8 @@ fn hello_is_request_one_with_the_configured_names() {
     assert_eq!((raw.ty, raw.request_id), (FrameType::HELLO, 1));
     let hello = Hello {
         magic: MAGIC,
-        protocol_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
         client_name: "tester".into(),
         client_version: "9.9".into(),
     };
@@ -192,7 +198,7 @@ fn requests_may_be_pipelined_before_the_welcome() {
     );
     // WELCOME and AUTHED in one read.
     let mut bytes = ServerFrame::Welcome(welcome(30)).encode(1).unwrap().to_vec();
-    let authed = Authed { user_id: 4, user: "ann".into(), token: None };
+    let authed = Authed { user_id: UserId(4), user: "ann".into(), token: None };
     bytes.extend_from_slice(&ServerFrame::Authed(authed.clone()).encode(2).unwrap());
     p.session.handle_bytes(&bytes, p.now);
     assert_eq!(
@@ -204,7 +210,7 @@ fn requests_may_be_pipelined_before_the_welcome() {
 #[test]
 fn request_ids_skip_zero_and_ids_still_pending() {
     let mut p = Peer::connected();
-    let join = |room| ClientFrame::JoinRoom(RoomRef { room });
+    let join = |room| ClientFrame::JoinRoom(RoomRef { room: RoomId(room) });
     p.session.last_id = u32::MAX - 2;
     let a = p.send(join(1));
     assert_eq!(a, u32::MAX - 1);
@@ -223,9 +229,9 @@ fn request_ids_skip_zero_and_ids_still_pending() {
 fn replies_are_matched_by_id_not_order_and_must_be_the_expected_type() {
     let mut p = Peer::connected();
     let list = p.send(ClientFrame::ListRooms(ListRooms::default()));
-    let post = p.send(ClientFrame::Post(Post { room: 1, idempotency_key: "k".into(), text: "hi".into() }));
-    let leave = p.send(ClientFrame::LeaveRoom(RoomRef { room: 1 }));
-    let posted = Posted { room: 1, seq: 3, ts_ms: 0, duplicate: false };
+    let post = p.send(ClientFrame::Post(Post { room: RoomId(1), idempotency_key: "k".into(), text: "hi".into() }));
+    let leave = p.send(ClientFrame::LeaveRoom(RoomRef { room: RoomId(1) }));
+    let posted = Posted { room: RoomId(1), seq: Seq(3), ts_ms: 0, duplicate: false };
     p.reply(post, ServerFrame::Posted(posted));
     let rooms = RoomList { rooms: vec![], next_after: None };
     p.reply(list, ServerFrame::RoomList(rooms.clone()));
@@ -244,7 +250,7 @@ fn replies_are_matched_by_id_not_order_and_must_be_the_expected_type() {
 #[test]
 fn errors_end_their_request() {
     let mut p = Peer::connected();
-    let join = p.send(ClientFrame::JoinRoom(RoomRef { room: 9 }));
+    let join = p.send(ClientFrame::JoinRoom(RoomRef { room: RoomId(9) }));
     let no_room = ErrorBody::new(ErrorCode::NOT_FOUND, "no room 9");
     p.reply(join, ServerFrame::Error(no_room.clone()));
     assert_eq!(p.events(), [Event::Failed { request_id: join, error: no_room }]);
@@ -254,7 +260,7 @@ fn errors_end_their_request() {
 #[test]
 fn undecodable_frames_are_reported_and_reading_goes_on() {
     let mut p = Peer::connected();
-    let post = p.send(ClientFrame::Post(Post { room: 1, idempotency_key: "k".into(), text: "hi".into() }));
+    let post = p.send(ClientFrame::Post(Post { room: RoomId(1), idempotency_key: "k".into(), text: "hi".into() }));
     // An unknown type, then a POSTED whose body is cut short, then a push.
     let mut bytes = chime_protocol::frame::encode(FrameType(0x8fff), 0, &Empty {}).unwrap().to_vec();
     bytes.extend_from_slice(&chime_protocol::frame::encode(FrameType::POSTED, post, &(1u8,)).unwrap());
@@ -292,10 +298,10 @@ fn a_bad_length_closes_the_session() {
 #[test]
 fn frames_split_anywhere_are_reassembled() {
     let mut p = Peer::connected();
-    let post = p.send(ClientFrame::Post(Post { room: 1, idempotency_key: "k".into(), text: "hi".into() }));
+    let post = p.send(ClientFrame::Post(Post { room: RoomId(1), idempotency_key: "k".into(), text: "hi".into() }));
     let mut bytes = ServerFrame::Delta(delta(1, 1)).encode(0).unwrap().to_vec();
     bytes.extend_from_slice(
-        &ServerFrame::Posted(Posted { room: 1, seq: 1, ts_ms: 0, duplicate: false }).encode(post).unwrap(),
+        &ServerFrame::Posted(Posted { room: RoomId(1), seq: Seq(1), ts_ms: 0, duplicate: false }).encode(post).unwrap(),
     );
     for b in &bytes {
         p.session.handle_bytes(std::slice::from_ref(b), p.now);
@@ -309,15 +315,19 @@ fn frames_split_anywhere_are_reassembled() {
 fn oversized_requests_are_refused_and_leave_the_output_alone() {
     let mut p = Peer::fresh();
     p.sent();
-    p.reply(HELLO_ID, ServerFrame::Welcome(Welcome { max_frame: 100, ..welcome(30) }));
+    p.reply(
+        HELLO_ID,
+        ServerFrame::Welcome(Welcome { limits: Limits { max_frame: 100, ..Limits::default() }, ..welcome(30) }),
+    );
     p.events();
-    let big = ClientFrame::Post(Post { room: 1, idempotency_key: "k".into(), text: "x".repeat(200) });
+    let big = ClientFrame::Post(Post { room: RoomId(1), idempotency_key: "k".into(), text: "x".repeat(200) });
     let err = p.session.send(&big).unwrap_err();
     assert!(
         matches!(&err, SessionError::Protocol(why) if why.contains("exceeds the server's maximum of 100")),
         "{err}"
     );
-    let huge = ClientFrame::Post(Post { room: 1, idempotency_key: "k".into(), text: "x".repeat(MAX_FRAME as usize) });
+    let huge =
+        ClientFrame::Post(Post { room: RoomId(1), idempotency_key: "k".into(), text: "x".repeat(MAX_FRAME as usize) });
     assert!(matches!(p.session.send(&huge), Err(SessionError::Encode(_))));
     assert!(!p.session.has_output());
     assert_eq!(p.session.pending_requests(), 0);
@@ -415,7 +425,9 @@ fn sync_pages_are_passed_on_when_contiguous() {
     p.push(delta(5, 9)); // another room's push between pages
     p.reply(id, ServerFrame::DeltaPage(page(2, 0, 0, false)));
     p.reply(id, ServerFrame::DeltaPage(page(1, 3, 4, false)));
-    let done = SyncDone { heads: vec![RoomCursor { room: 1, seq: 4 }, RoomCursor { room: 2, seq: 0 }] };
+    let done = SyncDone {
+        heads: vec![RoomCursor { room: RoomId(1), seq: Seq(4) }, RoomCursor { room: RoomId(2), seq: Seq(0) }],
+    };
     p.reply(id, ServerFrame::SyncDone(done.clone()));
     let events = p.events();
     assert_eq!(
@@ -437,7 +449,7 @@ fn sync_pages_with_gaps_repeats_or_strangers_are_refused() {
     let id = p.send(sync(&[(1, 5)]));
     // 6 follows 5; then 8 skips 7.
     p.reply(id, ServerFrame::DeltaPage(page(1, 5, 6, true)));
-    let gap = DeltaPage { room: 1, deltas: vec![delta(1, 8)], more: true, resume_after: 8 };
+    let gap = DeltaPage { room: RoomId(1), deltas: vec![delta(1, 8)], more: true, resume_after: Seq(8) };
     p.reply(id, ServerFrame::DeltaPage(gap));
     let events = p.events();
     assert!(matches!(&events[0], Event::Reply { .. }));
@@ -445,13 +457,13 @@ fn sync_pages_with_gaps_repeats_or_strangers_are_refused() {
 
     let mut p = Peer::connected();
     let id = p.send(sync(&[(1, 5)]));
-    let repeat = DeltaPage { room: 1, deltas: vec![delta(1, 5)], more: false, resume_after: 5 };
+    let repeat = DeltaPage { room: RoomId(1), deltas: vec![delta(1, 5)], more: false, resume_after: Seq(5) };
     p.reply(id, ServerFrame::DeltaPage(repeat));
     assert!(is_protocol_violation(&p.events()[0], id, "does not follow 5"));
 
     let mut p = Peer::connected();
     let id = p.send(sync(&[(1, 5)]));
-    let stranger = DeltaPage { room: 1, deltas: vec![delta(2, 6)], more: false, resume_after: 6 };
+    let stranger = DeltaPage { room: RoomId(1), deltas: vec![delta(2, 6)], more: false, resume_after: Seq(6) };
     p.reply(id, ServerFrame::DeltaPage(stranger));
     assert!(is_protocol_violation(&p.events()[0], id, "DELTA_PAGE for room 1 holds a delta of room 2"));
     p.reply(id, ServerFrame::DeltaPage(page(3, 0, 1, false)));
@@ -459,7 +471,7 @@ fn sync_pages_with_gaps_repeats_or_strangers_are_refused() {
 
     let mut p = Peer::connected();
     let id = p.send(sync(&[(1, 5)]));
-    let lying = DeltaPage { room: 1, deltas: vec![delta(1, 6)], more: false, resume_after: 9 };
+    let lying = DeltaPage { room: RoomId(1), deltas: vec![delta(1, 6)], more: false, resume_after: Seq(9) };
     p.reply(id, ServerFrame::DeltaPage(lying));
     assert!(is_protocol_violation(&p.events()[0], id, "resume_after 9 is not its last seq 6"));
 
@@ -468,7 +480,7 @@ fn sync_pages_with_gaps_repeats_or_strangers_are_refused() {
     p.reply(id, ServerFrame::DeltaPage(page(1, 5, 6, false)));
     p.reply(id, ServerFrame::DeltaPage(page(1, 6, 7, false)));
     assert!(is_protocol_violation(&p.events()[1], id, "after its final page"));
-    p.reply(id, ServerFrame::Posted(Posted { room: 1, seq: 1, ts_ms: 0, duplicate: false }));
+    p.reply(id, ServerFrame::Posted(Posted { room: RoomId(1), seq: Seq(1), ts_ms: 0, duplicate: false }));
     assert!(is_protocol_violation(&p.events()[0], id, "expected DELTA_PAGE or SYNC_DONE, got POSTED"));
     assert!(!p.session.is_pending(id));
 }
@@ -482,9 +494,9 @@ fn a_later_sync_takes_a_room_over() {
     // unchecked, even though it does not continue the second SYNC's cursor.
     p.reply(first, ServerFrame::DeltaPage(page(1, 0, 2, true)));
     p.reply(first, ServerFrame::DeltaPage(page(2, 0, 1, false)));
-    p.reply(first, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 2, seq: 1 }] }));
+    p.reply(first, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(2), seq: Seq(1) }] }));
     p.reply(second, ServerFrame::DeltaPage(page(1, 3, 4, false)));
-    p.reply(second, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 4 }] }));
+    p.reply(second, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(4) }] }));
     let events = p.events();
     assert_eq!(events.len(), 5, "{events:?}");
     assert!(events.iter().all(|e| matches!(e, Event::Reply { .. })), "{events:?}");
@@ -520,12 +532,12 @@ fn followed_rooms_drop_duplicates_and_sync_gaps_themselves() {
     p.push(delta(1, 6)); // 4 and 5 were lost
     let events = p.events();
     let (resync, cursors) = p.expect_sync();
-    assert_eq!(cursors, [RoomCursor { room: 1, seq: 3 }]);
+    assert_eq!(cursors, [RoomCursor { room: RoomId(1), seq: Seq(3) }]);
     assert_eq!(
         events,
         [
             Event::Delta { delta: delta(1, 3), sync: None },
-            Event::Gap { room: 1, cursor: 3, seq: 6, resync: Some(resync) },
+            Event::Gap { room: RoomId(1), cursor: Seq(3), seq: Seq(6), resync: Some(resync) },
         ]
     );
     // While the room is syncing, another push past the gap asks for nothing more.
@@ -540,7 +552,7 @@ fn followed_rooms_drop_duplicates_and_sync_gaps_themselves() {
     p.push(delta(1, 7));
     p.push(delta(1, 8));
     assert_eq!(p.delivered(), [8]);
-    assert_eq!(p.session.cursor(1), Some(8));
+    assert_eq!(p.session.cursor(1), Some(Seq(8)));
     assert!(p.sent().is_empty());
 }
 
@@ -564,7 +576,7 @@ fn a_replayed_stream_is_delivered_once_in_order() {
     let id = p.session.sync_followed().unwrap().unwrap();
     p.sent();
     p.reply(id, ServerFrame::DeltaPage(page(1, 0, 2, false)));
-    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 2 }] }));
+    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(2) }] }));
     for seq in [2, 4] {
         p.push(delta(1, seq));
     }
@@ -588,12 +600,12 @@ fn pushes_may_advance_a_room_while_its_sync_runs() {
     // A push the server sent before it took the SYNC, for a room the client already had to 0.
     p.push(delta(1, 1));
     p.reply(id, ServerFrame::DeltaPage(page(1, 0, 3, false)));
-    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 3 }] }));
+    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(3) }] }));
     let events = p.events();
     let seqs: Vec<(u64, Option<u32>)> = events
         .iter()
         .filter_map(|e| match e {
-            Event::Delta { delta, sync } => Some((delta.seq, *sync)),
+            Event::Delta { delta, sync } => Some((delta.seq.get(), *sync)),
             _ => None,
         })
         .collect();
@@ -610,12 +622,15 @@ fn a_final_page_short_of_a_dropped_push_syncs_again() {
     p.reply(id, ServerFrame::DeltaPage(page(1, 0, 4, false)));
     let events = p.events();
     let (again, cursors) = p.expect_sync();
-    assert_eq!(cursors, [RoomCursor { room: 1, seq: 4 }]);
-    assert!(events.contains(&Event::Gap { room: 1, cursor: 4, seq: 9, resync: Some(again) }), "{events:?}");
+    assert_eq!(cursors, [RoomCursor { room: RoomId(1), seq: Seq(4) }]);
+    assert!(
+        events.contains(&Event::Gap { room: RoomId(1), cursor: Seq(4), seq: Seq(9), resync: Some(again) }),
+        "{events:?}"
+    );
     // That one reaching 9, nothing more happens.
     p.answer_sync(again, 1, 4, 9);
     assert_eq!(p.delivered(), [5, 6, 7, 8, 9]);
-    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 4 }] }));
+    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(4) }] }));
     assert!(p.sent().is_empty());
 }
 
@@ -627,11 +642,11 @@ fn a_head_past_the_cursor_at_sync_done_syncs_the_room() {
     p.sent();
     p.reply(id, ServerFrame::DeltaPage(page(1, 0, 2, false)));
     // The push of 3 after the final page never came.
-    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 3 }] }));
+    p.reply(id, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(3) }] }));
     let events = p.events();
     let (resync, cursors) = p.expect_sync();
-    assert_eq!(cursors, [RoomCursor { room: 1, seq: 2 }]);
-    assert_eq!(events.last(), Some(&Event::Gap { room: 1, cursor: 2, seq: 3, resync: Some(resync) }));
+    assert_eq!(cursors, [RoomCursor { room: RoomId(1), seq: Seq(2) }]);
+    assert_eq!(events.last(), Some(&Event::Gap { room: RoomId(1), cursor: Seq(2), seq: Seq(3), resync: Some(resync) }));
 }
 
 #[test]
@@ -644,18 +659,21 @@ fn sync_followed_leaves_out_rooms_already_syncing_and_rooms_left_out_stop_waitin
     assert_eq!(p.session.sync_followed().unwrap(), None, "both rooms are syncing");
     // Room 2 is not the user's: it gets no page and is left out of the heads.
     p.reply(first, ServerFrame::DeltaPage(page(1, 0, 0, false)));
-    p.reply(first, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: 1, seq: 0 }] }));
+    p.reply(first, ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(0) }] }));
     p.events();
     let again = p.session.sync_followed().unwrap().unwrap();
     assert_eq!(p.sent(), [(again, sync_frame(&[(1, 0), (2, 7)]))]);
-    assert_eq!(p.session.cursors(), [RoomCursor { room: 1, seq: 0 }, RoomCursor { room: 2, seq: 7 }]);
-    assert_eq!(p.session.unfollow(2), Some(7));
+    assert_eq!(
+        p.session.cursors(),
+        [RoomCursor { room: RoomId(1), seq: Seq(0) }, RoomCursor { room: RoomId(2), seq: Seq(7) }]
+    );
+    assert_eq!(p.session.unfollow(2), Some(Seq(7)));
     assert_eq!(p.session.cursor(2), None);
 }
 
 fn sync_frame(rooms: &[(u64, u64)]) -> ClientFrame {
     ClientFrame::Sync(Sync {
-        rooms: rooms.iter().map(|&(room, seq)| RoomCursor { room, seq }).collect(),
+        rooms: rooms.iter().map(|&(room, seq)| RoomCursor { room: room.into(), seq: seq.into() }).collect(),
         page_size: DEFAULT_SYNC_PAGE,
     })
 }
@@ -682,8 +700,29 @@ fn a_callers_sync_of_a_followed_room_reports_pages_and_deltas() {
 fn unknown_delta_kinds_still_occupy_their_seq() {
     let mut p = Peer::connected();
     p.session.follow(1, 0);
-    p.push(Delta { kind: DeltaKind(200), ..delta(1, 1) });
+    p.push(Delta { body: DeltaBody::Unknown { kind: DeltaKind(200), payload: Vec::new() }, ..delta(1, 1) });
     p.push(delta(1, 2));
     assert_eq!(p.delivered(), [1, 2]);
     assert!(p.sent().is_empty());
+}
+
+/// The golden vector of a kind this build does not know (`delta_unknown_kind.hex`, room 300 seq
+/// 5, kind 0x7abc), as bytes off the wire: the session delivers it, advances the cursor past it,
+/// and takes seq 6 as the next delta, not as a gap.
+#[test]
+fn the_unknown_kind_golden_vector_is_skipped_and_advances_the_cursor() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../protocol/tests/vectors/delta_unknown_kind.hex");
+    let text = std::fs::read_to_string(path).unwrap();
+    let hex: String = text.lines().filter(|l| !l.starts_with('#')).flat_map(|l| l.split_whitespace()).collect();
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    let mut p = Peer::connected();
+    p.session.follow(300, 4);
+    p.session.handle_bytes(&bytes, p.now);
+    let events = p.events();
+    let [Event::Delta { delta: got, sync: None }] = &events[..] else { panic!("{events:?}") };
+    assert_eq!((got.seq, got.kind(), got.text()), (Seq(5), DeltaKind(0x7abc), ""));
+    assert_eq!(p.session.cursor(300), Some(Seq(5)));
+    p.push(delta(300, 6));
+    assert_eq!(p.delivered(), [6]);
+    assert!(p.sent().is_empty(), "no gap SYNC");
 }

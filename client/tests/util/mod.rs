@@ -54,7 +54,7 @@ impl<S: Read + Write> Peer<S> {
         match frame {
             ClientFrame::Hello(h) => {
                 assert_eq!(h.magic, MAGIC);
-                assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+                assert_eq!((h.max_version, h.min_version), (PROTOCOL_VERSION, MIN_PROTOCOL_VERSION));
                 assert_eq!(h.client_name, "chime");
             }
             other => panic!("expected HELLO, got {other:?}"),
@@ -67,22 +67,22 @@ impl<S: Read + Write> Peer<S> {
 pub fn welcome() -> Welcome {
     Welcome {
         protocol_version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
         server_name: "test".into(),
         server_version: "0".into(),
-        max_frame: DEFAULT_MAX_FRAME,
-        heartbeat_secs: 30,
+        limits: Limits::default(),
     }
 }
 
 pub fn delta(room: u64, seq: u64, text: &str) -> Delta {
     Delta {
-        room,
-        seq,
-        kind: DeltaKind::MESSAGE,
-        author_id: 7,
+        room: RoomId(room),
+        seq: Seq(seq),
+        author_id: UserId(7),
         author: "ann".into(),
         ts_ms: 1_700_000_000_000,
-        text: text.into(),
+        body: DeltaBody::message(text),
     }
 }
 

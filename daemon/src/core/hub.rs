@@ -19,7 +19,7 @@
 //! pruned ([`Hub::prune`]): the maps hold what in-flight work can still need, not every room ever
 //! published.
 
-use chime_storage::{RoomId, SessionId, UserId};
+use chime_storage::{RoomId, Seq, SessionId, UserId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// A connection, by its key in the loop's table.
@@ -29,14 +29,14 @@ pub type Key = usize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     /// The user joined (its connections know the room up to this seq).
-    Joined(Option<u64>),
+    Joined(Option<Seq>),
     /// The user left.
     Left,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Head {
-    seq: u64,
+    seq: Seq,
     stamp: u64,
 }
 
@@ -85,7 +85,7 @@ impl Hub {
     }
 
     /// The loop published `room` up to `seq`.
-    pub fn published(&mut self, room: RoomId, seq: u64) {
+    pub fn published(&mut self, room: RoomId, seq: Seq) {
         let stamp = self.stamp();
         let head = self.heads.entry(room).or_insert(Head { seq, stamp });
         head.seq = head.seq.max(seq);
@@ -93,7 +93,7 @@ impl Hub {
     }
 
     /// The last seq the loop published for `room`, if it still remembers.
-    pub fn head(&self, room: RoomId) -> Option<u64> {
+    pub fn head(&self, room: RoomId) -> Option<Seq> {
         self.heads.get(&room).map(|h| h.seq)
     }
 
@@ -169,7 +169,7 @@ impl Hub {
 }
 
 /// Takes `key` off the list under `id`, dropping the list once it is empty.
-fn remove_key(lists: &mut HashMap<u64, Vec<Key>>, id: u64, key: Key) {
+fn remove_key<Id: std::hash::Hash + Eq>(lists: &mut HashMap<Id, Vec<Key>>, id: Id, key: Key) {
     if let Some(list) = lists.get_mut(&id) {
         if let Some(i) = list.iter().position(|&k| k == key) {
             list.swap_remove(i);
@@ -184,45 +184,49 @@ fn remove_key(lists: &mut HashMap<u64, Vec<Key>>, id: u64, key: Key) {
 mod tests {
     use super::*;
 
+    const R1: RoomId = RoomId(1);
+    const R2: RoomId = RoomId(2);
+    const R3: RoomId = RoomId(3);
+
     #[test]
     fn heads_and_changes_live_as_long_as_an_operation_may_need_them() {
         let mut hub = Hub::default();
-        hub.published(1, 5);
+        hub.published(R1, Seq(5));
         hub.prune();
-        assert_eq!(hub.head(1), None, "nobody subscribed and nothing in flight");
+        assert_eq!(hub.head(R1), None, "nobody subscribed and nothing in flight");
         let login = hub.begin();
-        hub.published(1, 6);
-        hub.changed(7, 2, Change::Joined(Some(3)));
-        hub.changed(8, 2, Change::Left);
+        hub.published(R1, Seq(6));
+        hub.changed(UserId(7), R2, Change::Joined(Some(Seq(3))));
+        hub.changed(UserId(8), R2, Change::Left);
         hub.prune();
-        assert_eq!(hub.head(1), Some(6), "a login in flight may have read an older head");
-        assert_eq!(hub.since(login, 7), vec![(2, Change::Joined(Some(3)))]);
+        assert_eq!(hub.head(R1), Some(Seq(6)), "a login in flight may have read an older head");
+        assert_eq!(hub.since(login, UserId(7)), vec![(R2, Change::Joined(Some(Seq(3))))]);
         hub.end(login);
         hub.prune();
         assert_eq!(hub.remembered(), (0, 0));
         // A room with subscribers keeps its head.
-        hub.subscribe(3, 10);
-        hub.published(3, 1);
+        hub.subscribe(R3, 10);
+        hub.published(R3, Seq(1));
         hub.prune();
-        assert_eq!(hub.head(3), Some(1));
-        hub.unsubscribe(3, 10);
-        assert!(hub.subscribers(3).is_empty());
+        assert_eq!(hub.head(R3), Some(Seq(1)));
+        hub.unsubscribe(R3, 10);
+        assert!(hub.subscribers(R3).is_empty());
         hub.prune();
-        assert_eq!(hub.head(3), None);
+        assert_eq!(hub.head(R3), None);
     }
 
     #[test]
     fn users_and_sessions_index_connections() {
         let mut hub = Hub::default();
-        hub.log_in(1, 100, 5);
-        hub.log_in(1, 101, 6);
-        hub.log_in(2, 102, 7);
-        let mut mine = hub.connections_of_user(1);
+        hub.log_in(UserId(1), 100, 5);
+        hub.log_in(UserId(1), 101, 6);
+        hub.log_in(UserId(2), 102, 7);
+        let mut mine = hub.connections_of_user(UserId(1));
         mine.sort_unstable();
         assert_eq!(mine, [5, 6]);
         assert_eq!(hub.connections_of_session(101), [6]);
-        hub.log_out(1, 101, 6);
-        assert_eq!(hub.connections_of_user(1), [5]);
+        hub.log_out(UserId(1), 101, 6);
+        assert_eq!(hub.connections_of_user(UserId(1)), [5]);
         assert!(hub.connections_of_session(101).is_empty());
         let mut live = hub.live_sessions();
         live.sort_unstable();

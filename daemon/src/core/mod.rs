@@ -28,8 +28,8 @@ use crate::transport::Class;
 use crate::work::{Actor, Completion, ConnRef, Effect, EncodeReply, PageFailure, Published, ReplyTo, Work};
 use bytes::Bytes;
 use chime_protocol::{
-    ClientFrame, DecodeError, ErrorBody, ErrorCode, Hello, Ping, RawFrame, ServerFrame, Welcome, MAGIC,
-    PROTOCOL_VERSION,
+    ClientFrame, DecodeError, ErrorBody, ErrorCode, FrameType, HelloPrefix, Ping, RawFrame, Seq, ServerFrame, Welcome,
+    MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use chime_storage::{RoomId, SessionId, SessionLimits, UserId};
 use hub::{Change, Hub, Key};
@@ -268,7 +268,22 @@ impl Core {
         let Some(link) = self.link(key) else { return Flow::Stop };
         link.last_heard = now.secs;
         link.ping_sent = false;
-        let handshaking = matches!(link.phase, Phase::Handshake);
+        if matches!(link.phase, Phase::Handshake) {
+            self.handshake(io, key, &raw);
+            return self.flow(key);
+        }
+        // Checked before the body: a second HELLO is refused as such whatever it carries.
+        if raw.ty == FrameType::HELLO {
+            error(io, key, rid, ErrorCode::HANDSHAKE_COMPLETE, "HELLO was already received; ignored");
+            return self.flow(key);
+        }
+        // Request id 0 marks the server's pushes; a reply to it could not be told from one.
+        // PONG answers SERVER_PING, which carries 0, so it echoes 0.
+        if rid == 0 && raw.ty != FrameType::PONG {
+            let message = "request id 0 is reserved for the server's pushes; number requests from 1";
+            error(io, key, rid, ErrorCode::BAD_FRAME, message);
+            return self.flow(key);
+        }
         let frame = match ClientFrame::decode(&raw) {
             Ok(f) => f,
             Err(e) => {
@@ -276,11 +291,7 @@ impl Core {
                     DecodeError::UnknownType(_) => ErrorCode::UNKNOWN_TYPE,
                     _ => ErrorCode::BAD_FRAME,
                 };
-                if handshaking {
-                    self.fatal(io, key, rid, ErrorCode::HANDSHAKE_REQUIRED, &format!("expected HELLO: {e}"));
-                } else {
-                    error(io, key, rid, code, &e.to_string());
-                }
+                error(io, key, rid, code, &e.to_string());
                 return self.flow(key);
             }
         };
@@ -293,11 +304,13 @@ impl Core {
         let Some(link) = self.link(key) else { return };
         let phase = State::of(&link.phase);
         match (phase, frame) {
-            (State::Handshake, ClientFrame::Hello(h)) => self.hello(io, key, rid, &h),
+            // Not reached: `frame` handles the handshake and a second HELLO before decoding.
             (State::Handshake, _) => {
                 self.fatal(io, key, rid, ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO")
             }
-            (_, ClientFrame::Hello(_)) => error(io, key, rid, ErrorCode::BAD_FRAME, "HELLO was already received"),
+            (_, ClientFrame::Hello(_)) => {
+                error(io, key, rid, ErrorCode::HANDSHAKE_COMPLETE, "HELLO was already received; ignored")
+            }
             (_, ClientFrame::Ping(p)) => io.send(key, ServerFrame::Pong(p).reply(rid), Class::Own),
             (_, ClientFrame::Pong(_)) => {}
             _ if self.shutting_down => {
@@ -318,23 +331,55 @@ impl Core {
         }
     }
 
-    fn hello(&mut self, io: &mut dyn Io, key: Key, rid: u32, h: &Hello) {
-        if h.magic != MAGIC || h.protocol_version != PROTOCOL_VERSION {
-            let msg = format!(
-                "unsupported protocol version {} (this server speaks version {PROTOCOL_VERSION})",
-                h.protocol_version
-            );
-            return self.fatal(io, key, rid, ErrorCode::VERSION_UNSUPPORTED, &msg);
+    /// The first frame of a connection (docs/protocol.md, "Handshake"): it must be a HELLO whose
+    /// version range meets the server's. Every refusal here ends the connection.
+    fn handshake(&mut self, io: &mut dyn Io, key: Key, raw: &RawFrame) {
+        let rid = raw.request_id;
+        if raw.ty != FrameType::HELLO {
+            let message = format!("the first frame must be HELLO, not {}", raw.ty);
+            return self.fatal(io, key, rid, ErrorCode::HANDSHAKE_REQUIRED, &message);
+        }
+        if rid == 0 {
+            let message = "request id 0 is reserved for the server's pushes; number requests from 1";
+            return self.fatal(io, key, rid, ErrorCode::BAD_FRAME, message);
+        }
+        // The magic and the newest version come first in every version's HELLO, so a client of
+        // any version learns why it is refused.
+        let Some(prefix) = HelloPrefix::peek(&raw.body) else {
+            return self.fatal(io, key, rid, ErrorCode::BAD_FRAME, "HELLO does not decode");
+        };
+        if prefix.magic != MAGIC {
+            let message = format!("not a Chime client: HELLO's magic is {:02x?}, not \"CHIM\"", prefix.magic);
+            return self.fatal(io, key, rid, ErrorCode::HANDSHAKE_REQUIRED, &message);
+        }
+        let ours = format!("this server speaks protocol versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}");
+        if prefix.max_version < MIN_PROTOCOL_VERSION {
+            let message = format!("the client speaks protocol versions up to {}; {ours}", prefix.max_version);
+            return self.fatal(io, key, rid, ErrorCode::VERSION_UNSUPPORTED, &message);
+        }
+        let h = match ClientFrame::decode(raw) {
+            Ok(ClientFrame::Hello(h)) => h,
+            Ok(_) => return self.fatal(io, key, rid, ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO"),
+            Err(e) => return self.fatal(io, key, rid, ErrorCode::BAD_FRAME, &format!("HELLO does not decode: {e}")),
+        };
+        if h.min_version > h.max_version {
+            let message = format!("HELLO's min_version {} is above its max_version {}", h.min_version, h.max_version);
+            return self.fatal(io, key, rid, ErrorCode::BAD_FRAME, &message);
+        }
+        if h.min_version > PROTOCOL_VERSION {
+            let message = format!("the client speaks protocol versions {} to {}; {ours}", h.min_version, h.max_version);
+            return self.fatal(io, key, rid, ErrorCode::VERSION_UNSUPPORTED, &message);
         }
         let Some(link) = self.link(key) else { return };
         log::debug!("{} speaks {} {}", link.peer, h.client_name, h.client_version);
         link.phase = Phase::Open;
         let welcome = Welcome {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: h.max_version.min(PROTOCOL_VERSION),
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
             server_name: "chimed".into(),
             server_version: env!("CARGO_PKG_VERSION").into(),
-            max_frame: self.config.max_frame,
-            heartbeat_secs: self.config.heartbeat_secs,
+            limits: crate::limits::announced(self.config.max_frame, self.config.heartbeat_secs),
         };
         io.send(key, ServerFrame::Welcome(welcome).reply(rid), Class::Own);
     }
@@ -401,6 +446,7 @@ impl Core {
         match admitted {
             Ok(Admitted::Work(work)) => self.submit(io, key, rid, work, subscribes),
             Ok(Admitted::Sync(actions)) => self.apply(io, key, actions),
+            Ok(Admitted::Reply(frame)) => io.send(key, frame.reply(rid), Class::Own),
             Err(e) => io.send(key, ServerFrame::Error(e).reply(rid), Class::Own),
         }
     }
@@ -550,7 +596,7 @@ impl Core {
         user: UserId,
         name: String,
         session: chime_storage::SessionRecord,
-        rooms: Vec<(RoomId, u64)>,
+        rooms: Vec<(RoomId, Seq)>,
     ) {
         let key = to.conn.key;
         let Some(link) = self.link_of(to.conn) else { return };
@@ -632,7 +678,7 @@ impl Core {
         io.queued(key) <= self.config.max_outbound_bytes / 2 && link.shared_inflight < SHARED_WINDOW && !io.db_down()
     }
 
-    fn fetch(&mut self, io: &mut dyn Io, key: Key, room: RoomId, after: u64, limit: u32, fetch: FetchId) {
+    fn fetch(&mut self, io: &mut dyn Io, key: Key, room: RoomId, after: Seq, limit: u32, fetch: FetchId) {
         let Some(link) = self.link(key) else { return };
         let Some(who) = link.who() else { return };
         let to = ReplyTo { conn: link.id, request_id: 0 };
@@ -682,7 +728,7 @@ impl Core {
     /// Subscribes a connection that knows the room's log up to `after`. Deltas the loop published
     /// before this subscription and after `after` were not sent to it: it catches up on them
     /// (a page fetch, with live pushes held meanwhile) so that it sees no gap.
-    fn subscribe_from(&mut self, io: &mut dyn Io, key: Key, room: RoomId, after: u64) {
+    fn subscribe_from(&mut self, io: &mut dyn Io, key: Key, room: RoomId, after: Seq) {
         if !self.subscribe(key, room) {
             // Already subscribed: it has received every push since.
             return;

@@ -8,7 +8,7 @@ use crate::handlers::sync::FetchJob;
 use crate::work::{Published, ReplyTo};
 use bytes::BytesMut;
 use chime_protocol::{
-    Authed, ClientFrame, Credentials, Delta, DeltaKind, FrameDecoder, History, Post, Resume, RoomCursor, Sync,
+    Authed, ClientFrame, Credentials, Delta, DeltaBody, FrameDecoder, Hello, History, Post, Resume, RoomCursor, Sync,
 };
 use chime_storage::SessionRecord;
 use std::collections::HashMap;
@@ -80,12 +80,13 @@ impl FakeIo {
     }
 
     /// The seqs of the DELTA pushes and DELTA_PAGE deltas sent to `key` so far, for `room`.
-    fn seqs(&mut self, key: Key, room: RoomId) -> Vec<u64> {
+    fn seqs(&mut self, key: Key, room: u64) -> Vec<u64> {
+        let room = RoomId(room);
         let mut seqs = Vec::new();
         for (_, f) in self.take(key) {
             match f {
-                ServerFrame::Delta(d) if d.room == room => seqs.push(d.seq),
-                ServerFrame::DeltaPage(p) if p.room == room => seqs.extend(p.deltas.iter().map(|d| d.seq)),
+                ServerFrame::Delta(d) if d.room == room => seqs.push(d.seq.get()),
+                ServerFrame::DeltaPage(p) if p.room == room => seqs.extend(p.deltas.iter().map(|d| d.seq.get())),
                 _ => {}
             }
         }
@@ -93,7 +94,7 @@ impl FakeIo {
     }
 
     /// Takes the oldest submitted job that is a SYNC fetch: (who, room, after, fetch id).
-    fn take_fetch(&mut self) -> (ReplyTo, RoomId, u64, FetchId) {
+    fn take_fetch(&mut self) -> (ReplyTo, u64, u64, FetchId) {
         let i = self
             .submitted
             .iter()
@@ -106,7 +107,7 @@ impl FakeIo {
         let Work::Shared(job) = &work else { unreachable!() };
         let fetch = job.as_any().downcast_ref::<FetchJob>().expect("a fetch");
         let (room, after, id) = fetch.what();
-        (work.reply_to().expect("answers someone"), room, after, id.expect("a sync fetch"))
+        (work.reply_to().expect("answers someone"), room.get(), after.get(), id.expect("a sync fetch"))
     }
 
     /// Takes the oldest submitted job.
@@ -125,23 +126,27 @@ fn raw(frame: ClientFrame, rid: u32) -> RawFrame {
     FrameDecoder::default().decode(&mut BytesMut::from(&bytes[..])).expect("valid").expect("whole")
 }
 
-fn delta(room: RoomId, seq: u64) -> Delta {
+fn delta(room: u64, seq: u64) -> Delta {
     Delta {
-        room,
-        seq,
-        kind: DeltaKind::MESSAGE,
-        author_id: 99,
+        room: RoomId(room),
+        seq: Seq(seq),
+        author_id: UserId(99),
         author: "other".into(),
         ts_ms: 0,
-        text: format!("{seq}"),
+        body: DeltaBody::message(format!("{seq}")),
     }
 }
 
-fn published(room: RoomId, seqs: std::ops::RangeInclusive<u64>) -> Published {
-    Published::encode(room, &seqs.map(|s| delta(room, s)).collect::<Vec<_>>()).expect("non-empty")
+fn published(room: u64, seqs: std::ops::RangeInclusive<u64>) -> Published {
+    Published::encode(RoomId(room), &seqs.map(|s| delta(room, s)).collect::<Vec<_>>()).expect("non-empty")
 }
 
-const USER: UserId = 7;
+/// Rooms and the heads a login read, as the worker returns them.
+fn heads(rooms: &[(u64, u64)]) -> Vec<(RoomId, Seq)> {
+    rooms.iter().map(|&(r, s)| (RoomId(r), Seq(s))).collect()
+}
+
+const USER: UserId = UserId(7);
 const SESSION: SessionId = 70;
 
 /// A core with one connection at `key`, handshaken.
@@ -150,16 +155,21 @@ fn core_with(keys: &[Key]) -> (Core, FakeIo) {
     let mut io = FakeIo::default();
     for &key in keys {
         core.open(ConnRef { key, gen: key as u64 + 1 }, "127.0.0.1".parse().expect("ip"), now(0));
-        let hello = Hello {
-            magic: MAGIC,
-            protocol_version: PROTOCOL_VERSION,
-            client_name: "t".into(),
-            client_version: "0".into(),
-        };
+        let hello = hello();
         assert_eq!(core.frame(&mut io, key, raw(ClientFrame::Hello(hello), 1), now(0)), Flow::Continue);
         assert!(matches!(io.take(key)[..], [(1, ServerFrame::Welcome(_))]));
     }
     (core, io)
+}
+
+fn hello() -> Hello {
+    Hello {
+        magic: MAGIC,
+        max_version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
+        client_name: "t".into(),
+        client_version: "0".into(),
+    }
 }
 
 fn to(key: Key, rid: u32) -> ReplyTo {
@@ -167,7 +177,8 @@ fn to(key: Key, rid: u32) -> ReplyTo {
 }
 
 /// What a worker returns for a successful login of `key` with request `rid`.
-fn login_effects(key: Key, rid: u32, rooms: Vec<(RoomId, u64)>) -> Completion {
+fn login_effects(key: Key, rid: u32, rooms: &[(u64, u64)]) -> Completion {
+    let rooms = heads(rooms);
     let session = SessionRecord {
         id: SESSION,
         user_id: USER,
@@ -184,7 +195,7 @@ fn login_effects(key: Key, rid: u32, rooms: Vec<(RoomId, u64)>) -> Completion {
 }
 
 /// Logs connection `key` in (RESUME) with `rooms` as the worker read them.
-fn log_in(core: &mut Core, io: &mut FakeIo, key: Key, rooms: Vec<(RoomId, u64)>) {
+fn log_in(core: &mut Core, io: &mut FakeIo, key: Key, rooms: &[(u64, u64)]) {
     let resume = Resume { token: "t".into(), user_agent: "t".into() };
     assert_eq!(core.frame(io, key, raw(ClientFrame::Resume(resume), 2), now(1)), Flow::Stop);
     io.take_job();
@@ -200,14 +211,14 @@ fn a_login_whose_room_list_is_older_than_what_was_published_catches_up() {
     io.take_job();
     // The worker read room 5 at head 3; meanwhile the loop published 4 and 5 (nobody online).
     core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 4..=5))]), now(1));
-    core.completion(&mut io, login_effects(1, 2, vec![(5, 3)]), now(1));
+    core.completion(&mut io, login_effects(1, 2, &[(5, 3)]), now(1));
     io.take(1);
     // The connection catches up on 4..5 before anything of room 5 goes live.
     let (who, room, after, fetch) = io.take_fetch();
     assert_eq!((room, after), (5, 3));
     core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 6..=6))]), now(2));
     assert!(io.seqs(1, 5).is_empty(), "held while catching up");
-    let page = Effect::Page { to: who, room: 5, fetch, deltas: vec![delta(5, 4), delta(5, 5)], more: false };
+    let page = Effect::Page { to: who, room: RoomId(5), fetch, deltas: vec![delta(5, 4), delta(5, 5)], more: false };
     core.completion(&mut io, Completion(vec![page, Effect::Release { to: who, shared: true }]), now(2));
     assert_eq!(io.seqs(1, 5), [4, 5, 6]);
     core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 7..=7))]), now(2));
@@ -217,7 +228,7 @@ fn a_login_whose_room_list_is_older_than_what_was_published_catches_up() {
 #[test]
 fn a_join_made_while_a_login_was_read_is_not_missed() {
     let (mut core, mut io) = core_with(&[1, 2]);
-    log_in(&mut core, &mut io, 1, vec![]);
+    log_in(&mut core, &mut io, 1, &[]);
     // Connection 2 logs in as the same user; while its room list is read, the user joins room 9
     // from connection 1.
     let resume = Resume { token: "t".into(), user_agent: "t".into() };
@@ -226,31 +237,30 @@ fn a_join_made_while_a_login_was_read_is_not_missed() {
     core.completion(
         &mut io,
         Completion(vec![
-            Effect::Subscribe { user: USER, room: 9, after: Some(2) },
+            Effect::Subscribe { user: USER, room: RoomId(9), after: Some(Seq(2)) },
             Effect::Publish(published(9, 3..=3)),
         ]),
         now(1),
     );
     assert_eq!(io.seqs(1, 9), [3]);
-    core.completion(&mut io, login_effects(2, 2, vec![]), now(1));
+    core.completion(&mut io, login_effects(2, 2, &[]), now(1));
     io.take(2);
     core.completion(&mut io, Completion(vec![Effect::Publish(published(9, 4..=4))]), now(2));
     // Connection 2 knew room 9 from just before the JOIN: it catches up on 3, then gets 4.
     let (who, room, after, fetch) = io.take_fetch();
     assert_eq!((who.conn.key, room, after), (2, 9, 2));
-    let page = Effect::Page { to: who, room: 9, fetch, deltas: vec![delta(9, 3)], more: false };
+    let page = Effect::Page { to: who, room: RoomId(9), fetch, deltas: vec![delta(9, 3)], more: false };
     core.completion(&mut io, Completion(vec![page]), now(2));
     assert_eq!(io.seqs(2, 9), [3, 4]);
     // A leave made while a login is read is not missed either.
     let resume = Resume { token: "t".into(), user_agent: "t".into() };
     core.open(ConnRef { key: 3, gen: 4 }, "127.0.0.1".parse().expect("ip"), now(2));
-    let hello =
-        Hello { magic: MAGIC, protocol_version: PROTOCOL_VERSION, client_name: "t".into(), client_version: "0".into() };
+    let hello = hello();
     core.frame(&mut io, 3, raw(ClientFrame::Hello(hello), 1), now(2));
     core.frame(&mut io, 3, raw(ClientFrame::Resume(resume), 2), now(2));
     io.take_job();
-    core.completion(&mut io, Completion(vec![Effect::Unsubscribe { user: USER, room: 9 }]), now(2));
-    core.completion(&mut io, login_effects(3, 2, vec![(9, 4)]), now(2));
+    core.completion(&mut io, Completion(vec![Effect::Unsubscribe { user: USER, room: RoomId(9) }]), now(2));
+    core.completion(&mut io, login_effects(3, 2, &[(9, 4)]), now(2));
     io.take(3);
     core.completion(&mut io, Completion(vec![Effect::Publish(published(9, 5..=5))]), now(3));
     assert!(io.seqs(3, 9).is_empty(), "the room list predated the leave");
@@ -259,45 +269,48 @@ fn a_join_made_while_a_login_was_read_is_not_missed() {
 #[test]
 fn a_member_leaving_while_a_page_is_in_flight_gets_nothing_more_of_the_room() {
     let (mut core, mut io) = core_with(&[1]);
-    log_in(&mut core, &mut io, 1, vec![(5, 3), (6, 1)]);
-    let sync = Sync { rooms: vec![RoomCursor { room: 5, seq: 0 }, RoomCursor { room: 6, seq: 1 }], page_size: 10 };
+    log_in(&mut core, &mut io, 1, &[(5, 3), (6, 1)]);
+    let sync = Sync {
+        rooms: vec![RoomCursor { room: RoomId(5), seq: Seq(0) }, RoomCursor { room: RoomId(6), seq: Seq(1) }],
+        page_size: 10,
+    };
     core.frame(&mut io, 1, raw(ClientFrame::Sync(sync), 3), now(1));
     let (who5, _, _, fetch5) = io.take_fetch();
     let (who6, _, _, fetch6) = io.take_fetch();
     // The user leaves room 5 (LEAVE published, then unsubscribed) before room 5's page arrives.
     core.completion(
         &mut io,
-        Completion(vec![Effect::Publish(published(5, 4..=4)), Effect::Unsubscribe { user: USER, room: 5 }]),
+        Completion(vec![Effect::Publish(published(5, 4..=4)), Effect::Unsubscribe { user: USER, room: RoomId(5) }]),
         now(2),
     );
-    let late = Effect::Page { to: who5, room: 5, fetch: fetch5, deltas: vec![delta(5, 1)], more: false };
+    let late = Effect::Page { to: who5, room: RoomId(5), fetch: fetch5, deltas: vec![delta(5, 1)], more: false };
     core.completion(&mut io, Completion(vec![late, Effect::Release { to: who5, shared: true }]), now(2));
     assert!(io.seqs(1, 5).is_empty(), "nothing of a room left");
-    let page6 = Effect::Page { to: who6, room: 6, fetch: fetch6, deltas: vec![], more: false };
+    let page6 = Effect::Page { to: who6, room: RoomId(6), fetch: fetch6, deltas: vec![], more: false };
     core.completion(&mut io, Completion(vec![page6, Effect::Release { to: who6, shared: true }]), now(2));
     let sent = io.take(1);
     let done = sent.iter().find_map(|(rid, f)| match f {
         ServerFrame::SyncDone(d) if *rid == 3 => Some(d.heads.clone()),
         _ => None,
     });
-    assert_eq!(done, Some(vec![RoomCursor { room: 6, seq: 1 }]), "the SYNC ends without the room left");
+    assert_eq!(done, Some(vec![RoomCursor { room: RoomId(6), seq: Seq(1) }]), "the SYNC ends without the room left");
 }
 
 #[test]
 fn shutdown_waits_for_jobs_in_flight_and_refuses_new_requests() {
     let (mut core, mut io) = core_with(&[1]);
-    log_in(&mut core, &mut io, 1, vec![(5, 1)]);
-    let post = Post { room: 5, idempotency_key: "k".into(), text: "hi".into() };
+    log_in(&mut core, &mut io, 1, &[(5, 1)]);
+    let post = Post { room: RoomId(5), idempotency_key: "k".into(), text: "hi".into() };
     core.frame(&mut io, 1, raw(ClientFrame::Post(post), 3), now(1));
     let job = io.take_job();
     assert!(matches!(job, Work::Post(_)));
     core.shut_down();
     assert!(core.busy(), "a post is in flight");
-    let history = History { room: 5, after: 0, limit: 10 };
+    let history = History { room: RoomId(5), after: Seq(0), limit: 10 };
     core.frame(&mut io, 1, raw(ClientFrame::History(history), 4), now(1));
     assert!(io.submitted.is_empty(), "no new work once stopping");
     assert!(matches!(&io.take(1)[..], [(4, ServerFrame::Error(e))] if e.code == ErrorCode::SHUTTING_DOWN));
-    let posted = chime_protocol::Posted { room: 5, seq: 2, ts_ms: 0, duplicate: false };
+    let posted = chime_protocol::Posted { room: RoomId(5), seq: Seq(2), ts_ms: 0, duplicate: false };
     core.completion(
         &mut io,
         Completion(vec![
@@ -319,12 +332,12 @@ fn frames_behind_a_login_wait_for_it_and_a_second_login_is_already_authenticated
     assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::Login(creds()), 2), now(1)), Flow::Stop);
     assert!(matches!(io.take_job(), Work::Auth(_)));
     // The loop stops decoding; once the login is done it is woken and decodes the rest.
-    core.completion(&mut io, login_effects(1, 2, vec![]), now(1));
+    core.completion(&mut io, login_effects(1, 2, &[]), now(1));
     assert!(io.woken.contains(&1));
     io.take(1);
     assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::Login(creds()), 3), now(1)), Flow::Continue);
     assert!(matches!(&io.take(1)[..], [(3, ServerFrame::Error(e))] if e.code == ErrorCode::ALREADY_AUTHENTICATED));
-    let history = History { room: 5, after: 0, limit: 10 };
+    let history = History { room: RoomId(5), after: Seq(0), limit: 10 };
     core.frame(&mut io, 1, raw(ClientFrame::History(history), 4), now(1));
     assert!(matches!(io.take_job(), Work::Shared(_)), "a request behind the login runs once it is done");
 }
@@ -332,12 +345,12 @@ fn frames_behind_a_login_wait_for_it_and_a_second_login_is_already_authenticated
 #[test]
 fn the_shared_window_parks_the_fifth_read_until_a_slot_frees() {
     let (mut core, mut io) = core_with(&[1]);
-    log_in(&mut core, &mut io, 1, vec![]);
+    log_in(&mut core, &mut io, 1, &[]);
     for rid in 10..14 {
-        let h = History { room: 5, after: 0, limit: 10 };
+        let h = History { room: RoomId(5), after: Seq(0), limit: 10 };
         assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::History(h), rid), now(1)), Flow::Continue);
     }
-    let h = History { room: 5, after: 0, limit: 10 };
+    let h = History { room: RoomId(5), after: Seq(0), limit: 10 };
     assert_eq!(core.frame(&mut io, 1, raw(ClientFrame::History(h), 14), now(1)), Flow::Stop, "parked");
     assert_eq!(io.submitted.len(), 4);
     core.completion(&mut io, Completion(vec![Effect::Release { to: to(1, 10), shared: true }]), now(1));
@@ -348,8 +361,8 @@ fn the_shared_window_parks_the_fifth_read_until_a_slot_frees() {
 #[test]
 fn revoking_a_session_ends_all_its_connections() {
     let (mut core, mut io) = core_with(&[1, 2]);
-    log_in(&mut core, &mut io, 1, vec![(5, 1)]);
-    log_in(&mut core, &mut io, 2, vec![(5, 1)]);
+    log_in(&mut core, &mut io, 1, &[(5, 1)]);
+    log_in(&mut core, &mut io, 2, &[(5, 1)]);
     core.completion(
         &mut io,
         Completion(vec![Effect::EndSessions { sessions: vec![SESSION], code: ErrorCode::SESSION_REVOKED }]),
@@ -366,8 +379,8 @@ fn revoking_a_session_ends_all_its_connections() {
 #[test]
 fn a_client_that_half_closes_is_answered_then_closed() {
     let (mut core, mut io) = core_with(&[1]);
-    log_in(&mut core, &mut io, 1, vec![]);
-    let h = History { room: 5, after: 0, limit: 10 };
+    log_in(&mut core, &mut io, 1, &[]);
+    let h = History { room: RoomId(5), after: Seq(0), limit: 10 };
     core.frame(&mut io, 1, raw(ClientFrame::History(h), 3), now(1));
     core.read_closed(&mut io, 1);
     assert!(io.finished.is_empty(), "a reply is still owed");
@@ -378,9 +391,9 @@ fn a_client_that_half_closes_is_answered_then_closed() {
 #[test]
 fn while_the_database_is_down_requests_are_refused_at_once() {
     let (mut core, mut io) = core_with(&[1]);
-    log_in(&mut core, &mut io, 1, vec![]);
+    log_in(&mut core, &mut io, 1, &[]);
     io.down = true;
-    let post = Post { room: 5, idempotency_key: "k".into(), text: "hi".into() };
+    let post = Post { room: RoomId(5), idempotency_key: "k".into(), text: "hi".into() };
     core.frame(&mut io, 1, raw(ClientFrame::Post(post), 3), now(1));
     assert!(io.submitted.is_empty());
     assert!(matches!(&io.take(1)[..], [(3, ServerFrame::Error(e))] if e.code == ErrorCode::UNAVAILABLE && e.retryable));
@@ -391,7 +404,7 @@ fn while_the_database_is_down_requests_are_refused_at_once() {
 fn timeouts_and_heartbeats() {
     let (mut core, mut io) = core_with(&[1, 2]);
     core.open(ConnRef { key: 3, gen: 4 }, "127.0.0.1".parse().expect("ip"), now(0));
-    log_in(&mut core, &mut io, 2, vec![]);
+    log_in(&mut core, &mut io, 2, &[]);
     // Connection 3 never says HELLO: closed after the handshake deadline.
     core.tick(&mut io, now(HANDSHAKE_SECS));
     assert!(io.closed.contains(&3));
@@ -404,4 +417,124 @@ fn timeouts_and_heartbeats() {
     assert!(io.take(2).iter().any(|(_, f)| matches!(f, ServerFrame::Ping(_))));
     core.tick(&mut io, now(1 + 3 * hb));
     assert!(io.goodbyes.contains(&(2, ErrorCode::IDLE_TIMEOUT)));
+}
+
+/// A fresh connection at key 1 (not handshaken) and what the core answered `raw`.
+fn first_frame(raw: RawFrame) -> (Core, FakeIo, Vec<(u32, ServerFrame)>) {
+    let mut core = Core::new(Config::default(), Instant::now());
+    let mut io = FakeIo::default();
+    core.open(ConnRef { key: 1, gen: 2 }, "127.0.0.1".parse().expect("ip"), now(0));
+    core.frame(&mut io, 1, raw, now(0));
+    let sent = io.take(1);
+    (core, io, sent)
+}
+
+/// A frame of type `ty` with a body of raw bytes.
+fn raw_bytes(ty: FrameType, rid: u32, body: &[u8]) -> RawFrame {
+    RawFrame { ty, request_id: rid, body: Bytes::copy_from_slice(body) }
+}
+
+fn refused(sent: &[(u32, ServerFrame)]) -> (u32, ErrorCode, String) {
+    match sent {
+        [(rid, ServerFrame::Error(e))] => (*rid, e.code, e.message.clone()),
+        other => panic!("expected one ERROR, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_handshake_settles_on_the_newest_version_both_speak_and_states_the_limits() {
+    let h = Hello { max_version: PROTOCOL_VERSION + 5, ..hello() };
+    let (_core, io, sent) = first_frame(raw(ClientFrame::Hello(h), 1));
+    let [(1, ServerFrame::Welcome(w))] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!(w.protocol_version, PROTOCOL_VERSION);
+    assert_eq!((w.min_version, w.max_version), (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION));
+    let config = Config::default();
+    assert_eq!((w.limits.max_frame, w.limits.heartbeat_secs), (config.max_frame, config.heartbeat_secs));
+    assert_eq!(w.limits.max_text as usize, crate::limits::MAX_TEXT);
+    assert_eq!(w.limits.max_page, crate::limits::MAX_PAGE);
+    assert!(io.goodbyes.is_empty());
+}
+
+#[test]
+fn a_client_of_an_older_version_is_told_both_sides_versions() {
+    // Version 2's HELLO: magic, version, name, version string (no range).
+    let mut body = MAGIC.to_vec();
+    body.extend_from_slice(&[2, 5, b'c', b'h', b'i', b'm', b'e', 1, b'1']);
+    let (_core, io, sent) = first_frame(raw_bytes(FrameType::HELLO, 1, &body));
+    let (rid, code, message) = refused(&sent);
+    assert_eq!((rid, code), (1, ErrorCode::VERSION_UNSUPPORTED));
+    assert!(message.contains("up to 2") && message.contains(&format!("{MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")));
+    assert_eq!(io.goodbyes, [(1, ErrorCode::VERSION_UNSUPPORTED)]);
+    // A client whose range starts past ours.
+    let h = Hello { min_version: PROTOCOL_VERSION + 1, max_version: PROTOCOL_VERSION + 2, ..hello() };
+    let (_core, io, sent) = first_frame(raw(ClientFrame::Hello(h), 1));
+    assert_eq!(refused(&sent).1, ErrorCode::VERSION_UNSUPPORTED);
+    assert_eq!(io.goodbyes, [(1, ErrorCode::VERSION_UNSUPPORTED)]);
+}
+
+#[test]
+fn a_wrong_magic_a_broken_hello_and_another_first_frame_each_end_the_connection_with_their_reason() {
+    let h = Hello { magic: *b"HTTP", ..hello() };
+    let (_core, io, sent) = first_frame(raw(ClientFrame::Hello(h), 1));
+    let (_, code, message) = refused(&sent);
+    assert_eq!(code, ErrorCode::HANDSHAKE_REQUIRED);
+    assert!(message.contains("not a Chime client"), "{message}");
+    assert!(!message.contains("version"), "a wrong magic is not a version problem: {message}");
+    assert_eq!(io.goodbyes, [(1, ErrorCode::HANDSHAKE_REQUIRED)]);
+
+    // The prefix decodes, the rest does not.
+    let mut body = MAGIC.to_vec();
+    body.extend_from_slice(&[PROTOCOL_VERSION as u8, MIN_PROTOCOL_VERSION as u8, 9, b'x']);
+    let (_core, io, sent) = first_frame(raw_bytes(FrameType::HELLO, 1, &body));
+    assert_eq!(refused(&sent).1, ErrorCode::BAD_FRAME);
+    assert_eq!(io.goodbyes, [(1, ErrorCode::BAD_FRAME)]);
+    // Too short for even the prefix.
+    let (_core, io, sent) = first_frame(raw_bytes(FrameType::HELLO, 1, b"CH"));
+    assert_eq!(refused(&sent).1, ErrorCode::BAD_FRAME);
+    assert_eq!(io.goodbyes, [(1, ErrorCode::BAD_FRAME)]);
+    // A range upside down.
+    let h = Hello { min_version: PROTOCOL_VERSION, max_version: MIN_PROTOCOL_VERSION - 1, ..hello() };
+    let (_core, _io, sent) = first_frame(raw(ClientFrame::Hello(h), 1));
+    assert_eq!(refused(&sent).1, ErrorCode::VERSION_UNSUPPORTED);
+
+    let (_core, io, sent) = first_frame(raw(ClientFrame::Ping(Ping { nonce: 1 }), 4));
+    let (rid, code, _) = refused(&sent);
+    assert_eq!((rid, code), (4, ErrorCode::HANDSHAKE_REQUIRED));
+    assert_eq!(io.goodbyes, [(1, ErrorCode::HANDSHAKE_REQUIRED)]);
+    // An unknown type first is the same.
+    let (_core, io, _sent) = first_frame(raw_bytes(FrameType(0x7777), 4, b""));
+    assert_eq!(io.goodbyes, [(1, ErrorCode::HANDSHAKE_REQUIRED)]);
+}
+
+#[test]
+fn a_second_hello_and_request_id_0_are_refused_and_the_connection_goes_on() {
+    let (mut core, mut io) = core_with(&[1]);
+    core.frame(&mut io, 1, raw(ClientFrame::Hello(hello()), 5), now(1));
+    assert_eq!(refused(&io.take(1)).1, ErrorCode::HANDSHAKE_COMPLETE);
+    // Even one whose body does not decode.
+    core.frame(&mut io, 1, raw_bytes(FrameType::HELLO, 6, b"junk"), now(1));
+    let (rid, code, _) = refused(&io.take(1));
+    assert_eq!((rid, code), (6, ErrorCode::HANDSHAKE_COMPLETE));
+    core.frame(&mut io, 1, raw(ClientFrame::Ping(Ping { nonce: 9 }), 0), now(1));
+    let (rid, code, _) = refused(&io.take(1));
+    assert_eq!((rid, code), (0, ErrorCode::BAD_FRAME));
+    // PONG answers the server's ping, whose id is 0: not refused, not answered.
+    core.frame(&mut io, 1, raw(ClientFrame::Pong(Ping { nonce: 9 }), 0), now(1));
+    assert!(io.take(1).is_empty());
+    core.frame(&mut io, 1, raw(ClientFrame::Ping(Ping { nonce: 9 }), 7), now(1));
+    assert!(matches!(io.take(1)[..], [(7, ServerFrame::Pong(Ping { nonce: 9 }))]));
+    assert!(io.goodbyes.is_empty());
+}
+
+#[test]
+fn whoami_is_answered_on_the_loop() {
+    let (mut core, mut io) = core_with(&[1]);
+    core.frame(&mut io, 1, raw(ClientFrame::Whoami(chime_protocol::Empty {}), 3), now(1));
+    assert_eq!(refused(&io.take(1)).1, ErrorCode::NOT_AUTHENTICATED);
+    log_in(&mut core, &mut io, 1, &[]);
+    core.frame(&mut io, 1, raw(ClientFrame::Whoami(chime_protocol::Empty {}), 4), now(2));
+    let sent = io.take(1);
+    let [(4, ServerFrame::Identity(id))] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!((id.user_id, id.user.as_str(), id.session), (USER, "me", SESSION));
+    assert!(io.submitted.is_empty(), "no job");
 }

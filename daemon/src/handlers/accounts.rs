@@ -1,5 +1,5 @@
-//! Accounts and sessions: REGISTER, LOGIN, RESUME, LOGOUT, LIST_SESSIONS, REVOKE_SESSIONS, and
-//! the record of when sessions were last used.
+//! Accounts and sessions: REGISTER, LOGIN, RESUME, LOGOUT, LIST_SESSIONS, REVOKE_SESSIONS, WHOAMI,
+//! and the record of when sessions were last used.
 //!
 //! Password hashing (argon2id, slow on purpose) runs on the auth workers, never on the loop or in
 //! front of anyone's post. A successful login yields [`Effect::LoggedIn`] with the user's rooms as
@@ -11,8 +11,8 @@ use crate::auth;
 use crate::limits::{MAX_PASSWORD, MAX_USER_AGENT};
 use crate::work::{refuse, reply, store_error, AuthWork, Effect, ReplyTo, Settings, SharedWork, Work};
 use chime_protocol::{
-    Authed, Credentials, ErrorBody, ErrorCode, ListSessions, Resume, RevokeSessions, ServerFrame, SessionInfo,
-    SessionList, SessionsRevoked,
+    Authed, Credentials, ErrorBody, ErrorCode, Identity, ListSessions, Resume, RevokeSessions, ServerFrame,
+    SessionInfo, SessionList, SessionsRevoked,
 };
 use chime_storage::{now_ms, NewSession, SessionId, SessionRecord, SharedStore, StoreError, UserId};
 use std::net::IpAddr;
@@ -55,6 +55,13 @@ pub fn resume(to: ReplyTo, peer: IpAddr, r: Resume, limiters: &mut Limiters, now
         return Err(ErrorBody::new(ErrorCode::RATE_LIMITED, "too many resumes; retry in a few seconds"));
     }
     Ok(Work::Shared(Box::new(ResumeJob { to, token: r.token })))
+}
+
+/// WHOAMI: answered on the loop from the connection's login.
+pub fn whoami(ctx: &mut Ctx<'_>) -> Result<Admitted, ErrorBody> {
+    let actor = &ctx.who.actor;
+    let identity = Identity { user_id: actor.user_id, user: actor.name.to_string(), session: ctx.who.session };
+    Ok(Admitted::Reply(ServerFrame::Identity(identity)))
 }
 
 /// Admits LOGOUT: revokes the connection's own session.

@@ -7,7 +7,7 @@
 
 use super::{invalid, page_size, sync::FetchJob, Admitted, Ctx};
 use crate::limits::{MAX_KEY, MAX_TEXT};
-use crate::work::{refuse, reply, store_error, Effect, PostWork, Published, Work};
+use crate::work::{refuse, reply, store_error, wire_delta, Effect, PostWork, Published, Work};
 use chime_protocol::{Delta, ErrorBody, ErrorCode, History, Post, Posted, ServerFrame};
 use chime_storage::{now_ms, NewPost, PostOutcome, RoomId, Store};
 
@@ -60,8 +60,8 @@ pub fn commit(store: &mut dyn Store, posts: Vec<PostWork>) -> Vec<Effect> {
             PostOutcome::Inserted(delta) => {
                 let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
                 match by_room.iter_mut().find(|(r, _)| *r == delta.room) {
-                    Some((_, v)) => v.push(delta),
-                    None => by_room.push((delta.room, vec![delta])),
+                    Some((_, v)) => v.push(wire_delta(delta)),
+                    None => by_room.push((delta.room, vec![wire_delta(delta)])),
                 }
                 reply(to, ServerFrame::Posted(posted))
             }

@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::ratelimit::KeyedLimiter;
 use crate::sync::{Action, SyncState};
 use crate::work::{Actor, ReplyTo, Work};
-use chime_protocol::{ClientFrame, ErrorBody, ErrorCode};
+use chime_protocol::{ClientFrame, ErrorBody, ErrorCode, ServerFrame};
 use chime_storage::{SessionId, UserId};
 use std::net::IpAddr;
 use std::time::Instant;
@@ -90,6 +90,8 @@ pub enum Admitted {
     Work(Work),
     /// Actions of the connection's SYNC state (a SYNC started).
     Sync(Vec<Action>),
+    /// The answer, known on the loop (nothing to read or write).
+    Reply(ServerFrame),
 }
 
 /// A request refused on the loop.
@@ -104,11 +106,13 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::Logout(_) => accounts::logout(ctx),
         ClientFrame::ListSessions(l) => accounts::list_sessions(ctx, l),
         ClientFrame::RevokeSessions(r) => accounts::revoke_sessions(ctx, r),
+        ClientFrame::Whoami(_) => accounts::whoami(ctx),
         ClientFrame::CreateRoom(c) => rooms::create(ctx, c),
         ClientFrame::JoinRoom(r) => rooms::join(ctx, r),
         ClientFrame::LeaveRoom(r) => rooms::leave(ctx, r),
         ClientFrame::ListRooms(l) => rooms::list(ctx, l),
         ClientFrame::ListMembers(m) => rooms::members(ctx, m),
+        ClientFrame::GetRoom(r) => rooms::get(ctx, r),
         ClientFrame::Post(p) => messages::post(ctx, p),
         ClientFrame::History(h) => messages::history(ctx, h),
         ClientFrame::Sync(s) => sync::start(ctx, s),

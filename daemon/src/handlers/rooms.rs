@@ -1,4 +1,4 @@
-//! Rooms and membership: CREATE_ROOM, JOIN_ROOM, LEAVE_ROOM, LIST_ROOMS, LIST_MEMBERS.
+//! Rooms and membership: CREATE_ROOM, JOIN_ROOM, LEAVE_ROOM, LIST_ROOMS, LIST_MEMBERS, GET_ROOM.
 //!
 //! Joins and leaves append to the room's log, so they run on the room's shard ([`Work::Room`]);
 //! creating a room starts a log nobody else can write yet, so it runs on the shared queue. Their
@@ -10,13 +10,13 @@
 use super::{invalid, page_size, Admitted, Ctx};
 use crate::limits::MAX_ROOM_NAME;
 use crate::work::{
-    refuse, reply, store_error, Actor, Effect, Published, ReplyTo, RoomWork, Settings, SharedWork, Work,
+    refuse, reply, store_error, wire_delta, Actor, Effect, Published, ReplyTo, RoomWork, Settings, SharedWork, Work,
 };
 use chime_protocol::{
-    CreateRoom, ErrorBody, ErrorCode, ListMembers, ListRooms, MemberInfo, MemberList, RoomInfo, RoomKind, RoomList,
-    RoomRef, ServerFrame,
+    CreateRoom, ErrorBody, ErrorCode, ListMembers, ListRooms, MemberInfo, MemberList, RoomDetails, RoomInfo, RoomKind,
+    RoomList, RoomRef, ServerFrame,
 };
-use chime_storage::{now_ms, RoomId, RoomRecord, SharedStore, Store, UserId};
+use chime_storage::{now_ms, RoomId, RoomRecord, Seq, SharedStore, Store, UserId};
 
 /// Admits CREATE_ROOM: a name of 1 to 100 characters, a known kind, within the user's rate.
 pub fn create(ctx: &mut Ctx<'_>, c: CreateRoom) -> Result<Admitted, ErrorBody> {
@@ -66,6 +66,46 @@ pub fn members(ctx: &mut Ctx<'_>, m: ListMembers) -> Result<Admitted, ErrorBody>
     Ok(Admitted::Work(Work::Shared(Box::new(job))))
 }
 
+/// Admits GET_ROOM: one read on the shared queue.
+pub fn get(ctx: &mut Ctx<'_>, r: RoomRef) -> Result<Admitted, ErrorBody> {
+    let job = GetRoomJob { to: ctx.to, user: ctx.who.actor.user_id, room: r.room };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// GET_ROOM: the room, its member count and the asker's role. A room that does not exist is
+/// NOT_FOUND; one the user is not a member of is NOT_MEMBER (its name is not the stranger's to
+/// read).
+struct GetRoomJob {
+    to: ReplyTo,
+    user: UserId,
+    room: RoomId,
+}
+
+impl SharedWork for GetRoomJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let answer = match store.room_details(self.room, self.user) {
+            Ok(None) => Err(ErrorBody::new(ErrorCode::NOT_FOUND, format!("no room {}", self.room))),
+            Ok(Some(d)) => match d.role {
+                None => Err(ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {}", self.room))),
+                Some(role) => Ok(RoomDetails { info: room_info(&d.room), members: d.members, role }),
+            },
+            Err(e) => Err(store_error(&e)),
+        };
+        vec![match answer {
+            Ok(details) => reply(self.to, ServerFrame::RoomDetails(details)),
+            Err(error) => refuse(self.to, error),
+        }]
+    }
+}
+
 /// A room as ROOM_INFO and ROOM_LIST describe it.
 pub fn room_info(r: &RoomRecord) -> RoomInfo {
     RoomInfo { room: r.id, name: r.name.clone(), kind: r.kind, head_seq: r.last_seq }
@@ -92,8 +132,8 @@ impl SharedWork for CreateJob {
         let (user, name) = (self.actor.user_id, &self.actor.name);
         match store.create_room(&self.name, self.kind, user, name, now_ms(), settings.max_rooms_per_user) {
             Ok((room, delta)) => {
-                let mut effects = vec![Effect::Subscribe { user, room: room.id, after: Some(0) }];
-                effects.extend(Published::encode(room.id, std::slice::from_ref(&delta)).map(Effect::Publish));
+                let mut effects = vec![Effect::Subscribe { user, room: room.id, after: Some(Seq::ZERO) }];
+                effects.extend(Published::encode(room.id, &[wire_delta(delta)]).map(Effect::Publish));
                 effects.push(reply(self.to, ServerFrame::RoomInfo(room_info(&room))));
                 effects
             }
@@ -137,8 +177,8 @@ impl RoomWork for JoinJob {
         match joined {
             // The joiner's view of the log ends just before its JOIN.
             Some(delta) => {
-                effects.push(Effect::Subscribe { user, room, after: Some(delta.seq.saturating_sub(1)) });
-                effects.extend(Published::encode(room, &[delta]).map(Effect::Publish));
+                effects.push(Effect::Subscribe { user, room, after: Some(delta.seq.prev()) });
+                effects.extend(Published::encode(room, &[wire_delta(delta)]).map(Effect::Publish));
             }
             // A member already: nothing new to catch up on.
             None => effects.push(Effect::Subscribe { user, room, after: None }),
@@ -173,7 +213,7 @@ impl RoomWork for LeaveJob {
         match store.leave_room(room, user, &self.actor.name, now_ms()) {
             Ok(delta) => {
                 let mut effects: Vec<Effect> =
-                    Published::encode(room, &[delta]).map(Effect::Publish).into_iter().collect();
+                    Published::encode(room, &[wire_delta(delta)]).map(Effect::Publish).into_iter().collect();
                 effects.push(Effect::Unsubscribe { user, room });
                 effects.push(reply(to, ServerFrame::Done(Default::default())));
                 effects

@@ -10,7 +10,7 @@ use crate::limits::{MAX_SYNC_ROOMS, PAGE_TEXT_BUDGET};
 use crate::sync::FetchId;
 use crate::work::{reply, Actor, Effect, PageFailure, ReplyTo, Settings, SharedWork};
 use chime_protocol::{DeltaPage, ErrorBody, ErrorCode, ServerFrame, Sync};
-use chime_storage::{RoomId, SharedStore};
+use chime_storage::{RoomId, Seq, SharedStore};
 
 /// Admits SYNC: at most 1,000 rooms; starts (or extends) the connection's sync state.
 pub fn start(ctx: &mut Ctx<'_>, s: Sync) -> Result<Admitted, ErrorBody> {
@@ -35,24 +35,24 @@ pub struct FetchJob {
     to: ReplyTo,
     actor: Actor,
     room: RoomId,
-    after: u64,
+    after: Seq,
     limit: u32,
     purpose: Purpose,
 }
 
 impl FetchJob {
     /// A HISTORY read.
-    pub fn history(to: ReplyTo, actor: Actor, room: RoomId, after: u64, limit: u32) -> FetchJob {
+    pub fn history(to: ReplyTo, actor: Actor, room: RoomId, after: Seq, limit: u32) -> FetchJob {
         FetchJob { to, actor, room, after, limit, purpose: Purpose::History }
     }
 
     /// A read for fetch `fetch` of the connection's sync state.
-    pub fn sync(to: ReplyTo, actor: Actor, room: RoomId, after: u64, limit: u32, fetch: FetchId) -> FetchJob {
+    pub fn sync(to: ReplyTo, actor: Actor, room: RoomId, after: Seq, limit: u32, fetch: FetchId) -> FetchJob {
         FetchJob { to, actor, room, after, limit, purpose: Purpose::Sync(fetch) }
     }
 
     /// The room, the seq it reads after, and the sync fetch it answers (`None` for HISTORY).
-    pub fn what(&self) -> (RoomId, u64, Option<FetchId>) {
+    pub fn what(&self) -> (RoomId, Seq, Option<FetchId>) {
         let fetch = match self.purpose {
             Purpose::History => None,
             Purpose::Sync(f) => Some(f),
@@ -92,7 +92,7 @@ impl SharedWork for FetchJob {
         // Nothing after the cursor: it is the head, or past it. A cursor past the head would make
         // the client drop every later delta as a duplicate, so it is refused, naming the head (one
         // more read, only for an empty page).
-        if deltas.is_empty() && after > 0 {
+        if deltas.is_empty() && after > Seq::ZERO {
             match store.room(room) {
                 Ok(Some(r)) if r.last_seq < after => {
                     let error = ErrorBody::new(
@@ -112,12 +112,13 @@ impl SharedWork for FetchJob {
         deltas.truncate(limit as usize);
         let mut budget = 0usize;
         if let Some(cut) = deltas.iter().position(|d| {
-            budget += d.text.len() + d.author.len();
+            budget += d.body.len() + d.author.len();
             budget > PAGE_TEXT_BUDGET
         }) {
             deltas.truncate(cut.max(1));
             more = true;
         }
+        let deltas: Vec<_> = deltas.into_iter().map(crate::work::wire_delta).collect();
         match purpose {
             Purpose::History => {
                 let resume_after = deltas.last().map_or(after, |d| d.seq);

@@ -18,7 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use chime_client::blocking::{Client, ClientError, ConnectOptions};
 use chime_client::nonblocking::{Connection, TlsSetup};
 use chime_client::{Event, SessionConfig, SessionError};
-use chime_protocol::{ClientFrame, ErrorCode, Post, Resume, ServerFrame};
+use chime_protocol::{ClientFrame, ErrorCode, Post, Resume, RoomId, ServerFrame};
 use chime_tests::load::accounting::{SeqLedger, Tally};
 use chime_tests::load::latency::{self, Summary};
 use chime_tests::load::stamp::Stamp;
@@ -332,7 +332,7 @@ fn setup_users(args: &Args, addr: SocketAddr, prefix: &str) -> Result<(Vec<u64>,
                             if u == 0 {
                                 let info = retry_rate_limited(|| client.create_room(&format!("{prefix}room{r}")))
                                     .context("creating a room")?;
-                                *lock(&rooms[r]) = Some(info.room);
+                                *lock(&rooms[r]) = Some(info.room.get());
                             } else {
                                 let room = lock(&rooms[r]).ok_or_else(|| anyhow!("room {r} was not created"))?;
                                 retry_rate_limited(|| client.join_room(room)).context("joining a room")?;
@@ -604,7 +604,7 @@ fn send_post(shared: &Shared, poll: &mut Poll, c: &mut LoadConn, idx: usize, win
     let now = now_ns(shared);
     let text = Stamp { sender, counter: c.counter, sent_ns: now }.encode(shared.args.message_size);
     c.counter += 1;
-    let post = Post { room: shared.rooms[c.room].id, idempotency_key: format!("{sender}-{}", c.counter), text };
+    let post = Post { room: RoomId(shared.rooms[c.room].id), idempotency_key: format!("{sender}-{}", c.counter), text };
     let id = match c.conn.send(&ClientFrame::Post(post)) {
         Ok(id) => id,
         Err(e) => {
@@ -650,16 +650,16 @@ fn service(
             Event::Reply { frame: ServerFrame::Authed(_), .. } => c.phase = Phase::Ready,
             Event::Reply { request_id, frame: ServerFrame::Posted(p) } => {
                 let Some((sent, in_window)) = c.in_flight.remove(&request_id) else { continue };
-                shared.rooms[c.room].max_acked.fetch_max(p.seq, Ordering::AcqRel);
+                shared.rooms[c.room].max_acked.fetch_max(p.seq.get(), Ordering::AcqRel);
                 shared.posts_in_flight.fetch_sub(1, Ordering::AcqRel);
                 if in_window {
                     if let Some(h) = report.ack.as_mut() {
                         latency::record(h, (now.saturating_sub(sent)) / 1000);
                     }
                     report.window_posts += 1;
-                    let w = report.windows.entry(c.room).or_insert((p.seq, p.seq));
-                    w.0 = w.0.min(p.seq);
-                    w.1 = w.1.max(p.seq);
+                    let w = report.windows.entry(c.room).or_insert((p.seq.get(), p.seq.get()));
+                    w.0 = w.0.min(p.seq.get());
+                    w.1 = w.1.max(p.seq.get());
                 }
             }
             Event::Delta { delta: d, .. } => {
@@ -667,12 +667,12 @@ fn service(
                     *report.errors.entry("delta for a foreign room".into()).or_default() += 1;
                     continue;
                 }
-                c.ledger.observe(d.seq);
+                c.ledger.observe(d.seq.get());
                 if let Some((lo, hi)) = window {
                     if now >= lo && now < hi {
                         report.window_deliveries += 1;
                     }
-                    if let Some(stamp) = Stamp::parse(&d.text) {
+                    if let Some(stamp) = Stamp::parse(d.text()) {
                         if stamp.sent_ns >= lo && stamp.sent_ns < hi {
                             if let Some(h) = report.publish.as_mut() {
                                 latency::record(h, now.saturating_sub(stamp.sent_ns) / 1000);

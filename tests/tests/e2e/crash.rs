@@ -53,7 +53,7 @@ fn kill9_keeps_every_acked_post(backend: Backend) {
                     loop {
                         match client.post(room, &key, &text) {
                             Ok(posted) => {
-                                let prev = acked.lock().expect("lock").insert(posted.seq, text.clone());
+                                let prev = acked.lock().expect("lock").insert(posted.seq.get(), text.clone());
                                 assert!(prev.is_none(), "seq {} acknowledged twice", posted.seq);
                                 acked_count.fetch_add(1, Ordering::SeqCst);
                                 break;
@@ -88,18 +88,18 @@ fn kill9_keeps_every_acked_post(backend: Backend) {
 
     let mut reader = d.resume(&owner.token);
     let history = history_all(&mut reader, room);
-    let by_seq: HashMap<u64, &str> = history.iter().map(|d| (d.seq, d.text.as_str())).collect();
+    let by_seq: HashMap<u64, &str> = history.iter().map(|d| (d.seq.get(), d.text())).collect();
     for (seq, text) in &acked {
         assert_eq!(by_seq.get(seq).copied(), Some(text.as_str()), "acknowledged seq {seq} lost or changed");
     }
     let mut texts: HashMap<&str, usize> = HashMap::new();
     for d in &history {
-        *texts.entry(d.text.as_str()).or_default() += 1;
+        *texts.entry(d.text()).or_default() += 1;
     }
     let doubled: Vec<_> = texts.iter().filter(|(t, n)| **n > 1 && t.starts_with('t')).collect();
     assert!(doubled.is_empty(), "retries double-posted: {doubled:?}");
-    let head = history.last().map(|d| d.seq).unwrap_or(0);
-    let seqs: Vec<u64> = history.iter().map(|d| d.seq).collect();
+    let head = history.last().map(|d| d.seq.get()).unwrap_or(0);
+    let seqs: Vec<u64> = history.iter().map(|d| d.seq.get()).collect();
     assert_contiguous("history after the crash", &seqs, 1, head);
 
     let lines = tail.until_seq(room, head, Duration::from_secs(30));

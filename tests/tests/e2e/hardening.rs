@@ -7,7 +7,7 @@
 
 use crate::util::*;
 use chime_client::blocking::ClientError;
-use chime_protocol::{ClientFrame, ErrorCode, FrameType, ListRooms, Ping, RoomCursor, ServerFrame};
+use chime_protocol::{ClientFrame, ErrorCode, FrameType, ListRooms, Ping, RoomCursor, RoomId, Seq, ServerFrame};
 use chime_tests::daemon::{Backend, Daemon, DaemonOptions};
 use chime_tests::seed;
 use std::io::{ErrorKind, Read, Write};
@@ -31,7 +31,8 @@ fn stingy_peer(addr: SocketAddr, source: IpAddr) -> TcpStream {
     let mut stream: TcpStream = socket.into();
     let hello = chime_protocol::Hello {
         magic: chime_protocol::MAGIC,
-        protocol_version: chime_protocol::PROTOCOL_VERSION,
+        max_version: chime_protocol::PROTOCOL_VERSION,
+        min_version: chime_protocol::MIN_PROTOCOL_VERSION,
         client_name: "stingy".into(),
         client_version: "0".into(),
     };
@@ -164,7 +165,8 @@ fn one_address_cannot_take_every_slot_and_strangers_must_log_in() {
         c.send(
             &ClientFrame::Hello(chime_protocol::Hello {
                 magic: chime_protocol::MAGIC,
-                protocol_version: chime_protocol::PROTOCOL_VERSION,
+                max_version: chime_protocol::PROTOCOL_VERSION,
+                min_version: chime_protocol::MIN_PROTOCOL_VERSION,
                 client_name: "slots".into(),
                 client_version: "0".into(),
             }),
@@ -277,7 +279,7 @@ fn sync_floods_share_the_queue(backend: Backend) {
     let room = reader.create_room("quiet").expect("create").room;
     post_pipelined(&mut reader, room, &(0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
     let rooms: Vec<RoomCursor> =
-        reader_rooms(&d, &flooder.token).into_iter().map(|r| RoomCursor { room: r, seq: 0 }).collect();
+        reader_rooms(&d, &flooder.token).into_iter().map(|r| RoomCursor { room: RoomId(r), seq: Seq(0) }).collect();
     assert_eq!(rooms.len(), ROOMS as usize);
     // Two connections each SYNC 1,000 rooms three times over, one SYNC after the other.
     let floods: Vec<_> = (0..2)
@@ -317,7 +319,7 @@ fn sync_floods_share_the_queue(backend: Backend) {
 /// The ids of every room a user is in (via LIST_ROOMS pages).
 fn reader_rooms(d: &Daemon, token: &str) -> Vec<u64> {
     let mut c = d.resume(token);
-    c.list_rooms().expect("LIST_ROOMS").into_iter().map(|r| r.room).collect()
+    c.list_rooms().expect("LIST_ROOMS").into_iter().map(|r| r.room.get()).collect()
 }
 
 fn room_lists_are_paged(backend: Backend) {
@@ -331,7 +333,7 @@ fn room_lists_are_paged(backend: Backend) {
     let all = c.list_rooms().expect("LIST_ROOMS pages");
     assert_eq!(all.len(), ROOMS as usize);
     assert!(all.windows(2).all(|w| w[0].room < w[1].room), "pages in room order");
-    match c.request(&ClientFrame::ListRooms(ListRooms { after_room: 0, limit: 0 })).expect("one page") {
+    match c.request(&ClientFrame::ListRooms(ListRooms { after_room: RoomId(0), limit: 0 })).expect("one page") {
         ServerFrame::RoomList(page) => {
             assert_eq!(page.rooms.len(), 500, "the default page");
             assert_eq!(page.next_after, Some(page.rooms[499].room));

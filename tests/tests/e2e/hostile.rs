@@ -25,7 +25,7 @@ fn hostile_bytes_do_not_disturb_others(backend: Backend) {
             while !stop.load(Ordering::SeqCst) && sent.len() < 500 {
                 let key = chime_client::new_idempotency_key();
                 let p = alice.client.post(room, &key, &format!("calm {}", sent.len())).expect("chat post");
-                sent.push(p.seq);
+                sent.push(p.seq.get());
                 std::thread::sleep(Duration::from_millis(10));
             }
             sent
@@ -102,7 +102,7 @@ fn hostile_bytes_do_not_disturb_others(backend: Backend) {
     assert!(!sent.is_empty());
     let last = *sent.last().expect("posted");
     let got = pushes_until(&mut bob.client, room, last, Duration::from_secs(10));
-    let seqs: Vec<u64> = got.iter().filter(|d| d.seq >= sent[0]).map(|d| d.seq).collect();
+    let seqs: Vec<u64> = got.iter().filter(|d| d.seq >= sent[0]).map(|d| d.seq.get()).collect();
     assert_contiguous("bob's pushes during the attack", &seqs, sent[0], last);
     assert!(d.is_running(), "chimed died");
     let mut fresh = d.user("fresh");

@@ -2,7 +2,7 @@
 
 use crate::util::*;
 use chime_client::blocking::ClientError;
-use chime_protocol::{ClientFrame, ErrorCode, RoomCursor, ServerFrame, Sync};
+use chime_protocol::{ClientFrame, ErrorCode, RoomCursor, Seq, ServerFrame, Sync};
 use chime_tests::daemon::{Backend, Daemon};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ fn non_member_is_refused(backend: Backend) {
     assert_eq!(server_code("HISTORY", outsider.history(room, 0, 50)), ErrorCode::NOT_MEMBER);
     // SYNC either refuses the room or leaves it out; either way nothing of it is sent.
     let id = outsider
-        .send(&ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room, seq: 0 }], page_size: 50 }))
+        .send(&ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room, seq: Seq(0) }], page_size: 50 }))
         .expect("send SYNC");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -59,5 +59,5 @@ fn non_member_is_refused(backend: Backend) {
     }
     // Still usable, and joining makes it work.
     outsider.join_room(room).expect("join");
-    assert!(outsider.history(room, 0, 50).expect("history").deltas.iter().any(|d| d.text == "secret"));
+    assert!(outsider.history(room, 0, 50).expect("history").deltas.iter().any(|d| d.text() == "secret"));
 }

@@ -39,9 +39,9 @@ fn thousand_posts_arrive_in_order(backend: Backend) {
 
     // The watcher joined before the posters: it gets every delta after its own join.
     let pushed = pushes_until(&mut watcher.client, room, end, Duration::from_secs(30));
-    let first = pushed.first().map(|d| d.seq).unwrap_or(0);
+    let first = pushed.first().map(|d| d.seq.get()).unwrap_or(0);
     assert!(first <= start + 1, "watcher's first push is seq {first}, posting started after {start}");
-    let seqs: Vec<u64> = pushed.iter().map(|d| d.seq).collect();
+    let seqs: Vec<u64> = pushed.iter().map(|d| d.seq.get()).collect();
     assert_contiguous("protocol tail", &seqs, first, end);
 
     let lines = tail.until_seq(room, end, Duration::from_secs(30));
@@ -51,7 +51,7 @@ fn thousand_posts_arrive_in_order(backend: Backend) {
     let history = history_all(&mut owner.client, room);
     for i in 0..POSTERS {
         let mine: Vec<&str> =
-            history.iter().filter(|d| d.text.starts_with(&format!("p{i} "))).map(|d| d.text.as_str()).collect();
+            history.iter().filter(|d| d.text().starts_with(&format!("p{i} "))).map(|d| d.text()).collect();
         let want: Vec<String> = (0..EACH).map(|n| format!("p{i} n{n}")).collect();
         assert_eq!(mine, want.iter().map(String::as_str).collect::<Vec<_>>());
     }

@@ -10,7 +10,7 @@
 
 use crate::util::*;
 use chime_client::blocking::{Client, ClientError};
-use chime_protocol::ErrorCode;
+use chime_protocol::{ErrorCode, RoomId};
 use chime_tests::daemon::{Daemon, DaemonOptions, PASSWORD};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +29,7 @@ struct Seen {
 
 /// Posts one message after another into `room` until `stop`, retrying each with the same key
 /// until it is acknowledged (as `chime send` does).
-fn poster(mut client: Client, room: u64, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+fn poster(mut client: Client, room: RoomId, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
     // Keys unique across posters: a reused key would be answered as a duplicate of an old post.
     let run = unique("run");
     let mut n = 0u64;
@@ -45,7 +45,7 @@ fn poster(mut client: Client, room: u64, stop: Arc<AtomicBool>, seen: Arc<Mutex<
                     if s.first_refusal.is_some() && s.recovered_at.is_none() {
                         s.recovered_at = Some(Instant::now());
                     }
-                    s.acked.insert(p.seq, text.clone());
+                    s.acked.insert(p.seq.get(), text.clone());
                     break;
                 }
                 Err(ClientError::Server(e)) if e.retryable => {
@@ -66,7 +66,7 @@ fn poster(mut client: Client, room: u64, stop: Arc<AtomicBool>, seen: Arc<Mutex<
 }
 
 /// Runs `outage` while a poster posts; returns what it saw once posting works again.
-fn under_load(d: &Daemon, room: u64, token: &str, outage: impl FnOnce()) -> Seen {
+fn under_load(d: &Daemon, room: RoomId, token: &str, outage: impl FnOnce()) -> Seen {
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Seen::default()));
     let thread = {
@@ -95,16 +95,17 @@ fn under_load(d: &Daemon, room: u64, token: &str, outage: impl FnOnce()) -> Seen
 
 /// Every acknowledged post is in the room's log, and a member's live connection stayed up and
 /// received them all, in order, with no gap.
-fn nothing_lost(d: &Daemon, room: u64, token: &str, seen: &Seen, member: &mut Client) {
+fn nothing_lost(d: &Daemon, room: RoomId, token: &str, seen: &Seen, member: &mut Client) {
     let mut reader = d.resume(token);
-    let log: BTreeMap<u64, String> = history_all(&mut reader, room).into_iter().map(|d| (d.seq, d.text)).collect();
+    let log: BTreeMap<u64, String> =
+        history_all(&mut reader, room).into_iter().map(|d| (d.seq.get(), d.text().to_string())).collect();
     for (seq, text) in &seen.acked {
         assert_eq!(log.get(seq), Some(text), "acknowledged post at seq {seq} lost");
     }
     let last = *seen.acked.keys().last().expect("some posts");
     let first = *seen.acked.keys().next().expect("some posts");
     let pushes = pushes_until(member, room, last, Duration::from_secs(10));
-    let seqs: Vec<u64> = pushes.iter().map(|d| d.seq).filter(|&s| s >= first).collect();
+    let seqs: Vec<u64> = pushes.iter().map(|d| d.seq.get()).filter(|&s| s >= first).collect();
     assert_contiguous("the member's live pushes across the outage", &seqs, first, last);
 }
 

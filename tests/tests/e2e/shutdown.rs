@@ -32,7 +32,7 @@ fn sigterm_drains_and_says_goodbye(backend: Backend) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         match alice.client.recv(Some(Duration::from_millis(500))) {
-            Ok(Some((_, ServerFrame::Posted(p)))) => acked.push(p.seq),
+            Ok(Some((_, ServerFrame::Posted(p)))) => acked.push(p.seq.get()),
             Ok(Some((_, ServerFrame::Error(e)))) => {
                 assert_eq!(e.code, ErrorCode::SHUTTING_DOWN, "unexpected error {e:?}");
                 assert!(e.retryable);
@@ -53,9 +53,9 @@ fn sigterm_drains_and_says_goodbye(backend: Backend) {
     let history = history_all(&mut alice, room);
     for seq in &acked {
         let delta = history.iter().find(|x| x.seq == *seq);
-        assert!(delta.is_some_and(|x| x.text.starts_with("burst ")), "acked seq {seq} missing after restart");
+        assert!(delta.is_some_and(|x| x.text().starts_with("burst ")), "acked seq {seq} missing after restart");
     }
-    let seqs: Vec<u64> = history.iter().map(|x| x.seq).collect();
+    let seqs: Vec<u64> = history.iter().map(|x| x.seq.get()).collect();
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, expected, "the log has a gap");
 }

@@ -30,7 +30,7 @@ fn slow_consumer_is_cut_off(backend: Backend) {
         post_with_window(&mut owner.client, room, &texts, 2);
         reading.join().expect("reader")
     });
-    let seqs: Vec<u64> = received.iter().map(|d| d.seq).collect();
+    let seqs: Vec<u64> = received.iter().map(|d| d.seq.get()).collect();
     let first = seqs.first().copied().unwrap_or(0);
     assert!(first <= start + 1);
     assert_contiguous("the reading client", &seqs, first, end);

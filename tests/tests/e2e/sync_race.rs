@@ -2,7 +2,7 @@
 //! order, across the switch from SYNC pages to live pushes.
 
 use crate::util::*;
-use chime_protocol::{ClientFrame, RoomCursor, ServerFrame, Sync};
+use chime_protocol::{ClientFrame, RoomCursor, Seq, ServerFrame, Sync};
 use chime_tests::daemon::{Backend, Daemon};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ fn sync_while_posting_sees_each_seq_once(backend: Backend) {
             });
         }
         go.store(true, Ordering::SeqCst);
-        let sync = ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room, seq: 0 }], page_size: 50 });
+        let sync = ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room, seq: Seq(0) }], page_size: 50 });
         let sync_id = conn.send(&sync).expect("send SYNC");
         let final_head = (BACKLOG + POSTERS * EACH) as u64 + 2 + POSTERS as u64;
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -57,7 +57,7 @@ fn sync_while_posting_sees_each_seq_once(backend: Backend) {
                 Ok(Some((id, ServerFrame::DeltaPage(page)))) if id == sync_id => {
                     started = true;
                     assert!(!done, "a page after SYNC_DONE");
-                    seen.extend(page.deltas.iter().map(|d| d.seq));
+                    seen.extend(page.deltas.iter().map(|d| d.seq.get()));
                 }
                 Ok(Some((id, ServerFrame::SyncDone(_)))) if id == sync_id => {
                     started = true;
@@ -65,7 +65,7 @@ fn sync_while_posting_sees_each_seq_once(backend: Backend) {
                 }
                 Ok(Some((0, ServerFrame::Delta(d)))) if d.room == room => {
                     if started {
-                        seen.push(d.seq);
+                        seen.push(d.seq.get());
                     }
                 }
                 Ok(Some((id, ServerFrame::Error(e)))) if id == sync_id => panic!("SYNC failed: {e}"),
@@ -77,6 +77,6 @@ fn sync_while_posting_sees_each_seq_once(backend: Backend) {
     });
     let head = head_seq(&mut owner.client, room);
     assert_contiguous("sync then pushes", &seen, 1, head);
-    let history: Vec<u64> = history_all(&mut owner.client, room).iter().map(|d| d.seq).collect();
+    let history: Vec<u64> = history_all(&mut owner.client, room).iter().map(|d| d.seq.get()).collect();
     assert_eq!(history, seen);
 }

@@ -4,7 +4,8 @@
 use bytes::BytesMut;
 use chime_client::blocking::{Client, ClientError};
 use chime_protocol::{
-    ClientFrame, Delta, FrameDecoder, FrameType, Hello, Post, RawFrame, ServerFrame, MAGIC, PROTOCOL_VERSION,
+    ClientFrame, Delta, FrameDecoder, FrameType, Hello, Post, RawFrame, RoomId, Seq, ServerFrame, MAGIC,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use chime_tests::daemon::Daemon;
 use serde_json::Value;
@@ -42,7 +43,8 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Waits for the next push of `room` on `client`, skipping other frames; panics after `timeout`.
-pub fn next_delta(client: &mut Client, room: u64, timeout: Duration) -> Delta {
+pub fn next_delta(client: &mut Client, room: impl Into<RoomId>, timeout: Duration) -> Delta {
+    let room = room.into();
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -56,7 +58,13 @@ pub fn next_delta(client: &mut Client, room: u64, timeout: Duration) -> Delta {
 }
 
 /// Collects pushes of `room` until one with `seq >= last` arrives; panics after `timeout`.
-pub fn pushes_until(client: &mut Client, room: u64, last: u64, timeout: Duration) -> Vec<Delta> {
+pub fn pushes_until(
+    client: &mut Client,
+    room: impl Into<RoomId>,
+    last: impl Into<Seq>,
+    timeout: Duration,
+) -> Vec<Delta> {
+    let (room, last) = (room.into(), last.into());
     let mut got = Vec::new();
     let deadline = Instant::now() + timeout;
     while got.last().is_none_or(|d: &Delta| d.seq < last) {
@@ -95,12 +103,13 @@ pub fn assert_contiguous(what: &str, seqs: &[u64], first: u64, last: u64) {
 }
 
 /// Posts every text, keeping up to 200 POSTs in flight; returns their seqs in text order.
-pub fn post_pipelined(client: &mut Client, room: u64, texts: &[String]) -> Vec<u64> {
+pub fn post_pipelined(client: &mut Client, room: impl Into<RoomId>, texts: &[String]) -> Vec<u64> {
     post_with_window(client, room, texts, 200)
 }
 
 /// Posts every text, keeping up to `window` POSTs in flight; returns their seqs in text order.
-pub fn post_with_window(client: &mut Client, room: u64, texts: &[String], window: usize) -> Vec<u64> {
+pub fn post_with_window(client: &mut Client, room: impl Into<RoomId>, texts: &[String], window: usize) -> Vec<u64> {
+    let room = room.into();
     let mut seqs = vec![0u64; texts.len()];
     let mut pending: HashMap<u32, usize> = HashMap::new();
     let mut next = 0;
@@ -120,7 +129,7 @@ pub fn post_with_window(client: &mut Client, room: u64, texts: &[String], window
         match client.recv(Some(Duration::from_secs(10))) {
             Ok(Some((id, ServerFrame::Posted(p)))) => {
                 let i = pending.remove(&id).unwrap_or_else(|| panic!("POSTED for unknown request {id}"));
-                seqs[i] = p.seq;
+                seqs[i] = p.seq.get();
             }
             Ok(Some((id, ServerFrame::Error(e)))) if pending.contains_key(&id) => panic!("POST refused: {e}"),
             Ok(Some(_)) => {}
@@ -132,9 +141,10 @@ pub fn post_with_window(client: &mut Client, room: u64, texts: &[String], window
 }
 
 /// Every delta of `room`, by HISTORY pages.
-pub fn history_all(client: &mut Client, room: u64) -> Vec<Delta> {
+pub fn history_all(client: &mut Client, room: impl Into<RoomId>) -> Vec<Delta> {
+    let room = room.into();
     let mut all: Vec<Delta> = Vec::new();
-    let mut after = 0;
+    let mut after = Seq(0);
     for _ in 0..10_000 {
         let page = client.history(room, after, 500).unwrap_or_else(|e| panic!("HISTORY: {e:?}"));
         all.extend(page.deltas.iter().cloned());
@@ -147,10 +157,11 @@ pub fn history_all(client: &mut Client, room: u64) -> Vec<Delta> {
 }
 
 /// The current head seq of `room` (from LIST_ROOMS; the client must be a member).
-pub fn head_seq(client: &mut Client, room: u64) -> u64 {
+pub fn head_seq(client: &mut Client, room: impl Into<RoomId>) -> u64 {
+    let room = room.into();
     let rooms = client.list_rooms().unwrap_or_else(|e| panic!("LIST_ROOMS: {e:?}"));
     match rooms.iter().find(|r| r.room == room) {
-        Some(r) => r.head_seq,
+        Some(r) => r.head_seq.get(),
         None => panic!("room {room} not in LIST_ROOMS"),
     }
 }
@@ -214,7 +225,8 @@ pub fn json_str<'a>(v: &'a Value, key: &str) -> &'a str {
 }
 
 /// Checks the delta shape of interface.md: room, seq, kind, author, ts (RFC 3339), text.
-pub fn assert_delta_shape(v: &Value, room: u64) -> u64 {
+pub fn assert_delta_shape(v: &Value, room: impl Into<RoomId>) -> u64 {
+    let room = room.into().get();
     assert_eq!(json_u64(v, "room"), room, "{v}");
     let seq = json_u64(v, "seq");
     assert!(seq >= 1, "{v}");
@@ -289,7 +301,8 @@ impl Tail {
 
     /// Registers a new CLI user in `home`, joins `room` and follows it with `chime tail ROOM
     /// --after 0` (the whole log, then live).
-    pub fn follow_room(d: &Daemon, home: &Path, room: u64) -> Tail {
+    pub fn follow_room(d: &Daemon, home: &Path, room: impl Into<RoomId>) -> Tail {
+        let room = room.into();
         let mut cmd = d.cli(home);
         cmd.args(["register", &unique("tailer")]);
         cli_ok(cmd);
@@ -309,7 +322,8 @@ impl Tail {
 
     /// Reads delta lines until one with `seq >= last`; returns them all. Panics after `timeout`,
     /// with the tail's stderr.
-    pub fn until_seq(&mut self, room: u64, last: u64, timeout: Duration) -> Vec<Value> {
+    pub fn until_seq(&mut self, room: impl Into<RoomId>, last: impl Into<Seq>, timeout: Duration) -> Vec<Value> {
+        let (room, last) = (room.into().get(), last.into().get());
         let deadline = Instant::now() + timeout;
         let mut got: Vec<Value> = Vec::new();
         while got.last().is_none_or(|v| json_u64(v, "seq") < last) {
@@ -387,7 +401,8 @@ impl RawConn {
         self.send(
             &ClientFrame::Hello(Hello {
                 magic: MAGIC,
-                protocol_version: PROTOCOL_VERSION,
+                max_version: PROTOCOL_VERSION,
+                min_version: MIN_PROTOCOL_VERSION,
                 client_name: "raw".into(),
                 client_version: "0".into(),
             }),

@@ -1,0 +1,221 @@
+//! A delta's body: its kind and a payload tagged by that kind.
+//!
+//! On the wire a body is `kind` (a [`DeltaKind`], varint) followed by `payload` (a varint length,
+//! then that many bytes), and the payload is the postcard encoding of the kind's struct
+//! ([`CreateBody`], [`MessageBody`], nothing for `JOIN`/`LEAVE`). Because the payload carries its
+//! own length, a client that meets a kind it does not know still decodes the whole delta (as
+//! [`DeltaBody::Unknown`]), can skip it, and advances its cursor past its seq. New kinds therefore
+//! add payloads without touching the others, and a kind's payload may grow later by appending
+//! fields: a decoder reads the fields it knows and ignores the bytes after them.
+
+use crate::types::DeltaKind;
+use serde::de::{self, SeqAccess, Visitor};
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+
+/// The payload of a `CREATE` delta (always a room's seq 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateBody {
+    /// The room's name.
+    pub name: String,
+}
+
+/// The payload of a `MESSAGE` delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageBody {
+    /// The message.
+    pub text: String,
+}
+
+/// What a delta does, tagged by its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeltaBody {
+    /// The room was created.
+    Create(CreateBody),
+    /// A chat message.
+    Message(MessageBody),
+    /// The author joined.
+    Join,
+    /// The author left.
+    Leave,
+    /// A kind this build does not know, kept as it came so that it can be skipped (or passed
+    /// on unchanged).
+    Unknown {
+        /// The kind.
+        kind: DeltaKind,
+        /// Its payload, undecoded.
+        payload: Vec<u8>,
+    },
+}
+
+impl DeltaBody {
+    /// A `MESSAGE` body.
+    pub fn message(text: impl Into<String>) -> DeltaBody {
+        DeltaBody::Message(MessageBody { text: text.into() })
+    }
+
+    /// The kind, the tag on the wire.
+    pub fn kind(&self) -> DeltaKind {
+        match self {
+            DeltaBody::Create(_) => DeltaKind::CREATE,
+            DeltaBody::Message(_) => DeltaKind::MESSAGE,
+            DeltaBody::Join => DeltaKind::JOIN,
+            DeltaBody::Leave => DeltaKind::LEAVE,
+            DeltaBody::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    /// The text a person reads for it: a message's text, a created room's name, else nothing.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            DeltaBody::Create(c) => Some(&c.name),
+            DeltaBody::Message(m) => Some(&m.text),
+            _ => None,
+        }
+    }
+
+    /// The payload's encoding.
+    fn payload(&self) -> Result<Vec<u8>, postcard::Error> {
+        match self {
+            DeltaBody::Create(c) => postcard::to_allocvec(c),
+            DeltaBody::Message(m) => postcard::to_allocvec(m),
+            DeltaBody::Join | DeltaBody::Leave => Ok(Vec::new()),
+            DeltaBody::Unknown { payload, .. } => Ok(payload.clone()),
+        }
+    }
+
+    /// Decodes a payload of `kind`. Bytes after the fields this build knows are ignored: a later
+    /// version may append fields to a kind's payload.
+    fn from_payload(kind: DeltaKind, payload: Vec<u8>) -> Result<DeltaBody, postcard::Error> {
+        Ok(match kind {
+            DeltaKind::CREATE => DeltaBody::Create(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::MESSAGE => DeltaBody::Message(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::JOIN => DeltaBody::Join,
+            DeltaKind::LEAVE => DeltaBody::Leave,
+            kind => DeltaBody::Unknown { kind, payload },
+        })
+    }
+}
+
+/// A byte string that postcard writes as a varint length and the raw bytes.
+struct RawBytes<'a>(&'a [u8]);
+
+impl Serialize for RawBytes<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+impl Serialize for DeltaBody {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let payload = self.payload().map_err(S::Error::custom)?;
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&self.kind())?;
+        t.serialize_element(&RawBytes(&payload))?;
+        t.end()
+    }
+}
+
+/// Reads the payload's bytes whichever way the format hands them over.
+struct PayloadVisitor;
+
+impl<'de> Visitor<'de> for PayloadVisitor {
+    type Value = Vec<u8>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a delta payload (bytes)")
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+        Ok(v.to_vec())
+    }
+
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+        Ok(v)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(b) = seq.next_element::<u8>()? {
+            out.push(b);
+        }
+        Ok(out)
+    }
+}
+
+struct Payload(Vec<u8>);
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_byte_buf(PayloadVisitor).map(Payload)
+    }
+}
+
+struct BodyVisitor;
+
+impl<'de> Visitor<'de> for BodyVisitor {
+    type Value = DeltaBody;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a delta body (kind, payload)")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<DeltaBody, A::Error> {
+        let kind: DeltaKind = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+        let Payload(payload) = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
+        DeltaBody::from_payload(kind, payload)
+            .map_err(|e| de::Error::custom(format_args!("payload of delta kind {kind}: {e}")))
+    }
+}
+
+impl<'de> Deserialize<'de> for DeltaBody {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_tuple(2, BodyVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(body: &DeltaBody) -> Vec<u8> {
+        let bytes = postcard::to_allocvec(body).expect("encodes");
+        let back: DeltaBody = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(&back, body);
+        bytes
+    }
+
+    #[test]
+    fn a_body_is_its_kind_then_a_length_prefixed_payload() {
+        assert_eq!(round_trip(&DeltaBody::message("hi")), [2, 3, 2, b'h', b'i']);
+        assert_eq!(round_trip(&DeltaBody::Join), [3, 0]);
+        assert_eq!(round_trip(&DeltaBody::Leave), [4, 0]);
+        let create = DeltaBody::Create(CreateBody { name: "r".into() });
+        assert_eq!(round_trip(&create), [1, 2, 1, b'r']);
+    }
+
+    #[test]
+    fn an_unknown_kind_is_kept_whole() {
+        let body = DeltaBody::Unknown { kind: DeltaKind(0x1234), payload: vec![9, 8, 7] };
+        assert_eq!(round_trip(&body), [0xb4, 0x24, 3, 9, 8, 7]);
+        assert_eq!(body.text(), None);
+    }
+
+    #[test]
+    fn fields_appended_to_a_known_payload_are_ignored() {
+        // A later version's MESSAGE with one more field after the text.
+        let bytes = [2, 4, 2, b'h', b'i', 42];
+        let body: DeltaBody = postcard::from_bytes(&bytes).expect("decodes");
+        assert_eq!(body, DeltaBody::message("hi"));
+    }
+
+    #[test]
+    fn a_payload_that_does_not_decode_as_its_kind_is_an_error() {
+        // MESSAGE whose text length runs past the payload.
+        assert!(postcard::from_bytes::<DeltaBody>(&[2, 2, 5, b'h']).is_err());
+        // A payload length past the input.
+        assert!(postcard::from_bytes::<DeltaBody>(&[3, 9, 1]).is_err());
+    }
+}
