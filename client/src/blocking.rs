@@ -242,8 +242,23 @@ impl Client {
     /// Follows `room` from `cursor` (see [`Session::follow`]): its deltas then come as
     /// [`Event::Delta`]s from [`Client::next_event`], once each and in order, and the session
     /// SYNCs gaps by itself.
+    ///
+    /// Pushes of the room already read but not yet taken (they arrive as soon as the login is
+    /// done, before the caller could follow) are judged again against `cursor`, so none of them
+    /// jumps ahead of the catch-up.
     pub fn follow(&mut self, room: impl Into<RoomId>, cursor: impl Into<Seq>) {
-        self.session.follow(room.into(), cursor.into());
+        let room = room.into();
+        self.session.follow(room, cursor.into());
+        let queued = std::mem::take(&mut self.queue);
+        for event in queued {
+            match event {
+                Event::Delta { delta, sync: None } if delta.room == room => self.session.replay_push(delta),
+                other => self.queue.push_back(other),
+            }
+        }
+        while let Some(event) = self.session.poll_event() {
+            self.queue.push_back(event);
+        }
     }
 
     /// SYNCs every followed room not being synced yet, from its cursor (see

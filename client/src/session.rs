@@ -797,6 +797,13 @@ impl Session {
         }
     }
 
+    /// Judges again a push the caller took from the events before its room was followed (a push
+    /// that arrived between login and [`Session::follow`] was passed on unjudged): it is delivered
+    /// if it continues the room's cursor, dropped if it is old, or the gap before it SYNCed.
+    pub fn replay_push(&mut self, delta: Delta) {
+        self.accept(delta, None);
+    }
+
     /// Judges a delta from a push (`via` none) or a SYNC page against its room's cursor.
     fn accept(&mut self, delta: Delta, via: Option<u32>) {
         let Some(f) = self.rooms.get_mut(&delta.room) else {
