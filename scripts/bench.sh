@@ -7,7 +7,8 @@
 #
 # "quick" shortens every window to 5 s (for a smoke run). CHIME_BENCH_BIN=DIR runs the chimed and
 # chime-load found in DIR instead of building this tree (to measure an older build side by side;
-# its chime-load must speak its chimed's protocol version).
+# its chime-load must speak its chimed's protocol version). CHIME_BENCH_ONLY=REGEX runs only the
+# scenarios whose names match.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stores=${1:-both}
@@ -66,6 +67,7 @@ start_chimed() { # $1 = store
 
 run() { # $1 = store, $2 = scenario name, rest = chime-load flags
     local store=$1 name=$2; shift 2
+    [[ "$name" =~ ${CHIME_BENCH_ONLY:-.} ]] || return 0
     start_chimed "$store"
     local out
     out=$($L --server 127.0.0.1:7979 --json --daemon-pid "$chimed_pid" "$@")
