@@ -61,21 +61,7 @@ impl Conn {
             server_version: "0".into(),
             min_version: chime_protocol::MIN_PROTOCOL_VERSION,
             max_version: chime_protocol::PROTOCOL_VERSION,
-            limits: Limits {
-                max_frame: frame::DEFAULT_MAX_FRAME,
-                heartbeat_secs: 30,
-                max_text: 16_384,
-                max_key: 64,
-                max_room_name: 100,
-                max_user_name: 32,
-                min_password: 8,
-                max_password: 1024,
-                max_in_flight: 256,
-                max_queued_during_login: 64,
-                default_page: 500,
-                max_page: 1000,
-                max_sync_rooms: 1000,
-            },
+            limits: Limits::default(),
         };
         self.reply(FrameType::WELCOME, id, &welcome);
         let (id, resume): (u32, chime_protocol::Resume) = self.expect(FrameType::RESUME);
