@@ -76,38 +76,31 @@ impl SharedWork for FetchJob {
             Purpose::History => vec![reply(to, ServerFrame::Error(error))],
             Purpose::Sync(fetch) => vec![Effect::PageFailed { to, room, fetch, why, error }],
         };
-        match store.is_member(room, actor.user_id) {
-            Ok(true) => {}
-            Ok(false) => {
+        // One read gives both the membership and the head. A room that does not exist is
+        // refused like one the user is not in.
+        let head = match store.room_details(room, actor.user_id) {
+            Ok(Some(d)) if d.role.is_some() => d.room.last_seq,
+            Ok(_) => {
                 let error = ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {room}"));
                 return failed(error, PageFailure::NotMember);
             }
             Err(e) => return failed(crate::work::store_error(&e), PageFailure::Store),
+        };
+        // A cursor past the head would make the client drop every later delta as a duplicate, so it
+        // is refused, naming the head. (The head only grows, and a client's cursor can only hold
+        // seqs committed before it saw them, so a head read before the page is never too low.)
+        if after > head {
+            let error = ErrorBody::new(
+                ErrorCode::CURSOR_AHEAD,
+                format!("cursor {after} is past room {room}'s head {head}; SYNC it again from at most {head}"),
+            );
+            return failed(error, PageFailure::CursorAhead);
         }
         // One extra row tells whether more follow without a second query.
         let mut deltas = match store.deltas_after(room, after, limit.saturating_add(1)) {
             Ok(d) => d,
             Err(e) => return failed(crate::work::store_error(&e), PageFailure::Store),
         };
-        // Nothing after the cursor: it is the head, or past it. A cursor past the head would make
-        // the client drop every later delta as a duplicate, so it is refused, naming the head (one
-        // more read, only for an empty page).
-        if deltas.is_empty() && after > Seq::ZERO {
-            match store.room(room) {
-                Ok(Some(r)) if r.last_seq < after => {
-                    let error = ErrorBody::new(
-                        ErrorCode::CURSOR_AHEAD,
-                        format!(
-                            "cursor {after} is past room {room}'s head {}; SYNC it again from at most {}",
-                            r.last_seq, r.last_seq
-                        ),
-                    );
-                    return failed(error, PageFailure::CursorAhead);
-                }
-                Ok(_) => {}
-                Err(e) => return failed(crate::work::store_error(&e), PageFailure::Store),
-            }
-        }
         let mut more = deltas.len() > limit as usize;
         deltas.truncate(limit as usize);
         let mut budget = 0usize;
