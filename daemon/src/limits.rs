@@ -95,3 +95,15 @@ pub fn announced(max_frame: u32, heartbeat_secs: u32) -> Limits {
         max_sync_rooms: n(MAX_SYNC_ROOMS),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// `chime_protocol::Limits::default()` states the reference server's limits for clients and
+    /// tests; it must stay what this daemon announces with its default configuration.
+    #[test]
+    fn the_protocols_reference_limits_are_what_the_daemon_announces_by_default() {
+        let config = crate::config::Config::default();
+        let announced = super::announced(config.max_frame, config.heartbeat_secs);
+        assert_eq!(announced, chime_protocol::Limits::default());
+    }
+}

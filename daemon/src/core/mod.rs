@@ -36,6 +36,11 @@ use hub::{Change, Hub, Key};
 use std::net::IpAddr;
 use std::time::Instant;
 
+/// Why a request with id 0 is refused.
+const REQUEST_ID_ZERO: &str = "request id 0 is reserved for the server's pushes; number requests from 1";
+/// Why a HELLO after the handshake is refused.
+const HELLO_AGAIN: &str = "HELLO was already received; ignored";
+
 /// The time, as the loop read it once for this turn.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
@@ -274,14 +279,13 @@ impl Core {
         }
         // Checked before the body: a second HELLO is refused as such whatever it carries.
         if raw.ty == FrameType::HELLO {
-            error(io, key, rid, ErrorCode::HANDSHAKE_COMPLETE, "HELLO was already received; ignored");
+            error(io, key, rid, ErrorCode::HANDSHAKE_COMPLETE, HELLO_AGAIN);
             return self.flow(key);
         }
         // Request id 0 marks the server's pushes; a reply to it could not be told from one.
         // PONG answers SERVER_PING, which carries 0, so it echoes 0.
         if rid == 0 && raw.ty != FrameType::PONG {
-            let message = "request id 0 is reserved for the server's pushes; number requests from 1";
-            error(io, key, rid, ErrorCode::BAD_FRAME, message);
+            error(io, key, rid, ErrorCode::BAD_FRAME, REQUEST_ID_ZERO);
             return self.flow(key);
         }
         let frame = match ClientFrame::decode(&raw) {
@@ -308,9 +312,7 @@ impl Core {
             (State::Handshake, _) => {
                 self.fatal(io, key, rid, ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO")
             }
-            (_, ClientFrame::Hello(_)) => {
-                error(io, key, rid, ErrorCode::HANDSHAKE_COMPLETE, "HELLO was already received; ignored")
-            }
+            (_, ClientFrame::Hello(_)) => error(io, key, rid, ErrorCode::HANDSHAKE_COMPLETE, HELLO_AGAIN),
             (_, ClientFrame::Ping(p)) => io.send(key, ServerFrame::Pong(p).reply(rid), Class::Own),
             (_, ClientFrame::Pong(_)) => {}
             _ if self.shutting_down => {
@@ -340,8 +342,7 @@ impl Core {
             return self.fatal(io, key, rid, ErrorCode::HANDSHAKE_REQUIRED, &message);
         }
         if rid == 0 {
-            let message = "request id 0 is reserved for the server's pushes; number requests from 1";
-            return self.fatal(io, key, rid, ErrorCode::BAD_FRAME, message);
+            return self.fatal(io, key, rid, ErrorCode::BAD_FRAME, REQUEST_ID_ZERO);
         }
         // The magic and the newest version come first in every version's HELLO, so a client of
         // any version learns why it is refused.

@@ -71,7 +71,7 @@ fn refusals_before_the_handshake_say_why() {
     let future = hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2).encode(1).expect("small");
     assert_eq!(refused_at_handshake(&d, &future).0, ErrorCode::VERSION_UNSUPPORTED);
 
-    let mut http = frame(FrameType::HELLO, 1, b"GET / HTTP/1.1");
+    let http = frame(FrameType::HELLO, 1, b"GET / HTTP/1.1");
     let (code, message) = refused_at_handshake(&d, &http);
     assert_eq!(code, ErrorCode::HANDSHAKE_REQUIRED);
     assert!(message.contains("not a Chime client"), "{message}");
@@ -84,8 +84,8 @@ fn refusals_before_the_handshake_say_why() {
     let zero = hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION).encode(0).expect("small");
     assert_eq!(refused_at_handshake(&d, &zero).0, ErrorCode::BAD_FRAME);
 
-    http = ClientFrame::Ping(chime_protocol::Ping { nonce: 1 }).encode(3).expect("small").to_vec();
-    assert_eq!(refused_at_handshake(&d, &http).0, ErrorCode::HANDSHAKE_REQUIRED);
+    let ping = ClientFrame::Ping(chime_protocol::Ping { nonce: 1 }).encode(3).expect("small");
+    assert_eq!(refused_at_handshake(&d, &ping).0, ErrorCode::HANDSHAKE_REQUIRED);
 }
 
 #[test]
