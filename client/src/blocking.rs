@@ -234,6 +234,11 @@ impl Client {
     /// jumps ahead of the catch-up.
     pub fn follow(&mut self, room: impl Into<RoomId>, cursor: impl Into<Seq>) {
         let room = room.into();
+        // Events the session holds came after those queued here: queue them behind, so that
+        // every early push of the room is judged below in the order it arrived.
+        while let Some(event) = self.session.poll_event() {
+            self.queue.push_back(event);
+        }
         self.session.follow(room, cursor.into());
         let queued = std::mem::take(&mut self.queue);
         for event in queued {

@@ -457,9 +457,21 @@ impl Session {
     /// Follows `room` from `cursor` (the last seq the caller holds; 0 for none): from now on its
     /// deltas arrive as [`Event::Delta`]s exactly once and in order, and gaps are filled by SYNCs
     /// the session sends itself. Following a followed room again resets its cursor.
+    ///
+    /// Pushes of `room` that arrived before this call and still wait in the events were passed
+    /// on unjudged; they are judged again now, so that none can jump ahead of the catch-up.
     pub fn follow(&mut self, room: impl Into<RoomId>, cursor: impl Into<Seq>) {
         let (room, cursor) = (room.into(), cursor.into());
         self.rooms.insert(room, Followed { cursor, syncing: None, missed: Seq::ZERO });
+        if !self.events.iter().any(|e| matches!(e, Event::Delta { delta, sync: None } if delta.room == room)) {
+            return;
+        }
+        for event in std::mem::take(&mut self.events) {
+            match event {
+                Event::Delta { delta, sync: None } if delta.room == room => self.accept(delta, None),
+                other => self.events.push_back(other),
+            }
+        }
     }
 
     /// Stops following `room`; returns its cursor if it was followed.

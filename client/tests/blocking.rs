@@ -219,6 +219,44 @@ fn a_push_read_before_its_room_is_followed_does_not_jump_ahead() {
     server.join().unwrap();
 }
 
+/// The same with the pushes in the read that brought the reply: they wait inside the session,
+/// not in the client's queue, when the caller follows (CI saw `tail` print 7, 8 before 1..=8).
+#[test]
+fn pushes_read_with_a_reply_do_not_jump_ahead_either() {
+    let (addr, server) = plain_server(|mut p| {
+        p.handshake();
+        let (id, f) = p.read();
+        assert!(matches!(f, ClientFrame::Ping(_)), "{f:?}");
+        let mut bytes = ServerFrame::Pong(Ping { nonce: 1 }).encode(id).unwrap().to_vec();
+        for seq in [2, 3] {
+            bytes.extend_from_slice(&ServerFrame::Delta(delta(1, seq, "x")).encode(0).unwrap());
+        }
+        p.send_raw(&bytes);
+        let (id, f) = p.read();
+        assert_eq!(
+            f,
+            ClientFrame::Sync(Sync { rooms: vec![RoomCursor { room: RoomId(1), seq: Seq(0) }], page_size: 500 })
+        );
+        let deltas = vec![delta(1, 1, "a"), delta(1, 2, "b"), delta(1, 3, "c")];
+        p.send(id, &ServerFrame::DeltaPage(DeltaPage { room: RoomId(1), deltas, more: false, resume_after: Seq(3) }));
+        p.send(id, &ServerFrame::SyncDone(SyncDone { heads: vec![RoomCursor { room: RoomId(1), seq: Seq(3) }] }));
+    });
+    let mut c = Client::connect(&opts(&addr)).unwrap();
+    c.ping().unwrap();
+    c.follow(1, 0);
+    assert_eq!(c.sync_followed().unwrap(), None);
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&3) {
+        match c.next_event(Some(Duration::from_secs(5))).unwrap() {
+            Some(chime_client::Event::Delta { delta, .. }) => seqs.push(delta.seq.get()),
+            Some(_) => {}
+            None => panic!("stopped after {seqs:?}"),
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3]);
+    server.join().unwrap();
+}
+
 #[test]
 fn followed_rooms_are_delivered_once_in_order_and_gaps_filled() {
     let (addr, server) = plain_server(|mut p| {

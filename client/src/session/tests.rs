@@ -726,3 +726,27 @@ fn the_unknown_kind_golden_vector_is_skipped_and_advances_the_cursor() {
     assert_eq!(p.delivered(), [6]);
     assert!(p.sent().is_empty(), "no gap SYNC");
 }
+
+/// `tail` printed 7, 8 before 1..=8 in CI: the pushes came in the same read as the RESUME reply,
+/// waited in the events unjudged, and following the room afterwards let them through.
+#[test]
+fn pushes_waiting_in_the_events_are_judged_when_their_room_is_followed() {
+    let mut p = Peer::connected();
+    p.push(delta(1, 7));
+    p.push(delta(2, 1));
+    p.push(delta(1, 8));
+    p.session.follow(1, 0);
+    let events = p.events();
+    let seqs: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Delta { delta, .. } => Some((delta.room.get(), delta.seq.get())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, [(2, 1)], "only the unfollowed room's push passes: {events:?}");
+    let (id, rooms) = p.expect_sync();
+    assert_eq!(rooms, [RoomCursor { room: RoomId(1), seq: Seq(0) }]);
+    p.answer_sync(id, 1, 0, 8);
+    assert_eq!(p.delivered(), [1, 2, 3, 4, 5, 6, 7, 8]);
+}
