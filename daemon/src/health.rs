@@ -336,6 +336,15 @@ impl SharedStore for StoreSlot {
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> chime_storage::Result<Vec<DeltaRecord>> {
         self.with(|s| s.deltas_after(room, after, limit))
     }
+    fn messages_before(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        before: Seq,
+        limit: u32,
+    ) -> chime_storage::Result<Vec<chime_storage::MessageRecord>> {
+        self.with(|s| s.messages_before(room, user, before, limit))
+    }
     fn ping(&mut self) -> chime_storage::Result<()> {
         self.with(|s| s.ping())
     }
@@ -368,6 +377,9 @@ impl Store for StoreSlot {
 
     fn append_posts(&mut self, posts: &[NewPost]) -> chime_storage::Result<Vec<PostOutcome>> {
         self.with(|s| s.append_posts(posts))
+    }
+    fn act(&mut self, action: &chime_storage::NewAction) -> chime_storage::Result<chime_storage::ActionOutcome> {
+        self.with(|s| s.act(action))
     }
 }
 

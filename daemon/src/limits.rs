@@ -12,6 +12,8 @@ use std::time::Duration;
 pub const MAX_TEXT: usize = 16 * 1024;
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY: usize = 64;
+/// Longest reaction, in bytes: one emoji, however many code points it is made of.
+pub const MAX_EMOJI: usize = 32;
 /// Longest room name, in characters (after trimming).
 pub const MAX_ROOM_NAME: usize = 100;
 /// Longest user name, in characters (all of them ASCII).

@@ -16,7 +16,10 @@
 
 use crate::sync::FetchId;
 use bytes::Bytes;
-use chime_protocol::{CreateBody, Delta, DeltaBody, DeltaKind, ErrorBody, ErrorCode, Seq, ServerFrame};
+use chime_protocol::{
+    CreateBody, Delta, DeltaBody, DeltaKind, EditBody, ErrorBody, ErrorCode, ReactBody, ReplyBody, Seq, ServerFrame,
+    TargetBody,
+};
 use chime_storage::{
     DeltaRecord, NewPost, RecordKind, RoomId, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError,
     UserId,
@@ -291,11 +294,19 @@ pub fn refuse(to: ReplyTo, error: ErrorBody) -> Effect {
 /// A stored delta as the wire carries it: the one place where the store's record becomes the
 /// protocol's tagged body, so the schema and the wire can change separately.
 pub fn wire_delta(r: DeltaRecord) -> Delta {
+    let target = r.target.unwrap_or(Seq::ZERO);
     let body = match r.kind {
         RecordKind::CREATE => DeltaBody::Create(CreateBody { name: r.body }),
         RecordKind::MESSAGE => DeltaBody::message(r.body),
         RecordKind::JOIN => DeltaBody::Join,
         RecordKind::LEAVE => DeltaBody::Leave,
+        RecordKind::EDIT => DeltaBody::Edit(EditBody { target, text: r.body }),
+        RecordKind::DELETE => DeltaBody::Delete(TargetBody { target }),
+        RecordKind::REACT => DeltaBody::React(ReactBody { target, emoji: r.body }),
+        RecordKind::UNREACT => DeltaBody::Unreact(ReactBody { target, emoji: r.body }),
+        RecordKind::REPLY => DeltaBody::Reply(ReplyBody { reply_to: target, text: r.body }),
+        RecordKind::PIN => DeltaBody::Pin(TargetBody { target }),
+        RecordKind::UNPIN => DeltaBody::Unpin(TargetBody { target }),
         // Not written by this build (a newer one's row, after a downgrade): passed on as a kind
         // clients skip.
         RecordKind(other) => DeltaBody::Unknown { kind: DeltaKind(u16::from(other)), payload: Vec::new() },
@@ -310,6 +321,7 @@ pub fn store_error(e: &StoreError) -> ErrorBody {
         StoreError::NotFound(m) => (ErrorCode::NOT_FOUND, format!("not found: {m}")),
         StoreError::NotMember(room) => (ErrorCode::NOT_MEMBER, format!("not a member of room {room}")),
         StoreError::LimitReached(m) => (ErrorCode::LIMIT_REACHED, m.clone()),
+        StoreError::Forbidden(m) => (ErrorCode::FORBIDDEN, m.clone()),
         // Logged once, by `Health`, for the whole outage.
         StoreError::Unavailable(_) => {
             (ErrorCode::UNAVAILABLE, "the database is unavailable; retry shortly".to_string())
@@ -446,6 +458,7 @@ mod tests {
             author: "ann".into(),
             ts_ms: 4,
             body: body.into(),
+            target: None,
         };
         let d = wire_delta(record(RecordKind::MESSAGE, "hi"));
         assert_eq!((d.room, d.seq, d.author_id, d.ts_ms), (RoomId(1), Seq(2), UserId(3), 4));
@@ -456,6 +469,14 @@ mod tests {
         );
         assert_eq!(wire_delta(record(RecordKind::JOIN, "")).body, DeltaBody::Join);
         assert_eq!(wire_delta(record(RecordKind::LEAVE, "")).body, DeltaBody::Leave);
+        let on = |kind, body: &str| wire_delta(DeltaRecord { target: Some(Seq(2)), ..record(kind, body) }).body;
+        assert_eq!(on(RecordKind::EDIT, "e"), DeltaBody::Edit(EditBody { target: Seq(2), text: "e".into() }));
+        assert_eq!(on(RecordKind::DELETE, ""), DeltaBody::Delete(TargetBody { target: Seq(2) }));
+        assert_eq!(on(RecordKind::REACT, "x"), DeltaBody::React(ReactBody { target: Seq(2), emoji: "x".into() }));
+        assert_eq!(on(RecordKind::UNREACT, "x"), DeltaBody::Unreact(ReactBody { target: Seq(2), emoji: "x".into() }));
+        assert_eq!(on(RecordKind::REPLY, "r"), DeltaBody::Reply(ReplyBody { reply_to: Seq(2), text: "r".into() }));
+        assert_eq!(on(RecordKind::PIN, ""), DeltaBody::Pin(TargetBody { target: Seq(2) }));
+        assert_eq!(on(RecordKind::UNPIN, ""), DeltaBody::Unpin(TargetBody { target: Seq(2) }));
         let unknown = wire_delta(record(RecordKind(99), "?")).body;
         assert_eq!(unknown, DeltaBody::Unknown { kind: DeltaKind(99), payload: Vec::new() });
     }

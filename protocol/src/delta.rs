@@ -8,7 +8,7 @@
 //! add payloads without touching the others, and a kind's payload may grow later by appending
 //! fields: a decoder reads the fields it knows and ignores the bytes after them.
 
-use crate::types::DeltaKind;
+use crate::types::{DeltaKind, Seq};
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -28,6 +28,40 @@ pub struct MessageBody {
     pub text: String,
 }
 
+/// The payload of an `EDIT` delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EditBody {
+    /// The message edited (a `MESSAGE` or `REPLY` delta of the same room).
+    pub target: Seq,
+    /// Its new text.
+    pub text: String,
+}
+
+/// The payload of the deltas that name only the message they act on: `DELETE`, `PIN`, `UNPIN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetBody {
+    /// The message acted on.
+    pub target: Seq,
+}
+
+/// The payload of `REACT` and `UNREACT` deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactBody {
+    /// The message reacted to.
+    pub target: Seq,
+    /// The reaction: one emoji (a short grapheme cluster).
+    pub emoji: String,
+}
+
+/// The payload of a `REPLY` delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyBody {
+    /// The message answered.
+    pub reply_to: Seq,
+    /// The reply's text.
+    pub text: String,
+}
+
 /// What a delta does, tagged by its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeltaBody {
@@ -39,6 +73,21 @@ pub enum DeltaBody {
     Join,
     /// The author left.
     Leave,
+    /// A message was edited.
+    Edit(EditBody),
+    /// A message was deleted. In a secret room the deleted message's own delta (and those of its
+    /// edits) become tombstones: their text is gone for good.
+    Delete(TargetBody),
+    /// A reaction was added.
+    React(ReactBody),
+    /// A reaction was taken back.
+    Unreact(ReactBody),
+    /// A reply to a message.
+    Reply(ReplyBody),
+    /// A message was pinned.
+    Pin(TargetBody),
+    /// A message was unpinned.
+    Unpin(TargetBody),
     /// A kind this build does not know, kept as it came so that it can be skipped (or passed
     /// on unchanged).
     Unknown {
@@ -62,15 +111,37 @@ impl DeltaBody {
             DeltaBody::Message(_) => DeltaKind::MESSAGE,
             DeltaBody::Join => DeltaKind::JOIN,
             DeltaBody::Leave => DeltaKind::LEAVE,
+            DeltaBody::Edit(_) => DeltaKind::EDIT,
+            DeltaBody::Delete(_) => DeltaKind::DELETE,
+            DeltaBody::React(_) => DeltaKind::REACT,
+            DeltaBody::Unreact(_) => DeltaKind::UNREACT,
+            DeltaBody::Reply(_) => DeltaKind::REPLY,
+            DeltaBody::Pin(_) => DeltaKind::PIN,
+            DeltaBody::Unpin(_) => DeltaKind::UNPIN,
             DeltaBody::Unknown { kind, .. } => *kind,
         }
     }
 
-    /// The text a person reads for it: a message's text, a created room's name, else nothing.
+    /// The text a person reads for it: a message's, a reply's or an edit's text, a created
+    /// room's name, a reaction's emoji; else nothing.
     pub fn text(&self) -> Option<&str> {
         match self {
             DeltaBody::Create(c) => Some(&c.name),
             DeltaBody::Message(m) => Some(&m.text),
+            DeltaBody::Edit(e) => Some(&e.text),
+            DeltaBody::Reply(r) => Some(&r.text),
+            DeltaBody::React(r) | DeltaBody::Unreact(r) => Some(&r.emoji),
+            _ => None,
+        }
+    }
+
+    /// The message this delta acts on or answers (edits, deletes, reactions, pins, replies).
+    pub fn target(&self) -> Option<Seq> {
+        match self {
+            DeltaBody::Edit(e) => Some(e.target),
+            DeltaBody::Delete(t) | DeltaBody::Pin(t) | DeltaBody::Unpin(t) => Some(t.target),
+            DeltaBody::React(r) | DeltaBody::Unreact(r) => Some(r.target),
+            DeltaBody::Reply(r) => Some(r.reply_to),
             _ => None,
         }
     }
@@ -81,6 +152,10 @@ impl DeltaBody {
             DeltaBody::Create(c) => postcard::to_allocvec(c),
             DeltaBody::Message(m) => postcard::to_allocvec(m),
             DeltaBody::Join | DeltaBody::Leave => Ok(Vec::new()),
+            DeltaBody::Edit(e) => postcard::to_allocvec(e),
+            DeltaBody::Delete(t) | DeltaBody::Pin(t) | DeltaBody::Unpin(t) => postcard::to_allocvec(t),
+            DeltaBody::React(r) | DeltaBody::Unreact(r) => postcard::to_allocvec(r),
+            DeltaBody::Reply(r) => postcard::to_allocvec(r),
             DeltaBody::Unknown { payload, .. } => Ok(payload.clone()),
         }
     }
@@ -93,6 +168,13 @@ impl DeltaBody {
             DeltaKind::MESSAGE => DeltaBody::Message(postcard::take_from_bytes(&payload)?.0),
             DeltaKind::JOIN => DeltaBody::Join,
             DeltaKind::LEAVE => DeltaBody::Leave,
+            DeltaKind::EDIT => DeltaBody::Edit(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::DELETE => DeltaBody::Delete(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::REACT => DeltaBody::React(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::UNREACT => DeltaBody::Unreact(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::REPLY => DeltaBody::Reply(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::PIN => DeltaBody::Pin(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::UNPIN => DeltaBody::Unpin(postcard::take_from_bytes(&payload)?.0),
             kind => DeltaBody::Unknown { kind, payload },
         })
     }

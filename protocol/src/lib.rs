@@ -16,10 +16,12 @@ pub mod delta;
 pub mod fingerprint;
 pub mod frame;
 pub mod messages;
+pub mod perm;
 pub mod types;
 
 pub use frame::{DecodeError, EncodeError, FrameDecoder, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME};
 pub use messages::*;
+pub use perm::{Permissions, BUILTIN_ROLES};
 pub use types::*;
 
 /// The four bytes a client's `Hello` carries to say it speaks Chime at all.

@@ -5,7 +5,7 @@
 //! [`ClientFrame`] is what a client sends, [`ServerFrame`] what a server sends; both map to and
 //! from [`RawFrame`]s through the code table below, which `docs/protocol.md` repeats.
 
-pub use crate::delta::{CreateBody, DeltaBody, MessageBody};
+pub use crate::delta::{CreateBody, DeltaBody, EditBody, MessageBody, ReactBody, ReplyBody, TargetBody};
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
 use crate::types::{ErrorCode, FrameType, RoomId, RoomKind, Seq, UserId};
 use crate::DeltaKind;
@@ -360,6 +360,131 @@ pub struct Posted {
     pub duplicate: bool,
 }
 
+/// `EDIT`: change the text of one of the user's messages. The answer is `POSTED` with the
+/// `EDIT` delta's seq.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edit {
+    /// The room's id.
+    pub room: RoomId,
+    /// The message (a `MESSAGE` or `REPLY` delta).
+    pub target: Seq,
+    /// As for `POST`: a retry with the same key writes nothing and returns the first seq.
+    pub idempotency_key: String,
+    /// The new text.
+    pub text: String,
+}
+
+/// `DELETE`: delete a message (one's own, or anyone's with the right to). The answer is
+/// `POSTED` with the `DELETE` delta's seq; deleting a deleted message answers the first delete's
+/// seq with `duplicate` set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteMessage {
+    /// The room's id.
+    pub room: RoomId,
+    /// The message.
+    pub target: Seq,
+}
+
+/// `REACT`: add (or with `remove`, take back) the user's reaction to a message. One reaction
+/// per user per emoji: adding one already there answers the seq that added it with `duplicate`
+/// set; removing one that is not there is `NOT_FOUND`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct React {
+    /// The room's id.
+    pub room: RoomId,
+    /// The message.
+    pub target: Seq,
+    /// The emoji.
+    pub emoji: String,
+    /// Take the reaction back instead.
+    pub remove: bool,
+}
+
+/// `REPLY`: post a message that answers an earlier one. As `POST` otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The room's id.
+    pub room: RoomId,
+    /// The message answered.
+    pub reply_to: Seq,
+    /// As for `POST`.
+    pub idempotency_key: String,
+    /// The reply's text.
+    pub text: String,
+}
+
+/// `PIN`: pin (or with `remove`, unpin) a message. Pinning a pinned message answers the seq
+/// that pinned it with `duplicate` set; unpinning one that is not pinned is `NOT_FOUND`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// The room's id.
+    pub room: RoomId,
+    /// The message.
+    pub target: Seq,
+    /// Unpin instead.
+    pub remove: bool,
+}
+
+/// `VIEW`: one page of a room's messages in their current state, newest first: messages with
+/// seq < `before` (0: from the newest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    /// The room's id.
+    pub room: RoomId,
+    /// Messages before this seq; 0 for the newest.
+    pub before: Seq,
+    /// At most this many; 0 means the server's default, and the server caps it.
+    pub limit: u32,
+}
+
+/// One reaction on a message and how many members made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionCount {
+    /// The emoji.
+    pub emoji: String,
+    /// How many members reacted with it.
+    pub count: u64,
+    /// Whether the asking user is one of them.
+    pub mine: bool,
+}
+
+/// A message in its current state: its latest text, whether it was edited or deleted, its
+/// reactions, what it answers, whether it is pinned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    /// The message's own delta (`MESSAGE` or `REPLY`).
+    pub seq: Seq,
+    /// The author's id.
+    pub author_id: UserId,
+    /// The author's name.
+    pub author: String,
+    /// When it was posted, Unix milliseconds.
+    pub ts_ms: i64,
+    /// The latest text; `None` once deleted.
+    pub text: Option<String>,
+    /// When it was last edited, Unix milliseconds; `None` if never.
+    pub edited_ms: Option<i64>,
+    /// Whether it was deleted.
+    pub deleted: bool,
+    /// The message it answers.
+    pub reply_to: Option<Seq>,
+    /// Whether it is pinned.
+    pub pinned: bool,
+    /// Its reactions, by emoji.
+    pub reactions: Vec<ReactionCount>,
+}
+
+/// `MESSAGE_PAGE`: the answer to `VIEW`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePage {
+    /// The room's id.
+    pub room: RoomId,
+    /// The messages, newest first.
+    pub messages: Vec<MessageView>,
+    /// Pass as `before` for the next (older) page; `None` when there are no older messages.
+    pub next_before: Option<Seq>,
+}
+
 /// A per-room position: "I have everything up to and including `seq`".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomCursor {
@@ -521,6 +646,18 @@ frame_enum! {
         Sync(Sync) = SYNC,
         /// History.
         History(History) = HISTORY,
+        /// Edit a message.
+        Edit(Edit) = EDIT,
+        /// Delete a message.
+        Delete(DeleteMessage) = DELETE,
+        /// React to a message.
+        React(React) = REACT,
+        /// Reply to a message.
+        Reply(Reply) = REPLY,
+        /// Pin a message.
+        Pin(Pin) = PIN,
+        /// Messages in their current state.
+        View(View) = VIEW,
     }
 }
 
@@ -559,6 +696,8 @@ frame_enum! {
         DeltaPage(DeltaPage) = DELTA_PAGE,
         /// Sync caught up.
         SyncDone(SyncDone) = SYNC_DONE,
+        /// A page of messages in their current state.
+        MessagePage(MessagePage) = MESSAGE_PAGE,
         /// PUBLISH push.
         Delta(Delta) = DELTA,
         /// Closing push.

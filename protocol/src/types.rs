@@ -93,6 +93,18 @@ wire_code! {
         SYNC = 0x0031,
         /// One page of a room's history.
         HISTORY = 0x0032,
+        /// Edit a message (a new `EDIT` delta).
+        EDIT = 0x0033,
+        /// Delete a message (a new `DELETE` delta).
+        DELETE = 0x0034,
+        /// Add or remove a reaction (a new `REACT`/`UNREACT` delta).
+        REACT = 0x0035,
+        /// Post a reply to a message (a new `REPLY` delta).
+        REPLY = 0x0036,
+        /// Pin or unpin a message (a new `PIN`/`UNPIN` delta).
+        PIN = 0x0037,
+        /// One page of a room's messages in their current state.
+        VIEW = 0x0038,
 
         /// Server hello: the handshake succeeded.
         WELCOME = 0x8001,
@@ -126,6 +138,8 @@ wire_code! {
         DELTA_PAGE = 0x8031,
         /// SYNC is caught up.
         SYNC_DONE = 0x8032,
+        /// A page of messages in their current state (the answer to `VIEW`).
+        MESSAGE_PAGE = 0x8033,
 
         /// PUBLISH: a delta committed in one of the user's rooms.
         DELTA = 0x9001,
@@ -202,6 +216,10 @@ wire_code! {
         CURSOR_AHEAD = 25,
         /// A `HELLO` after the handshake was done; it is ignored and the connection goes on.
         HANDSHAKE_COMPLETE = 26,
+        /// The user's role in the room does not allow the request (editing another's message,
+        /// deleting without the right, posting while muted, ...). The message names what was
+        /// missing.
+        FORBIDDEN = 27,
     }
 }
 
@@ -218,6 +236,20 @@ wire_code! {
         JOIN = 3,
         /// The author left.
         LEAVE = 4,
+        /// The author edited one of their messages: it reads as the new text from now on.
+        EDIT = 5,
+        /// A message was deleted: it reads as deleted from now on.
+        DELETE = 6,
+        /// The author reacted to a message with an emoji.
+        REACT = 7,
+        /// The author took a reaction back.
+        UNREACT = 8,
+        /// A message that answers an earlier one.
+        REPLY = 9,
+        /// A message was pinned to the room.
+        PIN = 10,
+        /// A message was unpinned.
+        UNPIN = 11,
     }
 }
 

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use chime_protocol::frame::{decode_body, encode};
 use chime_protocol::*;
 use proptest::collection::vec;
+use proptest::option;
 use proptest::prelude::*;
 
 fn text() -> impl Strategy<Value = String> {
@@ -28,12 +29,19 @@ fn seq() -> impl Strategy<Value = Seq> {
 
 /// Every body shape: the known kinds, and kinds this build does not know with any payload.
 fn delta_body() -> impl Strategy<Value = DeltaBody> {
-    let known = [DeltaKind::CREATE.0, DeltaKind::MESSAGE.0, DeltaKind::JOIN.0, DeltaKind::LEAVE.0];
+    let known: Vec<u16> = (1..=11).collect();
     prop_oneof![
         text().prop_map(|name| DeltaBody::Create(CreateBody { name })),
         text().prop_map(DeltaBody::message),
         Just(DeltaBody::Join),
         Just(DeltaBody::Leave),
+        (seq(), text()).prop_map(|(target, text)| DeltaBody::Edit(EditBody { target, text })),
+        seq().prop_map(|target| DeltaBody::Delete(TargetBody { target })),
+        (seq(), text()).prop_map(|(target, emoji)| DeltaBody::React(ReactBody { target, emoji })),
+        (seq(), text()).prop_map(|(target, emoji)| DeltaBody::Unreact(ReactBody { target, emoji })),
+        (seq(), text()).prop_map(|(reply_to, text)| DeltaBody::Reply(ReplyBody { reply_to, text })),
+        seq().prop_map(|target| DeltaBody::Pin(TargetBody { target })),
+        seq().prop_map(|target| DeltaBody::Unpin(TargetBody { target })),
         (any::<u16>().prop_filter("unknown", move |k| !known.contains(k)), vec(any::<u8>(), 0..40))
             .prop_map(|(kind, payload)| DeltaBody::Unknown { kind: DeltaKind(kind), payload }),
     ]
@@ -129,7 +137,57 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             after,
             limit
         })),
+        (room(), seq(), text(), text()).prop_map(|(room, target, idempotency_key, text)| ClientFrame::Edit(Edit {
+            room,
+            target,
+            idempotency_key,
+            text
+        })),
+        (room(), seq()).prop_map(|(room, target)| ClientFrame::Delete(DeleteMessage { room, target })),
+        (room(), seq(), text(), any::<bool>()).prop_map(|(room, target, emoji, remove)| ClientFrame::React(React {
+            room,
+            target,
+            emoji,
+            remove
+        })),
+        (room(), seq(), text(), text()).prop_map(|(room, reply_to, idempotency_key, text)| ClientFrame::Reply(Reply {
+            room,
+            reply_to,
+            idempotency_key,
+            text
+        })),
+        (room(), seq(), any::<bool>()).prop_map(|(room, target, remove)| ClientFrame::Pin(Pin {
+            room,
+            target,
+            remove
+        })),
+        (room(), seq(), any::<u32>()).prop_map(|(room, before, limit)| ClientFrame::View(View { room, before, limit })),
     ]
+}
+
+fn message_view() -> impl Strategy<Value = MessageView> {
+    (
+        (seq(), user(), text(), any::<i64>()),
+        (option::of(text()), option::of(any::<i64>()), any::<bool>(), option::of(seq()), any::<bool>()),
+        vec((text(), any::<u64>(), any::<bool>()), 0..3),
+    )
+        .prop_map(|((seq, author_id, author, ts_ms), (text, edited_ms, deleted, reply_to, pinned), reactions)| {
+            MessageView {
+                seq,
+                author_id,
+                author,
+                ts_ms,
+                text,
+                edited_ms,
+                deleted,
+                reply_to,
+                pinned,
+                reactions: reactions
+                    .into_iter()
+                    .map(|(emoji, count, mine)| ReactionCount { emoji, count, mine })
+                    .collect(),
+            }
+        })
 }
 
 fn server_frame() -> impl Strategy<Value = ServerFrame> {
@@ -205,6 +263,9 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         }),
         vec(cursor(), 0..5).prop_map(|heads| ServerFrame::SyncDone(SyncDone { heads })),
         delta().prop_map(ServerFrame::Delta),
+        (room(), vec(message_view(), 0..3), option::of(seq())).prop_map(|(room, messages, next_before)| {
+            ServerFrame::MessagePage(MessagePage { room, messages, next_before })
+        }),
         (error_code(), text(), any::<bool>()).prop_map(|(code, message, resync)| ServerFrame::Goodbye(Goodbye {
             code,
             message,

@@ -58,6 +58,7 @@ pub(crate) fn plan(posts: &[NewPost], probes: &[Probe], heads: &HashMap<RoomId, 
             author: post.author.clone(),
             ts_ms: post.now_ms,
             body: post.text.clone(),
+            target: None,
         }));
     }
     Plan { outcomes, heads: next }

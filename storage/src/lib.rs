@@ -16,13 +16,15 @@
 //! per failed call.
 #![deny(missing_docs)]
 
+pub mod actions;
 mod batch;
 pub mod postgres;
 pub mod sqlite;
 
 use std::time::Duration;
 
-pub use chime_protocol::{RoomId, RoomKind, Seq, UserId};
+pub use actions::{ActionOutcome, MessageAction, MessageRecord, NewAction};
+pub use chime_protocol::{Permissions, RoomId, RoomKind, Seq, UserId};
 
 /// A login session's id.
 pub type SessionId = u64;
@@ -39,6 +41,10 @@ pub enum StoreError {
     /// The user is not a member of the room.
     #[error("not a member of room {0}")]
     NotMember(RoomId),
+    /// The user's role does not allow what was asked (editing another's message, deleting
+    /// without the right). Nothing was written.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// The user already has as many of something as allowed (rooms, for now). Nothing was written.
     #[error("limit reached: {0}")]
     LimitReached(String),
@@ -171,6 +177,20 @@ impl RecordKind {
     pub const JOIN: RecordKind = RecordKind(3);
     /// The author left; no body.
     pub const LEAVE: RecordKind = RecordKind(4);
+    /// An edit of message `target`; the body is the new text.
+    pub const EDIT: RecordKind = RecordKind(5);
+    /// Message `target` was deleted; no body.
+    pub const DELETE: RecordKind = RecordKind(6);
+    /// A reaction to message `target`; the body is the emoji.
+    pub const REACT: RecordKind = RecordKind(7);
+    /// A reaction to message `target` taken back; the body is the emoji.
+    pub const UNREACT: RecordKind = RecordKind(8);
+    /// A message answering message `target`; the body is its text.
+    pub const REPLY: RecordKind = RecordKind(9);
+    /// Message `target` was pinned; no body.
+    pub const PIN: RecordKind = RecordKind(10);
+    /// Message `target` was unpinned; no body.
+    pub const UNPIN: RecordKind = RecordKind(11);
 }
 
 /// A delta as the store keeps it (one row of `deltas`, with its author's name). The daemon turns
@@ -189,8 +209,12 @@ pub struct DeltaRecord {
     pub author: String,
     /// Commit time, Unix milliseconds.
     pub ts_ms: i64,
-    /// The `body` column: a message's text, a created room's name, empty otherwise.
+    /// The `body` column: a message's, reply's or edit's text, a created room's name, a
+    /// reaction's emoji, empty otherwise.
     pub body: String,
+    /// The `target` column: the message an edit, delete, reaction or pin acts on, or a reply
+    /// answers.
+    pub target: Option<Seq>,
 }
 
 /// A member of a room.
@@ -306,6 +330,10 @@ pub trait SharedStore: Send {
 
     /// Up to `limit` deltas of a room with seq > `after`, in seq order.
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>>;
+    /// Up to `limit` messages (`MESSAGE` and `REPLY` deltas) of a room with seq < `before` (0: no
+    /// bound), newest first, in their current state as `user` sees them (`mine` on reactions).
+    /// `NotMember` when the user is not a member; `NotFound` when there is no such room.
+    fn messages_before(&mut self, room: RoomId, user: UserId, before: Seq, limit: u32) -> Result<Vec<MessageRecord>>;
 
     /// A cheap proof that the store works, errors classified like every other call's. SQLite
     /// commits a one-row write (so the file is writable, not locked, and the disk has room for a
@@ -336,6 +364,12 @@ pub trait Store: SharedStore {
     /// Group commit: every post in one transaction, outcomes in input order. Seqs within a room
     /// follow input order. A retry of a key already in the batch or the log is a `Duplicate`.
     fn append_posts(&mut self, posts: &[NewPost]) -> Result<Vec<PostOutcome>>;
+    /// Appends an action on an earlier message (or a reply to it) after checking it with
+    /// [`actions::judge`] against the actor's role, and applies it to the message's state (edited
+    /// text, deleted, reaction counts by increment, pinned), in one transaction. `NotMember` when
+    /// the actor is not a member, `NotFound` for no such message (or a deleted one), `Forbidden`
+    /// when the role does not allow it.
+    fn act(&mut self, action: &NewAction) -> Result<ActionOutcome>;
 }
 
 /// Refuses a new membership when `user` already has `count` of at most `max_rooms`.
@@ -378,6 +412,7 @@ pub(crate) fn created_room(
         author: owner_name.into(),
         ts_ms: now_ms,
         body: name.into(),
+        target: None,
     };
     (room, delta)
 }

@@ -17,11 +17,12 @@ use std::str::FromStr;
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 
+use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RecordKind,
-    Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore,
-    Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, MemberRecord, MessageAction, MessageRecord, NewAction, NewPost,
+    NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind,
+    RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -81,6 +82,22 @@ struct Statements {
     write_posts: Statement,
     deltas_after: Statement,
     ping: Statement,
+    member_role: Statement,
+    lock_room: Statement,
+    earlier_key: Statement,
+    action_target: Statement,
+    delta_time: Statement,
+    insert_action: Statement,
+    edit_state: Statement,
+    delete_state: Statement,
+    pin_state: Statement,
+    unpin_state: Statement,
+    react_user: Statement,
+    react_count: Statement,
+    unreact_user: Statement,
+    unreact_count: Statement,
+    messages_before: Statement,
+    reactions_of: Statement,
 }
 
 impl Statements {
@@ -182,11 +199,73 @@ impl Statements {
                       AS p(room_id, seq, author_id, body, created_at, idem)",
             )?,
             deltas_after: client.prepare(
-                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body FROM deltas d
+                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body, d.target FROM deltas d
                  JOIN users u ON u.id = d.author_id
                  WHERE d.room_id = $1 AND d.seq > $2 ORDER BY d.seq LIMIT $3",
             )?,
             ping: client.prepare("SELECT 1")?,
+            member_role: client.prepare("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")?,
+            lock_room: client.prepare("SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE")?,
+            earlier_key: client.prepare(
+                "SELECT seq, created_at FROM deltas WHERE room_id = $1 AND author_id = $2 AND idempotency_key = $3",
+            )?,
+            action_target: client.prepare(
+                "SELECT d.kind, d.author_id, s.deleted_seq, s.pinned_seq,
+                        (SELECT ru.delta_seq FROM reaction_users ru WHERE ru.room_id = d.room_id AND ru.seq = d.seq
+                            AND ru.emoji = $3 AND ru.user_id = $4)
+                 FROM deltas d LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+                 WHERE d.room_id = $1 AND d.seq = $2",
+            )?,
+            delta_time: client.prepare("SELECT created_at FROM deltas WHERE room_id = $1 AND seq = $2")?,
+            insert_action: client.prepare(
+                "INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, idempotency_key, target)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )?,
+            edit_state: client.prepare(
+                "INSERT INTO message_state (room_id, seq, text, edited_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (room_id, seq) DO UPDATE SET text = excluded.text, edited_at = excluded.edited_at",
+            )?,
+            delete_state: client.prepare(
+                "INSERT INTO message_state (room_id, seq, deleted_seq) VALUES ($1, $2, $3)
+                 ON CONFLICT (room_id, seq) DO UPDATE SET deleted_seq = excluded.deleted_seq, text = NULL",
+            )?,
+            pin_state: client.prepare(
+                "INSERT INTO message_state (room_id, seq, pinned_seq) VALUES ($1, $2, $3)
+                 ON CONFLICT (room_id, seq) DO UPDATE SET pinned_seq = excluded.pinned_seq",
+            )?,
+            unpin_state: client
+                .prepare("UPDATE message_state SET pinned_seq = NULL WHERE room_id = $1 AND seq = $2")?,
+            react_user: client.prepare(
+                "INSERT INTO reaction_users (room_id, seq, emoji, user_id, delta_seq) VALUES ($1, $2, $3, $4, $5)",
+            )?,
+            react_count: client.prepare(
+                "INSERT INTO reactions (room_id, seq, emoji, count) VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (room_id, seq, emoji) DO UPDATE SET count = reactions.count + 1",
+            )?,
+            unreact_user: client.prepare(
+                "DELETE FROM reaction_users WHERE room_id = $1 AND seq = $2 AND emoji = $3 AND user_id = $4",
+            )?,
+            // One statement: the count goes down by one, and a count that reaches zero leaves no row.
+            unreact_count: client.prepare(
+                "WITH gone AS (
+                     DELETE FROM reactions WHERE room_id = $1 AND seq = $2 AND emoji = $3 AND count = 1 RETURNING 1
+                 )
+                 UPDATE reactions SET count = count - 1
+                 WHERE room_id = $1 AND seq = $2 AND emoji = $3 AND count > 1",
+            )?,
+            messages_before: client.prepare(
+                "SELECT d.seq, d.author_id, u.name, d.created_at, d.body, d.target, d.kind,
+                        s.text, s.edited_at, s.deleted_seq, s.pinned_seq
+                 FROM deltas d JOIN users u ON u.id = d.author_id
+                 LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+                 WHERE d.room_id = $1 AND d.seq < $2 AND d.kind IN (2, 9)
+                 ORDER BY d.seq DESC LIMIT $3",
+            )?,
+            reactions_of: client.prepare(
+                "SELECT r.seq, r.emoji, r.count, EXISTS (SELECT 1 FROM reaction_users ru
+                     WHERE ru.room_id = r.room_id AND ru.seq = r.seq AND ru.emoji = r.emoji AND ru.user_id = $4)
+                 FROM reactions r WHERE r.room_id = $1 AND r.seq BETWEEN $2 AND $3 ORDER BY r.seq, r.emoji",
+            )?,
         })
     }
 }
@@ -368,6 +447,7 @@ impl PgStore {
             author: user_name.into(),
             ts_ms: now_ms,
             body: String::new(),
+            target: None,
         };
         tx.execute(
             &st.insert_delta,
@@ -530,9 +610,53 @@ impl SharedStore for PgStore {
                     author: row.get(3),
                     ts_ms: row.get(4),
                     body: row.get(5),
+                    target: row.get::<_, Option<i64>>(6).map(from_db),
                 })
             })
             .collect()
+    }
+
+    fn messages_before(&mut self, room: RoomId, user: UserId, before: Seq, limit: u32) -> Result<Vec<MessageRecord>> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let details = tx.query_opt(&self.st.room_details, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
+        let Some(details) = details else { return Err(StoreError::NotFound(format!("room {room}"))) };
+        if details.get::<_, Option<String>>(5).is_none() {
+            return Err(StoreError::NotMember(room));
+        }
+        let before = if before == Seq::ZERO { i64::MAX } else { to_db(before) };
+        let rows = tx.query(&self.st.messages_before, &[&to_db(room), &before, &i64::from(limit)]).map_err(pg_err)?;
+        let mut messages: Vec<MessageRecord> = rows
+            .iter()
+            .map(|row| {
+                let deleted = row.get::<_, Option<i64>>(9).is_some();
+                let edited: Option<String> = row.get(7);
+                let is_reply = row.get::<_, i16>(6) == i16::from(RecordKind::REPLY.0);
+                MessageRecord {
+                    seq: from_db(row.get(0)),
+                    author_id: from_db(row.get(1)),
+                    author: row.get(2),
+                    ts_ms: row.get(3),
+                    text: if deleted { None } else { Some(edited.unwrap_or_else(|| row.get(4))) },
+                    edited_ms: row.get(8),
+                    deleted,
+                    reply_to: if is_reply { row.get::<_, Option<i64>>(5).map(from_db) } else { None },
+                    pinned: row.get::<_, Option<i64>>(10).is_some(),
+                    reactions: Vec::new(),
+                }
+            })
+            .collect();
+        if let (Some(newest), Some(oldest)) = (messages.first(), messages.last()) {
+            let (lo, hi) = (to_db(oldest.seq), to_db(newest.seq));
+            let counts = tx
+                .query(&self.st.reactions_of, &[&to_db(room), &lo, &hi, &to_db(user)])
+                .map_err(pg_err)?
+                .iter()
+                .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+                .collect();
+            crate::actions::attach_reactions(&mut messages, counts);
+        }
+        tx.commit().map_err(pg_err)?;
+        Ok(messages)
     }
 
     fn ping(&mut self) -> Result<()> {
@@ -582,6 +706,84 @@ impl Store for PgStore {
         }
         tx.commit().map_err(pg_err)?;
         Ok(delta)
+    }
+
+    fn act(&mut self, a: &NewAction) -> Result<ActionOutcome> {
+        let st = &self.st;
+        let (room, target, actor) = (to_db(a.room), to_db(a.target), to_db(a.actor));
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        // The room's lock first, as every room write takes it.
+        let Some(head) = tx.query_opt(&st.lock_room, &[&room]).map_err(pg_err)? else {
+            return Err(StoreError::NotFound(format!("room {}", a.room)));
+        };
+        let head: i64 = head.get(0);
+        let Some(role) = tx.query_opt(&st.member_role, &[&room, &actor]).map_err(pg_err)? else {
+            return Err(StoreError::NotMember(a.room));
+        };
+        let role: String = role.get(0);
+        if !a.idempotency_key.is_empty() {
+            if let Some(row) = tx.query_opt(&st.earlier_key, &[&room, &actor, &a.idempotency_key]).map_err(pg_err)? {
+                return Ok(ActionOutcome::Unchanged { seq: from_db(row.get(0)), ts_ms: row.get(1) });
+            }
+        }
+        let emoji = match &a.action {
+            MessageAction::React { emoji } | MessageAction::Unreact { emoji } => Some(emoji.as_str()),
+            _ => None,
+        };
+        let found = tx.query_opt(&st.action_target, &[&room, &target, &emoji, &actor]).map_err(pg_err)?;
+        let found = match found {
+            Some(row) => Some(Target {
+                kind: RecordKind(code(row.get(0))?),
+                author: from_db(row.get(1)),
+                deleted: row.get::<_, Option<i64>>(2).map(from_db),
+                pinned: row.get::<_, Option<i64>>(3).map(from_db),
+                reaction: row.get::<_, Option<i64>>(4).map(from_db),
+            }),
+            None => None,
+        };
+        let perms = Permissions::of_builtin(&role).unwrap_or(Permissions::NONE);
+        match actions::judge(a.room, a.target, &a.action, a.actor, perms, found.as_ref())? {
+            Verdict::AlreadyDone(seq) => {
+                let ts_ms: i64 = tx.query_one(&st.delta_time, &[&room, &to_db(seq)]).map_err(pg_err)?.get(0);
+                Ok(ActionOutcome::Unchanged { seq, ts_ms })
+            }
+            Verdict::Write => {
+                let seq = head + 1;
+                tx.execute(&st.bump_room, &[&room]).map_err(pg_err)?;
+                let key = Some(a.idempotency_key.as_str()).filter(|k| !k.is_empty());
+                let kind = i16::from(a.action.kind().0);
+                tx.execute(
+                    &st.insert_action,
+                    &[&room, &seq, &kind, &actor, &a.action.body(), &a.now_ms, &key, &target],
+                )
+                .map_err(pg_err)?;
+                match &a.action {
+                    MessageAction::Edit { text } => tx.execute(&st.edit_state, &[&room, &target, text, &a.now_ms]),
+                    MessageAction::Delete => tx.execute(&st.delete_state, &[&room, &target, &seq]),
+                    MessageAction::Pin => tx.execute(&st.pin_state, &[&room, &target, &seq]),
+                    MessageAction::Unpin => tx.execute(&st.unpin_state, &[&room, &target]),
+                    MessageAction::React { emoji } => tx
+                        .execute(&st.react_user, &[&room, &target, emoji, &actor, &seq])
+                        .and_then(|_| tx.execute(&st.react_count, &[&room, &target, emoji])),
+                    MessageAction::Unreact { emoji } => tx
+                        .execute(&st.unreact_user, &[&room, &target, emoji, &actor])
+                        .and_then(|_| tx.execute(&st.unreact_count, &[&room, &target, emoji])),
+                    MessageAction::Reply { .. } => Ok(0),
+                }
+                .map_err(pg_err)?;
+                tx.commit().map_err(pg_err)?;
+                Ok(ActionOutcome::Applied(DeltaRecord {
+                    room: a.room,
+                    seq: from_db(seq),
+                    kind: a.action.kind(),
+                    author_id: a.actor,
+                    author: a.actor_name.clone(),
+                    ts_ms: a.now_ms,
+                    body: a.action.body().to_string(),
+                    target: Some(a.target),
+                }))
+            }
+        }
     }
 
     fn append_posts(&mut self, posts: &[NewPost]) -> Result<Vec<PostOutcome>> {

@@ -23,11 +23,12 @@ use std::sync::Mutex;
 
 use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehavior};
 
+use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RecordKind,
-    Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore,
-    Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, MemberRecord, MessageAction, MessageRecord, NewAction, NewPost,
+    NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind,
+    RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -301,8 +302,8 @@ fn next_seq(conn: &Connection, room: RoomId) -> Result<Option<u64>> {
 /// Inserts one delta row.
 fn insert_delta(conn: &Connection, delta: &DeltaRecord, key: Option<&str>) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, idempotency_key)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, idempotency_key, target)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut st| {
         st.execute(params![
@@ -313,6 +314,7 @@ fn insert_delta(conn: &Connection, delta: &DeltaRecord, key: Option<&str>) -> Re
             delta.body,
             delta.ts_ms,
             key,
+            delta.target.map(to_db),
         ])
     })
     .map(drop)
@@ -337,6 +339,7 @@ fn membership_delta(
         author: user_name.into(),
         ts_ms: now_ms,
         body: String::new(),
+        target: None,
     };
     insert_delta(conn, &delta, None)?;
     Ok(Some(delta))
@@ -549,7 +552,7 @@ impl SharedStore for SqliteStore {
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>> {
         self.conn
             .prepare_cached(
-                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body FROM deltas d
+                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body, d.target FROM deltas d
                  JOIN users u ON u.id = d.author_id
                  WHERE d.room_id = ?1 AND d.seq > ?2 ORDER BY d.seq LIMIT ?3",
             )
@@ -563,11 +566,77 @@ impl SharedStore for SqliteStore {
                         author: row.get(3)?,
                         ts_ms: row.get(4)?,
                         body: row.get(5)?,
+                        target: row.get::<_, Option<i64>>(6)?.map(from_db),
                     })
                 })?
                 .collect()
             })
             .map_err(db_err)
+    }
+
+    fn messages_before(&mut self, room: RoomId, user: UserId, before: Seq, limit: u32) -> Result<Vec<MessageRecord>> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        if !exists(&tx, room)? {
+            return Err(StoreError::NotFound(format!("room {room}")));
+        }
+        if !is_member(&tx, room, user)? {
+            return Err(StoreError::NotMember(room));
+        }
+        let before = if before == Seq::ZERO { i64::MAX } else { to_db(before) };
+        let mut messages: Vec<MessageRecord> = tx
+            .prepare_cached(
+                "SELECT d.seq, d.author_id, u.name, d.created_at, d.body, d.target, d.kind,
+                        s.text, s.edited_at, s.deleted_seq, s.pinned_seq
+                 FROM deltas d JOIN users u ON u.id = d.author_id
+                 LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+                 WHERE d.room_id = ?1 AND d.seq < ?2 AND d.kind IN (?3, ?4)
+                 ORDER BY d.seq DESC LIMIT ?5",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![to_db(room), before, RecordKind::MESSAGE.0, RecordKind::REPLY.0, limit], |row| {
+                    let kind = RecordKind(row.get(6)?);
+                    let deleted = row.get::<_, Option<i64>>(9)?.is_some();
+                    let edited: Option<String> = row.get(7)?;
+                    let text = if deleted { None } else { Some(edited.map_or_else(|| row.get(4), Ok)?) };
+                    Ok(MessageRecord {
+                        seq: from_db(row.get(0)?),
+                        author_id: from_db(row.get(1)?),
+                        author: row.get(2)?,
+                        ts_ms: row.get(3)?,
+                        text,
+                        edited_ms: row.get(8)?,
+                        deleted,
+                        reply_to: if kind == RecordKind::REPLY {
+                            row.get::<_, Option<i64>>(5)?.map(from_db)
+                        } else {
+                            None
+                        },
+                        pinned: row.get::<_, Option<i64>>(10)?.is_some(),
+                        reactions: Vec::new(),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(db_err)?;
+        if let (Some(newest), Some(oldest)) = (messages.first(), messages.last()) {
+            let (lo, hi) = (to_db(oldest.seq), to_db(newest.seq));
+            let counts: Vec<(i64, String, i64, bool)> = tx
+                .prepare_cached(
+                    "SELECT r.seq, r.emoji, r.count, EXISTS (SELECT 1 FROM reaction_users ru
+                         WHERE ru.room_id = r.room_id AND ru.seq = r.seq AND ru.emoji = r.emoji AND ru.user_id = ?4)
+                     FROM reactions r WHERE r.room_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq, r.emoji",
+                )
+                .and_then(|mut st| {
+                    st.query_map(params![to_db(room), lo, hi, to_db(user)], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                    })?
+                    .collect()
+                })
+                .map_err(db_err)?;
+            crate::actions::attach_reactions(&mut messages, counts);
+        }
+        tx.finish().map_err(db_err)?;
+        Ok(messages)
     }
 
     fn ping(&mut self) -> Result<()> {
@@ -685,6 +754,153 @@ impl Store for SqliteStore {
             }
             Ok(plan.outcomes)
         })
+    }
+
+    fn act(&mut self, a: &NewAction) -> Result<ActionOutcome> {
+        self.write(|conn| {
+            let Some(role) = member_role(conn, a.room, a.actor)? else {
+                return Err(if exists(conn, a.room)? {
+                    StoreError::NotMember(a.room)
+                } else {
+                    StoreError::NotFound(format!("room {}", a.room))
+                });
+            };
+            if !a.idempotency_key.is_empty() {
+                let earlier = conn
+                    .prepare_cached(
+                        "SELECT seq, created_at FROM deltas WHERE room_id = ?1 AND author_id = ?2 AND idempotency_key = ?3",
+                    )
+                    .and_then(|mut st| {
+                        st.query_row(params![to_db(a.room), to_db(a.actor), a.idempotency_key], |row| {
+                            Ok((from_db(row.get(0)?), row.get(1)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(db_err)?;
+                if let Some((seq, ts_ms)) = earlier {
+                    return Ok(ActionOutcome::Unchanged { seq, ts_ms });
+                }
+            }
+            let perms = Permissions::of_builtin(&role).unwrap_or(Permissions::NONE);
+            let target = action_target(conn, a)?;
+            match actions::judge(a.room, a.target, &a.action, a.actor, perms, target.as_ref())? {
+                Verdict::AlreadyDone(seq) => Ok(ActionOutcome::Unchanged { seq, ts_ms: delta_time(conn, a.room, seq)? }),
+                Verdict::Write => {
+                    let seq = next_seq(conn, a.room)?.ok_or_else(|| StoreError::NotFound(format!("room {}", a.room)))?;
+                    let delta = DeltaRecord {
+                        room: a.room,
+                        seq: Seq(seq),
+                        kind: a.action.kind(),
+                        author_id: a.actor,
+                        author: a.actor_name.clone(),
+                        ts_ms: a.now_ms,
+                        body: a.action.body().to_string(),
+                        target: Some(a.target),
+                    };
+                    let key = Some(a.idempotency_key.as_str()).filter(|k| !k.is_empty());
+                    insert_delta(conn, &delta, key)?;
+                    apply_action(conn, a, delta.seq)?;
+                    Ok(ActionOutcome::Applied(delta))
+                }
+            }
+        })
+    }
+}
+
+/// The target of an action, read in the action's transaction.
+fn action_target(conn: &Connection, a: &NewAction) -> Result<Option<Target>> {
+    let emoji = match &a.action {
+        MessageAction::React { emoji } | MessageAction::Unreact { emoji } => Some(emoji.as_str()),
+        _ => None,
+    };
+    conn.prepare_cached(
+        "SELECT d.kind, d.author_id, s.deleted_seq, s.pinned_seq,
+                (SELECT ru.delta_seq FROM reaction_users ru WHERE ru.room_id = d.room_id AND ru.seq = d.seq
+                    AND ru.emoji = ?3 AND ru.user_id = ?4)
+         FROM deltas d LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+         WHERE d.room_id = ?1 AND d.seq = ?2",
+    )
+    .and_then(|mut st| {
+        st.query_row(params![to_db(a.room), to_db(a.target), emoji, to_db(a.actor)], |row| {
+            Ok(Target {
+                kind: RecordKind(row.get(0)?),
+                author: from_db(row.get(1)?),
+                deleted: row.get::<_, Option<i64>>(2)?.map(from_db),
+                pinned: row.get::<_, Option<i64>>(3)?.map(from_db),
+                reaction: row.get::<_, Option<i64>>(4)?.map(from_db),
+            })
+        })
+        .optional()
+    })
+    .map_err(db_err)
+}
+
+/// The member's role in the room, `None` when not a member.
+fn member_role(conn: &Connection, room: RoomId, user: UserId) -> Result<Option<String>> {
+    conn.prepare_cached("SELECT role FROM room_members WHERE room_id = ?1 AND user_id = ?2")
+        .and_then(|mut st| st.query_row(params![to_db(room), to_db(user)], |row| row.get(0)).optional())
+        .map_err(db_err)
+}
+
+/// The time of a room's delta (for answers about an earlier delta).
+fn delta_time(conn: &Connection, room: RoomId, seq: Seq) -> Result<i64> {
+    conn.prepare_cached("SELECT created_at FROM deltas WHERE room_id = ?1 AND seq = ?2")
+        .and_then(|mut st| st.query_row(params![to_db(room), to_db(seq)], |row| row.get(0)))
+        .map_err(db_err)
+}
+
+/// Applies a written action to its message's state.
+fn apply_action(conn: &Connection, a: &NewAction, seq: Seq) -> Result<()> {
+    let (room, target) = (to_db(a.room), to_db(a.target));
+    let run = |sql: &str, p: &[&dyn rusqlite::ToSql]| {
+        conn.prepare_cached(sql).and_then(|mut st| st.execute(p)).map(drop).map_err(db_err)
+    };
+    match &a.action {
+        MessageAction::Edit { text } => run(
+            "INSERT INTO message_state (room_id, seq, text, edited_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (room_id, seq) DO UPDATE SET text = excluded.text, edited_at = excluded.edited_at",
+            params![room, target, text, a.now_ms],
+        ),
+        MessageAction::Delete => run(
+            "INSERT INTO message_state (room_id, seq, deleted_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (room_id, seq) DO UPDATE SET deleted_seq = excluded.deleted_seq, text = NULL",
+            params![room, target, to_db(seq)],
+        ),
+        MessageAction::Pin => run(
+            "INSERT INTO message_state (room_id, seq, pinned_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (room_id, seq) DO UPDATE SET pinned_seq = excluded.pinned_seq",
+            params![room, target, to_db(seq)],
+        ),
+        MessageAction::Unpin => {
+            run("UPDATE message_state SET pinned_seq = NULL WHERE room_id = ?1 AND seq = ?2", params![room, target])
+        }
+        MessageAction::React { emoji } => {
+            run(
+                "INSERT INTO reaction_users (room_id, seq, emoji, user_id, delta_seq) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![room, target, emoji, to_db(a.actor), to_db(seq)],
+            )?;
+            run(
+                "INSERT INTO reactions (room_id, seq, emoji, count) VALUES (?1, ?2, ?3, 1)
+                 ON CONFLICT (room_id, seq, emoji) DO UPDATE SET count = count + 1",
+                params![room, target, emoji],
+            )
+        }
+        MessageAction::Unreact { emoji } => {
+            run(
+                "DELETE FROM reaction_users WHERE room_id = ?1 AND seq = ?2 AND emoji = ?3 AND user_id = ?4",
+                params![room, target, emoji, to_db(a.actor)],
+            )?;
+            // A count reaching zero leaves no row rather than a zero.
+            run(
+                "DELETE FROM reactions WHERE room_id = ?1 AND seq = ?2 AND emoji = ?3 AND count = 1",
+                params![room, target, emoji],
+            )?;
+            run(
+                "UPDATE reactions SET count = count - 1 WHERE room_id = ?1 AND seq = ?2 AND emoji = ?3",
+                params![room, target, emoji],
+            )
+        }
+        MessageAction::Reply { .. } => Ok(()),
     }
 }
 

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use std::thread;
 
 use chime_storage::{
-    DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RecordKind, RoomId, RoomKind, RoomRecord,
-    Seq, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
+    ActionOutcome, DeltaRecord, MemberRecord, MessageAction, MessageRecord, NewAction, NewPost, NewSession,
+    OpenOptions, PostOutcome, RecordKind, RoomId, RoomKind, RoomRecord, Seq, SessionLimits, SessionRecord, Store,
+    StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -82,6 +83,8 @@ conformance! {
         duplicate_keys_write_nothing,
         non_members_write_nothing,
         deltas_after_pages,
+        message_actions_change_state_through_new_deltas,
+        actions_are_judged_by_role_and_authorship,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -285,6 +288,7 @@ fn create_room_starts_the_log(store: &mut dyn Store) {
         author: "ada".into(),
         ts_ms: T0,
         body: "lobby".into(),
+        target: None,
     };
     assert_eq!(delta, expected);
     assert_eq!(log(store, room.id), [expected]);
@@ -312,7 +316,8 @@ fn join_and_leave(store: &mut dyn Store) {
             author_id: bob.id,
             author: "bob".into(),
             ts_ms: T0 + 1,
-            body: String::new()
+            body: String::new(),
+            target: None,
         }
     );
     assert!(store.is_member(lobby.id, bob.id).expect("is_member"));
@@ -788,6 +793,161 @@ mod postgres_only {
         ] {
             let err = chime_storage::open(&url).err().expect("cannot connect");
             assert!(matches!(err, StoreError::Config(_)), "{url}: {err:?}");
+        }
+    }
+}
+
+fn action(room: RoomId, target: u64, who: &UserRecord, action: MessageAction, key: &str) -> NewAction {
+    NewAction {
+        room,
+        target: Seq(target),
+        actor: who.id,
+        actor_name: who.name.clone(),
+        action,
+        idempotency_key: key.into(),
+        now_ms: T0 + 50,
+    }
+}
+
+fn applied(outcome: ActionOutcome) -> DeltaRecord {
+    match outcome {
+        ActionOutcome::Applied(d) => d,
+        other => panic!("expected a new delta, got {other:?}"),
+    }
+}
+
+fn view(store: &mut dyn Store, room: RoomId, who: &UserRecord) -> Vec<MessageRecord> {
+    store.messages_before(room, who.id, Seq::ZERO, 100).expect("messages_before")
+}
+
+fn message_actions_change_state_through_new_deltas(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let lobby = room(store, "lobby", &ada);
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    store.append_posts(&[post(lobby.id, &ada, "k1", "hello"), post(lobby.id, &bob, "k2", "hi ada")]).expect("posts");
+    // seq 3 is ada's, 4 bob's.
+    let edit = applied(
+        store.act(&action(lobby.id, 3, &ada, MessageAction::Edit { text: "hello!".into() }, "e1")).expect("edit"),
+    );
+    assert_eq!(
+        (edit.seq, edit.kind, edit.body.as_str(), edit.target),
+        (Seq(5), RecordKind::EDIT, "hello!", Some(Seq(3)))
+    );
+    let again =
+        store.act(&action(lobby.id, 3, &ada, MessageAction::Edit { text: "other".into() }, "e1")).expect("retry");
+    assert_eq!(again, ActionOutcome::Unchanged { seq: Seq(5), ts_ms: T0 + 50 }, "a retried edit writes nothing");
+    let thumbs = || MessageAction::React { emoji: "\u{1f44d}".into() };
+    let r1 = applied(store.act(&action(lobby.id, 3, &ada, thumbs(), "")).expect("react"));
+    applied(store.act(&action(lobby.id, 3, &bob, thumbs(), "")).expect("react"));
+    assert_eq!(
+        store.act(&action(lobby.id, 3, &ada, thumbs(), "")).expect("again"),
+        ActionOutcome::Unchanged { seq: r1.seq, ts_ms: T0 + 50 }
+    );
+    let reply = applied(
+        store.act(&action(lobby.id, 3, &bob, MessageAction::Reply { text: "yes".into() }, "r1")).expect("reply"),
+    );
+    applied(store.act(&action(lobby.id, 4, &ada, MessageAction::Pin, "")).expect("pin"));
+    let gone = applied(store.act(&action(lobby.id, 4, &bob, MessageAction::Delete, "")).expect("delete own"));
+    assert_eq!(
+        store.act(&action(lobby.id, 4, &bob, MessageAction::Delete, "")).expect("twice"),
+        ActionOutcome::Unchanged { seq: gone.seq, ts_ms: T0 + 50 }
+    );
+    let unreact = MessageAction::Unreact { emoji: "\u{1f44d}".into() };
+    applied(store.act(&action(lobby.id, 3, &bob, unreact.clone(), "")).expect("unreact"));
+    let err = store.act(&action(lobby.id, 3, &bob, unreact, "")).expect_err("no reaction left");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let err = store.act(&action(lobby.id, 4, &ada, thumbs(), "")).expect_err("deleted");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let err = store.act(&action(lobby.id, 1, &ada, MessageAction::Pin, "")).expect_err("CREATE is no message");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let err = store.act(&action(lobby.id, 99, &ada, MessageAction::Pin, "")).expect_err("past the head");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+
+    // The log holds every step; the original is untouched.
+    let kinds: Vec<(u64, RecordKind)> = log(store, lobby.id).iter().map(|d| (d.seq.get(), d.kind)).collect();
+    assert_eq!(
+        kinds[2..],
+        [
+            (3, RecordKind::MESSAGE),
+            (4, RecordKind::MESSAGE),
+            (5, RecordKind::EDIT),
+            (6, RecordKind::REACT),
+            (7, RecordKind::REACT),
+            (8, RecordKind::REPLY),
+            (9, RecordKind::PIN),
+            (10, RecordKind::DELETE),
+            (11, RecordKind::UNREACT)
+        ]
+    );
+    assert_eq!(log(store, lobby.id)[2].body, "hello");
+
+    let seen = view(store, lobby.id, &ada);
+    assert_eq!(seen.iter().map(|m| m.seq.get()).collect::<Vec<_>>(), [8, 4, 3], "newest first, messages only");
+    let (r, b, a) = (&seen[0], &seen[1], &seen[2]);
+    assert_eq!((r.text.as_deref(), r.reply_to, r.author.as_str()), (Some("yes"), Some(Seq(3)), "bob"));
+    assert_eq!(reply.seq, Seq(8));
+    assert_eq!((b.text.as_deref(), b.deleted, b.pinned), (None, true, true));
+    assert_eq!((a.text.as_deref(), a.edited_ms, a.deleted), (Some("hello!"), Some(T0 + 50), false));
+    assert_eq!(a.reactions, [("\u{1f44d}".to_string(), 1, true)]);
+    assert_eq!(view(store, lobby.id, &bob)[2].reactions, [("\u{1f44d}".to_string(), 1, false)]);
+    let older = store.messages_before(lobby.id, ada.id, Seq(4), 100).expect("page");
+    assert_eq!(older.iter().map(|m| m.seq.get()).collect::<Vec<_>>(), [3]);
+    let carol = user(store, "carol");
+    assert!(matches!(store.messages_before(lobby.id, carol.id, Seq::ZERO, 10), Err(StoreError::NotMember(_))));
+    let err = store.act(&action(lobby.id, 3, &carol, thumbs(), "")).expect_err("stranger");
+    assert!(matches!(err, StoreError::NotMember(_)), "{err:?}");
+}
+
+/// Every action against the owner's and a member's role, on their own message and another's.
+fn actions_are_judged_by_role_and_authorship(store: &mut dyn Store) {
+    let ada = user(store, "ada"); // owner
+    let bob = user(store, "bob"); // member
+    let lobby = room(store, "lobby", &ada);
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    type Make = fn() -> MessageAction;
+    let actions: Vec<(&str, Make)> = vec![
+        ("edit", || MessageAction::Edit { text: "changed".into() }),
+        ("react", || MessageAction::React { emoji: "x".into() }),
+        ("reply", || MessageAction::Reply { text: "re".into() }),
+        ("pin", || MessageAction::Pin),
+        ("delete", || MessageAction::Delete),
+    ];
+    // (actor, whose message, action) -> allowed
+    let expected = |actor: &str, own: bool, what: &str| -> bool {
+        match (actor, what) {
+            (_, "edit") => own,
+            ("ada", _) => true,
+            ("bob", "pin") => false,
+            ("bob", "delete") => own,
+            ("bob", _) => true,
+            _ => unreachable!(),
+        }
+    };
+    let mut n = 0;
+    for actor in [&ada, &bob] {
+        for author in [&ada, &bob] {
+            for (what, make) in &actions {
+                n += 1;
+                let key = format!("m{n}");
+                let outcome = store.append_posts(&[post(lobby.id, author, &key, "target")]).expect("post");
+                let target = match &outcome[0] {
+                    PostOutcome::Inserted(d) => d.seq,
+                    other => panic!("{other:?}"),
+                };
+                let a = action(lobby.id, target.get(), actor, make(), &format!("a{n}"));
+                let own = actor.id == author.id;
+                let result = store.act(&a);
+                let allowed = expected(&actor.name, own, what);
+                match (&result, allowed) {
+                    (Ok(ActionOutcome::Applied(_)), true) => {}
+                    (Err(StoreError::Forbidden(_)), false) => {}
+                    _ => panic!(
+                        "{} doing {what} on {}'s message: expected allowed={allowed}, got {result:?}",
+                        actor.name, author.name
+                    ),
+                }
+            }
         }
     }
 }

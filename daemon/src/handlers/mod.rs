@@ -10,9 +10,11 @@
 //! - [`accounts`]: register, log in, resume, log out, sessions.
 //! - [`rooms`]: create, join, leave, list rooms and members.
 //! - [`messages`]: post (group-committed) and history.
+//! - [`actions`]: edit, delete, react, reply, pin, and messages in their current state (view).
 //! - [`sync`]: SYNC and the page reads behind it and behind catch-ups.
 
 pub mod accounts;
+pub mod actions;
 pub mod messages;
 pub mod rooms;
 pub mod sync;
@@ -116,6 +118,12 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::Post(p) => messages::post(ctx, p),
         ClientFrame::History(h) => messages::history(ctx, h),
         ClientFrame::Sync(s) => sync::start(ctx, s),
+        ClientFrame::Edit(e) => actions::edit(ctx, e),
+        ClientFrame::Delete(d) => actions::delete(ctx, d),
+        ClientFrame::React(r) => actions::react(ctx, r),
+        ClientFrame::Reply(r) => actions::reply_to(ctx, r),
+        ClientFrame::Pin(p) => actions::pin(ctx, p),
+        ClientFrame::View(v) => actions::view(ctx, v),
         ClientFrame::Hello(_)
         | ClientFrame::Ping(_)
         | ClientFrame::Pong(_)
