@@ -79,6 +79,70 @@ pub enum Command {
         #[arg(required = true, value_name = "TEXT")]
         text: Vec<String>,
     },
+    /// Edit one of your messages (a new EDIT delta; the original stays in the log).
+    Edit {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The message's seq.
+        seq: u64,
+        /// The new text; several words are joined with spaces.
+        #[arg(required = true, value_name = "TEXT")]
+        text: Vec<String>,
+    },
+    /// Delete a message (yours, or anyone's if your role allows).
+    Delete {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The message's seq.
+        seq: u64,
+    },
+    /// React to a message with an emoji, or take the reaction back.
+    React {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The message's seq.
+        seq: u64,
+        /// The emoji.
+        emoji: String,
+        /// Take the reaction back.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Answer a message.
+    Reply {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The seq of the message answered.
+        seq: u64,
+        /// The reply; several words are joined with spaces.
+        #[arg(required = true, value_name = "TEXT")]
+        text: Vec<String>,
+    },
+    /// Pin a message to the room, or unpin it.
+    Pin {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The message's seq.
+        seq: u64,
+        /// Unpin instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Show the newest messages in their current state (edits applied, deletes shown, reactions
+    /// counted), oldest first.
+    View {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// How many messages.
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: u64,
+    },
     /// Print a room's deltas, oldest first.
     History {
         /// The room id.

@@ -52,7 +52,7 @@
 //! (through `postgres`' `stringprep`), so it adds no new code to audit. `unicode-general-category`
 //! (yeslogic) would do as well but lags a Unicode version behind and would be one more crate.
 
-use chime_protocol::{Delta, DeltaKind};
+use chime_protocol::{Delta, DeltaKind, MessageView, RoomId};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::io::{self, Write};
@@ -99,6 +99,11 @@ impl<W: Write> Output<W> {
         self.record(&delta_json(delta), &delta_human(delta))
     }
 
+    /// Prints one message in its current state (`view`).
+    pub fn message(&mut self, room: RoomId, m: &MessageView) -> io::Result<()> {
+        self.record(&message_json(room, m), &message_human(room, m))
+    }
+
     /// The writer, for tests.
     #[cfg(test)]
     pub fn into_inner(self) -> W {
@@ -117,6 +122,8 @@ pub fn delta_json(delta: &Delta) -> Value {
         author_id: u64,
         ts: String,
         text: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target: Option<u64>,
     }
     let record = DeltaJson {
         room: delta.room.get(),
@@ -126,6 +133,7 @@ pub fn delta_json(delta: &Delta) -> Value {
         author_id: delta.author_id.get(),
         ts: rfc3339_ms(delta.ts_ms),
         text: delta.body.text().unwrap_or(""),
+        target: delta.body.target().map(|t| t.get()),
     };
     // A struct of strings and integers always converts.
     serde_json::to_value(record).unwrap_or_else(|_| json!({}))
@@ -141,8 +149,67 @@ fn delta_human(delta: &Delta) -> String {
         DeltaKind::CREATE => format!("{head} * {author} created the room \"{text}\""),
         DeltaKind::JOIN => format!("{head} * {author} joined"),
         DeltaKind::LEAVE => format!("{head} * {author} left"),
+        DeltaKind::EDIT
+        | DeltaKind::REPLY
+        | DeltaKind::DELETE
+        | DeltaKind::REACT
+        | DeltaKind::UNREACT
+        | DeltaKind::PIN
+        | DeltaKind::UNPIN => {
+            let target = delta.body.target().map_or(0, |t| t.get());
+            match delta.kind() {
+                DeltaKind::EDIT => format!("{head} * {author} edited {target}: {text}"),
+                DeltaKind::REPLY => format!("{head} {author} (re {target}): {text}"),
+                DeltaKind::DELETE => format!("{head} * {author} deleted {target}"),
+                DeltaKind::REACT => format!("{head} * {author} reacted {text} to {target}"),
+                DeltaKind::UNREACT => format!("{head} * {author} took back {text} on {target}"),
+                DeltaKind::PIN => format!("{head} * {author} pinned {target}"),
+                _ => format!("{head} * {author} unpinned {target}"),
+            }
+        }
         other => format!("{head} * {author} ({}) {text}", other.json_name()),
     }
+}
+
+/// A message in its current state as its JSON object (the shape `../shared/interface.md` fixes).
+pub fn message_json(room: RoomId, m: &MessageView) -> Value {
+    let reactions: serde_json::Map<String, Value> =
+        m.reactions.iter().map(|r| (r.emoji.clone(), json!(r.count))).collect();
+    json!({
+        "room": room.get(),
+        "seq": m.seq.get(),
+        "author": m.author,
+        "author_id": m.author_id.get(),
+        "ts": rfc3339_ms(m.ts_ms),
+        "text": m.text,
+        "edited": m.edited_ms.is_some(),
+        "deleted": m.deleted,
+        "reactions": reactions,
+        "reply_to": m.reply_to.map(|s| s.get()),
+        "pinned": m.pinned,
+    })
+}
+
+/// A message as one readable line: `[#3 5] 2026-...Z ann: hello (edited) [👍 2] (re 4) (pinned)`.
+fn message_human(room: RoomId, m: &MessageView) -> String {
+    let mut line = format!("[#{room} {}] {} {}: ", m.seq, rfc3339_ms(m.ts_ms), m.author);
+    match &m.text {
+        Some(text) => line.push_str(text),
+        None => line.push_str("(deleted)"),
+    }
+    if m.edited_ms.is_some() && !m.deleted {
+        line.push_str(" (edited)");
+    }
+    for r in &m.reactions {
+        line.push_str(&format!(" [{} {}{}]", r.emoji, r.count, if r.mine { "*" } else { "" }));
+    }
+    if let Some(to) = m.reply_to {
+        line.push_str(&format!(" (re {to})"));
+    }
+    if m.pinned {
+        line.push_str(" (pinned)");
+    }
+    line
 }
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds (`2026-11-22T10:00:00.000Z`).

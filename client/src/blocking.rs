@@ -20,10 +20,10 @@ use crate::session::{Event, Session, SessionConfig, Tick, HELLO_ID};
 use crate::tls::{server_name, tofu_client_config};
 use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
-    Authed, ClientFrame, CreateRoom, Credentials, Delta, DeltaPage, Empty, History, Identity, Limits, ListMembers,
-    ListRooms, ListSessions, MemberInfo, Ping, Post, Posted, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId,
-    RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, SessionInfo, Sync, SyncDone, Welcome, DEFAULT_MAX_FRAME,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Authed, ClientFrame, CreateRoom, Credentials, DeleteMessage, Delta, DeltaPage, Edit, Empty, History, Identity,
+    Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, Pin, Ping, Post, Posted, React, Reply,
+    Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame,
+    SessionInfo, Sync, SyncDone, View, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -435,6 +435,90 @@ impl Client {
         match self.request(&ClientFrame::Post(body))? {
             ServerFrame::Posted(p) => Ok(p),
             other => Err(unexpected("POSTED", &other)),
+        }
+    }
+
+    /// Sends a request answered by `POSTED` (the message actions) and returns it.
+    fn posted(&mut self, frame: ClientFrame) -> Result<Posted, ClientError> {
+        match self.request(&frame)? {
+            ServerFrame::Posted(p) => Ok(p),
+            other => Err(unexpected("POSTED", &other)),
+        }
+    }
+
+    /// `EDIT`: replaces the text of one of the user's messages.
+    pub fn edit(
+        &mut self,
+        room: impl Into<RoomId>,
+        target: impl Into<Seq>,
+        idempotency_key: &str,
+        text: &str,
+    ) -> Result<Posted, ClientError> {
+        let (room, target) = (room.into(), target.into());
+        self.posted(ClientFrame::Edit(Edit {
+            room,
+            target,
+            idempotency_key: idempotency_key.to_string(),
+            text: text.to_string(),
+        }))
+    }
+
+    /// `DELETE`: deletes a message.
+    pub fn delete(&mut self, room: impl Into<RoomId>, target: impl Into<Seq>) -> Result<Posted, ClientError> {
+        self.posted(ClientFrame::Delete(DeleteMessage { room: room.into(), target: target.into() }))
+    }
+
+    /// `REACT`: adds (or with `remove`, takes back) a reaction.
+    pub fn react(
+        &mut self,
+        room: impl Into<RoomId>,
+        target: impl Into<Seq>,
+        emoji: &str,
+        remove: bool,
+    ) -> Result<Posted, ClientError> {
+        let (room, target, emoji) = (room.into(), target.into(), emoji.to_string());
+        self.posted(ClientFrame::React(React { room, target, emoji, remove }))
+    }
+
+    /// `REPLY`: posts a message that answers `reply_to`.
+    pub fn reply(
+        &mut self,
+        room: impl Into<RoomId>,
+        reply_to: impl Into<Seq>,
+        idempotency_key: &str,
+        text: &str,
+    ) -> Result<Posted, ClientError> {
+        let (room, reply_to) = (room.into(), reply_to.into());
+        self.posted(ClientFrame::Reply(Reply {
+            room,
+            reply_to,
+            idempotency_key: idempotency_key.to_string(),
+            text: text.to_string(),
+        }))
+    }
+
+    /// `PIN`: pins (or with `remove`, unpins) a message.
+    pub fn pin(
+        &mut self,
+        room: impl Into<RoomId>,
+        target: impl Into<Seq>,
+        remove: bool,
+    ) -> Result<Posted, ClientError> {
+        self.posted(ClientFrame::Pin(Pin { room: room.into(), target: target.into(), remove }))
+    }
+
+    /// `VIEW`: one page of messages in their current state, newest first, before `before` (0:
+    /// the newest).
+    pub fn view(
+        &mut self,
+        room: impl Into<RoomId>,
+        before: impl Into<Seq>,
+        limit: u32,
+    ) -> Result<MessagePage, ClientError> {
+        let (room, before) = (room.into(), before.into());
+        match self.request(&ClientFrame::View(View { room, before, limit }))? {
+            ServerFrame::MessagePage(p) => Ok(p),
+            other => Err(unexpected("MESSAGE_PAGE", &other)),
         }
     }
 

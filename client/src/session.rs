@@ -888,7 +888,13 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         FrameType::LIST_MEMBERS => FrameType::MEMBER_LIST,
         FrameType::GET_ROOM => FrameType::ROOM_DETAILS,
         FrameType::WHOAMI => FrameType::IDENTITY,
-        FrameType::POST => FrameType::POSTED,
+        FrameType::POST
+        | FrameType::EDIT
+        | FrameType::DELETE
+        | FrameType::REACT
+        | FrameType::REPLY
+        | FrameType::PIN => FrameType::POSTED,
+        FrameType::VIEW => FrameType::MESSAGE_PAGE,
         FrameType::HISTORY => FrameType::DELTA_PAGE,
         _ => return None,
     })

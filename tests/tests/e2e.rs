@@ -22,6 +22,8 @@ mod idempotency;
 mod idle;
 #[path = "e2e/membership.rs"]
 mod membership;
+#[path = "e2e/messages.rs"]
+mod messages;
 #[path = "e2e/ordering.rs"]
 mod ordering;
 #[path = "e2e/outage.rs"]

@@ -1,8 +1,8 @@
-//! `send` and `history`.
+//! `send`, `history`, the message actions (`edit`, `delete`, `react`, `reply`, `pin`) and `view`.
 //!
-//! `send` picks one idempotency key and reuses it for every retry, reconnecting when the
-//! connection was lost, so a post that reached the server before the connection broke is
-//! answered with its first seq instead of being written twice.
+//! `send` (and `edit`, `reply`) picks one idempotency key and reuses it for every retry,
+//! reconnecting when the connection was lost, so a post that reached the server before the
+//! connection broke is answered with its first seq instead of being written twice.
 
 use crate::connect::{CallError, Ctx};
 use anyhow::anyhow;
@@ -19,14 +19,69 @@ const HISTORY_PAGE: u64 = 500;
 
 /// `send ROOM TEXT...`: posts the words joined by spaces; prints once the post is durable.
 pub fn send(ctx: &mut Ctx, room: u64, words: &[String]) -> Result<(), CallError> {
-    let text = words.join(" ");
-    let key = new_idempotency_key();
+    let (text, key) = (words.join(" "), new_idempotency_key());
+    let posted = retrying(ctx, |c| c.post(RoomId(room), &key, &text))?;
+    print_posted(ctx, &posted, "sent to")
+}
+
+/// `edit ROOM SEQ TEXT...`: replaces the text of message SEQ with a new `EDIT` delta.
+pub fn edit(ctx: &mut Ctx, room: u64, seq: u64, words: &[String]) -> Result<(), CallError> {
+    let (text, key) = (words.join(" "), new_idempotency_key());
+    let posted = retrying(ctx, |c| c.edit(RoomId(room), Seq(seq), &key, &text))?;
+    print_posted(ctx, &posted, &format!("edited message {seq} in"))
+}
+
+/// `reply ROOM SEQ TEXT...`: posts an answer to message SEQ.
+pub fn reply(ctx: &mut Ctx, room: u64, seq: u64, words: &[String]) -> Result<(), CallError> {
+    let (text, key) = (words.join(" "), new_idempotency_key());
+    let posted = retrying(ctx, |c| c.reply(RoomId(room), Seq(seq), &key, &text))?;
+    print_posted(ctx, &posted, &format!("replied to message {seq} in"))
+}
+
+/// `delete ROOM SEQ`: deletes message SEQ with a new `DELETE` delta (a repeat changes nothing).
+pub fn delete(ctx: &mut Ctx, room: u64, seq: u64) -> Result<(), CallError> {
+    let posted = retrying(ctx, |c| c.delete(RoomId(room), Seq(seq)))?;
+    print_posted(ctx, &posted, &format!("deleted message {seq} in"))
+}
+
+/// `react ROOM SEQ EMOJI [--remove]`.
+pub fn react(ctx: &mut Ctx, room: u64, seq: u64, emoji: &str, remove: bool) -> Result<(), CallError> {
+    let posted = retrying(ctx, |c| c.react(RoomId(room), Seq(seq), emoji, remove))?;
+    let did = if remove { "took back" } else { "added" };
+    print_posted(ctx, &posted, &format!("{did} {emoji} on message {seq} in"))
+}
+
+/// `pin ROOM SEQ [--remove]`.
+pub fn pin(ctx: &mut Ctx, room: u64, seq: u64, remove: bool) -> Result<(), CallError> {
+    let posted = retrying(ctx, |c| c.pin(RoomId(room), Seq(seq), remove))?;
+    let did = if remove { "unpinned" } else { "pinned" };
+    print_posted(ctx, &posted, &format!("{did} message {seq} in"))
+}
+
+fn print_posted(ctx: &mut Ctx, posted: &Posted, what: &str) -> Result<(), CallError> {
+    let note = if posted.duplicate { " (already done)" } else { "" };
+    ctx.out.record(
+        &json!({"room": posted.room, "seq": posted.seq}),
+        &format!("{what} #{} as seq {}{note}", posted.room, posted.seq),
+    )?;
+    Ok(())
+}
+
+/// Runs `call` until it succeeds, up to `SEND_ATTEMPTS` times, reconnecting when the connection
+/// was lost. Every request it is used for is safe to repeat: posts, edits and replies carry one
+/// idempotency key for all attempts, and deletes, reactions and pins answer a repeat with the
+/// seq that made the state.
+fn retrying<T>(ctx: &mut Ctx, mut call: impl FnMut(&mut Client) -> Result<T, ClientError>) -> Result<T, CallError> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let mut client = None;
+    let mut client: Option<Client> = None;
     let mut attempt = 1;
-    let posted = loop {
-        match post_once(ctx, &mut client, room, &key, &text) {
-            Ok(posted) => break posted,
+    loop {
+        let result = match &mut client {
+            Some(c) => call(c).map_err(CallError::from),
+            None => ctx.connect_authed().and_then(|(c, _)| call(client.insert(c)).map_err(CallError::from)),
+        };
+        match result {
+            Ok(value) => return Ok(value),
             Err(e) if e.is_retryable() && attempt < SEND_ATTEMPTS => {
                 // A refusal the server marked retryable came over a working connection; any
                 // other failure may have left the connection unusable.
@@ -40,21 +95,34 @@ pub fn send(ctx: &mut Ctx, room: u64, words: &[String]) -> Result<(), CallError>
             }
             Err(e) => return Err(e),
         }
-    };
-    ctx.out.record(
-        &json!({"room": posted.room, "seq": posted.seq}),
-        &format!("sent to #{} as seq {}", posted.room, posted.seq),
-    )?;
-    Ok(())
+    }
 }
 
-/// One POST, connecting and resuming first if there is no connection.
-fn post_once(ctx: &Ctx, client: &mut Option<Client>, room: u64, key: &str, text: &str) -> Result<Posted, CallError> {
-    let connected = match client {
-        Some(connected) => connected,
-        None => client.insert(ctx.connect_authed()?.0),
-    };
-    Ok(connected.post(RoomId(room), key, text)?)
+/// `view ROOM [--limit N]`: the newest N messages in their current state, oldest first.
+pub fn view(ctx: &mut Ctx, room: u64, limit: u64) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let mut messages = Vec::new();
+    let mut before = Seq::ZERO;
+    while (messages.len() as u64) < limit {
+        let ask = u32::try_from((limit - messages.len() as u64).min(HISTORY_PAGE)).unwrap_or(u32::MAX);
+        let page = client.view(RoomId(room), before, ask)?;
+        messages.extend(page.messages);
+        match page.next_before {
+            Some(next) if next < before || before == Seq::ZERO => before = next,
+            Some(_) => {
+                return Err(CallError::Local(anyhow!(
+                    "{} sent a VIEW page for room {room} that does not go back past seq {before}",
+                    ctx.server
+                )))
+            }
+            None => break,
+        }
+    }
+    messages.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    for m in messages.iter().rev() {
+        ctx.out.message(RoomId(room), m)?;
+    }
+    Ok(())
 }
 
 /// `history ROOM [--after SEQ] [--limit N]`: deltas oldest first, page after page.
