@@ -61,6 +61,11 @@ pub enum Command {
         #[command(subcommand)]
         command: RoomCommand,
     },
+    /// Open the direct dialog with a user (created on first use, one per pair); prints its room.
+    Dm {
+        /// The other user's name.
+        user: String,
+    },
     /// List the rooms you are in.
     Rooms,
     /// List a room's members.

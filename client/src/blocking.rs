@@ -21,8 +21,8 @@ use crate::tls::{server_name, tofu_client_config};
 use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
     Authed, ClientFrame, CreateRoom, Credentials, DeleteMessage, Delta, DeltaPage, Edit, Empty, History, Identity,
-    Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, Pin, Ping, Post, Posted, React, Reply,
-    Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame,
+    Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, OpenDirect, Pin, Ping, Post, Posted, React,
+    Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame,
     SessionInfo, Sync, SyncDone, View, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
@@ -311,6 +311,14 @@ impl Client {
     pub fn create_room(&mut self, name: &str) -> Result<RoomInfo, ClientError> {
         let body = CreateRoom { name: name.to_string(), kind: RoomKind::GROUP };
         match self.request(&ClientFrame::CreateRoom(body))? {
+            ServerFrame::RoomInfo(r) => Ok(r),
+            other => Err(unexpected("ROOM_INFO", &other)),
+        }
+    }
+
+    /// `OPEN_DIRECT`: the direct dialog with `user`, created on first use.
+    pub fn open_direct(&mut self, user: &str) -> Result<RoomInfo, ClientError> {
+        match self.request(&ClientFrame::OpenDirect(OpenDirect { user: user.to_string() }))? {
             ServerFrame::RoomInfo(r) => Ok(r),
             other => Err(unexpected("ROOM_INFO", &other)),
         }

@@ -883,7 +883,7 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         FrameType::LOGOUT | FrameType::LEAVE_ROOM => FrameType::DONE,
         FrameType::LIST_SESSIONS => FrameType::SESSION_LIST,
         FrameType::REVOKE_SESSIONS => FrameType::SESSIONS_REVOKED,
-        FrameType::CREATE_ROOM | FrameType::JOIN_ROOM => FrameType::ROOM_INFO,
+        FrameType::CREATE_ROOM | FrameType::JOIN_ROOM | FrameType::OPEN_DIRECT => FrameType::ROOM_INFO,
         FrameType::LIST_ROOMS => FrameType::ROOM_LIST,
         FrameType::LIST_MEMBERS => FrameType::MEMBER_LIST,
         FrameType::GET_ROOM => FrameType::ROOM_DETAILS,

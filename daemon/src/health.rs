@@ -333,6 +333,16 @@ impl SharedStore for StoreSlot {
         self.with(|s| s.members(room, after_user, limit))
     }
 
+    fn open_direct(
+        &mut self,
+        user: UserId,
+        user_name: &str,
+        peer: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> chime_storage::Result<chime_storage::DirectRoom> {
+        self.with(|s| s.open_direct(user, user_name, peer, now_ms, max_rooms))
+    }
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> chime_storage::Result<Vec<DeltaRecord>> {
         self.with(|s| s.deltas_after(room, after, limit))
     }

@@ -208,6 +208,14 @@ pub struct RoomRef {
     pub room: RoomId,
 }
 
+/// `OPEN_DIRECT`: the direct dialog with `user`, created on first use by whichever side asks
+/// first; the answer is `ROOM_INFO`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenDirect {
+    /// The other user's name.
+    pub user: String,
+}
+
 /// `LIST_MEMBERS`: one page of members, ordered by user id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListMembers {
@@ -640,6 +648,8 @@ frame_enum! {
         ListMembers(ListMembers) = LIST_MEMBERS,
         /// One room in detail.
         GetRoom(RoomRef) = GET_ROOM,
+        /// The direct dialog with a user.
+        OpenDirect(OpenDirect) = OPEN_DIRECT,
         /// Post.
         Post(Post) = POST,
         /// Sync.

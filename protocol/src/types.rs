@@ -87,6 +87,8 @@ wire_code! {
         LIST_MEMBERS = 0x0024,
         /// One room in detail.
         GET_ROOM = 0x0025,
+        /// The direct dialog with another user, created on first use.
+        OPEN_DIRECT = 0x0026,
         /// Post a message.
         POST = 0x0030,
         /// Catch up on what was missed, per room.
@@ -268,6 +270,9 @@ wire_code! {
     RoomKind(u8) {
         /// A group room that anyone may join.
         GROUP = 1,
+        /// A direct dialog between exactly two users: one per pair, nobody else can join, and
+        /// neither side can leave it.
+        DIRECT = 3,
     }
 }
 

@@ -144,6 +144,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             text
         })),
         (room(), seq()).prop_map(|(room, target)| ClientFrame::Delete(DeleteMessage { room, target })),
+        text().prop_map(|user| ClientFrame::OpenDirect(OpenDirect { user })),
         (room(), seq(), text(), any::<bool>()).prop_map(|(room, target, emoji, remove)| ClientFrame::React(React {
             room,
             target,

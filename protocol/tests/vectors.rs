@@ -335,6 +335,12 @@ fn vectors() -> Vec<Vector> {
             ServerFrame::Delta(delta(5, DeltaBody::Unknown { kind: DeltaKind(0x7abc), payload: vec![1, 2, 3] })),
         ),
         c(
+            "open_direct",
+            "OPEN_DIRECT id=15 user=\"bob\"",
+            15,
+            ClientFrame::OpenDirect(OpenDirect { user: "bob".into() }),
+        ),
+        c(
             "edit",
             "EDIT id=9 room=300 target=4 idempotency_key=\"k2\" text=\"hi!\"",
             9,

@@ -217,6 +217,18 @@ pub struct DeltaRecord {
     pub target: Option<Seq>,
 }
 
+/// The direct dialog of two users, as [`SharedStore::open_direct`] found or made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRoom {
+    /// The room.
+    pub room: RoomRecord,
+    /// The other user.
+    pub peer: UserId,
+    /// The room's `CREATE` delta when this call created it (both users are members from then on);
+    /// `None` when it existed.
+    pub created: Option<DeltaRecord>,
+}
+
 /// A member of a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberRecord {
@@ -314,6 +326,18 @@ pub trait SharedStore: Send {
         now_ms: i64,
         max_rooms: u64,
     ) -> Result<(RoomRecord, DeltaRecord)>;
+    /// The direct dialog of `user` with the user named `peer`, created (both members, a `CREATE`
+    /// delta by `user`, named after both) when there is none yet. Exactly one per pair however
+    /// the two ask, even at the same time. `NotFound` when there is no such peer; `LimitReached`
+    /// when creating it would put either user over `max_rooms` (nothing written).
+    fn open_direct(
+        &mut self,
+        user: UserId,
+        user_name: &str,
+        peer: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> Result<DirectRoom>;
     /// A room by id.
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>>;
 
@@ -349,8 +373,8 @@ pub trait SharedStore: Send {
 /// only the room's shard worker calls.
 pub trait Store: SharedStore {
     /// Adds a member and appends a `JOIN` delta. `Ok(None)` when already a member (no delta), even
-    /// at the cap; `NotFound` when the room does not exist; `LimitReached` when the user is already
-    /// a member of `max_rooms` rooms (nothing written).
+    /// at the cap; `NotFound` when the room does not exist; `Forbidden` for a direct dialog;
+    /// `LimitReached` when the user is already a member of `max_rooms` rooms (nothing written).
     fn join_room(
         &mut self,
         room: RoomId,
@@ -359,7 +383,8 @@ pub trait Store: SharedStore {
         now_ms: i64,
         max_rooms: u64,
     ) -> Result<Option<DeltaRecord>>;
-    /// Removes a member and appends a `LEAVE` delta. `NotMember` when not a member.
+    /// Removes a member and appends a `LEAVE` delta. `NotMember` when not a member; `Forbidden`
+    /// for a direct dialog, which both sides keep.
     fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<DeltaRecord>;
     /// Group commit: every post in one transaction, outcomes in input order. Seqs within a room
     /// follow input order. A retry of a key already in the batch or the log is a `Duplicate`.
@@ -378,6 +403,20 @@ pub(crate) fn check_room_cap(user: UserId, count: u64, max_rooms: u64) -> Result
         return Err(StoreError::LimitReached(format!(
             "user {user} is in {count} rooms, the most allowed is {max_rooms}"
         )));
+    }
+    Ok(())
+}
+
+/// The name of the direct dialog of two users: both names, in user id order.
+pub(crate) fn direct_name(a: (UserId, &str), b: (UserId, &str)) -> String {
+    let (first, second) = if a.0 < b.0 { (a.1, b.1) } else { (b.1, a.1) };
+    format!("{first} & {second}")
+}
+
+/// Refuses joining or leaving a direct dialog.
+pub(crate) fn check_not_direct(room: RoomId, kind: RoomKind, what: &str) -> Result<()> {
+    if kind == RoomKind::DIRECT {
+        return Err(StoreError::Forbidden(format!("room {room} is a direct dialog; nobody can {what} it")));
     }
     Ok(())
 }

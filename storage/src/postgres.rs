@@ -20,9 +20,10 @@ use postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, MemberRecord, MessageAction, MessageRecord, NewAction, NewPost,
-    NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind,
-    RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
+    NewAction, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord,
+    RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
+    UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -83,6 +84,9 @@ struct Statements {
     deltas_after: Statement,
     ping: Statement,
     member_role: Statement,
+    room_kind: Statement,
+    direct_room: Statement,
+    add_direct: Statement,
     lock_room: Statement,
     earlier_key: Statement,
     action_target: Statement,
@@ -205,6 +209,12 @@ impl Statements {
             )?,
             ping: client.prepare("SELECT 1")?,
             member_role: client.prepare("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")?,
+            room_kind: client.prepare("SELECT kind FROM rooms WHERE id = $1")?,
+            direct_room: client.prepare(
+                "SELECT r.id, r.name, r.kind, r.last_seq FROM direct_rooms d JOIN rooms r ON r.id = d.room_id
+                 WHERE d.user_lo = $1 AND d.user_hi = $2",
+            )?,
+            add_direct: client.prepare("INSERT INTO direct_rooms (user_lo, user_hi, room_id) VALUES ($1, $2, $3)")?,
             lock_room: client.prepare("SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE")?,
             earlier_key: client.prepare(
                 "SELECT seq, created_at FROM deltas WHERE room_id = $1 AND author_id = $2 AND idempotency_key = $3",
@@ -550,6 +560,48 @@ impl SharedStore for PgStore {
         Ok(crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms))
     }
 
+    fn open_direct(
+        &mut self,
+        user: UserId,
+        user_name: &str,
+        peer: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> Result<DirectRoom> {
+        let st = &self.st;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let peer_id: UserId = match tx.query_opt(&st.user_by_name, &[&peer]).map_err(pg_err)? {
+            Some(row) => from_db(row.get(0)),
+            None => return Err(StoreError::NotFound(format!("user {peer}"))),
+        };
+        let (lo, hi) = if user < peer_id { (user, peer_id) } else { (peer_id, user) };
+        // Both users' locks in id order: two sides asking at once queue, and the second finds
+        // the first's room. The same locks guard the room caps checked below.
+        tx.query_opt(&st.lock_user, &[&to_db(lo)]).map_err(pg_err)?;
+        tx.query_opt(&st.lock_user, &[&to_db(hi)]).map_err(pg_err)?;
+        if let Some(row) = tx.query_opt(&st.direct_room, &[&to_db(lo), &to_db(hi)]).map_err(pg_err)? {
+            let room = room_row(&row)?;
+            tx.commit().map_err(pg_err)?;
+            return Ok(DirectRoom { room, peer: peer_id, created: None });
+        }
+        for who in [user, peer_id] {
+            let count: i64 = tx.query_one(&st.room_count, &[&to_db(who)]).map_err(pg_err)?.get(0);
+            crate::check_room_cap(who, from_db(count), max_rooms)?;
+        }
+        let name = crate::direct_name((user, user_name), (peer_id, peer));
+        let kind = i16::from(RoomKind::DIRECT.0);
+        let id: i64 = tx.query_one(&st.create_room, &[&name, &kind, &to_db(user), &now_ms]).map_err(pg_err)?.get(0);
+        for who in [user, peer_id] {
+            tx.execute(&st.add_member, &[&id, &to_db(who), &"member", &now_ms]).map_err(pg_err)?;
+        }
+        tx.execute(&st.add_direct, &[&to_db(lo), &to_db(hi), &id]).map_err(pg_err)?;
+        tx.execute(&st.insert_delta, &[&id, &1_i64, &i16::from(RecordKind::CREATE.0), &to_db(user), &name, &now_ms])
+            .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        let (room, delta) = crate::created_room(from_db(id), &name, RoomKind::DIRECT, user, user_name, now_ms);
+        Ok(DirectRoom { room, peer: peer_id, created: Some(delta) })
+    }
+
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>> {
         let row = self.client.query_opt(&self.st.room, &[&to_db(room)]).map_err(pg_err)?;
         row.as_ref().map(room_row).transpose()
@@ -679,6 +731,13 @@ impl Store for PgStore {
         max_rooms: u64,
     ) -> Result<Option<DeltaRecord>> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
+        // A room's kind never changes, so it is read before the lock.
+        if let Some(row) = tx.query_opt(&self.st.room_kind, &[&to_db(room)]).map_err(pg_err)? {
+            let member = tx.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?.is_some();
+            if !member {
+                crate::check_not_direct(room, RoomKind(code(row.get(0))?), "join")?;
+            }
+        }
         // The seq first: it takes the room's lock (the order every room write follows) and tells
         // whether the room exists. Dropping the transaction undoes it when nothing is joined.
         let Some(delta) = Self::membership_delta(&self.st, &mut tx, room, RecordKind::JOIN, user, user_name, now_ms)?
@@ -698,6 +757,11 @@ impl Store for PgStore {
 
     fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<DeltaRecord> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
+        if let Some(row) = tx.query_opt(&self.st.room_kind, &[&to_db(room)]).map_err(pg_err)? {
+            if tx.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?.is_some() {
+                crate::check_not_direct(room, RoomKind(code(row.get(0))?), "leave")?;
+            }
+        }
         let delta = Self::membership_delta(&self.st, &mut tx, room, RecordKind::LEAVE, user, user_name, now_ms)?
             .ok_or(StoreError::NotMember(room))?;
         let removed = tx.execute(&self.st.remove_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;

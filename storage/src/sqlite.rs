@@ -26,9 +26,10 @@ use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehav
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::{
-    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, MemberRecord, MessageAction, MessageRecord, NewAction, NewPost,
-    NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind,
-    RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
+    NewAction, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord,
+    RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
+    UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -481,6 +482,57 @@ impl SharedStore for SqliteStore {
         })
     }
 
+    fn open_direct(
+        &mut self,
+        user: UserId,
+        user_name: &str,
+        peer: &str,
+        now_ms: i64,
+        max_rooms: u64,
+    ) -> Result<DirectRoom> {
+        self.write(|conn| {
+            let peer_id: UserId = conn
+                .prepare_cached("SELECT id FROM users WHERE name = ?1")
+                .and_then(|mut st| st.query_row([peer], |row| row.get::<_, i64>(0)).optional())
+                .map_err(db_err)?
+                .map(from_db)
+                .ok_or_else(|| StoreError::NotFound(format!("user {peer}")))?;
+            let (lo, hi) = if user < peer_id { (user, peer_id) } else { (peer_id, user) };
+            // BEGIN IMMEDIATE serializes writers: two sides asking at once find the first's room.
+            let existing: Option<i64> = conn
+                .prepare_cached("SELECT room_id FROM direct_rooms WHERE user_lo = ?1 AND user_hi = ?2")
+                .and_then(|mut st| st.query_row(params![to_db(lo), to_db(hi)], |row| row.get(0)).optional())
+                .map_err(db_err)?;
+            if let Some(id) = existing {
+                let room = conn
+                    .prepare_cached("SELECT id, name, kind, last_seq FROM rooms WHERE id = ?1")
+                    .and_then(|mut st| st.query_row([id], room_row))
+                    .map_err(db_err)?;
+                return Ok(DirectRoom { room, peer: peer_id, created: None });
+            }
+            crate::check_room_cap(user, room_count(conn, user)?, max_rooms)?;
+            crate::check_room_cap(peer_id, room_count(conn, peer_id)?, max_rooms)?;
+            let name = crate::direct_name((user, user_name), (peer_id, peer));
+            let id: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO rooms (name, kind, last_seq, created_by, created_at)
+                     VALUES (?1, ?2, 1, ?3, ?4) RETURNING id",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![name, RoomKind::DIRECT.0, to_db(user), now_ms], |row| row.get(0))
+                })
+                .map_err(db_err)?;
+            add_member(conn, from_db(id), user, "member", now_ms)?;
+            add_member(conn, from_db(id), peer_id, "member", now_ms)?;
+            conn.prepare_cached("INSERT INTO direct_rooms (user_lo, user_hi, room_id) VALUES (?1, ?2, ?3)")
+                .and_then(|mut st| st.execute(params![to_db(lo), to_db(hi), id]))
+                .map_err(db_err)?;
+            let (room, delta) = crate::created_room(from_db(id), &name, RoomKind::DIRECT, user, user_name, now_ms);
+            insert_delta(conn, &delta, None)?;
+            Ok(DirectRoom { room, peer: peer_id, created: Some(delta) })
+        })
+    }
+
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>> {
         self.conn
             .prepare_cached("SELECT id, name, kind, last_seq FROM rooms WHERE id = ?1")
@@ -669,12 +721,13 @@ impl Store for SqliteStore {
         max_rooms: u64,
     ) -> Result<Option<DeltaRecord>> {
         self.write(|conn| {
-            if !exists(conn, room)? {
+            let Some(kind) = kind_of(conn, room)? else {
                 return Err(StoreError::NotFound(format!("room {room}")));
-            }
+            };
             if is_member(conn, room, user)? {
                 return Ok(None);
             }
+            crate::check_not_direct(room, kind, "join")?;
             crate::check_room_cap(user, room_count(conn, user)?, max_rooms)?;
             add_member(conn, room, user, "member", now_ms)?;
             match membership_delta(conn, room, RecordKind::JOIN, user, user_name, now_ms)? {
@@ -686,6 +739,11 @@ impl Store for SqliteStore {
 
     fn leave_room(&mut self, room: RoomId, user: UserId, user_name: &str, now_ms: i64) -> Result<DeltaRecord> {
         self.write(|conn| {
+            if let Some(kind) = kind_of(conn, room)? {
+                if is_member(conn, room, user)? {
+                    crate::check_not_direct(room, kind, "leave")?;
+                }
+            }
             let removed = conn
                 .prepare_cached("DELETE FROM room_members WHERE room_id = ?1 AND user_id = ?2")
                 .and_then(|mut st| st.execute(params![to_db(room), to_db(user)]))
@@ -936,6 +994,14 @@ fn add_member(conn: &Connection, room: RoomId, user: UserId, role: &str, now_ms:
     .and_then(|mut st| st.execute(params![to_db(room), to_db(user), role, now_ms]))
     .map(drop)
     .map_err(db_err)
+}
+
+/// A room's kind, `None` when there is no such room.
+fn kind_of(conn: &Connection, room: RoomId) -> Result<Option<RoomKind>> {
+    conn.prepare_cached("SELECT kind FROM rooms WHERE id = ?1")
+        .and_then(|mut st| st.query_row([to_db(room)], |row| row.get::<_, u8>(0)).optional())
+        .map(|k| k.map(RoomKind))
+        .map_err(db_err)
 }
 
 fn exists(conn: &Connection, room: RoomId) -> Result<bool> {

@@ -12,6 +12,8 @@ mod auth;
 mod chat;
 #[path = "e2e/crash.rs"]
 mod crash;
+#[path = "e2e/direct.rs"]
+mod direct;
 #[path = "e2e/hardening.rs"]
 mod hardening;
 #[path = "e2e/hostile.rs"]

@@ -85,6 +85,7 @@ conformance! {
         deltas_after_pages,
         message_actions_change_state_through_new_deltas,
         actions_are_judged_by_role_and_authorship,
+        one_direct_dialog_per_pair,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -92,6 +93,7 @@ conformance! {
         concurrent_opens_migrate_once,
         reopening_keeps_everything,
         open_with_options,
+        direct_dialogs_race_to_one_room,
     ],
 }
 
@@ -950,4 +952,58 @@ fn actions_are_judged_by_role_and_authorship(store: &mut dyn Store) {
             }
         }
     }
+}
+
+fn one_direct_dialog_per_pair(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let carol = user(store, "carol");
+    let made = store.open_direct(bob.id, "bob", "ada", T0, MAX_ROOMS).expect("open");
+    let created = made.created.expect("a new dialog");
+    assert_eq!((made.peer, made.room.kind, made.room.name.as_str()), (ada.id, RoomKind::DIRECT, "ada & bob"));
+    assert_eq!((created.seq, created.kind, created.author_id), (Seq(1), RecordKind::CREATE, bob.id));
+    // Whichever side asks, the same room, made once.
+    let again = store.open_direct(ada.id, "ada", "bob", T0 + 1, MAX_ROOMS).expect("open from the other side");
+    assert_eq!((again.room.id, again.created), (made.room.id, None));
+    assert!(
+        store.is_member(made.room.id, ada.id).expect("member")
+            && store.is_member(made.room.id, bob.id).expect("member")
+    );
+    // Nobody joins it, neither side leaves it.
+    let err = store.join_room(made.room.id, carol.id, "carol", T0, MAX_ROOMS).expect_err("join a dialog");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    let err = store.leave_room(made.room.id, ada.id, "ada", T0).expect_err("leave a dialog");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    assert_eq!(store.join_room(made.room.id, ada.id, "ada", T0, MAX_ROOMS).expect("a member joining"), None);
+    let other = store.open_direct(carol.id, "carol", "ada", T0, MAX_ROOMS).expect("another pair");
+    assert_ne!(other.room.id, made.room.id);
+    let err = store.open_direct(ada.id, "ada", "nobody", T0, MAX_ROOMS).expect_err("no such user");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    // Posting works as in any room.
+    let out = store.append_posts(&[post(made.room.id, &ada, "k", "hi bob")]).expect("post");
+    assert_eq!(inserted(&out[0]).seq, Seq(2));
+    // Caps count for both sides.
+    let dan = user(store, "dan");
+    let err = store.open_direct(dan.id, "dan", "ada", T0, 2).expect_err("ada is in 2 rooms");
+    assert!(matches!(err, StoreError::LimitReached(_)), "{err:?}");
+}
+
+/// Two connections opening the same dialog at once from both sides get one room.
+fn direct_dialogs_race_to_one_room(db: &Db) {
+    let mut setup = db.open();
+    let ada = user(&mut *setup, "ada");
+    let bob = user(&mut *setup, "bob");
+    let rooms: Vec<RoomId> = thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let (me, peer) = if i % 2 == 0 { (&ada, "bob") } else { (&bob, "ada") };
+                s.spawn(move || {
+                    let mut store = db.open();
+                    store.open_direct(me.id, &me.name, peer, T0, MAX_ROOMS).expect("open").room.id
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    assert!(rooms.windows(2).all(|w| w[0] == w[1]), "{rooms:?}");
 }

@@ -35,6 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             RoomCommand::Leave { room } => room::leave(&mut ctx, room),
             RoomCommand::Info { room } => room::info(&mut ctx, room),
         },
+        Command::Dm { user } => room::direct(&mut ctx, &user),
         Command::Rooms => room::list(&mut ctx),
         Command::Members { room } => room::members(&mut ctx, room),
         Command::Send { room, text } => message::send(&mut ctx, room, &text),

@@ -15,6 +15,17 @@ pub fn create(ctx: &mut Ctx, name: &str) -> Result<(), CallError> {
     Ok(())
 }
 
+/// `dm USER`: the direct dialog with USER, made on first use.
+pub fn direct(ctx: &mut Ctx, user: &str) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let info = client.open_direct(user)?;
+    ctx.out.record(
+        &json!({"room": info.room, "name": info.name}),
+        &format!("direct dialog #{} ({})", info.room, info.name),
+    )?;
+    Ok(())
+}
+
 /// `room join ROOM`.
 pub fn join(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;

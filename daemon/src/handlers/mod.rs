@@ -115,6 +115,7 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::ListRooms(l) => rooms::list(ctx, l),
         ClientFrame::ListMembers(m) => rooms::members(ctx, m),
         ClientFrame::GetRoom(r) => rooms::get(ctx, r),
+        ClientFrame::OpenDirect(o) => rooms::open_direct(ctx, o),
         ClientFrame::Post(p) => messages::post(ctx, p),
         ClientFrame::History(h) => messages::history(ctx, h),
         ClientFrame::Sync(s) => sync::start(ctx, s),

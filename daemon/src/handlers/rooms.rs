@@ -1,4 +1,5 @@
-//! Rooms and membership: CREATE_ROOM, JOIN_ROOM, LEAVE_ROOM, LIST_ROOMS, LIST_MEMBERS, GET_ROOM.
+//! Rooms and membership: CREATE_ROOM, JOIN_ROOM, LEAVE_ROOM, LIST_ROOMS, LIST_MEMBERS, GET_ROOM,
+//! and OPEN_DIRECT (the direct dialog of two users, made on first use).
 //!
 //! Joins and leaves append to the room's log, so they run on the room's shard ([`Work::Room`]);
 //! creating a room starts a log nobody else can write yet, so it runs on the shared queue. Their
@@ -13,8 +14,8 @@ use crate::work::{
     refuse, reply, store_error, wire_delta, Actor, Effect, Published, ReplyTo, RoomWork, Settings, SharedWork, Work,
 };
 use chime_protocol::{
-    CreateRoom, ErrorBody, ErrorCode, ListMembers, ListRooms, MemberInfo, MemberList, RoomDetails, RoomInfo, RoomKind,
-    RoomList, RoomRef, ServerFrame,
+    CreateRoom, ErrorBody, ErrorCode, ListMembers, ListRooms, MemberInfo, MemberList, OpenDirect, RoomDetails,
+    RoomInfo, RoomKind, RoomList, RoomRef, ServerFrame,
 };
 use chime_storage::{now_ms, RoomId, RoomRecord, Seq, SharedStore, Store, UserId};
 
@@ -36,6 +37,62 @@ pub fn create(ctx: &mut Ctx<'_>, c: CreateRoom) -> Result<Admitted, ErrorBody> {
     }
     let job = CreateJob { to: ctx.to, actor: ctx.who.actor.clone(), name, kind: c.kind };
     Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// Admits OPEN_DIRECT: another user's name. Like creating a room it starts a log nobody writes
+/// yet, so it runs on the shared queue; the store makes sure a pair gets one room however both
+/// sides race.
+pub fn open_direct(ctx: &mut Ctx<'_>, o: OpenDirect) -> Result<Admitted, ErrorBody> {
+    let peer = o.user.trim().to_string();
+    if peer.is_empty() || peer.chars().count() > crate::limits::MAX_USER_NAME {
+        return Err(invalid("no such user name"));
+    }
+    if peer == *ctx.who.actor.name {
+        return Err(invalid("a direct dialog needs another user"));
+    }
+    if !ctx.limiters.creates_per_user.try_take(ctx.who.actor.user_id, ctx.now) {
+        let per_minute = ctx.config.room_create_per_minute;
+        return Err(ErrorBody::new(
+            ErrorCode::RATE_LIMITED,
+            format!("at most {per_minute} new rooms per minute; retry later"),
+        ));
+    }
+    Ok(Admitted::Work(Work::Shared(Box::new(DirectJob { to: ctx.to, actor: ctx.who.actor.clone(), peer }))))
+}
+
+/// OPEN_DIRECT: finds or makes the dialog; a new one subscribes both users' connections.
+struct DirectJob {
+    to: ReplyTo,
+    actor: Actor,
+    peer: String,
+}
+
+impl SharedWork for DirectJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect> {
+        let (user, name) = (self.actor.user_id, &self.actor.name);
+        match store.open_direct(user, name, &self.peer, now_ms(), settings.max_rooms_per_user) {
+            Ok(direct) => {
+                let mut effects = Vec::new();
+                if let Some(delta) = direct.created {
+                    for who in [user, direct.peer] {
+                        effects.push(Effect::Subscribe { user: who, room: direct.room.id, after: Some(Seq::ZERO) });
+                    }
+                    effects.extend(Published::encode(direct.room.id, &[wire_delta(delta)]).map(Effect::Publish));
+                }
+                effects.push(reply(self.to, ServerFrame::RoomInfo(room_info(&direct.room))));
+                effects
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
 }
 
 /// Admits JOIN_ROOM.
