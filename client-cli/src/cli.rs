@@ -197,10 +197,77 @@ pub enum SessionsCommand {
 /// `room` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum RoomCommand {
-    /// Create a group room; you become its owner.
+    /// Create a group room; you become its owner. Anyone may join it by id unless --private.
     Create {
         /// The room's name.
         name: String,
+        /// Invite-only: members bring others in with `room invite`.
+        #[arg(long)]
+        private: bool,
+    },
+    /// Make a user a member (the way into a private room).
+    Invite {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The user's name.
+        user: String,
+    },
+    /// Remove a member (they may come back).
+    Kick {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The user's name.
+        user: String,
+    },
+    /// Remove a user and keep them out (--remove lifts the ban).
+    Ban {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The user's name.
+        user: String,
+        /// Lift the ban instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Stop a member from posting (--remove lets them again).
+    Mute {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The user's name.
+        user: String,
+        /// Unmute instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Give a member a role: owner, admin, moderator, member or one the room defined.
+    Role {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The user's name.
+        user: String,
+        /// The role.
+        role: String,
+    },
+    /// Define a role of the room (or redefine `member`, what every plain member may do) by its
+    /// permissions: read post edit_own delete_own delete_any react pin invite kick ban mute
+    /// manage_roles manage_channels upload.
+    DefineRole {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The role's name.
+        name: String,
+        /// Its permissions.
+        #[arg(required_unless_present = "remove", value_name = "PERMISSION")]
+        permissions: Vec<String>,
+        /// Remove the definition instead.
+        #[arg(long, conflicts_with = "permissions")]
+        remove: bool,
     },
     /// Join a room.
     Join {

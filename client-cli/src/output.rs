@@ -167,6 +167,17 @@ fn delta_human(delta: &Delta) -> String {
                 _ => format!("{head} * {author} unpinned {target}"),
             }
         }
+        DeltaKind::INVITE => format!("{head} * {author} added {text}"),
+        DeltaKind::KICK => format!("{head} * {author} removed {text}"),
+        DeltaKind::BAN => format!("{head} * {author} banned {text}"),
+        DeltaKind::UNBAN => format!("{head} * {author} lifted the ban on {text}"),
+        DeltaKind::MUTE => format!("{head} * {author} muted {text}"),
+        DeltaKind::UNMUTE => format!("{head} * {author} unmuted {text}"),
+        DeltaKind::ROLE => match &delta.body {
+            chime_protocol::DeltaBody::Role(r) => format!("{head} * {author} made user {} {}", r.user, r.role),
+            _ => format!("{head} * {author} gave a role"),
+        },
+        DeltaKind::ROLE_DEFINED => format!("{head} * {author} defined the role {text}"),
         other => format!("{head} * {author} ({}) {text}", other.json_name()),
     }
 }

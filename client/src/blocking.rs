@@ -20,10 +20,11 @@ use crate::session::{Event, Session, SessionConfig, Tick, HELLO_ID};
 use crate::tls::{server_name, tofu_client_config};
 use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
-    Authed, ClientFrame, CreateRoom, Credentials, DeleteMessage, Delta, DeltaPage, Edit, Empty, History, Identity,
-    Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, OpenDirect, Pin, Ping, Post, Posted, React,
-    Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame,
-    SessionInfo, Sync, SyncDone, View, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Authed, ClientFrame, CreateRoom, Credentials, DefineRole, DeleteMessage, Delta, DeltaPage, Edit, Empty, History,
+    Identity, Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, OpenDirect,
+    Permissions, Pin, Ping, Post, Posted, React, Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId,
+    RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, SessionInfo, Sync, SyncDone, View, Welcome, DEFAULT_MAX_FRAME,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -307,13 +308,40 @@ impl Client {
         }
     }
 
-    /// `CREATE_ROOM` for a group room; the creator becomes its owner.
+    /// `CREATE_ROOM` for a group room anyone may join; the creator becomes its owner.
     pub fn create_room(&mut self, name: &str) -> Result<RoomInfo, ClientError> {
-        let body = CreateRoom { name: name.to_string(), kind: RoomKind::GROUP };
+        self.create_room_of(name, RoomKind::GROUP)
+    }
+
+    /// `CREATE_ROOM` of a given kind (`GROUP`, or `PRIVATE` for an invite-only group).
+    pub fn create_room_of(&mut self, name: &str, kind: RoomKind) -> Result<RoomInfo, ClientError> {
+        let body = CreateRoom { name: name.to_string(), kind };
         match self.request(&ClientFrame::CreateRoom(body))? {
             ServerFrame::RoomInfo(r) => Ok(r),
             other => Err(unexpected("ROOM_INFO", &other)),
         }
+    }
+
+    /// `MODERATE`: one moderation step on `user` (`role` only for `SET_ROLE`).
+    pub fn moderate(
+        &mut self,
+        room: impl Into<RoomId>,
+        user: &str,
+        action: ModAction,
+        role: &str,
+    ) -> Result<Posted, ClientError> {
+        let body = Moderate { room: room.into(), user: user.to_string(), action, role: role.to_string() };
+        self.posted(ClientFrame::Moderate(body))
+    }
+
+    /// `DEFINE_ROLE`: defines (or with `None`, removes) a role of the room.
+    pub fn define_role(
+        &mut self,
+        room: impl Into<RoomId>,
+        name: &str,
+        permissions: Option<Permissions>,
+    ) -> Result<Posted, ClientError> {
+        self.posted(ClientFrame::DefineRole(DefineRole { room: room.into(), name: name.to_string(), permissions }))
     }
 
     /// `OPEN_DIRECT`: the direct dialog with `user`, created on first use.

@@ -893,7 +893,9 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         | FrameType::DELETE
         | FrameType::REACT
         | FrameType::REPLY
-        | FrameType::PIN => FrameType::POSTED,
+        | FrameType::PIN
+        | FrameType::MODERATE
+        | FrameType::DEFINE_ROLE => FrameType::POSTED,
         FrameType::VIEW => FrameType::MESSAGE_PAGE,
         FrameType::HISTORY => FrameType::DELTA_PAGE,
         _ => return None,

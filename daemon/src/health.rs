@@ -391,6 +391,23 @@ impl Store for StoreSlot {
     fn act(&mut self, action: &chime_storage::NewAction) -> chime_storage::Result<chime_storage::ActionOutcome> {
         self.with(|s| s.act(action))
     }
+    fn moderate(
+        &mut self,
+        m: &chime_storage::NewModeration,
+    ) -> chime_storage::Result<chime_storage::ModerationOutcome> {
+        self.with(|s| s.moderate(m))
+    }
+    fn define_role(
+        &mut self,
+        room: RoomId,
+        actor: UserId,
+        actor_name: &str,
+        name: &str,
+        perms: Option<chime_storage::Permissions>,
+        now_ms: i64,
+    ) -> chime_storage::Result<DeltaRecord> {
+        self.with(|s| s.define_role(room, actor, actor_name, name, perms, now_ms))
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@
 use crate::sync::FetchId;
 use bytes::Bytes;
 use chime_protocol::{
-    CreateBody, Delta, DeltaBody, DeltaKind, EditBody, ErrorBody, ErrorCode, ReactBody, ReplyBody, Seq, ServerFrame,
-    TargetBody,
+    CreateBody, Delta, DeltaBody, DeltaKind, EditBody, ErrorBody, ErrorCode, MemberBody, ReactBody, ReplyBody,
+    RoleBody, RoleDefinedBody, Seq, ServerFrame, TargetBody,
 };
 use chime_storage::{
     DeltaRecord, NewPost, RecordKind, RoomId, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError,
@@ -307,6 +307,27 @@ pub fn wire_delta(r: DeltaRecord) -> Delta {
         RecordKind::REPLY => DeltaBody::Reply(ReplyBody { reply_to: target, text: r.body }),
         RecordKind::PIN => DeltaBody::Pin(TargetBody { target }),
         RecordKind::UNPIN => DeltaBody::Unpin(TargetBody { target }),
+        RecordKind::INVITE
+        | RecordKind::KICK
+        | RecordKind::BAN
+        | RecordKind::UNBAN
+        | RecordKind::MUTE
+        | RecordKind::UNMUTE => {
+            let m = MemberBody { user: UserId(target.get()), name: r.body };
+            match r.kind {
+                RecordKind::INVITE => DeltaBody::Invite(m),
+                RecordKind::KICK => DeltaBody::Kick(m),
+                RecordKind::BAN => DeltaBody::Ban(m),
+                RecordKind::UNBAN => DeltaBody::Unban(m),
+                RecordKind::MUTE => DeltaBody::Mute(m),
+                _ => DeltaBody::Unmute(m),
+            }
+        }
+        RecordKind::ROLE => DeltaBody::Role(RoleBody { user: UserId(target.get()), role: r.body }),
+        RecordKind::ROLE_DEFINED => {
+            let (role, permissions) = chime_storage::moderation::parse_role_body(&r.body);
+            DeltaBody::RoleDefined(RoleDefinedBody { role, permissions })
+        }
         // Not written by this build (a newer one's row, after a downgrade): passed on as a kind
         // clients skip.
         RecordKind(other) => DeltaBody::Unknown { kind: DeltaKind(u16::from(other)), payload: Vec::new() },

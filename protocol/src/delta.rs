@@ -8,7 +8,8 @@
 //! add payloads without touching the others, and a kind's payload may grow later by appending
 //! fields: a decoder reads the fields it knows and ignores the bytes after them.
 
-use crate::types::{DeltaKind, Seq};
+use crate::perm::Permissions;
+use crate::types::{DeltaKind, Seq, UserId};
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -62,6 +63,33 @@ pub struct ReplyBody {
     pub text: String,
 }
 
+/// The payload of the deltas about one user: `INVITE`, `KICK`, `BAN`, `UNBAN`, `MUTE`, `UNMUTE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberBody {
+    /// The user acted on.
+    pub user: UserId,
+    /// Their name.
+    pub name: String,
+}
+
+/// The payload of a `ROLE` delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleBody {
+    /// The member.
+    pub user: UserId,
+    /// Their new role.
+    pub role: String,
+}
+
+/// The payload of a `ROLE_DEFINED` delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleDefinedBody {
+    /// The role.
+    pub role: String,
+    /// What it allows from now on; none when the definition was removed.
+    pub permissions: Option<Permissions>,
+}
+
 /// What a delta does, tagged by its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeltaBody {
@@ -88,6 +116,22 @@ pub enum DeltaBody {
     Pin(TargetBody),
     /// A message was unpinned.
     Unpin(TargetBody),
+    /// A user was made a member.
+    Invite(MemberBody),
+    /// A member was removed.
+    Kick(MemberBody),
+    /// A user was banned.
+    Ban(MemberBody),
+    /// A ban was lifted.
+    Unban(MemberBody),
+    /// A member was muted.
+    Mute(MemberBody),
+    /// A member was unmuted.
+    Unmute(MemberBody),
+    /// A member got a role.
+    Role(RoleBody),
+    /// A role was defined or removed.
+    RoleDefined(RoleDefinedBody),
     /// A kind this build does not know, kept as it came so that it can be skipped (or passed
     /// on unchanged).
     Unknown {
@@ -118,6 +162,14 @@ impl DeltaBody {
             DeltaBody::Reply(_) => DeltaKind::REPLY,
             DeltaBody::Pin(_) => DeltaKind::PIN,
             DeltaBody::Unpin(_) => DeltaKind::UNPIN,
+            DeltaBody::Invite(_) => DeltaKind::INVITE,
+            DeltaBody::Kick(_) => DeltaKind::KICK,
+            DeltaBody::Ban(_) => DeltaKind::BAN,
+            DeltaBody::Unban(_) => DeltaKind::UNBAN,
+            DeltaBody::Mute(_) => DeltaKind::MUTE,
+            DeltaBody::Unmute(_) => DeltaKind::UNMUTE,
+            DeltaBody::Role(_) => DeltaKind::ROLE,
+            DeltaBody::RoleDefined(_) => DeltaKind::ROLE_DEFINED,
             DeltaBody::Unknown { kind, .. } => *kind,
         }
     }
@@ -131,6 +183,14 @@ impl DeltaBody {
             DeltaBody::Edit(e) => Some(&e.text),
             DeltaBody::Reply(r) => Some(&r.text),
             DeltaBody::React(r) | DeltaBody::Unreact(r) => Some(&r.emoji),
+            DeltaBody::Invite(m)
+            | DeltaBody::Kick(m)
+            | DeltaBody::Ban(m)
+            | DeltaBody::Unban(m)
+            | DeltaBody::Mute(m)
+            | DeltaBody::Unmute(m) => Some(&m.name),
+            DeltaBody::Role(r) => Some(&r.role),
+            DeltaBody::RoleDefined(r) => Some(&r.role),
             _ => None,
         }
     }
@@ -156,6 +216,14 @@ impl DeltaBody {
             DeltaBody::Delete(t) | DeltaBody::Pin(t) | DeltaBody::Unpin(t) => postcard::to_allocvec(t),
             DeltaBody::React(r) | DeltaBody::Unreact(r) => postcard::to_allocvec(r),
             DeltaBody::Reply(r) => postcard::to_allocvec(r),
+            DeltaBody::Invite(m)
+            | DeltaBody::Kick(m)
+            | DeltaBody::Ban(m)
+            | DeltaBody::Unban(m)
+            | DeltaBody::Mute(m)
+            | DeltaBody::Unmute(m) => postcard::to_allocvec(m),
+            DeltaBody::Role(r) => postcard::to_allocvec(r),
+            DeltaBody::RoleDefined(r) => postcard::to_allocvec(r),
             DeltaBody::Unknown { payload, .. } => Ok(payload.clone()),
         }
     }
@@ -175,6 +243,14 @@ impl DeltaBody {
             DeltaKind::REPLY => DeltaBody::Reply(postcard::take_from_bytes(&payload)?.0),
             DeltaKind::PIN => DeltaBody::Pin(postcard::take_from_bytes(&payload)?.0),
             DeltaKind::UNPIN => DeltaBody::Unpin(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::INVITE => DeltaBody::Invite(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::KICK => DeltaBody::Kick(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::BAN => DeltaBody::Ban(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::UNBAN => DeltaBody::Unban(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::MUTE => DeltaBody::Mute(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::UNMUTE => DeltaBody::Unmute(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::ROLE => DeltaBody::Role(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::ROLE_DEFINED => DeltaBody::RoleDefined(postcard::take_from_bytes(&payload)?.0),
             kind => DeltaBody::Unknown { kind, payload },
         })
     }

@@ -5,9 +5,13 @@
 //! [`ClientFrame`] is what a client sends, [`ServerFrame`] what a server sends; both map to and
 //! from [`RawFrame`]s through the code table below, which `docs/protocol.md` repeats.
 
-pub use crate::delta::{CreateBody, DeltaBody, EditBody, MessageBody, ReactBody, ReplyBody, TargetBody};
+pub use crate::delta::{
+    CreateBody, DeltaBody, EditBody, MemberBody, MessageBody, ReactBody, ReplyBody, RoleBody, RoleDefinedBody,
+    TargetBody,
+};
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
-use crate::types::{ErrorCode, FrameType, RoomId, RoomKind, Seq, UserId};
+use crate::perm::Permissions;
+use crate::types::{ErrorCode, FrameType, ModAction, RoomId, RoomKind, Seq, UserId};
 use crate::DeltaKind;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -214,6 +218,32 @@ pub struct RoomRef {
 pub struct OpenDirect {
     /// The other user's name.
     pub user: String,
+}
+
+/// `MODERATE`: one moderation step on a user of a room; the answer is `POSTED` with the seq of
+/// its delta, or (nothing to change) the room's head with `duplicate` set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moderate {
+    /// The room's id.
+    pub room: RoomId,
+    /// The user's name.
+    pub user: String,
+    /// What to do.
+    pub action: ModAction,
+    /// For `SET_ROLE`: the role; empty otherwise.
+    pub role: String,
+}
+
+/// `DEFINE_ROLE`: define or redefine a role of the room (`member` is the room-wide default), or
+/// remove it; the answer is `POSTED` with the seq of its `ROLE_DEFINED` delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefineRole {
+    /// The room's id.
+    pub room: RoomId,
+    /// The role's name.
+    pub name: String,
+    /// What it allows; none removes the definition.
+    pub permissions: Option<Permissions>,
 }
 
 /// `LIST_MEMBERS`: one page of members, ordered by user id.
@@ -650,6 +680,10 @@ frame_enum! {
         GetRoom(RoomRef) = GET_ROOM,
         /// The direct dialog with a user.
         OpenDirect(OpenDirect) = OPEN_DIRECT,
+        /// Moderate a user.
+        Moderate(Moderate) = MODERATE,
+        /// Define a role.
+        DefineRole(DefineRole) = DEFINE_ROLE,
         /// Post.
         Post(Post) = POST,
         /// Sync.

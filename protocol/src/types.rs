@@ -89,6 +89,10 @@ wire_code! {
         GET_ROOM = 0x0025,
         /// The direct dialog with another user, created on first use.
         OPEN_DIRECT = 0x0026,
+        /// Invite, kick, ban, unban, mute, unmute a user or give them a role.
+        MODERATE = 0x0027,
+        /// Define, redefine or remove a room's role.
+        DEFINE_ROLE = 0x0028,
         /// Post a message.
         POST = 0x0030,
         /// Catch up on what was missed, per room.
@@ -252,6 +256,22 @@ wire_code! {
         PIN = 10,
         /// A message was unpinned.
         UNPIN = 11,
+        /// The author made a user a member.
+        INVITE = 12,
+        /// The author removed a member.
+        KICK = 13,
+        /// The author banned a user (removing them if a member).
+        BAN = 14,
+        /// The author lifted a user's ban.
+        UNBAN = 15,
+        /// The author stopped a member from posting.
+        MUTE = 16,
+        /// The author let a muted member post again.
+        UNMUTE = 17,
+        /// The author gave a member a role.
+        ROLE = 18,
+        /// The author defined, redefined or removed a role of the room.
+        ROLE_DEFINED = 19,
     }
 }
 
@@ -266,6 +286,26 @@ impl DeltaKind {
 }
 
 wire_code! {
+    /// A moderation step (`MODERATE`).
+    ModAction(u8) {
+        /// Make the user a member (how one enters an invite-only room).
+        INVITE = 1,
+        /// Remove a member.
+        KICK = 2,
+        /// Remove the user and keep them out.
+        BAN = 3,
+        /// Lift a ban.
+        UNBAN = 4,
+        /// Stop a member from posting.
+        MUTE = 5,
+        /// Let them post again.
+        UNMUTE = 6,
+        /// Give a member the role named in the request.
+        SET_ROLE = 7,
+    }
+}
+
+wire_code! {
     /// What sort of room a room is.
     RoomKind(u8) {
         /// A group room that anyone may join.
@@ -273,6 +313,8 @@ wire_code! {
         /// A direct dialog between exactly two users: one per pair, nobody else can join, and
         /// neither side can leave it.
         DIRECT = 3,
+        /// A group room that only those its members invite can enter.
+        PRIVATE = 4,
     }
 }
 

@@ -29,7 +29,7 @@ fn seq() -> impl Strategy<Value = Seq> {
 
 /// Every body shape: the known kinds, and kinds this build does not know with any payload.
 fn delta_body() -> impl Strategy<Value = DeltaBody> {
-    let known: Vec<u16> = (1..=11).collect();
+    let known: Vec<u16> = (1..=19).collect();
     prop_oneof![
         text().prop_map(|name| DeltaBody::Create(CreateBody { name })),
         text().prop_map(DeltaBody::message),
@@ -42,6 +42,14 @@ fn delta_body() -> impl Strategy<Value = DeltaBody> {
         (seq(), text()).prop_map(|(reply_to, text)| DeltaBody::Reply(ReplyBody { reply_to, text })),
         seq().prop_map(|target| DeltaBody::Pin(TargetBody { target })),
         seq().prop_map(|target| DeltaBody::Unpin(TargetBody { target })),
+        (user(), text(), 0u8..6).prop_map(|(user, name, k)| {
+            let m = MemberBody { user, name };
+            [DeltaBody::Invite, DeltaBody::Kick, DeltaBody::Ban, DeltaBody::Unban, DeltaBody::Mute, DeltaBody::Unmute]
+                [usize::from(k)](m)
+        }),
+        (user(), text()).prop_map(|(user, role)| DeltaBody::Role(RoleBody { user, role })),
+        (text(), option::of(any::<u32>()))
+            .prop_map(|(role, p)| DeltaBody::RoleDefined(RoleDefinedBody { role, permissions: p.map(Permissions) })),
         (any::<u16>().prop_filter("unknown", move |k| !known.contains(k)), vec(any::<u8>(), 0..40))
             .prop_map(|(kind, payload)| DeltaBody::Unknown { kind: DeltaKind(kind), payload }),
     ]
@@ -145,6 +153,17 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), seq()).prop_map(|(room, target)| ClientFrame::Delete(DeleteMessage { room, target })),
         text().prop_map(|user| ClientFrame::OpenDirect(OpenDirect { user })),
+        (room(), text(), any::<u8>(), text()).prop_map(|(room, user, a, role)| ClientFrame::Moderate(Moderate {
+            room,
+            user,
+            action: ModAction(a),
+            role
+        })),
+        (room(), text(), option::of(any::<u32>())).prop_map(|(room, name, p)| ClientFrame::DefineRole(DefineRole {
+            room,
+            name,
+            permissions: p.map(Permissions)
+        })),
         (room(), seq(), text(), any::<bool>()).prop_map(|(room, target, emoji, remove)| ClientFrame::React(React {
             room,
             target,

@@ -341,6 +341,27 @@ fn vectors() -> Vec<Vector> {
             ClientFrame::OpenDirect(OpenDirect { user: "bob".into() }),
         ),
         c(
+            "moderate",
+            "MODERATE id=16 room=300 user=\"bob\" action=SET_ROLE(7) role=\"moderator\"",
+            16,
+            ClientFrame::Moderate(Moderate {
+                room: RoomId(300),
+                user: "bob".into(),
+                action: ModAction::SET_ROLE,
+                role: "moderator".into(),
+            }),
+        ),
+        c(
+            "define_role",
+            "DEFINE_ROLE id=17 room=300 name=\"helper\" permissions=Some(read|post|pin = 0x43)",
+            17,
+            ClientFrame::DefineRole(DefineRole {
+                room: RoomId(300),
+                name: "helper".into(),
+                permissions: Some(Permissions(0x43)),
+            }),
+        ),
+        c(
             "edit",
             "EDIT id=9 room=300 target=4 idempotency_key=\"k2\" text=\"hi!\"",
             9,
@@ -426,6 +447,27 @@ fn vectors() -> Vec<Vector> {
             "DELTA (push) id=0 room=300 seq=10 author_id=7 author=\"ann\" ts_ms=1700000000000 body=PIN(10) target=4 (UNPIN(11) has the same payload)",
             0,
             ServerFrame::Delta(delta(10, DeltaBody::Pin(TargetBody { target: Seq(4) }))),
+        ),
+        s(
+            "delta_kick",
+            "DELTA (push) id=0 room=300 seq=11 author_id=7 author=\"ann\" ts_ms=1700000000000 body=KICK(13) user=8 name=\"bob\" (INVITE, BAN, UNBAN, MUTE, UNMUTE have the same payload)",
+            0,
+            ServerFrame::Delta(delta(11, DeltaBody::Kick(MemberBody { user: UserId(8), name: "bob".into() }))),
+        ),
+        s(
+            "delta_role",
+            "DELTA (push) id=0 room=300 seq=12 author_id=7 author=\"ann\" ts_ms=1700000000000 body=ROLE(18) user=8 role=\"moderator\"",
+            0,
+            ServerFrame::Delta(delta(12, DeltaBody::Role(RoleBody { user: UserId(8), role: "moderator".into() }))),
+        ),
+        s(
+            "delta_role_defined",
+            "DELTA (push) id=0 room=300 seq=13 author_id=7 author=\"ann\" ts_ms=1700000000000 body=ROLE_DEFINED(19) role=\"helper\" permissions=Some(0x43)",
+            0,
+            ServerFrame::Delta(delta(
+                13,
+                DeltaBody::RoleDefined(RoleDefinedBody { role: "helper".into(), permissions: Some(Permissions(0x43)) }),
+            )),
         ),
         s(
             "goodbye",

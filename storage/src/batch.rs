@@ -11,6 +11,8 @@ use crate::{DeltaRecord, NewPost, PostOutcome, RecordKind, RoomId, Seq, UserId};
 pub(crate) struct Probe {
     /// The author is a member of the room (so the room exists).
     pub member: bool,
+    /// The author's role allows posting (and they are not muted).
+    pub may_post: bool,
     /// An earlier delta with the same (room, author, key): its seq and time.
     pub existing: Option<(u64, i64)>,
 }
@@ -38,6 +40,10 @@ pub(crate) fn plan(posts: &[NewPost], probes: &[Probe], heads: &HashMap<RoomId, 
                 continue;
             }
         };
+        if !probe.may_post {
+            outcomes.push(PostOutcome::Forbidden);
+            continue;
+        }
         let keyed = !post.idempotency_key.is_empty();
         let key = (post.room, post.author_id, post.idempotency_key.as_str());
         let earlier = probe.existing.or_else(|| seen.get(&key).copied()).filter(|_| keyed);
@@ -92,7 +98,7 @@ mod tests {
     #[test]
     fn seqs_follow_input_order_per_room() {
         let posts = [post(1, 1, "a"), post(2, 1, "a"), post(1, 1, "b"), post(2, 1, "")];
-        let probes = [Probe { member: true, existing: None }; 4];
+        let probes = [Probe { member: true, may_post: true, existing: None }; 4];
         let heads = HashMap::from([(RoomId(1), 5), (RoomId(2), 0)]);
         let plan = plan(&posts, &probes, &heads);
         assert_eq!(seqs(&plan), [Some(6), Some(1), Some(7), Some(2)]);
@@ -102,12 +108,12 @@ mod tests {
     #[test]
     fn duplicates_and_non_members_take_no_seq() {
         let posts = [post(1, 1, "a"), post(1, 1, "a"), post(1, 2, "x"), post(1, 1, "old"), post(9, 1, "z")];
-        let member = Probe { member: true, existing: None };
+        let member = Probe { member: true, may_post: true, existing: None };
         let probes = [
             member,
             member,
-            Probe { member: false, existing: None },
-            Probe { member: true, existing: Some((3, 77)) },
+            Probe { member: false, may_post: false, existing: None },
+            Probe { member: true, may_post: true, existing: Some((3, 77)) },
             member,
         ];
         let plan = plan(&posts, &probes, &HashMap::from([(RoomId(1), 4)]));
@@ -122,7 +128,7 @@ mod tests {
     #[test]
     fn empty_keys_never_collide() {
         let posts = [post(1, 1, ""), post(1, 1, "")];
-        let probes = [Probe { member: true, existing: Some((1, 1)) }; 2];
+        let probes = [Probe { member: true, may_post: true, existing: Some((1, 1)) }; 2];
         let plan = plan(&posts, &probes, &HashMap::from([(RoomId(1), 1)]));
         assert_eq!(seqs(&plan), [Some(2), Some(3)]);
     }

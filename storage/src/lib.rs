@@ -18,6 +18,7 @@
 
 pub mod actions;
 mod batch;
+pub mod moderation;
 pub mod postgres;
 pub mod sqlite;
 
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 pub use actions::{ActionOutcome, MessageAction, MessageRecord, NewAction};
 pub use chime_protocol::{Permissions, RoomId, RoomKind, Seq, UserId};
+pub use moderation::{MemberAction, ModerationOutcome, NewModeration};
 
 /// A login session's id.
 pub type SessionId = u64;
@@ -191,6 +193,23 @@ impl RecordKind {
     pub const PIN: RecordKind = RecordKind(10);
     /// Message `target` was unpinned; no body.
     pub const UNPIN: RecordKind = RecordKind(11);
+    /// User `target` was made a member by the author; the body is their name.
+    pub const INVITE: RecordKind = RecordKind(12);
+    /// Member `target` was removed by the author; the body is their name.
+    pub const KICK: RecordKind = RecordKind(13);
+    /// User `target` was banned (and removed) by the author; the body is their name.
+    pub const BAN: RecordKind = RecordKind(14);
+    /// User `target`'s ban was lifted; the body is their name.
+    pub const UNBAN: RecordKind = RecordKind(15);
+    /// Member `target` may no longer post; the body is their name.
+    pub const MUTE: RecordKind = RecordKind(16);
+    /// Member `target` may post again; the body is their name.
+    pub const UNMUTE: RecordKind = RecordKind(17);
+    /// Member `target` got a role; the body is the role.
+    pub const ROLE: RecordKind = RecordKind(18);
+    /// A role was defined (or redefined) for the room; the body is `NAME=PERMISSION_BITS`, or
+    /// `NAME` alone when the definition was removed.
+    pub const ROLE_DEFINED: RecordKind = RecordKind(19);
 }
 
 /// A delta as the store keeps it (one row of `deltas`, with its author's name). The daemon turns
@@ -274,6 +293,8 @@ pub enum PostOutcome {
     },
     /// The author is not a member (or the room does not exist). Nothing was written.
     NotMember,
+    /// The author's role does not allow posting, or a moderator muted them. Nothing was written.
+    Forbidden,
 }
 
 /// What every worker may do with the store: reads, accounts, sessions, creating a room (a new
@@ -395,6 +416,24 @@ pub trait Store: SharedStore {
     /// the actor is not a member, `NotFound` for no such message (or a deleted one), `Forbidden`
     /// when the role does not allow it.
     fn act(&mut self, action: &NewAction) -> Result<ActionOutcome>;
+    /// A moderation step on one user (invite, kick, ban, unban, mute, unmute, role), judged by
+    /// [`moderation::judge`] against the actor's role and the target's, written with its delta in
+    /// one transaction. `NotMember` when the actor is not a member; `NotFound` for no such room
+    /// or user; `Forbidden` when the actor may not, or for a direct dialog.
+    fn moderate(&mut self, m: &NewModeration) -> Result<ModerationOutcome>;
+    /// Defines (or with `perms` none, removes) a named role of the room, or redefines `member`
+    /// (the room-wide default), with a `ROLE_DEFINED` delta. Needs `manage_roles`; `owner` cannot
+    /// be defined. Members holding a removed role keep the name and hold no permission until
+    /// given another.
+    fn define_role(
+        &mut self,
+        room: RoomId,
+        actor: UserId,
+        actor_name: &str,
+        name: &str,
+        perms: Option<Permissions>,
+        now_ms: i64,
+    ) -> Result<DeltaRecord>;
 }
 
 /// Refuses a new membership when `user` already has `count` of at most `max_rooms`.

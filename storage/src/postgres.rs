@@ -19,6 +19,7 @@ use postgres::{Client, Config, NoTls, Row, Statement, Transaction};
 
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
+use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::{
     from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
     NewAction, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord,
@@ -181,10 +182,11 @@ impl Statements {
             // One row per post, in input order: is the author a member, and the delta an earlier
             // post with the same key wrote, if any (a NULL key matches nothing).
             probe_posts: client.prepare(
-                "SELECT m.user_id IS NOT NULL, d.seq, d.created_at
+                "SELECT m.role, d.seq, d.created_at, m.silenced, rr.perms
                  FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]) WITH ORDINALITY
                       AS p(room_id, author_id, idem, ord)
                  LEFT JOIN room_members m ON m.room_id = p.room_id AND m.user_id = p.author_id
+                 LEFT JOIN room_roles rr ON rr.room_id = m.room_id AND rr.name = m.role
                  LEFT JOIN deltas d ON d.room_id = p.room_id AND d.author_id = p.author_id
                                    AND d.idempotency_key = p.idem
                  ORDER BY p.ord",
@@ -208,7 +210,11 @@ impl Statements {
                  WHERE d.room_id = $1 AND d.seq > $2 ORDER BY d.seq LIMIT $3",
             )?,
             ping: client.prepare("SELECT 1")?,
-            member_role: client.prepare("SELECT role FROM room_members WHERE room_id = $1 AND user_id = $2")?,
+            member_role: client.prepare(
+                "SELECT m.role, m.silenced, r.perms FROM room_members m
+                 LEFT JOIN room_roles r ON r.room_id = m.room_id AND r.name = m.role
+                 WHERE m.room_id = $1 AND m.user_id = $2",
+            )?,
             room_kind: client.prepare("SELECT kind FROM rooms WHERE id = $1")?,
             direct_room: client.prepare(
                 "SELECT r.id, r.name, r.kind, r.last_seq FROM direct_rooms d JOIN rooms r ON r.id = d.room_id
@@ -427,6 +433,21 @@ fn room_row(row: &Row) -> Result<RoomRecord> {
 }
 
 impl PgStore {
+    /// The member's role and permissions in the room, `None` when not a member.
+    fn member_perms(
+        st: &Statements,
+        tx: &mut Transaction<'_>,
+        room: RoomId,
+        user: UserId,
+    ) -> Result<Option<(String, Permissions)>> {
+        Ok(tx.query_opt(&st.member_role, &[&to_db(room), &to_db(user)]).map_err(pg_err)?.map(|row| {
+            let role: String = row.get(0);
+            let defined = row.get::<_, Option<i64>>(2).map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
+            let perms = moderation::effective(&role, defined, row.get(1));
+            (role, perms)
+        }))
+    }
+
     /// Refuses a new membership of `user` beyond `max_rooms`, holding the user's row lock until
     /// the transaction ends so the count stays true until the membership is written.
     fn check_room_cap(st: &Statements, tx: &mut Transaction<'_>, user: UserId, max_rooms: u64) -> Result<()> {
@@ -735,7 +756,20 @@ impl Store for PgStore {
         if let Some(row) = tx.query_opt(&self.st.room_kind, &[&to_db(room)]).map_err(pg_err)? {
             let member = tx.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?.is_some();
             if !member {
-                crate::check_not_direct(room, RoomKind(code(row.get(0))?), "join")?;
+                let kind = RoomKind(code(row.get(0))?);
+                crate::check_not_direct(room, kind, "join")?;
+                if kind == RoomKind::PRIVATE {
+                    return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
+                }
+                let banned = tx
+                    .query_opt(
+                        "SELECT 1 FROM room_bans WHERE room_id = $1 AND user_id = $2",
+                        &[&to_db(room), &to_db(user)],
+                    )
+                    .map_err(pg_err)?;
+                if banned.is_some() {
+                    return Err(StoreError::Forbidden(format!("you are banned from room {room}")));
+                }
             }
         }
         // The seq first: it takes the room's lock (the order every room write follows) and tells
@@ -772,6 +806,167 @@ impl Store for PgStore {
         Ok(delta)
     }
 
+    // Moderation is rare: its statements are prepared when used rather than for every connection.
+    fn moderate(&mut self, m: &NewModeration) -> Result<ModerationOutcome> {
+        let st = &self.st;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let room = to_db(m.room);
+        // The room's lock first, as every room write takes it.
+        let Some(head) = tx.query_opt(&st.lock_room, &[&room]).map_err(pg_err)? else {
+            return Err(StoreError::NotFound(format!("room {}", m.room)));
+        };
+        let head: i64 = head.get(0);
+        let kind = RoomKind(code(tx.query_one(&st.room_kind, &[&room]).map_err(pg_err)?.get(0))?);
+        let (actor_role, perms) =
+            Self::member_perms(st, &mut tx, m.room, m.actor)?.ok_or(StoreError::NotMember(m.room))?;
+        crate::check_not_direct(m.room, kind, "moderate")?;
+        let target: UserId = match tx.query_opt(&st.user_by_name, &[&m.target]).map_err(pg_err)? {
+            Some(row) => from_db(row.get(0)),
+            None => return Err(StoreError::NotFound(format!("user {}", m.target))),
+        };
+        let user = to_db(target);
+        let row = tx
+            .query_opt("SELECT role, silenced FROM room_members WHERE room_id = $1 AND user_id = $2", &[&room, &user])
+            .map_err(pg_err)?;
+        let (role, muted) = row.map_or((None, false), |r| (Some(r.get::<_, String>(0)), r.get(1)));
+        let banned = tx
+            .query_opt("SELECT 1 FROM room_bans WHERE room_id = $1 AND user_id = $2", &[&room, &user])
+            .map_err(pg_err)?
+            .is_some();
+        let state = MemberState { role, muted, banned };
+        let role_known = match &m.action {
+            MemberAction::SetRole(name) => {
+                Permissions::of_builtin(name).is_some()
+                    || tx
+                        .query_opt("SELECT 1 FROM room_roles WHERE room_id = $1 AND name = $2", &[&room, name])
+                        .map_err(pg_err)?
+                        .is_some()
+            }
+            _ => true,
+        };
+        let verdict = moderation::judge(
+            m.room,
+            &m.action,
+            (m.actor, &actor_role, perms),
+            (target, &m.target, &state),
+            role_known,
+        )?;
+        if verdict == ModVerdict::Unchanged {
+            return Ok(ModerationOutcome::Unchanged { head: from_db(head) });
+        }
+        let (mut added, mut removed) = (false, false);
+        let remove = "DELETE FROM room_members WHERE room_id = $1 AND user_id = $2";
+        match &m.action {
+            MemberAction::Invite => {
+                Self::check_room_cap(st, &mut tx, target, m.max_rooms)?;
+                tx.execute(&st.add_member, &[&room, &user, &"member", &m.now_ms]).map_err(pg_err)?;
+                added = true;
+            }
+            MemberAction::Kick => {
+                tx.execute(remove, &[&room, &user]).map_err(pg_err)?;
+                removed = true;
+            }
+            MemberAction::Ban => {
+                tx.execute(
+                    "INSERT INTO room_bans (room_id, user_id, banned_by, banned_at) VALUES ($1, $2, $3, $4)",
+                    &[&room, &user, &to_db(m.actor), &m.now_ms],
+                )
+                .map_err(pg_err)?;
+                removed = tx.execute(remove, &[&room, &user]).map_err(pg_err)? > 0;
+            }
+            MemberAction::Unban => {
+                tx.execute("DELETE FROM room_bans WHERE room_id = $1 AND user_id = $2", &[&room, &user])
+                    .map_err(pg_err)?;
+            }
+            MemberAction::Mute | MemberAction::Unmute => {
+                let on = m.action == MemberAction::Mute;
+                tx.execute(
+                    "UPDATE room_members SET silenced = $3 WHERE room_id = $1 AND user_id = $2",
+                    &[&room, &user, &on],
+                )
+                .map_err(pg_err)?;
+            }
+            MemberAction::SetRole(new) => {
+                tx.execute(
+                    "UPDATE room_members SET role = $3 WHERE room_id = $1 AND user_id = $2",
+                    &[&room, &user, new],
+                )
+                .map_err(pg_err)?;
+            }
+        }
+        let seq = head + 1;
+        tx.execute(&st.bump_room, &[&room]).map_err(pg_err)?;
+        let body = match &m.action {
+            MemberAction::SetRole(new) => new.clone(),
+            _ => m.target.clone(),
+        };
+        let kind = i16::from(m.action.kind().0);
+        let no_key: Option<&str> = None;
+        tx.execute(&st.insert_action, &[&room, &seq, &kind, &to_db(m.actor), &body, &m.now_ms, &no_key, &user])
+            .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        let delta = DeltaRecord {
+            room: m.room,
+            seq: from_db(seq),
+            kind: m.action.kind(),
+            author_id: m.actor,
+            author: m.actor_name.clone(),
+            ts_ms: m.now_ms,
+            body,
+            target: Some(Seq(target.get())),
+        };
+        Ok(ModerationOutcome::Applied { delta, user: target, added, removed })
+    }
+
+    fn define_role(
+        &mut self,
+        room: RoomId,
+        actor: UserId,
+        actor_name: &str,
+        name: &str,
+        perms: Option<Permissions>,
+        now_ms: i64,
+    ) -> Result<DeltaRecord> {
+        let st = &self.st;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let id = to_db(room);
+        let Some(head) = tx.query_opt(&st.lock_room, &[&id]).map_err(pg_err)? else {
+            return Err(StoreError::NotFound(format!("room {room}")));
+        };
+        let head: i64 = head.get(0);
+        let kind = RoomKind(code(tx.query_one(&st.room_kind, &[&id]).map_err(pg_err)?.get(0))?);
+        let (_, mine) = Self::member_perms(st, &mut tx, room, actor)?.ok_or(StoreError::NotMember(room))?;
+        crate::check_not_direct(room, kind, "define roles in")?;
+        moderation::check_define(room, name, mine)?;
+        match perms {
+            Some(p) => tx.execute(
+                "INSERT INTO room_roles (room_id, name, perms) VALUES ($1, $2, $3)
+                 ON CONFLICT (room_id, name) DO UPDATE SET perms = excluded.perms",
+                &[&id, &name, &i64::from(p.0)],
+            ),
+            None => tx.execute("DELETE FROM room_roles WHERE room_id = $1 AND name = $2", &[&id, &name]),
+        }
+        .map_err(pg_err)?;
+        let seq = head + 1;
+        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
+        let body = moderation::role_body(name, perms);
+        let kind = i16::from(RecordKind::ROLE_DEFINED.0);
+        let none: (Option<&str>, Option<i64>) = (None, None);
+        tx.execute(&st.insert_action, &[&id, &seq, &kind, &to_db(actor), &body, &now_ms, &none.0, &none.1])
+            .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(DeltaRecord {
+            room,
+            seq: from_db(seq),
+            kind: RecordKind::ROLE_DEFINED,
+            author_id: actor,
+            author: actor_name.into(),
+            ts_ms: now_ms,
+            body,
+            target: None,
+        })
+    }
+
     fn act(&mut self, a: &NewAction) -> Result<ActionOutcome> {
         let st = &self.st;
         let (room, target, actor) = (to_db(a.room), to_db(a.target), to_db(a.actor));
@@ -781,10 +976,9 @@ impl Store for PgStore {
             return Err(StoreError::NotFound(format!("room {}", a.room)));
         };
         let head: i64 = head.get(0);
-        let Some(role) = tx.query_opt(&st.member_role, &[&room, &actor]).map_err(pg_err)? else {
+        let Some((_, perms)) = Self::member_perms(st, &mut tx, a.room, a.actor)? else {
             return Err(StoreError::NotMember(a.room));
         };
-        let role: String = role.get(0);
         if !a.idempotency_key.is_empty() {
             if let Some(row) = tx.query_opt(&st.earlier_key, &[&room, &actor, &a.idempotency_key]).map_err(pg_err)? {
                 return Ok(ActionOutcome::Unchanged { seq: from_db(row.get(0)), ts_ms: row.get(1) });
@@ -805,7 +999,6 @@ impl Store for PgStore {
             }),
             None => None,
         };
-        let perms = Permissions::of_builtin(&role).unwrap_or(Permissions::NONE);
         match actions::judge(a.room, a.target, &a.action, a.actor, perms, found.as_ref())? {
             Verdict::AlreadyDone(seq) => {
                 let ts_ms: i64 = tx.query_one(&st.delta_time, &[&room, &to_db(seq)]).map_err(pg_err)?.get(0);
@@ -874,7 +1067,13 @@ impl Store for PgStore {
             .map(|row| {
                 let seq: Option<i64> = row.get(1);
                 let ts: Option<i64> = row.get(2);
-                Probe { member: row.get(0), existing: seq.zip(ts).map(|(seq, ts)| (from_db(seq), ts)) }
+                let role: Option<String> = row.get(0);
+                let may_post = role.as_deref().is_some_and(|role| {
+                    let defined = row.get::<_, Option<i64>>(4).map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
+                    let muted = row.get::<_, Option<bool>>(3).unwrap_or(false);
+                    moderation::effective(role, defined, muted).contains(Permissions::POST)
+                });
+                Probe { member: role.is_some(), may_post, existing: seq.zip(ts).map(|(seq, ts)| (from_db(seq), ts)) }
             })
             .collect();
         if probes.len() != posts.len() {

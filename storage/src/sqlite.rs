@@ -25,6 +25,7 @@ use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehav
 
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
+use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::{
     from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
     NewAction, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord,
@@ -728,6 +729,12 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             crate::check_not_direct(room, kind, "join")?;
+            if kind == RoomKind::PRIVATE {
+                return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
+            }
+            if banned(conn, room, user)? {
+                return Err(StoreError::Forbidden(format!("you are banned from room {room}")));
+            }
             crate::check_room_cap(user, room_count(conn, user)?, max_rooms)?;
             add_member(conn, room, user, "member", now_ms)?;
             match membership_delta(conn, room, RecordKind::JOIN, user, user_name, now_ms)? {
@@ -760,26 +767,31 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         self.write(|conn| {
-            let mut membership: HashMap<(RoomId, UserId), bool> = HashMap::new();
+            let mut membership: HashMap<(RoomId, UserId), Option<Permissions>> = HashMap::new();
             let mut heads: HashMap<RoomId, u64> = HashMap::new();
             let mut probes = Vec::with_capacity(posts.len());
             for post in posts {
-                let member = match membership.get(&(post.room, post.author_id)) {
-                    Some(member) => *member,
+                let perms = match membership.get(&(post.room, post.author_id)) {
+                    Some(perms) => *perms,
                     None => {
-                        let member = is_member(conn, post.room, post.author_id)?;
-                        membership.insert((post.room, post.author_id), member);
-                        member
+                        let perms = member_perms(conn, post.room, post.author_id)?.map(|(_, p)| p);
+                        membership.insert((post.room, post.author_id), perms);
+                        perms
                     }
                 };
-                if !member {
+                let Some(perms) = perms else {
                     probes.push(Probe::default());
                     continue;
-                }
+                };
+                let member = true;
                 if let Entry::Vacant(slot) = heads.entry(post.room) {
                     if let Some(head) = head_of(conn, post.room)? {
                         slot.insert(head);
                     }
+                }
+                if !perms.contains(Permissions::POST) {
+                    probes.push(Probe { member, may_post: false, existing: None });
+                    continue;
                 }
                 let existing = if post.idempotency_key.is_empty() {
                     None
@@ -796,7 +808,7 @@ impl Store for SqliteStore {
                     })
                     .map_err(db_err)?
                 };
-                probes.push(Probe { member, existing });
+                probes.push(Probe { member, may_post: true, existing });
             }
             let plan = batch::plan(posts, &probes, &heads);
             for (outcome, post) in plan.outcomes.iter().zip(posts) {
@@ -814,9 +826,157 @@ impl Store for SqliteStore {
         })
     }
 
+    fn moderate(&mut self, m: &NewModeration) -> Result<ModerationOutcome> {
+        self.write(|conn| {
+            let Some(kind) = kind_of(conn, m.room)? else {
+                return Err(StoreError::NotFound(format!("room {}", m.room)));
+            };
+            let (actor_role, perms) = member_perms(conn, m.room, m.actor)?.ok_or(StoreError::NotMember(m.room))?;
+            crate::check_not_direct(m.room, kind, "moderate")?;
+            let target: UserId = conn
+                .prepare_cached("SELECT id FROM users WHERE name = ?1")
+                .and_then(|mut st| st.query_row([&m.target], |row| row.get::<_, i64>(0)).optional())
+                .map_err(db_err)?
+                .map(from_db)
+                .ok_or_else(|| StoreError::NotFound(format!("user {}", m.target)))?;
+            let (room, user) = (to_db(m.room), to_db(target));
+            let (role, muted): (Option<String>, bool) = conn
+                .prepare_cached("SELECT role, silenced FROM room_members WHERE room_id = ?1 AND user_id = ?2")
+                .and_then(|mut st| st.query_row(params![room, user], |row| Ok((row.get(0)?, row.get(1)?))).optional())
+                .map_err(db_err)?
+                .map_or((None, false), |(role, muted)| (Some(role), muted));
+            let state = MemberState { role, muted, banned: banned(conn, m.room, target)? };
+            let role_known = match &m.action {
+                MemberAction::SetRole(name) => {
+                    Permissions::of_builtin(name).is_some()
+                        || conn
+                            .prepare_cached("SELECT 1 FROM room_roles WHERE room_id = ?1 AND name = ?2")
+                            .and_then(|mut st| st.exists(params![room, name]))
+                            .map_err(db_err)?
+                }
+                _ => true,
+            };
+            let verdict = moderation::judge(
+                m.room,
+                &m.action,
+                (m.actor, &actor_role, perms),
+                (target, &m.target, &state),
+                role_known,
+            )?;
+            if verdict == ModVerdict::Unchanged {
+                let head = head_of(conn, m.room)?.unwrap_or(0);
+                return Ok(ModerationOutcome::Unchanged { head: Seq(head) });
+            }
+            let was_member = state.role.is_some();
+            let (mut added, mut removed) = (false, false);
+            match &m.action {
+                MemberAction::Invite => {
+                    crate::check_room_cap(target, room_count(conn, target)?, m.max_rooms)?;
+                    add_member(conn, m.room, target, "member", m.now_ms)?;
+                    added = true;
+                }
+                MemberAction::Kick => {
+                    exec(conn, "DELETE FROM room_members WHERE room_id = ?1 AND user_id = ?2", params![room, user])?;
+                    removed = true;
+                }
+                MemberAction::Ban => {
+                    exec(
+                        conn,
+                        "INSERT INTO room_bans (room_id, user_id, banned_by, banned_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![room, user, to_db(m.actor), m.now_ms],
+                    )?;
+                    removed = was_member
+                        && exec(
+                            conn,
+                            "DELETE FROM room_members WHERE room_id = ?1 AND user_id = ?2",
+                            params![room, user],
+                        )? > 0;
+                }
+                MemberAction::Unban => {
+                    exec(conn, "DELETE FROM room_bans WHERE room_id = ?1 AND user_id = ?2", params![room, user])?;
+                }
+                MemberAction::Mute | MemberAction::Unmute => {
+                    let on = m.action == MemberAction::Mute;
+                    exec(
+                        conn,
+                        "UPDATE room_members SET silenced = ?3 WHERE room_id = ?1 AND user_id = ?2",
+                        params![room, user, on],
+                    )?;
+                }
+                MemberAction::SetRole(new) => {
+                    exec(
+                        conn,
+                        "UPDATE room_members SET role = ?3 WHERE room_id = ?1 AND user_id = ?2",
+                        params![room, user, new],
+                    )?;
+                }
+            }
+            let seq = next_seq(conn, m.room)?.ok_or_else(|| StoreError::NotFound(format!("room {}", m.room)))?;
+            let body = match &m.action {
+                MemberAction::SetRole(new) => new.clone(),
+                _ => m.target.clone(),
+            };
+            let delta = DeltaRecord {
+                room: m.room,
+                seq: Seq(seq),
+                kind: m.action.kind(),
+                author_id: m.actor,
+                author: m.actor_name.clone(),
+                ts_ms: m.now_ms,
+                body,
+                target: Some(Seq(target.get())),
+            };
+            insert_delta(conn, &delta, None)?;
+            Ok(ModerationOutcome::Applied { delta, user: target, added, removed })
+        })
+    }
+
+    fn define_role(
+        &mut self,
+        room: RoomId,
+        actor: UserId,
+        actor_name: &str,
+        name: &str,
+        perms: Option<Permissions>,
+        now_ms: i64,
+    ) -> Result<DeltaRecord> {
+        self.write(|conn| {
+            let Some(kind) = kind_of(conn, room)? else {
+                return Err(StoreError::NotFound(format!("room {room}")));
+            };
+            let (_, mine) = member_perms(conn, room, actor)?.ok_or(StoreError::NotMember(room))?;
+            crate::check_not_direct(room, kind, "define roles in")?;
+            moderation::check_define(room, name, mine)?;
+            match perms {
+                Some(p) => exec(
+                    conn,
+                    "INSERT INTO room_roles (room_id, name, perms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (room_id, name) DO UPDATE SET perms = excluded.perms",
+                    params![to_db(room), name, i64::from(p.0)],
+                )?,
+                None => {
+                    exec(conn, "DELETE FROM room_roles WHERE room_id = ?1 AND name = ?2", params![to_db(room), name])?
+                }
+            };
+            let seq = next_seq(conn, room)?.ok_or_else(|| StoreError::NotFound(format!("room {room}")))?;
+            let delta = DeltaRecord {
+                room,
+                seq: Seq(seq),
+                kind: RecordKind::ROLE_DEFINED,
+                author_id: actor,
+                author: actor_name.into(),
+                ts_ms: now_ms,
+                body: moderation::role_body(name, perms),
+                target: None,
+            };
+            insert_delta(conn, &delta, None)?;
+            Ok(delta)
+        })
+    }
+
     fn act(&mut self, a: &NewAction) -> Result<ActionOutcome> {
         self.write(|conn| {
-            let Some(role) = member_role(conn, a.room, a.actor)? else {
+            let Some((_, perms)) = member_perms(conn, a.room, a.actor)? else {
                 return Err(if exists(conn, a.room)? {
                     StoreError::NotMember(a.room)
                 } else {
@@ -839,7 +999,6 @@ impl Store for SqliteStore {
                     return Ok(ActionOutcome::Unchanged { seq, ts_ms });
                 }
             }
-            let perms = Permissions::of_builtin(&role).unwrap_or(Permissions::NONE);
             let target = action_target(conn, a)?;
             match actions::judge(a.room, a.target, &a.action, a.actor, perms, target.as_ref())? {
                 Verdict::AlreadyDone(seq) => Ok(ActionOutcome::Unchanged { seq, ts_ms: delta_time(conn, a.room, seq)? }),
@@ -893,11 +1052,23 @@ fn action_target(conn: &Connection, a: &NewAction) -> Result<Option<Target>> {
     .map_err(db_err)
 }
 
-/// The member's role in the room, `None` when not a member.
-fn member_role(conn: &Connection, room: RoomId, user: UserId) -> Result<Option<String>> {
-    conn.prepare_cached("SELECT role FROM room_members WHERE room_id = ?1 AND user_id = ?2")
-        .and_then(|mut st| st.query_row(params![to_db(room), to_db(user)], |row| row.get(0)).optional())
-        .map_err(db_err)
+/// The member's role and permissions in the room, `None` when not a member.
+fn member_perms(conn: &Connection, room: RoomId, user: UserId) -> Result<Option<(String, Permissions)>> {
+    conn.prepare_cached(
+        "SELECT m.role, m.silenced, r.perms FROM room_members m
+         LEFT JOIN room_roles r ON r.room_id = m.room_id AND r.name = m.role
+         WHERE m.room_id = ?1 AND m.user_id = ?2",
+    )
+    .and_then(|mut st| {
+        st.query_row(params![to_db(room), to_db(user)], |row| {
+            let role: String = row.get(0)?;
+            let defined = row.get::<_, Option<i64>>(2)?.map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
+            let perms = moderation::effective(&role, defined, row.get(1)?);
+            Ok((role, perms))
+        })
+        .optional()
+    })
+    .map_err(db_err)
 }
 
 /// The time of a room's delta (for answers about an earlier delta).
@@ -994,6 +1165,18 @@ fn add_member(conn: &Connection, room: RoomId, user: UserId, role: &str, now_ms:
     .and_then(|mut st| st.execute(params![to_db(room), to_db(user), role, now_ms]))
     .map(drop)
     .map_err(db_err)
+}
+
+/// Whether the user is banned from the room.
+fn banned(conn: &Connection, room: RoomId, user: UserId) -> Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM room_bans WHERE room_id = ?1 AND user_id = ?2")
+        .and_then(|mut st| st.exists(params![to_db(room), to_db(user)]))
+        .map_err(db_err)
+}
+
+/// Runs one statement of a write.
+fn exec(conn: &Connection, sql: &str, p: &[&dyn rusqlite::ToSql]) -> Result<usize> {
+    conn.prepare_cached(sql).and_then(|mut st| st.execute(p)).map_err(db_err)
 }
 
 /// A room's kind, `None` when there is no such room.

@@ -26,6 +26,8 @@ mod idle;
 mod membership;
 #[path = "e2e/messages.rs"]
 mod messages;
+#[path = "e2e/moderation.rs"]
+mod moderation;
 #[path = "e2e/ordering.rs"]
 mod ordering;
 #[path = "e2e/outage.rs"]

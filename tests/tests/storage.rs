@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::thread;
 
 use chime_storage::{
-    ActionOutcome, DeltaRecord, MemberRecord, MessageAction, MessageRecord, NewAction, NewPost, NewSession,
-    OpenOptions, PostOutcome, RecordKind, RoomId, RoomKind, RoomRecord, Seq, SessionLimits, SessionRecord, Store,
-    StoreError, UserId, UserRecord,
+    ActionOutcome, DeltaRecord, MemberAction, MemberRecord, MessageAction, MessageRecord, ModerationOutcome, NewAction,
+    NewModeration, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, RoomId, RoomKind,
+    RoomRecord, Seq, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -86,6 +86,8 @@ conformance! {
         message_actions_change_state_through_new_deltas,
         actions_are_judged_by_role_and_authorship,
         one_direct_dialog_per_pair,
+        every_role_against_every_action,
+        moderation_changes_membership_and_posting,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -1006,4 +1008,217 @@ fn direct_dialogs_race_to_one_room(db: &Db) {
         handles.into_iter().map(|h| h.join().expect("thread")).collect()
     });
     assert!(rooms.windows(2).all(|w| w[0] == w[1]), "{rooms:?}");
+}
+
+fn moderation(room: RoomId, actor: &UserRecord, target: &str, action: MemberAction) -> NewModeration {
+    NewModeration {
+        room,
+        actor: actor.id,
+        actor_name: actor.name.clone(),
+        target: target.into(),
+        action,
+        max_rooms: MAX_ROOMS,
+        now_ms: T0 + 60,
+    }
+}
+
+/// The permission matrix: every role (the four built-in ones and a room-defined one) against
+/// every action the store checks, allowed or refused, written out by hand so that a change to a
+/// role's set shows up here.
+fn every_role_against_every_action(store: &mut dyn Store) {
+    const ACTIONS: [&str; 11] = [
+        "post",
+        "edit_own",
+        "delete_own",
+        "delete_any",
+        "react",
+        "pin",
+        "invite",
+        "kick",
+        "ban",
+        "mute",
+        "manage_roles",
+    ];
+    #[rustfmt::skip]
+    let table: [(&str, [bool; 11]); 5] = [
+        //              post   edit   del_o  del_a  react  pin    invite kick   ban    mute   roles
+        ("owner",     [true,  true,  true,  true,  true,  true,  true,  true,  true,  true,  true]),
+        ("admin",     [true,  true,  true,  true,  true,  true,  true,  true,  true,  true,  true]),
+        ("moderator", [true,  true,  true,  true,  true,  true,  true,  true,  false, true,  false]),
+        ("member",    [true,  true,  true,  false, true,  false, false, false, false, false, false]),
+        ("helper",    [true,  false, false, false, true,  true,  false, false, false, false, false]),
+    ];
+    let boss = user(store, "boss");
+    let mut n = 0;
+    for (role, allowed) in table {
+        let lobby = room(store, &format!("room-{role}"), &boss);
+        let helper = Permissions::READ.with(Permissions::POST).with(Permissions::PIN).with(Permissions::REACT);
+        store.define_role(lobby.id, boss.id, "boss", "helper", Some(helper), T0).expect("define helper");
+        let actor = if role == "owner" {
+            boss.clone()
+        } else {
+            let actor = user(store, &format!("actor-{role}"));
+            store.join_room(lobby.id, actor.id, &actor.name, T0, MAX_ROOMS).expect("join");
+            let set = moderation(lobby.id, &boss, &actor.name, MemberAction::SetRole(role.into()));
+            if role != "member" {
+                store.moderate(&set).expect("give the role");
+            }
+            actor
+        };
+        for (i, what) in ACTIONS.iter().enumerate() {
+            n += 1;
+            let victim = user(store, &format!("victim{n}"));
+            store.join_room(lobby.id, victim.id, &victim.name, T0, MAX_ROOMS).expect("victim joins");
+            let theirs =
+                inserted(&store.append_posts(&[post(lobby.id, &victim, &format!("v{n}"), "theirs")]).expect("post")[0])
+                    .seq;
+            // The actor's own message, written as the owner would see it allowed: by the store
+            // directly when the actor may post, else skipped (edit/delete own need one).
+            let own = || post(lobby.id, &actor, &format!("o{n}"), "mine");
+            let result: Result<(), String> = match *what {
+                "post" => match &store.append_posts(&[own()]).expect("post")[0] {
+                    PostOutcome::Inserted(_) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                },
+                "edit_own" | "delete_own" => {
+                    let mine = inserted(&store.append_posts(&[own()]).expect("post")[0]).seq;
+                    let action = if *what == "edit_own" {
+                        MessageAction::Edit { text: "new".into() }
+                    } else {
+                        MessageAction::Delete
+                    };
+                    store.act(&action_on(lobby.id, mine, &actor, action)).map(drop).map_err(|e| format!("{e:?}"))
+                }
+                "delete_any" => store
+                    .act(&action_on(lobby.id, theirs, &actor, MessageAction::Delete))
+                    .map(drop)
+                    .map_err(|e| format!("{e:?}")),
+                "react" => store
+                    .act(&action_on(lobby.id, theirs, &actor, MessageAction::React { emoji: "x".into() }))
+                    .map(drop)
+                    .map_err(|e| format!("{e:?}")),
+                "pin" => store
+                    .act(&action_on(lobby.id, theirs, &actor, MessageAction::Pin))
+                    .map(drop)
+                    .map_err(|e| format!("{e:?}")),
+                "invite" => {
+                    let outsider = user(store, &format!("outsider{n}"));
+                    store
+                        .moderate(&moderation(lobby.id, &actor, &outsider.name, MemberAction::Invite))
+                        .map(drop)
+                        .map_err(|e| format!("{e:?}"))
+                }
+                "kick" | "ban" | "mute" => {
+                    let action = match *what {
+                        "kick" => MemberAction::Kick,
+                        "ban" => MemberAction::Ban,
+                        _ => MemberAction::Mute,
+                    };
+                    store
+                        .moderate(&moderation(lobby.id, &actor, &victim.name, action))
+                        .map(drop)
+                        .map_err(|e| format!("{e:?}"))
+                }
+                "manage_roles" => store
+                    .define_role(lobby.id, actor.id, &actor.name, &format!("r{n}"), Some(Permissions::READ), T0)
+                    .map(drop)
+                    .map_err(|e| format!("{e:?}")),
+                other => unreachable!("{other}"),
+            };
+            match (&result, allowed[i]) {
+                (Ok(()), true) => {}
+                (Err(e), false) if e.contains("Forbidden") => {}
+                _ => panic!("{role} doing {what}: expected allowed={}, got {result:?}", allowed[i]),
+            }
+        }
+    }
+}
+
+fn action_on(room: RoomId, target: Seq, who: &UserRecord, action: MessageAction) -> NewAction {
+    NewAction {
+        room,
+        target,
+        actor: who.id,
+        actor_name: who.name.clone(),
+        action,
+        idempotency_key: String::new(),
+        now_ms: T0 + 50,
+    }
+}
+
+fn moderation_changes_membership_and_posting(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let eve = user(store, "eve");
+    let club =
+        store.create_room("club", chime_storage::RoomKind::PRIVATE, ada.id, "ada", T0, MAX_ROOMS).expect("private").0;
+    // Invite-only: joining by id is refused; an invite makes a member.
+    let err = store.join_room(club.id, bob.id, "bob", T0, MAX_ROOMS).expect_err("uninvited");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    let ModerationOutcome::Applied { delta, user: invited, added: true, removed: false } =
+        store.moderate(&moderation(club.id, &ada, "bob", MemberAction::Invite)).expect("invite")
+    else {
+        panic!("invite changed nothing")
+    };
+    assert_eq!((delta.kind, delta.body.as_str(), invited), (RecordKind::INVITE, "bob", bob.id));
+    assert!(store.is_member(club.id, bob.id).expect("member"));
+    assert!(matches!(
+        store.moderate(&moderation(club.id, &ada, "bob", MemberAction::Invite)).expect("again"),
+        ModerationOutcome::Unchanged { .. }
+    ));
+    // Muted: cannot post; unmuted: can.
+    store.moderate(&moderation(club.id, &ada, "bob", MemberAction::Mute)).expect("mute");
+    assert_eq!(store.append_posts(&[post(club.id, &bob, "m1", "hi")]).expect("post")[0], PostOutcome::Forbidden);
+    store.moderate(&moderation(club.id, &ada, "bob", MemberAction::Unmute)).expect("unmute");
+    assert!(matches!(
+        store.append_posts(&[post(club.id, &bob, "m2", "hi")]).expect("post")[0],
+        PostOutcome::Inserted(_)
+    ));
+    // A redefined `member` is the room-wide default: read-only members cannot post.
+    store.define_role(club.id, ada.id, "ada", "member", Some(Permissions::READ), T0).expect("read-only room");
+    assert_eq!(store.append_posts(&[post(club.id, &bob, "m3", "hi")]).expect("post")[0], PostOutcome::Forbidden);
+    store.define_role(club.id, ada.id, "ada", "member", None, T0).expect("back to the built-in set");
+    assert!(matches!(
+        store.append_posts(&[post(club.id, &bob, "m4", "hi")]).expect("post")[0],
+        PostOutcome::Inserted(_)
+    ));
+    // Banned: removed and kept out until unbanned; a kick lets one back in.
+    let ModerationOutcome::Applied { removed: true, .. } =
+        store.moderate(&moderation(club.id, &ada, "bob", MemberAction::Ban)).expect("ban")
+    else {
+        panic!("ban did not remove")
+    };
+    assert!(!store.is_member(club.id, bob.id).expect("gone"));
+    let err =
+        store.moderate(&moderation(club.id, &ada, "bob", MemberAction::Invite)).expect_err("invite a banned user");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    let lobby = room(store, "lobby", &ada);
+    store.join_room(lobby.id, eve.id, "eve", T0, MAX_ROOMS).expect("join");
+    store.moderate(&moderation(lobby.id, &ada, "eve", MemberAction::Ban)).expect("ban eve");
+    let err = store.join_room(lobby.id, eve.id, "eve", T0, MAX_ROOMS).expect_err("banned");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    store.moderate(&moderation(lobby.id, &ada, "eve", MemberAction::Unban)).expect("unban");
+    store.join_room(lobby.id, eve.id, "eve", T0, MAX_ROOMS).expect("back").expect("a JOIN");
+    store.moderate(&moderation(lobby.id, &ada, "eve", MemberAction::Kick)).expect("kick");
+    store.join_room(lobby.id, eve.id, "eve", T0, MAX_ROOMS).expect("back after a kick").expect("a JOIN");
+    // Roles: unknown ones are refused, the log records the grant.
+    let err = store
+        .moderate(&moderation(lobby.id, &ada, "eve", MemberAction::SetRole("wizard".into())))
+        .expect_err("undefined role");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let ModerationOutcome::Applied { delta, .. } =
+        store.moderate(&moderation(lobby.id, &ada, "eve", MemberAction::SetRole("moderator".into()))).expect("promote")
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (delta.kind, delta.body.as_str(), delta.target),
+        (RecordKind::ROLE, "moderator", Some(Seq(eve.id.get())))
+    );
+    let roles: Vec<(String, String)> =
+        store.members(lobby.id, UserId(0), 10).expect("members").into_iter().map(|m| (m.name, m.role)).collect();
+    assert!(roles.contains(&("eve".into(), "moderator".into())), "{roles:?}");
+    let err =
+        store.define_role(lobby.id, ada.id, "ada", "owner", Some(Permissions::READ), T0).expect_err("owner is fixed");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
 }

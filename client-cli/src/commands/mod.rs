@@ -12,6 +12,7 @@ use crate::cli::{Cli, Command, RoomCommand, SessionsCommand};
 use crate::connect::{home_from_flag, CallError, Ctx};
 use crate::output::Output;
 use crate::tail;
+use chime_protocol::ModAction;
 use serde_json::json;
 
 /// Carries out the parsed command line.
@@ -30,7 +31,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logout => account::logout(&mut ctx),
         Command::Whoami => account::whoami(&mut ctx),
         Command::Room { command } => match command {
-            RoomCommand::Create { name } => room::create(&mut ctx, &name),
+            RoomCommand::Create { name, private } => room::create(&mut ctx, &name, private),
+            RoomCommand::Invite { room, user } => room::moderate(&mut ctx, room, &user, ModAction::INVITE, ""),
+            RoomCommand::Kick { room, user } => room::moderate(&mut ctx, room, &user, ModAction::KICK, ""),
+            RoomCommand::Ban { room, user, remove } => {
+                let action = if remove { ModAction::UNBAN } else { ModAction::BAN };
+                room::moderate(&mut ctx, room, &user, action, "")
+            }
+            RoomCommand::Mute { room, user, remove } => {
+                let action = if remove { ModAction::UNMUTE } else { ModAction::MUTE };
+                room::moderate(&mut ctx, room, &user, action, "")
+            }
+            RoomCommand::Role { room, user, role } => room::moderate(&mut ctx, room, &user, ModAction::SET_ROLE, &role),
+            RoomCommand::DefineRole { room, name, permissions, remove } => {
+                room::define_role(&mut ctx, room, &name, if remove { None } else { Some(&permissions[..]) })
+            }
             RoomCommand::Join { room } => room::join(&mut ctx, room),
             RoomCommand::Leave { room } => room::leave(&mut ctx, room),
             RoomCommand::Info { room } => room::info(&mut ctx, room),

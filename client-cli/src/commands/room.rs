@@ -1,16 +1,68 @@
-//! `room create|join|leave|info`, `rooms` and `members`.
+//! `room create|join|leave|info|invite|kick|ban|mute|role|define-role`, `dm`, `rooms` and `members`.
 
 use crate::connect::{CallError, Ctx};
-use chime_protocol::RoomId;
+use chime_protocol::{ModAction, Permissions, RoomId, RoomKind};
 use serde_json::json;
 
-/// `room create NAME`: a group room owned by the caller.
-pub fn create(ctx: &mut Ctx, name: &str) -> Result<(), CallError> {
+/// `room create NAME [--private]`: a group room owned by the caller.
+pub fn create(ctx: &mut Ctx, name: &str, private: bool) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;
-    let info = client.create_room(name)?;
+    let kind = if private { RoomKind::PRIVATE } else { RoomKind::GROUP };
+    let info = client.create_room_of(name, kind)?;
     ctx.out.record(
         &json!({"room": info.room, "name": info.name}),
         &format!("created room #{} {}", info.room, info.name),
+    )?;
+    Ok(())
+}
+
+/// `room invite|kick|ban|mute|role ROOM USER ...`.
+pub fn moderate(ctx: &mut Ctx, room: u64, user: &str, action: ModAction, role: &str) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let posted = client.moderate(RoomId(room), user, action, role)?;
+    let verb = action.name().map_or_else(|| action.0.to_string(), str::to_ascii_lowercase);
+    let note = if posted.duplicate { " (nothing to change)" } else { "" };
+    if action == ModAction::SET_ROLE {
+        ctx.out.record(
+            &json!({"room": room, "user": user, "role": role, "seq": posted.seq}),
+            &format!("{user} is now {role} in #{room}{note}"),
+        )?;
+    } else {
+        ctx.out.record(
+            &json!({"room": room, "user": user, "seq": posted.seq}),
+            &format!("{verb}: {user} in #{room}{note}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `room define-role ROOM NAME PERMISSION... | --remove`.
+pub fn define_role(ctx: &mut Ctx, room: u64, name: &str, permissions: Option<&[String]>) -> Result<(), CallError> {
+    let perms = match permissions {
+        None => None,
+        Some(names) => {
+            let mut set = Permissions::NONE;
+            for n in names {
+                let p = Permissions::by_name(n).ok_or_else(|| {
+                    let known: Vec<&str> = Permissions::ALL_NAMED.iter().map(|(_, n)| *n).collect();
+                    CallError::Local(anyhow::anyhow!("unknown permission {n:?}; known: {}", known.join(" ")))
+                })?;
+                set = set.with(p);
+            }
+            Some(set)
+        }
+    };
+    let (mut client, _) = ctx.connect_authed()?;
+    let posted = client.define_role(RoomId(room), name, perms)?;
+    let listed: Vec<&str> = perms
+        .map(|p| Permissions::ALL_NAMED.iter().filter(|(q, _)| p.contains(*q)).map(|(_, n)| *n).collect())
+        .unwrap_or_default();
+    ctx.out.record(
+        &json!({"room": room, "role": name, "permissions": perms.map(|_| listed.clone()), "seq": posted.seq}),
+        &match perms {
+            Some(_) => format!("role {name} in #{room}: {}", listed.join(" ")),
+            None => format!("role {name} in #{room} removed"),
+        },
     )?;
     Ok(())
 }

@@ -71,6 +71,13 @@ pub fn commit(store: &mut dyn Store, posts: Vec<PostWork>) -> Vec<Effect> {
             PostOutcome::NotMember => {
                 refuse(to, ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {}", post.room)))
             }
+            PostOutcome::Forbidden => refuse(
+                to,
+                ErrorBody::new(
+                    ErrorCode::FORBIDDEN,
+                    format!("you may not post in room {} (muted, or your role does not allow post)", post.room),
+                ),
+            ),
         };
         effects.push(answer);
     }

@@ -116,6 +116,8 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::ListMembers(m) => rooms::members(ctx, m),
         ClientFrame::GetRoom(r) => rooms::get(ctx, r),
         ClientFrame::OpenDirect(o) => rooms::open_direct(ctx, o),
+        ClientFrame::Moderate(m) => rooms::moderate(ctx, m),
+        ClientFrame::DefineRole(d) => rooms::define_role(ctx, d),
         ClientFrame::Post(p) => messages::post(ctx, p),
         ClientFrame::History(h) => messages::history(ctx, h),
         ClientFrame::Sync(s) => sync::start(ctx, s),

@@ -14,10 +14,12 @@ use crate::work::{
     refuse, reply, store_error, wire_delta, Actor, Effect, Published, ReplyTo, RoomWork, Settings, SharedWork, Work,
 };
 use chime_protocol::{
-    CreateRoom, ErrorBody, ErrorCode, ListMembers, ListRooms, MemberInfo, MemberList, OpenDirect, RoomDetails,
-    RoomInfo, RoomKind, RoomList, RoomRef, ServerFrame,
+    CreateRoom, DefineRole, ErrorBody, ErrorCode, ListMembers, ListRooms, MemberInfo, MemberList, ModAction, Moderate,
+    OpenDirect, Posted, RoomDetails, RoomInfo, RoomKind, RoomList, RoomRef, ServerFrame,
 };
-use chime_storage::{now_ms, RoomId, RoomRecord, Seq, SharedStore, Store, UserId};
+use chime_storage::{
+    now_ms, MemberAction, ModerationOutcome, NewModeration, RoomId, RoomRecord, Seq, SharedStore, Store, UserId,
+};
 
 /// Admits CREATE_ROOM: a name of 1 to 100 characters, a known kind, within the user's rate.
 pub fn create(ctx: &mut Ctx<'_>, c: CreateRoom) -> Result<Admitted, ErrorBody> {
@@ -25,7 +27,7 @@ pub fn create(ctx: &mut Ctx<'_>, c: CreateRoom) -> Result<Admitted, ErrorBody> {
     if name.is_empty() || name.chars().count() > MAX_ROOM_NAME {
         return Err(invalid(format!("room name must be 1 to {MAX_ROOM_NAME} characters")));
     }
-    if c.kind != RoomKind::GROUP {
+    if c.kind != RoomKind::GROUP && c.kind != RoomKind::PRIVATE {
         return Err(invalid(format!("unknown room kind {}", c.kind)));
     }
     if !ctx.limiters.creates_per_user.try_take(ctx.who.actor.user_id, ctx.now) {
@@ -88,6 +90,121 @@ impl SharedWork for DirectJob {
                     effects.extend(Published::encode(direct.room.id, &[wire_delta(delta)]).map(Effect::Publish));
                 }
                 effects.push(reply(self.to, ServerFrame::RoomInfo(room_info(&direct.room))));
+                effects
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// Admits MODERATE: a user name, a known action, a role for SET_ROLE.
+pub fn moderate(ctx: &mut Ctx<'_>, m: Moderate) -> Result<Admitted, ErrorBody> {
+    let user = m.user.trim().to_string();
+    if user.is_empty() || user.chars().count() > crate::limits::MAX_USER_NAME {
+        return Err(invalid("no such user name"));
+    }
+    let action = match m.action {
+        ModAction::INVITE => MemberAction::Invite,
+        ModAction::KICK => MemberAction::Kick,
+        ModAction::BAN => MemberAction::Ban,
+        ModAction::UNBAN => MemberAction::Unban,
+        ModAction::MUTE => MemberAction::Mute,
+        ModAction::UNMUTE => MemberAction::Unmute,
+        ModAction::SET_ROLE if !m.role.is_empty() && m.role.len() <= 32 => MemberAction::SetRole(m.role),
+        ModAction::SET_ROLE => return Err(invalid("a role name is 1 to 32 bytes")),
+        other => return Err(invalid(format!("unknown moderation action {other}"))),
+    };
+    let m = NewModeration {
+        room: m.room,
+        actor: ctx.who.actor.user_id,
+        actor_name: ctx.who.actor.name.to_string(),
+        target: user,
+        action,
+        max_rooms: 0,
+        now_ms: 0,
+    };
+    Ok(Admitted::Work(Work::Room(Box::new(ModerateJob { to: ctx.to, m }))))
+}
+
+/// Admits DEFINE_ROLE (the store checks the name and the right to).
+pub fn define_role(ctx: &mut Ctx<'_>, d: DefineRole) -> Result<Admitted, ErrorBody> {
+    let job = DefineRoleJob { to: ctx.to, actor: ctx.who.actor.clone(), d };
+    Ok(Admitted::Work(Work::Room(Box::new(job))))
+}
+
+/// MODERATE on the room's shard: its delta is published; an invited user's connections are
+/// subscribed knowing the log up to just before it, a removed user's unsubscribed after it.
+struct ModerateJob {
+    to: ReplyTo,
+    m: NewModeration,
+}
+
+impl RoomWork for ModerateJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn room(&self) -> RoomId {
+        self.m.room
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn Store, settings: &Settings) -> Vec<Effect> {
+        let m = NewModeration { now_ms: now_ms(), max_rooms: settings.max_rooms_per_user, ..self.m };
+        match store.moderate(&m) {
+            Ok(ModerationOutcome::Applied { delta, user, added, removed }) => {
+                let posted = Posted { room: m.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+                let mut effects = Vec::new();
+                if added {
+                    effects.push(Effect::Subscribe { user, room: m.room, after: Some(delta.seq.prev()) });
+                }
+                effects.extend(Published::encode(m.room, &[wire_delta(delta)]).map(Effect::Publish));
+                if removed {
+                    effects.push(Effect::Unsubscribe { user, room: m.room });
+                }
+                effects.push(reply(self.to, ServerFrame::Posted(posted)));
+                effects
+            }
+            Ok(ModerationOutcome::Unchanged { head }) => {
+                let posted = Posted { room: m.room, seq: head, ts_ms: m.now_ms, duplicate: true };
+                vec![reply(self.to, ServerFrame::Posted(posted))]
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// DEFINE_ROLE on the room's shard.
+struct DefineRoleJob {
+    to: ReplyTo,
+    actor: Actor,
+    d: DefineRole,
+}
+
+impl RoomWork for DefineRoleJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn room(&self) -> RoomId {
+        self.d.room
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn Store, _settings: &Settings) -> Vec<Effect> {
+        let (d, actor) = (&self.d, &self.actor);
+        match store.define_role(d.room, actor.user_id, &actor.name, &d.name, d.permissions, now_ms()) {
+            Ok(delta) => {
+                let posted = Posted { room: d.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+                let mut effects: Vec<Effect> =
+                    Published::encode(d.room, &[wire_delta(delta)]).map(Effect::Publish).into_iter().collect();
+                effects.push(reply(self.to, ServerFrame::Posted(posted)));
                 effects
             }
             Err(e) => vec![refuse(self.to, store_error(&e))],
