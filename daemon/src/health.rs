@@ -333,6 +333,54 @@ impl SharedStore for StoreSlot {
         self.with(|s| s.members(room, after_user, limit))
     }
 
+    fn create_server(
+        &mut self,
+        server: &chime_storage::NewServer,
+        max_servers: u64,
+    ) -> chime_storage::Result<(chime_storage::ServerRecord, RoomRecord, DeltaRecord)> {
+        self.with(|s| s.create_server(server, max_servers))
+    }
+    fn join_server(
+        &mut self,
+        server: chime_storage::ServerId,
+        user: UserId,
+        now_ms: i64,
+        max_servers: u64,
+    ) -> chime_storage::Result<(chime_storage::ServerRecord, Vec<RoomRecord>, bool)> {
+        self.with(|s| s.join_server(server, user, now_ms, max_servers))
+    }
+    fn leave_server(&mut self, server: chime_storage::ServerId, user: UserId) -> chime_storage::Result<Vec<RoomId>> {
+        self.with(|s| s.leave_server(server, user))
+    }
+    fn servers_page(
+        &mut self,
+        user: UserId,
+        after: chime_storage::ServerId,
+        limit: u32,
+    ) -> chime_storage::Result<Vec<chime_storage::ServerRecord>> {
+        self.with(|s| s.servers_page(user, after, limit))
+    }
+    fn create_channel(&mut self, c: &chime_storage::NewChannel) -> chime_storage::Result<(RoomRecord, DeltaRecord)> {
+        self.with(|s| s.create_channel(c))
+    }
+    fn set_server_role(
+        &mut self,
+        server: chime_storage::ServerId,
+        actor: UserId,
+        target: &str,
+        role: &str,
+    ) -> chime_storage::Result<bool> {
+        self.with(|s| s.set_server_role(server, actor, target, role))
+    }
+    fn define_server_role(
+        &mut self,
+        server: chime_storage::ServerId,
+        actor: UserId,
+        name: &str,
+        perms: Option<chime_storage::Permissions>,
+    ) -> chime_storage::Result<()> {
+        self.with(|s| s.define_server_role(server, actor, name, perms))
+    }
     fn open_direct(
         &mut self,
         user: UserId,

@@ -315,6 +315,10 @@ wire_code! {
         DIRECT = 3,
         /// A group room that only those its members invite can enter.
         PRIVATE = 4,
+        /// A text channel of a server: its readers are the server's members whose role may.
+        CHANNEL = 5,
+        /// A voice channel of a server (its text log carries call signalling).
+        VOICE = 6,
     }
 }
 
@@ -388,6 +392,11 @@ id_type! {
 id_type! {
     /// A user's id (0 is never a user).
     UserId
+}
+
+id_type! {
+    /// A server's (community's) id (0 is never a server).
+    ServerId
 }
 
 id_type! {

@@ -25,7 +25,7 @@ pub mod sqlite;
 use std::time::Duration;
 
 pub use actions::{ActionOutcome, MessageAction, MessageRecord, NewAction};
-pub use chime_protocol::{Permissions, RoomId, RoomKind, Seq, UserId};
+pub use chime_protocol::{Permissions, RoomId, RoomKind, Seq, ServerId, UserId};
 pub use moderation::{MemberAction, ModerationOutcome, NewModeration};
 
 /// A login session's id.
@@ -248,6 +248,67 @@ pub struct DirectRoom {
     pub created: Option<DeltaRecord>,
 }
 
+/// A server (community) as stored, with one user's role in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRecord {
+    /// The id.
+    pub id: ServerId,
+    /// The name.
+    pub name: String,
+    /// What it is about.
+    pub description: String,
+    /// Whether anyone may join it by id.
+    pub public: bool,
+    /// Who created it.
+    pub owner: UserId,
+    /// How many members it has (kept as members come and go).
+    pub members: u64,
+    /// How many it may have.
+    pub member_cap: u64,
+    /// The user's role, `None` when not a member.
+    pub role: Option<String>,
+}
+
+/// A new server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewServer {
+    /// Its owner.
+    pub owner: UserId,
+    /// The owner's name, for the `general` channel's `CREATE` delta.
+    pub owner_name: String,
+    /// The name.
+    pub name: String,
+    /// What it is about.
+    pub description: String,
+    /// Whether anyone may join it by id.
+    pub public: bool,
+    /// How many members it may have.
+    pub member_cap: u64,
+    /// Creation time.
+    pub now_ms: i64,
+}
+
+/// A new channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewChannel {
+    /// Its server.
+    pub server: ServerId,
+    /// Who creates it (needs `manage_channels` in the server).
+    pub actor: UserId,
+    /// Their name, for the `CREATE` delta.
+    pub actor_name: String,
+    /// The channel's name.
+    pub name: String,
+    /// `CHANNEL` or `VOICE`.
+    pub kind: RoomKind,
+    /// Roles that may read it; empty: every member.
+    pub read_roles: Vec<String>,
+    /// Roles that may post in it; empty: every member who may read.
+    pub post_roles: Vec<String>,
+    /// Creation time.
+    pub now_ms: i64,
+}
+
 /// A member of a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberRecord {
@@ -362,6 +423,45 @@ pub trait SharedStore: Send {
     /// A room by id.
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>>;
 
+    /// Creates a server owned by `owner` with its first channel, `general` (its `CREATE` delta
+    /// returned). `LimitReached` when the owner is in `max_servers` servers.
+    fn create_server(
+        &mut self,
+        server: &NewServer,
+        max_servers: u64,
+    ) -> Result<(ServerRecord, RoomRecord, DeltaRecord)>;
+    /// Joins a public server: one row, whatever its size. Returns the server and the channels
+    /// the user may now read; `Ok` with `joined` false when already a member. `NotFound` for no
+    /// such server, `Forbidden` for a private one, `LimitReached` at the member cap or when the
+    /// user is in `max_servers` servers.
+    fn join_server(
+        &mut self,
+        server: ServerId,
+        user: UserId,
+        now_ms: i64,
+        max_servers: u64,
+    ) -> Result<(ServerRecord, Vec<RoomRecord>, bool)>;
+    /// Leaves a server; returns the channels the user could read. `NotMember` when not a member,
+    /// `Forbidden` for its owner.
+    fn leave_server(&mut self, server: ServerId, user: UserId) -> Result<Vec<RoomId>>;
+    /// One page of the servers a user is in, by id.
+    fn servers_page(&mut self, user: UserId, after: ServerId, limit: u32) -> Result<Vec<ServerRecord>>;
+    /// Creates a channel (a room of the server; its log starts with a `CREATE` delta). Needs
+    /// `manage_channels` in the server (`Forbidden`), membership (`NotMember`).
+    fn create_channel(&mut self, channel: &NewChannel) -> Result<(RoomRecord, DeltaRecord)>;
+    /// Gives a member of a server a role (built-in, or defined with [`SharedStore::define_server_role`]),
+    /// under the rank rules of [`moderation`]. Returns whether it changed. `NotFound` for no such
+    /// user, member or role.
+    fn set_server_role(&mut self, server: ServerId, actor: UserId, target: &str, role: &str) -> Result<bool>;
+    /// Defines (or with `None` removes) a named role of a server (`member` redefines the default).
+    fn define_server_role(
+        &mut self,
+        server: ServerId,
+        actor: UserId,
+        name: &str,
+        perms: Option<Permissions>,
+    ) -> Result<()>;
+
     /// The rooms a user is in, by id.
     fn rooms_of_user(&mut self, user: UserId) -> Result<Vec<RoomRecord>>;
     /// One page of the rooms a user is in: up to `limit` with id > `after_room`, by id.
@@ -452,10 +552,49 @@ pub(crate) fn direct_name(a: (UserId, &str), b: (UserId, &str)) -> String {
     format!("{first} & {second}")
 }
 
+/// The channel rules both stores apply on top of a member's role: a channel that names who may
+/// post takes `post` from everyone else below admin. (Who may read is in the `room_access` view:
+/// a member who may not read a channel has no access row at all.)
+pub(crate) fn channel_perms(role: &str, perms: Permissions, post_roles: Option<&str>) -> Permissions {
+    match post_roles {
+        Some(list) if moderation::rank(role) < 3 && !list.split(',').any(|r| r == role) => {
+            perms.without(Permissions::POST)
+        }
+        _ => perms,
+    }
+}
+
+/// Refuses joining or leaving a channel as a room: one joins or leaves its server.
+pub(crate) fn check_not_channel(room: RoomId, kind: RoomKind, what: &str) -> Result<()> {
+    if kind == RoomKind::CHANNEL || kind == RoomKind::VOICE {
+        return Err(StoreError::Forbidden(format!("room {room} is a channel; {what} its server instead")));
+    }
+    Ok(())
+}
+
+/// Roles as a channel stores them: `None` for everyone, else comma-separated.
+pub(crate) fn role_list(roles: &[String]) -> Option<String> {
+    if roles.is_empty() {
+        None
+    } else {
+        Some(roles.join(","))
+    }
+}
+
 /// Refuses joining or leaving a direct dialog.
 pub(crate) fn check_not_direct(room: RoomId, kind: RoomKind, what: &str) -> Result<()> {
     if kind == RoomKind::DIRECT {
         return Err(StoreError::Forbidden(format!("room {room} is a direct dialog; nobody can {what} it")));
+    }
+    Ok(())
+}
+
+/// Refuses a new server membership when `user` already is in `count` of at most `max_servers`.
+pub(crate) fn check_server_cap(user: UserId, count: u64, max_servers: u64) -> Result<()> {
+    if count >= max_servers {
+        return Err(StoreError::LimitReached(format!(
+            "user {user} is in {count} servers, the most allowed is {max_servers}"
+        )));
     }
     Ok(())
 }

@@ -22,9 +22,9 @@ use crate::batch::{self, Probe};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::{
     from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
-    NewAction, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord,
-    RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
-    UserRecord,
+    NewAction, NewChannel, NewPost, NewServer, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result,
+    RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, ServerId, ServerRecord, SessionId, SessionLimits,
+    SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -155,26 +155,44 @@ impl Statements {
             )?,
             rooms_of_user: client.prepare(
                 "SELECT r.id, r.name, r.kind, r.last_seq FROM room_members m
-                 JOIN rooms r ON r.id = m.room_id WHERE m.user_id = $1 ORDER BY r.id",
+                 JOIN rooms r ON r.id = m.room_id WHERE m.user_id = $1
+                 UNION ALL
+                 SELECT r.id, r.name, r.kind, r.last_seq FROM server_members sm
+                 JOIN rooms r ON r.server_id = sm.server_id
+                 WHERE sm.user_id = $1 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin') OR position(',' || sm.role || ',' IN ',' || r.read_roles || ',') > 0)
+                 ORDER BY 1",
             )?,
             rooms_page: client.prepare(
                 "SELECT r.id, r.name, r.kind, r.last_seq FROM room_members m
                  JOIN rooms r ON r.id = m.room_id WHERE m.user_id = $1 AND m.room_id > $2
-                 ORDER BY m.room_id LIMIT $3",
+                 UNION ALL
+                 SELECT r.id, r.name, r.kind, r.last_seq FROM server_members sm
+                 JOIN rooms r ON r.server_id = sm.server_id
+                 WHERE sm.user_id = $1 AND r.id > $2 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin') OR position(',' || sm.role || ',' IN ',' || r.read_roles || ',') > 0)
+                 ORDER BY 1 LIMIT $3",
             )?,
             touch_sessions: client.prepare(
                 "UPDATE sessions SET last_used_at = GREATEST(last_used_at, $2)
                  WHERE id = ANY($1) AND revoked_at IS NULL",
             )?,
-            is_member: client.prepare("SELECT 1 FROM room_members WHERE room_id = $1 AND user_id = $2")?,
+            is_member: client.prepare("SELECT 1 FROM room_access WHERE room_id = $1 AND user_id = $2")?,
             room_details: client.prepare(
-                "SELECT r.id, r.name, r.kind, r.last_seq, r.member_count, m.role FROM rooms r
-                 LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = $2 WHERE r.id = $1",
+                "SELECT r.id, r.name, r.kind, r.last_seq,
+                        coalesce((SELECT s.member_count FROM servers s WHERE s.id = r.server_id), r.member_count),
+                        (SELECT a.role FROM room_access a WHERE a.room_id = $1 AND a.user_id = $2)
+                 FROM rooms r WHERE r.id = $1",
             )?,
+            // A channel's members are its server's; other rooms list their own.
             members: client.prepare(
                 "SELECT m.user_id, u.name, m.role, m.muted FROM room_members m
                  JOIN users u ON u.id = m.user_id
-                 WHERE m.room_id = $1 AND m.user_id > $2 ORDER BY m.user_id LIMIT $3",
+                 WHERE m.room_id = $1 AND m.user_id > $2
+                 UNION ALL
+                 SELECT m.user_id, u.name, m.role, FALSE FROM rooms r
+                 JOIN server_members m ON m.server_id = r.server_id
+                 JOIN users u ON u.id = m.user_id
+                 WHERE r.id = $1 AND m.user_id > $2
+                 ORDER BY 1 LIMIT $3",
             )?,
             // ORDER BY under FOR UPDATE locks the rows in id order: two batches sharing rooms
             // queue instead of deadlocking.
@@ -182,11 +200,10 @@ impl Statements {
             // One row per post, in input order: is the author a member, and the delta an earlier
             // post with the same key wrote, if any (a NULL key matches nothing).
             probe_posts: client.prepare(
-                "SELECT m.role, d.seq, d.created_at, m.silenced, rr.perms
+                "SELECT m.role, d.seq, d.created_at, m.silenced, m.defined, m.post_roles
                  FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]) WITH ORDINALITY
                       AS p(room_id, author_id, idem, ord)
-                 LEFT JOIN room_members m ON m.room_id = p.room_id AND m.user_id = p.author_id
-                 LEFT JOIN room_roles rr ON rr.room_id = m.room_id AND rr.name = m.role
+                 LEFT JOIN room_access m ON m.room_id = p.room_id AND m.user_id = p.author_id
                  LEFT JOIN deltas d ON d.room_id = p.room_id AND d.author_id = p.author_id
                                    AND d.idempotency_key = p.idem
                  ORDER BY p.ord",
@@ -211,9 +228,7 @@ impl Statements {
             )?,
             ping: client.prepare("SELECT 1")?,
             member_role: client.prepare(
-                "SELECT m.role, m.silenced, r.perms FROM room_members m
-                 LEFT JOIN room_roles r ON r.room_id = m.room_id AND r.name = m.role
-                 WHERE m.room_id = $1 AND m.user_id = $2",
+                "SELECT role, silenced, defined, post_roles FROM room_access WHERE room_id = $1 AND user_id = $2",
             )?,
             room_kind: client.prepare("SELECT kind FROM rooms WHERE id = $1")?,
             direct_room: client.prepare(
@@ -423,6 +438,35 @@ fn session_row(row: &Row) -> SessionRecord {
     }
 }
 
+const SERVER_COLUMNS: &str = "s.id, s.name, s.description, s.public, s.owner_id, s.member_count, s.member_cap, m.role";
+
+fn server_row(row: &Row) -> ServerRecord {
+    ServerRecord {
+        id: from_db(row.get(0)),
+        name: row.get(1),
+        description: row.get(2),
+        public: row.get(3),
+        owner: from_db(row.get(4)),
+        members: from_db(row.get(5)),
+        member_cap: from_db(row.get(6)),
+        role: row.get(7),
+    }
+}
+
+/// Server queries: rare next to posts and reads, so prepared where they are used.
+mod server_sql {
+    pub const ONE: &str =
+        "SELECT s.id, s.name, s.description, s.public, s.owner_id, s.member_count, s.member_cap, m.role
+         FROM servers s LEFT JOIN server_members m ON m.server_id = s.id AND m.user_id = $2 WHERE s.id = $1";
+    pub const PERMS: &str = "SELECT m.role, m.silenced, r.perms FROM server_members m
+         LEFT JOIN server_roles r ON r.server_id = m.server_id AND r.name = m.role
+         WHERE m.server_id = $1 AND m.user_id = $2";
+    pub const COUNT: &str = "SELECT count(*) FROM server_members WHERE user_id = $1";
+    pub const CHANNELS: &str = "SELECT r.id, r.name, r.kind, r.last_seq FROM rooms r
+         JOIN server_members sm ON sm.server_id = r.server_id AND sm.user_id = $2
+         WHERE r.server_id = $1 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin') OR position(',' || sm.role || ',' IN ',' || r.read_roles || ',') > 0) ORDER BY r.id";
+}
+
 fn room_row(row: &Row) -> Result<RoomRecord> {
     Ok(RoomRecord {
         id: from_db(row.get(0)),
@@ -433,6 +477,50 @@ fn room_row(row: &Row) -> Result<RoomRecord> {
 }
 
 impl PgStore {
+    /// The user's role and permissions in a server, `None` when not a member.
+    fn server_perms(tx: &mut Transaction<'_>, server: ServerId, user: UserId) -> Result<Option<(String, Permissions)>> {
+        Ok(tx.query_opt(server_sql::PERMS, &[&to_db(server), &to_db(user)]).map_err(pg_err)?.map(|row| {
+            let role: String = row.get(0);
+            let defined = row.get::<_, Option<i64>>(2).map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
+            let perms = moderation::effective(&role, defined, row.get(1));
+            (role, perms)
+        }))
+    }
+
+    fn server_of(tx: &mut Transaction<'_>, server: ServerId, user: UserId) -> Result<Option<ServerRecord>> {
+        Ok(tx.query_opt(server_sql::ONE, &[&to_db(server), &to_db(user)]).map_err(pg_err)?.as_ref().map(server_row))
+    }
+
+    fn channels(tx: &mut Transaction<'_>, server: ServerId, user: UserId) -> Result<Vec<RoomRecord>> {
+        tx.query(server_sql::CHANNELS, &[&to_db(server), &to_db(user)]).map_err(pg_err)?.iter().map(room_row).collect()
+    }
+
+    /// Inserts a room of a server with its `CREATE` delta as seq 1.
+    fn insert_channel(st: &Statements, tx: &mut Transaction<'_>, c: &NewChannel) -> Result<(RoomRecord, DeltaRecord)> {
+        let row = tx
+            .query_one(
+                "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, server_id, read_roles, post_roles)
+                 VALUES ($1, $2, 1, $3, $4, $5, $6, $7) RETURNING id",
+                &[
+                    &c.name,
+                    &i16::from(c.kind.0),
+                    &to_db(c.actor),
+                    &c.now_ms,
+                    &to_db(c.server),
+                    &crate::role_list(&c.read_roles),
+                    &crate::role_list(&c.post_roles),
+                ],
+            )
+            .map_err(pg_err)?;
+        let id: i64 = row.get(0);
+        tx.execute(
+            &st.insert_delta,
+            &[&id, &1_i64, &i16::from(RecordKind::CREATE.0), &to_db(c.actor), &c.name, &c.now_ms],
+        )
+        .map_err(pg_err)?;
+        Ok(crate::created_room(from_db(id), &c.name, c.kind, c.actor, &c.actor_name, c.now_ms))
+    }
+
     /// The member's role and permissions in the room, `None` when not a member.
     fn member_perms(
         st: &Statements,
@@ -444,6 +532,8 @@ impl PgStore {
             let role: String = row.get(0);
             let defined = row.get::<_, Option<i64>>(2).map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
             let perms = moderation::effective(&role, defined, row.get(1));
+            let post_roles: Option<String> = row.get(3);
+            let perms = crate::channel_perms(&role, perms, post_roles.as_deref());
             (role, perms)
         }))
     }
@@ -623,6 +713,187 @@ impl SharedStore for PgStore {
         Ok(DirectRoom { room, peer: peer_id, created: Some(delta) })
     }
 
+    fn create_server(&mut self, s: &NewServer, max_servers: u64) -> Result<(ServerRecord, RoomRecord, DeltaRecord)> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        // The owner's lock guards the server cap, as it guards the room cap.
+        tx.query_opt(&self.st.lock_user, &[&to_db(s.owner)]).map_err(pg_err)?;
+        let count: i64 = tx.query_one(server_sql::COUNT, &[&to_db(s.owner)]).map_err(pg_err)?.get(0);
+        crate::check_server_cap(s.owner, from_db(count), max_servers)?;
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO servers (name, description, public, owner_id, member_cap, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                &[&s.name, &s.description, &s.public, &to_db(s.owner), &to_db(s.member_cap), &s.now_ms],
+            )
+            .map_err(pg_err)?
+            .get(0);
+        tx.execute(
+            "INSERT INTO server_members (server_id, user_id, role, joined_at) VALUES ($1, $2, 'owner', $3)",
+            &[&id, &to_db(s.owner), &s.now_ms],
+        )
+        .map_err(pg_err)?;
+        let server: ServerId = from_db(id);
+        let general = NewChannel {
+            server,
+            actor: s.owner,
+            actor_name: s.owner_name.clone(),
+            name: "general".into(),
+            kind: RoomKind::CHANNEL,
+            read_roles: Vec::new(),
+            post_roles: Vec::new(),
+            now_ms: s.now_ms,
+        };
+        let (room, delta) = Self::insert_channel(&self.st, &mut tx, &general)?;
+        let record = Self::server_of(&mut tx, server, s.owner)?
+            .ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+        tx.commit().map_err(pg_err)?;
+        Ok((record, room, delta))
+    }
+
+    fn join_server(
+        &mut self,
+        server: ServerId,
+        user: UserId,
+        now_ms: i64,
+        max_servers: u64,
+    ) -> Result<(ServerRecord, Vec<RoomRecord>, bool)> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        // The server's row lock orders joins against the cap (the member count lives in it).
+        let locked =
+            tx.query_opt("SELECT 1 FROM servers WHERE id = $1 FOR UPDATE", &[&to_db(server)]).map_err(pg_err)?;
+        if locked.is_none() {
+            return Err(StoreError::NotFound(format!("server {server}")));
+        }
+        let record =
+            Self::server_of(&mut tx, server, user)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+        if record.role.is_some() {
+            let channels = Self::channels(&mut tx, server, user)?;
+            tx.commit().map_err(pg_err)?;
+            return Ok((record, channels, false));
+        }
+        if !record.public {
+            return Err(StoreError::Forbidden(format!("server {server} is private")));
+        }
+        if record.members >= record.member_cap {
+            return Err(StoreError::LimitReached(format!("server {server} has {} members, its cap", record.members)));
+        }
+        tx.query_opt(&self.st.lock_user, &[&to_db(user)]).map_err(pg_err)?;
+        let count: i64 = tx.query_one(server_sql::COUNT, &[&to_db(user)]).map_err(pg_err)?.get(0);
+        crate::check_server_cap(user, from_db(count), max_servers)?;
+        tx.execute(
+            "INSERT INTO server_members (server_id, user_id, role, joined_at) VALUES ($1, $2, 'member', $3)",
+            &[&to_db(server), &to_db(user), &now_ms],
+        )
+        .map_err(pg_err)?;
+        let record =
+            Self::server_of(&mut tx, server, user)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+        let channels = Self::channels(&mut tx, server, user)?;
+        tx.commit().map_err(pg_err)?;
+        Ok((record, channels, true))
+    }
+
+    fn leave_server(&mut self, server: ServerId, user: UserId) -> Result<Vec<RoomId>> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let record =
+            Self::server_of(&mut tx, server, user)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+        match record.role.as_deref() {
+            None => return Err(StoreError::NotFound(format!("you are not a member of server {server}"))),
+            Some("owner") => return Err(StoreError::Forbidden(format!("the owner cannot leave server {server}"))),
+            Some(_) => {}
+        }
+        let channels = Self::channels(&mut tx, server, user)?.into_iter().map(|r| r.id).collect();
+        tx.execute("DELETE FROM server_members WHERE server_id = $1 AND user_id = $2", &[&to_db(server), &to_db(user)])
+            .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(channels)
+    }
+
+    fn servers_page(&mut self, user: UserId, after: ServerId, limit: u32) -> Result<Vec<ServerRecord>> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {SERVER_COLUMNS} FROM server_members m JOIN servers s ON s.id = m.server_id
+                     WHERE m.user_id = $1 AND m.server_id > $2 ORDER BY m.server_id LIMIT $3"
+                ),
+                &[&to_db(user), &to_db(after), &i64::from(limit)],
+            )
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(server_row).collect())
+    }
+
+    fn create_channel(&mut self, c: &NewChannel) -> Result<(RoomRecord, DeltaRecord)> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        if Self::server_of(&mut tx, c.server, c.actor)?.is_none() {
+            return Err(StoreError::NotFound(format!("server {}", c.server)));
+        }
+        let (_, perms) = Self::server_perms(&mut tx, c.server, c.actor)?
+            .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {}", c.server)))?;
+        if !perms.contains(Permissions::MANAGE_CHANNELS) {
+            return Err(StoreError::Forbidden(format!(
+                "your role in server {} does not allow manage_channels",
+                c.server
+            )));
+        }
+        let made = Self::insert_channel(&self.st, &mut tx, c)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(made)
+    }
+
+    fn set_server_role(&mut self, server: ServerId, actor: UserId, target: &str, role: &str) -> Result<bool> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let (actor_role, perms) = Self::server_perms(&mut tx, server, actor)?
+            .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {server}")))?;
+        let target_id: UserId = match tx.query_opt(&self.st.user_by_name, &[&target]).map_err(pg_err)? {
+            Some(row) => from_db(row.get(0)),
+            None => return Err(StoreError::NotFound(format!("user {target}"))),
+        };
+        let current = Self::server_perms(&mut tx, server, target_id)?.map(|(r, _)| r);
+        let state = MemberState { role: current, muted: false, banned: false };
+        let known = Permissions::of_builtin(role).is_some()
+            || tx
+                .query_opt("SELECT 1 FROM server_roles WHERE server_id = $1 AND name = $2", &[&to_db(server), &role])
+                .map_err(pg_err)?
+                .is_some();
+        let action = MemberAction::SetRole(role.to_string());
+        match moderation::judge(RoomId(0), &action, (actor, &actor_role, perms), (target_id, target, &state), known)? {
+            ModVerdict::Unchanged => Ok(false),
+            ModVerdict::Write => {
+                tx.execute(
+                    "UPDATE server_members SET role = $3 WHERE server_id = $1 AND user_id = $2",
+                    &[&to_db(server), &to_db(target_id), &role],
+                )
+                .map_err(pg_err)?;
+                tx.commit().map_err(pg_err)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn define_server_role(
+        &mut self,
+        server: ServerId,
+        actor: UserId,
+        name: &str,
+        perms: Option<Permissions>,
+    ) -> Result<()> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let (_, mine) = Self::server_perms(&mut tx, server, actor)?
+            .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {server}")))?;
+        moderation::check_define(RoomId(0), name, mine)?;
+        match perms {
+            Some(p) => tx.execute(
+                "INSERT INTO server_roles (server_id, name, perms) VALUES ($1, $2, $3)
+                 ON CONFLICT (server_id, name) DO UPDATE SET perms = excluded.perms",
+                &[&to_db(server), &name, &i64::from(p.0)],
+            ),
+            None => tx.execute("DELETE FROM server_roles WHERE server_id = $1 AND name = $2", &[&to_db(server), &name]),
+        }
+        .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(())
+    }
+
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>> {
         let row = self.client.query_opt(&self.st.room, &[&to_db(room)]).map_err(pg_err)?;
         row.as_ref().map(room_row).transpose()
@@ -758,6 +1029,7 @@ impl Store for PgStore {
             if !member {
                 let kind = RoomKind(code(row.get(0))?);
                 crate::check_not_direct(room, kind, "join")?;
+                crate::check_not_channel(room, kind, "join")?;
                 if kind == RoomKind::PRIVATE {
                     return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
                 }
@@ -794,6 +1066,7 @@ impl Store for PgStore {
         if let Some(row) = tx.query_opt(&self.st.room_kind, &[&to_db(room)]).map_err(pg_err)? {
             if tx.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?.is_some() {
                 crate::check_not_direct(room, RoomKind(code(row.get(0))?), "leave")?;
+                crate::check_not_channel(room, RoomKind(code(row.get(0))?), "leave")?;
             }
         }
         let delta = Self::membership_delta(&self.st, &mut tx, room, RecordKind::LEAVE, user, user_name, now_ms)?
@@ -820,6 +1093,7 @@ impl Store for PgStore {
         let (actor_role, perms) =
             Self::member_perms(st, &mut tx, m.room, m.actor)?.ok_or(StoreError::NotMember(m.room))?;
         crate::check_not_direct(m.room, kind, "moderate")?;
+        crate::check_not_channel(m.room, kind, "moderate")?;
         let target: UserId = match tx.query_opt(&st.user_by_name, &[&m.target]).map_err(pg_err)? {
             Some(row) => from_db(row.get(0)),
             None => return Err(StoreError::NotFound(format!("user {}", m.target))),
@@ -937,6 +1211,7 @@ impl Store for PgStore {
         let kind = RoomKind(code(tx.query_one(&st.room_kind, &[&id]).map_err(pg_err)?.get(0))?);
         let (_, mine) = Self::member_perms(st, &mut tx, room, actor)?.ok_or(StoreError::NotMember(room))?;
         crate::check_not_direct(room, kind, "define roles in")?;
+        crate::check_not_channel(room, kind, "define roles in")?;
         moderation::check_define(room, name, mine)?;
         match perms {
             Some(p) => tx.execute(
@@ -1071,7 +1346,9 @@ impl Store for PgStore {
                 let may_post = role.as_deref().is_some_and(|role| {
                     let defined = row.get::<_, Option<i64>>(4).map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
                     let muted = row.get::<_, Option<bool>>(3).unwrap_or(false);
-                    moderation::effective(role, defined, muted).contains(Permissions::POST)
+                    let post_roles: Option<String> = row.get(5);
+                    let perms = moderation::effective(role, defined, muted);
+                    crate::channel_perms(role, perms, post_roles.as_deref()).contains(Permissions::POST)
                 });
                 Probe { member: role.is_some(), may_post, existing: seq.zip(ts).map(|(seq, ts)| (from_db(seq), ts)) }
             })

@@ -28,9 +28,9 @@ use crate::batch::{self, Probe};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::{
     from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
-    NewAction, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result, RoomDetailsRecord,
-    RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId,
-    UserRecord,
+    NewAction, NewChannel, NewPost, NewServer, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result,
+    RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, ServerId, ServerRecord, SessionId, SessionLimits,
+    SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -534,6 +534,184 @@ impl SharedStore for SqliteStore {
         })
     }
 
+    fn create_server(&mut self, s: &NewServer, max_servers: u64) -> Result<(ServerRecord, RoomRecord, DeltaRecord)> {
+        self.write(|conn| {
+            crate::check_server_cap(s.owner, server_count(conn, s.owner)?, max_servers)?;
+            let id: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO servers (name, description, public, owner_id, member_cap, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                )
+                .and_then(|mut st| {
+                    st.query_row(
+                        params![s.name, s.description, s.public, to_db(s.owner), to_db(s.member_cap), s.now_ms],
+                        |row| row.get(0),
+                    )
+                })
+                .map_err(db_err)?;
+            let server: ServerId = from_db(id);
+            exec(
+                conn,
+                "INSERT INTO server_members (server_id, user_id, role, joined_at) VALUES (?1, ?2, 'owner', ?3)",
+                params![id, to_db(s.owner), s.now_ms],
+            )?;
+            let (room, delta) = insert_room(
+                conn,
+                "general",
+                RoomKind::CHANNEL,
+                s.owner,
+                &s.owner_name,
+                s.now_ms,
+                Some((server, None, None)),
+            )?;
+            let record =
+                server_of(conn, server, s.owner)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+            Ok((record, room, delta))
+        })
+    }
+
+    fn join_server(
+        &mut self,
+        server: ServerId,
+        user: UserId,
+        now_ms: i64,
+        max_servers: u64,
+    ) -> Result<(ServerRecord, Vec<RoomRecord>, bool)> {
+        self.write(|conn| {
+            let record =
+                server_of(conn, server, user)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+            if record.role.is_some() {
+                return Ok((record, readable_channels(conn, server, user)?, false));
+            }
+            if !record.public {
+                return Err(StoreError::Forbidden(format!("server {server} is private")));
+            }
+            if record.members >= record.member_cap {
+                return Err(StoreError::LimitReached(format!(
+                    "server {server} has {} members, its cap",
+                    record.members
+                )));
+            }
+            crate::check_server_cap(user, server_count(conn, user)?, max_servers)?;
+            exec(
+                conn,
+                "INSERT INTO server_members (server_id, user_id, role, joined_at) VALUES (?1, ?2, 'member', ?3)",
+                params![to_db(server), to_db(user), now_ms],
+            )?;
+            let record =
+                server_of(conn, server, user)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+            Ok((record, readable_channels(conn, server, user)?, true))
+        })
+    }
+
+    fn leave_server(&mut self, server: ServerId, user: UserId) -> Result<Vec<RoomId>> {
+        self.write(|conn| {
+            let record =
+                server_of(conn, server, user)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
+            match record.role.as_deref() {
+                None => return Err(StoreError::NotFound(format!("you are not a member of server {server}"))),
+                Some("owner") => return Err(StoreError::Forbidden(format!("the owner cannot leave server {server}"))),
+                Some(_) => {}
+            }
+            let channels = readable_channels(conn, server, user)?.into_iter().map(|r| r.id).collect();
+            exec(
+                conn,
+                "DELETE FROM server_members WHERE server_id = ?1 AND user_id = ?2",
+                params![to_db(server), to_db(user)],
+            )?;
+            Ok(channels)
+        })
+    }
+
+    fn servers_page(&mut self, user: UserId, after: ServerId, limit: u32) -> Result<Vec<ServerRecord>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {SERVER_COLUMNS} FROM server_members m JOIN servers s ON s.id = m.server_id
+                 WHERE m.user_id = ?1 AND m.server_id > ?2 ORDER BY m.server_id LIMIT ?3"
+            ))
+            .and_then(|mut st| st.query_map(params![to_db(user), to_db(after), limit], server_row)?.collect())
+            .map_err(db_err)
+    }
+
+    fn create_channel(&mut self, c: &NewChannel) -> Result<(RoomRecord, DeltaRecord)> {
+        self.write(|conn| {
+            if server_of(conn, c.server, c.actor)?.is_none() {
+                return Err(StoreError::NotFound(format!("server {}", c.server)));
+            }
+            let (_, perms) = server_perms(conn, c.server, c.actor)?
+                .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {}", c.server)))?;
+            if !perms.contains(Permissions::MANAGE_CHANNELS) {
+                return Err(StoreError::Forbidden(format!(
+                    "your role in server {} does not allow manage_channels",
+                    c.server
+                )));
+            }
+            let rules = Some((c.server, crate::role_list(&c.read_roles), crate::role_list(&c.post_roles)));
+            insert_room(conn, &c.name, c.kind, c.actor, &c.actor_name, c.now_ms, rules)
+        })
+    }
+
+    fn set_server_role(&mut self, server: ServerId, actor: UserId, target: &str, role: &str) -> Result<bool> {
+        self.write(|conn| {
+            let (actor_role, perms) = server_perms(conn, server, actor)?
+                .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {server}")))?;
+            let target_id: UserId = conn
+                .prepare_cached("SELECT id FROM users WHERE name = ?1")
+                .and_then(|mut st| st.query_row([target], |row| row.get::<_, i64>(0)).optional())
+                .map_err(db_err)?
+                .map(from_db)
+                .ok_or_else(|| StoreError::NotFound(format!("user {target}")))?;
+            let current = server_perms(conn, server, target_id)?.map(|(r, _)| r);
+            let state = MemberState { role: current, muted: false, banned: false };
+            let known = Permissions::of_builtin(role).is_some()
+                || conn
+                    .prepare_cached("SELECT 1 FROM server_roles WHERE server_id = ?1 AND name = ?2")
+                    .and_then(|mut st| st.exists(params![to_db(server), role]))
+                    .map_err(db_err)?;
+            let action = MemberAction::SetRole(role.to_string());
+            let room = RoomId(0);
+            match moderation::judge(room, &action, (actor, &actor_role, perms), (target_id, target, &state), known)? {
+                ModVerdict::Unchanged => Ok(false),
+                ModVerdict::Write => {
+                    exec(
+                        conn,
+                        "UPDATE server_members SET role = ?3 WHERE server_id = ?1 AND user_id = ?2",
+                        params![to_db(server), to_db(target_id), role],
+                    )?;
+                    Ok(true)
+                }
+            }
+        })
+    }
+
+    fn define_server_role(
+        &mut self,
+        server: ServerId,
+        actor: UserId,
+        name: &str,
+        perms: Option<Permissions>,
+    ) -> Result<()> {
+        self.write(|conn| {
+            let (_, mine) = server_perms(conn, server, actor)?
+                .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {server}")))?;
+            moderation::check_define(RoomId(0), name, mine)?;
+            match perms {
+                Some(p) => exec(
+                    conn,
+                    "INSERT INTO server_roles (server_id, name, perms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (server_id, name) DO UPDATE SET perms = excluded.perms",
+                    params![to_db(server), name, i64::from(p.0)],
+                )?,
+                None => exec(
+                    conn,
+                    "DELETE FROM server_roles WHERE server_id = ?1 AND name = ?2",
+                    params![to_db(server), name],
+                )?,
+            };
+            Ok(())
+        })
+    }
+
     fn room(&mut self, room: RoomId) -> Result<Option<RoomRecord>> {
         self.conn
             .prepare_cached("SELECT id, name, kind, last_seq FROM rooms WHERE id = ?1")
@@ -545,7 +723,13 @@ impl SharedStore for SqliteStore {
         self.conn
             .prepare_cached(
                 "SELECT r.id, r.name, r.kind, r.last_seq FROM room_members m
-                 JOIN rooms r ON r.id = m.room_id WHERE m.user_id = ?1 ORDER BY r.id",
+                 JOIN rooms r ON r.id = m.room_id WHERE m.user_id = ?1
+                 UNION ALL
+                 SELECT r.id, r.name, r.kind, r.last_seq FROM server_members sm
+                 JOIN rooms r ON r.server_id = sm.server_id
+                 WHERE sm.user_id = ?1 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin')
+                       OR instr(',' || r.read_roles || ',', ',' || sm.role || ',') > 0)
+                 ORDER BY 1",
             )
             .and_then(|mut st| st.query_map([to_db(user)], room_row)?.collect())
             .map_err(db_err)
@@ -556,7 +740,12 @@ impl SharedStore for SqliteStore {
             .prepare_cached(
                 "SELECT r.id, r.name, r.kind, r.last_seq FROM room_members m
                  JOIN rooms r ON r.id = m.room_id WHERE m.user_id = ?1 AND m.room_id > ?2
-                 ORDER BY m.room_id LIMIT ?3",
+                 UNION ALL
+                 SELECT r.id, r.name, r.kind, r.last_seq FROM server_members sm
+                 JOIN rooms r ON r.server_id = sm.server_id
+                 WHERE sm.user_id = ?1 AND r.id > ?2 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin')
+                       OR instr(',' || r.read_roles || ',', ',' || sm.role || ',') > 0)
+                 ORDER BY 1 LIMIT ?3",
             )
             .and_then(|mut st| st.query_map(params![to_db(user), to_db(after_room), limit], room_row)?.collect())
             .map_err(db_err)
@@ -569,8 +758,10 @@ impl SharedStore for SqliteStore {
     fn room_details(&mut self, room: RoomId, user: UserId) -> Result<Option<RoomDetailsRecord>> {
         self.conn
             .prepare_cached(
-                "SELECT r.id, r.name, r.kind, r.last_seq, r.member_count, m.role FROM rooms r
-                 LEFT JOIN room_members m ON m.room_id = r.id AND m.user_id = ?2 WHERE r.id = ?1",
+                "SELECT r.id, r.name, r.kind, r.last_seq,
+                        coalesce((SELECT s.member_count FROM servers s WHERE s.id = r.server_id), r.member_count),
+                        (SELECT a.role FROM room_access a WHERE a.room_id = ?1 AND a.user_id = ?2)
+                 FROM rooms r WHERE r.id = ?1",
             )
             .and_then(|mut st| {
                 st.query_row(params![to_db(room), to_db(user)], |row| {
@@ -582,12 +773,26 @@ impl SharedStore for SqliteStore {
     }
 
     fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>> {
+        let server: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT server_id FROM rooms WHERE id = ?1")
+            .and_then(|mut st| st.query_row([to_db(room)], |row| row.get(0)).optional())
+            .map_err(db_err)?
+            .flatten();
+        // A channel's members are its server's (those who may read it are filtered by the
+        // caller's needs elsewhere; the list shows the community).
+        let sql = if server.is_some() {
+            "SELECT m.user_id, u.name, m.role, 0 FROM rooms r
+             JOIN server_members m ON m.server_id = r.server_id
+             JOIN users u ON u.id = m.user_id
+             WHERE r.id = ?1 AND m.user_id > ?2 ORDER BY m.user_id LIMIT ?3"
+        } else {
+            "SELECT m.user_id, u.name, m.role, m.muted FROM room_members m
+             JOIN users u ON u.id = m.user_id
+             WHERE m.room_id = ?1 AND m.user_id > ?2 ORDER BY m.user_id LIMIT ?3"
+        };
         self.conn
-            .prepare_cached(
-                "SELECT m.user_id, u.name, m.role, m.muted FROM room_members m
-                 JOIN users u ON u.id = m.user_id
-                 WHERE m.room_id = ?1 AND m.user_id > ?2 ORDER BY m.user_id LIMIT ?3",
-            )
+            .prepare_cached(sql)
             .and_then(|mut st| {
                 st.query_map(params![to_db(room), to_db(after_user), limit], |row| {
                     Ok(MemberRecord {
@@ -729,6 +934,7 @@ impl Store for SqliteStore {
                 return Ok(None);
             }
             crate::check_not_direct(room, kind, "join")?;
+            crate::check_not_channel(room, kind, "join")?;
             if kind == RoomKind::PRIVATE {
                 return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
             }
@@ -749,6 +955,7 @@ impl Store for SqliteStore {
             if let Some(kind) = kind_of(conn, room)? {
                 if is_member(conn, room, user)? {
                     crate::check_not_direct(room, kind, "leave")?;
+                    crate::check_not_channel(room, kind, "leave")?;
                 }
             }
             let removed = conn
@@ -833,6 +1040,7 @@ impl Store for SqliteStore {
             };
             let (actor_role, perms) = member_perms(conn, m.room, m.actor)?.ok_or(StoreError::NotMember(m.room))?;
             crate::check_not_direct(m.room, kind, "moderate")?;
+            crate::check_not_channel(m.room, kind, "moderate")?;
             let target: UserId = conn
                 .prepare_cached("SELECT id FROM users WHERE name = ?1")
                 .and_then(|mut st| st.query_row([&m.target], |row| row.get::<_, i64>(0)).optional())
@@ -946,6 +1154,7 @@ impl Store for SqliteStore {
             };
             let (_, mine) = member_perms(conn, room, actor)?.ok_or(StoreError::NotMember(room))?;
             crate::check_not_direct(room, kind, "define roles in")?;
+            crate::check_not_channel(room, kind, "define roles in")?;
             moderation::check_define(room, name, mine)?;
             match perms {
                 Some(p) => exec(
@@ -1052,23 +1261,117 @@ fn action_target(conn: &Connection, a: &NewAction) -> Result<Option<Target>> {
     .map_err(db_err)
 }
 
-/// The member's role and permissions in the room, `None` when not a member.
+/// The member's role and permissions in the room (its own member, or for a channel a member of
+/// its server who may read it), `None` when neither.
 fn member_perms(conn: &Connection, room: RoomId, user: UserId) -> Result<Option<(String, Permissions)>> {
     conn.prepare_cached(
-        "SELECT m.role, m.silenced, r.perms FROM room_members m
-         LEFT JOIN room_roles r ON r.room_id = m.room_id AND r.name = m.role
-         WHERE m.room_id = ?1 AND m.user_id = ?2",
+        "SELECT role, silenced, defined, post_roles FROM room_access WHERE room_id = ?1 AND user_id = ?2",
     )
     .and_then(|mut st| {
         st.query_row(params![to_db(room), to_db(user)], |row| {
             let role: String = row.get(0)?;
             let defined = row.get::<_, Option<i64>>(2)?.map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
             let perms = moderation::effective(&role, defined, row.get(1)?);
+            let post_roles: Option<String> = row.get(3)?;
+            let perms = crate::channel_perms(&role, perms, post_roles.as_deref());
             Ok((role, perms))
         })
         .optional()
     })
     .map_err(db_err)
+}
+
+/// The user's role and permissions in a server, `None` when not a member.
+fn server_perms(conn: &Connection, server: ServerId, user: UserId) -> Result<Option<(String, Permissions)>> {
+    conn.prepare_cached(
+        "SELECT m.role, m.silenced, r.perms FROM server_members m
+         LEFT JOIN server_roles r ON r.server_id = m.server_id AND r.name = m.role
+         WHERE m.server_id = ?1 AND m.user_id = ?2",
+    )
+    .and_then(|mut st| {
+        st.query_row(params![to_db(server), to_db(user)], |row| {
+            let role: String = row.get(0)?;
+            let defined = row.get::<_, Option<i64>>(2)?.map(|p| Permissions(u32::try_from(p).unwrap_or(0)));
+            Ok((role.clone(), moderation::effective(&role, defined, row.get(1)?)))
+        })
+        .optional()
+    })
+    .map_err(db_err)
+}
+
+const SERVER_COLUMNS: &str = "s.id, s.name, s.description, s.public, s.owner_id, s.member_count, s.member_cap, m.role";
+
+fn server_row(row: &Row<'_>) -> rusqlite::Result<ServerRecord> {
+    Ok(ServerRecord {
+        id: from_db(row.get(0)?),
+        name: row.get(1)?,
+        description: row.get(2)?,
+        public: row.get(3)?,
+        owner: from_db(row.get(4)?),
+        members: from_db(row.get(5)?),
+        member_cap: from_db(row.get(6)?),
+        role: row.get(7)?,
+    })
+}
+
+fn server_of(conn: &Connection, server: ServerId, user: UserId) -> Result<Option<ServerRecord>> {
+    conn.prepare_cached(&format!(
+        "SELECT {SERVER_COLUMNS} FROM servers s
+         LEFT JOIN server_members m ON m.server_id = s.id AND m.user_id = ?2 WHERE s.id = ?1"
+    ))
+    .and_then(|mut st| st.query_row(params![to_db(server), to_db(user)], server_row).optional())
+    .map_err(db_err)
+}
+
+/// How many servers a user is in.
+fn server_count(conn: &Connection, user: UserId) -> Result<u64> {
+    conn.prepare_cached("SELECT count(*) FROM server_members WHERE user_id = ?1")
+        .and_then(|mut st| st.query_row([to_db(user)], |row| row.get::<_, i64>(0)))
+        .map(from_db)
+        .map_err(db_err)
+}
+
+/// The channels of a server the user may read.
+fn readable_channels(conn: &Connection, server: ServerId, user: UserId) -> Result<Vec<RoomRecord>> {
+    conn.prepare_cached(
+        "SELECT r.id, r.name, r.kind, r.last_seq FROM rooms r
+         JOIN server_members sm ON sm.server_id = r.server_id AND sm.user_id = ?2
+         WHERE r.server_id = ?1 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin')
+               OR instr(',' || r.read_roles || ',', ',' || sm.role || ',') > 0)
+         ORDER BY r.id",
+    )
+    .and_then(|mut st| st.query_map(params![to_db(server), to_db(user)], room_row)?.collect())
+    .map_err(db_err)
+}
+
+/// Inserts a room (a group, a dialog, a channel) with its `CREATE` delta as seq 1.
+fn insert_room(
+    conn: &Connection,
+    name: &str,
+    kind: RoomKind,
+    owner: UserId,
+    owner_name: &str,
+    now_ms: i64,
+    server: Option<(ServerId, Option<String>, Option<String>)>,
+) -> Result<(RoomRecord, DeltaRecord)> {
+    let (server_id, read_roles, post_roles) = match server {
+        Some((s, r, p)) => (Some(to_db(s)), r, p),
+        None => (None, None, None),
+    };
+    let id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, server_id, read_roles, post_roles)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![name, kind.0, to_db(owner), now_ms, server_id, read_roles, post_roles], |row| {
+                row.get(0)
+            })
+        })
+        .map_err(db_err)?;
+    let (room, delta) = crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms);
+    insert_delta(conn, &delta, None)?;
+    Ok((room, delta))
 }
 
 /// The time of a room's delta (for answers about an earlier delta).
@@ -1134,7 +1437,7 @@ fn apply_action(conn: &Connection, a: &NewAction, seq: Seq) -> Result<()> {
 }
 
 fn is_member(conn: &Connection, room: RoomId, user: UserId) -> Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM room_members WHERE room_id = ?1 AND user_id = ?2")
+    conn.prepare_cached("SELECT 1 FROM room_access WHERE room_id = ?1 AND user_id = ?2")
         .and_then(|mut st| st.exists(params![to_db(room), to_db(user)]))
         .map_err(db_err)
 }

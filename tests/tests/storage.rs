@@ -11,8 +11,8 @@ use std::thread;
 
 use chime_storage::{
     ActionOutcome, DeltaRecord, MemberAction, MemberRecord, MessageAction, MessageRecord, ModerationOutcome, NewAction,
-    NewModeration, NewPost, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, RoomId, RoomKind,
-    RoomRecord, Seq, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
+    NewChannel, NewModeration, NewPost, NewServer, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind,
+    RoomId, RoomKind, RoomRecord, Seq, ServerId, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -88,6 +88,7 @@ conformance! {
         one_direct_dialog_per_pair,
         every_role_against_every_action,
         moderation_changes_membership_and_posting,
+        servers_give_access_to_channels_by_role,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -1221,4 +1222,98 @@ fn moderation_changes_membership_and_posting(store: &mut dyn Store) {
     let err =
         store.define_role(lobby.id, ada.id, "ada", "owner", Some(Permissions::READ), T0).expect_err("owner is fixed");
     assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+}
+
+fn new_server(owner: &UserRecord, name: &str, public: bool, cap: u64) -> NewServer {
+    NewServer {
+        owner: owner.id,
+        owner_name: owner.name.clone(),
+        name: name.into(),
+        description: "about".into(),
+        public,
+        member_cap: cap,
+        now_ms: T0,
+    }
+}
+
+fn channel(server: ServerId, who: &UserRecord, name: &str, read: &[&str], post: &[&str]) -> NewChannel {
+    NewChannel {
+        server,
+        actor: who.id,
+        actor_name: who.name.clone(),
+        name: name.into(),
+        kind: RoomKind::CHANNEL,
+        read_roles: read.iter().map(|r| r.to_string()).collect(),
+        post_roles: post.iter().map(|r| r.to_string()).collect(),
+        now_ms: T0,
+    }
+}
+
+fn servers_give_access_to_channels_by_role(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cat = user(store, "cat");
+    let (server, general, created) =
+        store.create_server(&new_server(&ada, "rustaceans", true, 2), MAX_ROOMS).expect("create");
+    assert_eq!((server.members, server.role.as_deref(), server.public), (1, Some("owner"), true));
+    assert_eq!((general.name.as_str(), general.kind, created.seq), ("general", RoomKind::CHANNEL, Seq(1)));
+    // Joining is one row; the member may read the server's channels, without room_members rows.
+    let (joined, channels, fresh) = store.join_server(server.id, bob.id, T0, MAX_ROOMS).expect("join");
+    assert!(fresh);
+    assert_eq!((joined.members, joined.role.as_deref()), (2, Some("member")));
+    assert_eq!(channels.iter().map(|r| r.id).collect::<Vec<_>>(), [general.id]);
+    assert!(!store.join_server(server.id, bob.id, T0, MAX_ROOMS).expect("again").2);
+    let err = store.join_server(server.id, cat.id, T0, MAX_ROOMS).expect_err("at the cap of 2");
+    assert!(matches!(err, StoreError::LimitReached(_)), "{err:?}");
+    assert!(store.is_member(general.id, bob.id).expect("member"));
+    assert!(!store.is_member(general.id, cat.id).expect("not a member"));
+    assert!(matches!(
+        store.append_posts(&[post(general.id, &bob, "b1", "hi")]).expect("post")[0],
+        PostOutcome::Inserted(_)
+    ));
+    assert_eq!(store.append_posts(&[post(general.id, &cat, "c1", "hi")]).expect("post")[0], PostOutcome::NotMember);
+    let details = store.room_details(general.id, bob.id).expect("details").expect("room");
+    assert_eq!((details.members, details.role.as_deref()), (2, Some("member")));
+    let listed: Vec<String> =
+        store.members(general.id, UserId(0), 10).expect("members").into_iter().map(|m| m.name).collect();
+    assert_eq!(listed, ["ada", "bob"]);
+    // Channels: only who may manage channels creates them; reading and posting follow roles.
+    let err = store.create_channel(&channel(server.id, &bob, "mine", &[], &[])).expect_err("a member");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    let staff = store.create_channel(&channel(server.id, &ada, "staff", &["moderator"], &[])).expect("staff").0;
+    let news = store.create_channel(&channel(server.id, &ada, "news", &[], &["moderator"])).expect("news").0;
+    assert!(!store.is_member(staff.id, bob.id).expect("hidden"));
+    assert_eq!(store.append_posts(&[post(staff.id, &bob, "b2", "hi")]).expect("post")[0], PostOutcome::NotMember);
+    let mine: Vec<RoomId> = store.rooms_of_user(bob.id).expect("rooms").into_iter().map(|r| r.id).collect();
+    assert_eq!(mine, [general.id, news.id], "a restricted channel is not among a member's rooms");
+    assert_eq!(store.append_posts(&[post(news.id, &bob, "b3", "hi")]).expect("post")[0], PostOutcome::Forbidden);
+    let page: Vec<RoomId> = store.rooms_page(bob.id, general.id, 10).expect("page").into_iter().map(|r| r.id).collect();
+    assert_eq!(page, [news.id]);
+    // A moderator reads the staff channel and posts the news; joining or leaving a channel as a
+    // room is refused.
+    assert!(store.set_server_role(server.id, ada.id, "bob", "moderator").expect("promote"));
+    assert!(!store.set_server_role(server.id, ada.id, "bob", "moderator").expect("again"));
+    assert!(store.is_member(staff.id, bob.id).expect("now visible"));
+    assert!(matches!(
+        store.append_posts(&[post(news.id, &bob, "b4", "hi")]).expect("post")[0],
+        PostOutcome::Inserted(_)
+    ));
+    assert!(matches!(store.join_room(general.id, cat.id, "cat", T0, MAX_ROOMS), Err(StoreError::Forbidden(_))));
+    assert!(matches!(store.leave_room(general.id, bob.id, "bob", T0), Err(StoreError::Forbidden(_))));
+    // Message actions take the server role: a moderator deletes anyone's message.
+    let ada_msg = inserted(&store.append_posts(&[post(general.id, &ada, "a1", "x")]).expect("post")[0]).seq;
+    let deleted = store.act(&action_on(general.id, ada_msg, &bob, MessageAction::Delete)).expect("delete_any");
+    assert!(matches!(deleted, ActionOutcome::Applied(_)), "{deleted:?}");
+    store.define_server_role(server.id, ada.id, "member", Some(Permissions::READ)).expect("read-only server");
+    let err = store.set_server_role(server.id, bob.id, "ada", "member").expect_err("below the owner");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    // Leaving: the owner cannot; a member can, and loses the channels.
+    assert!(matches!(store.leave_server(server.id, ada.id), Err(StoreError::Forbidden(_))));
+    let left = store.leave_server(server.id, bob.id).expect("leave");
+    assert_eq!(left, [general.id, staff.id, news.id]);
+    assert!(!store.is_member(general.id, bob.id).expect("gone"));
+    assert_eq!(store.servers_page(ada.id, ServerId(0), 10).expect("servers").len(), 1);
+    assert!(store.servers_page(bob.id, ServerId(0), 10).expect("servers").is_empty());
+    let private = store.create_server(&new_server(&ada, "secret society", false, 10), MAX_ROOMS).expect("private").0;
+    assert!(matches!(store.join_server(private.id, cat.id, T0, MAX_ROOMS), Err(StoreError::Forbidden(_))));
 }
