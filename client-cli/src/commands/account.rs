@@ -98,10 +98,10 @@ pub fn whoami(ctx: &mut Ctx) -> Result<(), CallError> {
 /// `profile` / `profile USER`: the user's own profile with its email, or another user's public
 /// one (whose record has no `email` key: it is never shown to anyone else).
 pub fn show_profile(ctx: &mut Ctx, user: Option<&str>) -> Result<(), CallError> {
-    let (mut client, _) = ctx.connect_authed()?;
+    let (mut client, session) = ctx.connect_authed()?;
     let profile = client.profile(user)?;
     let what = format!("{} (user {})", profile.user, profile.user_id);
-    print_profile_of(ctx, &profile, &what, user.is_none() || user == Some(profile.user.as_str()))
+    print_profile_of(ctx, &profile, &what, profile.user_id == session.user_id)
 }
 
 /// `profile --email E | --clear-email | --display-name N`: changes what is given, prints the

@@ -184,7 +184,13 @@ impl SharedWork for ProfileJob {
                 let own = record.id == self.asker;
                 reply(self.to, ServerFrame::Profile(profile(record, own)))
             }
-            Ok(None) => refuse(self.to, no_such_user(self.name.as_deref().unwrap_or("(you)"))),
+            Ok(None) => refuse(
+                self.to,
+                match &self.name {
+                    Some(name) => no_such_user(name),
+                    None => ErrorBody::new(ErrorCode::NOT_FOUND, "this account no longer exists"),
+                },
+            ),
             Err(e) => refuse(self.to, store_error(&e)),
         }]
     }
