@@ -41,10 +41,16 @@ pub struct GlobalArgs {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create an account and log in.
+    /// Create an account and log in; optionally set its email and display name right after.
     Register {
         /// The new user name.
         user: String,
+        /// The account's email address (unique; used by no one else, whatever its case).
+        #[arg(long, value_name = "EMAIL")]
+        email: Option<String>,
+        /// The name shown for you [default: the user name].
+        #[arg(long, value_name = "NAME")]
+        display_name: Option<String>,
     },
     /// Log in and store the session token.
     Login {
@@ -55,6 +61,32 @@ pub enum Command {
     Logout,
     /// Show who you are logged in as.
     Whoami,
+    /// Show your profile (or another user's public one), or change your email and display name.
+    Profile {
+        /// Another user whose display name to show (their email is never shown).
+        #[arg(conflicts_with_all = ["email", "clear_email", "display_name"], value_name = "USER")]
+        user: Option<String>,
+        /// Set your email address (`--email ""` removes it).
+        #[arg(long, value_name = "EMAIL")]
+        email: Option<String>,
+        /// Remove your email address.
+        #[arg(long, conflicts_with = "email")]
+        clear_email: bool,
+        /// Set the name shown for you (1 to 64 characters).
+        #[arg(long, value_name = "NAME")]
+        display_name: Option<String>,
+    },
+    /// List your settings, kept by the server for all your devices, or change one.
+    ///
+    /// Keys: media.auto_load and media.low_quality_images (true or false), notify.ROOM (all,
+    /// mentions or none: which messages of room ROOM notify you).
+    Settings {
+        /// The setting to change.
+        #[arg(requires = "value")]
+        key: Option<String>,
+        /// Its new value.
+        value: Option<String>,
+    },
     /// Create, join or leave a room.
     Room {
         /// What to do with the room.
@@ -340,6 +372,32 @@ mod tests {
         ));
         assert!(parse(&["chime", "sessions", "revoke"]).is_err(), "an id or --all is required");
         assert!(parse(&["chime", "sessions", "revoke", "3", "--all"]).is_err(), "not both");
+    }
+
+    #[test]
+    fn profile_shows_or_changes_and_settings_take_a_key_with_a_value() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied()).map(|c| c.command);
+        assert!(matches!(
+            parse(&["chime", "profile"]),
+            Ok(Command::Profile { user: None, email: None, clear_email: false, display_name: None })
+        ));
+        assert!(matches!(parse(&["chime", "profile", "bob"]), Ok(Command::Profile { user: Some(_), .. })));
+        assert!(matches!(
+            parse(&["chime", "profile", "--email", "", "--display-name", "Ann"]),
+            Ok(Command::Profile { email: Some(e), display_name: Some(_), .. }) if e.is_empty()
+        ));
+        assert!(parse(&["chime", "profile", "bob", "--display-name", "x"]).is_err(), "not someone else's");
+        assert!(parse(&["chime", "profile", "--email", "a@b", "--clear-email"]).is_err(), "not both");
+        assert!(matches!(parse(&["chime", "settings"]), Ok(Command::Settings { key: None, value: None })));
+        assert!(matches!(
+            parse(&["chime", "settings", "notify.3", "none"]),
+            Ok(Command::Settings { key: Some(_), value: Some(_) })
+        ));
+        assert!(parse(&["chime", "settings", "notify.3"]).is_err(), "a key needs a value");
+        assert!(matches!(
+            parse(&["chime", "register", "ann", "--email", "a@b", "--display-name", "Ann"]),
+            Ok(Command::Register { email: Some(_), display_name: Some(_), .. })
+        ));
     }
 
     #[test]

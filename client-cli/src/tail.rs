@@ -143,8 +143,8 @@ fn follow(
             Event::Goodbye(goodbye) => return Err(ClientError::Closed(Some(goodbye)).into()),
             Event::Invalid { error, .. } => return Err(ClientError::from(error).into()),
             // An ERROR without a request id comes before the server closes, which says it all; other
-            // replies answer nothing tail waits for.
-            Event::Failed { .. } | Event::Reply { .. } | Event::Connected(_) => {}
+            // replies answer nothing tail waits for, and other pushes (settings) are not its business.
+            Event::Failed { .. } | Event::Reply { .. } | Event::Push(_) | Event::Connected(_) => {}
         }
     }
 }

@@ -20,11 +20,12 @@ use crate::session::{Event, Session, SessionConfig, Tick, HELLO_ID};
 use crate::tls::{server_name, tofu_client_config};
 use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
-    Authed, ClientFrame, CreateRoom, Credentials, DefineRole, DeleteMessage, Delta, DeltaPage, Edit, Empty, History,
-    Identity, Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, OpenDirect,
-    Permissions, Pin, Ping, Post, Posted, React, Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId,
-    RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, SessionInfo, Sync, SyncDone, View, Welcome, DEFAULT_MAX_FRAME,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Authed, ClientFrame, CreateRoom, Credentials, DefineRole, DeleteMessage, Delta, DeltaPage, Edit, Empty, GetProfile,
+    GetSettings, History, Identity, Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, ModAction,
+    Moderate, OpenDirect, Permissions, Pin, Ping, Post, Posted, Profile, React, Reply, Resume, RevokeSessions,
+    RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, SessionInfo, SetSetting,
+    SettingChanged, Settings, Sync, SyncDone, UpdateProfile, View, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -34,6 +35,9 @@ use std::time::{Duration, Instant};
 
 /// Page size [`Client::members`], [`Client::list_rooms`] and [`Client::list_sessions`] ask for.
 const PAGE: u32 = 500;
+
+/// Times [`Client::settings`] reads the pages again when the settings changed between two of them.
+const SETTINGS_READS: usize = 5;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -207,6 +211,7 @@ impl Client {
                 Event::Reply { request_id, frame } => return Ok(Some((request_id, frame))),
                 Event::Failed { request_id, error } => return Ok(Some((request_id, ServerFrame::Error(error)))),
                 Event::Delta { delta, sync: None } => return Ok(Some((0, ServerFrame::Delta(delta)))),
+                Event::Push(frame) => return Ok(Some((0, frame))),
                 Event::Goodbye(g) => return Err(ClientError::Closed(Some(g))),
                 Event::Invalid { error, .. } => return Err(error.into()),
                 Event::Delta { sync: Some(_), .. } | Event::Gap { .. } | Event::Connected(_) => {}
@@ -433,6 +438,80 @@ impl Client {
         match self.request(&ClientFrame::RevokeSessions(RevokeSessions { session }))? {
             ServerFrame::SessionsRevoked(r) => Ok(r.count),
             other => Err(unexpected("SESSIONS_REVOKED", &other)),
+        }
+    }
+
+    /// `GET_PROFILE`: the user's own profile (`None`), with the email, or another user's by name,
+    /// without it.
+    pub fn profile(&mut self, user: Option<&str>) -> Result<Profile, ClientError> {
+        let body = GetProfile { user: user.map(str::to_string) };
+        match self.request(&ClientFrame::GetProfile(body))? {
+            ServerFrame::Profile(p) => Ok(p),
+            other => Err(unexpected("PROFILE", &other)),
+        }
+    }
+
+    /// `UPDATE_PROFILE`: `email` `None` leaves it, `Some(None)` removes it, `Some(Some(e))` sets
+    /// it; `display_name` `None` leaves it. Returns the profile after the change.
+    pub fn update_profile(
+        &mut self,
+        email: Option<Option<&str>>,
+        display_name: Option<&str>,
+    ) -> Result<Profile, ClientError> {
+        let body = UpdateProfile {
+            email: email.map(|e| e.map(str::to_string)),
+            display_name: display_name.map(str::to_string),
+        };
+        match self.request(&ClientFrame::UpdateProfile(body))? {
+            ServerFrame::Profile(p) => Ok(p),
+            other => Err(unexpected("PROFILE", &other)),
+        }
+    }
+
+    /// Every setting of the user, from `GET_SETTINGS` pages of 500 rooms, as one `SETTINGS` with
+    /// `next_after` none. The pages must share a version: when a change lands between two of them
+    /// the read starts over (a few times, then `Protocol`), so the result is one state of the
+    /// settings, never a mix.
+    pub fn settings(&mut self) -> Result<Settings, ClientError> {
+        for _ in 0..SETTINGS_READS {
+            let mut all = Settings { version: 0, entries: Vec::new(), next_after: None };
+            let mut after = RoomId(0);
+            let consistent = loop {
+                let page =
+                    match self.request(&ClientFrame::GetSettings(GetSettings { after_room: after, limit: PAGE }))? {
+                        ServerFrame::Settings(page) => page,
+                        other => return Err(unexpected("SETTINGS", &other)),
+                    };
+                if after == RoomId(0) {
+                    all.version = page.version;
+                } else if page.version != all.version {
+                    break false;
+                }
+                all.entries.extend(page.entries);
+                match page.next_after {
+                    None => break true,
+                    Some(next) if next <= after => {
+                        return Err(ClientError::Protocol(format!(
+                            "SETTINGS next_after {next} does not advance past {after}"
+                        )))
+                    }
+                    Some(next) => after = next,
+                }
+            };
+            if consistent {
+                return Ok(all);
+            }
+        }
+        Err(ClientError::Protocol(format!("the settings changed during each of {SETTINGS_READS} reads")))
+    }
+
+    /// `SET_SETTING`: returns the setting as stored (the value in the server's spelling) and the
+    /// settings version it made. The user's other connections get it as a `SETTING_CHANGED` push.
+    pub fn set_setting(&mut self, key: &str, value: &str) -> Result<SettingChanged, ClientError> {
+        let body = SetSetting { key: key.to_string(), value: value.to_string() };
+        match self.request(&ClientFrame::SetSetting(body))? {
+            ServerFrame::Setting(s) => Ok(s),
+            other => Err(unexpected("SETTING", &other)),
         }
     }
 

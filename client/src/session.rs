@@ -25,6 +25,10 @@
 //!   still awaiting its reply after wrap-around, and remembers what each request was. A reply is
 //!   matched to its request by id, never by order, and must be the type that request expects
 //!   (`POST` is answered `POSTED`, ...); anything else is reported as [`Event::Invalid`].
+//! - **Other pushes** (types `0x9000` and up besides `DELTA` and `GOODBYE`, such as
+//!   `SETTING_CHANGED`) are reported as [`Event::Push`] as they arrive, never taken for the reply
+//!   to a request whatever request id they carry. Ordering them (a settings version) is the
+//!   caller's.
 //! - **Server pings** are answered at once with a `PONG` echoing the request id and nonce; they
 //!   produce no event.
 //! - **Heartbeat.** Once the server has been silent for one `heartbeat_secs`, [`Session::on_tick`]
@@ -172,6 +176,8 @@ pub enum Event {
         /// The SYNC the session sent for the room.
         resync: Option<u32>,
     },
+    /// A push other than `DELTA` and `GOODBYE` (`SETTING_CHANGED`, ...), as it arrived.
+    Push(ServerFrame),
     /// The server's `GOODBYE`: it closes the connection next.
     Goodbye(Goodbye),
     /// A frame the session could not use: undecodable, the wrong reply, a SYNC page out of order,
@@ -602,6 +608,8 @@ impl Session {
             }
             ServerFrame::Delta(delta) => self.accept(delta, None),
             ServerFrame::Error(error) => self.on_error(raw.request_id, error),
+            // Its type says it answers no request, whatever its request id.
+            push if raw.ty.is_push() => self.events.push_back(Event::Push(push)),
             reply => self.on_reply(raw.request_id, reply),
         }
     }
@@ -897,6 +905,9 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         | FrameType::MODERATE
         | FrameType::DEFINE_ROLE => FrameType::POSTED,
         FrameType::VIEW => FrameType::MESSAGE_PAGE,
+        FrameType::GET_PROFILE | FrameType::UPDATE_PROFILE => FrameType::PROFILE,
+        FrameType::GET_SETTINGS => FrameType::SETTINGS,
+        FrameType::SET_SETTING => FrameType::SETTING,
         FrameType::HISTORY => FrameType::DELTA_PAGE,
         _ => return None,
     })

@@ -1,14 +1,17 @@
-//! Passwords, session tokens and the rules for user names.
+//! Passwords, session tokens and the rules for what names an account: user names, email
+//! addresses and display names.
 //!
 //! Password hashing is deliberately slow (argon2id), so the daemon calls [`hash_password`] and
 //! [`verify_password`] only on its auth worker threads, never on the event loop. Session tokens
 //! are random bearer secrets; the store keeps only their SHA-256 ([`token_hash`]), so a leaked
 //! database does not let anyone log in.
 
+use crate::limits::{MAX_DISPLAY_NAME, MAX_EMAIL};
 use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Shortest password accepted, in bytes.
 pub const MIN_PASSWORD_LEN: usize = 8;
@@ -165,6 +168,61 @@ pub fn validate_password(password: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks an email address: at most 254 bytes, exactly one `@` with something on each side, and
+/// no spaces or characters that do not show as themselves (controls, format characters such as
+/// bidi overrides, unassigned code points). Only the shape: whether mail reaches it is not ours to
+/// know. The error says what is wrong.
+pub fn validate_email(email: &str) -> Result<(), String> {
+    if email.is_empty() {
+        return Err("email address is empty (to remove it, clear it instead)".into());
+    }
+    if email.len() > MAX_EMAIL {
+        return Err(format!("email address is {} bytes long, at most {MAX_EMAIL} are allowed", email.len()));
+    }
+    if let Some(bad) = email.chars().find(|&c| c.is_whitespace() || hidden(c)) {
+        return Err(format!("email address contains {bad:?}; spaces and invisible characters are not allowed"));
+    }
+    match email.split_once('@') {
+        Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !domain.contains('@') => Ok(()),
+        _ => Err("email address must have exactly one @ with something on each side".into()),
+    }
+}
+
+/// Checks a display name and returns it trimmed: 1 to 64 characters after trimming, none of them
+/// one that does not show as itself (see [`hidden`]), so a name can neither reorder the text
+/// around it nor pass for another by invisible means. Letters of every script, marks, spaces and
+/// emoji are fine. The error says what is wrong.
+pub fn display_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    let len = name.chars().count();
+    if len == 0 {
+        return Err("display name is empty".into());
+    }
+    if len > MAX_DISPLAY_NAME {
+        return Err(format!("display name is {len} characters long, at most {MAX_DISPLAY_NAME} are allowed"));
+    }
+    if let Some(bad) = name.chars().find(|&c| hidden(c) && !JOINERS.contains(&c)) {
+        return Err(format!("display name contains {bad:?}, which does not show as a character"));
+    }
+    Ok(name.to_owned())
+}
+
+/// U+200C ZERO WIDTH NON-JOINER and U+200D ZERO WIDTH JOINER: format characters, but ones that
+/// Persian and Indic writing and emoji sequences (👩‍💻) need, and that cannot reorder text.
+const JOINERS: [char; 2] = ['\u{200c}', '\u{200d}'];
+
+/// Whether a character does not show as itself: controls (Cc), format characters (Cf: bidi
+/// overrides and isolates, zero-width spaces, ...), line and paragraph separators, private use and
+/// unassigned code points (which a later Unicode may make format characters). The set `chime`
+/// escapes in its output, for the same reasons.
+fn hidden(c: char) -> bool {
+    use GeneralCategory::*;
+    matches!(
+        c.general_category(),
+        Control | Format | LineSeparator | ParagraphSeparator | PrivateUse | Unassigned | Surrogate
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +290,36 @@ mod tests {
         for bad in ["", ".hidden", "-flag", "has space", "émile", "a/b", "a:b", &"n".repeat(33)] {
             assert!(validate_user_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn email_addresses() {
+        for ok in ["a@b", "Ann.Lee+chime@Example.org", "émile@exemple.fr", &format!("{}@x.org", "a".repeat(248))] {
+            assert_eq!(validate_email(ok), Ok(()), "{ok}");
+        }
+        let too_long = format!("{}@x.org", "a".repeat(249));
+        for bad in ["", "no-at", "two@@x.org", "a@b@c", "@x.org", "ann@", "ann @x.org", " ann@x.org", "ann@x.org\n"] {
+            assert!(validate_email(bad).is_err(), "{bad:?}");
+        }
+        for bad in [too_long.as_str(), "ann\u{202e}@x.org", "ann@x\u{200b}.org", "ann\t@x.org"] {
+            assert!(validate_email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn display_names() {
+        assert_eq!(display_name("  Ann Lee \t").as_deref(), Ok("Ann Lee"));
+        assert_eq!(display_name("Zoë 🎉").as_deref(), Ok("Zoë 🎉"));
+        // Joiners stay: an emoji ZWJ sequence, a Persian word with a ZWNJ.
+        assert_eq!(display_name("👩\u{200d}💻").as_deref(), Ok("👩\u{200d}💻"));
+        assert_eq!(display_name("می\u{200c}خواهم").as_deref(), Ok("می\u{200c}خواهم"));
+        assert_eq!(display_name(&"é".repeat(64)).map(|n| n.chars().count()), Ok(64), "characters, not bytes");
+        for bad in
+            ["", "   ", "ann\u{202e}gnp.exe", "a\u{2066}b", "zero\u{200b}width", "two\nlines", "a\u{2028}b", "\u{e000}"]
+        {
+            assert!(display_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(display_name(&"n".repeat(65)).is_err());
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //! [`StoreSlot::maintain`].
 
 use chime_storage::{
-    DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, RoomDetailsRecord, RoomId, RoomKind,
-    RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
+    DeltaRecord, MemberRecord, NewPost, NewSession, OpenOptions, PostOutcome, ProfileRecord, ProfileUpdate,
+    RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, SessionId, SessionLimits, SessionRecord, SettingWrite,
+    SettingsRecord, SharedStore, Store, StoreError, UserId, UserRecord,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -301,6 +302,21 @@ impl SharedStore for StoreSlot {
     }
     fn touch_sessions(&mut self, sessions: &[SessionId], now_ms: i64) -> chime_storage::Result<()> {
         self.with(|s| s.touch_sessions(sessions, now_ms))
+    }
+    fn profile(&mut self, user: UserId) -> chime_storage::Result<Option<ProfileRecord>> {
+        self.with(|s| s.profile(user))
+    }
+    fn profile_by_name(&mut self, name: &str) -> chime_storage::Result<Option<ProfileRecord>> {
+        self.with(|s| s.profile_by_name(name))
+    }
+    fn update_profile(&mut self, user: UserId, update: &ProfileUpdate) -> chime_storage::Result<ProfileRecord> {
+        self.with(|s| s.update_profile(user, update))
+    }
+    fn set_setting(&mut self, user: UserId, setting: &SettingWrite<'_>) -> chime_storage::Result<u64> {
+        self.with(|s| s.set_setting(user, setting))
+    }
+    fn settings(&mut self, user: UserId, after_room: RoomId, limit: u32) -> chime_storage::Result<SettingsRecord> {
+        self.with(|s| s.settings(user, after_room, limit))
     }
     fn create_room(
         &mut self,

@@ -3,7 +3,9 @@
 //! - [`config`]: the configuration struct, read from TOML and validated.
 //! - [`cli`]: the command line (`chimed [serve]`, `chimed migrate`) and how flags override the file.
 //! - [`tls`]: the server's certificate (given, or self-signed in the data dir) and rustls setup.
-//! - [`auth`]: password hashing, session tokens, user name and password rules.
+//! - [`auth`]: password hashing, session tokens, the rules for user names, passwords, email
+//!   addresses and display names.
+//! - [`user_settings`]: the settings a user's devices share: keys, values, defaults (pure).
 //! - [`ratelimit`]: token buckets for accepts and logins, server-wide and per IP.
 //! - [`server`]: the event loop (mio): listeners, accepting, reading, flushing, the transports'
 //!   memory and timeouts, graceful stop. It only moves bytes.
@@ -36,6 +38,7 @@ pub mod server;
 pub mod sync;
 pub mod tls;
 pub mod transport;
+pub mod user_settings;
 pub mod work;
 pub mod worker;
 

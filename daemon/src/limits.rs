@@ -22,6 +22,10 @@ pub const MAX_USER_NAME: usize = 32;
 pub const MIN_PASSWORD: usize = 8;
 /// Longest password, in bytes: bounds the work one login can cause.
 pub const MAX_PASSWORD: usize = 1024;
+/// Longest email address, in bytes (the longest path SMTP carries, RFC 5321, less its brackets).
+pub const MAX_EMAIL: usize = 254;
+/// Longest display name, in characters (after trimming).
+pub const MAX_DISPLAY_NAME: usize = 64;
 /// Longest user agent kept with a session, in characters (longer ones are cut).
 pub const MAX_USER_AGENT: usize = 256;
 /// Most rooms in one SYNC.

@@ -10,8 +10,8 @@
 //! [`Work::Post`], a plain value the shard worker recognizes and commits in groups.
 //!
 //! A job returns effects; the loop carries them out in order: reply to a connection, publish a
-//! room's new deltas, (un)subscribe a user's connections, start or end sessions, hand a page to a
-//! connection's SYNC state. The worker adds [`Effect::Release`] after each job, so a job's slot
+//! room's new deltas, (un)subscribe a user's connections, push to a user's other connections,
+//! start or end sessions, hand a page to a connection's SYNC state. The worker adds [`Effect::Release`] after each job, so a job's slot
 //! in its connection's in-flight window is always given back, whatever the job did.
 
 use crate::sync::FetchId;
@@ -193,6 +193,18 @@ pub enum Effect {
         user: UserId,
         /// The room.
         room: RoomId,
+    },
+    /// Send a push (an encoded frame with request id 0) to every logged-in connection of `user`
+    /// but `except`: the user's other devices learn of a change made on one (a setting). The
+    /// connection that made it is `except`, as its reply already says so. Connections still
+    /// logging in are not reached; they read the current state after their login.
+    PushToUser {
+        /// The user.
+        user: UserId,
+        /// The connection left out, if any.
+        except: Option<ConnRef>,
+        /// The encoded push.
+        frame: Bytes,
     },
     /// The connection logged in: it becomes `session` of `user`, subscribed to `rooms` (id and
     /// head when read).

@@ -192,6 +192,92 @@ pub struct Identity {
     pub session: u64,
 }
 
+/// `GET_PROFILE`: a user's profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetProfile {
+    /// The user, by name; `None` for the asking user. Naming oneself is the same as `None`.
+    pub user: Option<String>,
+}
+
+/// `UPDATE_PROFILE`: changes the asking user's email and display name. A field that is `None` is
+/// left as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateProfile {
+    /// `None`: unchanged; `Some(None)`: remove the email; `Some(Some(address))`: set it.
+    pub email: Option<Option<String>>,
+    /// `None`: unchanged; `Some(name)`: the new display name (trimmed by the server).
+    pub display_name: Option<String>,
+}
+
+/// `PROFILE`: a user's profile (the answer to `GET_PROFILE` and `UPDATE_PROFILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The user's id.
+    pub user_id: UserId,
+    /// The user's name.
+    pub user: String,
+    /// The user's email: only ever in the user's own profile; `None` there when there is none,
+    /// and always `None` in another user's.
+    pub email: Option<String>,
+    /// The name shown for the user: the one they chose, else their user name.
+    pub display_name: String,
+}
+
+/// `GET_SETTINGS`: one page of the asking user's settings. The account-wide settings come on the
+/// first page (`after_room` 0), then the rooms whose notification level is not the default, by
+/// room id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GetSettings {
+    /// Start after this room id (0 for the first page).
+    pub after_room: RoomId,
+    /// Rooms per page; 0 means the server's default (500); the server caps it at 1,000.
+    pub limit: u32,
+}
+
+/// One setting: a key and its value, both text (`docs/protocol.md` lists the keys and values).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    /// The key (`"media.auto_load"`, `"notify.300"`, ...).
+    pub key: String,
+    /// The value (`"true"`, `"mentions"`, ...).
+    pub value: String,
+}
+
+/// `SETTINGS`: one page of the user's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// The user's settings version when this page was read: it grows with every change.
+    pub version: u64,
+    /// This page's settings: on the first page every account-wide setting (with its default when
+    /// it was never set), then per-room ones.
+    pub entries: Vec<Setting>,
+    /// Pass as `after_room` for the next page; `None` on the last page.
+    pub next_after: Option<RoomId>,
+}
+
+/// `SET_SETTING`: changes one of the asking user's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetSetting {
+    /// The key.
+    pub key: String,
+    /// The new value.
+    pub value: String,
+}
+
+/// `SETTING` (the answer to `SET_SETTING`) and the `SETTING_CHANGED` push: a setting as stored,
+/// and the settings version its change made. The push goes to every other connection of the
+/// user; two changes racing may arrive in either order, so a client keeps a change only when its
+/// version is above the one it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingChanged {
+    /// The user's settings version after the change.
+    pub version: u64,
+    /// The key.
+    pub key: String,
+    /// The value, as the server spells it.
+    pub value: String,
+}
+
 /// A body with no fields (`LOGOUT`, `DONE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Empty {}
@@ -666,6 +752,14 @@ frame_enum! {
         RevokeSessions(RevokeSessions) = REVOKE_SESSIONS,
         /// Who am I logged in as.
         Whoami(Empty) = WHOAMI,
+        /// A user's profile.
+        GetProfile(GetProfile) = GET_PROFILE,
+        /// Change my email or display name.
+        UpdateProfile(UpdateProfile) = UPDATE_PROFILE,
+        /// A page of my settings.
+        GetSettings(GetSettings) = GET_SETTINGS,
+        /// Change one of my settings.
+        SetSetting(SetSetting) = SET_SETTING,
         /// Create a room.
         CreateRoom(CreateRoom) = CREATE_ROOM,
         /// Join a room.
@@ -726,6 +820,12 @@ frame_enum! {
         SessionsRevoked(SessionsRevoked) = SESSIONS_REVOKED,
         /// Who the connection is logged in as.
         Identity(Identity) = IDENTITY,
+        /// A user's profile.
+        Profile(Profile) = PROFILE,
+        /// A page of my settings.
+        Settings(Settings) = SETTINGS,
+        /// The setting stored.
+        Setting(SettingChanged) = SETTING,
         /// One room.
         RoomInfo(RoomInfo) = ROOM_INFO,
         /// My rooms.
@@ -746,6 +846,8 @@ frame_enum! {
         Delta(Delta) = DELTA,
         /// Closing push.
         Goodbye(Goodbye) = GOODBYE,
+        /// A setting changed on another connection of the user (push).
+        SettingChanged(SettingChanged) = SETTING_CHANGED,
     }
 }
 

@@ -75,6 +75,14 @@ wire_code! {
         REVOKE_SESSIONS = 0x0015,
         /// Who the connection is logged in as.
         WHOAMI = 0x0016,
+        /// A user's profile: one's own (with the email) or another user's public one.
+        GET_PROFILE = 0x0017,
+        /// Change one's email or display name.
+        UPDATE_PROFILE = 0x0018,
+        /// One page of the user's settings.
+        GET_SETTINGS = 0x0019,
+        /// Change one setting; the user's other connections are told.
+        SET_SETTING = 0x001a,
         /// Create a room.
         CREATE_ROOM = 0x0020,
         /// Join a room.
@@ -130,6 +138,12 @@ wire_code! {
         SESSIONS_REVOKED = 0x8013,
         /// Who the connection is logged in as.
         IDENTITY = 0x8014,
+        /// A user's profile.
+        PROFILE = 0x8015,
+        /// A page of the user's settings.
+        SETTINGS = 0x8016,
+        /// The setting a `SET_SETTING` stored, and the settings version it made.
+        SETTING = 0x8017,
         /// One room.
         ROOM_INFO = 0x8020,
         /// A page of the user's rooms.
@@ -151,6 +165,8 @@ wire_code! {
         DELTA = 0x9001,
         /// The server is closing the connection, and why.
         GOODBYE = 0x9002,
+        /// One of the user's settings was changed (on another connection of the user).
+        SETTING_CHANGED = 0x9010,
     }
 }
 
@@ -226,6 +242,8 @@ wire_code! {
         /// deleting without the right, posting while muted, ...). The message names what was
         /// missing.
         FORBIDDEN = 27,
+        /// The email address is already another account's (compared without regard to case).
+        EMAIL_TAKEN = 40,
     }
 }
 

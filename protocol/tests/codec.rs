@@ -89,6 +89,10 @@ fn credentials() -> impl Strategy<Value = Credentials> {
     (text(), text(), text()).prop_map(|(user, password, user_agent)| Credentials { user, password, user_agent })
 }
 
+fn setting_changed() -> impl Strategy<Value = SettingChanged> {
+    (any::<u64>(), text(), text()).prop_map(|(version, key, value)| SettingChanged { version, key, value })
+}
+
 fn cursor() -> impl Strategy<Value = RoomCursor> {
     (room(), seq()).prop_map(|(room, seq)| RoomCursor { room, seq })
 }
@@ -115,6 +119,12 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             }
         ),
         Just(ClientFrame::Whoami(Empty {})),
+        proptest::option::of(text()).prop_map(|user| ClientFrame::GetProfile(GetProfile { user })),
+        (proptest::option::of(proptest::option::of(text())), proptest::option::of(text()))
+            .prop_map(|(email, display_name)| ClientFrame::UpdateProfile(UpdateProfile { email, display_name })),
+        (room(), any::<u32>())
+            .prop_map(|(after_room, limit)| ClientFrame::GetSettings(GetSettings { after_room, limit })),
+        (text(), text()).prop_map(|(key, value)| ClientFrame::SetSetting(SetSetting { key, value })),
         room().prop_map(|room| ClientFrame::GetRoom(RoomRef { room })),
         ping().prop_map(ClientFrame::Ping),
         ping().prop_map(ClientFrame::Pong),
@@ -245,6 +255,21 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             role
         })),
         Just(ServerFrame::Done(Empty {})),
+        (user(), text(), proptest::option::of(text()), text()).prop_map(|(user_id, user, email, display_name)| {
+            ServerFrame::Profile(Profile { user_id, user, email, display_name })
+        }),
+        (
+            any::<u64>(),
+            vec((text(), text()).prop_map(|(key, value)| Setting { key, value }), 0..4),
+            proptest::option::of(room())
+        )
+            .prop_map(|(version, entries, next_after)| ServerFrame::Settings(Settings {
+                version,
+                entries,
+                next_after
+            })),
+        setting_changed().prop_map(ServerFrame::Setting),
+        setting_changed().prop_map(ServerFrame::SettingChanged),
         room_info().prop_map(ServerFrame::RoomInfo),
         (vec(room_info(), 0..4), proptest::option::of(room()))
             .prop_map(|(rooms, next_after)| ServerFrame::RoomList(RoomList { rooms, next_after })),
@@ -384,7 +409,8 @@ proptest! {
         prop_assert!(rest.is_empty());
         for (raw, (id, f)) in raws.iter().zip(&frames) {
             prop_assert_eq!((raw.ty, raw.request_id), (f.frame_type(), *id));
-            prop_assert_eq!(raw.ty.is_push(), matches!(f, ServerFrame::Delta(_) | ServerFrame::Goodbye(_)));
+            let push = matches!(f, ServerFrame::Delta(_) | ServerFrame::Goodbye(_) | ServerFrame::SettingChanged(_));
+            prop_assert_eq!(raw.ty.is_push(), push);
         }
         let decoded: Vec<(u32, ServerFrame)> =
             raws.iter().map(|r| (r.request_id, ServerFrame::decode(r).unwrap())).collect();

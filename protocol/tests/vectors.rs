@@ -71,6 +71,10 @@ fn delta(seq: u64, body: DeltaBody) -> Delta {
     }
 }
 
+fn setting(key: &str, value: &str) -> Setting {
+    Setting { key: key.into(), value: value.into() }
+}
+
 fn limits() -> Limits {
     Limits {
         max_frame: 1_048_576,
@@ -135,6 +139,40 @@ fn vectors() -> Vec<Vector> {
         c("leave_room", "LEAVE_ROOM id=4 room=300", 4, ClientFrame::LeaveRoom(RoomRef { room: RoomId(300) })),
         c("get_room", "GET_ROOM id=12 room=300", 12, ClientFrame::GetRoom(RoomRef { room: RoomId(300) })),
         c("whoami", "WHOAMI id=13 (empty body)", 13, ClientFrame::Whoami(Empty {})),
+        c("get_profile", "GET_PROFILE id=14 user=None (one's own)", 14, ClientFrame::GetProfile(GetProfile { user: None })),
+        c(
+            "get_profile_other",
+            "GET_PROFILE id=14 user=Some(\"bob\")",
+            14,
+            ClientFrame::GetProfile(GetProfile { user: Some("bob".into()) }),
+        ),
+        c(
+            "update_profile",
+            "UPDATE_PROFILE id=15 email=Some(Some(\"Ann@Example.org\")) display_name=Some(\"Ann L.\")",
+            15,
+            ClientFrame::UpdateProfile(UpdateProfile {
+                email: Some(Some("Ann@Example.org".into())),
+                display_name: Some("Ann L.".into()),
+            }),
+        ),
+        c(
+            "update_profile_clear_email",
+            "UPDATE_PROFILE id=15 email=Some(None) (remove it) display_name=None (unchanged)",
+            15,
+            ClientFrame::UpdateProfile(UpdateProfile { email: Some(None), display_name: None }),
+        ),
+        c(
+            "get_settings",
+            "GET_SETTINGS id=16 after_room=0 limit=0 (the first page, of the server's default size)",
+            16,
+            ClientFrame::GetSettings(GetSettings { after_room: RoomId(0), limit: 0 }),
+        ),
+        c(
+            "set_setting",
+            "SET_SETTING id=17 key=\"notify.300\" value=\"mentions\"",
+            17,
+            ClientFrame::SetSetting(SetSetting { key: "notify.300".into(), value: "mentions".into() }),
+        ),
         c(
             "list_rooms",
             "LIST_ROOMS id=6 after_room=300 limit=500",
@@ -222,6 +260,47 @@ fn vectors() -> Vec<Vector> {
             "IDENTITY id=13 user_id=7 user=\"ann\" session=12",
             13,
             ServerFrame::Identity(Identity { user_id: UserId(7), user: "ann".into(), session: 12 }),
+        ),
+        s(
+            "profile",
+            "PROFILE id=14 user_id=7 user=\"ann\" email=Some(\"Ann@Example.org\") display_name=\"Ann L.\"",
+            14,
+            ServerFrame::Profile(Profile {
+                user_id: UserId(7),
+                user: "ann".into(),
+                email: Some("Ann@Example.org".into()),
+                display_name: "Ann L.".into(),
+            }),
+        ),
+        s(
+            "settings",
+            "SETTINGS id=16 version=3 entries=[media.auto_load=true, media.low_quality_images=false, notify.300=mentions] next_after=None",
+            16,
+            ServerFrame::Settings(Settings {
+                version: 3,
+                entries: vec![
+                    setting("media.auto_load", "true"),
+                    setting("media.low_quality_images", "false"),
+                    setting("notify.300", "mentions"),
+                ],
+                next_after: None,
+            }),
+        ),
+        s(
+            "setting",
+            "SETTING id=17 version=4 key=\"notify.300\" value=\"mentions\"",
+            17,
+            ServerFrame::Setting(SettingChanged { version: 4, key: "notify.300".into(), value: "mentions".into() }),
+        ),
+        s(
+            "setting_changed",
+            "SETTING_CHANGED (push) id=0 version=5 key=\"media.auto_load\" value=\"false\"",
+            0,
+            ServerFrame::SettingChanged(SettingChanged {
+                version: 5,
+                key: "media.auto_load".into(),
+                value: "false".into(),
+            }),
         ),
         s(
             "room_details",

@@ -34,7 +34,7 @@ pub type SessionId = u64;
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A unique name is taken (user name on register).
+    /// A unique name is taken (a user name on register, an email on a profile update).
     #[error("already exists: {0}")]
     Conflict(String),
     /// The room or user does not exist.
@@ -87,6 +87,102 @@ pub struct UserRecord {
     pub name: String,
     /// The argon2id PHC string.
     pub password_hash: String,
+}
+
+/// A user's profile as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileRecord {
+    /// The user's id.
+    pub id: UserId,
+    /// The user's name.
+    pub name: String,
+    /// The email address as the user typed it, if any.
+    pub email: Option<String>,
+    /// The display name the user chose; `None` when they never did (the user name is shown).
+    pub display_name: Option<String>,
+}
+
+/// A change to a profile. Fields that are `None` are left as they are; the daemon has checked
+/// the values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProfileUpdate {
+    /// `Some(None)` removes the email, `Some(Some(address))` sets it.
+    pub email: Option<Option<String>>,
+    /// The new display name.
+    pub display_name: Option<String>,
+}
+
+/// What makes two email addresses the same account's: equal lower-cased forms (Unicode lower
+/// case). Both stores keep this next to the address, under a unique index, and compute it here
+/// rather than with SQL's `lower()`, which folds only ASCII in SQLite and all of Unicode in
+/// PostgreSQL: the two must not disagree on which addresses collide.
+pub fn email_key(email: &str) -> String {
+    email.to_lowercase()
+}
+
+/// How much a member hears from a room: the `room_members.notify` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NotifyLevel {
+    /// Every message (the default; stored 0).
+    #[default]
+    All,
+    /// Only messages that mention the member (stored 1).
+    Mentions,
+    /// Nothing (stored 2).
+    Nothing,
+}
+
+impl NotifyLevel {
+    /// The stored code.
+    pub fn code(self) -> i16 {
+        match self {
+            NotifyLevel::All => 0,
+            NotifyLevel::Mentions => 1,
+            NotifyLevel::Nothing => 2,
+        }
+    }
+
+    /// The level of a stored code; `None` for a code this build does not know (the schema's CHECK
+    /// allows none).
+    pub fn from_code(code: i64) -> Option<NotifyLevel> {
+        match code {
+            0 => Some(NotifyLevel::All),
+            1 => Some(NotifyLevel::Mentions),
+            2 => Some(NotifyLevel::Nothing),
+            _ => None,
+        }
+    }
+}
+
+/// One setting to store; the daemon has checked the key and the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingWrite<'a> {
+    /// The user's notification level in a room they are a member of.
+    Notify {
+        /// The room.
+        room: RoomId,
+        /// The level.
+        level: NotifyLevel,
+    },
+    /// An account-wide setting (a row of `user_settings`).
+    Account {
+        /// The key.
+        key: &'a str,
+        /// The value.
+        value: &'a str,
+    },
+}
+
+/// One page of a user's settings as stored: what was set, not the defaults (which are the
+/// daemon's), read in one snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettingsRecord {
+    /// The user's settings version: how many changes were stored.
+    pub version: u64,
+    /// Every account-wide setting the user set, by key.
+    pub account: Vec<(String, String)>,
+    /// The page's rooms whose level is not [`NotifyLevel::All`], by room id.
+    pub notify: Vec<(RoomId, NotifyLevel)>,
 }
 
 /// A new session: the token itself is never stored, only its SHA-256.
@@ -397,6 +493,23 @@ pub trait SharedStore: Send {
     /// connection, not from its login. Unknown and revoked sessions are skipped, not errors.
     fn touch_sessions(&mut self, sessions: &[SessionId], now_ms: i64) -> Result<()>;
 
+    /// A user's profile by id; `None` when there is no such user.
+    fn profile(&mut self, user: UserId) -> Result<Option<ProfileRecord>>;
+    /// A user's profile by name; `None` when there is no such user.
+    fn profile_by_name(&mut self, name: &str) -> Result<Option<ProfileRecord>>;
+    /// Changes a user's email and display name as `update` says, and returns the profile after.
+    /// `Conflict` when the email is another user's (by [`email_key`]); `NotFound` when there is no
+    /// such user. Nothing is written when it fails.
+    fn update_profile(&mut self, user: UserId, update: &ProfileUpdate) -> Result<ProfileRecord>;
+    /// Stores one setting and bumps the user's settings version, in one transaction; returns the
+    /// new version. `NotMember` for the level of a room the user is not a member of (or that does
+    /// not exist); `NotFound` when there is no such user. Nothing is written when it fails.
+    fn set_setting(&mut self, user: UserId, setting: &SettingWrite<'_>) -> Result<u64>;
+    /// One page of a user's settings, in one snapshot: the version, every account-wide setting
+    /// set, and up to `limit` rooms with id > `after_room` whose level is not the default, by id.
+    /// `NotFound` when there is no such user.
+    fn settings(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<SettingsRecord>;
+
     /// Creates a room owned by `owner`, whose log starts with a `CREATE` delta (seq 1).
     /// `LimitReached` when the owner is already a member of `max_rooms` rooms (nothing written).
     fn create_room(
@@ -597,6 +710,17 @@ pub(crate) fn check_server_cap(user: UserId, count: u64, max_servers: u64) -> Re
         )));
     }
     Ok(())
+}
+
+/// The error of a profile update that broke the email's uniqueness, worded once for both stores
+/// (the databases' own messages name indexes, not the address).
+pub(crate) fn email_taken(e: StoreError, update: &ProfileUpdate) -> StoreError {
+    match (e, &update.email) {
+        (StoreError::Conflict(_), Some(Some(email))) => {
+            StoreError::Conflict(format!("the email address {email} is another account's"))
+        }
+        (other, _) => other,
+    }
 }
 
 /// The record of a session just stored under `id`, as both stores return it.

@@ -28,9 +28,10 @@ use crate::batch::{self, Probe};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::{
     from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
-    NewAction, NewChannel, NewPost, NewServer, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind, Result,
-    RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, ServerId, ServerRecord, SessionId, SessionLimits,
-    SessionRecord, SharedStore, Store, StoreError, UserId, UserRecord,
+    NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions, PostOutcome,
+    ProfileRecord, ProfileUpdate, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, ServerId,
+    ServerRecord, SessionId, SessionLimits, SessionRecord, SettingWrite, SettingsRecord, SharedStore, Store,
+    StoreError, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -270,6 +271,19 @@ fn user_row(row: &Row<'_>) -> rusqlite::Result<UserRecord> {
     Ok(UserRecord { id: from_db(row.get(0)?), name: row.get(1)?, password_hash: row.get(2)? })
 }
 
+/// The columns [`profile_row`] reads, in its order.
+const PROFILE_COLUMNS: &str = "id, name, email, display_name";
+
+fn profile_row(row: &Row<'_>) -> rusqlite::Result<ProfileRecord> {
+    Ok(ProfileRecord { id: from_db(row.get(0)?), name: row.get(1)?, email: row.get(2)?, display_name: row.get(3)? })
+}
+
+/// A stored notification level; a code the schema's CHECK lets through but this build does not
+/// know is a database error, not a guess.
+fn notify_level(code: i64) -> Result<NotifyLevel> {
+    NotifyLevel::from_code(code).ok_or_else(|| StoreError::Database(format!("notify level {code} out of range")))
+}
+
 /// The columns [`session_row`] reads, in its order.
 const SESSION_COLUMNS: &str = "id, user_id, ip, user_agent, created_at, last_used_at";
 
@@ -455,6 +469,105 @@ impl SharedStore for SqliteStore {
             return Ok(());
         }
         self.write(|conn| sessions.iter().try_for_each(|&session| touch(conn, session, now_ms).map(drop)))
+    }
+
+    fn profile(&mut self, user: UserId) -> Result<Option<ProfileRecord>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = ?1"))
+            .and_then(|mut st| st.query_row([to_db(user)], profile_row).optional())
+            .map_err(db_err)
+    }
+
+    fn profile_by_name(&mut self, name: &str) -> Result<Option<ProfileRecord>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE name = ?1"))
+            .and_then(|mut st| st.query_row([name], profile_row).optional())
+            .map_err(db_err)
+    }
+
+    fn update_profile(&mut self, user: UserId, update: &ProfileUpdate) -> Result<ProfileRecord> {
+        let email = update.email.as_ref().map(Option::as_deref);
+        let key = email.map(|e| e.map(crate::email_key));
+        self.write(|conn| {
+            conn.prepare_cached(&format!(
+                "UPDATE users SET email = CASE WHEN ?2 THEN ?3 ELSE email END,
+                                  email_key = CASE WHEN ?2 THEN ?4 ELSE email_key END,
+                                  display_name = coalesce(?5, display_name)
+                 WHERE id = ?1 RETURNING {PROFILE_COLUMNS}"
+            ))
+            .and_then(|mut st| {
+                st.query_row(
+                    params![to_db(user), email.is_some(), email.flatten(), key.flatten(), update.display_name],
+                    profile_row,
+                )
+                .optional()
+            })
+            .map_err(|e| crate::email_taken(db_err(e), update))?
+            .ok_or_else(|| StoreError::NotFound(format!("user {user}")))
+        })
+    }
+
+    fn set_setting(&mut self, user: UserId, setting: &SettingWrite<'_>) -> Result<u64> {
+        self.write(|conn| {
+            let version: i64 = conn
+                .prepare_cached(
+                    "UPDATE users SET settings_version = settings_version + 1 WHERE id = ?1
+                     RETURNING settings_version",
+                )
+                .and_then(|mut st| st.query_row([to_db(user)], |row| row.get(0)).optional())
+                .map_err(db_err)?
+                .ok_or_else(|| StoreError::NotFound(format!("user {user}")))?;
+            match *setting {
+                SettingWrite::Notify { room, level } => {
+                    let updated = conn
+                        .prepare_cached("UPDATE room_members SET notify = ?3 WHERE room_id = ?1 AND user_id = ?2")
+                        .and_then(|mut st| st.execute(params![to_db(room), to_db(user), level.code()]))
+                        .map_err(db_err)?;
+                    // Returning the error drops the transaction: the version bump goes with it.
+                    if updated == 0 {
+                        return Err(StoreError::NotMember(room));
+                    }
+                }
+                SettingWrite::Account { key, value } => {
+                    conn.prepare_cached(
+                        "INSERT INTO user_settings (user_id, key, value) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value",
+                    )
+                    .and_then(|mut st| st.execute(params![to_db(user), key, value]))
+                    .map_err(db_err)?;
+                }
+            }
+            Ok(from_db(version))
+        })
+    }
+
+    fn settings(&mut self, user: UserId, after_room: RoomId, limit: u32) -> Result<SettingsRecord> {
+        // A read transaction: the version and the rows come from one snapshot of the WAL, so a
+        // change committed between the reads cannot show in one and not the other.
+        let tx = self.conn.transaction().map_err(db_err)?;
+        let version: i64 = tx
+            .prepare_cached("SELECT settings_version FROM users WHERE id = ?1")
+            .and_then(|mut st| st.query_row([to_db(user)], |row| row.get(0)).optional())
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("user {user}")))?;
+        let account = tx
+            .prepare_cached("SELECT key, value FROM user_settings WHERE user_id = ?1 ORDER BY key")
+            .and_then(|mut st| st.query_map([to_db(user)], |row| Ok((row.get(0)?, row.get(1)?)))?.collect())
+            .map_err(db_err)?;
+        let rows: Vec<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT room_id, notify FROM room_members WHERE user_id = ?1 AND notify <> 0 AND room_id > ?2
+                 ORDER BY room_id LIMIT ?3",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![to_db(user), to_db(after_room), limit], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect()
+            })
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        let notify =
+            rows.into_iter().map(|(room, code)| Ok((from_db(room), notify_level(code)?))).collect::<Result<_>>()?;
+        Ok(SettingsRecord { version: from_db(version), account, notify })
     }
 
     fn create_room(

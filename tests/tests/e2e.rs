@@ -6,6 +6,8 @@
 #[path = "e2e/util.rs"]
 mod util;
 
+#[path = "e2e/accounts.rs"]
+mod accounts;
 #[path = "e2e/auth.rs"]
 mod auth;
 #[path = "e2e/chat.rs"]

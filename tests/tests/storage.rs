@@ -11,8 +11,9 @@ use std::thread;
 
 use chime_storage::{
     ActionOutcome, DeltaRecord, MemberAction, MemberRecord, MessageAction, MessageRecord, ModerationOutcome, NewAction,
-    NewChannel, NewModeration, NewPost, NewServer, NewSession, OpenOptions, Permissions, PostOutcome, RecordKind,
-    RoomId, RoomKind, RoomRecord, Seq, ServerId, SessionLimits, SessionRecord, Store, StoreError, UserId, UserRecord,
+    NewChannel, NewModeration, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions, PostOutcome,
+    ProfileRecord, ProfileUpdate, RecordKind, RoomId, RoomKind, RoomRecord, Seq, ServerId, SessionLimits,
+    SessionRecord, SettingWrite, SettingsRecord, Store, StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -89,10 +90,15 @@ conformance! {
         every_role_against_every_action,
         moderation_changes_membership_and_posting,
         servers_give_access_to_channels_by_role,
+        profiles_start_empty_and_change_field_by_field,
+        emails_are_unique_without_regard_to_case,
+        settings_round_trip_and_bump_the_version,
+        notify_levels_need_a_membership_and_are_paged,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
         concurrent_joins_respect_the_room_cap,
+        concurrent_claims_of_an_email_have_one_winner,
         concurrent_opens_migrate_once,
         reopening_keeps_everything,
         open_with_options,
@@ -588,6 +594,160 @@ fn deltas_after_pages(store: &mut dyn Store) {
     assert!(store.deltas_after(r.id, Seq(11), 100).expect("at head").is_empty());
     assert!(store.deltas_after(r.id, Seq(u64::MAX), 100).expect("past head").is_empty());
     assert!(store.deltas_after(r.id, Seq(0), 0).expect("limit 0").is_empty());
+}
+
+fn email(address: &str) -> ProfileUpdate {
+    ProfileUpdate { email: Some(Some(address.into())), display_name: None }
+}
+
+/// A new user has no email and no display name; an update changes only the fields it names,
+/// returns the profile after it, and a profile is found by id and by name.
+fn profiles_start_empty_and_change_field_by_field(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let fresh = ProfileRecord { id: ada.id, name: "ada".into(), email: None, display_name: None };
+    assert_eq!(store.profile(ada.id).expect("profile"), Some(fresh.clone()));
+    assert_eq!(store.profile_by_name("ada").expect("profile"), Some(fresh.clone()));
+    assert_eq!(store.profile(UserId(ada.id.get() + 1000)).expect("profile"), None);
+    assert_eq!(store.profile_by_name("nobody").expect("profile"), None);
+    assert_eq!(store.update_profile(ada.id, &ProfileUpdate::default()).expect("no change"), fresh);
+
+    let named = ProfileUpdate { email: None, display_name: Some("Ada L.".into()) };
+    let after = store.update_profile(ada.id, &named).expect("display name");
+    assert_eq!(after, ProfileRecord { display_name: Some("Ada L.".into()), ..fresh.clone() });
+    // The address is kept as typed.
+    let after = store.update_profile(ada.id, &email("Ada@Example.ORG")).expect("email");
+    assert_eq!(after.email.as_deref(), Some("Ada@Example.ORG"));
+    assert_eq!(after.display_name.as_deref(), Some("Ada L."), "an email change leaves the name alone");
+    let both = ProfileUpdate { email: Some(None), display_name: Some("Ada".into()) };
+    let after = store.update_profile(ada.id, &both).expect("both");
+    assert_eq!((after.email, after.display_name.as_deref()), (None, Some("Ada")));
+    assert_eq!(store.profile_by_name("ada").expect("profile").expect("ada").display_name.as_deref(), Some("Ada"));
+
+    let err = store.update_profile(UserId(ada.id.get() + 1000), &named).expect_err("no such user");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+/// `A@x.org` and `a@X.org` are the same address: the second claim is a `Conflict` naming it,
+/// and writes nothing. Re-casing one's own address, clearing it and letting someone else take it
+/// all work.
+fn emails_are_unique_without_regard_to_case(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    store.update_profile(ada.id, &email("A@x.org")).expect("ada's email");
+    let taken = ProfileUpdate { email: Some(Some("a@X.org".into())), display_name: Some("Bob".into()) };
+    let err = store.update_profile(bob.id, &taken).expect_err("taken");
+    match &err {
+        StoreError::Conflict(message) => assert!(message.contains("a@X.org"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let bob_now = store.profile(bob.id).expect("profile").expect("bob");
+    assert_eq!((bob_now.email, bob_now.display_name), (None, None), "a refused update writes nothing");
+    // Non-ASCII letters fold too, the same way on both stores.
+    store.update_profile(bob.id, &email("ÉMILE@x.org")).expect("bob's email");
+    let err = store.update_profile(ada.id, &email("émile@X.ORG")).expect_err("taken, in other case");
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+    assert_eq!(
+        store.update_profile(ada.id, &email("a@X.ORG")).expect("own, re-cased").email.as_deref(),
+        Some("a@X.ORG")
+    );
+    store.update_profile(ada.id, &ProfileUpdate { email: Some(None), display_name: None }).expect("clear");
+    store.update_profile(bob.id, &email("a@x.org")).expect("free again");
+    assert_eq!(store.profile(bob.id).expect("profile").expect("bob").email.as_deref(), Some("a@x.org"));
+    // Any number of users may have none.
+    let cy = user(store, "cy");
+    store.update_profile(cy.id, &ProfileUpdate { email: Some(None), display_name: None }).expect("none again");
+    assert_eq!(store.profile(ada.id).expect("profile").expect("ada").email, None);
+}
+
+/// Account-wide settings are stored as set (a second write replaces the first), every write
+/// bumps the version, and what was never set is not listed (the defaults are the daemon's).
+fn settings_round_trip_and_bump_the_version(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    assert_eq!(store.settings(ada.id, RoomId(0), 100).expect("settings"), SettingsRecord::default());
+    let auto_load = |value| SettingWrite::Account { key: "media.auto_load", value };
+    assert_eq!(store.set_setting(ada.id, &auto_load("false")).expect("set"), 1);
+    let low = SettingWrite::Account { key: "media.low_quality_images", value: "true" };
+    assert_eq!(store.set_setting(ada.id, &low).expect("set"), 2);
+    assert_eq!(store.set_setting(ada.id, &auto_load("true")).expect("set again"), 3);
+    let pairs = |v: &[(&str, &str)]| v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+    assert_eq!(
+        store.settings(ada.id, RoomId(0), 100).expect("settings"),
+        SettingsRecord {
+            version: 3,
+            account: pairs(&[("media.auto_load", "true"), ("media.low_quality_images", "true")]),
+            notify: Vec::new(),
+        }
+    );
+    // Each user's own.
+    assert_eq!(store.settings(bob.id, RoomId(0), 100).expect("bob's"), SettingsRecord::default());
+    let ghost = UserId(bob.id.get() + 1000);
+    let err = store.set_setting(ghost, &auto_load("false")).expect_err("no such user");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    let err = store.settings(ghost, RoomId(0), 100).expect_err("no such user");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+}
+
+/// A notification level is the member's: refused (and the version left alone) for a room the
+/// user is not in or that does not exist, listed while it is not `All`, paged by room id, and
+/// gone with the membership.
+fn notify_levels_need_a_membership_and_are_paged(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let rooms: Vec<RoomId> = (0..4).map(|i| room(store, &format!("r{i}"), &ada).id).collect();
+    let theirs = room(store, "bob's", &bob).id;
+    let set = |room, level| SettingWrite::Notify { room, level };
+    assert_eq!(store.set_setting(ada.id, &set(rooms[0], NotifyLevel::Mentions)).expect("r0"), 1);
+    let err = store.set_setting(ada.id, &set(theirs, NotifyLevel::Nothing)).expect_err("not a member");
+    assert!(matches!(err, StoreError::NotMember(r) if r == theirs), "{err:?}");
+    let err = store.set_setting(ada.id, &set(RoomId(theirs.get() + 1000), NotifyLevel::Nothing)).expect_err("no room");
+    assert!(matches!(err, StoreError::NotMember(_)), "{err:?}");
+    assert_eq!(store.settings(ada.id, RoomId(0), 100).expect("settings").version, 1, "refusals bump nothing");
+
+    store.set_setting(ada.id, &set(rooms[1], NotifyLevel::Nothing)).expect("r1");
+    store.set_setting(ada.id, &set(rooms[2], NotifyLevel::Mentions)).expect("r2");
+    assert_eq!(store.set_setting(ada.id, &set(rooms[3], NotifyLevel::All)).expect("r3 at the default"), 4);
+    let all = store.settings(ada.id, RoomId(0), 100).expect("settings");
+    let expected =
+        vec![(rooms[0], NotifyLevel::Mentions), (rooms[1], NotifyLevel::Nothing), (rooms[2], NotifyLevel::Mentions)];
+    assert_eq!(all, SettingsRecord { version: 4, account: Vec::new(), notify: expected.clone() });
+    let first = store.settings(ada.id, RoomId(0), 2).expect("page 1");
+    assert_eq!(first.notify, expected[..2]);
+    let second = store.settings(ada.id, rooms[1], 2).expect("page 2");
+    assert_eq!(second.notify, expected[2..]);
+    // Back to the default: no longer listed.
+    store.set_setting(ada.id, &set(rooms[0], NotifyLevel::All)).expect("r0 back");
+    assert_eq!(store.settings(ada.id, RoomId(0), 100).expect("settings").notify, expected[1..]);
+    // Another member's level is theirs alone.
+    store.join_room(rooms[1], bob.id, "bob", T0, MAX_ROOMS).expect("bob joins");
+    assert_eq!(store.settings(bob.id, RoomId(0), 100).expect("bob's").notify, []);
+    // Leaving drops it; rejoining starts at the default.
+    store.leave_room(rooms[1], ada.id, "ada", T0).expect("leave");
+    store.join_room(rooms[1], ada.id, "ada", T0, MAX_ROOMS).expect("rejoin");
+    assert_eq!(store.settings(ada.id, RoomId(0), 100).expect("settings").notify, expected[2..]);
+}
+
+/// Users on separate connections claiming one address, each spelled in its own case, at once:
+/// exactly one gets it.
+fn concurrent_claims_of_an_email_have_one_winner(db: &Db) {
+    const CLAIMS: usize = 6;
+    let mut setup = db.open();
+    let users: Vec<UserRecord> = (0..CLAIMS).map(|i| user(&mut *setup, &format!("u{i}"))).collect();
+    let outcomes: Vec<Result<ProfileRecord, StoreError>> = thread::scope(|s| {
+        let handles: Vec<_> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let address = if i % 2 == 0 { "Same@Example.org" } else { "same@example.ORG" };
+                s.spawn(move || db.open().update_profile(u.id, &email(address)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("claiming thread")).collect()
+    });
+    let won = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused = outcomes.iter().filter(|o| matches!(o, Err(StoreError::Conflict(_)))).count();
+    assert_eq!((won, refused), (1, CLAIMS - 1), "{outcomes:?}");
 }
 
 /// Writers on separate connections posting into the same rooms at once: every post gets a seq,

@@ -26,10 +26,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         out: Output::stdout(cli.global.json),
     };
     let result = match cli.command {
-        Command::Register { user } => account::register(&mut ctx, &user),
+        Command::Register { user, email, display_name } => {
+            account::register(&mut ctx, &user, email.as_deref(), display_name.as_deref())
+        }
         Command::Login { user } => account::login(&mut ctx, &user),
         Command::Logout => account::logout(&mut ctx),
         Command::Whoami => account::whoami(&mut ctx),
+        Command::Profile { user: Some(user), .. } => account::show_profile(&mut ctx, Some(&user)),
+        Command::Profile { user: None, email, clear_email, display_name } => {
+            // `--email ""` is the spelling of "no email" that scripts can pass as a variable.
+            let email = if clear_email { Some(None) } else { email.map(|e| Some(e).filter(|e| !e.is_empty())) };
+            match (email, display_name) {
+                (None, None) => account::show_profile(&mut ctx, None),
+                (email, display_name) => account::change_profile(&mut ctx, email, display_name.as_deref()),
+            }
+        }
+        Command::Settings { key: Some(key), value: Some(value) } => account::set_setting(&mut ctx, &key, &value),
+        Command::Settings { .. } => account::settings(&mut ctx),
         Command::Room { command } => match command {
             RoomCommand::Create { name, private } => room::create(&mut ctx, &name, private),
             RoomCommand::Invite { room, user } => room::moderate(&mut ctx, room, &user, ModAction::INVITE, ""),

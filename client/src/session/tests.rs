@@ -750,3 +750,27 @@ fn pushes_waiting_in_the_events_are_judged_when_their_room_is_followed() {
     p.answer_sync(id, 1, 0, 8);
     assert_eq!(p.delivered(), [1, 2, 3, 4, 5, 6, 7, 8]);
 }
+
+#[test]
+fn other_pushes_are_passed_on_and_never_taken_for_a_reply() {
+    let mut p = Peer::connected();
+    let set = p.send(ClientFrame::SetSetting(chime_protocol::SetSetting {
+        key: "media.auto_load".into(),
+        value: "false".into(),
+    }));
+    let pushed = chime_protocol::SettingChanged { version: 7, key: "notify.3".into(), value: "none".into() };
+    // Even carrying the pending request's id, a push is not its reply.
+    p.reply(set, ServerFrame::SettingChanged(pushed.clone()));
+    p.reply(0, ServerFrame::SettingChanged(pushed.clone()));
+    assert!(p.session.is_pending(set));
+    let mine = chime_protocol::SettingChanged { version: 8, key: "media.auto_load".into(), value: "false".into() };
+    p.reply(set, ServerFrame::Setting(mine.clone()));
+    assert_eq!(
+        p.events(),
+        [
+            Event::Push(ServerFrame::SettingChanged(pushed.clone())),
+            Event::Push(ServerFrame::SettingChanged(pushed)),
+            Event::Reply { request_id: set, frame: ServerFrame::Setting(mine) },
+        ]
+    );
+}

@@ -555,6 +555,14 @@ impl Core {
                     self.unsubscribe(io, key, room);
                 }
             }
+            Effect::PushToUser { user, except, frame } => {
+                for key in self.hub.connections_of_user(user) {
+                    let left_out = self.links.get(key).and_then(Option::as_ref).is_some_and(|l| Some(l.id) == except);
+                    if !left_out {
+                        io.send(key, frame.clone(), Class::Own);
+                    }
+                }
+            }
             Effect::LoggedIn { to, user, name, session, rooms } => self.logged_in(io, to, user, name, session, rooms),
             Effect::LoggedOut { to } => {
                 if self.link_of(to.conn).is_some() {

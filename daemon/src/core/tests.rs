@@ -538,3 +538,40 @@ fn whoami_is_answered_on_the_loop() {
     assert_eq!((id.user_id, id.user.as_str(), id.session), (USER, "me", SESSION));
     assert!(io.submitted.is_empty(), "no job");
 }
+
+#[test]
+fn a_setting_change_is_pushed_to_the_users_other_connections_only() {
+    let (mut core, mut io) = core_with(&[1, 2, 3]);
+    log_in(&mut core, &mut io, 1, &[]);
+    log_in(&mut core, &mut io, 2, &[]);
+    // A bad key or value is refused on the loop.
+    let bad = chime_protocol::SetSetting { key: "media.auto_load".into(), value: "maybe".into() };
+    core.frame(&mut io, 1, raw(ClientFrame::SetSetting(bad), 3), now(1));
+    assert!(io.submitted.is_empty());
+    assert!(matches!(&io.take(1)[..], [(3, ServerFrame::Error(e))] if e.code == ErrorCode::INVALID_ARGUMENT));
+
+    let set = chime_protocol::SetSetting { key: "media.auto_load".into(), value: "false".into() };
+    core.frame(&mut io, 1, raw(ClientFrame::SetSetting(set), 4), now(1));
+    assert!(io.take_job().is_shared());
+    let changed = chime_protocol::SettingChanged { version: 1, key: "media.auto_load".into(), value: "false".into() };
+    let effects = vec![
+        crate::work::reply(to(1, 4), ServerFrame::Setting(changed.clone())),
+        Effect::PushToUser {
+            user: USER,
+            except: Some(to(1, 4).conn),
+            frame: ServerFrame::SettingChanged(changed.clone()).reply(0),
+        },
+        Effect::Release { to: to(1, 4), shared: true },
+    ];
+    core.completion(&mut io, Completion(effects), now(1));
+    assert_eq!(io.take(1), [(4, ServerFrame::Setting(changed.clone()))], "the asker gets the reply alone");
+    assert_eq!(io.take(2), [(0, ServerFrame::SettingChanged(changed.clone()))]);
+    assert!(io.take(3).is_empty(), "a connection not logged in as the user hears nothing");
+
+    // A connection that closed is no longer the user's.
+    core.closed(2);
+    let push = Effect::PushToUser { user: USER, except: None, frame: ServerFrame::SettingChanged(changed).reply(0) };
+    core.completion(&mut io, Completion(vec![push]), now(2));
+    assert!(io.take(2).is_empty());
+    assert_eq!(io.take(1).len(), 1, "without an exception the asker's connection is reached too");
+}

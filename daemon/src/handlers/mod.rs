@@ -7,7 +7,7 @@
 //! protocol, a handler here (plus its arm in [`admit`]), a store method, tests. The event loop
 //! (`server`) and the core (`core`) do not change.
 //!
-//! - [`accounts`]: register, log in, resume, log out, sessions.
+//! - [`accounts`]: register, log in, resume, log out, sessions, profiles, settings.
 //! - [`rooms`]: create, join, leave, list rooms and members.
 //! - [`messages`]: post (group-committed) and history.
 //! - [`actions`]: edit, delete, react, reply, pin, and messages in their current state (view).
@@ -109,6 +109,10 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::ListSessions(l) => accounts::list_sessions(ctx, l),
         ClientFrame::RevokeSessions(r) => accounts::revoke_sessions(ctx, r),
         ClientFrame::Whoami(_) => accounts::whoami(ctx),
+        ClientFrame::GetProfile(g) => accounts::get_profile(ctx, g),
+        ClientFrame::UpdateProfile(u) => accounts::update_profile(ctx, u),
+        ClientFrame::GetSettings(g) => accounts::get_settings(ctx, g),
+        ClientFrame::SetSetting(s) => accounts::set_setting(ctx, s),
         ClientFrame::CreateRoom(c) => rooms::create(ctx, c),
         ClientFrame::JoinRoom(r) => rooms::join(ctx, r),
         ClientFrame::LeaveRoom(r) => rooms::leave(ctx, r),

@@ -708,7 +708,7 @@ fn service(
             }
             // The WELCOME, replies nobody waits for (the session answers the server's pings
             // itself), and gaps, which only followed rooms have.
-            Event::Connected(_) | Event::Reply { .. } | Event::Gap { .. } => {}
+            Event::Connected(_) | Event::Reply { .. } | Event::Push(_) | Event::Gap { .. } => {}
         }
     }
     if let Err(e) = outcome {
