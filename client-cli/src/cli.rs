@@ -98,6 +98,20 @@ pub enum Command {
         /// The other user's name.
         user: String,
     },
+    /// Create, join or leave a server (a community of channels).
+    Server {
+        /// What to do.
+        #[command(subcommand)]
+        command: ServerCommand,
+    },
+    /// List the servers you are in.
+    Servers,
+    /// Create a channel in a server.
+    Channel {
+        /// What to do.
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
     /// List the rooms you are in.
     Rooms,
     /// List a room's members.
@@ -321,6 +335,80 @@ pub enum RoomCommand {
     },
 }
 
+/// `server` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Create a server; you become its owner and it starts with a `general` channel.
+    Create {
+        /// Its name.
+        name: String,
+        /// Nobody can join it by id.
+        #[arg(long)]
+        private: bool,
+        /// What it is about.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Join a public server: you can read its channels at once.
+    Join {
+        /// The server id.
+        #[arg(id = "server_id", value_name = "SERVER")]
+        server: u64,
+    },
+    /// Leave a server.
+    Leave {
+        /// The server id.
+        #[arg(id = "server_id", value_name = "SERVER")]
+        server: u64,
+    },
+    /// Give a member a role in the server: admin, moderator, member or one the server defined.
+    Role {
+        /// The server id.
+        #[arg(id = "server_id", value_name = "SERVER")]
+        server: u64,
+        /// The member's name.
+        user: String,
+        /// The role.
+        role: String,
+    },
+    /// Define a role of the server (or redefine `member`) by its permissions.
+    DefineRole {
+        /// The server id.
+        #[arg(id = "server_id", value_name = "SERVER")]
+        server: u64,
+        /// The role's name.
+        name: String,
+        /// Its permissions (as for `room define-role`).
+        #[arg(required_unless_present = "remove", value_name = "PERMISSION")]
+        permissions: Vec<String>,
+        /// Remove the definition instead.
+        #[arg(long, conflicts_with = "permissions")]
+        remove: bool,
+    },
+}
+
+/// `channel` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ChannelCommand {
+    /// Create a channel in a server (needs manage_channels there).
+    Create {
+        /// The server id.
+        #[arg(id = "server_id", value_name = "SERVER")]
+        server: u64,
+        /// The channel's name.
+        name: String,
+        /// A voice channel.
+        #[arg(long)]
+        voice: bool,
+        /// Only these roles may read it (comma-separated; owners and admins always may).
+        #[arg(long, value_delimiter = ',', value_name = "ROLE,...")]
+        read_roles: Vec<String>,
+        /// Only these roles may post in it.
+        #[arg(long, value_delimiter = ',', value_name = "ROLE,...")]
+        post_roles: Vec<String>,
+    },
+}
+
 /// Parses a room id, accepting the `#3` spelling the human output uses as well as `3`.
 fn parse_room(s: &str) -> Result<u64, String> {
     let digits = s.strip_prefix('#').unwrap_or(s);
@@ -335,6 +423,33 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// A server id argument must not collide with the global `--server` address.
+    #[test]
+    fn server_ids_and_the_server_address_live_side_by_side() {
+        let cli = Cli::try_parse_from([
+            "chime",
+            "--server",
+            "h:1",
+            "channel",
+            "create",
+            "4",
+            "news",
+            "--post-roles",
+            "moderator,admin",
+        ])
+        .expect("valid command line");
+        assert_eq!(cli.global.server, "h:1");
+        match cli.command {
+            Command::Channel { command: ChannelCommand::Create { server, name, post_roles, .. } } => {
+                assert_eq!((server, name.as_str()), (4, "news"));
+                assert_eq!(post_roles, ["moderator", "admin"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["chime", "server", "join", "9"]).expect("valid command line");
+        assert!(matches!(cli.command, Command::Server { command: ServerCommand::Join { server: 9 } }));
     }
 
     #[test]

@@ -20,12 +20,13 @@ use crate::session::{Event, Session, SessionConfig, Tick, HELLO_ID};
 use crate::tls::{server_name, tofu_client_config};
 use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
-    Authed, ClientFrame, CreateRoom, Credentials, DefineRole, DeleteMessage, Delta, DeltaPage, Edit, Empty, GetProfile,
-    GetSettings, History, Identity, Limits, ListMembers, ListRooms, ListSessions, MemberInfo, MessagePage, ModAction,
-    Moderate, OpenDirect, Permissions, Pin, Ping, Post, Posted, Profile, React, Reply, Resume, RevokeSessions,
-    RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, SessionInfo, SetSetting,
-    SettingChanged, Settings, Sync, SyncDone, UpdateProfile, View, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    Authed, ClientFrame, CreateChannel, CreateRoom, CreateServer, Credentials, DefineRole, DefineServerRole,
+    DeleteMessage, Delta, DeltaPage, Edit, Empty, GetProfile, GetSettings, History, Identity, Limits, ListMembers,
+    ListRooms, ListServers, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, OpenDirect, Permissions, Pin,
+    Ping, Post, Posted, Profile, React, Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo,
+    RoomKind, RoomRef, Seq, ServerFrame, ServerId, ServerInfo, ServerList, ServerRef, SessionInfo, SetServerRole,
+    SetSetting, SettingChanged, Settings, Sync, SyncDone, UpdateProfile, View, Welcome, DEFAULT_MAX_FRAME,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -347,6 +348,70 @@ impl Client {
         permissions: Option<Permissions>,
     ) -> Result<Posted, ClientError> {
         self.posted(ClientFrame::DefineRole(DefineRole { room: room.into(), name: name.to_string(), permissions }))
+    }
+
+    /// `CREATE_SERVER`: a community owned by the caller, with a `general` channel.
+    pub fn create_server(&mut self, name: &str, description: &str, public: bool) -> Result<ServerInfo, ClientError> {
+        let body = CreateServer { name: name.to_string(), description: description.to_string(), public };
+        self.server_info(ClientFrame::CreateServer(body))
+    }
+
+    /// `JOIN_SERVER`: joins a public server; the answer lists the channels now readable.
+    pub fn join_server(&mut self, server: impl Into<ServerId>) -> Result<ServerInfo, ClientError> {
+        self.server_info(ClientFrame::JoinServer(ServerRef { server: server.into() }))
+    }
+
+    /// `LEAVE_SERVER`.
+    pub fn leave_server(&mut self, server: impl Into<ServerId>) -> Result<(), ClientError> {
+        self.done(ClientFrame::LeaveServer(ServerRef { server: server.into() }))
+    }
+
+    /// `LIST_SERVERS`: one page of the user's servers.
+    pub fn list_servers(&mut self, after: impl Into<ServerId>, limit: u32) -> Result<ServerList, ClientError> {
+        match self.request(&ClientFrame::ListServers(ListServers { after_server: after.into(), limit }))? {
+            ServerFrame::ServerList(l) => Ok(l),
+            other => Err(unexpected("SERVER_LIST", &other)),
+        }
+    }
+
+    /// `CREATE_CHANNEL`: a channel of a server, readable and writable by the roles given (all
+    /// members when empty).
+    pub fn create_channel(&mut self, channel: CreateChannel) -> Result<RoomInfo, ClientError> {
+        match self.request(&ClientFrame::CreateChannel(channel))? {
+            ServerFrame::RoomInfo(r) => Ok(r),
+            other => Err(unexpected("ROOM_INFO", &other)),
+        }
+    }
+
+    /// `SET_SERVER_ROLE`.
+    pub fn set_server_role(&mut self, server: impl Into<ServerId>, user: &str, role: &str) -> Result<(), ClientError> {
+        let body = SetServerRole { server: server.into(), user: user.to_string(), role: role.to_string() };
+        self.done(ClientFrame::SetServerRole(body))
+    }
+
+    /// `DEFINE_SERVER_ROLE`.
+    pub fn define_server_role(
+        &mut self,
+        server: impl Into<ServerId>,
+        name: &str,
+        permissions: Option<Permissions>,
+    ) -> Result<(), ClientError> {
+        let body = DefineServerRole { server: server.into(), name: name.to_string(), permissions };
+        self.done(ClientFrame::DefineServerRole(body))
+    }
+
+    fn server_info(&mut self, frame: ClientFrame) -> Result<ServerInfo, ClientError> {
+        match self.request(&frame)? {
+            ServerFrame::ServerInfo(s) => Ok(*s),
+            other => Err(unexpected("SERVER_INFO", &other)),
+        }
+    }
+
+    fn done(&mut self, frame: ClientFrame) -> Result<(), ClientError> {
+        match self.request(&frame)? {
+            ServerFrame::Done(_) => Ok(()),
+            other => Err(unexpected("DONE", &other)),
+        }
     }
 
     /// `OPEN_DIRECT`: the direct dialog with `user`, created on first use.

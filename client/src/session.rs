@@ -891,7 +891,12 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         FrameType::LOGOUT | FrameType::LEAVE_ROOM => FrameType::DONE,
         FrameType::LIST_SESSIONS => FrameType::SESSION_LIST,
         FrameType::REVOKE_SESSIONS => FrameType::SESSIONS_REVOKED,
-        FrameType::CREATE_ROOM | FrameType::JOIN_ROOM | FrameType::OPEN_DIRECT => FrameType::ROOM_INFO,
+        FrameType::CREATE_ROOM | FrameType::JOIN_ROOM | FrameType::OPEN_DIRECT | FrameType::CREATE_CHANNEL => {
+            FrameType::ROOM_INFO
+        }
+        FrameType::CREATE_SERVER | FrameType::JOIN_SERVER => FrameType::SERVER_INFO,
+        FrameType::LIST_SERVERS => FrameType::SERVER_LIST,
+        FrameType::LEAVE_SERVER | FrameType::SET_SERVER_ROLE | FrameType::DEFINE_SERVER_ROLE => FrameType::DONE,
         FrameType::LIST_ROOMS => FrameType::ROOM_LIST,
         FrameType::LIST_MEMBERS => FrameType::MEMBER_LIST,
         FrameType::GET_ROOM => FrameType::ROOM_DETAILS,

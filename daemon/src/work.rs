@@ -21,8 +21,8 @@ use chime_protocol::{
     RoleBody, RoleDefinedBody, Seq, ServerFrame, TargetBody,
 };
 use chime_storage::{
-    DeltaRecord, NewPost, RecordKind, RoomId, SessionId, SessionLimits, SessionRecord, SharedStore, Store, StoreError,
-    UserId,
+    DeltaRecord, NewPost, RecordKind, RoomId, ServerId, SessionId, SessionLimits, SessionRecord, SharedStore, Store,
+    StoreError, UserId,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -217,8 +217,37 @@ pub enum Effect {
         name: String,
         /// The session it logged in with.
         session: SessionRecord,
-        /// The user's rooms and their heads, by id.
+        /// The user's rooms and their heads, by id (channels of the user's servers included).
         rooms: Vec<(RoomId, Seq)>,
+        /// The user's servers: their new channels reach the connection as they are created.
+        servers: Vec<ServerId>,
+    },
+    /// `user` joined `server`: every connection of the user follows the server's new channels
+    /// from now on and is subscribed to `channels` (id and head when read).
+    JoinedServer {
+        /// The user.
+        user: UserId,
+        /// The server.
+        server: ServerId,
+        /// The channels the user may read.
+        channels: Vec<(RoomId, Seq)>,
+    },
+    /// `user` left `server`: its connections drop `channels` and the server.
+    LeftServer {
+        /// The user.
+        user: UserId,
+        /// The server.
+        server: ServerId,
+        /// The channels the user could read.
+        channels: Vec<RoomId>,
+    },
+    /// A channel every member of `server` may read was created: every connection following the
+    /// server is subscribed to it from its start.
+    ChannelCreated {
+        /// The server.
+        server: ServerId,
+        /// The channel.
+        room: RoomId,
     },
     /// The connection logged out (its reply follows).
     LoggedOut {

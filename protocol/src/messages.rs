@@ -11,7 +11,7 @@ pub use crate::delta::{
 };
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
 use crate::perm::Permissions;
-use crate::types::{ErrorCode, FrameType, ModAction, RoomId, RoomKind, Seq, UserId};
+use crate::types::{ErrorCode, FrameType, ModAction, RoomId, RoomKind, Seq, ServerId, UserId};
 use crate::DeltaKind;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -329,6 +329,105 @@ pub struct DefineRole {
     /// The role's name.
     pub name: String,
     /// What it allows; none removes the definition.
+    pub permissions: Option<Permissions>,
+}
+
+/// `CREATE_SERVER`: a community; its creator becomes its owner and it starts with a channel
+/// named `general`. The answer is `SERVER_INFO`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateServer {
+    /// The name.
+    pub name: String,
+    /// What it is about.
+    pub description: String,
+    /// Whether anyone may join it by id (else nobody can join yet; invitations come later).
+    pub public: bool,
+}
+
+/// `JOIN_SERVER`, `LEAVE_SERVER`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRef {
+    /// The server's id.
+    pub server: ServerId,
+}
+
+/// One server as the server describes it to one of its (would-be) members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// The id.
+    pub server: ServerId,
+    /// The name.
+    pub name: String,
+    /// What it is about.
+    pub description: String,
+    /// Whether anyone may join it by id.
+    pub public: bool,
+    /// Who owns it.
+    pub owner: UserId,
+    /// How many members it has.
+    pub members: u64,
+    /// How many it may have.
+    pub member_cap: u64,
+    /// The asking user's role (empty when not a member).
+    pub role: String,
+    /// The channels the asking user may read (on CREATE_SERVER and JOIN_SERVER; empty in lists).
+    pub channels: Vec<RoomInfo>,
+}
+
+/// `LIST_SERVERS`: one page of the user's servers, by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ListServers {
+    /// Start after this server id (0 for the first page).
+    pub after_server: ServerId,
+    /// Page size; 0 means the server's default; capped.
+    pub limit: u32,
+}
+
+/// `SERVER_LIST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerList {
+    /// This page, by id.
+    pub servers: Vec<ServerInfo>,
+    /// Pass as `after_server` for the next page; `None` on the last page.
+    pub next_after: Option<ServerId>,
+}
+
+/// `CREATE_CHANNEL`: a text or voice channel of a server (needs `manage_channels`); the answer is
+/// `ROOM_INFO`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateChannel {
+    /// The server's id.
+    pub server: ServerId,
+    /// The channel's name.
+    pub name: String,
+    /// A voice channel (its log carries call signalling) rather than a text one.
+    pub voice: bool,
+    /// Roles that may read it; empty: every member. Owners and admins always may.
+    pub read_roles: Vec<String>,
+    /// Roles that may post in it; empty: everyone who may read. Owners and admins always may.
+    pub post_roles: Vec<String>,
+}
+
+/// `SET_SERVER_ROLE`: give a member of a server a role; the answer is `DONE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetServerRole {
+    /// The server's id.
+    pub server: ServerId,
+    /// The member's name.
+    pub user: String,
+    /// The role: owner, admin, moderator, member or one the server defined.
+    pub role: String,
+}
+
+/// `DEFINE_SERVER_ROLE`: define (or with none, remove) a role of a server; `member` redefines
+/// what every plain member may do. The answer is `DONE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefineServerRole {
+    /// The server's id.
+    pub server: ServerId,
+    /// The role's name.
+    pub name: String,
+    /// What it allows; none removes it.
     pub permissions: Option<Permissions>,
 }
 
@@ -778,6 +877,20 @@ frame_enum! {
         Moderate(Moderate) = MODERATE,
         /// Define a role.
         DefineRole(DefineRole) = DEFINE_ROLE,
+        /// Create a server.
+        CreateServer(CreateServer) = CREATE_SERVER,
+        /// Join a server.
+        JoinServer(ServerRef) = JOIN_SERVER,
+        /// Leave a server.
+        LeaveServer(ServerRef) = LEAVE_SERVER,
+        /// List my servers.
+        ListServers(ListServers) = LIST_SERVERS,
+        /// Create a channel.
+        CreateChannel(CreateChannel) = CREATE_CHANNEL,
+        /// Give a server role.
+        SetServerRole(SetServerRole) = SET_SERVER_ROLE,
+        /// Define a server role.
+        DefineServerRole(DefineServerRole) = DEFINE_SERVER_ROLE,
         /// Post.
         Post(Post) = POST,
         /// Sync.
@@ -834,6 +947,10 @@ frame_enum! {
         MemberList(MemberList) = MEMBER_LIST,
         /// One room in detail.
         RoomDetails(RoomDetails) = ROOM_DETAILS,
+        /// One server.
+        ServerInfo(Box<ServerInfo>) = SERVER_INFO,
+        /// My servers.
+        ServerList(ServerList) = SERVER_LIST,
         /// Post is durable.
         Posted(Posted) = POSTED,
         /// A page of deltas.

@@ -101,6 +101,20 @@ wire_code! {
         MODERATE = 0x0027,
         /// Define, redefine or remove a room's role.
         DEFINE_ROLE = 0x0028,
+        /// Create a server (community) with its first channel.
+        CREATE_SERVER = 0x0040,
+        /// Join a public server.
+        JOIN_SERVER = 0x0041,
+        /// Leave a server.
+        LEAVE_SERVER = 0x0042,
+        /// List the servers the user is in, paged.
+        LIST_SERVERS = 0x0043,
+        /// Create a channel in a server.
+        CREATE_CHANNEL = 0x0044,
+        /// Give a member of a server a role.
+        SET_SERVER_ROLE = 0x0045,
+        /// Define or remove a role of a server.
+        DEFINE_SERVER_ROLE = 0x0046,
         /// Post a message.
         POST = 0x0030,
         /// Catch up on what was missed, per room.
@@ -152,6 +166,10 @@ wire_code! {
         MEMBER_LIST = 0x8022,
         /// One room in detail.
         ROOM_DETAILS = 0x8023,
+        /// One server.
+        SERVER_INFO = 0x8040,
+        /// A page of the user's servers.
+        SERVER_LIST = 0x8041,
         /// A post is durable.
         POSTED = 0x8030,
         /// A page of deltas (SYNC and HISTORY).

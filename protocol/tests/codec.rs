@@ -163,6 +163,30 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), seq()).prop_map(|(room, target)| ClientFrame::Delete(DeleteMessage { room, target })),
         text().prop_map(|user| ClientFrame::OpenDirect(OpenDirect { user })),
+        (text(), text(), any::<bool>()).prop_map(|(name, description, public)| ClientFrame::CreateServer(
+            CreateServer { name, description, public }
+        )),
+        any::<u64>().prop_map(|s| ClientFrame::JoinServer(ServerRef { server: ServerId(s) })),
+        any::<u64>().prop_map(|s| ClientFrame::LeaveServer(ServerRef { server: ServerId(s) })),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(s, limit)| ClientFrame::ListServers(ListServers { after_server: ServerId(s), limit })),
+        (any::<u64>(), text(), any::<bool>(), vec(text(), 0..3), vec(text(), 0..3)).prop_map(
+            |(s, name, voice, read_roles, post_roles)| ClientFrame::CreateChannel(CreateChannel {
+                server: ServerId(s),
+                name,
+                voice,
+                read_roles,
+                post_roles
+            })
+        ),
+        (any::<u64>(), text(), text()).prop_map(|(s, user, role)| ClientFrame::SetServerRole(SetServerRole {
+            server: ServerId(s),
+            user,
+            role
+        })),
+        (any::<u64>(), text(), option::of(any::<u32>())).prop_map(|(s, name, p)| ClientFrame::DefineServerRole(
+            DefineServerRole { server: ServerId(s), name, permissions: p.map(Permissions) }
+        )),
         (room(), text(), any::<u8>(), text()).prop_map(|(room, user, a, role)| ClientFrame::Moderate(Moderate {
             room,
             user,
@@ -193,6 +217,25 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), seq(), any::<u32>()).prop_map(|(room, before, limit)| ClientFrame::View(View { room, before, limit })),
     ]
+}
+
+fn server_info() -> impl Strategy<Value = ServerInfo> {
+    (
+        (any::<u64>(), text(), text(), any::<bool>()),
+        (user(), any::<u64>(), any::<u64>(), text()),
+        vec(room_info(), 0..3),
+    )
+        .prop_map(|((s, name, description, public), (owner, members, member_cap, role), channels)| ServerInfo {
+            server: ServerId(s),
+            name,
+            description,
+            public,
+            owner,
+            members,
+            member_cap,
+            role,
+            channels,
+        })
 }
 
 fn message_view() -> impl Strategy<Value = MessageView> {
@@ -308,6 +351,9 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         }),
         vec(cursor(), 0..5).prop_map(|heads| ServerFrame::SyncDone(SyncDone { heads })),
         delta().prop_map(ServerFrame::Delta),
+        (vec(server_info(), 0..3), option::of(any::<u64>())).prop_map(|(servers, next)| ServerFrame::ServerList(
+            ServerList { servers, next_after: next.map(ServerId) }
+        )),
         (room(), vec(message_view(), 0..3), option::of(seq())).prop_map(|(room, messages, next_before)| {
             ServerFrame::MessagePage(MessagePage { room, messages, next_before })
         }),

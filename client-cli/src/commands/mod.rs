@@ -7,8 +7,9 @@
 mod account;
 mod message;
 mod room;
+mod server;
 
-use crate::cli::{Cli, Command, RoomCommand, SessionsCommand};
+use crate::cli::{ChannelCommand, Cli, Command, RoomCommand, ServerCommand, SessionsCommand};
 use crate::connect::{home_from_flag, CallError, Ctx};
 use crate::output::Output;
 use crate::tail;
@@ -64,6 +65,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             RoomCommand::Info { room } => room::info(&mut ctx, room),
         },
         Command::Dm { user } => room::direct(&mut ctx, &user),
+        Command::Server { command } => match command {
+            ServerCommand::Create { name, private, description } => {
+                server::create(&mut ctx, &name, &description, !private)
+            }
+            ServerCommand::Join { server } => server::join(&mut ctx, server),
+            ServerCommand::Leave { server } => server::leave(&mut ctx, server),
+            ServerCommand::Role { server, user, role } => server::role(&mut ctx, server, &user, &role),
+            ServerCommand::DefineRole { server, name, permissions, remove } => {
+                server::define_role(&mut ctx, server, &name, if remove { None } else { Some(&permissions[..]) })
+            }
+        },
+        Command::Servers => server::list(&mut ctx),
+        Command::Channel { command: ChannelCommand::Create { server, name, voice, read_roles, post_roles } } => {
+            server::create_channel(&mut ctx, server, &name, voice, read_roles, post_roles)
+        }
         Command::Rooms => room::list(&mut ctx),
         Command::Members { room } => room::members(&mut ctx, room),
         Command::Send { room, text } => message::send(&mut ctx, room, &text),

@@ -38,25 +38,10 @@ pub fn moderate(ctx: &mut Ctx, room: u64, user: &str, action: ModAction, role: &
 
 /// `room define-role ROOM NAME PERMISSION... | --remove`.
 pub fn define_role(ctx: &mut Ctx, room: u64, name: &str, permissions: Option<&[String]>) -> Result<(), CallError> {
-    let perms = match permissions {
-        None => None,
-        Some(names) => {
-            let mut set = Permissions::NONE;
-            for n in names {
-                let p = Permissions::by_name(n).ok_or_else(|| {
-                    let known: Vec<&str> = Permissions::ALL_NAMED.iter().map(|(_, n)| *n).collect();
-                    CallError::Local(anyhow::anyhow!("unknown permission {n:?}; known: {}", known.join(" ")))
-                })?;
-                set = set.with(p);
-            }
-            Some(set)
-        }
-    };
+    let perms = parse_permissions(permissions)?;
     let (mut client, _) = ctx.connect_authed()?;
     let posted = client.define_role(RoomId(room), name, perms)?;
-    let listed: Vec<&str> = perms
-        .map(|p| Permissions::ALL_NAMED.iter().filter(|(q, _)| p.contains(*q)).map(|(_, n)| *n).collect())
-        .unwrap_or_default();
+    let listed = permission_names(perms);
     ctx.out.record(
         &json!({"room": room, "role": name, "permissions": perms.map(|_| listed.clone()), "seq": posted.seq}),
         &match perms {
@@ -65,6 +50,27 @@ pub fn define_role(ctx: &mut Ctx, room: u64, name: &str, permissions: Option<&[S
         },
     )?;
     Ok(())
+}
+
+/// Permission names to a set (`None` stays none: a removal).
+pub fn parse_permissions(names: Option<&[String]>) -> Result<Option<Permissions>, CallError> {
+    let Some(names) = names else { return Ok(None) };
+    let mut set = Permissions::NONE;
+    for n in names {
+        let p = Permissions::by_name(n).ok_or_else(|| {
+            let known: Vec<&str> = Permissions::ALL_NAMED.iter().map(|(_, n)| *n).collect();
+            CallError::Local(anyhow::anyhow!("unknown permission {n:?}; known: {}", known.join(" ")))
+        })?;
+        set = set.with(p);
+    }
+    Ok(Some(set))
+}
+
+/// A set's permission names, in bit order.
+pub fn permission_names(perms: Option<Permissions>) -> Vec<&'static str> {
+    perms
+        .map(|p| Permissions::ALL_NAMED.iter().filter(|(q, _)| p.contains(*q)).map(|(_, n)| *n).collect())
+        .unwrap_or_default()
 }
 
 /// `dm USER`: the direct dialog with USER, made on first use.

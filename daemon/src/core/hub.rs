@@ -19,7 +19,7 @@
 //! pruned ([`Hub::prune`]): the maps hold what in-flight work can still need, not every room ever
 //! published.
 
-use chime_storage::{RoomId, Seq, SessionId, UserId};
+use chime_storage::{RoomId, Seq, ServerId, SessionId, UserId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// A connection, by its key in the loop's table.
@@ -53,6 +53,14 @@ pub struct Hub {
     heads: HashMap<RoomId, Head>,
     /// Membership changes, oldest first, with when.
     changes: VecDeque<(u64, UserId, RoomId, Change)>,
+    /// Logged-in connections per server they follow (their user is a member): new channels of
+    /// the server reach them. A server of a million members holds here only its online ones.
+    servers: HashMap<ServerId, Vec<Key>>,
+    /// The servers each connection follows (to leave them all when it goes).
+    followed: HashMap<Key, Vec<ServerId>>,
+    /// Channels created in servers, oldest first, with when: a login in flight follows the
+    /// user's servers with a channel list read before them.
+    channels: VecDeque<(u64, ServerId, RoomId)>,
     /// Operations in flight that will subscribe connections with a view read earlier (logins,
     /// room creations), by the stamp they started at: how many started then.
     pending: BTreeMap<u64, usize>,
@@ -117,6 +125,9 @@ impl Hub {
         while self.changes.front().is_some_and(|(s, ..)| *s < oldest) {
             self.changes.pop_front();
         }
+        while self.channels.front().is_some_and(|(s, ..)| *s < oldest) {
+            self.channels.pop_front();
+        }
     }
 
     /// How many heads and membership changes are remembered (for tests and stats).
@@ -150,6 +161,46 @@ impl Hub {
     pub fn log_out(&mut self, user: UserId, session: SessionId, key: Key) {
         remove_key(&mut self.users, user, key);
         remove_key(&mut self.sessions, session, key);
+        for server in self.followed.remove(&key).unwrap_or_default() {
+            remove_key(&mut self.servers, server, key);
+        }
+    }
+
+    /// `key` follows `server`'s new channels.
+    pub fn follow_server(&mut self, server: ServerId, key: Key) {
+        let followed = self.followed.entry(key).or_default();
+        if !followed.contains(&server) {
+            followed.push(server);
+            self.servers.entry(server).or_default().push(key);
+        }
+    }
+
+    /// `key` stops following `server`.
+    pub fn unfollow_server(&mut self, server: ServerId, key: Key) {
+        if let Some(followed) = self.followed.get_mut(&key) {
+            followed.retain(|s| *s != server);
+        }
+        remove_key(&mut self.servers, server, key);
+    }
+
+    /// The connections following `server`.
+    pub fn followers(&self, server: ServerId) -> Vec<Key> {
+        self.servers.get(&server).cloned().unwrap_or_default()
+    }
+
+    /// The loop subscribed `server`'s followers to its new channel `room`.
+    pub fn channel_created(&mut self, server: ServerId, room: RoomId) {
+        let stamp = self.stamp();
+        self.channels.push_back((stamp, server, room));
+    }
+
+    /// Channels created after `stamp` in any of `servers`.
+    pub fn channels_since(&self, stamp: u64, servers: &[ServerId]) -> Vec<RoomId> {
+        self.channels
+            .iter()
+            .filter(|(s, server, _)| *s > stamp && servers.contains(server))
+            .map(|&(_, _, r)| r)
+            .collect()
     }
 
     /// The connections of `user`.

@@ -563,7 +563,37 @@ impl Core {
                     }
                 }
             }
-            Effect::LoggedIn { to, user, name, session, rooms } => self.logged_in(io, to, user, name, session, rooms),
+            Effect::LoggedIn { to, user, name, session, rooms, servers } => {
+                self.logged_in(io, to, user, name, session, (rooms, servers))
+            }
+            Effect::JoinedServer { user, server, channels } => {
+                for key in self.hub.connections_of_user(user) {
+                    self.hub.follow_server(server, key);
+                }
+                for (room, head) in channels {
+                    self.hub.changed(user, room, Change::Joined(Some(head)));
+                    for key in self.hub.connections_of_user(user) {
+                        self.subscribe_from(io, key, room, head);
+                    }
+                }
+            }
+            Effect::LeftServer { user, server, channels } => {
+                for key in self.hub.connections_of_user(user) {
+                    self.hub.unfollow_server(server, key);
+                }
+                for room in channels {
+                    self.hub.changed(user, room, Change::Left);
+                    for key in self.hub.connections_of_user(user) {
+                        self.unsubscribe(io, key, room);
+                    }
+                }
+            }
+            Effect::ChannelCreated { server, room } => {
+                self.hub.channel_created(server, room);
+                for key in self.hub.followers(server) {
+                    self.subscribe_from(io, key, room, Seq::ZERO);
+                }
+            }
             Effect::LoggedOut { to } => {
                 if self.link_of(to.conn).is_some() {
                     self.log_out(to.conn.key, now.secs);
@@ -605,7 +635,7 @@ impl Core {
         user: UserId,
         name: String,
         session: chime_storage::SessionRecord,
-        rooms: Vec<(RoomId, Seq)>,
+        (rooms, servers): (Vec<(RoomId, Seq)>, Vec<chime_storage::ServerId>),
     ) {
         let key = to.conn.key;
         let Some(link) = self.link_of(to.conn) else { return };
@@ -617,6 +647,13 @@ impl Core {
         // room list: linear in the rooms, whatever their number.
         for (room, head) in rooms {
             self.subscribe_from(io, key, room, head);
+        }
+        for &server in &servers {
+            self.hub.follow_server(server, key);
+        }
+        // Channels created in the user's servers while the login was read.
+        for room in self.hub.channels_since(stamp, &servers) {
+            self.subscribe_from(io, key, room, Seq::ZERO);
         }
         // Joins and leaves of the user that the loop carried out while the login was read: the
         // room list may predate them.

@@ -188,7 +188,7 @@ fn login_effects(key: Key, rid: u32, rooms: &[(u64, u64)]) -> Completion {
         last_used_at_ms: 1_700_000_000_000,
     };
     Completion(vec![
-        Effect::LoggedIn { to: to(key, rid), user: USER, name: "me".into(), session, rooms },
+        Effect::LoggedIn { to: to(key, rid), user: USER, name: "me".into(), session, rooms, servers: Vec::new() },
         crate::work::reply(to(key, rid), ServerFrame::Authed(Authed { user_id: USER, user: "me".into(), token: None })),
         Effect::Release { to: to(key, rid), shared: true },
     ])

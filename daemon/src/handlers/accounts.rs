@@ -394,18 +394,35 @@ fn logged_in(
     session: SessionRecord,
     token: Option<String>,
 ) -> Vec<Effect> {
-    match store.rooms_of_user(user) {
-        Ok(rooms) => vec![
+    let read = store.rooms_of_user(user).and_then(|rooms| Ok((rooms, server_ids(store, user)?)));
+    match read {
+        Ok((rooms, servers)) => vec![
             Effect::LoggedIn {
                 to,
                 user,
                 name: name.clone(),
                 session,
                 rooms: rooms.iter().map(|r| (r.id, r.last_seq)).collect(),
+                servers,
             },
             reply(to, ServerFrame::Authed(Authed { user_id: user, user: name, token })),
         ],
         Err(e) => vec![refuse(to, store_error(&e))],
+    }
+}
+
+/// Every server the user is in (at most the rooms-per-user cap), page by page.
+fn server_ids(store: &mut dyn SharedStore, user: UserId) -> chime_storage::Result<Vec<chime_storage::ServerId>> {
+    let mut ids = Vec::new();
+    let mut after = chime_storage::ServerId(0);
+    loop {
+        let page = store.servers_page(user, after, crate::limits::MAX_PAGE)?;
+        let full = page.len() == crate::limits::MAX_PAGE as usize;
+        ids.extend(page.iter().map(|s| s.id));
+        match ids.last() {
+            Some(&last) if full => after = last,
+            _ => return Ok(ids),
+        }
     }
 }
 

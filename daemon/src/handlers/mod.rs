@@ -10,6 +10,7 @@
 //! - [`accounts`]: register, log in, resume, log out, sessions, profiles, settings.
 //! - [`rooms`]: create, join, leave, list rooms and members.
 //! - [`messages`]: post (group-committed) and history.
+//! - [`servers`]: servers (communities), their channels and server roles.
 //! - [`actions`]: edit, delete, react, reply, pin, and messages in their current state (view).
 //! - [`sync`]: SYNC and the page reads behind it and behind catch-ups.
 
@@ -17,6 +18,7 @@ pub mod accounts;
 pub mod actions;
 pub mod messages;
 pub mod rooms;
+pub mod servers;
 pub mod sync;
 
 use crate::config::Config;
@@ -121,6 +123,13 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::GetRoom(r) => rooms::get(ctx, r),
         ClientFrame::OpenDirect(o) => rooms::open_direct(ctx, o),
         ClientFrame::Moderate(m) => rooms::moderate(ctx, m),
+        ClientFrame::CreateServer(c) => servers::create(ctx, c),
+        ClientFrame::JoinServer(r) => servers::join(ctx, r),
+        ClientFrame::LeaveServer(r) => servers::leave(ctx, r),
+        ClientFrame::ListServers(l) => servers::list(ctx, l),
+        ClientFrame::CreateChannel(c) => servers::create_channel(ctx, c),
+        ClientFrame::SetServerRole(s) => servers::set_role(ctx, s),
+        ClientFrame::DefineServerRole(d) => servers::define_role(ctx, d),
         ClientFrame::DefineRole(d) => rooms::define_role(ctx, d),
         ClientFrame::Post(p) => messages::post(ctx, p),
         ClientFrame::History(h) => messages::history(ctx, h),
