@@ -57,12 +57,12 @@ const CANCELLED: u8 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The root could not be created or opened.
-    #[error("cannot open the object store at {}: {source}", path.display())]
+    #[error("cannot open the object store at {}: {error}", path.display())]
     Store {
         /// The root given.
         path: PathBuf,
         /// What the OS said.
-        source: io::Error,
+        error: io::Error,
     },
     /// The client broke the protocol in a way that ends the session (answered with ERROR on id 0).
     #[error("protocol error: {0}")]
@@ -77,7 +77,7 @@ pub enum AgentError {
 
 /// Runs the agent on this process's stdin and stdout until stdin ends.
 pub fn run(root: &Path) -> Result<(), AgentError> {
-    let store = Store::open(root).map_err(|source| AgentError::Store { path: root.to_path_buf(), source })?;
+    let store = Store::open(root).map_err(|error| AgentError::Store { path: root.to_path_buf(), error })?;
     // Our own descriptors for the two pipes: std's Stdout is line-buffered (it would flush at
     // every newline byte inside a chunk) and its lock cannot move to the writer thread.
     let input = io::stdin().as_fd().try_clone_to_owned().map(File::from).map_err(AgentError::Io)?;

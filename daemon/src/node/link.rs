@@ -955,27 +955,31 @@ impl Shared {
     /// Declares the session dead (the first reason is kept), tells every waiting call, kills ssh.
     /// Returns the reason in force.
     fn fail_with(&self, reason: String) -> String {
-        let (reason, waiting) = {
+        let (reason, waiting, first) = {
             let mut calls = lock(&self.calls);
             match &calls.dead {
-                Some(first) => (first.clone(), Vec::new()),
+                Some(first) => (first.clone(), Vec::new(), false),
                 None => {
                     calls.dead = Some(reason.clone());
-                    (reason, calls.waiting.drain().map(|(_, sender)| sender).collect())
+                    (reason, calls.waiting.drain().map(|(_, sender)| sender).collect(), true)
                 }
             }
         };
-        for sender in waiting {
-            let _ = sender.send(Event::Lost(reason.clone()));
-        }
-        lock(&self.peer).kill();
-        if !self.closing.load(Ordering::Acquire) {
+        // The link's state changes before any caller hears of the loss, so a caller that looks
+        // at `reachability()` after its error sees the node down. Only the call that ended the
+        // session does it: a later one (the reader, done reaping ssh) may come after the next
+        // session has opened. A session closed on purpose is no news.
+        if first && !self.closing.load(Ordering::Acquire) {
             let mut health = lock(&self.health);
             let now = Instant::now();
             // A session that dies is not a failed attempt to open one: the next call may try at
             // once, so `next_attempt` is left as a successful open left it.
             let retry_at = health.next_attempt.unwrap_or(now);
             health.reach = Reachability::Down { since: now, reason: reason.clone(), retry_at };
+        }
+        lock(&self.peer).kill();
+        for sender in waiting {
+            let _ = sender.send(Event::Lost(reason.clone()));
         }
         reason
     }
