@@ -312,8 +312,8 @@ pub(crate) struct Transport {
 pub(crate) trait Peer: Send {
     /// Ends it at once.
     fn kill(&mut self);
-    /// Waits up to `wait` for it to end by itself, then kills it; says how it ended.
-    fn reap(&mut self, wait: Duration) -> Option<String>;
+    /// How it ended, once it has (reaping it); `None` while it runs.
+    fn try_exit(&mut self) -> Option<String>;
     /// Its process id, if it is a process.
     fn pid(&self) -> Option<u32>;
 }
@@ -324,18 +324,11 @@ impl Peer for Child {
         let _ = Child::kill(self);
     }
 
-    fn reap(&mut self, wait: Duration) -> Option<String> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match self.try_wait() {
-                Ok(Some(status)) => return Some(describe_exit(status)),
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-                Ok(None) => {
-                    let _ = Child::kill(self);
-                    return self.wait().ok().map(|_| "ssh was killed".into());
-                }
-                Err(_) => return None,
-            }
+    fn try_exit(&mut self) -> Option<String> {
+        match self.try_wait() {
+            Ok(Some(status)) => Some(describe_exit(status)),
+            Ok(None) => None,
+            Err(e) => Some(format!("ssh could not be waited for: {e}")),
         }
     }
 
@@ -1016,8 +1009,19 @@ impl Shared {
         if !ended_by_peer {
             lock(&self.peer).kill();
         }
-        // Give ssh a moment to exit and say why on stderr, then tell everyone.
-        let exit = lock(&self.peer).reap(Duration::from_secs(2));
+        // Give ssh a moment to exit and say why on stderr, then tell everyone. The peer is
+        // locked only to look, so a caller killing it meanwhile does not wait.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let exit = loop {
+            if let Some(exit) = lock(&self.peer).try_exit() {
+                break Some(exit);
+            }
+            if Instant::now() >= deadline {
+                lock(&self.peer).kill();
+                break lock(&self.peer).try_exit().or(Some("ssh was killed".into()));
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
         self.stderr.wait_closed(Duration::from_millis(500));
         let mut reason = why;
         if let Some(exit) = exit {
@@ -1124,9 +1128,10 @@ impl Call {
         }
     }
 
-    /// Tells the agent to stop this transfer; best effort, since the call is being abandoned.
+    /// Tells the agent to stop this transfer, so it frees the transfer's slot; if even that
+    /// cannot be queued in time the node is stuck, and its session is ended instead.
     fn cancel(&self) {
-        let _ = self.session.out.try_send(Request::Cancel.encode(self.id));
+        let _ = self.send(Request::Cancel.encode(self.id));
     }
 
     /// The agent answered with a frame that makes no sense here: its session cannot be trusted.
@@ -1248,8 +1253,8 @@ mod tests {
         fn kill(&mut self) {
             let _ = self.0.shutdown(std::net::Shutdown::Both);
         }
-        fn reap(&mut self, _wait: Duration) -> Option<String> {
-            None
+        fn try_exit(&mut self) -> Option<String> {
+            Some("the in-process agent's socket closed".into())
         }
         fn pid(&self) -> Option<u32> {
             None

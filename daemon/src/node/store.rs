@@ -26,6 +26,11 @@ const STALE_TEMP: Duration = Duration::from_secs(24 * 3600);
 /// Bytes hashed between two progress calls in [`Store::check`].
 const CHECK_STEP: usize = 1 << 20;
 
+/// An upload is flushed to disk every this many bytes, so the fsync at its end has at most this
+/// much to write: a multi-gigabyte upload would otherwise leave the kernel's whole dirty-page
+/// allowance for that one fsync, long enough for the client to give up waiting for STORED.
+const SYNC_EVERY: u64 = 64 << 20;
+
 /// Numbers temp files so that uploads of the same object never share one.
 static NEXT_TEMP: AtomicU64 = AtomicU64::new(1);
 
@@ -148,6 +153,7 @@ impl Store {
             expected: sha256,
             size,
             written: 0,
+            unsynced: 0,
             stored: false,
         })
     }
@@ -338,6 +344,8 @@ pub struct Upload {
     size: u64,
     /// Bytes written so far.
     written: u64,
+    /// Bytes written since the last flush to disk.
+    unsynced: u64,
     /// Set once renamed into place, so `Drop` leaves the file alone.
     stored: bool,
 }
@@ -352,6 +360,11 @@ impl Upload {
         self.file.write_all(chunk)?;
         self.hasher.update(chunk);
         self.written = after;
+        self.unsynced += chunk.len() as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
         Ok(())
     }
 

@@ -182,3 +182,25 @@ fn a_node_that_never_answers_is_declared_down_within_the_timeout() {
     assert!(took < timeout + Duration::from_secs(3), "declared down after {took:?}");
     println!("a silent node was declared down after {took:?}: {err}");
 }
+
+#[test]
+fn a_login_shell_that_prints_or_a_missing_agent_is_reported_as_such() {
+    let Some(sshd) = Sshd::start_or_skip() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The agent command goes to the remote shell as written: this one prints a banner first,
+    // as a chatty .bashrc would.
+    let mut chatty = sshd.node("chatty", &dir.path().join("chatty"));
+    chatty.agent = format!("echo Welcome to node1; {}", chatty.agent);
+    let err = NodeLink::new(&chatty, options()).space().expect_err("garbage on stdout");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(text.contains("Welc") && text.contains("login shell print"), "{text}");
+
+    let mut missing = sshd.node("missing", &dir.path().join("missing"));
+    missing.agent = "/nonexistent/chimed".into();
+    let err = NodeLink::new(&missing, options()).space().expect_err("no agent");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(matches!(err, NodeError::Unreachable { .. }), "{text}");
+    assert!(text.contains("status 127") && text.contains("/nonexistent/chimed"), "{text}");
+}
