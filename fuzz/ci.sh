@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # Seconds per target: the decoder sees every byte a client sends, so it gets the most.
-budget=(decoder:60 client_bodies:25 server_bodies:25 sync:30)
+budget=(decoder:60 client_bodies:25 server_bodies:25 sync:30 node_frames:20)
 
 cargo fmt -- --check
 

@@ -2,13 +2,15 @@
 //!
 //! `serve` is the default subcommand, so `chimed --listen ADDR` and `chimed serve --listen ADDR`
 //! mean the same. Every serve flag is optional and, when given, overrides the key of the same
-//! name in the config file (which overrides the built-in default).
+//! name in the config file (which overrides the built-in default). `chimed node` is the storage
+//! agent the daemon starts on a node through ssh; `chimed admin` holds operators' commands.
 
 use crate::config::{Config, ConfigError};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
-/// `chimed [serve] [FLAGS]` or `chimed migrate [FLAGS]`.
+/// `chimed [serve] [FLAGS]`, `chimed migrate [FLAGS]`, `chimed node --root DIR` or
+/// `chimed admin ...`.
 #[derive(Debug, Parser)]
 #[command(
     name = "chimed",
@@ -39,6 +41,66 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database schema migrations and exit.
     Migrate(MigrateArgs),
+    /// Run the storage agent of a node on stdin/stdout (the daemon starts it through ssh).
+    Node(NodeArgs),
+    /// Administration commands.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// Flags of `chimed node`.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Directory of the node's object store (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+}
+
+/// `chimed admin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Connect to every configured storage node and print its state, space and object count
+    /// (exit 1 if any is unreachable).
+    Nodes(AdminNodesArgs),
+    /// Re-hash every object on a storage node and print the bad ones (exit 1 if any).
+    Verify(AdminVerifyArgs),
+}
+
+/// Flags of `chimed admin nodes`.
+#[derive(Debug, Clone, Args)]
+pub struct AdminNodesArgs {
+    /// TOML config file listing the nodes ([[node]] tables).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// One JSON object per node and line.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for each node.
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    pub timeout: u64,
+}
+
+/// Flags of `chimed admin verify`.
+#[derive(Debug, Clone, Args)]
+pub struct AdminVerifyArgs {
+    /// The node's name in the config file.
+    pub node: String,
+    /// TOML config file listing the nodes ([[node]] tables).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// One JSON object per bad object and line, then a summary object.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the node's next answer (a running verify reports every second).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// Loads and validates the config file of an admin command (the defaults when none is given).
+pub fn admin_config(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    config.validate()?;
+    Ok(config)
 }
 
 /// Flags of `chimed serve`. Each `Option` left `None` keeps the config file's value.
@@ -280,6 +342,28 @@ mod tests {
         let config = args.resolve().expect("valid");
         assert_eq!(config.database_url(), "sqlite:/tmp/x.db");
         assert_eq!(config.data_dir, PathBuf::from("/d"));
+    }
+
+    #[test]
+    fn node_and_admin_commands() {
+        let Command::Node(args) = parse(&["node", "--root", "/srv/chime"]) else { panic!("expected node") };
+        assert_eq!(args.root, PathBuf::from("/srv/chime"));
+        let Command::Admin(AdminCommand::Nodes(args)) = parse(&["admin", "nodes", "--json", "--config", "c.toml"])
+        else {
+            panic!("expected admin nodes");
+        };
+        assert!(args.json);
+        assert_eq!(args.config, Some(PathBuf::from("c.toml")));
+        assert_eq!(args.timeout, 20);
+        let Command::Admin(AdminCommand::Verify(args)) = parse(&["admin", "verify", "n1"]) else {
+            panic!("expected admin verify");
+        };
+        assert_eq!(args.node, "n1");
+        assert!(!args.json);
+        for bad in [&["node"][..], &["admin"], &["admin", "verify"], &["admin", "rebalance"]] {
+            let argv = std::iter::once("chimed").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -109,6 +109,64 @@ pub struct Config {
     /// How long a write to the embedded store waits for another connection's lock (ms) before
     /// the request is answered `UNAVAILABLE`.
     pub database_busy_timeout_ms: u64,
+    /// Uploaded files: their size limit, the local cache, how many node copies (`[files]`).
+    pub files: FilesConfig,
+    /// The storage nodes cold files move to (`[[node]]`, one table per node).
+    pub node: Vec<NodeConfig>,
+}
+
+/// The `[files]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Largest upload accepted, in bytes.
+    pub max_size: u64,
+    /// Where uploaded files are kept locally; `None`: `DATA_DIR/cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes the cache may hold before files move to nodes.
+    pub cache_quota: u64,
+    /// On how many nodes a file is kept once it leaves the cache.
+    pub copies: u32,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig { max_size: 100 << 20, cache_dir: None, cache_quota: 10 << 30, copies: 1 }
+    }
+}
+
+/// One `[[node]]` table: a storage node reached with the system's `ssh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// A short unique name (letters, digits, `.`, `_`, `-`), used in logs and `chimed admin`.
+    pub name: String,
+    /// Any destination `ssh` accepts: `ssh://user@host:port`, `user@host`, a `Host` alias of
+    /// ssh_config (which is where ProxyJump and friends go).
+    pub ssh: String,
+    /// Extra `ssh` arguments, placed before Chime's own (`-i KEY`, `-F FILE`, `-o ...`); for each
+    /// option ssh keeps the first value it is given, so these win.
+    #[serde(default)]
+    pub ssh_options: Vec<String>,
+    /// The object store's directory on the node (created if missing).
+    pub root: String,
+    /// The command that starts `chimed` on the node, as the remote shell should run it.
+    #[serde(default = "default_agent")]
+    pub agent: String,
+    /// Preferred nodes first: a node with a higher priority gets new files while it has room.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+fn default_agent() -> String {
+    "chimed".into()
+}
+
+impl NodeConfig {
+    /// Whether a node name is acceptable: 1 to 64 of `[A-Za-z0-9._-]`.
+    pub fn valid_name(name: &str) -> bool {
+        (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    }
 }
 
 impl Default for Config {
@@ -140,6 +198,8 @@ impl Default for Config {
             session_idle_secs: 14 * 86_400,
             session_max_age_secs: 90 * 86_400,
             database_busy_timeout_ms: 5_000,
+            files: FilesConfig::default(),
+            node: Vec::new(),
         }
     }
 }
@@ -247,7 +307,69 @@ impl Config {
                 format!("is {}, must be between {MIN_FRAME} and {MAX_FRAME} bytes", self.max_frame),
             );
         }
+        self.validate_files()
+    }
+
+    /// Checks `[files]` and every `[[node]]`.
+    fn validate_files(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let files = &self.files;
+        if files.max_size == 0 {
+            return invalid("files.max_size", "must be at least 1".into());
+        }
+        if files.cache_quota < files.max_size {
+            return invalid(
+                "files.cache_quota",
+                format!(
+                    "is {}, must be at least files.max_size ({}): the cache holds every upload first",
+                    files.cache_quota, files.max_size
+                ),
+            );
+        }
+        if files.cache_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
+            return invalid("files.cache_dir", "must not be empty".into());
+        }
+        if files.copies == 0 {
+            return invalid("files.copies", "must be at least 1".into());
+        }
+        if !self.node.is_empty() && files.copies as usize > self.node.len() {
+            return invalid(
+                "files.copies",
+                format!("is {}, but only {} nodes are configured", files.copies, self.node.len()),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, node) in self.node.iter().enumerate() {
+            let which = format!("[[node]] number {} ({:?})", i + 1, node.name);
+            if !NodeConfig::valid_name(&node.name) {
+                return invalid("node.name", format!("{which}: a name is 1 to 64 letters, digits, '.', '_' or '-'"));
+            }
+            if !names.insert(node.name.as_str()) {
+                return invalid("node.name", format!("{which}: another node has the same name"));
+            }
+            let ssh = node.ssh.trim();
+            if ssh.is_empty() {
+                return invalid("node.ssh", format!("{which}: must not be empty"));
+            }
+            if ssh.starts_with('-') {
+                return invalid(
+                    "node.ssh",
+                    format!("{which}: a destination, not an option (options go in ssh_options)"),
+                );
+            }
+            if node.root.trim().is_empty() {
+                return invalid("node.root", format!("{which}: must not be empty"));
+            }
+            if node.agent.trim().is_empty() {
+                return invalid("node.agent", format!("{which}: must not be empty"));
+            }
+        }
         Ok(())
+    }
+
+    /// The file cache's directory: `files.cache_dir`, else `DATA_DIR/cache`.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.files.cache_dir.clone().unwrap_or_else(|| self.data_dir.join("cache"))
     }
 
     /// The database to use: the `database` key (or flag) if set, else `CHIMED_DATABASE_URL`,
@@ -506,6 +628,91 @@ mod tests {
         assert_eq!(redact_database_url("postgres://chime@db/chime"), "postgres://chime@db/chime");
         assert_eq!(redact_database_url("sqlite:./chime-data/chime.db"), "sqlite:./chime-data/chime.db");
         assert_eq!(redact_database_url("postgresql://u:p@h"), "postgresql://u:***@h");
+    }
+
+    const NODES: &str = r#"
+[files]
+max_size = 1000
+cache_quota = 5000
+copies = 2
+
+[[node]]
+name = "n1"
+ssh = "ssh://chime@node1.example:22"
+ssh_options = ["-i", "/etc/chime/node_key"]
+root = "/srv/chime"
+agent = "/opt/chime/bin/chimed"
+
+[[node]]
+name = "n2"
+ssh = "backup-node"
+root = "/srv/chime"
+priority = 5
+"#;
+
+    #[test]
+    fn files_and_nodes_parse_with_defaults() {
+        let config = Config::parse(NODES).expect("valid toml");
+        assert_eq!(config.validate().ok(), Some(()));
+        assert_eq!(config.files, FilesConfig { max_size: 1000, cache_dir: None, cache_quota: 5000, copies: 2 });
+        assert_eq!(config.node.len(), 2);
+        assert_eq!(config.node[0].ssh_options, ["-i", "/etc/chime/node_key"]);
+        assert_eq!(config.node[0].agent, "/opt/chime/bin/chimed");
+        assert_eq!(config.node[0].priority, 0);
+        assert_eq!(config.node[1].agent, "chimed");
+        assert!(config.node[1].ssh_options.is_empty());
+        assert_eq!(config.node[1].priority, 5);
+        assert_eq!(config.cache_dir(), PathBuf::from("./chime-data/cache"));
+
+        let defaults = Config::default();
+        assert_eq!(defaults.files.max_size, 104_857_600);
+        assert_eq!(defaults.files.cache_quota, 10 << 30);
+        assert_eq!(defaults.files.copies, 1);
+        assert!(defaults.node.is_empty());
+        let config = Config::parse("[files]\ncache_dir = \"/var/cache/chime\"\n").expect("valid");
+        assert_eq!(config.cache_dir(), PathBuf::from("/var/cache/chime"));
+    }
+
+    #[test]
+    fn node_tables_need_name_ssh_and_root_and_know_their_keys() {
+        for (missing, text) in [
+            ("name", "[[node]]\nssh = \"h\"\nroot = \"/r\"\n"),
+            ("ssh", "[[node]]\nname = \"a\"\nroot = \"/r\"\n"),
+            ("root", "[[node]]\nname = \"a\"\nssh = \"h\"\n"),
+        ] {
+            let err = Config::parse(text).expect_err(missing);
+            assert!(err.contains(missing), "{err}");
+        }
+        let err =
+            Config::parse("[[node]]\nname = \"a\"\nssh = \"h\"\nroot = \"/r\"\nport = 22\n").expect_err("unknown key");
+        assert!(err.contains("port"), "{err}");
+        let err = Config::parse("[files]\nmax = 1\n").expect_err("unknown key");
+        assert!(err.contains("max"), "{err}");
+    }
+
+    #[test]
+    fn files_and_nodes_are_validated() {
+        let base = || Config::parse(NODES).expect("valid toml");
+        let with = |f: &dyn Fn(&mut Config)| {
+            let mut config = base();
+            f(&mut config);
+            invalid_key(&config)
+        };
+        assert_eq!(with(&|c| c.node[1].name = "n1".into()), "node.name");
+        assert_eq!(with(&|c| c.node[1].name = String::new()), "node.name");
+        assert_eq!(with(&|c| c.node[1].name = "has space".into()), "node.name");
+        assert_eq!(with(&|c| c.node[0].ssh = "  ".into()), "node.ssh");
+        assert_eq!(with(&|c| c.node[0].ssh = "-oProxyCommand=x".into()), "node.ssh");
+        assert_eq!(with(&|c| c.node[0].root = String::new()), "node.root");
+        assert_eq!(with(&|c| c.node[0].agent = String::new()), "node.agent");
+        assert_eq!(with(&|c| c.files.copies = 3), "files.copies");
+        assert_eq!(with(&|c| c.files.copies = 0), "files.copies");
+        assert_eq!(with(&|c| c.files.max_size = 0), "files.max_size");
+        assert_eq!(with(&|c| c.files.cache_quota = 999), "files.cache_quota");
+        assert_eq!(with(&|c| c.files.cache_dir = Some(PathBuf::new())), "files.cache_dir");
+        // Without nodes, files stay in the cache whatever `copies` says.
+        let config = Config { files: FilesConfig { copies: 3, ..FilesConfig::default() }, ..Config::default() };
+        assert_eq!(config.validate().ok(), Some(()));
     }
 
     #[cfg(unix)]

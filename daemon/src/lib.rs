@@ -1,7 +1,8 @@
 //! `chimed`, the Chime daemon, as a library; `main.rs` is only the command-line wiring.
 //!
 //! - [`config`]: the configuration struct, read from TOML and validated.
-//! - [`cli`]: the command line (`chimed [serve]`, `chimed migrate`) and how flags override the file.
+//! - [`cli`]: the command line (`chimed [serve]`, `migrate`, `node`, `admin`) and how flags override
+//!   the file.
 //! - [`tls`]: the server's certificate (given, or self-signed in the data dir) and rustls setup.
 //! - [`auth`]: password hashing, session tokens, the rules for user names, passwords, email
 //!   addresses and display names.
@@ -21,6 +22,8 @@
 //! - [`limits`]: every fixed limit, named once.
 //! - [`health`]: whether the database is usable, and each worker's store, reopened after it
 //!   fails (a database restart, a full disk).
+//! - [`node`]: storage nodes reached through `ssh`: the agent (`chimed node`), its protocol and
+//!   object store, and the daemon's [`node::NodeLink`]s to them.
 //!
 //! Only the event loop touches sockets; anything slow (the database, password hashes) runs on
 //! worker threads and comes back through channels.
@@ -33,6 +36,7 @@ pub mod core;
 pub mod handlers;
 pub mod health;
 pub mod limits;
+pub mod node;
 pub mod ratelimit;
 pub mod server;
 pub mod sync;

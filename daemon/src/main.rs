@@ -1,27 +1,39 @@
-//! The `chimed` binary: parses the command line, sets up logging, and runs `serve` or `migrate`.
-//! Everything of substance lives in the `chimed` library.
+//! The `chimed` binary: parses the command line, sets up logging, and runs `serve`, `migrate`,
+//! the storage agent (`node`) or an `admin` command. Everything of substance lives in the
+//! `chimed` library.
 //!
 //! Any failure ends the process with exit status 1 and one line on stderr, `chimed: REASON`,
-//! with the causes joined by `: `.
+//! with the causes joined by `: `. `admin` commands also exit 1, after their report, when a node
+//! is unreachable or has bad objects.
 
 use anyhow::Context;
-use chimed::cli::{Cli, Command, MigrateArgs, ServeArgs};
+use chimed::cli::{self, AdminCommand, AdminNodesArgs, AdminVerifyArgs, Cli, Command, MigrateArgs, ServeArgs};
 use chimed::config::{redact_database_url, Config};
+use chimed::node::{admin, LinkOptions, Nodes};
 use clap::Parser;
 use std::process::ExitCode;
+use std::time::Duration;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,refinery_core=warn,postgres=warn"),
-    )
-    .init();
-    let result = match cli.into_command() {
-        Command::Serve(args) => serve(&args),
-        Command::Migrate(args) => migrate(&args),
+    let command = cli.into_command();
+    // An admin command's output is its report; the links' own progress lines would only get in
+    // the way (their failures are in the report).
+    let default_filter = match command {
+        Command::Admin(_) => "warn",
+        _ => "info,refinery_core=warn,postgres=warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter)).init();
+    let result = match command {
+        Command::Serve(args) => serve(&args).map(|()| ExitCode::SUCCESS),
+        Command::Migrate(args) => migrate(&args).map(|()| ExitCode::SUCCESS),
+        // stdout is the protocol: nothing else may print there.
+        Command::Node(args) => chimed::node::agent::run(&args.root).map(|()| ExitCode::SUCCESS).map_err(Into::into),
+        Command::Admin(AdminCommand::Nodes(args)) => admin_nodes(&args),
+        Command::Admin(AdminCommand::Verify(args)) => admin_verify(&args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line, whatever the underlying errors put in their messages.
             let reason = format!("{e:#}").replace('\n', " ");
@@ -68,4 +80,32 @@ fn create_data_dir_for_store(config: &Config) -> anyhow::Result<()> {
 
 fn open_store(url: &str) -> anyhow::Result<()> {
     chime_storage::open(url).map(drop).with_context(|| format!("cannot open database {}", redact_database_url(url)))
+}
+
+fn link_options(timeout_secs: u64) -> LinkOptions {
+    let timeout = Duration::from_secs(timeout_secs.max(1));
+    LinkOptions { connect_timeout: timeout, reply_timeout: timeout, ..LinkOptions::default() }
+}
+
+fn admin_nodes(args: &AdminNodesArgs) -> anyhow::Result<ExitCode> {
+    let config = cli::admin_config(args.config.as_deref())?;
+    if config.node.is_empty() {
+        eprintln!("chimed: no storage nodes are configured ([[node]] tables in --config FILE)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let nodes = Nodes::from_config(&config, &link_options(args.timeout));
+    let destinations: Vec<String> = config.node.iter().map(|node| node.ssh.clone()).collect();
+    let all_up = admin::print_nodes(&nodes, &destinations, args.json, &mut std::io::stdout().lock())?;
+    Ok(if all_up { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn admin_verify(args: &AdminVerifyArgs) -> anyhow::Result<ExitCode> {
+    let config = cli::admin_config(args.config.as_deref())?;
+    let nodes = Nodes::from_config(&config, &link_options(args.timeout));
+    let Some(link) = nodes.get(&args.node) else {
+        let known: Vec<&str> = config.node.iter().map(|node| node.name.as_str()).collect();
+        anyhow::bail!("no node named {:?} in the configuration (nodes: {})", args.node, known.join(", "));
+    };
+    let bad = admin::print_verify(link, args.json, &mut std::io::stdout().lock())?;
+    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
