@@ -121,7 +121,9 @@ fn target_dir() -> PathBuf {
 
 /// Path to a workspace binary in `target/debug`, or a panic saying how to build it.
 pub fn binary(name: &str) -> PathBuf {
-    let path = target_dir().join("debug").join(name);
+    // Benchmarks point this at a release build.
+    let dir = std::env::var_os("CHIME_BIN_DIR").map_or_else(|| target_dir().join("debug"), PathBuf::from);
+    let path = dir.join(name);
     assert!(path.is_file(), "{} not found: run `cargo build --workspace` before the integration tests", path.display());
     path
 }
