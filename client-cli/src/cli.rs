@@ -112,6 +112,22 @@ pub enum Command {
         #[command(subcommand)]
         command: ChannelCommand,
     },
+    /// Mark a room read up to SEQ (on every device).
+    Read {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The last seq read.
+        seq: u64,
+    },
+    /// Unread messages and mentions per room, as the server counts them.
+    Unread,
+    /// Messages that mention you (`@you`), newest first.
+    Notifications {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// List the rooms you are in.
     Rooms,
     /// List a room's members.

@@ -22,11 +22,12 @@ use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
     Authed, ClientFrame, CreateChannel, CreateRoom, CreateServer, Credentials, DefineRole, DefineServerRole,
     DeleteMessage, Delta, DeltaPage, Edit, Empty, GetProfile, GetSettings, History, Identity, Limits, ListMembers,
-    ListRooms, ListServers, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, OpenDirect, Permissions, Pin,
-    Ping, Post, Posted, Profile, React, Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo,
-    RoomKind, RoomRef, Seq, ServerFrame, ServerId, ServerInfo, ServerList, ServerRef, SessionInfo, SetServerRole,
-    SetSetting, SettingChanged, Settings, Sync, SyncDone, UpdateProfile, View, Welcome, DEFAULT_MAX_FRAME,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ListRooms, ListServers, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, NotificationList,
+    Notifications, OpenDirect, Permissions, Pin, Ping, Post, Posted, Profile, React, ReadState, Receipt, Reply, Resume,
+    RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, ServerId,
+    ServerInfo, ServerList, ServerRef, SessionInfo, SetServerRole, SetSetting, SettingChanged, Settings, Sync,
+    SyncDone, Unread, UnreadList, UpdateProfile, View, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -411,6 +412,36 @@ impl Client {
         match self.request(&frame)? {
             ServerFrame::Done(_) => Ok(()),
             other => Err(unexpected("DONE", &other)),
+        }
+    }
+
+    /// `RECEIPT`: delivered and read positions in a room; returns its read state.
+    pub fn receipt(
+        &mut self,
+        room: impl Into<RoomId>,
+        delivered: impl Into<Seq>,
+        read: impl Into<Seq>,
+    ) -> Result<ReadState, ClientError> {
+        let body = Receipt { room: room.into(), delivered: delivered.into(), read: read.into() };
+        match self.request(&ClientFrame::Receipt(body))? {
+            ServerFrame::ReadState(s) => Ok(s),
+            other => Err(unexpected("READ_STATE", &other)),
+        }
+    }
+
+    /// `UNREAD`: one page of the rooms with something unread.
+    pub fn unread(&mut self, after: impl Into<RoomId>, limit: u32) -> Result<UnreadList, ClientError> {
+        match self.request(&ClientFrame::Unread(Unread { after_room: after.into(), limit }))? {
+            ServerFrame::UnreadList(l) => Ok(l),
+            other => Err(unexpected("UNREAD_LIST", &other)),
+        }
+    }
+
+    /// `NOTIFICATIONS`: the user's recent mentions, newest first.
+    pub fn notifications(&mut self, limit: u32) -> Result<NotificationList, ClientError> {
+        match self.request(&ClientFrame::Notifications(Notifications { limit }))? {
+            ServerFrame::NotificationList(l) => Ok(l),
+            other => Err(unexpected("NOTIFICATION_LIST", &other)),
         }
     }
 

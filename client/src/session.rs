@@ -896,6 +896,9 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         }
         FrameType::CREATE_SERVER | FrameType::JOIN_SERVER => FrameType::SERVER_INFO,
         FrameType::LIST_SERVERS => FrameType::SERVER_LIST,
+        FrameType::RECEIPT => FrameType::READ_STATE,
+        FrameType::UNREAD => FrameType::UNREAD_LIST,
+        FrameType::NOTIFICATIONS => FrameType::NOTIFICATION_LIST,
         FrameType::LEAVE_SERVER | FrameType::SET_SERVER_ROLE | FrameType::DEFINE_SERVER_ROLE => FrameType::DONE,
         FrameType::LIST_ROOMS => FrameType::ROOM_LIST,
         FrameType::LIST_MEMBERS => FrameType::MEMBER_LIST,

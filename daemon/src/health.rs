@@ -407,6 +407,26 @@ impl SharedStore for StoreSlot {
     ) -> chime_storage::Result<chime_storage::DirectRoom> {
         self.with(|s| s.open_direct(user, user_name, peer, now_ms, max_rooms))
     }
+    fn mark_read(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        delivered: Seq,
+        read: Seq,
+    ) -> chime_storage::Result<chime_storage::UnreadRecord> {
+        self.with(|s| s.mark_read(room, user, delivered, read))
+    }
+    fn unread(
+        &mut self,
+        user: UserId,
+        after: RoomId,
+        limit: u32,
+    ) -> chime_storage::Result<Vec<chime_storage::UnreadRecord>> {
+        self.with(|s| s.unread(user, after, limit))
+    }
+    fn mentions(&mut self, user: UserId, limit: u32) -> chime_storage::Result<Vec<chime_storage::MentionRecord>> {
+        self.with(|s| s.mentions(user, limit))
+    }
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> chime_storage::Result<Vec<DeltaRecord>> {
         self.with(|s| s.deltas_after(room, after, limit))
     }

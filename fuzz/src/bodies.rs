@@ -65,10 +65,16 @@ impl Direction for ServerFrame {
         ServerFrame::frame_type(self)
     }
     /// `is_push` is how a client tells a push from a reply to its request (the blocking client
-    /// never takes a push as the answer to a request with the same id): exactly DELTA, GOODBYE and
-    /// SETTING_CHANGED are pushes.
+    /// never takes a push as the answer to a request with the same id): exactly DELTA, GOODBYE,
+    /// SETTING_CHANGED and READ_STATE_CHANGED are pushes.
     fn rule(&self) {
-        let push = matches!(self, ServerFrame::Delta(_) | ServerFrame::Goodbye(_) | ServerFrame::SettingChanged(_));
+        let push = matches!(
+            self,
+            ServerFrame::Delta(_)
+                | ServerFrame::Goodbye(_)
+                | ServerFrame::SettingChanged(_)
+                | ServerFrame::ReadStateChanged(_)
+        );
         assert_eq!(self.frame_type().is_push(), push, "{self:?}");
     }
 }

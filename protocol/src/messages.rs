@@ -431,6 +431,85 @@ pub struct DefineServerRole {
     pub permissions: Option<Permissions>,
 }
 
+/// `RECEIPT`: the user's devices have been delivered up to `delivered` and the user read up to
+/// `read` in `room`. Both only move forward and are clamped to the head; the answer is
+/// `READ_STATE`, and the user's other connections get it as a `READ_STATE_CHANGED` push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The room's id.
+    pub room: RoomId,
+    /// Delivered up to here (0: no change).
+    pub delivered: Seq,
+    /// Read up to here (0: no change).
+    pub read: Seq,
+}
+
+/// A room's read state for one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadState {
+    /// The room's id.
+    pub room: RoomId,
+    /// Its head.
+    pub head: Seq,
+    /// The last seq delivered to one of the user's devices.
+    pub delivered: Seq,
+    /// The last seq the user read.
+    pub read: Seq,
+    /// Messages by others after `read` (counting stops at 10,000).
+    pub unread: u64,
+    /// Mentions of the user after `read`.
+    pub mentions: u64,
+}
+
+/// `UNREAD`: one page of the user's rooms that have unread messages or mentions, by room id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Unread {
+    /// Start after this room id (0 for the first page).
+    pub after_room: RoomId,
+    /// Page size; 0: the server's default; capped.
+    pub limit: u32,
+}
+
+/// `UNREAD_LIST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadList {
+    /// Rooms with something unread, by id.
+    pub rooms: Vec<ReadState>,
+    /// Pass as `after_room` for the next page; `None` on the last page.
+    pub next_after: Option<RoomId>,
+}
+
+/// `NOTIFICATIONS`: the user's most recent mentions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notifications {
+    /// How many; 0: the server's default; capped.
+    pub limit: u32,
+}
+
+/// One mention of the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The room's id.
+    pub room: RoomId,
+    /// The message's seq.
+    pub seq: Seq,
+    /// Its author.
+    pub author: String,
+    /// When it was posted.
+    pub ts_ms: i64,
+    /// Its text now; none once deleted.
+    pub text: Option<String>,
+    /// Whether the user has read up to it.
+    pub read: bool,
+}
+
+/// `NOTIFICATION_LIST`: mentions, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationList {
+    /// The mentions.
+    pub notifications: Vec<Notification>,
+}
+
 /// `LIST_MEMBERS`: one page of members, ordered by user id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListMembers {
@@ -877,6 +956,12 @@ frame_enum! {
         Moderate(Moderate) = MODERATE,
         /// Define a role.
         DefineRole(DefineRole) = DEFINE_ROLE,
+        /// Report delivery and reading.
+        Receipt(Receipt) = RECEIPT,
+        /// Rooms with something unread.
+        Unread(Unread) = UNREAD,
+        /// Recent mentions.
+        Notifications(Notifications) = NOTIFICATIONS,
         /// Create a server.
         CreateServer(CreateServer) = CREATE_SERVER,
         /// Join a server.
@@ -949,6 +1034,14 @@ frame_enum! {
         RoomDetails(RoomDetails) = ROOM_DETAILS,
         /// One server.
         ServerInfo(Box<ServerInfo>) = SERVER_INFO,
+        /// A room's read state.
+        ReadState(ReadState) = READ_STATE,
+        /// Rooms with something unread.
+        UnreadList(UnreadList) = UNREAD_LIST,
+        /// Recent mentions.
+        NotificationList(NotificationList) = NOTIFICATION_LIST,
+        /// Another device read.
+        ReadStateChanged(ReadState) = READ_STATE_CHANGED,
         /// My servers.
         ServerList(ServerList) = SERVER_LIST,
         /// Post is durable.

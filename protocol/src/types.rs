@@ -115,6 +115,12 @@ wire_code! {
         SET_SERVER_ROLE = 0x0045,
         /// Define or remove a role of a server.
         DEFINE_SERVER_ROLE = 0x0046,
+        /// Report what was delivered to and read by the user in a room.
+        RECEIPT = 0x0060,
+        /// The user's rooms with something unread, paged.
+        UNREAD = 0x0061,
+        /// The user's recent mentions.
+        NOTIFICATIONS = 0x0062,
         /// Post a message.
         POST = 0x0030,
         /// Catch up on what was missed, per room.
@@ -170,6 +176,12 @@ wire_code! {
         SERVER_INFO = 0x8040,
         /// A page of the user's servers.
         SERVER_LIST = 0x8041,
+        /// A room's read state (the answer to RECEIPT).
+        READ_STATE = 0x8060,
+        /// A page of rooms with something unread.
+        UNREAD_LIST = 0x8061,
+        /// The user's recent mentions.
+        NOTIFICATION_LIST = 0x8062,
         /// A post is durable.
         POSTED = 0x8030,
         /// A page of deltas (SYNC and HISTORY).
@@ -181,6 +193,8 @@ wire_code! {
 
         /// PUBLISH: a delta committed in one of the user's rooms.
         DELTA = 0x9001,
+        /// Another device of the user reported a read: the room's read state now.
+        READ_STATE_CHANGED = 0x9020,
         /// The server is closing the connection, and why.
         GOODBYE = 0x9002,
         /// One of the user's settings was changed (on another connection of the user).

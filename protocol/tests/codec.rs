@@ -163,6 +163,13 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), seq()).prop_map(|(room, target)| ClientFrame::Delete(DeleteMessage { room, target })),
         text().prop_map(|user| ClientFrame::OpenDirect(OpenDirect { user })),
+        (room(), seq(), seq()).prop_map(|(room, delivered, read)| ClientFrame::Receipt(Receipt {
+            room,
+            delivered,
+            read
+        })),
+        (room(), any::<u32>()).prop_map(|(after_room, limit)| ClientFrame::Unread(Unread { after_room, limit })),
+        any::<u32>().prop_map(|limit| ClientFrame::Notifications(Notifications { limit })),
         (text(), text(), any::<bool>()).prop_map(|(name, description, public)| ClientFrame::CreateServer(
             CreateServer { name, description, public }
         )),
@@ -217,6 +224,12 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), seq(), any::<u32>()).prop_map(|(room, before, limit)| ClientFrame::View(View { room, before, limit })),
     ]
+}
+
+fn read_state() -> impl Strategy<Value = ReadState> {
+    (room(), seq(), seq(), seq(), any::<u64>(), any::<u64>()).prop_map(
+        |(room, head, delivered, read, unread, mentions)| ReadState { room, head, delivered, read, unread, mentions },
+    )
 }
 
 fn server_info() -> impl Strategy<Value = ServerInfo> {
@@ -351,6 +364,18 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         }),
         vec(cursor(), 0..5).prop_map(|heads| ServerFrame::SyncDone(SyncDone { heads })),
         delta().prop_map(ServerFrame::Delta),
+        read_state().prop_map(ServerFrame::ReadState),
+        read_state().prop_map(ServerFrame::ReadStateChanged),
+        (vec(read_state(), 0..3), option::of(room()))
+            .prop_map(|(rooms, next_after)| ServerFrame::UnreadList(UnreadList { rooms, next_after })),
+        vec((room(), seq(), text(), any::<i64>(), option::of(text()), any::<bool>()), 0..3).prop_map(|n| {
+            ServerFrame::NotificationList(NotificationList {
+                notifications: n
+                    .into_iter()
+                    .map(|(room, seq, author, ts_ms, text, read)| Notification { room, seq, author, ts_ms, text, read })
+                    .collect(),
+            })
+        }),
         (vec(server_info(), 0..3), option::of(any::<u64>())).prop_map(|(servers, next)| ServerFrame::ServerList(
             ServerList { servers, next_after: next.map(ServerId) }
         )),
@@ -455,7 +480,10 @@ proptest! {
         prop_assert!(rest.is_empty());
         for (raw, (id, f)) in raws.iter().zip(&frames) {
             prop_assert_eq!((raw.ty, raw.request_id), (f.frame_type(), *id));
-            let push = matches!(f, ServerFrame::Delta(_) | ServerFrame::Goodbye(_) | ServerFrame::SettingChanged(_));
+            let push = matches!(
+                f,
+                ServerFrame::Delta(_) | ServerFrame::Goodbye(_) | ServerFrame::SettingChanged(_) | ServerFrame::ReadStateChanged(_)
+            );
             prop_assert_eq!(raw.ty.is_push(), push);
         }
         let decoded: Vec<(u32, ServerFrame)> =

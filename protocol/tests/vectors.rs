@@ -75,6 +75,10 @@ fn setting(key: &str, value: &str) -> Setting {
     Setting { key: key.into(), value: value.into() }
 }
 
+fn read_state() -> ReadState {
+    ReadState { room: RoomId(300), head: Seq(12), delivered: Seq(9), read: Seq(7), unread: 4, mentions: 1 }
+}
+
 fn limits() -> Limits {
     Limits {
         max_frame: 1_048_576,
@@ -503,6 +507,47 @@ fn vectors() -> Vec<Vector> {
             "SERVER_LIST id=21 servers=[] next_after=None",
             21,
             ServerFrame::ServerList(ServerList { servers: vec![], next_after: None }),
+        ),
+        c(
+            "receipt",
+            "RECEIPT id=25 room=300 delivered=9 read=7",
+            25,
+            ClientFrame::Receipt(Receipt { room: RoomId(300), delivered: Seq(9), read: Seq(7) }),
+        ),
+        c("unread", "UNREAD id=26 after_room=0 limit=0", 26, ClientFrame::Unread(Unread { after_room: RoomId(0), limit: 0 })),
+        c("notifications", "NOTIFICATIONS id=27 limit=50", 27, ClientFrame::Notifications(Notifications { limit: 50 })),
+        s(
+            "read_state",
+            "READ_STATE id=25 room=300 head=12 delivered=9 read=7 unread=4 mentions=1",
+            25,
+            ServerFrame::ReadState(read_state()),
+        ),
+        s(
+            "unread_list",
+            "UNREAD_LIST id=26 rooms=[{room=300 head=12 delivered=9 read=7 unread=4 mentions=1}] next_after=None",
+            26,
+            ServerFrame::UnreadList(UnreadList { rooms: vec![read_state()], next_after: None }),
+        ),
+        s(
+            "notification_list",
+            "NOTIFICATION_LIST id=27 notifications=[{room=300 seq=8 author=\"bob\" ts_ms=1700000000000 text=\"hi @ann\" read=false}]",
+            27,
+            ServerFrame::NotificationList(NotificationList {
+                notifications: vec![Notification {
+                    room: RoomId(300),
+                    seq: Seq(8),
+                    author: "bob".into(),
+                    ts_ms: 1_700_000_000_000,
+                    text: Some("hi @ann".into()),
+                    read: false,
+                }],
+            }),
+        ),
+        s(
+            "read_state_changed",
+            "READ_STATE_CHANGED (push) id=0, the READ_STATE body: another device of the user read",
+            0,
+            ServerFrame::ReadStateChanged(read_state()),
         ),
         c(
             "edit",

@@ -405,6 +405,59 @@ pub struct NewChannel {
     pub now_ms: i64,
 }
 
+/// A member's position in a room and what is new there for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadRecord {
+    /// The room.
+    pub room: RoomId,
+    /// Its head.
+    pub head: Seq,
+    /// The last seq delivered to one of the user's devices.
+    pub delivered: Seq,
+    /// The last seq the user read.
+    pub read: Seq,
+    /// Messages by others after `read` (counted up to [`UNREAD_CAP`]).
+    pub unread: u64,
+    /// Mentions of the user after `read`.
+    pub mentions: u64,
+}
+
+/// Unread counts stop here: "999+" is all a reader needs, and counting stays bounded however
+/// long someone stays away.
+pub const UNREAD_CAP: u64 = 10_000;
+
+/// A mention of a user, for their notifications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MentionRecord {
+    /// The room.
+    pub room: RoomId,
+    /// The message.
+    pub seq: Seq,
+    /// Who wrote it.
+    pub author: String,
+    /// When.
+    pub ts_ms: i64,
+    /// Its text now (`None` once deleted).
+    pub text: Option<String>,
+    /// Whether the user has read up to it.
+    pub read: bool,
+}
+
+/// The user names a message mentions (`@name`), each once, in order; names are what
+/// registration allows (letters, digits, `_`, `-`, `.`).
+pub fn mentioned_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for part in text.split('@').skip(1) {
+        let name: String =
+            part.chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')).take(32).collect();
+        let name = name.trim_end_matches('.').to_string();
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
 /// A member of a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberRecord {
@@ -586,6 +639,16 @@ pub trait SharedStore: Send {
     /// One page of members with user id > `after_user`, by user id.
     fn members(&mut self, room: RoomId, after_user: UserId, limit: u32) -> Result<Vec<MemberRecord>>;
 
+    /// Records what the user has been delivered and has read in a room (each only moves
+    /// forward, and never past the head); returns the room's unread state after it. `NotMember`
+    /// when the user may not read the room.
+    fn mark_read(&mut self, room: RoomId, user: UserId, delivered: Seq, read: Seq) -> Result<UnreadRecord>;
+    /// The unread state of the user's rooms with id > `after`, up to `limit`, by id: only rooms
+    /// with something unread or a mention.
+    fn unread(&mut self, user: UserId, after: RoomId, limit: u32) -> Result<Vec<UnreadRecord>>;
+    /// The user's most recent mentions in rooms they may still read, newest first, up to
+    /// `limit`.
+    fn mentions(&mut self, user: UserId, limit: u32) -> Result<Vec<MentionRecord>>;
     /// Up to `limit` deltas of a room with seq > `after`, in seq order.
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>>;
     /// Up to `limit` messages (`MESSAGE` and `REPLY` deltas) of a room with seq < `before` (0: no

@@ -21,11 +21,11 @@ use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::{
-    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
-    NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions, PostOutcome,
-    ProfileRecord, ProfileUpdate, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, ServerId,
-    ServerRecord, SessionId, SessionLimits, SessionRecord, SettingWrite, SettingsRecord, SharedStore, Store,
-    StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MentionRecord, MessageAction,
+    MessageRecord, NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions,
+    PostOutcome, ProfileRecord, ProfileUpdate, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord,
+    Seq, ServerId, ServerRecord, SessionId, SessionLimits, SessionRecord, SettingWrite, SettingsRecord, SharedStore,
+    Store, StoreError, UnreadRecord, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -526,6 +526,56 @@ fn room_row(row: &Row) -> Result<RoomRecord> {
 }
 
 impl PgStore {
+    /// Records the mentions in a new message (see the SQLite store's twin).
+    fn insert_mentions(tx: &mut Transaction<'_>, room: RoomId, seq: Seq, author: UserId, text: &str) -> Result<()> {
+        let names = crate::mentioned_names(text);
+        if names.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            "INSERT INTO mentions (user_id, room_id, seq, author_id)
+             SELECT u.id, $2, $3, $4 FROM users u
+             WHERE u.name = ANY($1) AND u.id <> $4
+               AND EXISTS (SELECT 1 FROM room_access a WHERE a.room_id = $2 AND a.user_id = u.id)
+             ON CONFLICT DO NOTHING",
+            &[&names, &to_db(room), &to_db(seq), &to_db(author)],
+        )
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    /// A room's unread state for a user, from their cursors.
+    fn unread_of(tx: &mut Transaction<'_>, room: RoomId, user: UserId) -> Result<UnreadRecord> {
+        let (r, u) = (to_db(room), to_db(user));
+        let row = tx
+            .query_one(
+                "SELECT (SELECT last_seq FROM rooms WHERE id = $1),
+                        coalesce(c.delivered_seq, 0), coalesce(c.read_seq, 0)
+                 FROM (SELECT 1) AS one
+                 LEFT JOIN read_cursors c ON c.room_id = $1 AND c.user_id = $2",
+                &[&r, &u],
+            )
+            .map_err(pg_err)?;
+        let head: Option<i64> = row.get(0);
+        let (delivered, read): (i64, i64) = (row.get(1), row.get(2));
+        let counts = tx
+            .query_one(
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = $1 AND seq > $3 AND kind IN (2, 9)
+                         AND author_id <> $2 LIMIT $4) AS x),
+                        (SELECT count(*) FROM mentions WHERE user_id = $2 AND room_id = $1 AND seq > $3)",
+                &[&r, &u, &read, &(crate::UNREAD_CAP as i64)],
+            )
+            .map_err(pg_err)?;
+        Ok(UnreadRecord {
+            room,
+            head: from_db(head.unwrap_or(0)),
+            delivered: from_db(delivered),
+            read: from_db(read),
+            unread: from_db(counts.get(0)),
+            mentions: from_db(counts.get(1)),
+        })
+    }
+
     /// The user's role and permissions in a server, `None` when not a member.
     fn server_perms(tx: &mut Transaction<'_>, server: ServerId, user: UserId) -> Result<Option<(String, Permissions)>> {
         Ok(tx.query_opt(server_sql::PERMS, &[&to_db(server), &to_db(user)]).map_err(pg_err)?.map(|row| {
@@ -1066,6 +1116,87 @@ impl SharedStore for PgStore {
             .collect())
     }
 
+    fn mark_read(&mut self, room: RoomId, user: UserId, delivered: Seq, read: Seq) -> Result<UnreadRecord> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let head: i64 = match tx.query_opt(&self.st.room_kind, &[&to_db(room)]).map_err(pg_err)? {
+            None => return Err(StoreError::NotFound(format!("room {room}"))),
+            Some(_) => {
+                tx.query_one("SELECT last_seq FROM rooms WHERE id = $1", &[&to_db(room)]).map_err(pg_err)?.get(0)
+            }
+        };
+        if tx.query_opt(&self.st.is_member, &[&to_db(room), &to_db(user)]).map_err(pg_err)?.is_none() {
+            return Err(StoreError::NotMember(room));
+        }
+        let read = to_db(read).min(head);
+        let delivered = to_db(delivered).max(read).min(head);
+        tx.execute(
+            "INSERT INTO read_cursors (room_id, user_id, delivered_seq, read_seq) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (room_id, user_id) DO UPDATE SET
+                 delivered_seq = GREATEST(read_cursors.delivered_seq, excluded.delivered_seq),
+                 read_seq = GREATEST(read_cursors.read_seq, excluded.read_seq)",
+            &[&to_db(room), &to_db(user), &delivered, &read],
+        )
+        .map_err(pg_err)?;
+        let state = Self::unread_of(&mut tx, room, user)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(state)
+    }
+
+    fn unread(&mut self, user: UserId, after: RoomId, limit: u32) -> Result<Vec<UnreadRecord>> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let rooms: Vec<RoomId> = tx
+            .query(&self.st.rooms_page, &[&to_db(user), &to_db(after), &i64::MAX])
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| from_db(r.get::<_, i64>(0)))
+            .collect();
+        let mut out = Vec::new();
+        for room in rooms {
+            let state = Self::unread_of(&mut tx, room, user)?;
+            if state.unread > 0 || state.mentions > 0 {
+                out.push(state);
+                if out.len() >= limit as usize {
+                    break;
+                }
+            }
+        }
+        tx.commit().map_err(pg_err)?;
+        Ok(out)
+    }
+
+    fn mentions(&mut self, user: UserId, limit: u32) -> Result<Vec<MentionRecord>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT m.room_id, m.seq, u.name, d.created_at, coalesce(s.text, d.body), s.deleted_seq,
+                        coalesce(rc.read_seq, 0) >= m.seq
+                 FROM mentions m
+                 JOIN deltas d ON d.room_id = m.room_id AND d.seq = m.seq
+                 JOIN users u ON u.id = m.author_id
+                 LEFT JOIN message_state s ON s.room_id = m.room_id AND s.seq = m.seq
+                 LEFT JOIN read_cursors rc ON rc.room_id = m.room_id AND rc.user_id = m.user_id
+                 WHERE m.user_id = $1
+                   AND EXISTS (SELECT 1 FROM room_access a WHERE a.room_id = m.room_id AND a.user_id = $1)
+                 ORDER BY d.created_at DESC, m.seq DESC LIMIT $2",
+                &[&to_db(user), &i64::from(limit)],
+            )
+            .map_err(pg_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let deleted = r.get::<_, Option<i64>>(5).is_some();
+                MentionRecord {
+                    room: from_db(r.get(0)),
+                    seq: from_db(r.get(1)),
+                    author: r.get(2),
+                    ts_ms: r.get(3),
+                    text: if deleted { None } else { Some(r.get(4)) },
+                    read: r.get(6),
+                }
+            })
+            .collect())
+    }
+
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>> {
         let rows = self
             .client
@@ -1427,7 +1558,10 @@ impl Store for PgStore {
                     MessageAction::Unreact { emoji } => tx
                         .execute(&st.unreact_user, &[&room, &target, emoji, &actor])
                         .and_then(|_| tx.execute(&st.unreact_count, &[&room, &target, emoji])),
-                    MessageAction::Reply { .. } => Ok(0),
+                    MessageAction::Reply { text } => {
+                        Self::insert_mentions(&mut tx, a.room, from_db(seq), a.actor, text)?;
+                        Ok(0)
+                    }
                 }
                 .map_err(pg_err)?;
                 tx.commit().map_err(pg_err)?;
@@ -1513,6 +1647,13 @@ impl Store for PgStore {
                 ],
             )
             .map_err(pg_err)?;
+        }
+        for (outcome, post) in plan.outcomes.iter().zip(posts) {
+            if let PostOutcome::Inserted(delta) = outcome {
+                if post.text.contains('@') {
+                    Self::insert_mentions(&mut tx, delta.room, delta.seq, delta.author_id, &post.text)?;
+                }
+            }
         }
         tx.commit().map_err(pg_err)?;
         Ok(plan.outcomes)

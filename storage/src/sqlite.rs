@@ -27,11 +27,11 @@ use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::{
-    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MessageAction, MessageRecord,
-    NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions, PostOutcome,
-    ProfileRecord, ProfileUpdate, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord, Seq, ServerId,
-    ServerRecord, SessionId, SessionLimits, SessionRecord, SettingWrite, SettingsRecord, SharedStore, Store,
-    StoreError, UserId, UserRecord,
+    from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MentionRecord, MessageAction,
+    MessageRecord, NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions,
+    PostOutcome, ProfileRecord, ProfileUpdate, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord,
+    Seq, ServerId, ServerRecord, SessionId, SessionLimits, SessionRecord, SettingWrite, SettingsRecord, SharedStore,
+    Store, StoreError, UnreadRecord, UserId, UserRecord,
 };
 
 /// The embedded migrations (`embedded::embedded::migrations::runner()`), private to this module.
@@ -920,6 +920,89 @@ impl SharedStore for SqliteStore {
             .map_err(db_err)
     }
 
+    fn mark_read(&mut self, room: RoomId, user: UserId, delivered: Seq, read: Seq) -> Result<UnreadRecord> {
+        self.write(|conn| {
+            if member_perms(conn, room, user)?.is_none() {
+                return Err(if exists(conn, room)? {
+                    StoreError::NotMember(room)
+                } else {
+                    StoreError::NotFound(format!("room {room}"))
+                });
+            }
+            let head = head_of(conn, room)?.unwrap_or(0);
+            let read = read.get().min(head);
+            let delivered = delivered.get().max(read).min(head);
+            exec(
+                conn,
+                "INSERT INTO read_cursors (room_id, user_id, delivered_seq, read_seq) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET
+                     delivered_seq = max(delivered_seq, excluded.delivered_seq),
+                     read_seq = max(read_seq, excluded.read_seq)",
+                params![to_db(room), to_db(user), to_db(delivered), to_db(read)],
+            )?;
+            unread_of(conn, room, user)
+        })
+    }
+
+    fn unread(&mut self, user: UserId, after: RoomId, limit: u32) -> Result<Vec<UnreadRecord>> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        let rooms: Vec<RoomId> = tx
+            .prepare_cached(
+                "SELECT m.room_id FROM room_members m WHERE m.user_id = ?1 AND m.room_id > ?2
+                 UNION ALL
+                 SELECT r.id FROM server_members sm JOIN rooms r ON r.server_id = sm.server_id
+                 WHERE sm.user_id = ?1 AND r.id > ?2 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin')
+                       OR instr(',' || r.read_roles || ',', ',' || sm.role || ',') > 0)
+                 ORDER BY 1",
+            )
+            .and_then(|mut st| st.query_map(params![to_db(user), to_db(after)], |r| r.get::<_, i64>(0))?.collect())
+            .map(|ids: Vec<i64>| ids.into_iter().map(from_db).collect())
+            .map_err(db_err)?;
+        let mut out = Vec::new();
+        for room in rooms {
+            let state = unread_of(&tx, room, user)?;
+            if state.unread > 0 || state.mentions > 0 {
+                out.push(state);
+                if out.len() >= limit as usize {
+                    break;
+                }
+            }
+        }
+        tx.finish().map_err(db_err)?;
+        Ok(out)
+    }
+
+    fn mentions(&mut self, user: UserId, limit: u32) -> Result<Vec<MentionRecord>> {
+        self.conn
+            .prepare_cached(
+                "SELECT m.room_id, m.seq, u.name, d.created_at, coalesce(s.text, d.body), s.deleted_seq,
+                        coalesce(rc.read_seq, 0) >= m.seq
+                 FROM mentions m
+                 JOIN deltas d ON d.room_id = m.room_id AND d.seq = m.seq
+                 JOIN users u ON u.id = m.author_id
+                 LEFT JOIN message_state s ON s.room_id = m.room_id AND s.seq = m.seq
+                 LEFT JOIN read_cursors rc ON rc.room_id = m.room_id AND rc.user_id = m.user_id
+                 WHERE m.user_id = ?1
+                   AND EXISTS (SELECT 1 FROM room_access a WHERE a.room_id = m.room_id AND a.user_id = ?1)
+                 ORDER BY d.created_at DESC, m.seq DESC LIMIT ?2",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![to_db(user), limit], |r| {
+                    let deleted = r.get::<_, Option<i64>>(5)?.is_some();
+                    Ok(MentionRecord {
+                        room: from_db(r.get(0)?),
+                        seq: from_db(r.get(1)?),
+                        author: r.get(2)?,
+                        ts_ms: r.get(3)?,
+                        text: if deleted { None } else { Some(r.get(4)?) },
+                        read: r.get(6)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(db_err)
+    }
+
     fn deltas_after(&mut self, room: RoomId, after: Seq, limit: u32) -> Result<Vec<DeltaRecord>> {
         self.conn
             .prepare_cached(
@@ -1135,6 +1218,9 @@ impl Store for SqliteStore {
                 if let PostOutcome::Inserted(delta) = outcome {
                     let key = Some(post.idempotency_key.as_str()).filter(|k| !k.is_empty());
                     insert_delta(conn, delta, key)?;
+                    if post.text.contains('@') {
+                        insert_mentions(conn, delta.room, delta.seq, delta.author_id, &post.text)?;
+                    }
                 }
             }
             for (room, head) in &plan.heads {
@@ -1339,6 +1425,9 @@ impl Store for SqliteStore {
                     let key = Some(a.idempotency_key.as_str()).filter(|k| !k.is_empty());
                     insert_delta(conn, &delta, key)?;
                     apply_action(conn, a, delta.seq)?;
+                    if let MessageAction::Reply { text } = &a.action {
+                        insert_mentions(conn, a.room, delta.seq, a.actor, text)?;
+                    }
                     Ok(ActionOutcome::Applied(delta))
                 }
             }
@@ -1581,6 +1670,53 @@ fn add_member(conn: &Connection, room: RoomId, user: UserId, role: &str, now_ms:
     .and_then(|mut st| st.execute(params![to_db(room), to_db(user), role, now_ms]))
     .map(drop)
     .map_err(db_err)
+}
+
+/// Records the mentions in a new message (`@name` of a user who may read the room, not the
+/// author): one statement per name, and nothing for a text without `@`.
+fn insert_mentions(conn: &Connection, room: RoomId, seq: Seq, author: UserId, text: &str) -> Result<()> {
+    for name in crate::mentioned_names(text) {
+        exec(
+            conn,
+            "INSERT OR IGNORE INTO mentions (user_id, room_id, seq, author_id)
+             SELECT u.id, ?2, ?3, ?4 FROM users u
+             WHERE u.name = ?1 AND u.id <> ?4
+               AND EXISTS (SELECT 1 FROM room_access a WHERE a.room_id = ?2 AND a.user_id = u.id)",
+            params![name, to_db(room), to_db(seq), to_db(author)],
+        )?;
+    }
+    Ok(())
+}
+
+/// A room's unread state for a user, from their cursors.
+fn unread_of(conn: &Connection, room: RoomId, user: UserId) -> Result<UnreadRecord> {
+    let head = head_of(conn, room)?.unwrap_or(0);
+    let (delivered, read): (i64, i64) = conn
+        .prepare_cached("SELECT delivered_seq, read_seq FROM read_cursors WHERE room_id = ?1 AND user_id = ?2")
+        .and_then(|mut st| st.query_row(params![to_db(room), to_db(user)], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(db_err)?
+        .unwrap_or((0, 0));
+    let unread: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = ?1 AND seq > ?2 AND kind IN (2, 9)
+             AND author_id <> ?3 LIMIT ?4)",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![to_db(room), read, to_db(user), crate::UNREAD_CAP as i64], |r| r.get(0))
+        })
+        .map_err(db_err)?;
+    let mentions: i64 = conn
+        .prepare_cached("SELECT count(*) FROM mentions WHERE user_id = ?1 AND room_id = ?2 AND seq > ?3")
+        .and_then(|mut st| st.query_row(params![to_db(user), to_db(room), read], |r| r.get(0)))
+        .map_err(db_err)?;
+    Ok(UnreadRecord {
+        room,
+        head: Seq(head),
+        delivered: from_db(delivered),
+        read: from_db(read),
+        unread: from_db(unread),
+        mentions: from_db(mentions),
+    })
 }
 
 /// Whether the user is banned from the room.

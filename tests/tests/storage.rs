@@ -90,6 +90,7 @@ conformance! {
         every_role_against_every_action,
         moderation_changes_membership_and_posting,
         servers_give_access_to_channels_by_role,
+        unread_counts_follow_read_cursors_and_mentions,
         profiles_start_empty_and_change_field_by_field,
         emails_are_unique_without_regard_to_case,
         settings_round_trip_and_bump_the_version,
@@ -1476,4 +1477,44 @@ fn servers_give_access_to_channels_by_role(store: &mut dyn Store) {
     assert!(store.servers_page(bob.id, ServerId(0), 10).expect("servers").is_empty());
     let private = store.create_server(&new_server(&ada, "secret society", false, 10), MAX_ROOMS).expect("private").0;
     assert!(matches!(store.join_server(private.id, cat.id, T0, MAX_ROOMS), Err(StoreError::Forbidden(_))));
+}
+
+fn unread_counts_follow_read_cursors_and_mentions(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let eve = user(store, "eve");
+    let lobby = room(store, "lobby", &ada);
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    let posts: Vec<NewPost> = (0..5).map(|i| post(lobby.id, &ada, &format!("k{i}"), "hello")).collect();
+    store.append_posts(&posts).expect("posts");
+    store.append_posts(&[post(lobby.id, &ada, "m", "hi @bob and @eve, @bob again")]).expect("a mention");
+    store.append_posts(&[post(lobby.id, &bob, "own", "mine do not count")]).expect("own");
+    // Bob: 6 messages by others, one mention (eve is no member: not mentioned); his own and the
+    // JOIN do not count.
+    let all = store.unread(bob.id, RoomId(0), 10).expect("unread");
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].room, all[0].unread, all[0].mentions, all[0].read), (lobby.id, 6, 1, Seq(0)));
+    assert!(store.mentions(eve.id, 10).expect("eve").is_empty());
+    let m = store.mentions(bob.id, 10).expect("mentions");
+    assert_eq!(
+        (m.len(), m[0].author.as_str(), m[0].text.as_deref(), m[0].read),
+        (1, "ada", Some("hi @bob and @eve, @bob again"), false)
+    );
+    // Reading moves forward only and is clamped to the head.
+    let after = store.mark_read(lobby.id, bob.id, Seq(5), Seq(5)).expect("read");
+    // Seqs 3..=7 are the five posts, 8 the mention, 9 bob's own: after 5, three by others.
+    assert_eq!((after.unread, after.mentions, after.read, after.delivered), (3, 1, Seq(5), Seq(5)));
+    let back = store.mark_read(lobby.id, bob.id, Seq(2), Seq(2)).expect("read less");
+    assert_eq!(back.read, Seq(5), "a cursor never moves back");
+    let past = store.mark_read(lobby.id, bob.id, Seq(999), Seq(999)).expect("read past the head");
+    assert_eq!((past.read, past.head, past.unread, past.mentions), (past.head, Seq(9), 0, 0));
+    assert!(store.unread(bob.id, RoomId(0), 10).expect("unread").is_empty());
+    assert!(store.mentions(bob.id, 10).expect("mentions")[0].read);
+    assert!(matches!(store.mark_read(lobby.id, eve.id, Seq(1), Seq(1)), Err(StoreError::NotMember(_))));
+    // Channels: readers have cursors without member rows.
+    let (server, general, _) = store.create_server(&new_server(&ada, "s", true, 10), MAX_ROOMS).expect("server");
+    store.join_server(server.id, eve.id, T0, MAX_ROOMS).expect("join");
+    store.append_posts(&[post(general.id, &ada, "g", "@eve look")]).expect("post");
+    let eve_unread = store.unread(eve.id, RoomId(0), 10).expect("unread");
+    assert_eq!(eve_unread.iter().map(|u| (u.room, u.unread, u.mentions)).collect::<Vec<_>>(), [(general.id, 1, 1)]);
 }

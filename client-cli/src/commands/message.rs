@@ -154,3 +154,67 @@ pub fn history(ctx: &mut Ctx, room: u64, after: u64, limit: Option<u64>) -> Resu
     }
     Ok(())
 }
+
+fn unread_json(s: &chime_protocol::ReadState) -> serde_json::Value {
+    json!({"room": s.room, "unread": s.unread, "mentions": s.mentions, "read": s.read, "head": s.head})
+}
+
+fn unread_human(s: &chime_protocol::ReadState) -> String {
+    format!(
+        "#{}: {} unread, {} mention{} (read up to {} of {})",
+        s.room,
+        s.unread,
+        s.mentions,
+        if s.mentions == 1 { "" } else { "s" },
+        s.read,
+        s.head
+    )
+}
+
+/// `read ROOM SEQ`: marks the room read up to SEQ; every device of the user hears of it.
+pub fn read(ctx: &mut Ctx, room: u64, seq: u64) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let state = client.receipt(RoomId(room), Seq(seq), Seq(seq))?;
+    ctx.out.record(&unread_json(&state), &unread_human(&state))?;
+    Ok(())
+}
+
+/// `unread`: one line per room with unread messages or mentions.
+pub fn unread(ctx: &mut Ctx) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let mut after = RoomId(0);
+    loop {
+        let page = client.unread(after, 0)?;
+        for s in &page.rooms {
+            ctx.out.record(&unread_json(s), &unread_human(s))?;
+        }
+        match page.next_after {
+            Some(next) if next > after => after = next,
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// `notifications`: the messages that mention the user, newest first.
+pub fn notifications(ctx: &mut Ctx, limit: u32) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let list = client.notifications(limit)?;
+    for n in &list.notifications {
+        ctx.out.record(
+            &json!({
+                "room": n.room, "seq": n.seq, "author": n.author, "ts": crate::output::rfc3339_ms(n.ts_ms),
+                "text": n.text, "read": n.read,
+            }),
+            &format!(
+                "[#{} {}] {} {}: {}{}",
+                n.room,
+                n.seq,
+                crate::output::rfc3339_ms(n.ts_ms),
+                n.author,
+                n.text.as_deref().unwrap_or("(deleted)"),
+                if n.read { "" } else { " (new)" }
+            ),
+        )?;
+    }
+    Ok(())
+}

@@ -80,6 +80,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Channel { command: ChannelCommand::Create { server, name, voice, read_roles, post_roles } } => {
             server::create_channel(&mut ctx, server, &name, voice, read_roles, post_roles)
         }
+        Command::Read { room, seq } => message::read(&mut ctx, room, seq),
+        Command::Unread => message::unread(&mut ctx),
+        Command::Notifications { limit } => message::notifications(&mut ctx, limit),
         Command::Rooms => room::list(&mut ctx),
         Command::Members { room } => room::members(&mut ctx, room),
         Command::Send { room, text } => message::send(&mut ctx, room, &text),

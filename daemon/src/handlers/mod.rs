@@ -11,12 +11,14 @@
 //! - [`rooms`]: create, join, leave, list rooms and members.
 //! - [`messages`]: post (group-committed) and history.
 //! - [`servers`]: servers (communities), their channels and server roles.
+//! - [`receipts`]: read receipts, unread counts, mentions (notifications).
 //! - [`actions`]: edit, delete, react, reply, pin, and messages in their current state (view).
 //! - [`sync`]: SYNC and the page reads behind it and behind catch-ups.
 
 pub mod accounts;
 pub mod actions;
 pub mod messages;
+pub mod receipts;
 pub mod rooms;
 pub mod servers;
 pub mod sync;
@@ -123,6 +125,9 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::GetRoom(r) => rooms::get(ctx, r),
         ClientFrame::OpenDirect(o) => rooms::open_direct(ctx, o),
         ClientFrame::Moderate(m) => rooms::moderate(ctx, m),
+        ClientFrame::Receipt(r) => receipts::receipt(ctx, r),
+        ClientFrame::Unread(u) => receipts::unread(ctx, u),
+        ClientFrame::Notifications(n) => receipts::notifications(ctx, n),
         ClientFrame::CreateServer(c) => servers::create(ctx, c),
         ClientFrame::JoinServer(r) => servers::join(ctx, r),
         ClientFrame::LeaveServer(r) => servers::leave(ctx, r),

@@ -1,0 +1,143 @@
+//! Receipts and what is new: RECEIPT (delivered and read positions per room), UNREAD (the rooms
+//! with unread messages or mentions, counted by the server), NOTIFICATIONS (the user's recent
+//! mentions, what an offline member finds at the next login).
+//!
+//! All run on the shared queue: a cursor is the user's, not part of any room's log. A read on one
+//! device reaches the user's other connections at once (`READ_STATE_CHANGED`), so every device
+//! clears the same count.
+
+use super::{page_size, Admitted, Ctx};
+use crate::work::{refuse, reply, store_error, Actor, Effect, EncodeReply, ReplyTo, Settings, SharedWork, Work};
+use chime_protocol::{
+    Notification, NotificationList, Notifications, ReadState, Receipt, ServerFrame, Unread, UnreadList,
+};
+use chime_storage::{RoomId, SharedStore, UnreadRecord};
+
+/// Admits RECEIPT.
+pub fn receipt(ctx: &mut Ctx<'_>, r: Receipt) -> Result<Admitted, chime_protocol::ErrorBody> {
+    Ok(Admitted::Work(Work::Shared(Box::new(ReceiptJob { to: ctx.to, actor: ctx.who.actor.clone(), r }))))
+}
+
+/// Admits UNREAD.
+pub fn unread(ctx: &mut Ctx<'_>, u: Unread) -> Result<Admitted, chime_protocol::ErrorBody> {
+    let job = UnreadJob { to: ctx.to, actor: ctx.who.actor.clone(), after: u.after_room, limit: page_size(u.limit) };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// Admits NOTIFICATIONS.
+pub fn notifications(ctx: &mut Ctx<'_>, n: Notifications) -> Result<Admitted, chime_protocol::ErrorBody> {
+    let job = NotificationsJob { to: ctx.to, actor: ctx.who.actor.clone(), limit: page_size(n.limit) };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+fn read_state(u: &UnreadRecord) -> ReadState {
+    ReadState {
+        room: u.room,
+        head: u.head,
+        delivered: u.delivered,
+        read: u.read,
+        unread: u.unread,
+        mentions: u.mentions,
+    }
+}
+
+struct ReceiptJob {
+    to: ReplyTo,
+    actor: Actor,
+    r: Receipt,
+}
+
+impl SharedWork for ReceiptJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let user = self.actor.user_id;
+        match store.mark_read(self.r.room, user, self.r.delivered, self.r.read) {
+            Ok(state) => {
+                let state = read_state(&state);
+                vec![
+                    reply(self.to, ServerFrame::ReadState(state)),
+                    Effect::PushToUser {
+                        user,
+                        except: Some(self.to.conn),
+                        frame: ServerFrame::ReadStateChanged(state).reply(0),
+                    },
+                ]
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+struct UnreadJob {
+    to: ReplyTo,
+    actor: Actor,
+    after: RoomId,
+    limit: u32,
+}
+
+impl SharedWork for UnreadJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        match store.unread(self.actor.user_id, self.after, self.limit) {
+            Ok(rooms) => {
+                let next_after =
+                    if rooms.len() as u64 >= u64::from(self.limit) { rooms.last().map(|r| r.room) } else { None };
+                let rooms = rooms.iter().map(read_state).collect();
+                vec![reply(self.to, ServerFrame::UnreadList(UnreadList { rooms, next_after }))]
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+struct NotificationsJob {
+    to: ReplyTo,
+    actor: Actor,
+    limit: u32,
+}
+
+impl SharedWork for NotificationsJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        // At most 50: fifty of the longest messages still fit one frame.
+        let limit = self.limit.min(50);
+        match store.mentions(self.actor.user_id, limit) {
+            Ok(list) => {
+                let notifications = list
+                    .into_iter()
+                    .map(|m| Notification {
+                        room: m.room,
+                        seq: m.seq,
+                        author: m.author,
+                        ts_ms: m.ts_ms,
+                        text: m.text,
+                        read: m.read,
+                    })
+                    .collect();
+                vec![reply(self.to, ServerFrame::NotificationList(NotificationList { notifications }))]
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
