@@ -128,6 +128,18 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Say you are online or away (to those who watch your presence).
+    Presence {
+        /// `online` or `away`.
+        #[arg(value_parser = ["online", "away"])]
+        status: String,
+    },
+    /// Tell a room's online members you are typing.
+    Typing {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+    },
     /// List the rooms you are in.
     Rooms,
     /// List a room's members.

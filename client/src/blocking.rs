@@ -23,11 +23,11 @@ use chime_protocol::{
     Authed, ClientFrame, CreateChannel, CreateRoom, CreateServer, Credentials, DefineRole, DefineServerRole,
     DeleteMessage, Delta, DeltaPage, Edit, Empty, GetProfile, GetSettings, History, Identity, Limits, ListMembers,
     ListRooms, ListServers, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, NotificationList,
-    Notifications, OpenDirect, Permissions, Pin, Ping, Post, Posted, Profile, React, ReadState, Receipt, Reply, Resume,
-    RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef, Seq, ServerFrame, ServerId,
-    ServerInfo, ServerList, ServerRef, SessionInfo, SetServerRole, SetSetting, SettingChanged, Settings, Sync,
-    SyncDone, Unread, UnreadList, UpdateProfile, View, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    Notifications, OpenDirect, Permissions, Pin, Ping, Post, Posted, PresenceList, PresenceStatus, Profile, React,
+    ReadState, Receipt, Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef,
+    Seq, ServerFrame, ServerId, ServerInfo, ServerList, ServerRef, SessionInfo, SetPresence, SetServerRole, SetSetting,
+    SettingChanged, Settings, Sync, SyncDone, Unread, UnreadList, UpdateProfile, UserId, View, WatchPresence, Welcome,
+    DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -442,6 +442,24 @@ impl Client {
         match self.request(&ClientFrame::Notifications(Notifications { limit }))? {
             ServerFrame::NotificationList(l) => Ok(l),
             other => Err(unexpected("NOTIFICATION_LIST", &other)),
+        }
+    }
+
+    /// `TYPING`: the user is typing in `room` (the server throttles the notices).
+    pub fn typing(&mut self, room: impl Into<RoomId>) -> Result<(), ClientError> {
+        self.done(ClientFrame::Typing(chime_protocol::Typing { room: room.into() }))
+    }
+
+    /// `SET_PRESENCE`: online or away.
+    pub fn set_presence(&mut self, status: PresenceStatus) -> Result<(), ClientError> {
+        self.done(ClientFrame::SetPresence(SetPresence { status }))
+    }
+
+    /// `WATCH_PRESENCE`: these users' presence now; changes then come as pushes.
+    pub fn watch_presence(&mut self, users: Vec<UserId>) -> Result<PresenceList, ClientError> {
+        match self.request(&ClientFrame::WatchPresence(WatchPresence { users }))? {
+            ServerFrame::PresenceList(l) => Ok(l),
+            other => Err(unexpected("PRESENCE_LIST", &other)),
         }
     }
 

@@ -897,6 +897,8 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         FrameType::CREATE_SERVER | FrameType::JOIN_SERVER => FrameType::SERVER_INFO,
         FrameType::LIST_SERVERS => FrameType::SERVER_LIST,
         FrameType::RECEIPT => FrameType::READ_STATE,
+        FrameType::TYPING | FrameType::SET_PRESENCE => FrameType::DONE,
+        FrameType::WATCH_PRESENCE => FrameType::PRESENCE_LIST,
         FrameType::UNREAD => FrameType::UNREAD_LIST,
         FrameType::NOTIFICATIONS => FrameType::NOTIFICATION_LIST,
         FrameType::LEAVE_SERVER | FrameType::SET_SERVER_ROLE | FrameType::DEFINE_SERVER_ROLE => FrameType::DONE,

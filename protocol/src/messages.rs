@@ -11,7 +11,7 @@ pub use crate::delta::{
 };
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
 use crate::perm::Permissions;
-use crate::types::{ErrorCode, FrameType, ModAction, RoomId, RoomKind, Seq, ServerId, UserId};
+use crate::types::{ErrorCode, FrameType, ModAction, PresenceStatus, RoomId, RoomKind, Seq, ServerId, UserId};
 use crate::DeltaKind;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -510,6 +510,61 @@ pub struct NotificationList {
     pub notifications: Vec<Notification>,
 }
 
+/// `TYPING`: the user is typing in `room`. Answered `DONE`; the room's other online readers get a
+/// `TYPING_NOW` push, at most one per user and room every 3 seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Typing {
+    /// The room's id.
+    pub room: RoomId,
+}
+
+/// `TYPING_NOW`: a push saying `user` is typing in `room`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypingNow {
+    /// The room's id.
+    pub room: RoomId,
+    /// Who is typing.
+    pub user_id: UserId,
+    /// Their name.
+    pub user: String,
+}
+
+/// `SET_PRESENCE`: online or away (offline is having no connection). Answered `DONE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPresence {
+    /// `ONLINE` or `AWAY`.
+    pub status: PresenceStatus,
+}
+
+/// `WATCH_PRESENCE`: the presence of these users now (`PRESENCE_LIST`), and `PRESENCE_CHANGED`
+/// pushes when it changes, until the next WATCH_PRESENCE of the connection replaces the set (at
+/// most 500 users). Presence is never broadcast to a whole room: a client watches the members it
+/// shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchPresence {
+    /// The users.
+    pub users: Vec<UserId>,
+}
+
+/// One user's presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    /// The user.
+    pub user_id: UserId,
+    /// Their status.
+    pub status: PresenceStatus,
+    /// When they were last connected, Unix milliseconds (now when connected; 0 when the server
+    /// has not seen them since it started).
+    pub last_seen_ms: i64,
+}
+
+/// `PRESENCE_LIST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceList {
+    /// One entry per user asked for, in the order asked.
+    pub entries: Vec<PresenceEntry>,
+}
+
 /// `LIST_MEMBERS`: one page of members, ordered by user id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListMembers {
@@ -956,6 +1011,12 @@ frame_enum! {
         Moderate(Moderate) = MODERATE,
         /// Define a role.
         DefineRole(DefineRole) = DEFINE_ROLE,
+        /// Typing.
+        Typing(Typing) = TYPING,
+        /// Set presence.
+        SetPresence(SetPresence) = SET_PRESENCE,
+        /// Watch presence.
+        WatchPresence(WatchPresence) = WATCH_PRESENCE,
         /// Report delivery and reading.
         Receipt(Receipt) = RECEIPT,
         /// Rooms with something unread.
@@ -1042,6 +1103,12 @@ frame_enum! {
         NotificationList(NotificationList) = NOTIFICATION_LIST,
         /// Another device read.
         ReadStateChanged(ReadState) = READ_STATE_CHANGED,
+        /// Presence of the users asked for.
+        PresenceList(PresenceList) = PRESENCE_LIST,
+        /// Someone is typing.
+        TypingNow(TypingNow) = TYPING_NOW,
+        /// A watched user's presence changed.
+        PresenceChanged(PresenceEntry) = PRESENCE_CHANGED,
         /// My servers.
         ServerList(ServerList) = SERVER_LIST,
         /// Post is durable.

@@ -121,6 +121,12 @@ wire_code! {
         UNREAD = 0x0061,
         /// The user's recent mentions.
         NOTIFICATIONS = 0x0062,
+        /// The user is typing in a room (ephemeral; throttled).
+        TYPING = 0x0070,
+        /// Set the user's presence (online or away).
+        SET_PRESENCE = 0x0071,
+        /// Ask for, and follow, the presence of some users (the part of a member list shown).
+        WATCH_PRESENCE = 0x0072,
         /// Post a message.
         POST = 0x0030,
         /// Catch up on what was missed, per room.
@@ -182,6 +188,8 @@ wire_code! {
         UNREAD_LIST = 0x8061,
         /// The user's recent mentions.
         NOTIFICATION_LIST = 0x8062,
+        /// The presence of the users asked for.
+        PRESENCE_LIST = 0x8070,
         /// A post is durable.
         POSTED = 0x8030,
         /// A page of deltas (SYNC and HISTORY).
@@ -195,6 +203,10 @@ wire_code! {
         DELTA = 0x9001,
         /// Another device of the user reported a read: the room's read state now.
         READ_STATE_CHANGED = 0x9020,
+        /// Someone is typing in a room (ephemeral: dropped first under back-pressure).
+        TYPING_NOW = 0x9030,
+        /// A watched user's presence changed (ephemeral).
+        PRESENCE_CHANGED = 0x9031,
         /// The server is closing the connection, and why.
         GOODBYE = 0x9002,
         /// One of the user's settings was changed (on another connection of the user).
@@ -332,6 +344,18 @@ impl DeltaKind {
             Some(n) => n.to_ascii_lowercase(),
             None => format!("unknown_{}", self.0),
         }
+    }
+}
+
+wire_code! {
+    /// Whether a user is around.
+    PresenceStatus(u8) {
+        /// No live connection.
+        OFFLINE = 0,
+        /// Connected and active.
+        ONLINE = 1,
+        /// Connected, but said they are away.
+        AWAY = 2,
     }
 }
 

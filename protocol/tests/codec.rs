@@ -170,6 +170,9 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), any::<u32>()).prop_map(|(after_room, limit)| ClientFrame::Unread(Unread { after_room, limit })),
         any::<u32>().prop_map(|limit| ClientFrame::Notifications(Notifications { limit })),
+        room().prop_map(|room| ClientFrame::Typing(Typing { room })),
+        any::<u8>().prop_map(|s| ClientFrame::SetPresence(SetPresence { status: PresenceStatus(s) })),
+        vec(user(), 0..5).prop_map(|users| ClientFrame::WatchPresence(WatchPresence { users })),
         (text(), text(), any::<bool>()).prop_map(|(name, description, public)| ClientFrame::CreateServer(
             CreateServer { name, description, public }
         )),
@@ -224,6 +227,14 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), seq(), any::<u32>()).prop_map(|(room, before, limit)| ClientFrame::View(View { room, before, limit })),
     ]
+}
+
+fn presence() -> impl Strategy<Value = PresenceEntry> {
+    (user(), any::<u8>(), any::<i64>()).prop_map(|(user_id, s, last_seen_ms)| PresenceEntry {
+        user_id,
+        status: PresenceStatus(s),
+        last_seen_ms,
+    })
 }
 
 fn read_state() -> impl Strategy<Value = ReadState> {
@@ -365,6 +376,13 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         vec(cursor(), 0..5).prop_map(|heads| ServerFrame::SyncDone(SyncDone { heads })),
         delta().prop_map(ServerFrame::Delta),
         read_state().prop_map(ServerFrame::ReadState),
+        vec(presence(), 0..3).prop_map(|entries| ServerFrame::PresenceList(PresenceList { entries })),
+        presence().prop_map(ServerFrame::PresenceChanged),
+        (room(), user(), text()).prop_map(|(room, user_id, user)| ServerFrame::TypingNow(TypingNow {
+            room,
+            user_id,
+            user
+        })),
         read_state().prop_map(ServerFrame::ReadStateChanged),
         (vec(read_state(), 0..3), option::of(room()))
             .prop_map(|(rooms, next_after)| ServerFrame::UnreadList(UnreadList { rooms, next_after })),
@@ -482,7 +500,12 @@ proptest! {
             prop_assert_eq!((raw.ty, raw.request_id), (f.frame_type(), *id));
             let push = matches!(
                 f,
-                ServerFrame::Delta(_) | ServerFrame::Goodbye(_) | ServerFrame::SettingChanged(_) | ServerFrame::ReadStateChanged(_)
+                ServerFrame::Delta(_)
+                    | ServerFrame::Goodbye(_)
+                    | ServerFrame::SettingChanged(_)
+                    | ServerFrame::ReadStateChanged(_)
+                    | ServerFrame::TypingNow(_)
+                    | ServerFrame::PresenceChanged(_)
             );
             prop_assert_eq!(raw.ty.is_push(), push);
         }

@@ -75,6 +75,10 @@ fn setting(key: &str, value: &str) -> Setting {
     Setting { key: key.into(), value: value.into() }
 }
 
+fn presence() -> PresenceEntry {
+    PresenceEntry { user_id: UserId(7), status: PresenceStatus::ONLINE, last_seen_ms: 1_700_000_000_000 }
+}
+
 fn read_state() -> ReadState {
     ReadState { room: RoomId(300), head: Seq(12), delivered: Seq(9), read: Seq(7), unread: 4, mentions: 1 }
 }
@@ -548,6 +552,37 @@ fn vectors() -> Vec<Vector> {
             "READ_STATE_CHANGED (push) id=0, the READ_STATE body: another device of the user read",
             0,
             ServerFrame::ReadStateChanged(read_state()),
+        ),
+        c("typing", "TYPING id=28 room=300", 28, ClientFrame::Typing(Typing { room: RoomId(300) })),
+        c(
+            "set_presence",
+            "SET_PRESENCE id=29 status=AWAY(2)",
+            29,
+            ClientFrame::SetPresence(SetPresence { status: PresenceStatus::AWAY }),
+        ),
+        c(
+            "watch_presence",
+            "WATCH_PRESENCE id=30 users=[7, 8]",
+            30,
+            ClientFrame::WatchPresence(WatchPresence { users: vec![UserId(7), UserId(8)] }),
+        ),
+        s(
+            "presence_list",
+            "PRESENCE_LIST id=30 entries=[{user_id=7 status=ONLINE(1) last_seen_ms=1700000000000}]",
+            30,
+            ServerFrame::PresenceList(PresenceList { entries: vec![presence()] }),
+        ),
+        s(
+            "typing_now",
+            "TYPING_NOW (push) id=0 room=300 user_id=7 user=\"ann\"",
+            0,
+            ServerFrame::TypingNow(TypingNow { room: RoomId(300), user_id: UserId(7), user: "ann".into() }),
+        ),
+        s(
+            "presence_changed",
+            "PRESENCE_CHANGED (push) id=0 user_id=7 status=ONLINE(1) last_seen_ms=1700000000000",
+            0,
+            ServerFrame::PresenceChanged(presence()),
         ),
         c(
             "edit",

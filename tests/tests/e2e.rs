@@ -34,6 +34,8 @@ mod moderation;
 mod ordering;
 #[path = "e2e/outage.rs"]
 mod outage;
+#[path = "e2e/presence.rs"]
+mod presence;
 #[path = "e2e/receipts.rs"]
 mod receipts;
 #[path = "e2e/servers.rs"]

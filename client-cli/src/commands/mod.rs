@@ -13,7 +13,7 @@ use crate::cli::{ChannelCommand, Cli, Command, RoomCommand, ServerCommand, Sessi
 use crate::connect::{home_from_flag, CallError, Ctx};
 use crate::output::Output;
 use crate::tail;
-use chime_protocol::ModAction;
+use chime_protocol::{ModAction, PresenceStatus};
 use serde_json::json;
 
 /// Carries out the parsed command line.
@@ -83,6 +83,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Read { room, seq } => message::read(&mut ctx, room, seq),
         Command::Unread => message::unread(&mut ctx),
         Command::Notifications { limit } => message::notifications(&mut ctx, limit),
+        Command::Presence { status } => ephemeral(&mut ctx, |c| {
+            let status = if status == "away" { PresenceStatus::AWAY } else { PresenceStatus::ONLINE };
+            c.set_presence(status)
+        }),
+        Command::Typing { room } => ephemeral(&mut ctx, |c| c.typing(chime_protocol::RoomId(room))),
         Command::Rooms => room::list(&mut ctx),
         Command::Members { room } => room::members(&mut ctx, room),
         Command::Send { room, text } => message::send(&mut ctx, room, &text),
@@ -101,6 +106,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     result.map_err(|e| ctx.explain(e))
+}
+
+/// `presence` and `typing`: one ephemeral request; prints `{}`.
+fn ephemeral(
+    ctx: &mut Ctx,
+    call: impl FnOnce(&mut chime_client::blocking::Client) -> Result<(), chime_client::blocking::ClientError>,
+) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    call(&mut client)?;
+    ctx.out.record(&json!({}), "done")?;
+    Ok(())
 }
 
 /// `ping`: the round trip of one PING/PONG, without logging in.

@@ -144,11 +144,21 @@ pub fn list(ctx: &mut Ctx) -> Result<(), CallError> {
 /// `members ROOM`: one record per member.
 pub fn members(ctx: &mut Ctx, room: u64) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;
-    for member in client.members(RoomId(room))? {
-        ctx.out.record(
-            &json!({"room": room, "user": member.user, "user_id": member.user_id, "role": member.role}),
-            &format!("{} (user {}) {}", member.user, member.user_id, member.role),
-        )?;
+    let members = client.members(RoomId(room))?;
+    // Presence is asked for the members shown, 500 at a time, as a client showing a list would.
+    for chunk in members.chunks(500) {
+        let presence = client.watch_presence(chunk.iter().map(|m| m.user_id).collect())?;
+        for (member, p) in chunk.iter().zip(&presence.entries) {
+            let status = p.status.name().map_or_else(|| p.status.0.to_string(), str::to_ascii_lowercase);
+            let seen = (p.last_seen_ms > 0).then(|| crate::output::rfc3339_ms(p.last_seen_ms));
+            ctx.out.record(
+                &json!({
+                    "room": room, "user": member.user, "user_id": member.user_id, "role": member.role,
+                    "presence": status, "last_seen": seen,
+                }),
+                &format!("{} (user {}) {}, {status}", member.user, member.user_id, member.role),
+            )?;
+        }
     }
     Ok(())
 }

@@ -19,17 +19,18 @@
 //! carries out the effects the workers return.
 
 pub mod hub;
+pub mod presence;
 
 use crate::config::Config;
-use crate::handlers::{self, accounts, Admitted, Ctx, Limiters, Who};
+use crate::handlers::{self, accounts, Admitted, Ctx, Ephemeral, Limiters, Who};
 use crate::limits::{HANDSHAKE_SECS, MAX_IN_FLIGHT, SHARED_WINDOW, TOUCH_LIVE_EVERY};
 use crate::sync::{Action, FetchId, SyncState};
 use crate::transport::Class;
 use crate::work::{Actor, Completion, ConnRef, Effect, EncodeReply, PageFailure, Published, ReplyTo, Work};
 use bytes::Bytes;
 use chime_protocol::{
-    ClientFrame, DecodeError, ErrorBody, ErrorCode, FrameType, HelloPrefix, Ping, RawFrame, Seq, ServerFrame, Welcome,
-    MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ClientFrame, DecodeError, ErrorBody, ErrorCode, FrameType, HelloPrefix, Ping, PresenceEntry, PresenceList,
+    RawFrame, Seq, ServerFrame, TypingNow, Welcome, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use chime_storage::{RoomId, SessionId, SessionLimits, UserId};
 use hub::{Change, Hub, Key};
@@ -184,6 +185,11 @@ pub struct Core {
     /// Links by connection key.
     links: Vec<Option<Link>>,
     hub: Hub,
+    /// Presence and typing (ephemeral, never stored).
+    presence: presence::Presence,
+    /// Users who went offline where no `Io` was at hand (a closed socket): pushed at the next
+    /// tick.
+    went_offline: Vec<PresenceEntry>,
     limiters: Limiters,
     /// Sessions whose connections closed: their last use is recorded in one job per turn.
     touched: Vec<SessionId>,
@@ -201,6 +207,8 @@ impl Core {
             session_limits,
             links: Vec::new(),
             hub: Hub::default(),
+            presence: presence::Presence::default(),
+            went_offline: Vec::new(),
             touched: Vec::new(),
             shutting_down: false,
         }
@@ -448,7 +456,56 @@ impl Core {
             Ok(Admitted::Work(work)) => self.submit(io, key, rid, work, subscribes),
             Ok(Admitted::Sync(actions)) => self.apply(io, key, actions),
             Ok(Admitted::Reply(frame)) => io.send(key, frame.reply(rid), Class::Own),
+            Ok(Admitted::Ephemeral(e)) => self.ephemeral(io, key, rid, &who, e, now),
             Err(e) => io.send(key, ServerFrame::Error(e).reply(rid), Class::Own),
+        }
+    }
+
+    /// Typing and presence: carried out on the loop, answered at once, pushed in the ephemeral
+    /// class (see [`presence`]).
+    fn ephemeral(&mut self, io: &mut dyn Io, key: Key, rid: u32, who: &Who, e: Ephemeral, now: Now) {
+        let user = who.actor.user_id;
+        let answer = match e {
+            Ephemeral::Typing(room) => {
+                let reads = self.link(key).is_some_and(|l| l.rooms.binary_search(&room).is_ok());
+                if !reads {
+                    let error = ErrorBody::new(ErrorCode::NOT_MEMBER, format!("not a member of room {room}"));
+                    io.send(key, ServerFrame::Error(error).reply(rid), Class::Own);
+                    return;
+                }
+                // Throttled notices are answered like the others: the client need not know.
+                if self.presence.may_type(key, room, now.instant) {
+                    let push =
+                        ServerFrame::TypingNow(TypingNow { room, user_id: user, user: who.actor.name.to_string() })
+                            .reply(0);
+                    for &k in self.hub.subscribers(room) {
+                        if k != key {
+                            io.send(k, push.clone(), Class::Ephemeral);
+                        }
+                    }
+                }
+                ServerFrame::Done(chime_protocol::Empty {})
+            }
+            Ephemeral::SetPresence(status) => {
+                if let Some(entry) = self.presence.set(user, status, now.ms) {
+                    self.push_presence(io, entry);
+                }
+                ServerFrame::Done(chime_protocol::Empty {})
+            }
+            Ephemeral::Watch(users) => {
+                self.presence.watch(key, &users);
+                let entries = users.iter().take(presence::MAX_WATCHED).map(|&u| self.presence.of(u, now.ms)).collect();
+                ServerFrame::PresenceList(PresenceList { entries })
+            }
+        };
+        io.send(key, answer.reply(rid), Class::Own);
+    }
+
+    /// A presence change, to the connections watching that user.
+    fn push_presence(&mut self, io: &mut dyn Io, entry: PresenceEntry) {
+        let push = ServerFrame::PresenceChanged(entry).reply(0);
+        for &k in self.presence.watchers(entry.user_id) {
+            io.send(k, push.clone(), Class::Ephemeral);
         }
     }
 
@@ -597,6 +654,7 @@ impl Core {
             Effect::LoggedOut { to } => {
                 if self.link_of(to.conn).is_some() {
                     self.log_out(to.conn.key, now.secs);
+                    self.flush_presence(io);
                 }
             }
             Effect::EndSessions { sessions, code } => {
@@ -643,6 +701,11 @@ impl Core {
         let who = Who { actor: Actor { user_id: user, name: name.into() }, session: session.id };
         link.phase = Phase::Authed(Box::new(Authed { who, session_created_ms: session.created_at_ms }));
         self.hub.log_in(user, session.id, key);
+        // The wall clock only dates "last seen"; nothing here depends on it.
+        let first = self.hub.connections_of_user(user).len() == 1;
+        if let Some(entry) = self.presence.connected(user, first, chime_storage::now_ms()) {
+            self.push_presence(io, entry);
+        }
         // The store lists rooms by id, so each subscription appends to the connection's sorted
         // room list: linear in the rooms, whatever their number.
         for (room, head) in rooms {
@@ -841,8 +904,20 @@ impl Core {
             self.hub.unsubscribe(room, key);
         }
         if let Some(who) = who {
-            self.hub.log_out(who.actor.user_id, who.session, key);
+            let user = who.actor.user_id;
+            self.hub.log_out(user, who.session, key);
             self.touched.push(who.session);
+            let last = self.hub.connections_of_user(user).is_empty();
+            if let Some(entry) = self.presence.disconnected(user, key, last, chime_storage::now_ms()) {
+                self.went_offline.push(entry);
+            }
+        }
+    }
+
+    /// Pushes the offline transitions waiting for an `Io`.
+    fn flush_presence(&mut self, io: &mut dyn Io) {
+        for entry in std::mem::take(&mut self.went_offline) {
+            self.push_presence(io, entry);
         }
     }
 
@@ -850,6 +925,7 @@ impl Core {
     /// already queued (the revoking request's own answer goes first).
     fn end_session(&mut self, io: &mut dyn Io, key: Key, code: ErrorCode, message: &str, now_secs: u32) {
         self.log_out(key, now_secs);
+        self.flush_presence(io);
         self.end(io, key, code, message, Bye::AfterQueue);
     }
 
@@ -866,6 +942,7 @@ impl Core {
     /// Once a second: heartbeats; handshake, login and idle timeouts; session lifetimes; retries
     /// of deferred SYNC fetches; the record of sessions' last use; pruning the hub.
     pub fn tick(&mut self, io: &mut dyn Io, now: Now) {
+        self.flush_presence(io);
         let hb = self.config.heartbeat_secs.max(1);
         let auth_timeout = self.config.auth_timeout_secs;
         let max_age_ms = self.session_limits.max_age_ms;

@@ -98,6 +98,19 @@ pub enum Admitted {
     Sync(Vec<Action>),
     /// The answer, known on the loop (nothing to read or write).
     Reply(ServerFrame),
+    /// Typing or presence: the core carries it out with the hub and answers.
+    Ephemeral(Ephemeral),
+}
+
+/// What the core does for an ephemeral request.
+#[derive(Debug)]
+pub enum Ephemeral {
+    /// TYPING in a room.
+    Typing(chime_storage::RoomId),
+    /// SET_PRESENCE.
+    SetPresence(chime_protocol::PresenceStatus),
+    /// WATCH_PRESENCE of these users.
+    Watch(Vec<UserId>),
 }
 
 /// A request refused on the loop.
@@ -126,6 +139,19 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::OpenDirect(o) => rooms::open_direct(ctx, o),
         ClientFrame::Moderate(m) => rooms::moderate(ctx, m),
         ClientFrame::Receipt(r) => receipts::receipt(ctx, r),
+        ClientFrame::Typing(t) => Ok(Admitted::Ephemeral(Ephemeral::Typing(t.room))),
+        ClientFrame::SetPresence(p) => match p.status {
+            chime_protocol::PresenceStatus::ONLINE | chime_protocol::PresenceStatus::AWAY => {
+                Ok(Admitted::Ephemeral(Ephemeral::SetPresence(p.status)))
+            }
+            other => Err(invalid(format!("presence is ONLINE or AWAY, not {other}"))),
+        },
+        ClientFrame::WatchPresence(w) => {
+            if w.users.len() > crate::core::presence::MAX_WATCHED {
+                return Err(invalid(format!("watch at most {} users", crate::core::presence::MAX_WATCHED)));
+            }
+            Ok(Admitted::Ephemeral(Ephemeral::Watch(w.users)))
+        }
         ClientFrame::Unread(u) => receipts::unread(ctx, u),
         ClientFrame::Notifications(n) => receipts::notifications(ctx, n),
         ClientFrame::CreateServer(c) => servers::create(ctx, c),
