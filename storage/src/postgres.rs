@@ -238,7 +238,10 @@ impl Statements {
                 "SELECT m.role, d.seq, d.created_at, m.silenced, m.defined, m.post_roles
                  FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]) WITH ORDINALITY
                       AS p(room_id, author_id, idem, ord)
-                 LEFT JOIN room_access m ON m.room_id = p.room_id AND m.user_id = p.author_id
+                 LEFT JOIN LATERAL (
+                     SELECT a.role, a.silenced, a.defined, a.post_roles FROM room_access a
+                     WHERE a.room_id = p.room_id AND a.user_id = p.author_id LIMIT 1
+                 ) m ON TRUE
                  LEFT JOIN deltas d ON d.room_id = p.room_id AND d.author_id = p.author_id
                                    AND d.idempotency_key = p.idem
                  ORDER BY p.ord",
