@@ -55,7 +55,8 @@ fn main() -> Result<()> {
         "postgres" => Backend::Postgres,
         other => anyhow::bail!("unknown store {other}: sqlite or postgres"),
     };
-    let d = Daemon::start_backend(backend, "scale", &["--login-rate", "1000", "--resume-rate-per-ip", "1000"]).context("the store is skipped")?;
+    let d = Daemon::start_backend(backend, "scale", &["--login-rate", "1000", "--resume-rate-per-ip", "1000"])
+        .context("the store is skipped")?;
     let rss_start = d.rss_kib();
     let mut owner = d.register("owner");
     let big = owner.client.create_server("big", "a million members", true).context("create the big server")?;
