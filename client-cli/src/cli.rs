@@ -134,6 +134,22 @@ pub enum Command {
         #[arg(value_parser = ["online", "away"])]
         status: String,
     },
+    /// Call signalling in a room: start a call, join one, end or leave one (media is the
+    /// clients' business; --data carries their offer or answer).
+    Call {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// `invite`, `accept` or `end`.
+        #[arg(value_parser = ["invite", "accept", "end"])]
+        action: String,
+        /// The call: the seq of its invite (for accept and end).
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        call: u64,
+        /// Opaque signalling data for the other side.
+        #[arg(long, default_value = "")]
+        data: String,
+    },
     /// Tell a room's online members you are typing.
     Typing {
         /// The room id.

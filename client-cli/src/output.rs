@@ -178,6 +178,11 @@ fn delta_human(delta: &Delta) -> String {
             _ => format!("{head} * {author} gave a role"),
         },
         DeltaKind::ROLE_DEFINED => format!("{head} * {author} defined the role {text}"),
+        DeltaKind::CALL_INVITE => format!("{head} * {author} started a call"),
+        DeltaKind::CALL_ACCEPT => {
+            format!("{head} * {author} joined call {}", delta.body.target().map_or(0, |t| t.get()))
+        }
+        DeltaKind::CALL_END => format!("{head} * {author} ended call {}", delta.body.target().map_or(0, |t| t.get())),
         other => format!("{head} * {author} ({}) {text}", other.json_name()),
     }
 }

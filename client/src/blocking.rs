@@ -445,6 +445,18 @@ impl Client {
         }
     }
 
+    /// `CALL`: one call signalling step (`call` is the seq of the call's invite; 0 for INVITE).
+    pub fn call(
+        &mut self,
+        room: impl Into<RoomId>,
+        action: chime_protocol::CallAction,
+        call: impl Into<Seq>,
+        data: &str,
+    ) -> Result<Posted, ClientError> {
+        let body = chime_protocol::Call { room: room.into(), action, call: call.into(), data: data.to_string() };
+        self.posted(ClientFrame::Call(body))
+    }
+
     /// `TYPING`: the user is typing in `room` (the server throttles the notices).
     pub fn typing(&mut self, room: impl Into<RoomId>) -> Result<(), ClientError> {
         self.done(ClientFrame::Typing(chime_protocol::Typing { room: room.into() }))

@@ -913,7 +913,8 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         | FrameType::REPLY
         | FrameType::PIN
         | FrameType::MODERATE
-        | FrameType::DEFINE_ROLE => FrameType::POSTED,
+        | FrameType::DEFINE_ROLE
+        | FrameType::CALL => FrameType::POSTED,
         FrameType::VIEW => FrameType::MESSAGE_PAGE,
         FrameType::GET_PROFILE | FrameType::UPDATE_PROFILE => FrameType::PROFILE,
         FrameType::GET_SETTINGS => FrameType::SETTINGS,

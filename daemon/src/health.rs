@@ -481,6 +481,17 @@ impl Store for StoreSlot {
     ) -> chime_storage::Result<chime_storage::ModerationOutcome> {
         self.with(|s| s.moderate(m))
     }
+    fn signal(
+        &mut self,
+        room: RoomId,
+        actor: (UserId, &str),
+        kind: chime_storage::RecordKind,
+        call: Seq,
+        data: &str,
+        now_ms: i64,
+    ) -> chime_storage::Result<DeltaRecord> {
+        self.with(|s| s.signal(room, actor, kind, call, data, now_ms))
+    }
     fn define_role(
         &mut self,
         room: RoomId,

@@ -17,8 +17,8 @@
 use crate::sync::FetchId;
 use bytes::Bytes;
 use chime_protocol::{
-    CreateBody, Delta, DeltaBody, DeltaKind, EditBody, ErrorBody, ErrorCode, MemberBody, ReactBody, ReplyBody,
-    RoleBody, RoleDefinedBody, Seq, ServerFrame, TargetBody,
+    CallBody, CreateBody, Delta, DeltaBody, DeltaKind, EditBody, ErrorBody, ErrorCode, MemberBody, ReactBody,
+    ReplyBody, RoleBody, RoleDefinedBody, Seq, ServerFrame, TargetBody,
 };
 use chime_storage::{
     DeltaRecord, NewPost, RecordKind, RoomId, ServerId, SessionId, SessionLimits, SessionRecord, SharedStore, Store,
@@ -364,6 +364,9 @@ pub fn wire_delta(r: DeltaRecord) -> Delta {
                 _ => DeltaBody::Unmute(m),
             }
         }
+        RecordKind::CALL_INVITE => DeltaBody::CallInvite(CallBody { call: Seq::ZERO, data: r.body }),
+        RecordKind::CALL_ACCEPT => DeltaBody::CallAccept(CallBody { call: target, data: r.body }),
+        RecordKind::CALL_END => DeltaBody::CallEnd(CallBody { call: target, data: r.body }),
         RecordKind::ROLE => DeltaBody::Role(RoleBody { user: UserId(target.get()), role: r.body }),
         RecordKind::ROLE_DEFINED => {
             let (role, permissions) = chime_storage::moderation::parse_role_body(&r.body);

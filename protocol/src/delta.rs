@@ -90,6 +90,16 @@ pub struct RoleDefinedBody {
     pub permissions: Option<Permissions>,
 }
 
+/// The payload of the call signalling deltas: `CALL_INVITE`, `CALL_ACCEPT`, `CALL_END`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallBody {
+    /// The call: the seq of its `CALL_INVITE` (0 in the invite itself).
+    pub call: Seq,
+    /// Anything the clients' media layer needs (an SDP offer or answer, a reason), opaque to the
+    /// server; at most 8 KiB.
+    pub data: String,
+}
+
 /// What a delta does, tagged by its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeltaBody {
@@ -132,6 +142,12 @@ pub enum DeltaBody {
     Role(RoleBody),
     /// A role was defined or removed.
     RoleDefined(RoleDefinedBody),
+    /// A call was started.
+    CallInvite(CallBody),
+    /// A call was joined.
+    CallAccept(CallBody),
+    /// A call was ended or left.
+    CallEnd(CallBody),
     /// A kind this build does not know, kept as it came so that it can be skipped (or passed
     /// on unchanged).
     Unknown {
@@ -170,6 +186,9 @@ impl DeltaBody {
             DeltaBody::Unmute(_) => DeltaKind::UNMUTE,
             DeltaBody::Role(_) => DeltaKind::ROLE,
             DeltaBody::RoleDefined(_) => DeltaKind::ROLE_DEFINED,
+            DeltaBody::CallInvite(_) => DeltaKind::CALL_INVITE,
+            DeltaBody::CallAccept(_) => DeltaKind::CALL_ACCEPT,
+            DeltaBody::CallEnd(_) => DeltaKind::CALL_END,
             DeltaBody::Unknown { kind, .. } => *kind,
         }
     }
@@ -202,6 +221,7 @@ impl DeltaBody {
             DeltaBody::Delete(t) | DeltaBody::Pin(t) | DeltaBody::Unpin(t) => Some(t.target),
             DeltaBody::React(r) | DeltaBody::Unreact(r) => Some(r.target),
             DeltaBody::Reply(r) => Some(r.reply_to),
+            DeltaBody::CallAccept(c) | DeltaBody::CallEnd(c) => Some(c.call),
             _ => None,
         }
     }
@@ -224,6 +244,7 @@ impl DeltaBody {
             | DeltaBody::Unmute(m) => postcard::to_allocvec(m),
             DeltaBody::Role(r) => postcard::to_allocvec(r),
             DeltaBody::RoleDefined(r) => postcard::to_allocvec(r),
+            DeltaBody::CallInvite(c) | DeltaBody::CallAccept(c) | DeltaBody::CallEnd(c) => postcard::to_allocvec(c),
             DeltaBody::Unknown { payload, .. } => Ok(payload.clone()),
         }
     }
@@ -251,6 +272,9 @@ impl DeltaBody {
             DeltaKind::UNMUTE => DeltaBody::Unmute(postcard::take_from_bytes(&payload)?.0),
             DeltaKind::ROLE => DeltaBody::Role(postcard::take_from_bytes(&payload)?.0),
             DeltaKind::ROLE_DEFINED => DeltaBody::RoleDefined(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::CALL_INVITE => DeltaBody::CallInvite(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::CALL_ACCEPT => DeltaBody::CallAccept(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::CALL_END => DeltaBody::CallEnd(postcard::take_from_bytes(&payload)?.0),
             kind => DeltaBody::Unknown { kind, payload },
         })
     }

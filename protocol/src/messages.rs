@@ -6,12 +6,14 @@
 //! from [`RawFrame`]s through the code table below, which `docs/protocol.md` repeats.
 
 pub use crate::delta::{
-    CreateBody, DeltaBody, EditBody, MemberBody, MessageBody, ReactBody, ReplyBody, RoleBody, RoleDefinedBody,
-    TargetBody,
+    CallBody, CreateBody, DeltaBody, EditBody, MemberBody, MessageBody, ReactBody, ReplyBody, RoleBody,
+    RoleDefinedBody, TargetBody,
 };
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
 use crate::perm::Permissions;
-use crate::types::{ErrorCode, FrameType, ModAction, PresenceStatus, RoomId, RoomKind, Seq, ServerId, UserId};
+use crate::types::{
+    CallAction, ErrorCode, FrameType, ModAction, PresenceStatus, RoomId, RoomKind, Seq, ServerId, UserId,
+};
 use crate::DeltaKind;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -318,6 +320,20 @@ pub struct Moderate {
     pub action: ModAction,
     /// For `SET_ROLE`: the role; empty otherwise.
     pub role: String,
+}
+
+/// `CALL`: one call signalling step in a room, answered `POSTED` with its delta's seq (needs
+/// `post`). An INVITE starts a call (its seq names the call); ACCEPT and END name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Call {
+    /// The room's id.
+    pub room: RoomId,
+    /// What to do.
+    pub action: CallAction,
+    /// The call (the seq of its CALL_INVITE); 0 for INVITE.
+    pub call: Seq,
+    /// Opaque media signalling (SDP), at most 8 KiB.
+    pub data: String,
 }
 
 /// `DEFINE_ROLE`: define or redefine a role of the room (`member` is the room-wide default), or
@@ -1011,6 +1027,8 @@ frame_enum! {
         Moderate(Moderate) = MODERATE,
         /// Define a role.
         DefineRole(DefineRole) = DEFINE_ROLE,
+        /// Call signalling.
+        Call(Call) = CALL,
         /// Typing.
         Typing(Typing) = TYPING,
         /// Set presence.

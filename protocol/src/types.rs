@@ -101,6 +101,8 @@ wire_code! {
         MODERATE = 0x0027,
         /// Define, redefine or remove a room's role.
         DEFINE_ROLE = 0x0028,
+        /// Call signalling: invite to, accept or end a call (a delta in the room).
+        CALL = 0x0029,
         /// Create a server (community) with its first channel.
         CREATE_SERVER = 0x0040,
         /// Join a public server.
@@ -334,6 +336,12 @@ wire_code! {
         ROLE = 18,
         /// The author defined, redefined or removed a role of the room.
         ROLE_DEFINED = 19,
+        /// The author started a call in the room (signalling only; media is elsewhere).
+        CALL_INVITE = 20,
+        /// The author joined a call.
+        CALL_ACCEPT = 21,
+        /// The author ended a call (or left it).
+        CALL_END = 22,
     }
 }
 
@@ -344,6 +352,18 @@ impl DeltaKind {
             Some(n) => n.to_ascii_lowercase(),
             None => format!("unknown_{}", self.0),
         }
+    }
+}
+
+wire_code! {
+    /// A call signalling step (`CALL`).
+    CallAction(u8) {
+        /// Start a call and invite the room.
+        INVITE = 1,
+        /// Join a call.
+        ACCEPT = 2,
+        /// End (or leave) a call.
+        END = 3,
     }
 }
 

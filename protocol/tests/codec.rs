@@ -29,7 +29,7 @@ fn seq() -> impl Strategy<Value = Seq> {
 
 /// Every body shape: the known kinds, and kinds this build does not know with any payload.
 fn delta_body() -> impl Strategy<Value = DeltaBody> {
-    let known: Vec<u16> = (1..=19).collect();
+    let known: Vec<u16> = (1..=22).collect();
     prop_oneof![
         text().prop_map(|name| DeltaBody::Create(CreateBody { name })),
         text().prop_map(DeltaBody::message),
@@ -48,6 +48,10 @@ fn delta_body() -> impl Strategy<Value = DeltaBody> {
                 [usize::from(k)](m)
         }),
         (user(), text()).prop_map(|(user, role)| DeltaBody::Role(RoleBody { user, role })),
+        (seq(), text(), 0u8..3).prop_map(|(call, data, k)| {
+            let c = CallBody { call, data };
+            [DeltaBody::CallInvite, DeltaBody::CallAccept, DeltaBody::CallEnd][usize::from(k)](c)
+        }),
         (text(), option::of(any::<u32>()))
             .prop_map(|(role, p)| DeltaBody::RoleDefined(RoleDefinedBody { role, permissions: p.map(Permissions) })),
         (any::<u16>().prop_filter("unknown", move |k| !known.contains(k)), vec(any::<u8>(), 0..40))
@@ -170,6 +174,12 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         })),
         (room(), any::<u32>()).prop_map(|(after_room, limit)| ClientFrame::Unread(Unread { after_room, limit })),
         any::<u32>().prop_map(|limit| ClientFrame::Notifications(Notifications { limit })),
+        (room(), any::<u8>(), seq(), text()).prop_map(|(room, a, call, data)| ClientFrame::Call(Call {
+            room,
+            action: CallAction(a),
+            call,
+            data
+        })),
         room().prop_map(|room| ClientFrame::Typing(Typing { room })),
         any::<u8>().prop_map(|s| ClientFrame::SetPresence(SetPresence { status: PresenceStatus(s) })),
         vec(user(), 0..5).prop_map(|users| ClientFrame::WatchPresence(WatchPresence { users })),

@@ -585,6 +585,18 @@ fn vectors() -> Vec<Vector> {
             ServerFrame::PresenceChanged(presence()),
         ),
         c(
+            "call",
+            "CALL id=31 room=300 action=ACCEPT(2) call=14 data=\"v=0\"",
+            31,
+            ClientFrame::Call(Call { room: RoomId(300), action: CallAction::ACCEPT, call: Seq(14), data: "v=0".into() }),
+        ),
+        s(
+            "delta_call_invite",
+            "DELTA (push) id=0 room=300 seq=14 author_id=7 author=\"ann\" ts_ms=1700000000000 body=CALL_INVITE(20) call=0 data=\"v=0\" (CALL_ACCEPT(21), CALL_END(22) have the same payload)",
+            0,
+            ServerFrame::Delta(delta(14, DeltaBody::CallInvite(CallBody { call: Seq(0), data: "v=0".into() }))),
+        ),
+        c(
             "edit",
             "EDIT id=9 room=300 target=4 idempotency_key=\"k2\" text=\"hi!\"",
             9,

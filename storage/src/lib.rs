@@ -306,6 +306,12 @@ impl RecordKind {
     /// A role was defined (or redefined) for the room; the body is `NAME=PERMISSION_BITS`, or
     /// `NAME` alone when the definition was removed.
     pub const ROLE_DEFINED: RecordKind = RecordKind(19);
+    /// The author started a call; the body is opaque media signalling, no target.
+    pub const CALL_INVITE: RecordKind = RecordKind(20);
+    /// The author joined call `target` (the seq of its invite); the body is signalling.
+    pub const CALL_ACCEPT: RecordKind = RecordKind(21);
+    /// The author ended or left call `target`; the body is signalling.
+    pub const CALL_END: RecordKind = RecordKind(22);
 }
 
 /// A delta as the store keeps it (one row of `deltas`, with its author's name). The daemon turns
@@ -697,6 +703,18 @@ pub trait Store: SharedStore {
     /// one transaction. `NotMember` when the actor is not a member; `NotFound` for no such room
     /// or user; `Forbidden` when the actor may not, or for a direct dialog.
     fn moderate(&mut self, m: &NewModeration) -> Result<ModerationOutcome>;
+    /// Appends a call signalling delta (`CALL_INVITE`, `CALL_ACCEPT` or `CALL_END`) by `actor`,
+    /// who needs `post`. ACCEPT and END name their call by the seq of its `CALL_INVITE` in the
+    /// same room (`NotFound` otherwise).
+    fn signal(
+        &mut self,
+        room: RoomId,
+        actor: (UserId, &str),
+        kind: RecordKind,
+        call: Seq,
+        data: &str,
+        now_ms: i64,
+    ) -> Result<DeltaRecord>;
     /// Defines (or with `perms` none, removes) a named role of the room, or redefines `member`
     /// (the room-wide default), with a `ROLE_DEFINED` delta. Needs `manage_roles`; `owner` cannot
     /// be defined. Members holding a removed role keep the name and hold no permission until

@@ -1453,6 +1453,59 @@ impl Store for PgStore {
         Ok(ModerationOutcome::Applied { delta, user: target, added, removed })
     }
 
+    fn signal(
+        &mut self,
+        room: RoomId,
+        actor: (UserId, &str),
+        kind: RecordKind,
+        call: Seq,
+        data: &str,
+        now_ms: i64,
+    ) -> Result<DeltaRecord> {
+        let st = &self.st;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let id = to_db(room);
+        let Some(head) = tx.query_opt(&st.lock_room, &[&id]).map_err(pg_err)? else {
+            return Err(StoreError::NotFound(format!("room {room}")));
+        };
+        let head: i64 = head.get(0);
+        let (_, perms) = Self::member_perms(st, &mut tx, room, actor.0)?.ok_or(StoreError::NotMember(room))?;
+        if !perms.contains(Permissions::POST) {
+            return Err(StoreError::Forbidden(format!("you may not post in room {room}")));
+        }
+        let target = if kind == RecordKind::CALL_INVITE {
+            None
+        } else {
+            let invite = tx
+                .query_opt("SELECT kind FROM deltas WHERE room_id = $1 AND seq = $2", &[&id, &to_db(call)])
+                .map_err(pg_err)?
+                .map(|r| r.get::<_, i16>(0));
+            if invite != Some(i16::from(RecordKind::CALL_INVITE.0)) {
+                return Err(StoreError::NotFound(format!("no call {call} in room {room}")));
+            }
+            Some(to_db(call))
+        };
+        let seq = head + 1;
+        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
+        let no_key: Option<&str> = None;
+        tx.execute(
+            &st.insert_action,
+            &[&id, &seq, &i16::from(kind.0), &to_db(actor.0), &data, &now_ms, &no_key, &target],
+        )
+        .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(DeltaRecord {
+            room,
+            seq: from_db(seq),
+            kind,
+            author_id: actor.0,
+            author: actor.1.into(),
+            ts_ms: now_ms,
+            body: data.into(),
+            target: target.map(from_db),
+        })
+    }
+
     fn define_role(
         &mut self,
         room: RoomId,

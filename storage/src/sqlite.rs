@@ -1338,6 +1338,54 @@ impl Store for SqliteStore {
         })
     }
 
+    fn signal(
+        &mut self,
+        room: RoomId,
+        actor: (UserId, &str),
+        kind: RecordKind,
+        call: Seq,
+        data: &str,
+        now_ms: i64,
+    ) -> Result<DeltaRecord> {
+        self.write(|conn| {
+            let Some((_, perms)) = member_perms(conn, room, actor.0)? else {
+                return Err(if exists(conn, room)? {
+                    StoreError::NotMember(room)
+                } else {
+                    StoreError::NotFound(format!("room {room}"))
+                });
+            };
+            if !perms.contains(Permissions::POST) {
+                return Err(StoreError::Forbidden(format!("you may not post in room {room}")));
+            }
+            let target = if kind == RecordKind::CALL_INVITE {
+                None
+            } else {
+                let invite: Option<u8> = conn
+                    .prepare_cached("SELECT kind FROM deltas WHERE room_id = ?1 AND seq = ?2")
+                    .and_then(|mut st| st.query_row(params![to_db(room), to_db(call)], |r| r.get(0)).optional())
+                    .map_err(db_err)?;
+                if invite != Some(RecordKind::CALL_INVITE.0) {
+                    return Err(StoreError::NotFound(format!("no call {call} in room {room}")));
+                }
+                Some(call)
+            };
+            let seq = next_seq(conn, room)?.ok_or_else(|| StoreError::NotFound(format!("room {room}")))?;
+            let delta = DeltaRecord {
+                room,
+                seq: Seq(seq),
+                kind,
+                author_id: actor.0,
+                author: actor.1.into(),
+                ts_ms: now_ms,
+                body: data.into(),
+                target,
+            };
+            insert_delta(conn, &delta, None)?;
+            Ok(delta)
+        })
+    }
+
     fn define_role(
         &mut self,
         room: RoomId,

@@ -91,6 +91,7 @@ conformance! {
         moderation_changes_membership_and_posting,
         servers_give_access_to_channels_by_role,
         unread_counts_follow_read_cursors_and_mentions,
+        calls_are_signalled_as_deltas,
         profiles_start_empty_and_change_field_by_field,
         emails_are_unique_without_regard_to_case,
         settings_round_trip_and_bump_the_version,
@@ -1517,4 +1518,31 @@ fn unread_counts_follow_read_cursors_and_mentions(store: &mut dyn Store) {
     store.append_posts(&[post(general.id, &ada, "g", "@eve look")]).expect("post");
     let eve_unread = store.unread(eve.id, RoomId(0), 10).expect("unread");
     assert_eq!(eve_unread.iter().map(|u| (u.room, u.unread, u.mentions)).collect::<Vec<_>>(), [(general.id, 1, 1)]);
+}
+
+fn calls_are_signalled_as_deltas(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let lobby = room(store, "lobby", &ada);
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    let invite = store.signal(lobby.id, (ada.id, "ada"), RecordKind::CALL_INVITE, Seq(0), "offer", T0).expect("invite");
+    assert_eq!(
+        (invite.seq, invite.kind, invite.body.as_str(), invite.target),
+        (Seq(3), RecordKind::CALL_INVITE, "offer", None)
+    );
+    let accept =
+        store.signal(lobby.id, (bob.id, "bob"), RecordKind::CALL_ACCEPT, invite.seq, "answer", T0).expect("accept");
+    assert_eq!(accept.target, Some(invite.seq));
+    let err = store.signal(lobby.id, (bob.id, "bob"), RecordKind::CALL_END, Seq(1), "", T0).expect_err("no call at 1");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    store.moderate(&moderation(lobby.id, &ada, "bob", MemberAction::Mute)).expect("mute");
+    let err = store.signal(lobby.id, (bob.id, "bob"), RecordKind::CALL_END, invite.seq, "", T0).expect_err("muted");
+    assert!(matches!(err, StoreError::Forbidden(_)), "{err:?}");
+    let carol = user(store, "carol");
+    assert!(matches!(
+        store.signal(lobby.id, (carol.id, "carol"), RecordKind::CALL_INVITE, Seq(0), "", T0),
+        Err(StoreError::NotMember(_))
+    ));
+    let kinds: Vec<RecordKind> = log(store, lobby.id).iter().map(|d| d.kind).collect();
+    assert_eq!(kinds[2..], [RecordKind::CALL_INVITE, RecordKind::CALL_ACCEPT, RecordKind::MUTE]);
 }

@@ -218,3 +218,15 @@ pub fn notifications(ctx: &mut Ctx, limit: u32) -> Result<(), CallError> {
     }
     Ok(())
 }
+
+/// `call ROOM invite|accept|end [--call SEQ] [--data D]`.
+pub fn call(ctx: &mut Ctx, room: u64, action: &str, call: u64, data: &str) -> Result<(), CallError> {
+    let action = match action {
+        "invite" => chime_protocol::CallAction::INVITE,
+        "accept" => chime_protocol::CallAction::ACCEPT,
+        _ => chime_protocol::CallAction::END,
+    };
+    let (mut client, _) = ctx.connect_authed()?;
+    let posted = client.call(RoomId(room), action, Seq(call), data)?;
+    print_posted(ctx, &posted, "call signalled in")
+}

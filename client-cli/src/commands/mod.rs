@@ -87,6 +87,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let status = if status == "away" { PresenceStatus::AWAY } else { PresenceStatus::ONLINE };
             c.set_presence(status)
         }),
+        Command::Call { room, action, call, data } => message::call(&mut ctx, room, &action, call, &data),
         Command::Typing { room } => ephemeral(&mut ctx, |c| c.typing(chime_protocol::RoomId(room))),
         Command::Rooms => room::list(&mut ctx),
         Command::Members { room } => room::members(&mut ctx, room),

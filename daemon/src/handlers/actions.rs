@@ -14,10 +14,12 @@ use crate::work::{
     refuse, reply, store_error, wire_delta, Actor, Effect, Published, ReplyTo, RoomWork, Settings, SharedWork, Work,
 };
 use chime_protocol::{
-    DeleteMessage, Edit, ErrorBody, MessagePage, MessageView, Pin, Posted, React, ReactionCount, Reply, ServerFrame,
-    View,
+    Call, CallAction, DeleteMessage, Edit, ErrorBody, MessagePage, MessageView, Pin, Posted, React, ReactionCount,
+    Reply, ServerFrame, View,
 };
-use chime_storage::{now_ms, ActionOutcome, MessageAction, MessageRecord, NewAction, RoomId, Seq, SharedStore, Store};
+use chime_storage::{
+    now_ms, ActionOutcome, MessageAction, MessageRecord, NewAction, RecordKind, RoomId, Seq, SharedStore, Store,
+};
 
 fn check_text(text: &str) -> Result<(), ErrorBody> {
     if text.is_empty() || text.len() > MAX_TEXT {
@@ -93,6 +95,64 @@ pub fn reply_to(ctx: &mut Ctx<'_>, r: Reply) -> Result<Admitted, ErrorBody> {
 pub fn pin(ctx: &mut Ctx<'_>, p: Pin) -> Result<Admitted, ErrorBody> {
     let action = if p.remove { MessageAction::Unpin } else { MessageAction::Pin };
     act(ctx, p.room, p.target, action, String::new())
+}
+
+/// Most bytes of a call's opaque signalling.
+const MAX_CALL_DATA: usize = 8 * 1024;
+
+/// Admits CALL: a known action, its call named for ACCEPT and END, bounded signalling data.
+pub fn call(ctx: &mut Ctx<'_>, c: Call) -> Result<Admitted, ErrorBody> {
+    let kind = match c.action {
+        CallAction::INVITE => RecordKind::CALL_INVITE,
+        CallAction::ACCEPT => RecordKind::CALL_ACCEPT,
+        CallAction::END => RecordKind::CALL_END,
+        other => return Err(invalid(format!("unknown call action {other}"))),
+    };
+    if kind != RecordKind::CALL_INVITE {
+        check_target(c.call)?;
+    }
+    if c.data.len() > MAX_CALL_DATA {
+        return Err(invalid(format!("call data is at most {MAX_CALL_DATA} bytes")));
+    }
+    let job = CallJob { to: ctx.to, actor: ctx.who.actor.clone(), room: c.room, kind, call: c.call, data: c.data };
+    Ok(Admitted::Work(Work::Room(Box::new(job))))
+}
+
+/// A call signalling delta, on the room's shard.
+struct CallJob {
+    to: ReplyTo,
+    actor: Actor,
+    room: RoomId,
+    kind: RecordKind,
+    call: Seq,
+    data: String,
+}
+
+impl RoomWork for CallJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn room(&self) -> RoomId {
+        self.room
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn Store, _settings: &Settings) -> Vec<Effect> {
+        let actor = (self.actor.user_id, &*self.actor.name);
+        match store.signal(self.room, actor, self.kind, self.call, &self.data, now_ms()) {
+            Ok(delta) => {
+                let posted = Posted { room: self.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+                let mut effects = vec![reply(self.to, ServerFrame::Posted(posted))];
+                effects.extend(Published::encode(self.room, &[wire_delta(delta)]).map(Effect::Publish));
+                effects
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
 }
 
 /// Admits VIEW: a read on the shared queue.

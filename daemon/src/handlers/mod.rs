@@ -171,6 +171,7 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::Reply(r) => actions::reply_to(ctx, r),
         ClientFrame::Pin(p) => actions::pin(ctx, p),
         ClientFrame::View(v) => actions::view(ctx, v),
+        ClientFrame::Call(c) => actions::call(ctx, c),
         ClientFrame::Hello(_)
         | ClientFrame::Ping(_)
         | ClientFrame::Pong(_)

@@ -10,7 +10,11 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
-on_both_stores!(actions_are_deltas_and_view_shows_the_state, members_cannot_moderate_others_messages);
+on_both_stores!(
+    actions_are_deltas_and_view_shows_the_state,
+    members_cannot_moderate_others_messages,
+    calls_are_signalled_in_the_log
+);
 
 fn cli(d: &Daemon, home: &Path, args: &[&str]) -> Vec<Value> {
     let mut cmd = d.cli(home);
@@ -131,4 +135,31 @@ fn members_cannot_moderate_others_messages(backend: Backend) {
         kinds,
         [DeltaKind::CREATE, DeltaKind::JOIN, DeltaKind::MESSAGE, DeltaKind::MESSAGE, DeltaKind::DELETE, DeltaKind::PIN]
     );
+}
+
+/// Call signalling through `chime call`: invite, accept, end are deltas every member receives.
+fn calls_are_signalled_in_the_log(backend: Backend) {
+    let Some(d) = Daemon::start_backend(backend, "calls", &[]) else { return };
+    let ann = d.register(&unique("ann"));
+    let mut bob = d.register(&unique("bob"));
+    let home = tempfile::tempdir().expect("home");
+    cli(&d, home.path(), &["login", &ann.name]);
+    let room = json_u64(&cli(&d, home.path(), &["room", "create", "voice"])[0], "room");
+    bob.client.join_room(RoomId(room)).expect("join");
+    let r = room.to_string();
+    let invite = json_u64(&cli(&d, home.path(), &["call", &r, "invite", "--data", "offer"])[0], "seq");
+    let got = pushes_until(&mut bob.client, room, invite, Duration::from_secs(5));
+    let last = got.last().expect("the invite");
+    assert!(matches!(&last.body, DeltaBody::CallInvite(c) if c.data == "offer"), "{last:?}");
+    let accept =
+        bob.client.call(RoomId(room), chime_protocol::CallAction::ACCEPT, invite, "answer").expect("accept").seq;
+    let end = cli(&d, home.path(), &["call", &r, "end", "--call", &invite.to_string()]);
+    assert_eq!(json_u64(&end[0], "seq"), accept.get() + 1);
+    let pushed = next_delta(&mut bob.client, room, Duration::from_secs(5));
+    let pushed = if pushed.seq == accept { next_delta(&mut bob.client, room, Duration::from_secs(5)) } else { pushed };
+    assert!(matches!(&pushed.body, DeltaBody::CallEnd(c) if c.call == invite), "{pushed:?}");
+    let mut bad = d.cli(home.path());
+    bad.args(["call", &r, "accept", "--call", "1"]);
+    let (code, _, err) = cli_run(&mut bad);
+    assert_eq!(code, Some(1), "{err}");
 }
