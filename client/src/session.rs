@@ -894,7 +894,8 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         | FrameType::REACT
         | FrameType::REPLY
         | FrameType::PIN => FrameType::POSTED,
-        FrameType::VIEW => FrameType::MESSAGE_PAGE,
+        FrameType::VIEW | FrameType::SEARCH => FrameType::MESSAGE_PAGE,
+        FrameType::RESTORE => FrameType::RESTORE_PAGE,
         FrameType::HISTORY => FrameType::DELTA_PAGE,
         _ => return None,
     })
