@@ -30,6 +30,10 @@ mod messages;
 mod ordering;
 #[path = "e2e/outage.rs"]
 mod outage;
+#[path = "e2e/restore.rs"]
+mod restore;
+#[path = "e2e/search.rs"]
+mod search;
 #[path = "e2e/sessions.rs"]
 mod sessions;
 #[path = "e2e/shutdown.rs"]
