@@ -15,6 +15,8 @@
 //! - SEARCH: `--searches` queries (one or two words, from common to absent), each the first page
 //!   of 50 results: round trips p50/p99 overall and per kind of query.
 //!
+//! On PostgreSQL the tables are ANALYZEd after the fill, as autovacuum would do within a minute.
+//!
 //! The messages are words drawn from a fixed vocabulary with a Zipf-like skew (the commonest word
 //! is in about one message in seven), from a seeded generator, so runs are comparable.
 
@@ -63,6 +65,12 @@ struct Args {
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
+    /// With `--store postgres`: this (empty) database instead of a throwaway server's.
+    #[arg(long)]
+    database: Option<String>,
+    /// Keep the data dir and chimed's log here instead of a temporary directory removed at exit.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -119,17 +127,25 @@ fn main() -> Result<()> {
     if !chimed.is_file() {
         bail!("{} not found: build it (cargo build --release -p chimed) or pass --chimed", chimed.display());
     }
-    let work = tempfile::Builder::new().prefix("chime-history-").tempdir()?;
-    let pg = match args.store {
-        Store::Postgres => Some(PgServer::start()?),
-        Store::Sqlite => None,
+    let temp = tempfile::Builder::new().prefix("chime-history-").tempdir()?;
+    let work = match &args.work_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => temp.path().to_path_buf(),
     };
-    let url = match &pg {
-        Some(server) => server.create_database("history"),
-        None => format!("sqlite:{}", work.path().join("data/chime.db").display()),
+    let pg = match (args.store, &args.database) {
+        (Store::Postgres, None) => Some(PgServer::start()?),
+        _ => None,
+    };
+    let url = match (&pg, &args.database) {
+        (Some(server), _) => server.create_database("history"),
+        (None, Some(url)) if args.store == Store::Postgres => url.clone(),
+        _ => format!("sqlite:{}", work.join("data/chime.db").display()),
     };
 
-    let daemon = Daemon::start(&chimed, work.path(), &url, &[])?;
+    let daemon = Daemon::start(&chimed, &work, &url, &[])?;
     let user = format!("bench{}", std::process::id());
     let mut client = daemon.client()?;
     let authed = client.register(&user, "correct horse battery", "chime-history")?;
@@ -142,6 +158,11 @@ fn main() -> Result<()> {
         filler(&url, authed.user_id, args.filler)?;
     }
     let fill_secs = started.elapsed().as_secs_f64();
+    if args.store == Store::Postgres {
+        // Statistics, as autovacuum gathers them once a table has grown by a tenth: without
+        // them the planner cannot tell a common word from a rare one.
+        postgres::Client::connect(&url, postgres::NoTls)?.batch_execute("ANALYZE")?;
+    }
     let head = args.deltas + 1;
     if !args.json {
         eprintln!("filled room {room} with {} deltas (+{} filler) in {fill_secs:.1} s", args.deltas, args.filler);
@@ -149,18 +170,17 @@ fn main() -> Result<()> {
 
     let mut restore = Vec::new();
     for order in [RestoreOrder::OLDEST_FIRST, RestoreOrder::NEWEST_FIRST] {
+        // A full bucket for each run, as for a device that starts restoring: the default burst
+        // of 400 pages refills at 200 a second.
+        std::thread::sleep(Duration::from_millis(2_500));
         let mut c = daemon.resume(&token)?;
         restore.push(restore_room(&mut c, room, order, args.page, head, "default (200/s, burst 400)")?);
     }
     drop(client);
     drop(daemon);
     // The same store under a daemon with the limit lifted: what the server itself takes.
-    let daemon = Daemon::start(
-        &chimed,
-        work.path(),
-        &url,
-        &["--restore-pages-per-sec", "1000000", "--restore-burst", "1000000"],
-    )?;
+    let daemon =
+        Daemon::start(&chimed, &work, &url, &["--restore-pages-per-sec", "1000000", "--restore-burst", "1000000"])?;
     for order in [RestoreOrder::OLDEST_FIRST, RestoreOrder::NEWEST_FIRST] {
         let mut c = daemon.resume(&token)?;
         restore.push(restore_room(&mut c, room, order, args.page, head, "lifted")?);
@@ -448,7 +468,7 @@ impl Daemon {
             .arg(work.join("data"))
             .args(["--database", url])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("CHIMED_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
