@@ -238,6 +238,33 @@ pub enum Command {
         #[arg(long, default_value_t = 50, value_name = "N")]
         limit: u64,
     },
+    /// Print a room's whole log, every delta once, oldest first (or newest first), waiting
+    /// whenever the server's restore rate limit asks to.
+    Restore {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// From the newest delta down instead of from the first up.
+        #[arg(long)]
+        newest_first: bool,
+        /// Deltas per page [default: the largest the server allows].
+        #[arg(long, value_name = "N")]
+        page: Option<u32>,
+    },
+    /// Find the messages that contain every word of QUERY (as they read now: edits applied,
+    /// deleted ones never), newest first.
+    Search {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The words to look for; several are joined with spaces. Case does not matter; there is
+        /// no search syntax.
+        #[arg(required = true, value_name = "QUERY")]
+        query: Vec<String>,
+        /// How many messages at most.
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: u64,
+    },
     /// Print a room's deltas, oldest first.
     History {
         /// The room id.
@@ -557,6 +584,20 @@ mod tests {
             parse(&["chime", "register", "ann", "--email", "a@b", "--display-name", "Ann"]),
             Ok(Command::Register { email: Some(_), display_name: Some(_), .. })
         ));
+    }
+
+    #[test]
+    fn restore_and_search_parse() {
+        let cli = Cli::try_parse_from(["chime", "restore", "#4", "--newest-first", "--json"]).expect("valid");
+        assert!(matches!(cli.command, Command::Restore { room: 4, newest_first: true, page: None }));
+        let cli = Cli::try_parse_from(["chime", "search", "4", "hello", "world", "--limit", "3"]).expect("valid");
+        match cli.command {
+            Command::Search { room, query, limit } => {
+                assert_eq!((room, query.join(" "), limit), (4, "hello world".into(), 3))
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["chime", "search", "4"]).is_err(), "a query is required");
     }
 
     #[test]

@@ -21,13 +21,13 @@ use crate::tls::{server_name, tofu_client_config};
 use chime_protocol::fingerprint::fingerprint_hex;
 use chime_protocol::{
     Authed, ClientFrame, CreateChannel, CreateRoom, CreateServer, Credentials, DefineRole, DefineServerRole,
-    DeleteMessage, Delta, DeltaPage, Edit, Empty, GetProfile, GetSettings, History, Identity, Limits, ListMembers,
-    ListRooms, ListServers, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, NotificationList,
+    DeleteMessage, Delta, DeltaPage, Edit, Empty, ErrorCode, GetProfile, GetSettings, History, Identity, Limits,
+    ListMembers, ListRooms, ListServers, ListSessions, MemberInfo, MessagePage, ModAction, Moderate, NotificationList,
     Notifications, OpenDirect, Permissions, Pin, Ping, Post, Posted, PresenceList, PresenceStatus, Profile, React,
-    ReadState, Receipt, Reply, Resume, RevokeSessions, RoomCursor, RoomDetails, RoomId, RoomInfo, RoomKind, RoomRef,
-    Seq, ServerFrame, ServerId, ServerInfo, ServerList, ServerRef, SessionInfo, SetPresence, SetServerRole, SetSetting,
-    SettingChanged, Settings, Sync, SyncDone, Unread, UnreadList, UpdateProfile, UserId, View, WatchPresence, Welcome,
-    DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ReadState, Receipt, Reply, Restore, RestoreOrder, RestorePage, Resume, RevokeSessions, RoomCursor, RoomDetails,
+    RoomId, RoomInfo, RoomKind, RoomRef, Search, Seq, ServerFrame, ServerId, ServerInfo, ServerList, ServerRef,
+    SessionInfo, SetPresence, SetServerRole, SetSetting, SettingChanged, Settings, Sync, SyncDone, Unread, UnreadList,
+    UpdateProfile, UserId, View, WatchPresence, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use rustls::ClientConnection;
 use std::collections::VecDeque;
@@ -40,6 +40,26 @@ const PAGE: u32 = 500;
 
 /// Times [`Client::settings`] reads the pages again when the settings changed between two of them.
 const SETTINGS_READS: usize = 5;
+/// How long [`Client::restore_all`] waits after a `RATE_LIMITED` that does not say how long.
+const RATE_LIMIT_WAIT: Duration = Duration::from_millis(100);
+/// The longest wait [`Client::restore_all`] takes from a `RATE_LIMITED`, whatever it says.
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
+/// `RATE_LIMITED` answers in a row to one page after which [`Client::restore_all`] gives up: a
+/// server that states a wait admits the page once it is over.
+const MAX_RATE_LIMITED: u32 = 50;
+
+/// What [`Client::restore_all`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// The room's head when the restore began (for a newest-first restore, where it started).
+    pub head: Seq,
+    /// Deltas handed over.
+    pub deltas: u64,
+    /// Pages read.
+    pub pages: u64,
+    /// `RATE_LIMITED` refusals waited out.
+    pub waits: u64,
+}
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -760,6 +780,107 @@ impl Client {
         match self.request(&ClientFrame::View(View { room, before, limit }))? {
             ServerFrame::MessagePage(p) => Ok(p),
             other => Err(unexpected("MESSAGE_PAGE", &other)),
+        }
+    }
+
+    /// `SEARCH`: one page of the messages with every word of `query`, newest first, before
+    /// `before` (0: the newest).
+    pub fn search(
+        &mut self,
+        room: impl Into<RoomId>,
+        query: &str,
+        before: impl Into<Seq>,
+        limit: u32,
+    ) -> Result<MessagePage, ClientError> {
+        let (room, before, query) = (room.into(), before.into(), query.to_string());
+        match self.request(&ClientFrame::Search(Search { room, query, before, limit }))? {
+            ServerFrame::MessagePage(p) => Ok(p),
+            other => Err(unexpected("MESSAGE_PAGE", &other)),
+        }
+    }
+
+    /// `RESTORE`: one page of a room's log from `cursor`, oldest first (after it; 0: from the
+    /// first delta) or newest first (before it; 0: from the head).
+    pub fn restore(
+        &mut self,
+        room: impl Into<RoomId>,
+        order: RestoreOrder,
+        cursor: impl Into<Seq>,
+        limit: u32,
+    ) -> Result<RestorePage, ClientError> {
+        let (room, cursor) = (room.into(), cursor.into());
+        match self.request(&ClientFrame::Restore(Restore { room, order, cursor, limit }))? {
+            ServerFrame::RestorePage(p) => Ok(p),
+            other => Err(unexpected("RESTORE_PAGE", &other)),
+        }
+    }
+
+    /// Restores a room's whole log with `RESTORE`, page after page of `page_size` deltas (0: the
+    /// server's default), handing each delta to `on_delta` exactly once, in `order`. A
+    /// `RATE_LIMITED` refusal is waited out for as long as it says (see
+    /// [`chime_protocol::ErrorBody::retry_after_ms`]) and the same page asked again. Every page
+    /// is checked to continue exactly where the one before stopped, so a gap or a repeat is a
+    /// `Protocol` error rather than a silently incomplete history. An error from `on_delta` ends
+    /// the restore with that error.
+    pub fn restore_all(
+        &mut self,
+        room: impl Into<RoomId>,
+        order: RestoreOrder,
+        page_size: u32,
+        on_delta: &mut dyn FnMut(&Delta) -> Result<(), ClientError>,
+    ) -> Result<Restored, ClientError> {
+        let room = room.into();
+        let newest_first = order == RestoreOrder::NEWEST_FIRST;
+        let mut done = Restored { head: Seq::ZERO, deltas: 0, pages: 0, waits: 0 };
+        let mut cursor = Seq::ZERO;
+        // The seq the next delta must have; unknown before a newest-first restore's first page.
+        let mut expect: Option<Seq> = (!newest_first).then_some(Seq(1));
+        let mut refused = 0;
+        loop {
+            let page = match self.restore(room, order, cursor, page_size) {
+                Ok(page) => page,
+                Err(ClientError::Server(e)) if e.code == ErrorCode::RATE_LIMITED && refused < MAX_RATE_LIMITED => {
+                    refused += 1;
+                    done.waits += 1;
+                    let wait =
+                        e.retry_after_ms().map_or(RATE_LIMIT_WAIT, Duration::from_millis).min(MAX_RATE_LIMIT_WAIT);
+                    log::info!("restoring room {room}: {e}; waiting {} ms", wait.as_millis());
+                    std::thread::sleep(wait);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            refused = 0;
+            if done.pages == 0 {
+                done.head = page.head;
+                if newest_first {
+                    expect = Some(page.head);
+                }
+            }
+            done.pages += 1;
+            for delta in &page.deltas {
+                if Some(delta.seq) != expect || delta.room != room {
+                    return Err(ClientError::Protocol(format!(
+                        "RESTORE of room {room} gave seq {} of room {} where seq {} was due",
+                        delta.seq,
+                        delta.room,
+                        expect.map_or_else(|| "?".into(), |s| s.to_string())
+                    )));
+                }
+                on_delta(delta)?;
+                done.deltas += 1;
+                expect = Some(if newest_first { delta.seq.prev() } else { delta.seq.next() });
+            }
+            match page.next {
+                // A page that does not move the cursor would be asked for forever.
+                Some(next) if page.deltas.last().map(|d| d.seq) == Some(next) => cursor = next,
+                Some(next) => {
+                    return Err(ClientError::Protocol(format!(
+                        "RESTORE of room {room} sent next cursor {next} for a page that does not end there"
+                    )))
+                }
+                None => return Ok(done),
+            }
         }
     }
 

@@ -915,7 +915,8 @@ fn expected_reply(request: FrameType) -> Option<FrameType> {
         | FrameType::MODERATE
         | FrameType::DEFINE_ROLE
         | FrameType::CALL => FrameType::POSTED,
-        FrameType::VIEW => FrameType::MESSAGE_PAGE,
+        FrameType::VIEW | FrameType::SEARCH => FrameType::MESSAGE_PAGE,
+        FrameType::RESTORE => FrameType::RESTORE_PAGE,
         FrameType::GET_PROFILE | FrameType::UPDATE_PROFILE => FrameType::PROFILE,
         FrameType::GET_SETTINGS => FrameType::SETTINGS,
         FrameType::SET_SETTING => FrameType::SETTING,

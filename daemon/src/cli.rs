@@ -179,6 +179,15 @@ pub struct ServeArgs {
     /// Milliseconds a write to the embedded store waits for a lock.
     #[arg(long, value_name = "MS")]
     pub database_busy_timeout_ms: Option<u64>,
+    /// RESTORE pages one user may read per second.
+    #[arg(long, value_name = "N")]
+    pub restore_pages_per_sec: Option<u32>,
+    /// RESTORE pages one user may read at once after a quiet spell.
+    #[arg(long, value_name = "N")]
+    pub restore_burst: Option<u32>,
+    /// Deltas per partition of each new room's log.
+    #[arg(long, value_name = "N")]
+    pub partition_size: Option<u64>,
     /// Validate the configuration, print "configuration ok" and exit.
     #[arg(short = 't', long)]
     pub check_config: bool,
@@ -227,6 +236,9 @@ impl ServeArgs {
         set(&mut config.session_idle_secs, &self.session_idle_secs);
         set(&mut config.session_max_age_secs, &self.session_max_age_secs);
         set(&mut config.database_busy_timeout_ms, &self.database_busy_timeout_ms);
+        set(&mut config.restore_pages_per_sec, &self.restore_pages_per_sec);
+        set(&mut config.restore_burst, &self.restore_burst);
+        set(&mut config.partition_size, &self.partition_size);
     }
 }
 

@@ -109,6 +109,13 @@ pub struct Config {
     /// How long a write to the embedded store waits for another connection's lock (ms) before
     /// the request is answered `UNAVAILABLE`.
     pub database_busy_timeout_ms: u64,
+    /// RESTORE pages one user may read per second (token bucket): at the largest page, 1,000
+    /// deltas each, the default reads a million-delta room in about 3 s, and no faster.
+    pub restore_pages_per_sec: u32,
+    /// RESTORE pages one user may read at once after a quiet spell (the bucket's size).
+    pub restore_burst: u32,
+    /// Deltas per partition of each new room's log (a room keeps the size it was created with).
+    pub partition_size: u64,
     /// Uploaded files: their size limit, the local cache, how many node copies (`[files]`).
     pub files: FilesConfig,
     /// The storage nodes cold files move to (`[[node]]`, one table per node).
@@ -198,6 +205,9 @@ impl Default for Config {
             session_idle_secs: 14 * 86_400,
             session_max_age_secs: 90 * 86_400,
             database_busy_timeout_ms: 5_000,
+            restore_pages_per_sec: 200,
+            restore_burst: 400,
+            partition_size: chime_storage::DEFAULT_PARTITION_SIZE,
             files: FilesConfig::default(),
             node: Vec::new(),
         }
@@ -292,6 +302,9 @@ impl Config {
         at_least("session_idle_secs", self.session_idle_secs, 1)?;
         at_least("session_max_age_secs", self.session_max_age_secs, 1)?;
         at_least("database_busy_timeout_ms", self.database_busy_timeout_ms, 1)?;
+        at_least("restore_pages_per_sec", u64::from(self.restore_pages_per_sec), 1)?;
+        at_least("restore_burst", u64::from(self.restore_burst), 1)?;
+        at_least("partition_size", self.partition_size, 1)?;
         if self.max_outbound_total_bytes < self.max_outbound_bytes {
             return invalid(
                 "max_outbound_total_bytes",
@@ -601,6 +614,9 @@ mod tests {
         assert_eq!(invalid_key(&Config { session_idle_secs: 0, ..d() }), "session_idle_secs");
         assert_eq!(invalid_key(&Config { session_max_age_secs: 0, ..d() }), "session_max_age_secs");
         assert_eq!(invalid_key(&Config { database_busy_timeout_ms: 0, ..d() }), "database_busy_timeout_ms");
+        assert_eq!(invalid_key(&Config { restore_pages_per_sec: 0, ..d() }), "restore_pages_per_sec");
+        assert_eq!(invalid_key(&Config { restore_burst: 0, ..d() }), "restore_burst");
+        assert_eq!(invalid_key(&Config { partition_size: 0, ..d() }), "partition_size");
         assert_eq!(invalid_key(&Config { max_outbound_total_bytes: 1 << 20, ..d() }), "max_outbound_total_bytes");
         for ok in [
             Config { max_frame: 1024, ..d() },

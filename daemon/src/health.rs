@@ -439,6 +439,28 @@ impl SharedStore for StoreSlot {
     ) -> chime_storage::Result<Vec<chime_storage::MessageRecord>> {
         self.with(|s| s.messages_before(room, user, before, limit))
     }
+    fn deltas_page(
+        &mut self,
+        room: RoomId,
+        order: chime_storage::Order,
+        cursor: Seq,
+        limit: u32,
+    ) -> chime_storage::Result<Vec<DeltaRecord>> {
+        self.with(|s| s.deltas_page(room, order, cursor, limit))
+    }
+    fn partitions(&mut self, room: RoomId) -> chime_storage::Result<Vec<chime_storage::PartitionRecord>> {
+        self.with(|s| s.partitions(room))
+    }
+    fn search(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        words: &[String],
+        before: Seq,
+        limit: u32,
+    ) -> chime_storage::Result<Vec<chime_storage::MessageRecord>> {
+        self.with(|s| s.search(room, user, words, before, limit))
+    }
     fn ping(&mut self) -> chime_storage::Result<()> {
         self.with(|s| s.ping())
     }

@@ -130,17 +130,24 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
 
     /// Takes one token from `key`'s bucket, creating a full bucket for a new key.
     pub fn try_take(&mut self, key: K, now: Instant) -> bool {
+        self.take(key, now).is_ok()
+    }
+
+    /// Takes one token from `key`'s bucket, creating a full bucket for a new key; when there is
+    /// none, says how long from `now` until there will be (for a key refused because every
+    /// tracked key is busy, until the next sweep may make room).
+    pub fn take(&mut self, key: K, now: Instant) -> Result<(), Duration> {
         if let Some(bucket) = self.buckets.get_mut(&key) {
-            return bucket.try_take(now);
+            return if bucket.try_take(now) { Ok(()) } else { Err(bucket.wait_time(now)) };
         }
         if self.buckets.len() >= self.max_keys && !self.sweep(now) {
-            return false;
+            return Err(self.next_sweep.map_or(Duration::ZERO, |next| next.saturating_duration_since(now)));
         }
         let mut bucket = match self.period_secs {
             60 => TokenBucket::per_minute(self.rate, self.burst, now),
             _ => TokenBucket::new(self.rate, self.burst, now),
         };
-        let admitted = bucket.try_take(now);
+        let admitted = if bucket.try_take(now) { Ok(()) } else { Err(bucket.wait_time(now)) };
         self.buckets.insert(key, bucket);
         admitted
     }
@@ -257,6 +264,20 @@ mod tests {
         assert_eq!(no_refill.wait_time(t0), Duration::MAX);
         let mut closed = TokenBucket::new(100, 0, t0);
         assert!(!closed.try_take(t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_refusal_says_how_long_to_wait() {
+        let t0 = Instant::now();
+        let mut limiter = KeyedLimiter::new(200, 2, 1);
+        assert_eq!(limiter.take("a", t0), Ok(()));
+        assert_eq!(limiter.take("a", t0), Ok(()));
+        assert_eq!(limiter.take("a", t0), Err(ms(5)), "200 per second: one every 5 ms");
+        assert_eq!(limiter.take("a", t0 + ms(3)), Err(ms(2)));
+        assert_eq!(limiter.take("a", t0 + ms(5)), Ok(()));
+        // The map is full of a busy key: a newcomer waits for the next sweep.
+        let wait = limiter.take("b", t0 + ms(5)).expect_err("no room");
+        assert!(wait > Duration::ZERO && wait <= ms(1000), "{wait:?}");
     }
 
     #[test]

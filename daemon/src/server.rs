@@ -112,6 +112,7 @@ impl Server {
             auth_workers: config.auth_workers,
             max_batch: config.max_batch,
             busy_timeout: Duration::from_millis(config.database_busy_timeout_ms),
+            partition_size: config.partition_size,
             settings: Settings {
                 max_rooms_per_user: config.max_rooms_per_user,
                 session_limits: crate::core::session_limits(&config),

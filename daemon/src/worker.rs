@@ -43,6 +43,8 @@ pub struct PoolConfig {
     pub max_batch: usize,
     /// How long an embedded-store write waits for a lock.
     pub busy_timeout: Duration,
+    /// Deltas per partition of each new room's log.
+    pub partition_size: u64,
     /// What the jobs need to know.
     pub settings: Settings,
 }
@@ -119,8 +121,12 @@ impl Pool {
         let embedded = !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://");
         // Workers never checkpoint the embedded store's WAL inside a commit: the housekeeping
         // thread below does, so a commit's latency is its own fsync and nothing else.
-        let options =
-            OpenOptions { busy_timeout: config.busy_timeout, manual_checkpoints: embedded, ..OpenOptions::default() };
+        let options = OpenOptions {
+            busy_timeout: config.busy_timeout,
+            manual_checkpoints: embedded,
+            partition_size: config.partition_size,
+            ..OpenOptions::default()
+        };
         let (shared_tx, shared_rx) = crossbeam_channel::bounded::<Msg>(SHARD_QUEUE);
         let (auth_tx, auth_rx) = crossbeam_channel::bounded::<Msg>(AUTH_QUEUE);
         let mut shards = Vec::new();
@@ -485,6 +491,7 @@ mod tests {
             auth_workers: 1,
             max_batch: 16,
             busy_timeout: Duration::from_secs(5),
+            partition_size: chime_storage::DEFAULT_PARTITION_SIZE,
             settings: Settings {
                 max_rooms_per_user: 10,
                 session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },

@@ -12,7 +12,7 @@ pub use crate::delta::{
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
 use crate::perm::Permissions;
 use crate::types::{
-    CallAction, ErrorCode, FrameType, ModAction, PresenceStatus, RoomId, RoomKind, Seq, ServerId, UserId,
+    CallAction, ErrorCode, FrameType, ModAction, PresenceStatus, RestoreOrder, RoomId, RoomKind, Seq, ServerId, UserId,
 };
 use crate::DeltaKind;
 use bytes::Bytes;
@@ -858,6 +858,53 @@ pub struct MessagePage {
     pub next_before: Option<Seq>,
 }
 
+/// `SEARCH`: one page of a room's messages whose current text has every word of `query`,
+/// newest first, in their current state; the answer is `MESSAGE_PAGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Search {
+    /// The room's id.
+    pub room: RoomId,
+    /// Plain words, all of which a message must contain (case-insensitive, whole words). Any
+    /// character that is not a letter or a digit separates words; nothing is search syntax.
+    pub query: String,
+    /// Messages before this seq; 0 for the newest.
+    pub before: Seq,
+    /// At most this many; 0 means the server's default, and the server caps it.
+    pub limit: u32,
+}
+
+/// `RESTORE`: one page of a room's whole log, from the oldest delta up or from the head down,
+/// for a client that holds none of it (a new or reinstalled device). The answer is
+/// `RESTORE_PAGE`; the server rate-limits these per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restore {
+    /// The room's id.
+    pub room: RoomId,
+    /// Which end to read from.
+    pub order: RestoreOrder,
+    /// Oldest first: deltas after this seq (0: from the first). Newest first: deltas before this
+    /// seq (0: from the head). A page's `next` is the cursor for the page after it.
+    pub cursor: Seq,
+    /// At most this many deltas; 0 means the server's default, and the server caps it.
+    pub limit: u32,
+}
+
+/// `RESTORE_PAGE`: one page of a room's log, contiguous, in the order asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePage {
+    /// The room's id.
+    pub room: RoomId,
+    /// The order of `deltas`, as asked.
+    pub order: RestoreOrder,
+    /// The room's head when the page was read: what an oldest-first restore reads up to, and
+    /// where a newest-first one started (live pushes and SYNC carry on from there).
+    pub head: Seq,
+    /// Deltas with consecutive seqs, ascending (oldest first) or descending (newest first).
+    pub deltas: Vec<Delta>,
+    /// The cursor for the next page; `None` when this page reached the end (the head, or seq 1).
+    pub next: Option<Seq>,
+}
+
 /// A per-room position: "I have everything up to and including `seq`".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomCursor {
@@ -1073,6 +1120,10 @@ frame_enum! {
         Pin(Pin) = PIN,
         /// Messages in their current state.
         View(View) = VIEW,
+        /// A page of a room's whole log.
+        Restore(Restore) = RESTORE,
+        /// Messages that match a query.
+        Search(Search) = SEARCH,
     }
 }
 
@@ -1137,6 +1188,8 @@ frame_enum! {
         SyncDone(SyncDone) = SYNC_DONE,
         /// A page of messages in their current state.
         MessagePage(MessagePage) = MESSAGE_PAGE,
+        /// A page of a room's whole log.
+        RestorePage(RestorePage) = RESTORE_PAGE,
         /// PUBLISH push.
         Delta(Delta) = DELTA,
         /// Closing push.
@@ -1155,10 +1208,46 @@ impl ErrorBody {
         );
         ErrorBody { code, message: message.into(), retryable }
     }
+
+    /// A `RATE_LIMITED` error whose message ends with when a retry will be admitted, in the form
+    /// [`ErrorBody::retry_after_ms`] reads: `"MESSAGE (retry_after_ms=N)"`.
+    pub fn rate_limited(message: impl std::fmt::Display, retry_after_ms: u64) -> Self {
+        ErrorBody::new(ErrorCode::RATE_LIMITED, format!("{message} {RETRY_AFTER}{retry_after_ms})"))
+    }
+
+    /// How long to wait before retrying, in milliseconds, when the message ends with
+    /// `(retry_after_ms=N)` (see [`ErrorBody::rate_limited`]); `None` otherwise.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        let (_, tail) = self.message.strip_suffix(')')?.rsplit_once(RETRY_AFTER)?;
+        tail.parse().ok()
+    }
 }
+
+/// What precedes the wait in a `RATE_LIMITED` message that states one. The message is for people,
+/// but this one suffix is specified (docs/protocol.md, section 8) so that clients can honour it
+/// without a new error body: `ERROR`'s layout is fixed for every version.
+const RETRY_AFTER: &str = "(retry_after_ms=";
 
 impl std::fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_states_when_to_retry() {
+        let e = ErrorBody::rate_limited("at most 200 RESTORE pages per second", 35);
+        assert_eq!(e.code, ErrorCode::RATE_LIMITED);
+        assert!(e.retryable);
+        assert_eq!(e.message, "at most 200 RESTORE pages per second (retry_after_ms=35)");
+        assert_eq!(e.retry_after_ms(), Some(35));
+        let plain = ErrorBody::new(ErrorCode::RATE_LIMITED, "at most 10 rooms per minute; retry later");
+        assert_eq!(plain.retry_after_ms(), None);
+        let odd = ErrorBody::new(ErrorCode::RATE_LIMITED, "x (retry_after_ms=soon)");
+        assert_eq!(odd.retry_after_ms(), None);
     }
 }

@@ -147,6 +147,10 @@ wire_code! {
         PIN = 0x0037,
         /// One page of a room's messages in their current state.
         VIEW = 0x0038,
+        /// One page of a room's whole log, from either end (a new device restoring history).
+        RESTORE = 0x0050,
+        /// One page of a room's messages that match a query, in their current state.
+        SEARCH = 0x0051,
 
         /// Server hello: the handshake succeeded.
         WELCOME = 0x8001,
@@ -198,8 +202,10 @@ wire_code! {
         DELTA_PAGE = 0x8031,
         /// SYNC is caught up.
         SYNC_DONE = 0x8032,
-        /// A page of messages in their current state (the answer to `VIEW`).
+        /// A page of messages in their current state (the answer to `VIEW` and `SEARCH`).
         MESSAGE_PAGE = 0x8033,
+        /// A page of a room's log (the answer to `RESTORE`).
+        RESTORE_PAGE = 0x8050,
 
         /// PUBLISH: a delta committed in one of the user's rooms.
         DELTA = 0x9001,
@@ -251,7 +257,8 @@ wire_code! {
         NOT_MEMBER = 10,
         /// A field is out of range (empty name, text too long, ...).
         INVALID_ARGUMENT = 11,
-        /// Too many requests; retry later.
+        /// Too many requests; retry later. When the server knows when a retry will be admitted,
+        /// the message ends with `(retry_after_ms=N)` ([`crate::ErrorBody::retry_after_ms`]).
         RATE_LIMITED = 12,
         /// The server is overloaded; retry later.
         OVERLOADED = 13,
@@ -413,6 +420,18 @@ wire_code! {
         CHANNEL = 5,
         /// A voice channel of a server (its text log carries call signalling).
         VOICE = 6,
+    }
+}
+
+wire_code! {
+    /// Which end of a room's log a `RESTORE` reads from.
+    RestoreOrder(u8) {
+        /// From the room's first delta up: each page continues after the last seq of the one
+        /// before.
+        OLDEST_FIRST = 0,
+        /// From the room's head down: each page continues before the last (smallest) seq of the
+        /// one before.
+        NEWEST_FIRST = 1,
     }
 }
 

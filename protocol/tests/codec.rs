@@ -236,6 +236,15 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             remove
         })),
         (room(), seq(), any::<u32>()).prop_map(|(room, before, limit)| ClientFrame::View(View { room, before, limit })),
+        (room(), any::<u8>(), seq(), any::<u32>()).prop_map(|(room, order, cursor, limit)| ClientFrame::Restore(
+            Restore { room, order: RestoreOrder(order), cursor, limit }
+        )),
+        (room(), text(), seq(), any::<u32>()).prop_map(|(room, query, before, limit)| ClientFrame::Search(Search {
+            room,
+            query,
+            before,
+            limit
+        })),
     ]
 }
 
@@ -410,6 +419,15 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         (room(), vec(message_view(), 0..3), option::of(seq())).prop_map(|(room, messages, next_before)| {
             ServerFrame::MessagePage(MessagePage { room, messages, next_before })
         }),
+        (room(), any::<u8>(), seq(), vec(delta(), 0..4), option::of(seq())).prop_map(
+            |(room, order, head, deltas, next)| ServerFrame::RestorePage(RestorePage {
+                room,
+                order: RestoreOrder(order),
+                head,
+                deltas,
+                next
+            })
+        ),
         (error_code(), text(), any::<bool>()).prop_map(|(code, message, resync)| ServerFrame::Goodbye(Goodbye {
             code,
             message,

@@ -653,6 +653,36 @@ fn vectors() -> Vec<Vector> {
                 next_before: Some(Seq(4)),
             }),
         ),
+        c(
+            "restore",
+            "RESTORE id=16 room=300 order=NEWEST_FIRST(1) cursor=0 limit=1000",
+            16,
+            ClientFrame::Restore(Restore { room: RoomId(300), order: RestoreOrder::NEWEST_FIRST, cursor: Seq(0), limit: 1000 }),
+        ),
+        s(
+            "restore_page",
+            "RESTORE_PAGE id=16 room=300 order=NEWEST_FIRST(1) head=5 deltas=[seq 5 LEAVE, seq 4 MESSAGE \"hi\"] next=4",
+            16,
+            ServerFrame::RestorePage(RestorePage {
+                room: RoomId(300),
+                order: RestoreOrder::NEWEST_FIRST,
+                head: Seq(5),
+                deltas: vec![delta(5, DeltaBody::Leave), delta(4, DeltaBody::message("hi"))],
+                next: Some(Seq(4)),
+            }),
+        ),
+        c(
+            "search",
+            "SEARCH id=17 room=300 query=\"hi there\" before=0 limit=50 (answered by MESSAGE_PAGE)",
+            17,
+            ClientFrame::Search(Search { room: RoomId(300), query: "hi there".into(), before: Seq(0), limit: 50 }),
+        ),
+        s(
+            "error_retry_after",
+            "ERROR id=16 code=RATE_LIMITED(12) message=\"at most 200 RESTORE pages per second (retry_after_ms=5)\" retryable=true",
+            16,
+            ServerFrame::Error(ErrorBody::rate_limited("at most 200 RESTORE pages per second", 5)),
+        ),
         s(
             "delta_edit",
             "DELTA (push) id=0 room=300 seq=6 author_id=7 author=\"ann\" ts_ms=1700000000000 body=EDIT(5) target=4 text=\"hi!\"",

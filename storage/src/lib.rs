@@ -19,7 +19,9 @@
 pub mod actions;
 mod batch;
 pub mod moderation;
+pub mod partition;
 pub mod postgres;
+pub mod search;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -27,6 +29,7 @@ use std::time::Duration;
 pub use actions::{ActionOutcome, MessageAction, MessageRecord, NewAction};
 pub use chime_protocol::{Permissions, RoomId, RoomKind, Seq, ServerId, UserId};
 pub use moderation::{MemberAction, ModerationOutcome, NewModeration};
+pub use partition::{PartitionRecord, DEFAULT_PARTITION_SIZE};
 
 /// A login session's id.
 pub type SessionId = u64;
@@ -464,6 +467,28 @@ pub fn mentioned_names(text: &str) -> Vec<String> {
     names
 }
 
+/// Which end of a room's log a page is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Order {
+    /// Ascending seqs, after a cursor.
+    OldestFirst,
+    /// Descending seqs, before a cursor.
+    NewestFirst,
+}
+
+impl Order {
+    /// The inclusive seq range of a page of `limit` deltas from `cursor` (see
+    /// [`SharedStore::deltas_page`]), lowest first; `None` when it is empty.
+    pub fn range(self, cursor: Seq, limit: u32) -> Option<(Seq, Seq)> {
+        let limit = u64::from(limit);
+        let (lo, hi) = match self {
+            Order::OldestFirst => (cursor.get().saturating_add(1), cursor.get().saturating_add(limit)),
+            Order::NewestFirst => (cursor.get().saturating_sub(limit).max(1), cursor.get().saturating_sub(1)),
+        };
+        (limit > 0 && lo <= hi).then_some((Seq(lo), Seq(hi)))
+    }
+}
+
 /// A member of a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberRecord {
@@ -661,6 +686,27 @@ pub trait SharedStore: Send {
     /// bound), newest first, in their current state as `user` sees them (`mine` on reactions).
     /// `NotMember` when the user is not a member; `NotFound` when there is no such room.
     fn messages_before(&mut self, room: RoomId, user: UserId, before: Seq, limit: u32) -> Result<Vec<MessageRecord>>;
+    /// One page of a room's log for a restore: oldest first, the deltas with seqs `cursor + 1 ..=
+    /// cursor + limit`, ascending; newest first, those with seqs `cursor - limit ..= cursor - 1`
+    /// (never below 1), descending. Seqs have no gaps, so the page's range is known before it is
+    /// read: the read is bounded on both ends and touches the one or two partitions it lies in.
+    /// Membership is the caller's to check (it reads the head with it).
+    fn deltas_page(&mut self, room: RoomId, order: Order, cursor: Seq, limit: u32) -> Result<Vec<DeltaRecord>>;
+    /// A room's log partitions, by number (see [`partition`]).
+    fn partitions(&mut self, room: RoomId) -> Result<Vec<PartitionRecord>>;
+    /// Up to `limit` messages of a room with seq < `before` (0: no bound) whose current text has
+    /// every one of `words` (as [`search::parse_query`] gives them), newest first, in their
+    /// current state as `user` sees them. Deleted messages are never found; edited ones are found
+    /// by their latest text only. `NotMember` when the user is not a member; `NotFound` when there
+    /// is no such room.
+    fn search(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        words: &[String],
+        before: Seq,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>>;
 
     /// A cheap proof that the store works, errors classified like every other call's. SQLite
     /// commits a one-row write (so the file is writable, not locked, and the disk has room for a
@@ -854,6 +900,9 @@ pub struct OpenOptions {
     /// grows without bound. Automatic checkpoints inside a committing worker were measured to push
     /// the p99 of post acknowledgements from ~15 ms to 30-93 ms. Default false.
     pub manual_checkpoints: bool,
+    /// Deltas per partition of the log of a room created through this store (see [`partition`]);
+    /// a room keeps the size it was created with. Default [`DEFAULT_PARTITION_SIZE`].
+    pub partition_size: u64,
 }
 
 impl Default for OpenOptions {
@@ -862,6 +911,7 @@ impl Default for OpenOptions {
             busy_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             manual_checkpoints: false,
+            partition_size: DEFAULT_PARTITION_SIZE,
         }
     }
 }
@@ -880,6 +930,19 @@ pub fn open_with(url: &str, options: &OpenOptions) -> Result<Box<dyn Store>> {
     } else {
         let path = url.strip_prefix("sqlite:").unwrap_or(url);
         Ok(Box::new(sqlite::SqliteStore::open_with(path, options)?))
+    }
+}
+
+/// Applies the schema migrations up to and including `version` and no further, without opening a
+/// store: a database as an older release left it, for tests that check that later migrations
+/// carry existing data over.
+#[doc(hidden)]
+pub fn migrate_to(url: &str, version: i32) -> Result<()> {
+    let target = refinery::Target::Version(version);
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        postgres::migrate_to(url, target)
+    } else {
+        sqlite::migrate_to(url.strip_prefix("sqlite:").unwrap_or(url), target)
     }
 }
 

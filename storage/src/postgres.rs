@@ -20,9 +20,11 @@ use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transactio
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
+use crate::partition::{self, PartitionRecord};
+use crate::search;
 use crate::{
     from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MentionRecord, MessageAction,
-    MessageRecord, NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions,
+    MessageRecord, NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Order, Permissions,
     PostOutcome, ProfileRecord, ProfileUpdate, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord,
     Seq, ServerId, ServerRecord, SessionId, SessionLimits, SessionRecord, SettingWrite, SettingsRecord, SharedStore,
     Store, StoreError, UnreadRecord, UserId, UserRecord,
@@ -113,6 +115,39 @@ struct Statements {
     unreact_count: Statement,
     messages_before: Statement,
     reactions_of: Statement,
+    record_partitions: Statement,
+    index_message: Statement,
+    unindex_message: Statement,
+    deltas_page_asc: Statement,
+    deltas_page_desc: Statement,
+    partitions: Statement,
+    reactions_in: Statement,
+}
+
+/// The columns of a delta read with its author's name, in the order [`delta_row`] reads them.
+const DELTA_COLUMNS: &str = "d.seq, d.kind, d.author_id, u.name, d.created_at, d.body, d.target";
+
+/// The columns [`message_row`] reads, in its order, from `deltas d`, `users u` and
+/// `message_state s`.
+const MESSAGE_COLUMNS: &str = "d.seq, d.author_id, u.name, d.created_at, d.body, d.target, d.kind,
+     s.text, s.edited_at, s.deleted_seq, s.pinned_seq";
+
+/// The statement that merges rows of what new deltas add to their partitions, given as seven
+/// column arrays from parameter `$first` on, into `delta_partitions`. `partition::summarize` never
+/// gives two rows for one partition, which one upsert could not take.
+fn record_partitions_sql(first: usize) -> String {
+    let arrays: Vec<String> = (first..first + 7).map(|i| format!("${i}::bigint[]")).collect();
+    format!(
+        "INSERT INTO delta_partitions (room_id, part, first_seq, last_seq, first_ts, last_ts, count)
+         SELECT * FROM UNNEST({})
+         ON CONFLICT (room_id, part) DO UPDATE SET
+             first_seq = LEAST(delta_partitions.first_seq, excluded.first_seq),
+             last_seq = GREATEST(delta_partitions.last_seq, excluded.last_seq),
+             first_ts = LEAST(delta_partitions.first_ts, excluded.first_ts),
+             last_ts = GREATEST(delta_partitions.last_ts, excluded.last_ts),
+             count = delta_partitions.count + excluded.count",
+        arrays.join(", ")
+    )
 }
 
 impl Statements {
@@ -174,8 +209,8 @@ impl Statements {
             lock_user: client.prepare("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")?,
             room_count: client.prepare("SELECT count(*) FROM room_members WHERE user_id = $1")?,
             create_room: client.prepare(
-                "INSERT INTO rooms (name, kind, last_seq, created_by, created_at)
-                 VALUES ($1, $2, 1, $3, $4) RETURNING id",
+                "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, part_size)
+                 VALUES ($1, $2, 1, $3, $4, $5) RETURNING id",
             )?,
             add_member: client.prepare(
                 "INSERT INTO room_members (room_id, user_id, role, muted, joined_at)
@@ -183,7 +218,8 @@ impl Statements {
             )?,
             remove_member: client.prepare("DELETE FROM room_members WHERE room_id = $1 AND user_id = $2")?,
             room: client.prepare("SELECT id, name, kind, last_seq FROM rooms WHERE id = $1")?,
-            bump_room: client.prepare("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")?,
+            bump_room: client
+                .prepare("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq, part_size")?,
             insert_delta: client.prepare(
                 "INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, idempotency_key)
                  VALUES ($1, $2, $3, $4, $5, $6, NULL)",
@@ -231,7 +267,8 @@ impl Statements {
             )?,
             // ORDER BY under FOR UPDATE locks the rows in id order: two batches sharing rooms
             // queue instead of deadlocking.
-            lock_rooms: client.prepare("SELECT id, last_seq FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE")?,
+            lock_rooms: client
+                .prepare("SELECT id, last_seq, part_size, kind FROM rooms WHERE id = ANY($1) ORDER BY id FOR UPDATE")?,
             // One row per post, in input order: is the author a member, and the delta an earlier
             // post with the same key wrote, if any (a NULL key matches nothing).
             probe_posts: client.prepare(
@@ -246,24 +283,32 @@ impl Statements {
                                    AND d.idempotency_key = p.idem
                  ORDER BY p.ord",
             )?,
-            // Moves the heads and inserts every new delta in one round trip. No ON CONFLICT: the
-            // room locks make a concurrent duplicate impossible, and skipping a row would leave a
-            // gap in the log, so a violation must abort the batch instead.
-            write_posts: client.prepare(
+            // Moves the heads, records the partitions, indexes the messages' words (rows whose
+            // words are empty are not indexed) and inserts every new delta, in one round trip. No
+            // ON CONFLICT on deltas: the room locks make a concurrent duplicate impossible, and
+            // skipping a row would leave a gap in the log, so a violation must abort the batch.
+            write_posts: client.prepare(&format!(
                 "WITH heads AS (
                      UPDATE rooms r SET last_seq = h.last_seq
                      FROM UNNEST($1::bigint[], $2::bigint[]) AS h(id, last_seq) WHERE r.id = h.id
+                 ), parts AS (
+                     {}
+                 ), indexed AS (
+                     INSERT INTO message_search (room_id, seq, words)
+                     SELECT room_id, seq, array_to_tsvector(string_to_array(words, ' '))
+                     FROM UNNEST($11::bigint[], $12::bigint[], $17::text[]) AS w(room_id, seq, words)
+                     WHERE words <> ''
                  )
                  INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, idempotency_key)
                  SELECT room_id, seq, $3::smallint, author_id, body, created_at, idem
-                 FROM UNNEST($4::bigint[], $5::bigint[], $6::bigint[], $7::text[], $8::bigint[], $9::text[])
+                 FROM UNNEST($11::bigint[], $12::bigint[], $13::bigint[], $14::text[], $15::bigint[], $16::text[])
                       AS p(room_id, seq, author_id, body, created_at, idem)",
-            )?,
-            deltas_after: client.prepare(
-                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body, d.target FROM deltas d
-                 JOIN users u ON u.id = d.author_id
-                 WHERE d.room_id = $1 AND d.seq > $2 ORDER BY d.seq LIMIT $3",
-            )?,
+                record_partitions_sql(4)
+            ))?,
+            deltas_after: client.prepare(&format!(
+                "SELECT {DELTA_COLUMNS} FROM deltas d JOIN users u ON u.id = d.author_id
+                 WHERE d.room_id = $1 AND d.seq > $2 ORDER BY d.seq LIMIT $3"
+            ))?,
             ping: client.prepare("SELECT 1")?,
             member_role: client.prepare(
                 "SELECT role, silenced, defined, post_roles FROM room_access WHERE room_id = $1 AND user_id = $2",
@@ -274,7 +319,7 @@ impl Statements {
                  WHERE d.user_lo = $1 AND d.user_hi = $2",
             )?,
             add_direct: client.prepare("INSERT INTO direct_rooms (user_lo, user_hi, room_id) VALUES ($1, $2, $3)")?,
-            lock_room: client.prepare("SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE")?,
+            lock_room: client.prepare("SELECT last_seq, part_size, kind FROM rooms WHERE id = $1 FOR UPDATE")?,
             earlier_key: client.prepare(
                 "SELECT seq, created_at FROM deltas WHERE room_id = $1 AND author_id = $2 AND idempotency_key = $3",
             )?,
@@ -322,18 +367,41 @@ impl Statements {
                  UPDATE reactions SET count = count - 1
                  WHERE room_id = $1 AND seq = $2 AND emoji = $3 AND count > 1",
             )?,
-            messages_before: client.prepare(
-                "SELECT d.seq, d.author_id, u.name, d.created_at, d.body, d.target, d.kind,
-                        s.text, s.edited_at, s.deleted_seq, s.pinned_seq
+            messages_before: client.prepare(&format!(
+                "SELECT {MESSAGE_COLUMNS}
                  FROM deltas d JOIN users u ON u.id = d.author_id
                  LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
                  WHERE d.room_id = $1 AND d.seq < $2 AND d.kind IN (2, 9)
-                 ORDER BY d.seq DESC LIMIT $3",
-            )?,
+                 ORDER BY d.seq DESC LIMIT $3"
+            ))?,
             reactions_of: client.prepare(
                 "SELECT r.seq, r.emoji, r.count, EXISTS (SELECT 1 FROM reaction_users ru
                      WHERE ru.room_id = r.room_id AND ru.seq = r.seq AND ru.emoji = r.emoji AND ru.user_id = $4)
                  FROM reactions r WHERE r.room_id = $1 AND r.seq BETWEEN $2 AND $3 ORDER BY r.seq, r.emoji",
+            )?,
+            record_partitions: client.prepare(&record_partitions_sql(1))?,
+            index_message: client.prepare(
+                "INSERT INTO message_search (room_id, seq, words) VALUES ($1, $2, array_to_tsvector($3::text[]))
+                 ON CONFLICT (room_id, seq) DO UPDATE SET words = excluded.words",
+            )?,
+            unindex_message: client.prepare("DELETE FROM message_search WHERE room_id = $1 AND seq = $2")?,
+            // Both ends bound the scan: the page's seqs are known before it is read.
+            deltas_page_asc: client.prepare(&format!(
+                "SELECT {DELTA_COLUMNS} FROM deltas d JOIN users u ON u.id = d.author_id
+                 WHERE d.room_id = $1 AND d.seq BETWEEN $2 AND $3 ORDER BY d.seq"
+            ))?,
+            deltas_page_desc: client.prepare(&format!(
+                "SELECT {DELTA_COLUMNS} FROM deltas d JOIN users u ON u.id = d.author_id
+                 WHERE d.room_id = $1 AND d.seq BETWEEN $2 AND $3 ORDER BY d.seq DESC"
+            ))?,
+            partitions: client.prepare(
+                "SELECT part, first_seq, last_seq, first_ts, last_ts, count FROM delta_partitions
+                 WHERE room_id = $1 ORDER BY part",
+            )?,
+            reactions_in: client.prepare(
+                "SELECT r.seq, r.emoji, r.count, EXISTS (SELECT 1 FROM reaction_users ru
+                     WHERE ru.room_id = r.room_id AND ru.seq = r.seq AND ru.emoji = r.emoji AND ru.user_id = $3)
+                 FROM reactions r WHERE r.room_id = $1 AND r.seq = ANY($2) ORDER BY r.seq, r.emoji",
             )?,
         })
     }
@@ -345,6 +413,8 @@ pub struct PgStore {
     client: Client,
     /// Statements prepared on `client`.
     st: Statements,
+    /// The partition size of the rooms this store creates.
+    partition_size: u64,
 }
 
 impl PgStore {
@@ -370,8 +440,19 @@ impl PgStore {
         client.batch_execute("SET synchronous_commit = on").map_err(pg_err)?;
         migrate(&mut client)?;
         let st = Statements::prepare(&mut client).map_err(pg_err)?;
-        Ok(PgStore { client, st })
+        Ok(PgStore { client, st, partition_size: options.partition_size.max(1) })
     }
+}
+
+/// Applies the migrations up to `target` to the database at `url` (see [`crate::migrate_to`]).
+pub(crate) fn migrate_to(url: &str, target: refinery::Target) -> Result<()> {
+    let config = Config::from_str(url).map_err(|e| StoreError::Config(format!("bad PostgreSQL URL: {e:?}")))?;
+    let mut client = config.connect(NoTls).map_err(connect_err)?;
+    embedded::migrations::runner()
+        .set_target(target)
+        .run(&mut client)
+        .map(drop)
+        .map_err(|e| StoreError::Migration(e.to_string()))
 }
 
 /// Applies pending migrations while holding an advisory lock, so connections opened together
@@ -528,6 +609,76 @@ fn room_row(row: &Row) -> Result<RoomRecord> {
     })
 }
 
+/// A delta of `room` from [`DELTA_COLUMNS`].
+fn delta_row(room: RoomId, row: &Row) -> Result<DeltaRecord> {
+    Ok(DeltaRecord {
+        room,
+        seq: from_db(row.get(0)),
+        kind: RecordKind(code(row.get(1))?),
+        author_id: from_db(row.get(2)),
+        author: row.get(3),
+        ts_ms: row.get(4),
+        body: row.get(5),
+        target: row.get::<_, Option<i64>>(6).map(from_db),
+    })
+}
+
+/// A message in its current state (without its reactions) from [`MESSAGE_COLUMNS`].
+fn message_row(row: &Row) -> MessageRecord {
+    let deleted = row.get::<_, Option<i64>>(9).is_some();
+    let edited: Option<String> = row.get(7);
+    let is_reply = row.get::<_, i16>(6) == i16::from(RecordKind::REPLY.0);
+    MessageRecord {
+        seq: from_db(row.get(0)),
+        author_id: from_db(row.get(1)),
+        author: row.get(2),
+        ts_ms: row.get(3),
+        text: if deleted { None } else { Some(edited.unwrap_or_else(|| row.get(4))) },
+        edited_ms: row.get(8),
+        deleted,
+        reply_to: if is_reply { row.get::<_, Option<i64>>(5).map(from_db) } else { None },
+        pinned: row.get::<_, Option<i64>>(10).is_some(),
+        reactions: Vec::new(),
+    }
+}
+
+fn reaction_row(row: &Row) -> (i64, String, i64, bool) {
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+/// Partition rows as the seven column arrays [`record_partitions_sql`] takes.
+#[derive(Default)]
+struct PartitionColumns {
+    room: Vec<i64>,
+    part: Vec<i64>,
+    first_seq: Vec<i64>,
+    last_seq: Vec<i64>,
+    first_ts: Vec<i64>,
+    last_ts: Vec<i64>,
+    count: Vec<i64>,
+}
+
+impl PartitionColumns {
+    fn of(rows: &[PartitionRecord]) -> PartitionColumns {
+        let mut c = PartitionColumns::default();
+        for p in rows {
+            c.room.push(to_db(p.room));
+            c.part.push(to_db(p.part));
+            c.first_seq.push(to_db(p.first_seq));
+            c.last_seq.push(to_db(p.last_seq));
+            c.first_ts.push(p.first_ts_ms);
+            c.last_ts.push(p.last_ts_ms);
+            c.count.push(to_db(p.count));
+        }
+        c
+    }
+}
+
+/// Whether a room of this kind code has its messages indexed.
+fn indexable(kind: i16) -> Result<bool> {
+    Ok(search::indexable(RoomKind(code(kind)?)))
+}
+
 impl PgStore {
     /// Records the mentions in a new message (see the SQLite store's twin).
     fn insert_mentions(tx: &mut Transaction<'_>, room: RoomId, seq: Seq, author: UserId, text: &str) -> Result<()> {
@@ -598,11 +749,17 @@ impl PgStore {
     }
 
     /// Inserts a room of a server with its `CREATE` delta as seq 1.
-    fn insert_channel(st: &Statements, tx: &mut Transaction<'_>, c: &NewChannel) -> Result<(RoomRecord, DeltaRecord)> {
+    fn insert_channel(
+        st: &Statements,
+        tx: &mut Transaction<'_>,
+        c: &NewChannel,
+        part_size: i64,
+    ) -> Result<(RoomRecord, DeltaRecord)> {
         let row = tx
             .query_one(
-                "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, server_id, read_roles, post_roles)
-                 VALUES ($1, $2, 1, $3, $4, $5, $6, $7) RETURNING id",
+                "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, server_id, read_roles, post_roles,
+                                    part_size)
+                 VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8) RETURNING id",
                 &[
                     &c.name,
                     &i16::from(c.kind.0),
@@ -611,6 +768,7 @@ impl PgStore {
                     &to_db(c.server),
                     &crate::role_list(&c.read_roles),
                     &crate::role_list(&c.post_roles),
+                    &part_size,
                 ],
             )
             .map_err(pg_err)?;
@@ -620,7 +778,9 @@ impl PgStore {
             &[&id, &1_i64, &i16::from(RecordKind::CREATE.0), &to_db(c.actor), &c.name, &c.now_ms],
         )
         .map_err(pg_err)?;
-        Ok(crate::created_room(from_db(id), &c.name, c.kind, c.actor, &c.actor_name, c.now_ms))
+        let created = crate::created_room(from_db(id), &c.name, c.kind, c.actor, &c.actor_name, c.now_ms);
+        Self::record_partition(st, tx, &created.1, part_size)?;
+        Ok(created)
     }
 
     /// The member's role and permissions in the room, `None` when not a member.
@@ -638,6 +798,36 @@ impl PgStore {
             let perms = crate::channel_perms(&role, perms, post_roles.as_deref());
             (role, perms)
         }))
+    }
+
+    /// Appends one delta's partition bookkeeping.
+    fn record_partition(st: &Statements, tx: &mut Transaction<'_>, delta: &DeltaRecord, part_size: i64) -> Result<()> {
+        let c = PartitionColumns::of(&partition::summarize([delta], |_| from_db(part_size)));
+        tx.execute(
+            &st.record_partitions,
+            &[&c.room, &c.part, &c.first_seq, &c.last_seq, &c.first_ts, &c.last_ts, &c.count],
+        )
+        .map(drop)
+        .map_err(pg_err)
+    }
+
+    /// Sets a message's words in the search index (removing it when the text has none).
+    fn index_message(st: &Statements, tx: &mut Transaction<'_>, room: i64, seq: i64, text: &str) -> Result<()> {
+        let words = search::words(text);
+        if words.is_empty() {
+            return tx.execute(&st.unindex_message, &[&room, &seq]).map(drop).map_err(pg_err);
+        }
+        tx.execute(&st.index_message, &[&room, &seq, &words]).map(drop).map_err(pg_err)
+    }
+
+    /// Refuses a read of a room by a user who is not a member (`NotFound` when there is no room).
+    fn check_member(st: &Statements, tx: &mut Transaction<'_>, room: RoomId, user: UserId) -> Result<()> {
+        let details = tx.query_opt(&st.room_details, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
+        let Some(details) = details else { return Err(StoreError::NotFound(format!("room {room}"))) };
+        if details.get::<_, Option<String>>(5).is_none() {
+            return Err(StoreError::NotMember(room));
+        }
+        Ok(())
     }
 
     /// Refuses a new membership of `user` beyond `max_rooms`, holding the user's row lock until
@@ -662,6 +852,7 @@ impl PgStore {
         let Some(row) = tx.query_opt(&st.bump_room, &[&to_db(room)]).map_err(pg_err)? else {
             return Ok(None);
         };
+        let part_size: i64 = row.get(1);
         let delta = DeltaRecord {
             room,
             seq: from_db(row.get(0)),
@@ -677,6 +868,7 @@ impl PgStore {
             &[&to_db(room), &to_db(delta.seq), &i16::from(kind.0), &to_db(user), &delta.body, &now_ms],
         )
         .map_err(pg_err)?;
+        Self::record_partition(st, tx, &delta, part_size)?;
         Ok(Some(delta))
     }
 }
@@ -836,10 +1028,12 @@ impl SharedStore for PgStore {
         now_ms: i64,
         max_rooms: u64,
     ) -> Result<(RoomRecord, DeltaRecord)> {
+        let part_size = to_db(self.partition_size);
         let mut tx = self.client.transaction().map_err(pg_err)?;
         Self::check_room_cap(&self.st, &mut tx, owner, max_rooms)?;
-        let row =
-            tx.query_one(&self.st.create_room, &[&name, &i16::from(kind.0), &to_db(owner), &now_ms]).map_err(pg_err)?;
+        let row = tx
+            .query_one(&self.st.create_room, &[&name, &i16::from(kind.0), &to_db(owner), &now_ms, &part_size])
+            .map_err(pg_err)?;
         let id: i64 = row.get(0);
         tx.execute(&self.st.add_member, &[&id, &to_db(owner), &"owner", &now_ms]).map_err(pg_err)?;
         tx.execute(
@@ -847,8 +1041,10 @@ impl SharedStore for PgStore {
             &[&id, &1_i64, &i16::from(RecordKind::CREATE.0), &to_db(owner), &name, &now_ms],
         )
         .map_err(pg_err)?;
+        let created = crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms);
+        Self::record_partition(&self.st, &mut tx, &created.1, part_size)?;
         tx.commit().map_err(pg_err)?;
-        Ok(crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms))
+        Ok(created)
     }
 
     fn open_direct(
@@ -881,15 +1077,18 @@ impl SharedStore for PgStore {
         }
         let name = crate::direct_name((user, user_name), (peer_id, peer));
         let kind = i16::from(RoomKind::DIRECT.0);
-        let id: i64 = tx.query_one(&st.create_room, &[&name, &kind, &to_db(user), &now_ms]).map_err(pg_err)?.get(0);
+        let part_size = to_db(self.partition_size);
+        let id: i64 =
+            tx.query_one(&st.create_room, &[&name, &kind, &to_db(user), &now_ms, &part_size]).map_err(pg_err)?.get(0);
         for who in [user, peer_id] {
             tx.execute(&st.add_member, &[&id, &to_db(who), &"member", &now_ms]).map_err(pg_err)?;
         }
         tx.execute(&st.add_direct, &[&to_db(lo), &to_db(hi), &id]).map_err(pg_err)?;
         tx.execute(&st.insert_delta, &[&id, &1_i64, &i16::from(RecordKind::CREATE.0), &to_db(user), &name, &now_ms])
             .map_err(pg_err)?;
-        tx.commit().map_err(pg_err)?;
         let (room, delta) = crate::created_room(from_db(id), &name, RoomKind::DIRECT, user, user_name, now_ms);
+        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        tx.commit().map_err(pg_err)?;
         Ok(DirectRoom { room, peer: peer_id, created: Some(delta) })
     }
 
@@ -923,7 +1122,7 @@ impl SharedStore for PgStore {
             post_roles: Vec::new(),
             now_ms: s.now_ms,
         };
-        let (room, delta) = Self::insert_channel(&self.st, &mut tx, &general)?;
+        let (room, delta) = Self::insert_channel(&self.st, &mut tx, &general, to_db(self.partition_size))?;
         let record = Self::server_of(&mut tx, server, s.owner)?
             .ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
         tx.commit().map_err(pg_err)?;
@@ -1015,7 +1214,7 @@ impl SharedStore for PgStore {
                 c.server
             )));
         }
-        let made = Self::insert_channel(&self.st, &mut tx, c)?;
+        let made = Self::insert_channel(&self.st, &mut tx, c, to_db(self.partition_size))?;
         tx.commit().map_err(pg_err)?;
         Ok(made)
     }
@@ -1205,58 +1404,93 @@ impl SharedStore for PgStore {
             .client
             .query(&self.st.deltas_after, &[&to_db(room), &to_db(after), &i64::from(limit)])
             .map_err(pg_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeltaRecord {
-                    room,
-                    seq: from_db(row.get(0)),
-                    kind: RecordKind(code(row.get(1))?),
-                    author_id: from_db(row.get(2)),
-                    author: row.get(3),
-                    ts_ms: row.get(4),
-                    body: row.get(5),
-                    target: row.get::<_, Option<i64>>(6).map(from_db),
-                })
+        rows.iter().map(|row| delta_row(room, row)).collect()
+    }
+
+    fn deltas_page(&mut self, room: RoomId, order: Order, cursor: Seq, limit: u32) -> Result<Vec<DeltaRecord>> {
+        let Some((lo, hi)) = order.range(cursor, limit) else { return Ok(Vec::new()) };
+        let statement = match order {
+            Order::OldestFirst => &self.st.deltas_page_asc,
+            Order::NewestFirst => &self.st.deltas_page_desc,
+        };
+        let rows = self.client.query(statement, &[&to_db(room), &to_db(lo), &to_db(hi)]).map_err(pg_err)?;
+        rows.iter().map(|row| delta_row(room, row)).collect()
+    }
+
+    fn partitions(&mut self, room: RoomId) -> Result<Vec<PartitionRecord>> {
+        let rows = self.client.query(&self.st.partitions, &[&to_db(room)]).map_err(pg_err)?;
+        Ok(rows
+            .iter()
+            .map(|row| PartitionRecord {
+                room,
+                part: from_db(row.get(0)),
+                first_seq: from_db(row.get(1)),
+                last_seq: from_db(row.get(2)),
+                first_ts_ms: row.get(3),
+                last_ts_ms: row.get(4),
+                count: from_db(row.get(5)),
             })
-            .collect()
+            .collect())
+    }
+
+    fn search(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        words: &[String],
+        before: Seq,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>> {
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        Self::check_member(&self.st, &mut tx, room, user)?;
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
+        let before = if before == Seq::ZERO { i64::MAX } else { to_db(before) };
+        // Not a prepared statement: each search is planned for its own words, so the planner can
+        // pick the GIN index for rare words and a backward walk of the room's seqs for common
+        // ones, which one generic plan for every query could not. The page of matches is a
+        // subquery of its own (PostgreSQL plans a LIMIT subquery apart), so the log and the
+        // message states are read for those rows only: as one join, the planner walked the
+        // room's log alongside, 200,000 deltas for a rare word in a room of a million.
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {MESSAGE_COLUMNS}
+                     FROM (SELECT room_id, seq FROM message_search
+                           WHERE room_id = $1 AND seq < $2 AND words @@ $3::text::tsquery
+                           ORDER BY seq DESC LIMIT $4) m
+                     JOIN deltas d ON d.room_id = m.room_id AND d.seq = m.seq
+                     JOIN users u ON u.id = d.author_id
+                     LEFT JOIN message_state s ON s.room_id = m.room_id AND s.seq = m.seq
+                     ORDER BY m.seq DESC"
+                ),
+                &[&to_db(room), &before, &search::tsquery(words), &i64::from(limit)],
+            )
+            .map_err(pg_err)?;
+        let mut messages: Vec<MessageRecord> = rows.iter().map(message_row).collect();
+        if !messages.is_empty() {
+            let seqs: Vec<i64> = messages.iter().map(|m| to_db(m.seq)).collect();
+            let counts = tx.query(&self.st.reactions_in, &[&to_db(room), &seqs, &to_db(user)]).map_err(pg_err)?;
+            crate::actions::attach_reactions(&mut messages, counts.iter().map(reaction_row).collect());
+        }
+        tx.commit().map_err(pg_err)?;
+        Ok(messages)
     }
 
     fn messages_before(&mut self, room: RoomId, user: UserId, before: Seq, limit: u32) -> Result<Vec<MessageRecord>> {
         let mut tx = self.client.transaction().map_err(pg_err)?;
-        let details = tx.query_opt(&self.st.room_details, &[&to_db(room), &to_db(user)]).map_err(pg_err)?;
-        let Some(details) = details else { return Err(StoreError::NotFound(format!("room {room}"))) };
-        if details.get::<_, Option<String>>(5).is_none() {
-            return Err(StoreError::NotMember(room));
-        }
+        Self::check_member(&self.st, &mut tx, room, user)?;
         let before = if before == Seq::ZERO { i64::MAX } else { to_db(before) };
         let rows = tx.query(&self.st.messages_before, &[&to_db(room), &before, &i64::from(limit)]).map_err(pg_err)?;
-        let mut messages: Vec<MessageRecord> = rows
-            .iter()
-            .map(|row| {
-                let deleted = row.get::<_, Option<i64>>(9).is_some();
-                let edited: Option<String> = row.get(7);
-                let is_reply = row.get::<_, i16>(6) == i16::from(RecordKind::REPLY.0);
-                MessageRecord {
-                    seq: from_db(row.get(0)),
-                    author_id: from_db(row.get(1)),
-                    author: row.get(2),
-                    ts_ms: row.get(3),
-                    text: if deleted { None } else { Some(edited.unwrap_or_else(|| row.get(4))) },
-                    edited_ms: row.get(8),
-                    deleted,
-                    reply_to: if is_reply { row.get::<_, Option<i64>>(5).map(from_db) } else { None },
-                    pinned: row.get::<_, Option<i64>>(10).is_some(),
-                    reactions: Vec::new(),
-                }
-            })
-            .collect();
+        let mut messages: Vec<MessageRecord> = rows.iter().map(message_row).collect();
         if let (Some(newest), Some(oldest)) = (messages.first(), messages.last()) {
             let (lo, hi) = (to_db(oldest.seq), to_db(newest.seq));
             let counts = tx
                 .query(&self.st.reactions_of, &[&to_db(room), &lo, &hi, &to_db(user)])
                 .map_err(pg_err)?
                 .iter()
-                .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+                .map(reaction_row)
                 .collect();
             crate::actions::attach_reactions(&mut messages, counts);
         }
@@ -1349,7 +1583,7 @@ impl Store for PgStore {
         let Some(head) = tx.query_opt(&st.lock_room, &[&room]).map_err(pg_err)? else {
             return Err(StoreError::NotFound(format!("room {}", m.room)));
         };
-        let head: i64 = head.get(0);
+        let (head, part_size): (i64, i64) = (head.get(0), head.get(1));
         let kind = RoomKind(code(tx.query_one(&st.room_kind, &[&room]).map_err(pg_err)?.get(0))?);
         let (actor_role, perms) =
             Self::member_perms(st, &mut tx, m.room, m.actor)?.ok_or(StoreError::NotMember(m.room))?;
@@ -1439,7 +1673,6 @@ impl Store for PgStore {
         let no_key: Option<&str> = None;
         tx.execute(&st.insert_action, &[&room, &seq, &kind, &to_db(m.actor), &body, &m.now_ms, &no_key, &user])
             .map_err(pg_err)?;
-        tx.commit().map_err(pg_err)?;
         let delta = DeltaRecord {
             room: m.room,
             seq: from_db(seq),
@@ -1450,6 +1683,8 @@ impl Store for PgStore {
             body,
             target: Some(Seq(target.get())),
         };
+        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        tx.commit().map_err(pg_err)?;
         Ok(ModerationOutcome::Applied { delta, user: target, added, removed })
     }
 
@@ -1468,7 +1703,7 @@ impl Store for PgStore {
         let Some(head) = tx.query_opt(&st.lock_room, &[&id]).map_err(pg_err)? else {
             return Err(StoreError::NotFound(format!("room {room}")));
         };
-        let head: i64 = head.get(0);
+        let (head, part_size): (i64, i64) = (head.get(0), head.get(1));
         let (_, perms) = Self::member_perms(st, &mut tx, room, actor.0)?.ok_or(StoreError::NotMember(room))?;
         if !perms.contains(Permissions::POST) {
             return Err(StoreError::Forbidden(format!("you may not post in room {room}")));
@@ -1493,8 +1728,7 @@ impl Store for PgStore {
             &[&id, &seq, &i16::from(kind.0), &to_db(actor.0), &data, &now_ms, &no_key, &target],
         )
         .map_err(pg_err)?;
-        tx.commit().map_err(pg_err)?;
-        Ok(DeltaRecord {
+        let delta = DeltaRecord {
             room,
             seq: from_db(seq),
             kind,
@@ -1503,7 +1737,10 @@ impl Store for PgStore {
             ts_ms: now_ms,
             body: data.into(),
             target: target.map(from_db),
-        })
+        };
+        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(delta)
     }
 
     fn define_role(
@@ -1521,7 +1758,7 @@ impl Store for PgStore {
         let Some(head) = tx.query_opt(&st.lock_room, &[&id]).map_err(pg_err)? else {
             return Err(StoreError::NotFound(format!("room {room}")));
         };
-        let head: i64 = head.get(0);
+        let (head, part_size): (i64, i64) = (head.get(0), head.get(1));
         let kind = RoomKind(code(tx.query_one(&st.room_kind, &[&id]).map_err(pg_err)?.get(0))?);
         let (_, mine) = Self::member_perms(st, &mut tx, room, actor)?.ok_or(StoreError::NotMember(room))?;
         crate::check_not_direct(room, kind, "define roles in")?;
@@ -1543,8 +1780,7 @@ impl Store for PgStore {
         let none: (Option<&str>, Option<i64>) = (None, None);
         tx.execute(&st.insert_action, &[&id, &seq, &kind, &to_db(actor), &body, &now_ms, &none.0, &none.1])
             .map_err(pg_err)?;
-        tx.commit().map_err(pg_err)?;
-        Ok(DeltaRecord {
+        let delta = DeltaRecord {
             room,
             seq: from_db(seq),
             kind: RecordKind::ROLE_DEFINED,
@@ -1553,7 +1789,10 @@ impl Store for PgStore {
             ts_ms: now_ms,
             body,
             target: None,
-        })
+        };
+        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(delta)
     }
 
     fn act(&mut self, a: &NewAction) -> Result<ActionOutcome> {
@@ -1561,10 +1800,11 @@ impl Store for PgStore {
         let (room, target, actor) = (to_db(a.room), to_db(a.target), to_db(a.actor));
         let mut tx = self.client.transaction().map_err(pg_err)?;
         // The room's lock first, as every room write takes it.
-        let Some(head) = tx.query_opt(&st.lock_room, &[&room]).map_err(pg_err)? else {
+        let Some(locked) = tx.query_opt(&st.lock_room, &[&room]).map_err(pg_err)? else {
             return Err(StoreError::NotFound(format!("room {}", a.room)));
         };
-        let head: i64 = head.get(0);
+        let (head, part_size): (i64, i64) = (locked.get(0), locked.get(1));
+        let indexed = indexable(locked.get(2))?;
         let Some((_, perms)) = Self::member_perms(st, &mut tx, a.room, a.actor)? else {
             return Err(StoreError::NotMember(a.room));
         };
@@ -1620,8 +1860,17 @@ impl Store for PgStore {
                     }
                 }
                 .map_err(pg_err)?;
-                tx.commit().map_err(pg_err)?;
-                Ok(ActionOutcome::Applied(DeltaRecord {
+                // The search index follows the message's text: a reply is indexed, an edit
+                // replaces the words, a delete removes them.
+                match &a.action {
+                    MessageAction::Reply { text } if indexed => Self::index_message(st, &mut tx, room, seq, text)?,
+                    MessageAction::Edit { text } if indexed => Self::index_message(st, &mut tx, room, target, text)?,
+                    MessageAction::Delete => {
+                        tx.execute(&st.unindex_message, &[&room, &target]).map_err(pg_err)?;
+                    }
+                    _ => {}
+                }
+                let delta = DeltaRecord {
                     room: a.room,
                     seq: from_db(seq),
                     kind: a.action.kind(),
@@ -1630,7 +1879,10 @@ impl Store for PgStore {
                     ts_ms: a.now_ms,
                     body: a.action.body().to_string(),
                     target: Some(a.target),
-                }))
+                };
+                Self::record_partition(st, &mut tx, &delta, part_size)?;
+                tx.commit().map_err(pg_err)?;
+                Ok(ActionOutcome::Applied(delta))
             }
         }
     }
@@ -1646,12 +1898,15 @@ impl Store for PgStore {
             posts.iter().map(|p| Some(p.idempotency_key.as_str()).filter(|k| !k.is_empty())).collect();
 
         let mut tx = self.client.transaction().map_err(pg_err)?;
-        let heads: HashMap<RoomId, u64> = tx
-            .query(&self.st.lock_rooms, &[&rooms])
-            .map_err(pg_err)?
-            .iter()
-            .map(|row| (from_db(row.get(0)), from_db(row.get(1))))
-            .collect();
+        let locked = tx.query(&self.st.lock_rooms, &[&rooms]).map_err(pg_err)?;
+        let mut heads: HashMap<RoomId, u64> = HashMap::with_capacity(locked.len());
+        // Per room: its partition size and whether its messages are indexed.
+        let mut logs: HashMap<RoomId, (u64, bool)> = HashMap::with_capacity(locked.len());
+        for row in &locked {
+            let room: RoomId = from_db(row.get(0));
+            heads.insert(room, from_db(row.get(1)));
+            logs.insert(room, (from_db(row.get(2)), indexable(row.get(3))?));
+        }
         let probes: Vec<Probe> = tx
             .query(&self.st.probe_posts, &[&post_rooms, &authors, &keys])
             .map_err(pg_err)?
@@ -1682,24 +1937,37 @@ impl Store for PgStore {
         let (head_rooms, head_seqs): (Vec<i64>, Vec<i64>) =
             plan.heads.iter().map(|(room, head)| (to_db(*room), to_db(*head))).unzip();
         let mut rows = InsertColumns::default();
+        let mut inserted = Vec::with_capacity(posts.len());
         for (outcome, key) in plan.outcomes.iter().zip(&keys) {
             if let PostOutcome::Inserted(delta) = outcome {
-                rows.push(delta, *key);
+                let indexed = logs.get(&delta.room).is_some_and(|&(_, indexed)| indexed);
+                rows.push(delta, *key, indexed);
+                inserted.push(delta);
             }
         }
         if !rows.room.is_empty() {
+            let part_size = |room| logs.get(&room).map_or(partition::DEFAULT_PARTITION_SIZE, |&(size, _)| size);
+            let parts = PartitionColumns::of(&partition::summarize(inserted, part_size));
             tx.execute(
                 &self.st.write_posts,
                 &[
                     &head_rooms,
                     &head_seqs,
                     &i16::from(RecordKind::MESSAGE.0),
+                    &parts.room,
+                    &parts.part,
+                    &parts.first_seq,
+                    &parts.last_seq,
+                    &parts.first_ts,
+                    &parts.last_ts,
+                    &parts.count,
                     &rows.room,
                     &rows.seq,
                     &rows.author,
                     &rows.body,
                     &rows.created_at,
                     &rows.key,
+                    &rows.words,
                 ],
             )
             .map_err(pg_err)?;
@@ -1725,16 +1993,19 @@ struct InsertColumns<'a> {
     body: Vec<&'a str>,
     created_at: Vec<i64>,
     key: Vec<Option<&'a str>>,
+    /// The words to index, space-separated; empty for a message not indexed.
+    words: Vec<String>,
 }
 
 impl<'a> InsertColumns<'a> {
-    fn push(&mut self, delta: &'a DeltaRecord, key: Option<&'a str>) {
+    fn push(&mut self, delta: &'a DeltaRecord, key: Option<&'a str>, indexed: bool) {
         self.room.push(to_db(delta.room));
         self.seq.push(to_db(delta.seq));
         self.author.push(to_db(delta.author_id));
         self.body.push(&delta.body);
         self.created_at.push(delta.ts_ms);
         self.key.push(key);
+        self.words.push(if indexed { search::index_text(&delta.body) } else { String::new() });
     }
 }
 

@@ -26,9 +26,11 @@ use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehav
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
+use crate::partition::{self, PartitionRecord};
+use crate::search;
 use crate::{
     from_db, now_ms, to_db, ActionOutcome, DeltaRecord, DirectRoom, MemberRecord, MentionRecord, MessageAction,
-    MessageRecord, NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions,
+    MessageRecord, NewAction, NewChannel, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Order, Permissions,
     PostOutcome, ProfileRecord, ProfileUpdate, RecordKind, Result, RoomDetailsRecord, RoomId, RoomKind, RoomRecord,
     Seq, ServerId, ServerRecord, SessionId, SessionLimits, SessionRecord, SettingWrite, SettingsRecord, SharedStore,
     Store, StoreError, UnreadRecord, UserId, UserRecord,
@@ -52,6 +54,8 @@ static MIGRATION_LOCK: Mutex<()> = Mutex::new(());
 pub struct SqliteStore {
     /// The connection, with its prepared statement cache.
     conn: Connection,
+    /// The partition size of the rooms this store creates.
+    partition_size: u64,
 }
 
 impl SqliteStore {
@@ -93,7 +97,7 @@ impl SqliteStore {
                 _ => StoreError::Migration(e.to_string()),
             }
         })?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore { conn, partition_size: options.partition_size.max(1) })
     }
 
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) and commits if it returns `Ok`.
@@ -111,6 +115,18 @@ impl SqliteStore {
         // failing: that one is doing the work, so "busy" is not an error here.
         self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get(1)?, row.get(2)?))).map_err(db_err)
     }
+}
+
+/// Applies the migrations up to `target` to the database file at `path` (see
+/// [`crate::migrate_to`]).
+pub(crate) fn migrate_to(path: &str, target: refinery::Target) -> Result<()> {
+    prepare_file(Path::new(path))?;
+    let mut conn = Connection::open(path).map_err(db_err)?;
+    embedded::migrations::runner()
+        .set_target(target)
+        .run(&mut conn)
+        .map(drop)
+        .map_err(|e| StoreError::Migration(e.to_string()))
 }
 
 /// Makes sure the database file can be opened: creates its directory, creates a new file private
@@ -307,11 +323,176 @@ fn room_row(row: &Row<'_>) -> rusqlite::Result<RoomRecord> {
     })
 }
 
-/// Bumps a room's head by one and returns the new seq, or `None` when the room does not exist.
-fn next_seq(conn: &Connection, room: RoomId) -> Result<Option<u64>> {
-    conn.prepare_cached("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq")
-        .and_then(|mut st| st.query_row([to_db(room)], |row| row.get::<_, i64>(0)).optional())
-        .map(|seq| seq.map(from_db))
+/// What a write to a room's log needs to know about the room besides its head.
+#[derive(Debug, Clone, Copy)]
+struct LogInfo {
+    /// Deltas per partition of its log.
+    part_size: u64,
+    /// Its kind: whether its messages are indexed for search.
+    kind: RoomKind,
+}
+
+/// A delta of `room` from the columns `seq, kind, author_id, author name, created_at, body,
+/// target`.
+fn delta_row(room: RoomId, row: &Row<'_>) -> rusqlite::Result<DeltaRecord> {
+    Ok(DeltaRecord {
+        room,
+        seq: from_db(row.get(0)?),
+        kind: RecordKind(row.get(1)?),
+        author_id: from_db(row.get(2)?),
+        author: row.get(3)?,
+        ts_ms: row.get(4)?,
+        body: row.get(5)?,
+        target: row.get::<_, Option<i64>>(6)?.map(from_db),
+    })
+}
+
+/// The columns [`message_row`] reads, in its order, from `deltas d`, `users u` and
+/// `message_state s`.
+const MESSAGE_COLUMNS: &str = "d.seq, d.author_id, u.name, d.created_at, d.body, d.target, d.kind,
+     s.text, s.edited_at, s.deleted_seq, s.pinned_seq";
+
+/// A message in its current state (without its reactions) from [`MESSAGE_COLUMNS`].
+fn message_row(row: &Row<'_>) -> rusqlite::Result<MessageRecord> {
+    let kind = RecordKind(row.get(6)?);
+    let deleted = row.get::<_, Option<i64>>(9)?.is_some();
+    let edited: Option<String> = row.get(7)?;
+    let text = if deleted { None } else { Some(edited.map_or_else(|| row.get(4), Ok)?) };
+    Ok(MessageRecord {
+        seq: from_db(row.get(0)?),
+        author_id: from_db(row.get(1)?),
+        author: row.get(2)?,
+        ts_ms: row.get(3)?,
+        text,
+        edited_ms: row.get(8)?,
+        deleted,
+        reply_to: if kind == RecordKind::REPLY { row.get::<_, Option<i64>>(5)?.map(from_db) } else { None },
+        pinned: row.get::<_, Option<i64>>(10)?.is_some(),
+        reactions: Vec::new(),
+    })
+}
+
+/// Reaction counts of room `?1` with whether user `?4` made one: `seq, emoji, count, mine`; the
+/// caller adds the seqs wanted.
+const REACTIONS: &str = "SELECT r.seq, r.emoji, r.count, EXISTS (SELECT 1 FROM reaction_users ru
+         WHERE ru.room_id = r.room_id AND ru.seq = r.seq AND ru.emoji = r.emoji AND ru.user_id = ?4)
+     FROM reactions r WHERE r.room_id = ?1";
+
+fn reaction_row(row: &Row<'_>) -> rusqlite::Result<(i64, String, i64, bool)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+}
+
+/// A page of search results: the newest `?4` documents matching `?1` with keys in `(?2, ?3]`,
+/// room `?5`'s messages with seqs key - `?2`, in their current state, newest first.
+///
+/// CROSS JOIN keeps the page of matches the outer loop (SQLite never reorders a CROSS JOIN): left
+/// to itself the planner walked the room's whole log and probed the matches for every delta, 30 s
+/// for a common word in a room of 100,000 messages.
+fn search_sql() -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS}
+         FROM (SELECT rowid AS doc FROM message_search
+               WHERE message_search MATCH ?1 AND rowid > ?2 AND rowid <= ?3
+               ORDER BY rowid DESC LIMIT ?4) f
+         CROSS JOIN deltas d ON d.room_id = ?5 AND d.seq = f.doc - ?2
+         JOIN users u ON u.id = d.author_id
+         LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+         ORDER BY d.seq DESC"
+    )
+}
+
+/// Refuses a read of a room by a user who is not a member (`NotFound` when there is no room).
+fn check_member(conn: &Connection, room: RoomId, user: UserId) -> Result<()> {
+    if !exists(conn, room)? {
+        return Err(StoreError::NotFound(format!("room {room}")));
+    }
+    if !is_member(conn, room, user)? {
+        return Err(StoreError::NotMember(room));
+    }
+    Ok(())
+}
+
+/// Bumps a room's head by one and returns the new seq with the room's log settings, or `None`
+/// when the room does not exist.
+fn next_seq(conn: &Connection, room: RoomId) -> Result<Option<(u64, LogInfo)>> {
+    conn.prepare_cached("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq, part_size, kind")
+        .and_then(|mut st| {
+            st.query_row([to_db(room)], |row| {
+                let info = LogInfo { part_size: from_db(row.get(1)?), kind: RoomKind(row.get(2)?) };
+                Ok((from_db(row.get::<_, i64>(0)?), info))
+            })
+            .optional()
+        })
+        .map_err(db_err)
+}
+
+/// A room's head and log settings, `None` when the room does not exist.
+fn log_state(conn: &Connection, room: RoomId) -> Result<Option<(u64, LogInfo)>> {
+    conn.prepare_cached("SELECT last_seq, part_size, kind FROM rooms WHERE id = ?1")
+        .and_then(|mut st| {
+            st.query_row([to_db(room)], |row| {
+                let info = LogInfo { part_size: from_db(row.get(1)?), kind: RoomKind(row.get(2)?) };
+                Ok((from_db(row.get::<_, i64>(0)?), info))
+            })
+            .optional()
+        })
+        .map_err(db_err)
+}
+
+/// Merges what new deltas add to their partitions into `delta_partitions`: one upsert per
+/// (room, partition) in `rows`, which is one per room for a group commit that stays in a
+/// partition.
+fn record_partitions(conn: &Connection, rows: &[PartitionRecord]) -> Result<()> {
+    for p in rows {
+        conn.prepare_cached(
+            "INSERT INTO delta_partitions (room_id, part, first_seq, last_seq, first_ts, last_ts, count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (room_id, part) DO UPDATE SET
+                 first_seq = min(first_seq, excluded.first_seq), last_seq = max(last_seq, excluded.last_seq),
+                 first_ts = min(first_ts, excluded.first_ts), last_ts = max(last_ts, excluded.last_ts),
+                 count = count + excluded.count",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                to_db(p.room),
+                to_db(p.part),
+                to_db(p.first_seq),
+                to_db(p.last_seq),
+                p.first_ts_ms,
+                p.last_ts_ms,
+                to_db(p.count)
+            ])
+        })
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Appends one delta and records it in its partition.
+fn append_delta(conn: &Connection, delta: &DeltaRecord, key: Option<&str>, part_size: u64) -> Result<()> {
+    insert_delta(conn, delta, key)?;
+    record_partitions(conn, &partition::summarize([delta], |_| part_size))
+}
+
+/// Indexes a message's text for search, if its room is indexable and the text has words.
+fn index_message(conn: &Connection, room: RoomId, seq: Seq, kind: RoomKind, text: &str) -> Result<()> {
+    let Some(doc) = search::doc_id(room, seq).filter(|_| search::indexable(kind)) else { return Ok(()) };
+    let words = search::index_text(text);
+    if words.is_empty() {
+        return Ok(());
+    }
+    conn.prepare_cached("INSERT INTO message_search (rowid, words) VALUES (?1, ?2)")
+        .and_then(|mut st| st.execute(params![doc, words]))
+        .map(drop)
+        .map_err(db_err)
+}
+
+/// Removes a message from the search index (nothing when it was not in it).
+fn unindex_message(conn: &Connection, room: RoomId, seq: Seq) -> Result<()> {
+    let Some(doc) = search::doc_id(room, seq) else { return Ok(()) };
+    conn.prepare_cached("DELETE FROM message_search WHERE rowid = ?1")
+        .and_then(|mut st| st.execute([doc]))
+        .map(drop)
         .map_err(db_err)
 }
 
@@ -346,7 +527,7 @@ fn membership_delta(
     user_name: &str,
     now_ms: i64,
 ) -> Result<Option<DeltaRecord>> {
-    let Some(seq) = next_seq(conn, room)? else { return Ok(None) };
+    let Some((seq, log)) = next_seq(conn, room)? else { return Ok(None) };
     let delta = DeltaRecord {
         room,
         seq: Seq(seq),
@@ -357,7 +538,7 @@ fn membership_delta(
         body: String::new(),
         target: None,
     };
-    insert_delta(conn, &delta, None)?;
+    append_delta(conn, &delta, None, log.part_size)?;
     Ok(Some(delta))
 }
 
@@ -579,19 +760,22 @@ impl SharedStore for SqliteStore {
         now_ms: i64,
         max_rooms: u64,
     ) -> Result<(RoomRecord, DeltaRecord)> {
+        let part_size = self.partition_size;
         self.write(|conn| {
             // BEGIN IMMEDIATE serializes writers, so the count cannot change before the insert.
             crate::check_room_cap(owner, room_count(conn, owner)?, max_rooms)?;
             let id: i64 = conn
                 .prepare_cached(
-                    "INSERT INTO rooms (name, kind, last_seq, created_by, created_at)
-                     VALUES (?1, ?2, 1, ?3, ?4) RETURNING id",
+                    "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, part_size)
+                     VALUES (?1, ?2, 1, ?3, ?4, ?5) RETURNING id",
                 )
-                .and_then(|mut st| st.query_row(params![name, kind.0, to_db(owner), now_ms], |row| row.get(0)))
+                .and_then(|mut st| {
+                    st.query_row(params![name, kind.0, to_db(owner), now_ms, to_db(part_size)], |row| row.get(0))
+                })
                 .map_err(db_err)?;
             add_member(conn, from_db(id), owner, "owner", now_ms)?;
             let (room, delta) = crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms);
-            insert_delta(conn, &delta, None)?;
+            append_delta(conn, &delta, None, part_size)?;
             Ok((room, delta))
         })
     }
@@ -604,6 +788,7 @@ impl SharedStore for SqliteStore {
         now_ms: i64,
         max_rooms: u64,
     ) -> Result<DirectRoom> {
+        let part_size = self.partition_size;
         self.write(|conn| {
             let peer_id: UserId = conn
                 .prepare_cached("SELECT id FROM users WHERE name = ?1")
@@ -629,11 +814,13 @@ impl SharedStore for SqliteStore {
             let name = crate::direct_name((user, user_name), (peer_id, peer));
             let id: i64 = conn
                 .prepare_cached(
-                    "INSERT INTO rooms (name, kind, last_seq, created_by, created_at)
-                     VALUES (?1, ?2, 1, ?3, ?4) RETURNING id",
+                    "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, part_size)
+                     VALUES (?1, ?2, 1, ?3, ?4, ?5) RETURNING id",
                 )
                 .and_then(|mut st| {
-                    st.query_row(params![name, RoomKind::DIRECT.0, to_db(user), now_ms], |row| row.get(0))
+                    st.query_row(params![name, RoomKind::DIRECT.0, to_db(user), now_ms, to_db(part_size)], |row| {
+                        row.get(0)
+                    })
                 })
                 .map_err(db_err)?;
             add_member(conn, from_db(id), user, "member", now_ms)?;
@@ -642,12 +829,13 @@ impl SharedStore for SqliteStore {
                 .and_then(|mut st| st.execute(params![to_db(lo), to_db(hi), id]))
                 .map_err(db_err)?;
             let (room, delta) = crate::created_room(from_db(id), &name, RoomKind::DIRECT, user, user_name, now_ms);
-            insert_delta(conn, &delta, None)?;
+            append_delta(conn, &delta, None, part_size)?;
             Ok(DirectRoom { room, peer: peer_id, created: Some(delta) })
         })
     }
 
     fn create_server(&mut self, s: &NewServer, max_servers: u64) -> Result<(ServerRecord, RoomRecord, DeltaRecord)> {
+        let part_size = self.partition_size;
         self.write(|conn| {
             crate::check_server_cap(s.owner, server_count(conn, s.owner)?, max_servers)?;
             let id: i64 = conn
@@ -672,10 +860,10 @@ impl SharedStore for SqliteStore {
                 conn,
                 "general",
                 RoomKind::CHANNEL,
-                s.owner,
-                &s.owner_name,
+                (s.owner, &s.owner_name),
                 s.now_ms,
                 Some((server, None, None)),
+                part_size,
             )?;
             let record =
                 server_of(conn, server, s.owner)?.ok_or_else(|| StoreError::NotFound(format!("server {server}")))?;
@@ -747,6 +935,7 @@ impl SharedStore for SqliteStore {
     }
 
     fn create_channel(&mut self, c: &NewChannel) -> Result<(RoomRecord, DeltaRecord)> {
+        let part_size = self.partition_size;
         self.write(|conn| {
             if server_of(conn, c.server, c.actor)?.is_none() {
                 return Err(StoreError::NotFound(format!("server {}", c.server)));
@@ -760,7 +949,7 @@ impl SharedStore for SqliteStore {
                 )));
             }
             let rules = Some((c.server, crate::role_list(&c.read_roles), crate::role_list(&c.post_roles)));
-            insert_room(conn, &c.name, c.kind, c.actor, &c.actor_name, c.now_ms, rules)
+            insert_room(conn, &c.name, c.kind, (c.actor, &c.actor_name), c.now_ms, rules, part_size)
         })
     }
 
@@ -929,7 +1118,7 @@ impl SharedStore for SqliteStore {
                     StoreError::NotFound(format!("room {room}"))
                 });
             }
-            let head = head_of(conn, room)?.unwrap_or(0);
+            let head = log_state(conn, room)?.map_or(0, |(head, _)| head);
             let read = read.get().min(head);
             let delivered = delivered.get().max(read).min(head);
             exec(
@@ -1011,16 +1200,78 @@ impl SharedStore for SqliteStore {
                  WHERE d.room_id = ?1 AND d.seq > ?2 ORDER BY d.seq LIMIT ?3",
             )
             .and_then(|mut st| {
-                st.query_map(params![to_db(room), to_db(after), limit], |row| {
-                    Ok(DeltaRecord {
+                st.query_map(params![to_db(room), to_db(after), limit], |row| delta_row(room, row))?.collect()
+            })
+            .map_err(db_err)
+    }
+
+    fn messages_before(&mut self, room: RoomId, user: UserId, before: Seq, limit: u32) -> Result<Vec<MessageRecord>> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        check_member(&tx, room, user)?;
+        let before = if before == Seq::ZERO { i64::MAX } else { to_db(before) };
+        let mut messages: Vec<MessageRecord> = tx
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS}
+                 FROM deltas d JOIN users u ON u.id = d.author_id
+                 LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+                 WHERE d.room_id = ?1 AND d.seq < ?2 AND d.kind IN (?3, ?4)
+                 ORDER BY d.seq DESC LIMIT ?5"
+            ))
+            .and_then(|mut st| {
+                st.query_map(
+                    params![to_db(room), before, RecordKind::MESSAGE.0, RecordKind::REPLY.0, limit],
+                    message_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(db_err)?;
+        if let (Some(newest), Some(oldest)) = (messages.first(), messages.last()) {
+            let (lo, hi) = (to_db(oldest.seq), to_db(newest.seq));
+            let counts: Vec<(i64, String, i64, bool)> = tx
+                .prepare_cached(&format!("{REACTIONS} AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq, r.emoji"))
+                .and_then(|mut st| st.query_map(params![to_db(room), lo, hi, to_db(user)], reaction_row)?.collect())
+                .map_err(db_err)?;
+            crate::actions::attach_reactions(&mut messages, counts);
+        }
+        tx.finish().map_err(db_err)?;
+        Ok(messages)
+    }
+
+    fn deltas_page(&mut self, room: RoomId, order: Order, cursor: Seq, limit: u32) -> Result<Vec<DeltaRecord>> {
+        let Some((lo, hi)) = order.range(cursor, limit) else { return Ok(Vec::new()) };
+        let direction = match order {
+            Order::OldestFirst => "ASC",
+            Order::NewestFirst => "DESC",
+        };
+        // Both ends bound the scan: the page's seqs are known before it is read.
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT d.seq, d.kind, d.author_id, u.name, d.created_at, d.body, d.target FROM deltas d
+                 JOIN users u ON u.id = d.author_id
+                 WHERE d.room_id = ?1 AND d.seq BETWEEN ?2 AND ?3 ORDER BY d.seq {direction}"
+            ))
+            .and_then(|mut st| {
+                st.query_map(params![to_db(room), to_db(lo), to_db(hi)], |row| delta_row(room, row))?.collect()
+            })
+            .map_err(db_err)
+    }
+
+    fn partitions(&mut self, room: RoomId) -> Result<Vec<PartitionRecord>> {
+        self.conn
+            .prepare_cached(
+                "SELECT part, first_seq, last_seq, first_ts, last_ts, count FROM delta_partitions
+                 WHERE room_id = ?1 ORDER BY part",
+            )
+            .and_then(|mut st| {
+                st.query_map([to_db(room)], |row| {
+                    Ok(PartitionRecord {
                         room,
-                        seq: from_db(row.get(0)?),
-                        kind: RecordKind(row.get(1)?),
-                        author_id: from_db(row.get(2)?),
-                        author: row.get(3)?,
-                        ts_ms: row.get(4)?,
-                        body: row.get(5)?,
-                        target: row.get::<_, Option<i64>>(6)?.map(from_db),
+                        part: from_db(row.get(0)?),
+                        first_seq: from_db(row.get(1)?),
+                        last_seq: from_db(row.get(2)?),
+                        first_ts_ms: row.get(3)?,
+                        last_ts_ms: row.get(4)?,
+                        count: from_db(row.get(5)?),
                     })
                 })?
                 .collect()
@@ -1028,67 +1279,46 @@ impl SharedStore for SqliteStore {
             .map_err(db_err)
     }
 
-    fn messages_before(&mut self, room: RoomId, user: UserId, before: Seq, limit: u32) -> Result<Vec<MessageRecord>> {
+    fn search(
+        &mut self,
+        room: RoomId,
+        user: UserId,
+        words: &[String],
+        before: Seq,
+        limit: u32,
+    ) -> Result<Vec<MessageRecord>> {
         let tx = self.conn.transaction().map_err(db_err)?;
-        if !exists(&tx, room)? {
-            return Err(StoreError::NotFound(format!("room {room}")));
+        check_member(&tx, room, user)?;
+        // The room's documents are the keys doc_id(room, 1 ..): those below `before` are one range.
+        let Some(lo) = search::doc_id(room, Seq::ZERO) else { return Ok(Vec::new()) };
+        if words.is_empty() {
+            return Ok(Vec::new());
         }
-        if !is_member(&tx, room, user)? {
-            return Err(StoreError::NotMember(room));
-        }
-        let before = if before == Seq::ZERO { i64::MAX } else { to_db(before) };
+        let last = match before {
+            Seq::ZERO => u64::from(u32::MAX),
+            before => before.get().saturating_sub(1).min(u64::from(u32::MAX)),
+        };
+        let hi = lo + i64::try_from(last).unwrap_or(0);
         let mut messages: Vec<MessageRecord> = tx
-            .prepare_cached(
-                "SELECT d.seq, d.author_id, u.name, d.created_at, d.body, d.target, d.kind,
-                        s.text, s.edited_at, s.deleted_seq, s.pinned_seq
-                 FROM deltas d JOIN users u ON u.id = d.author_id
-                 LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
-                 WHERE d.room_id = ?1 AND d.seq < ?2 AND d.kind IN (?3, ?4)
-                 ORDER BY d.seq DESC LIMIT ?5",
-            )
+            .prepare_cached(&search_sql())
             .and_then(|mut st| {
-                st.query_map(params![to_db(room), before, RecordKind::MESSAGE.0, RecordKind::REPLY.0, limit], |row| {
-                    let kind = RecordKind(row.get(6)?);
-                    let deleted = row.get::<_, Option<i64>>(9)?.is_some();
-                    let edited: Option<String> = row.get(7)?;
-                    let text = if deleted { None } else { Some(edited.map_or_else(|| row.get(4), Ok)?) };
-                    Ok(MessageRecord {
-                        seq: from_db(row.get(0)?),
-                        author_id: from_db(row.get(1)?),
-                        author: row.get(2)?,
-                        ts_ms: row.get(3)?,
-                        text,
-                        edited_ms: row.get(8)?,
-                        deleted,
-                        reply_to: if kind == RecordKind::REPLY {
-                            row.get::<_, Option<i64>>(5)?.map(from_db)
-                        } else {
-                            None
-                        },
-                        pinned: row.get::<_, Option<i64>>(10)?.is_some(),
-                        reactions: Vec::new(),
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
+                st.query_map(params![search::fts5_query(words), lo, hi, limit, to_db(room)], message_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
             })
             .map_err(db_err)?;
-        if let (Some(newest), Some(oldest)) = (messages.first(), messages.last()) {
-            let (lo, hi) = (to_db(oldest.seq), to_db(newest.seq));
-            let counts: Vec<(i64, String, i64, bool)> = tx
-                .prepare_cached(
-                    "SELECT r.seq, r.emoji, r.count, EXISTS (SELECT 1 FROM reaction_users ru
-                         WHERE ru.room_id = r.room_id AND ru.seq = r.seq AND ru.emoji = r.emoji AND ru.user_id = ?4)
-                     FROM reactions r WHERE r.room_id = ?1 AND r.seq BETWEEN ?2 AND ?3 ORDER BY r.seq, r.emoji",
-                )
+        // Matches lie anywhere in the room's log, so their reactions are read message by message
+        // rather than over the range between them.
+        let mut counts: Vec<(i64, String, i64, bool)> = Vec::new();
+        for m in &messages {
+            let rows: Vec<(i64, String, i64, bool)> = tx
+                .prepare_cached(&format!("{REACTIONS} AND r.seq = ?2 ORDER BY r.emoji"))
                 .and_then(|mut st| {
-                    st.query_map(params![to_db(room), lo, hi, to_db(user)], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                    })?
-                    .collect()
+                    st.query_map(params![to_db(room), to_db(m.seq), 0, to_db(user)], reaction_row)?.collect()
                 })
                 .map_err(db_err)?;
-            crate::actions::attach_reactions(&mut messages, counts);
+            counts.extend(rows);
         }
+        crate::actions::attach_reactions(&mut messages, counts);
         tx.finish().map_err(db_err)?;
         Ok(messages)
     }
@@ -1172,6 +1402,7 @@ impl Store for SqliteStore {
         self.write(|conn| {
             let mut membership: HashMap<(RoomId, UserId), Option<Permissions>> = HashMap::new();
             let mut heads: HashMap<RoomId, u64> = HashMap::new();
+            let mut logs: HashMap<RoomId, LogInfo> = HashMap::new();
             let mut probes = Vec::with_capacity(posts.len());
             for post in posts {
                 let perms = match membership.get(&(post.room, post.author_id)) {
@@ -1188,8 +1419,9 @@ impl Store for SqliteStore {
                 };
                 let member = true;
                 if let Entry::Vacant(slot) = heads.entry(post.room) {
-                    if let Some(head) = head_of(conn, post.room)? {
+                    if let Some((head, log)) = log_state(conn, post.room)? {
                         slot.insert(head);
+                        logs.insert(post.room, log);
                     }
                 }
                 if !perms.contains(Permissions::POST) {
@@ -1214,6 +1446,7 @@ impl Store for SqliteStore {
                 probes.push(Probe { member, may_post: true, existing });
             }
             let plan = batch::plan(posts, &probes, &heads);
+            let mut inserted = Vec::with_capacity(posts.len());
             for (outcome, post) in plan.outcomes.iter().zip(posts) {
                 if let PostOutcome::Inserted(delta) = outcome {
                     let key = Some(post.idempotency_key.as_str()).filter(|k| !k.is_empty());
@@ -1221,8 +1454,14 @@ impl Store for SqliteStore {
                     if post.text.contains('@') {
                         insert_mentions(conn, delta.room, delta.seq, delta.author_id, &post.text)?;
                     }
+                    // Planned deltas are only for rooms whose state was read above.
+                    let kind = logs.get(&delta.room).map_or(RoomKind::GROUP, |log| log.kind);
+                    index_message(conn, delta.room, delta.seq, kind, &delta.body)?;
+                    inserted.push(delta);
                 }
             }
+            let part_size = |room: RoomId| logs.get(&room).map_or(partition::DEFAULT_PARTITION_SIZE, |l| l.part_size);
+            record_partitions(conn, &partition::summarize(inserted, part_size))?;
             for (room, head) in &plan.heads {
                 conn.prepare_cached("UPDATE rooms SET last_seq = ?2 WHERE id = ?1")
                     .and_then(|mut st| st.execute(params![to_db(*room), to_db(*head)]))
@@ -1271,7 +1510,7 @@ impl Store for SqliteStore {
                 role_known,
             )?;
             if verdict == ModVerdict::Unchanged {
-                let head = head_of(conn, m.room)?.unwrap_or(0);
+                let head = log_state(conn, m.room)?.map_or(0, |(head, _)| head);
                 return Ok(ModerationOutcome::Unchanged { head: Seq(head) });
             }
             let was_member = state.role.is_some();
@@ -1318,7 +1557,7 @@ impl Store for SqliteStore {
                     )?;
                 }
             }
-            let seq = next_seq(conn, m.room)?.ok_or_else(|| StoreError::NotFound(format!("room {}", m.room)))?;
+            let (seq, log) = next_seq(conn, m.room)?.ok_or_else(|| StoreError::NotFound(format!("room {}", m.room)))?;
             let body = match &m.action {
                 MemberAction::SetRole(new) => new.clone(),
                 _ => m.target.clone(),
@@ -1333,7 +1572,7 @@ impl Store for SqliteStore {
                 body,
                 target: Some(Seq(target.get())),
             };
-            insert_delta(conn, &delta, None)?;
+            append_delta(conn, &delta, None, log.part_size)?;
             Ok(ModerationOutcome::Applied { delta, user: target, added, removed })
         })
     }
@@ -1370,7 +1609,7 @@ impl Store for SqliteStore {
                 }
                 Some(call)
             };
-            let seq = next_seq(conn, room)?.ok_or_else(|| StoreError::NotFound(format!("room {room}")))?;
+            let (seq, log) = next_seq(conn, room)?.ok_or_else(|| StoreError::NotFound(format!("room {room}")))?;
             let delta = DeltaRecord {
                 room,
                 seq: Seq(seq),
@@ -1381,7 +1620,7 @@ impl Store for SqliteStore {
                 body: data.into(),
                 target,
             };
-            insert_delta(conn, &delta, None)?;
+            append_delta(conn, &delta, None, log.part_size)?;
             Ok(delta)
         })
     }
@@ -1414,7 +1653,7 @@ impl Store for SqliteStore {
                     exec(conn, "DELETE FROM room_roles WHERE room_id = ?1 AND name = ?2", params![to_db(room), name])?
                 }
             };
-            let seq = next_seq(conn, room)?.ok_or_else(|| StoreError::NotFound(format!("room {room}")))?;
+            let (seq, log) = next_seq(conn, room)?.ok_or_else(|| StoreError::NotFound(format!("room {room}")))?;
             let delta = DeltaRecord {
                 room,
                 seq: Seq(seq),
@@ -1425,7 +1664,7 @@ impl Store for SqliteStore {
                 body: moderation::role_body(name, perms),
                 target: None,
             };
-            insert_delta(conn, &delta, None)?;
+            append_delta(conn, &delta, None, log.part_size)?;
             Ok(delta)
         })
     }
@@ -1459,7 +1698,8 @@ impl Store for SqliteStore {
             match actions::judge(a.room, a.target, &a.action, a.actor, perms, target.as_ref())? {
                 Verdict::AlreadyDone(seq) => Ok(ActionOutcome::Unchanged { seq, ts_ms: delta_time(conn, a.room, seq)? }),
                 Verdict::Write => {
-                    let seq = next_seq(conn, a.room)?.ok_or_else(|| StoreError::NotFound(format!("room {}", a.room)))?;
+                    let (seq, log) =
+                        next_seq(conn, a.room)?.ok_or_else(|| StoreError::NotFound(format!("room {}", a.room)))?;
                     let delta = DeltaRecord {
                         room: a.room,
                         seq: Seq(seq),
@@ -1471,11 +1711,12 @@ impl Store for SqliteStore {
                         target: Some(a.target),
                     };
                     let key = Some(a.idempotency_key.as_str()).filter(|k| !k.is_empty());
-                    insert_delta(conn, &delta, key)?;
+                    append_delta(conn, &delta, key, log.part_size)?;
                     apply_action(conn, a, delta.seq)?;
                     if let MessageAction::Reply { text } = &a.action {
                         insert_mentions(conn, a.room, delta.seq, a.actor, text)?;
                     }
+                    index_action(conn, a, delta.seq, log.kind)?;
                     Ok(ActionOutcome::Applied(delta))
                 }
             }
@@ -1599,10 +1840,10 @@ fn insert_room(
     conn: &Connection,
     name: &str,
     kind: RoomKind,
-    owner: UserId,
-    owner_name: &str,
+    (owner, owner_name): (UserId, &str),
     now_ms: i64,
     server: Option<(ServerId, Option<String>, Option<String>)>,
+    part_size: u64,
 ) -> Result<(RoomRecord, DeltaRecord)> {
     let (server_id, read_roles, post_roles) = match server {
         Some((s, r, p)) => (Some(to_db(s)), r, p),
@@ -1610,17 +1851,19 @@ fn insert_room(
     };
     let id: i64 = conn
         .prepare_cached(
-            "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, server_id, read_roles, post_roles)
-             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+            "INSERT INTO rooms (name, kind, last_seq, created_by, created_at, server_id, read_roles, post_roles,
+                                part_size)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
         )
         .and_then(|mut st| {
-            st.query_row(params![name, kind.0, to_db(owner), now_ms, server_id, read_roles, post_roles], |row| {
-                row.get(0)
-            })
+            st.query_row(
+                params![name, kind.0, to_db(owner), now_ms, server_id, read_roles, post_roles, to_db(part_size)],
+                |row| row.get(0),
+            )
         })
         .map_err(db_err)?;
     let (room, delta) = crate::created_room(from_db(id), name, kind, owner, owner_name, now_ms);
-    insert_delta(conn, &delta, None)?;
+    append_delta(conn, &delta, None, part_size)?;
     Ok((room, delta))
 }
 
@@ -1629,6 +1872,20 @@ fn delta_time(conn: &Connection, room: RoomId, seq: Seq) -> Result<i64> {
     conn.prepare_cached("SELECT created_at FROM deltas WHERE room_id = ?1 AND seq = ?2")
         .and_then(|mut st| st.query_row(params![to_db(room), to_db(seq)], |row| row.get(0)))
         .map_err(db_err)
+}
+
+/// Keeps the search index in step with a written action: a reply is indexed, an edit replaces
+/// its message's words, a delete removes them.
+fn index_action(conn: &Connection, a: &NewAction, seq: Seq, kind: RoomKind) -> Result<()> {
+    match &a.action {
+        MessageAction::Reply { text } => index_message(conn, a.room, seq, kind, text),
+        MessageAction::Edit { text } => {
+            unindex_message(conn, a.room, a.target)?;
+            index_message(conn, a.room, a.target, kind, text)
+        }
+        MessageAction::Delete => unindex_message(conn, a.room, a.target),
+        _ => Ok(()),
+    }
 }
 
 /// Applies a written action to its message's state.
@@ -1738,7 +1995,7 @@ fn insert_mentions(conn: &Connection, room: RoomId, seq: Seq, author: UserId, te
 
 /// A room's unread state for a user, from their cursors.
 fn unread_of(conn: &Connection, room: RoomId, user: UserId) -> Result<UnreadRecord> {
-    let head = head_of(conn, room)?.unwrap_or(0);
+    let head = log_state(conn, room)?.map_or(0, |(head, _)| head);
     let (delivered, read): (i64, i64) = conn
         .prepare_cached("SELECT delivered_seq, read_seq FROM read_cursors WHERE room_id = ?1 AND user_id = ?2")
         .and_then(|mut st| st.query_row(params![to_db(room), to_db(user)], |r| Ok((r.get(0)?, r.get(1)?))).optional())
@@ -1791,13 +2048,6 @@ fn exists(conn: &Connection, room: RoomId) -> Result<bool> {
     conn.prepare_cached("SELECT 1 FROM rooms WHERE id = ?1").and_then(|mut st| st.exists([to_db(room)])).map_err(db_err)
 }
 
-fn head_of(conn: &Connection, room: RoomId) -> Result<Option<u64>> {
-    conn.prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1")
-        .and_then(|mut st| st.query_row([to_db(room)], |row| row.get::<_, i64>(0)).optional())
-        .map(|head| head.map(from_db))
-        .map_err(db_err)
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -1834,6 +2084,19 @@ mod tests {
         let len = std::fs::metadata(PathBuf::from(wal)).map_or(0, |m| m.len());
         // A 32-byte file header, then frames of a 24-byte header and one page.
         len.saturating_sub(32) / (24 + page_size)
+    }
+
+    #[test]
+    fn a_search_reads_its_page_of_matches_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path().join("chime.db")).expect("open");
+        let plan: Vec<String> = store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", search_sql()))
+            .and_then(|mut st| st.query_map(params!["\"x\"", 1, 2, 50, 1], |row| row.get(3))?.collect())
+            .expect("plan");
+        let at = |step: &str| plan.iter().position(|p| p.starts_with(step)).unwrap_or_else(|| panic!("{plan:?}"));
+        assert!(at("SCAN f") < at("SEARCH d USING PRIMARY KEY (room_id=? AND seq=?)"), "{plan:?}");
     }
 
     #[test]

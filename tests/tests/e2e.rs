@@ -38,6 +38,10 @@ mod outage;
 mod presence;
 #[path = "e2e/receipts.rs"]
 mod receipts;
+#[path = "e2e/restore.rs"]
+mod restore;
+#[path = "e2e/search.rs"]
+mod search;
 #[path = "e2e/servers.rs"]
 mod servers;
 #[path = "e2e/sessions.rs"]

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::thread;
 
 use chime_storage::{
-    ActionOutcome, DeltaRecord, MemberAction, MemberRecord, MessageAction, MessageRecord, ModerationOutcome, NewAction,
-    NewChannel, NewModeration, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Permissions, PostOutcome,
-    ProfileRecord, ProfileUpdate, RecordKind, RoomId, RoomKind, RoomRecord, Seq, ServerId, SessionLimits,
+    search, ActionOutcome, DeltaRecord, MemberAction, MemberRecord, MessageAction, MessageRecord, ModerationOutcome,
+    NewAction, NewChannel, NewModeration, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Order, Permissions,
+    PostOutcome, ProfileRecord, ProfileUpdate, RecordKind, RoomId, RoomKind, RoomRecord, Seq, ServerId, SessionLimits,
     SessionRecord, SettingWrite, SettingsRecord, Store, StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
@@ -39,9 +39,23 @@ impl Db {
     }
 
     fn open(&self) -> Box<dyn Store> {
-        match chime_storage::open(&self.url) {
+        self.open_with(&OpenOptions::default())
+    }
+
+    fn open_with(&self, options: &OpenOptions) -> Box<dyn Store> {
+        match chime_storage::open_with(&self.url, options) {
             Ok(store) => store,
             Err(e) => panic!("opening {}: {e:?}", self.url),
+        }
+    }
+
+    /// Runs SQL on the database directly, around the store.
+    fn execute(&self, sql: &str) {
+        match self.url.strip_prefix("sqlite:") {
+            Some(path) => rusqlite::Connection::open(path).and_then(|c| c.execute_batch(sql)).expect("sqlite"),
+            None => ::postgres::Client::connect(&self.url, ::postgres::NoTls)
+                .and_then(|mut c| c.batch_execute(sql))
+                .expect("postgres"),
         }
     }
 }
@@ -96,6 +110,9 @@ conformance! {
         emails_are_unique_without_regard_to_case,
         settings_round_trip_and_bump_the_version,
         notify_levels_need_a_membership_and_are_paged,
+        search_finds_messages_by_their_current_words,
+        search_is_for_members_and_pages_newest_first,
+        secret_rooms_are_never_indexed,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -105,6 +122,9 @@ conformance! {
         reopening_keeps_everything,
         open_with_options,
         direct_dialogs_race_to_one_room,
+        restore_pages_cross_partitions_both_ways,
+        partitions_record_every_append,
+        migrations_partition_and_index_existing_logs,
     ],
 }
 
@@ -904,12 +924,306 @@ fn open_with_options(db: &Db) {
         busy_timeout: std::time::Duration::from_secs(1),
         connect_timeout: std::time::Duration::from_secs(5),
         manual_checkpoints: true,
+        partition_size: 3,
     };
     let mut store = chime_storage::open_with(&db.url, &options).expect("open_with");
     let ada = user(&mut *store, "ada");
     store.ping().expect("ping");
     store.checkpoint().expect("checkpoint");
     assert_eq!(db.open().user_by_name("ada").expect("lookup"), Some(ada));
+}
+
+/// A partition size small enough that a few dozen deltas span several partitions.
+const SMALL_PARTS: u64 = 7;
+
+fn small_parts() -> OpenOptions {
+    OpenOptions { partition_size: SMALL_PARTS, ..OpenOptions::default() }
+}
+
+/// Posts `n` messages "m1", "m2", ... to `room` in group commits of the given sizes, in turn,
+/// with idempotency keys `tag0`, `tag1`, ...
+fn post_many(store: &mut dyn Store, room: RoomId, author: &UserRecord, tag: &str, n: usize, batches: &[usize]) {
+    let mut sent = 0;
+    for size in batches.iter().cycle() {
+        if sent >= n {
+            break;
+        }
+        let batch: Vec<NewPost> = (sent..n.min(sent + size))
+            .map(|i| post(room, author, &format!("{tag}{i}"), &format!("m{}", i + 1)))
+            .collect();
+        sent += batch.len();
+        store.append_posts(&batch).expect("append");
+    }
+}
+
+/// Every seq of a room's log, read with `deltas_page` from one end to the other in pages of
+/// `limit`, as a restore would.
+fn restore_seqs(store: &mut dyn Store, room: RoomId, order: Order, head: u64, limit: u32) -> Vec<u64> {
+    let mut cursor = match order {
+        Order::OldestFirst => Seq(0),
+        Order::NewestFirst => Seq(head + 1),
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store.deltas_page(room, order, cursor, limit).expect("page");
+        assert!(page.len() <= limit as usize);
+        let Some(last) = page.last() else { return seen };
+        seen.extend(seqs(&page));
+        cursor = last.seq;
+    }
+}
+
+/// RESTORE's reads: a page's seq range follows from its cursor, in either direction, across
+/// partition boundaries, and walking the pages gives every seq once in order.
+fn restore_pages_cross_partitions_both_ways(db: &Db) {
+    let mut store = db.open_with(&small_parts());
+    let store = &mut *store;
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let r = room(store, "big", &ada);
+    post_many(store, r.id, &ada, "a", 30, &[13, 1, 9]);
+    store.join_room(r.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    applied(store.act(&action(r.id, 5, &ada, MessageAction::Edit { text: "m4 again".into() }, "e")).expect("edit"));
+    post_many(store, r.id, &bob, "b", 8, &[8]);
+    // 1 create + 30 + join + edit + 8.
+    let head = 41;
+    assert_eq!(store.room(r.id).expect("room").expect("exists").last_seq, head);
+
+    let page = |store: &mut dyn Store, order, cursor: u64, limit| {
+        seqs(&store.deltas_page(r.id, order, Seq(cursor), limit).expect("page"))
+    };
+    assert_eq!(page(store, Order::OldestFirst, 0, 10), (1..=10).collect::<Vec<_>>());
+    assert_eq!(page(store, Order::OldestFirst, 6, 3), [7, 8, 9], "across the boundary after 7");
+    assert_eq!(page(store, Order::OldestFirst, 35, 10), (36..=41).collect::<Vec<_>>());
+    assert!(page(store, Order::OldestFirst, 41, 10).is_empty());
+    assert_eq!(page(store, Order::NewestFirst, 42, 4), [41, 40, 39, 38]);
+    assert_eq!(page(store, Order::NewestFirst, 16, 3), [15, 14, 13]);
+    assert_eq!(page(store, Order::NewestFirst, 5, 10), [4, 3, 2, 1]);
+    assert!(page(store, Order::NewestFirst, 1, 10).is_empty());
+    assert!(page(store, Order::OldestFirst, 0, 0).is_empty());
+    // The deltas are the log's, whatever the direction.
+    let both = store.deltas_page(r.id, Order::NewestFirst, Seq(34), 2).expect("page");
+    let forward = store.deltas_page(r.id, Order::OldestFirst, Seq(31), 2).expect("page");
+    assert_eq!(both.iter().rev().cloned().collect::<Vec<_>>(), forward);
+    assert_eq!((forward[0].kind, forward[1].kind), (RecordKind::JOIN, RecordKind::EDIT));
+    assert_eq!(forward[1].target, Some(Seq(5)));
+
+    for limit in [1, 6, 7, 8, 1000] {
+        assert_eq!(restore_seqs(store, r.id, Order::OldestFirst, head, limit), (1..=head).collect::<Vec<_>>());
+        assert_eq!(restore_seqs(store, r.id, Order::NewestFirst, head, limit), (1..=head).rev().collect::<Vec<_>>());
+    }
+}
+
+/// Every kind of append (create, posts in batches of every size, joins, leaves, actions) keeps
+/// `delta_partitions` exact; a room keeps the partition size it was created with.
+fn partitions_record_every_append(db: &Db) {
+    let mut store = db.open_with(&small_parts());
+    let store = &mut *store;
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let r = room(store, "parts", &ada);
+    post_many(store, r.id, &ada, "a", 12, &[5, 1, 20]);
+    store.join_room(r.id, bob.id, "bob", T0 + 7, MAX_ROOMS).expect("join");
+    applied(store.act(&action(r.id, 2, &bob, MessageAction::React { emoji: "x".into() }, "")).expect("react"));
+    store.leave_room(r.id, bob.id, "bob", T0 + 9).expect("leave");
+    let expected = |head: u64, size: u64| -> Vec<(u64, u64, u64, u64)> {
+        (0..head.div_ceil(size))
+            .map(|p| {
+                let (first, last) = (p * size + 1, ((p + 1) * size).min(head));
+                (p, first, last, last - first + 1)
+            })
+            .collect()
+    };
+    let brief = |store: &mut dyn Store, room: RoomId| -> Vec<(u64, u64, u64, u64)> {
+        let parts = store.partitions(room).expect("partitions");
+        assert!(parts.iter().all(|p| p.room == room && p.first_ts_ms <= p.last_ts_ms));
+        parts.iter().map(|p| (p.part, p.first_seq.get(), p.last_seq.get(), p.count)).collect()
+    };
+    assert_eq!(brief(store, r.id), expected(16, SMALL_PARTS));
+    let parts = store.partitions(r.id).expect("partitions");
+    assert_eq!((parts[0].first_ts_ms, parts[0].last_ts_ms), (T0, T0 + 5), "the create, then posts");
+    // Seqs 15 and 16: the reaction at T0 + 50, then the leave stamped T0 + 9 (a clock that went
+    // back): the times are a range, not the ends' times.
+    assert_eq!((parts[2].first_ts_ms, parts[2].last_ts_ms), (T0 + 9, T0 + 50));
+
+    // A store with another size makes new rooms with it, and leaves the old room's alone.
+    let mut other = db.open_with(&OpenOptions { partition_size: 5, ..OpenOptions::default() });
+    let other = &mut *other;
+    let r2 = room(other, "fives", &ada);
+    post_many(other, r2.id, &ada, "a", 11, &[11]);
+    post_many(other, r.id, &ada, "later", 3, &[3]);
+    assert_eq!(brief(other, r2.id), expected(12, 5));
+    assert_eq!(brief(other, r.id), expected(19, SMALL_PARTS));
+    assert!(other.partitions(RoomId(9_999)).expect("no room").is_empty());
+}
+
+fn search_words(store: &mut dyn Store, room: RoomId, who: &UserRecord, query: &str) -> Vec<MessageRecord> {
+    let words = search::parse_query(query).expect("a query");
+    store.search(room, who.id, &words, Seq::ZERO, 100).expect("search")
+}
+
+fn found(store: &mut dyn Store, room: RoomId, who: &UserRecord, query: &str) -> Vec<u64> {
+    search_words(store, room, who, query).iter().map(|m| m.seq.get()).collect()
+}
+
+/// Search finds messages and replies by all of their words, case-insensitively, newest first, by
+/// their latest text; deleted messages never; nothing a query holds is search syntax.
+fn search_finds_messages_by_their_current_words(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let r = room(store, "talk", &ada);
+    store.join_room(r.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    store
+        .append_posts(&[
+            post(r.id, &ada, "k1", "The quick brown fox"),
+            post(r.id, &bob, "k2", "Lazy dog, sleeping."),
+            post(r.id, &ada, "k3", "quick thinking!"),
+            post(r.id, &bob, "k4", "Naïve café in İstanbul"),
+            post(r.id, &ada, "k5", r#""quick" OR NOT * NEAR(x) -- ' \ ;"#),
+        ])
+        .expect("posts");
+    // seqs: 2 join, 3..=7 the posts.
+    let reply = applied(
+        store.act(&action(r.id, 4, &bob, MessageAction::Reply { text: "A QUICK reply".into() }, "r")).expect("reply"),
+    );
+    assert_eq!(reply.seq, 8);
+    let other = room(store, "elsewhere", &ada);
+    store.append_posts(&[post(other.id, &ada, "o1", "quick brown fox elsewhere")]).expect("post");
+
+    assert_eq!(found(store, r.id, &ada, "quick"), [8, 7, 5, 3]);
+    assert_eq!(found(store, r.id, &ada, "QUICK Brown"), [3], "every word, any case");
+    assert_eq!(found(store, r.id, &ada, "brown quick fox"), [3]);
+    assert!(found(store, r.id, &ada, "quick dog").is_empty());
+    assert!(found(store, r.id, &ada, "qui").is_empty(), "whole words");
+    assert_eq!(found(store, r.id, &ada, "naïve"), [6]);
+    assert!(found(store, r.id, &ada, "naive").is_empty(), "no accent folding");
+    assert_eq!(found(store, r.id, &ada, "café İSTANBUL"), [6]);
+    assert_eq!(found(store, r.id, &ada, r#""quick" OR NOT"#), [7], "syntax is only words");
+    assert_eq!(found(store, r.id, &ada, "near x"), [7]);
+    let hits = search_words(store, r.id, &ada, "reply");
+    assert_eq!((hits[0].seq, hits[0].reply_to, hits[0].author.as_str()), (Seq(8), Some(Seq(4)), "bob"));
+
+    // An edit is found by its new words only; a delete by none.
+    applied(
+        store.act(&action(r.id, 5, &ada, MessageAction::Edit { text: "slow thinking".into() }, "e")).expect("edit"),
+    );
+    assert_eq!(found(store, r.id, &ada, "quick"), [8, 7, 3]);
+    let slow = search_words(store, r.id, &ada, "slow");
+    assert_eq!(slow.len(), 1);
+    assert_eq!((slow[0].seq, slow[0].text.as_deref()), (Seq(5), Some("slow thinking")));
+    assert!(slow[0].edited_ms.is_some());
+    applied(store.act(&action(r.id, 5, &ada, MessageAction::Edit { text: "quick again".into() }, "e2")).expect("edit"));
+    assert_eq!(found(store, r.id, &ada, "quick"), [8, 7, 5, 3]);
+    assert!(found(store, r.id, &ada, "slow").is_empty());
+    applied(store.act(&action(r.id, 3, &ada, MessageAction::Delete, "")).expect("delete"));
+    assert!(found(store, r.id, &ada, "fox").is_empty());
+    assert_eq!(found(store, r.id, &ada, "quick"), [8, 7, 5]);
+    applied(store.act(&action(r.id, 8, &ada, MessageAction::Delete, "")).expect("delete a reply"));
+    assert_eq!(found(store, r.id, &ada, "quick"), [7, 5]);
+    // Results are messages in their current state, reactions and all.
+    applied(store.act(&action(r.id, 7, &bob, MessageAction::React { emoji: "+1".into() }, "")).expect("react"));
+    applied(store.act(&action(r.id, 7, &ada, MessageAction::Pin, "")).expect("pin"));
+    let hit = &search_words(store, r.id, &ada, "near")[0];
+    assert!(hit.pinned);
+    assert_eq!(hit.reactions, [("+1".to_string(), 1, false)]);
+    assert_eq!(search_words(store, r.id, &bob, "near")[0].reactions, [("+1".to_string(), 1, true)]);
+    assert_eq!(view(store, r.id, &ada).iter().find(|m| m.seq == 7), Some(hit), "the same state VIEW shows");
+}
+
+/// Search is for members; pages go from the newest back with `before`.
+fn search_is_for_members_and_pages_newest_first(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let eve = user(store, "eve");
+    let r = room(store, "pages", &ada);
+    let texts: Vec<String> =
+        (1..=25).map(|i| format!("page {i} {}", if i % 2 == 0 { "even" } else { "odd" })).collect();
+    let posts: Vec<NewPost> = texts.iter().enumerate().map(|(i, t)| post(r.id, &ada, &format!("k{i}"), t)).collect();
+    store.append_posts(&posts).expect("posts");
+    // Message i is seq i + 1.
+    let words = search::parse_query("page").expect("query");
+    let mut before = Seq::ZERO;
+    let mut all = Vec::new();
+    loop {
+        let page = store.search(r.id, ada.id, &words, before, 10).expect("search");
+        all.extend(page.iter().map(|m| m.seq.get()));
+        if page.len() < 10 {
+            break;
+        }
+        before = page.last().expect("full").seq;
+    }
+    assert_eq!(all, (2..=26).rev().collect::<Vec<_>>());
+    let even = search::parse_query("EVEN page").expect("query");
+    let page = store.search(r.id, ada.id, &even, Seq(20), 3).expect("search");
+    assert_eq!(page.iter().map(|m| m.seq.get()).collect::<Vec<_>>(), [19, 17, 15]);
+    assert_eq!(page[0].text.as_deref(), Some("page 18 even"));
+
+    let err = store.search(r.id, eve.id, &words, Seq::ZERO, 10).expect_err("not a member");
+    assert!(matches!(err, StoreError::NotMember(_)), "{err:?}");
+    let err = store.search(RoomId(9_999), ada.id, &words, Seq::ZERO, 10).expect_err("no room");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert!(store.search(r.id, ada.id, &[], Seq::ZERO, 10).expect("no words").is_empty());
+}
+
+/// The hook for secret rooms: a room of kind 2 (reserved for them) has nothing indexed, whether
+/// posted, replied or edited.
+fn secret_rooms_are_never_indexed(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let (secret, _) = store.create_room("shh", RoomKind(2), ada.id, "ada", T0, MAX_ROOMS).expect("room");
+    store.append_posts(&[post(secret.id, &ada, "k", "classified words")]).expect("post");
+    applied(
+        store
+            .act(&action(secret.id, 2, &ada, MessageAction::Reply { text: "classified reply".into() }, "r"))
+            .expect("reply"),
+    );
+    applied(
+        store
+            .act(&action(secret.id, 2, &ada, MessageAction::Edit { text: "classified edit".into() }, "e"))
+            .expect("edit"),
+    );
+    assert!(found(store, secret.id, &ada, "classified").is_empty());
+    assert_eq!(view(store, secret.id, &ada).len(), 2, "the messages are there, only not indexed");
+}
+
+/// A database as the release before partitions and search left it: opening the store migrates
+/// it, recording the partitions of its logs and indexing its messages as they read now.
+fn migrations_partition_and_index_existing_logs(db: &Db) {
+    chime_storage::migrate_to(&db.url, 6).expect("migrate to V6");
+    db.execute(
+        "INSERT INTO users (name, password_hash, created_at) VALUES ('ada', 'h', 1);
+         INSERT INTO rooms (name, kind, last_seq, created_by, created_at) VALUES ('old', 1, 12006, 1, 1);
+         INSERT INTO room_members (room_id, user_id, role, muted, joined_at) VALUES (1, 1, 'owner', FALSE, 1);
+         INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at) VALUES
+             (1, 1, 1, 1, 'old', 1), (1, 2, 2, 1, 'Hello World', 2), (1, 3, 2, 1, 'hello again', 3),
+             (1, 4, 9, 1, 'a hello reply', 4), (1, 5, 2, 1, 'gone hello', 5);
+         INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at, target) VALUES
+             (1, 6, 5, 1, 'goodbye words', 6, 3), (1, 7, 6, 1, '', 7, 5);
+         UPDATE deltas SET target = 2 WHERE seq = 4;
+         INSERT INTO message_state (room_id, seq, text, edited_at) VALUES (1, 3, 'goodbye words', 6);
+         INSERT INTO message_state (room_id, seq, deleted_seq) VALUES (1, 5, 7);",
+    );
+    // Enough deltas for a second partition of the default size.
+    let filler: Vec<String> = (8..=12_006).map(|seq| format!("(1, {seq}, 2, 1, 'filler {seq}', {seq})")).collect();
+    db.execute(&format!(
+        "INSERT INTO deltas (room_id, seq, kind, author_id, body, created_at) VALUES {};",
+        filler.join(", ")
+    ));
+    let mut store = db.open();
+    let store = &mut *store;
+    let ada = store.user_by_name("ada").expect("lookup").expect("ada");
+    let r = RoomId(1);
+    let parts = store.partitions(r).expect("partitions");
+    let brief: Vec<_> = parts.iter().map(|p| (p.part, p.first_seq.get(), p.last_seq.get(), p.count)).collect();
+    assert_eq!(brief, [(0, 1, 10_000, 10_000), (1, 10_001, 12_006, 2_006)]);
+    assert_eq!((parts[1].first_ts_ms, parts[1].last_ts_ms), (10_001, 12_006));
+    assert_eq!(found(store, r, &ada, "hello"), [4, 2], "the edited and the deleted are not found by old words");
+    assert_eq!(found(store, r, &ada, "goodbye"), [3]);
+    assert_eq!(found(store, r, &ada, "filler 12006"), [12_006]);
+    // The log goes on where it was, partitions and index included.
+    let out = store.append_posts(&[post(r, &ada, "new", "hello from the new release")]).expect("post");
+    assert_eq!(inserted(&out[0]).seq, 12_007);
+    assert_eq!(found(store, r, &ada, "hello"), [12_007, 4, 2]);
+    assert_eq!(store.partitions(r).expect("partitions")[1].count, 2_007);
+    assert_eq!(restore_seqs(store, r, Order::NewestFirst, 12_007, 1000).len(), 12_007);
 }
 
 /// What only PostgreSQL can show.

@@ -1,4 +1,5 @@
-//! `send`, `history`, the message actions (`edit`, `delete`, `react`, `reply`, `pin`) and `view`.
+//! `send`, `history`, `restore`, the message actions (`edit`, `delete`, `react`, `reply`, `pin`),
+//! `view` and `search`.
 //!
 //! `send` (and `edit`, `reply`) picks one idempotency key and reuses it for every retry,
 //! reconnecting when the connection was lost, so a post that reached the server before the
@@ -8,7 +9,7 @@ use crate::connect::{CallError, Ctx};
 use anyhow::anyhow;
 use chime_client::backoff::Backoff;
 use chime_client::blocking::{new_idempotency_key, Client, ClientError};
-use chime_protocol::{Posted, RoomId, Seq};
+use chime_protocol::{Posted, RestoreOrder, RoomId, Seq};
 use serde_json::json;
 use std::time::Duration;
 
@@ -229,4 +230,50 @@ pub fn call(ctx: &mut Ctx, room: u64, action: &str, call: u64, data: &str) -> Re
     let (mut client, _) = ctx.connect_authed()?;
     let posted = client.call(RoomId(room), action, Seq(call), data)?;
     print_posted(ctx, &posted, "call signalled in")
+}
+/// `restore ROOM [--newest-first] [--page N]`: the room's whole log, every delta once, in order,
+/// page after page of RESTORE; the client library waits out the server's rate limit.
+pub fn restore(ctx: &mut Ctx, room: u64, newest_first: bool, page: Option<u32>) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let order = if newest_first { RestoreOrder::NEWEST_FIRST } else { RestoreOrder::OLDEST_FIRST };
+    let page = page.unwrap_or(client.welcome().limits.max_page);
+    let out = &mut ctx.out;
+    let done =
+        client.restore_all(RoomId(room), order, page, &mut |delta| out.delta(delta).map_err(ClientError::from))?;
+    log::info!(
+        "restored {} deltas of room {room} (head {}) in {} pages, {} waits for the rate limit",
+        done.deltas,
+        done.head,
+        done.pages,
+        done.waits
+    );
+    Ok(())
+}
+
+/// `search ROOM QUERY... [--limit N]`: the newest N messages that contain every word, newest
+/// first, in their current state.
+pub fn search(ctx: &mut Ctx, room: u64, words: &[String], limit: u64) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    let query = words.join(" ");
+    let mut before = Seq::ZERO;
+    let mut printed = 0u64;
+    while printed < limit {
+        let ask = u32::try_from((limit - printed).min(HISTORY_PAGE)).unwrap_or(u32::MAX);
+        let page = client.search(RoomId(room), &query, before, ask)?;
+        for m in page.messages.iter().take(usize::try_from(limit - printed).unwrap_or(usize::MAX)) {
+            ctx.out.message(RoomId(room), m)?;
+            printed += 1;
+        }
+        match page.next_before {
+            Some(next) if next < before || before == Seq::ZERO => before = next,
+            Some(_) => {
+                return Err(CallError::Local(anyhow!(
+                    "{} sent a SEARCH page for room {room} that does not go back past seq {before}",
+                    ctx.server
+                )))
+            }
+            None => break,
+        }
+    }
+    Ok(())
 }

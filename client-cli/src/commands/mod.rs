@@ -99,6 +99,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pin { room, seq, remove } => message::pin(&mut ctx, room, seq, remove),
         Command::View { room, limit } => message::view(&mut ctx, room, limit),
         Command::History { room, after, limit } => message::history(&mut ctx, room, after, limit),
+        Command::Restore { room, newest_first, page } => message::restore(&mut ctx, room, newest_first, page),
+        Command::Search { room, query, limit } => message::search(&mut ctx, room, &query, limit),
         Command::Tail { rooms, after } => tail::run(&mut ctx, &rooms, after),
         Command::Ping => ping(&mut ctx),
         Command::Sessions { command: None } => account::sessions(&mut ctx),

@@ -218,24 +218,30 @@ impl SharedWork for ViewJob {
     }
 
     fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
-        let mut messages = match store.messages_before(self.room, self.actor.user_id, self.before, self.limit) {
-            Ok(messages) => messages,
-            Err(e) => return vec![refuse(self.to, store_error(&e))],
-        };
-        let full = messages.len() as u64 >= u64::from(self.limit);
-        // Cut the page to the text budget (always keeping one message), so that it fits a frame.
-        let mut budget = 0usize;
-        let cut = messages.iter().position(|m| {
-            budget += m.text.as_deref().map_or(0, str::len) + m.author.len() + m.reactions.len() * 48;
-            budget > PAGE_TEXT_BUDGET
-        });
-        if let Some(cut) = cut {
-            messages.truncate(cut.max(1));
+        match store.messages_before(self.room, self.actor.user_id, self.before, self.limit) {
+            Ok(messages) => {
+                vec![reply(self.to, ServerFrame::MessagePage(message_page(self.room, messages, self.limit)))]
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
         }
-        let next_before = if full || cut.is_some() { messages.last().map(|m| m.seq) } else { None };
-        let messages = messages.into_iter().map(view_of).collect();
-        vec![reply(self.to, ServerFrame::MessagePage(MessagePage { room: self.room, messages, next_before }))]
     }
+}
+
+/// A `MESSAGE_PAGE` of messages read newest first, at most `limit` of them: cut to the text
+/// budget (always keeping one message) so that it fits a frame, with `next_before` set when the
+/// read was full or cut, so older messages may follow.
+pub fn message_page(room: RoomId, mut messages: Vec<MessageRecord>, limit: u32) -> MessagePage {
+    let full = messages.len() as u64 >= u64::from(limit);
+    let mut budget = 0usize;
+    let cut = messages.iter().position(|m| {
+        budget += m.text.as_deref().map_or(0, str::len) + m.author.len() + m.reactions.len() * 48;
+        budget > PAGE_TEXT_BUDGET
+    });
+    if let Some(cut) = cut {
+        messages.truncate(cut.max(1));
+    }
+    let next_before = if full || cut.is_some() { messages.last().map(|m| m.seq) } else { None };
+    MessagePage { room, messages: messages.into_iter().map(view_of).collect(), next_before }
 }
 
 fn view_of(m: MessageRecord) -> MessageView {

@@ -13,13 +13,17 @@
 //! - [`servers`]: servers (communities), their channels and server roles.
 //! - [`receipts`]: read receipts, unread counts, mentions (notifications).
 //! - [`actions`]: edit, delete, react, reply, pin, and messages in their current state (view).
+//! - [`search`]: messages that match a query, in their current state.
+//! - [`restore`]: a room's whole log in pages, from either end, rate-limited per user.
 //! - [`sync`]: SYNC and the page reads behind it and behind catch-ups.
 
 pub mod accounts;
 pub mod actions;
 pub mod messages;
 pub mod receipts;
+pub mod restore;
 pub mod rooms;
+pub mod search;
 pub mod servers;
 pub mod sync;
 
@@ -52,6 +56,8 @@ pub struct Limiters {
     pub resumes_per_ip: KeyedLimiter<IpAddr>,
     /// Room creations per user.
     pub creates_per_user: KeyedLimiter<UserId>,
+    /// RESTORE pages per user.
+    pub restores_per_user: KeyedLimiter<UserId>,
 }
 
 impl Limiters {
@@ -67,6 +73,7 @@ impl Limiters {
                 config.room_create_per_minute,
                 100_000,
             ),
+            restores_per_user: KeyedLimiter::new(config.restore_pages_per_sec, config.restore_burst, 100_000),
         }
     }
 }
@@ -172,6 +179,8 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::Pin(p) => actions::pin(ctx, p),
         ClientFrame::View(v) => actions::view(ctx, v),
         ClientFrame::Call(c) => actions::call(ctx, c),
+        ClientFrame::Search(s) => search::search(ctx, s),
+        ClientFrame::Restore(r) => restore::restore(ctx, r),
         ClientFrame::Hello(_)
         | ClientFrame::Ping(_)
         | ClientFrame::Pong(_)

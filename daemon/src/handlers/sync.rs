@@ -10,7 +10,7 @@ use crate::limits::{MAX_SYNC_ROOMS, PAGE_TEXT_BUDGET};
 use crate::sync::FetchId;
 use crate::work::{reply, Actor, Effect, PageFailure, ReplyTo, Settings, SharedWork};
 use chime_protocol::{DeltaPage, ErrorBody, ErrorCode, ServerFrame, Sync};
-use chime_storage::{RoomId, Seq, SharedStore};
+use chime_storage::{DeltaRecord, RoomId, Seq, SharedStore};
 
 /// Admits SYNC: at most 1,000 rooms; starts (or extends) the connection's sync state.
 pub fn start(ctx: &mut Ctx<'_>, s: Sync) -> Result<Admitted, ErrorBody> {
@@ -19,6 +19,21 @@ pub fn start(ctx: &mut Ctx<'_>, s: Sync) -> Result<Admitted, ErrorBody> {
     }
     let sync = ctx.sync.get_or_insert_with(Default::default);
     Ok(Admitted::Sync(sync.start(ctx.to.request_id, &s.rooms, s.page_size)))
+}
+
+/// Cuts a page of deltas to [`PAGE_TEXT_BUDGET`] bytes of text (always keeping the first delta,
+/// which fits a frame on its own), so that a page of long messages still fits a frame; returns
+/// whether it cut anything.
+pub fn cut_to_budget(deltas: &mut Vec<DeltaRecord>) -> bool {
+    let mut budget = 0usize;
+    let whole = deltas.len();
+    if let Some(cut) = deltas.iter().position(|d| {
+        budget += d.body.len() + d.author.len();
+        budget > PAGE_TEXT_BUDGET
+    }) {
+        deltas.truncate(cut.max(1));
+    }
+    deltas.len() < whole
 }
 
 /// Why a page is read.
@@ -103,14 +118,7 @@ impl SharedWork for FetchJob {
         };
         let mut more = deltas.len() > limit as usize;
         deltas.truncate(limit as usize);
-        let mut budget = 0usize;
-        if let Some(cut) = deltas.iter().position(|d| {
-            budget += d.body.len() + d.author.len();
-            budget > PAGE_TEXT_BUDGET
-        }) {
-            deltas.truncate(cut.max(1));
-            more = true;
-        }
+        more |= cut_to_budget(&mut deltas);
         let deltas: Vec<_> = deltas.into_iter().map(crate::work::wire_delta).collect();
         match purpose {
             Purpose::History => {
