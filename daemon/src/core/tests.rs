@@ -8,7 +8,8 @@ use crate::handlers::sync::FetchJob;
 use crate::work::{Published, ReplyTo};
 use bytes::BytesMut;
 use chime_protocol::{
-    Authed, ClientFrame, Credentials, Delta, DeltaBody, FrameDecoder, Hello, History, Post, Resume, RoomCursor, Sync,
+    Authed, ClientFrame, Credentials, Delta, DeltaBody, FrameDecoder, Hello, History, Post, Restore, RestoreOrder,
+    Resume, RoomCursor, Sync,
 };
 use chime_storage::SessionRecord;
 use std::collections::HashMap;
@@ -574,4 +575,30 @@ fn a_setting_change_is_pushed_to_the_users_other_connections_only() {
     core.completion(&mut io, Completion(vec![push]), now(2));
     assert!(io.take(2).is_empty());
     assert_eq!(io.take(1).len(), 1, "without an exception the asker's connection is reached too");
+}
+
+#[test]
+fn restores_over_the_users_rate_are_refused_with_the_wait() {
+    let config = Config { restore_pages_per_sec: 10, restore_burst: 2, ..Config::default() };
+    let mut core = Core::new(config, Instant::now());
+    let mut io = FakeIo::default();
+    core.open(ConnRef { key: 1, gen: 2 }, "127.0.0.1".parse().expect("ip"), now(0));
+    core.frame(&mut io, 1, raw(ClientFrame::Hello(hello()), 1), now(0));
+    io.take(1);
+    log_in(&mut core, &mut io, 1, &[]);
+    let restore = |order| ClientFrame::Restore(Restore { room: RoomId(5), order, cursor: Seq(0), limit: 0 });
+    // An order this server does not know is refused before it costs a token.
+    core.frame(&mut io, 1, raw(restore(RestoreOrder(9)), 10), now(1));
+    assert_eq!(refused(&io.take(1)).1, ErrorCode::INVALID_ARGUMENT);
+    for rid in 11..13 {
+        core.frame(&mut io, 1, raw(restore(RestoreOrder::NEWEST_FIRST), rid), now(1));
+    }
+    assert_eq!(io.submitted.len(), 2, "the burst");
+    core.frame(&mut io, 1, raw(restore(RestoreOrder::OLDEST_FIRST), 13), now(1));
+    let sent = io.take(1);
+    let [(13, ServerFrame::Error(e))] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!((e.code, e.retryable), (ErrorCode::RATE_LIMITED, true));
+    let wait = e.retry_after_ms().expect("the wait is stated");
+    assert!((1..=100).contains(&wait), "10 pages a second: at most 100 ms, stated {wait}");
+    assert_eq!(io.submitted.len(), 2, "nothing submitted for the refused page");
 }

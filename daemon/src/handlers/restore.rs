@@ -71,9 +71,9 @@ impl SharedWork for RestoreJob {
         };
         // The store's cursor: newest first from 0 means from the head down.
         let (cursor, wire_order) = match order {
-            Order::OldestFirst => (cursor, chime_protocol::RestoreOrder::OLDEST_FIRST),
-            Order::NewestFirst if cursor == Seq::ZERO => (head.next(), chime_protocol::RestoreOrder::NEWEST_FIRST),
-            Order::NewestFirst => (cursor, chime_protocol::RestoreOrder::NEWEST_FIRST),
+            Order::OldestFirst => (cursor, RestoreOrder::OLDEST_FIRST),
+            Order::NewestFirst if cursor == Seq::ZERO => (head.next(), RestoreOrder::NEWEST_FIRST),
+            Order::NewestFirst => (cursor, RestoreOrder::NEWEST_FIRST),
         };
         // Such a cursor cannot come from this server's pages (see HISTORY's CURSOR_AHEAD).
         let farthest = match order {
