@@ -21,14 +21,16 @@ use chime_storage::{
     now_ms, ActionOutcome, MessageAction, MessageRecord, NewAction, RecordKind, RoomId, Seq, SharedStore, Store,
 };
 
-fn check_text(text: &str) -> Result<(), ErrorBody> {
+/// A message's text: 1 to 16,384 bytes (POST, EDIT, REPLY).
+pub(super) fn check_text(text: &str) -> Result<(), ErrorBody> {
     if text.is_empty() || text.len() > MAX_TEXT {
         return Err(invalid(format!("text must be 1 to {MAX_TEXT} bytes")));
     }
     Ok(())
 }
 
-fn check_key(key: &str) -> Result<(), ErrorBody> {
+/// An idempotency key: 1 to 64 bytes (POST, EDIT, REPLY).
+pub(super) fn check_key(key: &str) -> Result<(), ErrorBody> {
     if key.is_empty() || key.len() > MAX_KEY {
         return Err(invalid(format!("idempotency key must be 1 to {MAX_KEY} bytes")));
     }

@@ -5,20 +5,15 @@
 //! fsync for the batch), answers each POSTED only after that commit, and encodes each room's new
 //! deltas once for every recipient ([`Published`]).
 
-use super::{invalid, page_size, sync::FetchJob, Admitted, Ctx};
-use crate::limits::{MAX_KEY, MAX_TEXT};
+use super::{page_size, sync::FetchJob, Admitted, Ctx};
 use crate::work::{refuse, reply, store_error, wire_delta, Effect, PostWork, Published, Work};
 use chime_protocol::{Delta, ErrorBody, ErrorCode, History, Post, Posted, ServerFrame};
 use chime_storage::{now_ms, NewPost, PostOutcome, RoomId, Store};
 
 /// Admits POST: a text of 1 to 16,384 bytes and an idempotency key of 1 to 64 bytes.
 pub fn post(ctx: &mut Ctx<'_>, p: Post) -> Result<Admitted, ErrorBody> {
-    if p.text.is_empty() || p.text.len() > MAX_TEXT {
-        return Err(invalid(format!("text must be 1 to {MAX_TEXT} bytes")));
-    }
-    if p.idempotency_key.is_empty() || p.idempotency_key.len() > MAX_KEY {
-        return Err(invalid(format!("idempotency key must be 1 to {MAX_KEY} bytes")));
-    }
+    super::actions::check_text(&p.text)?;
+    super::actions::check_key(&p.idempotency_key)?;
     let post = NewPost {
         room: p.room,
         author_id: ctx.who.actor.user_id,
