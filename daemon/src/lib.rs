@@ -32,6 +32,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod content;
 pub mod core;
 pub mod handlers;
 pub mod health;
