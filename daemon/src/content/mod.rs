@@ -17,7 +17,10 @@ use crate::node::{Nodes, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Stripes of the per-content lock: content hashes spread over them evenly.
+const LOCK_STRIPES: usize = 64;
 
 /// Why content could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,7 @@ pub struct Content {
     dir: PathBuf,
     quota: u64,
     nodes: Arc<Nodes>,
+    locks: Vec<Mutex<()>>,
 }
 
 impl Content {
@@ -54,7 +58,8 @@ impl Content {
     pub fn open(dir: &Path, quota: u64, nodes: Arc<Nodes>) -> io::Result<Content> {
         fs::create_dir_all(dir.join("objects"))?;
         fs::create_dir_all(dir.join("uploads"))?;
-        Ok(Content { dir: dir.to_path_buf(), quota, nodes })
+        let locks = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        Ok(Content { dir: dir.to_path_buf(), quota, nodes, locks })
     }
 
     /// The cache directory.
@@ -70,6 +75,17 @@ impl Content {
     /// The configured storage nodes.
     pub fn nodes(&self) -> &Nodes {
         &self.nodes
+    }
+
+    /// Serializes what is done to content `sha` across threads. Admitting an upload and
+    /// recording its file, and collecting content whose last record is gone (re-checking that
+    /// no record appeared), each run under it, so a collection can never delete bytes that a
+    /// concurrent upload of the same content has just been told are stored.
+    pub fn lock(&self, sha: Sha256) -> MutexGuard<'_, ()> {
+        let stripe = usize::from(sha.0[0]) % self.locks.len();
+        // A poisoned stripe only means another thread panicked while holding it; the lock
+        // guards no data of its own.
+        self.locks[stripe].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Where the upload named `name` (letters, digits, '-' and '_' only: the caller's upload id)
