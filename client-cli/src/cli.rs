@@ -314,15 +314,19 @@ pub enum SessionsCommand {
 /// `room` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum RoomCommand {
-    /// Create a group room; you become its owner. Anyone may join it by id unless --private.
+    /// Create a group room; you become its owner. Anyone may join it by id unless --private or --secret.
     Create {
         /// The room's name.
         name: String,
         /// Invite-only: members bring others in with `room invite`.
         #[arg(long)]
         private: bool,
+        /// Secret (invite-only too): a deleted message's text is destroyed on the server's disk,
+        /// not just hidden.
+        #[arg(long, conflicts_with = "private")]
+        secret: bool,
     },
-    /// Make a user a member (the way into a private room).
+    /// Make a user a member (the way into a private or secret room).
     Invite {
         /// The room id.
         #[arg(value_parser = parse_room)]

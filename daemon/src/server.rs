@@ -117,6 +117,7 @@ impl Server {
                 max_rooms_per_user: config.max_rooms_per_user,
                 session_limits: crate::core::session_limits(&config),
             },
+            secret_keys: Some(config.data_dir.join("secret-keys")),
         };
         let pool = Pool::start(database_url, pool_config, Notify { completions: tx, waker })?;
         let mut local_addrs = Vec::new();

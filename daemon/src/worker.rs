@@ -47,6 +47,9 @@ pub struct PoolConfig {
     pub partition_size: u64,
     /// What the jobs need to know.
     pub settings: Settings,
+    /// The key file of secret rooms (chime_storage::secret), in the data directory; `None`: secret
+    /// rooms' text is stored unsealed (tests of the pool alone).
+    pub secret_keys: Option<std::path::PathBuf>,
 }
 
 /// What a worker thread takes from its queue.
@@ -125,6 +128,10 @@ impl Pool {
             busy_timeout: config.busy_timeout,
             manual_checkpoints: embedded,
             partition_size: config.partition_size,
+            secret_keys: match &config.secret_keys {
+                Some(path) => Some(chime_storage::secret::SecretKeys(chime_storage::secret::KeyFile::open(path)?)),
+                None => None,
+            },
             ..OpenOptions::default()
         };
         let (shared_tx, shared_rx) = crossbeam_channel::bounded::<Msg>(SHARD_QUEUE);
@@ -496,6 +503,7 @@ mod tests {
                 max_rooms_per_user: 10,
                 session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
             },
+            secret_keys: None,
         };
         let pool = Pool::start(&url, config, Notify { completions: tx, waker }).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);

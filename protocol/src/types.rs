@@ -411,6 +411,9 @@ wire_code! {
     RoomKind(u8) {
         /// A group room that anyone may join.
         GROUP = 1,
+        /// A group room whose deletes are hard: a deleted message's text (and its edits') is
+        /// destroyed on disk, not hidden. Invite-only, as `PRIVATE`.
+        SECRET = 2,
         /// A direct dialog between exactly two users: one per pair, nobody else can join, and
         /// neither side can leave it.
         DIRECT = 3,

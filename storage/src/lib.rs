@@ -22,6 +22,7 @@ pub mod moderation;
 pub mod partition;
 pub mod postgres;
 pub mod search;
+pub mod secret;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -903,6 +904,10 @@ pub struct OpenOptions {
     /// Deltas per partition of the log of a room created through this store (see [`partition`]);
     /// a room keeps the size it was created with. Default [`DEFAULT_PARTITION_SIZE`].
     pub partition_size: u64,
+    /// The key file of secret rooms: with it, the store opened is a [`secret::SecretStore`]
+    /// around the database, which seals the text of secret rooms. Without it (tools, tests of
+    /// the bare stores) secret rooms' text is stored as given. Default none.
+    pub secret_keys: Option<secret::SecretKeys>,
 }
 
 impl Default for OpenOptions {
@@ -912,6 +917,7 @@ impl Default for OpenOptions {
             connect_timeout: Duration::from_secs(10),
             manual_checkpoints: false,
             partition_size: DEFAULT_PARTITION_SIZE,
+            secret_keys: None,
         }
     }
 }
@@ -925,6 +931,14 @@ pub fn open(url: &str) -> Result<Box<dyn Store>> {
 /// `postgresql://...`, and applies migrations. `Unavailable` when the database cannot be reached
 /// or opened right now (try again later), `Config` when the URL or path can never work.
 pub fn open_with(url: &str, options: &OpenOptions) -> Result<Box<dyn Store>> {
+    let store = open_database(url, options)?;
+    Ok(match &options.secret_keys {
+        Some(keys) => Box::new(secret::SecretStore::new(store, keys.0.clone())),
+        None => store,
+    })
+}
+
+fn open_database(url: &str, options: &OpenOptions) -> Result<Box<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Box::new(postgres::PgStore::connect_with(url, options)?))
     } else {

@@ -1525,7 +1525,7 @@ impl Store for PgStore {
                 let kind = RoomKind(code(row.get(0))?);
                 crate::check_not_direct(room, kind, "join")?;
                 crate::check_not_channel(room, kind, "join")?;
-                if kind == RoomKind::PRIVATE {
+                if kind == RoomKind::PRIVATE || kind == RoomKind::SECRET {
                     return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
                 }
                 let banned = tx

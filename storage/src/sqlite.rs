@@ -1361,7 +1361,7 @@ impl Store for SqliteStore {
             }
             crate::check_not_direct(room, kind, "join")?;
             crate::check_not_channel(room, kind, "join")?;
-            if kind == RoomKind::PRIVATE {
+            if kind == RoomKind::PRIVATE || kind == RoomKind::SECRET {
                 return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
             }
             if banned(conn, room, user)? {

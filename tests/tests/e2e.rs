@@ -42,6 +42,8 @@ mod receipts;
 mod restore;
 #[path = "e2e/search.rs"]
 mod search;
+#[path = "e2e/secret.rs"]
+mod secret;
 #[path = "e2e/servers.rs"]
 mod servers;
 #[path = "e2e/sessions.rs"]

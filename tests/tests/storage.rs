@@ -125,6 +125,7 @@ conformance! {
         restore_pages_cross_partitions_both_ways,
         partitions_record_every_append,
         migrations_partition_and_index_existing_logs,
+        secret_rooms_seal_text_and_deletes_destroy_it,
     ],
 }
 
@@ -925,6 +926,7 @@ fn open_with_options(db: &Db) {
         connect_timeout: std::time::Duration::from_secs(5),
         manual_checkpoints: true,
         partition_size: 3,
+        secret_keys: None,
     };
     let mut store = chime_storage::open_with(&db.url, &options).expect("open_with");
     let ada = user(&mut *store, "ada");
@@ -1859,4 +1861,63 @@ fn calls_are_signalled_as_deltas(store: &mut dyn Store) {
     ));
     let kinds: Vec<RecordKind> = log(store, lobby.id).iter().map(|d| d.kind).collect();
     assert_eq!(kinds[2..], [RecordKind::CALL_INVITE, RecordKind::CALL_ACCEPT, RecordKind::MUTE]);
+}
+
+/// With a key file, a secret room's text is stored sealed (the bare store sees ciphertext) and read
+/// back in clear; a delete destroys the message's key, so the message and its edits read as
+/// tombstones while replies (messages of their own) stay; a slot freed by a delete and reused is
+/// not destroyed again by a retried delete; other rooms are stored as given.
+fn secret_rooms_seal_text_and_deletes_destroy_it(db: &Db) {
+    use chime_storage::secret::{KeyFile, SecretKeys};
+    let dir = tempfile::tempdir().expect("key dir");
+    let keys = KeyFile::open(&dir.path().join("secret-keys")).expect("key file");
+    let options = OpenOptions { secret_keys: Some(SecretKeys(keys)), ..OpenOptions::default() };
+    let mut keyed = db.open_with(&options);
+    let mut bare = db.open();
+    let store = &mut *keyed;
+    let ada = user(store, "ada");
+    let (secret, _) = store.create_room("shh", RoomKind::SECRET, ada.id, "ada", T0, MAX_ROOMS).expect("room");
+    let lobby = room(store, "lobby", &ada);
+    let out = store.append_posts(&[post(secret.id, &ada, "k", "first words"), post(lobby.id, &ada, "k", "open words")]);
+    let out = out.expect("posts");
+    assert_eq!((inserted(&out[0]).body.as_str(), inserted(&out[1]).body.as_str()), ("first words", "open words"));
+    applied(
+        store.act(&action(secret.id, 2, &ada, MessageAction::Edit { text: "second words".into() }, "e")).expect("edit"),
+    );
+    let reply = applied(
+        store
+            .act(&action(secret.id, 2, &ada, MessageAction::Reply { text: "reply words".into() }, "r"))
+            .expect("reply"),
+    );
+    assert_eq!(reply.body, "reply words");
+    let texts = |s: &mut dyn Store, room: RoomId| log(s, room).into_iter().map(|d| d.body).collect::<Vec<_>>();
+    assert_eq!(texts(store, secret.id), ["shh", "first words", "second words", "reply words"]);
+    let current = view(store, secret.id, &ada);
+    assert_eq!(
+        current.iter().map(|m| m.text.as_deref()).collect::<Vec<_>>(),
+        [Some("reply words"), Some("second words")]
+    );
+    // What the database holds: ciphertext, nothing of the text.
+    for body in texts(&mut *bare, secret.id).iter().skip(1) {
+        assert!(body.starts_with("sealed:") && !body.contains("words"), "{body}");
+    }
+    assert!(view(&mut *bare, secret.id, &ada).iter().all(|m| !m.text.as_deref().unwrap_or("").contains("words")));
+    assert_eq!(texts(&mut *bare, lobby.id)[1], "open words", "other rooms are stored as given");
+
+    applied(store.act(&action(secret.id, 2, &ada, MessageAction::Delete, "")).expect("delete"));
+    let log_now = texts(store, secret.id);
+    assert_eq!(log_now[..4], ["shh", "", "", "reply words"], "the message and its edit are tombstones");
+    let current = view(store, secret.id, &ada);
+    assert_eq!(
+        current.iter().map(|m| (m.text.as_deref(), m.deleted)).collect::<Vec<_>>(),
+        [(Some("reply words"), false), (None, true)]
+    );
+    // The freed slot goes to the next message; a retried delete of the old one leaves it alone.
+    let next = store.append_posts(&[post(secret.id, &ada, "k2", "next words")]).expect("post");
+    let next = inserted(&next[0]).seq;
+    store.act(&action(secret.id, 2, &ada, MessageAction::Delete, "")).expect("retried delete");
+    let log_now = texts(store, secret.id);
+    assert_eq!(log_now.last().map(String::as_str), Some("next words"), "{log_now:?}");
+    assert_eq!(log_now[1], "", "the old message stays a tombstone under the reused slot");
+    assert!(store.deltas_after(secret.id, Seq(next.get() - 1), 1).expect("read")[0].body == "next words");
 }
