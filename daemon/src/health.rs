@@ -467,6 +467,14 @@ impl SharedStore for StoreSlot {
     fn checkpoint(&mut self) -> chime_storage::Result<()> {
         self.with(|s| s.checkpoint())
     }
+    fn push_targets(
+        &mut self,
+        room: RoomId,
+        seq: Seq,
+        author: UserId,
+    ) -> chime_storage::Result<Vec<chime_storage::PushTarget>> {
+        self.with(|s| s.push_targets(room, seq, author))
+    }
 }
 
 impl Store for StoreSlot {

@@ -62,6 +62,8 @@ pub struct Settings {
     pub max_rooms_per_user: u64,
     /// When sessions expire.
     pub session_limits: SessionLimits,
+    /// The push-notification path, when a gateway is configured (`[notify] spool`).
+    pub notifier: Option<crate::notify::Notifier>,
 }
 
 /// A job for the pool; the variant is its queue.

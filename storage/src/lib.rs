@@ -717,6 +717,49 @@ pub trait SharedStore: Send {
     /// (SQLite `wal_checkpoint(PASSIVE)`); nothing on PostgreSQL. Meant for a housekeeping thread
     /// when the workers open with [`OpenOptions::manual_checkpoints`].
     fn checkpoint(&mut self) -> Result<()>;
+
+    /// Whom message `seq` of `room` (by `author`) should notify through a push gateway: the users
+    /// it mentions, and in a direct dialog the other user, each once (a mention wins over the
+    /// dialog), unless their notification level for the room is `none` or they muted it. By user
+    /// id. Mentions are those recorded when the message was written.
+    fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<PushTarget>>;
+}
+
+/// Why a user is notified of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushReason {
+    /// The message mentions them.
+    Mention,
+    /// It was written to them in a direct dialog.
+    Direct,
+}
+
+/// A user a message should notify (see [`SharedStore::push_targets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushTarget {
+    /// The user.
+    pub user: UserId,
+    /// Their name.
+    pub name: String,
+    /// Why.
+    pub reason: PushReason,
+}
+
+/// Rows of `(user id, name, reason code)` from either store's push-target query (0 mention, 1
+/// direct) as [`SharedStore::push_targets`] returns them: one per user, a mention first.
+pub(crate) fn push_targets_from(rows: impl IntoIterator<Item = (i64, String, i64)>) -> Vec<PushTarget> {
+    let mut out: Vec<PushTarget> = Vec::new();
+    for (user, name, reason) in rows {
+        let reason = if reason == 0 { PushReason::Mention } else { PushReason::Direct };
+        let user: UserId = from_db(user);
+        match out.iter_mut().find(|t| t.user == user) {
+            Some(t) if reason == PushReason::Mention => t.reason = reason,
+            Some(_) => {}
+            None => out.push(PushTarget { user, name, reason }),
+        }
+    }
+    out.sort_by_key(|t| t.user);
+    out
 }
 
 /// The whole store: [`SharedStore`] plus the writes that append to an existing room's log, which

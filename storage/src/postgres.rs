@@ -1506,6 +1506,26 @@ impl SharedStore for PgStore {
     fn checkpoint(&mut self) -> Result<()> {
         Ok(())
     }
+
+    fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<crate::PushTarget>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT m.user_id, u.name, 0::bigint FROM mentions m
+                 JOIN users u ON u.id = m.user_id
+                 LEFT JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = m.user_id
+                 WHERE m.room_id = $1 AND m.seq = $2 AND m.user_id <> $3
+                   AND coalesce(rm.notify, 0) <> 2 AND NOT coalesce(rm.muted, FALSE)
+                 UNION ALL
+                 SELECT rm.user_id, u.name, 1::bigint FROM rooms r
+                 JOIN room_members rm ON rm.room_id = r.id
+                 JOIN users u ON u.id = rm.user_id
+                 WHERE r.id = $1 AND r.kind = $4 AND rm.user_id <> $3 AND rm.notify <> 2 AND NOT rm.muted",
+                &[&to_db(room), &to_db(seq), &to_db(author), &i16::from(RoomKind::DIRECT.0)],
+            )
+            .map_err(pg_err)?;
+        Ok(crate::push_targets_from(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2)))))
+    }
 }
 
 impl Store for PgStore {

@@ -406,6 +406,7 @@ impl crate::SharedStore for SecretStore {
         partitions(&mut self, room: RoomId) -> Result<Vec<crate::PartitionRecord>>;
         ping(&mut self) -> Result<()>;
         checkpoint(&mut self) -> Result<()>;
+        push_targets(&mut self, room: RoomId, seq: crate::Seq, author: crate::UserId) -> Result<Vec<crate::PushTarget>>;
     }
 
     fn mentions(&mut self, user: crate::UserId, limit: u32) -> Result<Vec<MentionRecord>> {

@@ -1341,6 +1341,31 @@ impl SharedStore for SqliteStore {
     fn checkpoint(&mut self) -> Result<()> {
         self.wal_checkpoint().map(drop)
     }
+
+    fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<crate::PushTarget>> {
+        let rows: Vec<(i64, String, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT m.user_id, u.name, 0 FROM mentions m
+                 JOIN users u ON u.id = m.user_id
+                 LEFT JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = m.user_id
+                 WHERE m.room_id = ?1 AND m.seq = ?2 AND m.user_id <> ?3
+                   AND coalesce(rm.notify, 0) <> 2 AND coalesce(rm.muted, 0) = 0
+                 UNION ALL
+                 SELECT rm.user_id, u.name, 1 FROM rooms r
+                 JOIN room_members rm ON rm.room_id = r.id
+                 JOIN users u ON u.id = rm.user_id
+                 WHERE r.id = ?1 AND r.kind = ?4 AND rm.user_id <> ?3 AND rm.notify <> 2 AND rm.muted = 0",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![to_db(room), to_db(seq), to_db(author), RoomKind::DIRECT.0], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
+            })
+            .map_err(db_err)?;
+        Ok(crate::push_targets_from(rows))
+    }
 }
 
 impl Store for SqliteStore {

@@ -30,6 +30,8 @@ mod membership;
 mod messages;
 #[path = "e2e/moderation.rs"]
 mod moderation;
+#[path = "e2e/notify.rs"]
+mod notify;
 #[path = "e2e/ordering.rs"]
 mod ordering;
 #[path = "e2e/outage.rs"]

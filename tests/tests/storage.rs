@@ -12,8 +12,8 @@ use std::thread;
 use chime_storage::{
     search, ActionOutcome, DeltaRecord, MemberAction, MemberRecord, MessageAction, MessageRecord, ModerationOutcome,
     NewAction, NewChannel, NewModeration, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Order, Permissions,
-    PostOutcome, ProfileRecord, ProfileUpdate, RecordKind, RoomId, RoomKind, RoomRecord, Seq, ServerId, SessionLimits,
-    SessionRecord, SettingWrite, SettingsRecord, Store, StoreError, UserId, UserRecord,
+    PostOutcome, ProfileRecord, ProfileUpdate, PushReason, RecordKind, RoomId, RoomKind, RoomRecord, Seq, ServerId,
+    SessionLimits, SessionRecord, SettingWrite, SettingsRecord, Store, StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -113,6 +113,7 @@ conformance! {
         search_finds_messages_by_their_current_words,
         search_is_for_members_and_pages_newest_first,
         secret_rooms_are_never_indexed,
+        push_targets_are_mentions_and_direct_peers_who_allow_it,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -1920,4 +1921,33 @@ fn secret_rooms_seal_text_and_deletes_destroy_it(db: &Db) {
     assert_eq!(log_now.last().map(String::as_str), Some("next words"), "{log_now:?}");
     assert_eq!(log_now[1], "", "the old message stays a tombstone under the reused slot");
     assert!(store.deltas_after(secret.id, Seq(next.get() - 1), 1).expect("read")[0].body == "next words");
+}
+
+/// Whom a message notifies: the members it mentions, the other side of a direct dialog (a mention
+/// there counts as a mention), never the author, and nobody whose level for the room is none.
+fn push_targets_are_mentions_and_direct_peers_who_allow_it(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cy = user(store, "cy");
+    let lobby = room(store, "lobby", &ada);
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    store.join_room(lobby.id, cy.id, "cy", T0, MAX_ROOMS).expect("join");
+    let out = store
+        .append_posts(&[post(lobby.id, &ada, "k1", "@bob @cy @ada hi"), post(lobby.id, &ada, "k2", "nobody")])
+        .expect("posts");
+    let (mention, plain) = (inserted(&out[0]).seq, inserted(&out[1]).seq);
+    let targets = |s: &mut dyn Store, room: RoomId, seq: Seq| {
+        s.push_targets(room, seq, ada.id).expect("targets").into_iter().map(|t| (t.name, t.reason)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        targets(store, lobby.id, mention),
+        [("bob".into(), PushReason::Mention), ("cy".into(), PushReason::Mention)]
+    );
+    assert!(targets(store, lobby.id, plain).is_empty(), "no mention, not a dialog");
+    store.set_setting(cy.id, &SettingWrite::Notify { room: lobby.id, level: NotifyLevel::Nothing }).expect("level");
+    assert_eq!(targets(store, lobby.id, mention), [("bob".to_string(), PushReason::Mention)]);
+    let dm = store.open_direct(ada.id, "ada", "bob", T0, MAX_ROOMS).expect("dm").room.id;
+    let out = store.append_posts(&[post(dm, &ada, "d1", "psst"), post(dm, &ada, "d2", "@bob look")]).expect("posts");
+    assert_eq!(targets(store, dm, inserted(&out[0]).seq), [("bob".to_string(), PushReason::Direct)]);
+    assert_eq!(targets(store, dm, inserted(&out[1]).seq), [("bob".to_string(), PushReason::Mention)]);
 }

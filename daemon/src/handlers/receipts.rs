@@ -56,10 +56,14 @@ impl SharedWork for ReceiptJob {
         Some(self.to)
     }
 
-    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect> {
         let user = self.actor.user_id;
         match store.mark_read(self.r.room, user, self.r.delivered, self.r.read) {
             Ok(state) => {
+                // Read on any device: a push still waiting for what is now read is not sent.
+                if let Some(notifier) = &settings.notifier {
+                    notifier.read(user, state.room, state.read);
+                }
                 let state = read_state(&state);
                 vec![
                     reply(self.to, ServerFrame::ReadState(state)),
