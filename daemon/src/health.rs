@@ -475,6 +475,16 @@ impl SharedStore for StoreSlot {
     ) -> chime_storage::Result<Vec<chime_storage::PushTarget>> {
         self.with(|s| s.push_targets(room, seq, author))
     }
+    fn moderate_server(
+        &mut self,
+        server: chime_storage::ServerId,
+        actor: UserId,
+        target: &str,
+        action: &chime_storage::MemberAction,
+        now_ms: i64,
+    ) -> chime_storage::Result<chime_storage::ServerModerated> {
+        self.with(|s| s.moderate_server(server, actor, target, action, now_ms))
+    }
 }
 
 impl Store for StoreSlot {

@@ -151,6 +151,8 @@ wire_code! {
         RESTORE = 0x0050,
         /// One page of a room's messages that match a query, in their current state.
         SEARCH = 0x0051,
+        /// Invite a user to a server, or ban (unban) them from it.
+        MODERATE_SERVER = 0x0090,
 
         /// Server hello: the handshake succeeded.
         WELCOME = 0x8001,

@@ -245,6 +245,11 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             before,
             limit
         })),
+        (any::<u64>(), text(), any::<u8>()).prop_map(|(s, user, a)| ClientFrame::ModerateServer(ModerateServer {
+            server: ServerId(s),
+            user,
+            action: ModAction(a)
+        })),
     ]
 }
 

@@ -677,6 +677,12 @@ fn vectors() -> Vec<Vector> {
             17,
             ClientFrame::Search(Search { room: RoomId(300), query: "hi there".into(), before: Seq(0), limit: 50 }),
         ),
+        c(
+            "moderate_server",
+            "MODERATE_SERVER id=25 server=5 user=\"bob\" action=INVITE(1) (answered by DONE)",
+            25,
+            ClientFrame::ModerateServer(ModerateServer { server: ServerId(5), user: "bob".into(), action: ModAction::INVITE }),
+        ),
         s(
             "error_retry_after",
             "ERROR id=16 code=RATE_LIMITED(12) message=\"at most 200 RESTORE pages per second (retry_after_ms=5)\" retryable=true",

@@ -723,6 +723,40 @@ pub trait SharedStore: Send {
     /// dialog), unless their notification level for the room is `none` or they muted it. By user
     /// id. Mentions are those recorded when the message was written.
     fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<PushTarget>>;
+
+    /// Invites the user named `target` to a server ([`MemberAction::Invite`]: an invitation that
+    /// the user's next [`SharedStore::join_server`] uses up, the only way into a private server),
+    /// bans them ([`MemberAction::Ban`]: removed if a member, invitation dropped, refused by
+    /// `join_server` until unbanned) or unbans them, judged by [`moderation::judge`] against the
+    /// actor's server role (`invite`, `ban`). `NotFound` for no such server membership of the
+    /// actor or no such user; `Forbidden` when not allowed or for another action.
+    fn moderate_server(
+        &mut self,
+        server: ServerId,
+        actor: UserId,
+        target: &str,
+        action: &MemberAction,
+        now_ms: i64,
+    ) -> Result<ServerModerated>;
+}
+
+/// What [`SharedStore::moderate_server`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerModerated {
+    /// The user acted on.
+    pub user: UserId,
+    /// Whether anything changed (an invitation of a member, a ban of a banned user: no).
+    pub changed: bool,
+    /// A ban of a member: the channels they could read and no longer can.
+    pub left_channels: Vec<RoomId>,
+}
+
+/// Checks that a server moderation step is one servers have.
+pub(crate) fn check_server_action(action: &MemberAction) -> Result<()> {
+    match action {
+        MemberAction::Invite | MemberAction::Ban | MemberAction::Unban => Ok(()),
+        _ => Err(StoreError::Forbidden("servers have invite, ban and unban".into())),
+    }
 }
 
 /// Why a user is notified of a message.

@@ -407,6 +407,8 @@ impl crate::SharedStore for SecretStore {
         ping(&mut self) -> Result<()>;
         checkpoint(&mut self) -> Result<()>;
         push_targets(&mut self, room: RoomId, seq: crate::Seq, author: crate::UserId) -> Result<Vec<crate::PushTarget>>;
+        moderate_server(&mut self, server: crate::ServerId, actor: crate::UserId, target: &str,
+            action: &crate::MemberAction, now_ms: i64) -> Result<crate::ServerModerated>;
     }
 
     fn mentions(&mut self, user: crate::UserId, limit: u32) -> Result<Vec<MentionRecord>> {

@@ -24,6 +24,8 @@ mod hostile;
 mod idempotency;
 #[path = "e2e/idle.rs"]
 mod idle;
+#[path = "e2e/invites.rs"]
+mod invites;
 #[path = "e2e/membership.rs"]
 mod membership;
 #[path = "e2e/messages.rs"]

@@ -114,6 +114,7 @@ conformance! {
         search_is_for_members_and_pages_newest_first,
         secret_rooms_are_never_indexed,
         push_targets_are_mentions_and_direct_peers_who_allow_it,
+        private_servers_take_invitations_and_bans_hold,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -1950,4 +1951,34 @@ fn push_targets_are_mentions_and_direct_peers_who_allow_it(store: &mut dyn Store
     let out = store.append_posts(&[post(dm, &ada, "d1", "psst"), post(dm, &ada, "d2", "@bob look")]).expect("posts");
     assert_eq!(targets(store, dm, inserted(&out[0]).seq), [("bob".to_string(), PushReason::Direct)]);
     assert_eq!(targets(store, dm, inserted(&out[1]).seq), [("bob".to_string(), PushReason::Mention)]);
+}
+
+/// A private server is joined only with an invitation (used up by the join), given by a role that
+/// may invite; a ban removes a member, reports the channels they lose, and refuses every join
+/// (public servers too) until lifted.
+fn private_servers_take_invitations_and_bans_hold(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cat = user(store, "cat");
+    let (private, general, _) = store.create_server(&new_server(&ada, "club", false, 10), MAX_ROOMS).expect("create");
+    let forbidden = |r: chime_storage::Result<_>| matches!(r, Err(StoreError::Forbidden(_)));
+    assert!(forbidden(store.join_server(private.id, bob.id, T0, MAX_ROOMS).map(drop)));
+    let done = store.moderate_server(private.id, ada.id, "bob", &MemberAction::Invite, T0).expect("invite");
+    assert_eq!((done.user, done.changed), (bob.id, true));
+    assert!(store.join_server(private.id, bob.id, T0, MAX_ROOMS).expect("join").2);
+    assert!(!store.moderate_server(private.id, ada.id, "bob", &MemberAction::Invite, T0).expect("again").changed);
+    assert!(forbidden(store.moderate_server(private.id, bob.id, "cat", &MemberAction::Invite, T0).map(drop)));
+    assert!(forbidden(store.moderate_server(private.id, ada.id, "cat", &MemberAction::Kick, T0).map(drop)));
+    let missing = store.moderate_server(private.id, ada.id, "nobody", &MemberAction::Invite, T0);
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    let banned = store.moderate_server(private.id, ada.id, "bob", &MemberAction::Ban, T0).expect("ban");
+    assert_eq!((banned.changed, banned.left_channels), (true, vec![general.id]));
+    assert!(!store.is_member(general.id, bob.id).expect("gone"));
+    assert!(forbidden(store.moderate_server(private.id, ada.id, "bob", &MemberAction::Invite, T0).map(drop)));
+    assert!(forbidden(store.join_server(private.id, bob.id, T0, MAX_ROOMS).map(drop)));
+    let (public, _, _) = store.create_server(&new_server(&ada, "plaza", true, 10), MAX_ROOMS).expect("create");
+    store.moderate_server(public.id, ada.id, "cat", &MemberAction::Ban, T0).expect("ban ahead");
+    assert!(forbidden(store.join_server(public.id, cat.id, T0, MAX_ROOMS).map(drop)));
+    store.moderate_server(public.id, ada.id, "cat", &MemberAction::Unban, T0).expect("unban");
+    assert!(store.join_server(public.id, cat.id, T0, MAX_ROOMS).expect("join").2);
 }

@@ -75,6 +75,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ServerCommand::DefineRole { server, name, permissions, remove } => {
                 server::define_role(&mut ctx, server, &name, if remove { None } else { Some(&permissions[..]) })
             }
+            ServerCommand::Invite { server, user } => server::moderate(&mut ctx, server, &user, ModAction::INVITE),
+            ServerCommand::Ban { server, user, remove } => {
+                let action = if remove { ModAction::UNBAN } else { ModAction::BAN };
+                server::moderate(&mut ctx, server, &user, action)
+            }
         },
         Command::Servers => server::list(&mut ctx),
         Command::Channel { command: ChannelCommand::Create { server, name, voice, read_roles, post_roles } } => {

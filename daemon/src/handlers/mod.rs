@@ -181,6 +181,7 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::Call(c) => actions::call(ctx, c),
         ClientFrame::Search(s) => search::search(ctx, s),
         ClientFrame::Restore(r) => restore::restore(ctx, r),
+        ClientFrame::ModerateServer(m) => servers::moderate(ctx, m),
         ClientFrame::Hello(_)
         | ClientFrame::Ping(_)
         | ClientFrame::Pong(_)

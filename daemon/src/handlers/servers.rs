@@ -1,5 +1,6 @@
 //! Servers (communities) and their channels: CREATE_SERVER, JOIN_SERVER, LEAVE_SERVER,
-//! LIST_SERVERS, CREATE_CHANNEL, SET_SERVER_ROLE, DEFINE_SERVER_ROLE.
+//! LIST_SERVERS, CREATE_CHANNEL, SET_SERVER_ROLE, DEFINE_SERVER_ROLE, MODERATE_SERVER (invite,
+//! ban, unban: a private server is joined by invitation only, a banned user not at all).
 //!
 //! Everything here runs on the shared queue: a server's membership is one row per member and
 //! changes no room's log, and a new channel is a log nobody writes yet. Access to a channel comes
@@ -14,8 +15,8 @@ use crate::work::{
     refuse, reply, store_error, wire_delta, Actor, Effect, Published, ReplyTo, Settings, SharedWork, Work,
 };
 use chime_protocol::{
-    CreateChannel, CreateServer, DefineServerRole, Empty, ErrorBody, ListServers, RoomKind, ServerFrame, ServerInfo,
-    ServerList, ServerRef, SetServerRole,
+    CreateChannel, CreateServer, DefineServerRole, Empty, ErrorBody, ListServers, ModAction, ModerateServer, RoomKind,
+    ServerFrame, ServerInfo, ServerList, ServerRef, SetServerRole,
 };
 use chime_storage::{now_ms, NewChannel, NewServer, ServerId, ServerRecord, SharedStore};
 
@@ -314,6 +315,60 @@ impl SharedWork for RoleJob {
         };
         match result {
             Ok(()) => vec![reply(self.to, ServerFrame::Done(Empty {}))],
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// Admits MODERATE_SERVER: INVITE, BAN or UNBAN of a user named by a plausible user name.
+pub fn moderate(ctx: &mut Ctx<'_>, m: ModerateServer) -> Result<Admitted, ErrorBody> {
+    let action = match m.action {
+        ModAction::INVITE => chime_storage::MemberAction::Invite,
+        ModAction::BAN => chime_storage::MemberAction::Ban,
+        ModAction::UNBAN => chime_storage::MemberAction::Unban,
+        other => return Err(invalid(format!("a server takes INVITE, BAN or UNBAN, not {other}"))),
+    };
+    let user = m.user.trim().to_string();
+    if user.is_empty() || user.chars().count() > crate::limits::MAX_USER_NAME {
+        return Err(invalid("no such user name"));
+    }
+    let job = ModerateServerJob { to: ctx.to, actor: ctx.who.actor.clone(), server: m.server, user, action };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// MODERATE_SERVER on the shared queue: membership of a server is no room's log.
+struct ModerateServerJob {
+    to: ReplyTo,
+    actor: Actor,
+    server: ServerId,
+    user: String,
+    action: chime_storage::MemberAction,
+}
+
+impl SharedWork for ModerateServerJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        match store.moderate_server(self.server, self.actor.user_id, &self.user, &self.action, now_ms()) {
+            Ok(done) => {
+                let mut effects = Vec::new();
+                // A banned member's connections stop following the server and its channels now.
+                if done.changed && self.action == chime_storage::MemberAction::Ban {
+                    effects.push(Effect::LeftServer {
+                        user: done.user,
+                        server: self.server,
+                        channels: done.left_channels,
+                    });
+                }
+                effects.push(reply(self.to, ServerFrame::Done(Empty {})));
+                effects
+            }
             Err(e) => vec![refuse(self.to, store_error(&e))],
         }
     }
