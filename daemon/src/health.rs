@@ -485,6 +485,9 @@ impl SharedStore for StoreSlot {
     ) -> chime_storage::Result<chime_storage::ServerModerated> {
         self.with(|s| s.moderate_server(server, actor, target, action, now_ms))
     }
+    fn last_seen(&mut self, users: &[UserId]) -> chime_storage::Result<Vec<(UserId, i64)>> {
+        self.with(|s| s.last_seen(users))
+    }
 }
 
 impl Store for StoreSlot {

@@ -297,6 +297,17 @@ pub enum Effect {
         /// Whether the job took a slot of the connection's shared-queue window.
         shared: bool,
     },
+    /// WATCH_PRESENCE read the watched users' durable last seen: the core registers the watch
+    /// and answers with their presence, live state first, the stored last seen for those
+    /// offline that it has not seen since it started.
+    Watched {
+        /// The connection and request.
+        to: ReplyTo,
+        /// The users watched, as asked (at most `MAX_WATCHED`).
+        users: Vec<UserId>,
+        /// Their stored last seen, Unix ms, for those ever seen.
+        seen: Vec<(UserId, i64)>,
+    },
 }
 
 /// Effects of one worker batch, handed to the loop together.

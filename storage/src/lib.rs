@@ -738,6 +738,10 @@ pub trait SharedStore: Send {
         action: &MemberAction,
         now_ms: i64,
     ) -> Result<ServerModerated>;
+
+    /// When each of `users` was last seen: the latest last use of any of their sessions (written
+    /// when a connection closes), Unix ms; users never seen are left out. By user id.
+    fn last_seen(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>>;
 }
 
 /// What [`SharedStore::moderate_server`] did.

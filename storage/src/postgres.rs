@@ -1583,6 +1583,19 @@ impl SharedStore for PgStore {
         Ok(done)
     }
 
+    fn last_seen(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
+        let ids: Vec<i64> = users.iter().map(|&u| to_db(u)).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT user_id, max(last_used_at) FROM sessions WHERE user_id = ANY($1)
+                 GROUP BY user_id ORDER BY user_id",
+                &[&ids],
+            )
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| (from_db(r.get::<_, i64>(0)), r.get::<_, i64>(1))).collect())
+    }
+
     fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<crate::PushTarget>> {
         let rows = self
             .client

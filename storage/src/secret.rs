@@ -409,6 +409,7 @@ impl crate::SharedStore for SecretStore {
         push_targets(&mut self, room: RoomId, seq: crate::Seq, author: crate::UserId) -> Result<Vec<crate::PushTarget>>;
         moderate_server(&mut self, server: crate::ServerId, actor: crate::UserId, target: &str,
             action: &crate::MemberAction, now_ms: i64) -> Result<crate::ServerModerated>;
+        last_seen(&mut self, users: &[crate::UserId]) -> Result<Vec<(crate::UserId, i64)>>;
     }
 
     fn mentions(&mut self, user: crate::UserId, limit: u32) -> Result<Vec<MentionRecord>> {

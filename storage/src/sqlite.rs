@@ -1406,6 +1406,24 @@ impl SharedStore for SqliteStore {
         })
     }
 
+    fn last_seen(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        let mut out = Vec::new();
+        {
+            let mut st =
+                tx.prepare_cached("SELECT max(last_used_at) FROM sessions WHERE user_id = ?1").map_err(db_err)?;
+            let mut ids: Vec<UserId> = users.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            for user in ids {
+                let seen: Option<i64> = st.query_row([to_db(user)], |row| row.get(0)).map_err(db_err)?;
+                out.extend(seen.map(|ms| (user, ms)));
+            }
+        }
+        tx.finish().map_err(db_err)?;
+        Ok(out)
+    }
+
     fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<crate::PushTarget>> {
         let rows: Vec<(i64, String, i64)> = self
             .conn

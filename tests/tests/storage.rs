@@ -115,6 +115,7 @@ conformance! {
         secret_rooms_are_never_indexed,
         push_targets_are_mentions_and_direct_peers_who_allow_it,
         private_servers_take_invitations_and_bans_hold,
+        last_seen_is_the_latest_use_of_any_session,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -1981,4 +1982,23 @@ fn private_servers_take_invitations_and_bans_hold(store: &mut dyn Store) {
     assert!(forbidden(store.join_server(public.id, cat.id, T0, MAX_ROOMS).map(drop)));
     store.moderate_server(public.id, ada.id, "cat", &MemberAction::Unban, T0).expect("unban");
     assert!(store.join_server(public.id, cat.id, T0, MAX_ROOMS).expect("join").2);
+}
+
+/// A user's last seen is the latest last use of their sessions (touched when connections close);
+/// users never seen are left out.
+fn last_seen_is_the_latest_use_of_any_session(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cat = user(store, "cat");
+    let a1 = store.create_session(&new_session(&ada, 1, T0)).expect("a1");
+    let a2 = store.create_session(&new_session(&ada, 2, T0 + 10)).expect("a2");
+    store.create_session(&new_session(&bob, 3, T0 + 5)).expect("b1");
+    store.touch_sessions(&[a1.id], T0 + 500).expect("touch");
+    assert_eq!(
+        store.last_seen(&[cat.id, bob.id, ada.id, ada.id]).expect("last seen"),
+        [(ada.id, T0 + 500), (bob.id, T0 + 5)]
+    );
+    store.touch_sessions(&[a2.id], T0 + 900).expect("touch");
+    assert_eq!(store.last_seen(&[ada.id]).expect("last seen"), [(ada.id, T0 + 900)]);
+    assert!(store.last_seen(&[]).expect("none").is_empty());
 }

@@ -492,11 +492,6 @@ impl Core {
                 }
                 ServerFrame::Done(chime_protocol::Empty {})
             }
-            Ephemeral::Watch(users) => {
-                self.presence.watch(key, &users);
-                let entries = users.iter().take(presence::MAX_WATCHED).map(|&u| self.presence.of(u, now.ms)).collect();
-                ServerFrame::PresenceList(PresenceList { entries })
-            }
         };
         io.send(key, answer.reply(rid), Class::Own);
     }
@@ -592,6 +587,28 @@ impl Core {
             Effect::Reply { to, frame } => {
                 if self.link_of(to.conn).is_some() {
                     io.send(to.conn.key, frame, Class::Own);
+                }
+            }
+            Effect::Watched { to, users, seen } => {
+                if self.link_of(to.conn).is_some() {
+                    self.presence.watch(to.conn.key, &users);
+                    let entries = users
+                        .iter()
+                        .take(presence::MAX_WATCHED)
+                        .map(|&u| {
+                            let mut entry = self.presence.of(u, now.ms);
+                            if entry.status == chime_protocol::PresenceStatus::OFFLINE {
+                                let stored = seen.iter().find(|(id, _)| *id == u).map_or(0, |(_, ms)| *ms);
+                                entry.last_seen_ms = entry.last_seen_ms.max(stored);
+                            }
+                            entry
+                        })
+                        .collect();
+                    io.send(
+                        to.conn.key,
+                        ServerFrame::PresenceList(PresenceList { entries }).reply(to.request_id),
+                        Class::Own,
+                    );
                 }
             }
             Effect::Publish(p) => self.publish(io, &p),

@@ -5,6 +5,7 @@
 -- is configured (chime_storage::SharedStore::push_targets); the primary key is by user first.
 CREATE INDEX mentions_message ON mentions (room_id, seq);
 
--- When the user's last connection closed (Unix ms); NULL: never seen, or online since the column
--- came. Written once per user going offline, never per message or keystroke.
-ALTER TABLE users ADD COLUMN last_seen_at BIGINT;
+-- Durable "last seen" needs no column: a session's last_used_at is written when its connection
+-- closes (batched, chimed's touch_sessions), so a user's last seen is the latest of their
+-- sessions'; this index makes that one range per user.
+CREATE INDEX sessions_user_last_used ON sessions (user_id, last_used_at);
