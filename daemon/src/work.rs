@@ -308,6 +308,17 @@ pub enum Effect {
         /// Their stored last seen, Unix ms, for those ever seen.
         seen: Vec<(UserId, i64)>,
     },
+    /// A channel only some roles may read was created: the core asks a worker which of the
+    /// server's online followers (but `creator`, subscribed already) may read it, and subscribes
+    /// those (as [`Effect::Subscribe`]s from that job).
+    RestrictedChannelCreated {
+        /// The server.
+        server: ServerId,
+        /// The channel.
+        room: RoomId,
+        /// Who created it.
+        creator: UserId,
+    },
 }
 
 /// Effects of one worker batch, handed to the loop together.

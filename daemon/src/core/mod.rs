@@ -662,6 +662,20 @@ impl Core {
                     }
                 }
             }
+            Effect::RestrictedChannelCreated { server, room, creator } => {
+                let mut users: Vec<UserId> = self
+                    .hub
+                    .followers(server)
+                    .into_iter()
+                    .filter_map(|key| self.link(key).and_then(|l| l.who()).map(|w| w.actor.user_id))
+                    .filter(|&u| u != creator)
+                    .collect();
+                users.sort_unstable();
+                users.dedup();
+                if !users.is_empty() && !io.submit(crate::handlers::servers::readers(room, users)) {
+                    log::debug!("could not queue the readers check of channel {room}");
+                }
+            }
             Effect::ChannelCreated { server, room } => {
                 self.hub.channel_created(server, room);
                 for key in self.hub.followers(server) {

@@ -271,11 +271,15 @@ impl SharedWork for ChannelJob {
         match store.create_channel(&c) {
             Ok((room, delta)) => {
                 // Every online member follows a channel all may read; a restricted one reaches
-                // its creator now and its other readers at their next login.
+                // its creator now and its other online readers once a worker has checked their
+                // roles ([`readers`]).
                 let mut effects = if c.read_roles.is_empty() {
                     vec![Effect::ChannelCreated { server: c.server, room: room.id }]
                 } else {
-                    vec![Effect::Subscribe { user: c.actor, room: room.id, after: Some(chime_storage::Seq::ZERO) }]
+                    vec![
+                        Effect::Subscribe { user: c.actor, room: room.id, after: Some(chime_storage::Seq::ZERO) },
+                        Effect::RestrictedChannelCreated { server: c.server, room: room.id, creator: c.actor },
+                    ]
                 };
                 effects.extend(Published::encode(room.id, &[wire_delta(delta)]).map(Effect::Publish));
                 effects.push(reply(self.to, ServerFrame::RoomInfo(room_info(&room))));
@@ -371,5 +375,45 @@ impl SharedWork for ModerateServerJob {
             }
             Err(e) => vec![refuse(self.to, store_error(&e))],
         }
+    }
+}
+
+/// The job that finds which of `users` (online followers of a server) may read the restricted
+/// channel `room`, and subscribes each who may: the core knows who is online, the store who holds
+/// which role. One access check per user, for a rare event (a channel's creation).
+pub fn readers(room: chime_storage::RoomId, users: Vec<chime_storage::UserId>) -> Work {
+    Work::Shared(Box::new(ReadersJob { room, users }))
+}
+
+struct ReadersJob {
+    room: chime_storage::RoomId,
+    users: Vec<chime_storage::UserId>,
+}
+
+impl SharedWork for ReadersJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        None
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for user in self.users {
+            match store.is_member(self.room, user) {
+                Ok(true) => {
+                    effects.push(Effect::Subscribe { user, room: self.room, after: Some(chime_storage::Seq::ZERO) })
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // They read it from their next login; nobody waits on this job.
+                    log::debug!("readers of channel {}: {e}", self.room);
+                    break;
+                }
+            }
+        }
+        effects
     }
 }

@@ -1,7 +1,8 @@
 //! Private servers, invitations and server bans through the real daemon and `chime server
 //! create --private|invite|ban|join`: a private server is joined only by invitation, given by a
 //! member whose role may invite; a public one by id; a banned user joins neither until unbanned,
-//! and a banned member's connections stop receiving the server's channels.
+//! and a banned member's connections stop receiving the server's channels. A channel restricted
+//! to some roles reaches its online readers live when it is created, and nobody else.
 
 use crate::util::*;
 use chime_protocol::{ErrorCode, ModAction, RoomId, ServerId};
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 on_both_stores!(private_servers_are_joined_by_invitation_and_bans_hold);
+on_both_stores!(restricted_channels_reach_their_online_readers_live);
 
 fn cli(d: &Daemon, home: &Path, args: &[&str]) -> Vec<Value> {
     let mut cmd = d.cli(home);
@@ -69,4 +71,39 @@ fn private_servers_are_joined_by_invitation_and_bans_hold(backend: Backend) {
     // Unbanned from the private one, bob still needs an invitation.
     cli(&d, home.path(), &["server", "ban", &server.to_string(), &bob.name, "--remove"]);
     assert_eq!(server_code("unbanned, uninvited", bob.client.join_server(ServerId(server))), ErrorCode::FORBIDDEN);
+}
+
+fn restricted_channels_reach_their_online_readers_live(backend: Backend) {
+    let Some(d) = Daemon::start_backend(backend, "restricted", &[]) else { return };
+    let ann = d.register(&unique("ann"));
+    let mut bob = d.register(&unique("bob"));
+    let mut cy = d.register(&unique("cy"));
+    let home = tempfile::tempdir().expect("home");
+    cli(&d, home.path(), &["login", &ann.name]);
+    let server = json_u64(&cli(&d, home.path(), &["server", "create", "guild"])[0], "server");
+    bob.client.join_server(ServerId(server)).expect("bob joins");
+    cy.client.join_server(ServerId(server)).expect("cy joins");
+    cli(&d, home.path(), &["server", "role", &server.to_string(), &bob.name, "moderator"]);
+    // Created while bob and cy are online: bob (a moderator) gets it live, cy (a member) does not.
+    let staff = cli(&d, home.path(), &["channel", "create", &server.to_string(), "staff", "--read-roles", "moderator"]);
+    let staff = json_u64(&staff[0], "room");
+    cli(&d, home.path(), &["send", &staff.to_string(), "for moderators"]);
+    let mut texts = Vec::new();
+    while texts.len() < 2 {
+        let delta = next_delta(&mut bob.client, staff, Duration::from_secs(5));
+        texts.push((delta.seq.get(), delta.text().to_string()));
+    }
+    assert_eq!(texts[1], (2, "for moderators".to_string()), "{texts:?}");
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match cy.client.recv(Some(left)) {
+            Ok(Some((0, chime_protocol::ServerFrame::Delta(d)))) => {
+                assert_ne!(d.room, RoomId(staff), "cy is not a reader: {d:?}")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => panic!("cy's connection: {e:?}"),
+        }
+    }
+    assert_eq!(server_code("cy posts", cy.client.post(RoomId(staff), "c", "?")), ErrorCode::NOT_MEMBER);
 }
