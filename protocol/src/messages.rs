@@ -1211,6 +1211,8 @@ frame_enum! {
         Goodbye(Goodbye) = GOODBYE,
         /// A setting changed on another connection of the user (push).
         SettingChanged(SettingChanged) = SETTING_CHANGED,
+        /// Unread counts right after a login (push).
+        UnreadAtLogin(UnreadList) = UNREAD_AT_LOGIN,
     }
 }
 

@@ -221,6 +221,8 @@ wire_code! {
         GOODBYE = 0x9002,
         /// One of the user's settings was changed (on another connection of the user).
         SETTING_CHANGED = 0x9010,
+        /// Right after a login: the rooms with something unread (the first page of `UNREAD`).
+        UNREAD_AT_LOGIN = 0x9050,
     }
 }
 

@@ -533,6 +533,12 @@ fn vectors() -> Vec<Vector> {
             ServerFrame::UnreadList(UnreadList { rooms: vec![read_state()], next_after: None }),
         ),
         s(
+            "unread_at_login",
+            "UNREAD_AT_LOGIN (push) id=0 rooms=[{room=300 head=12 delivered=9 read=7 unread=4 mentions=1}] next_after=None",
+            0,
+            ServerFrame::UnreadAtLogin(UnreadList { rooms: vec![read_state()], next_after: None }),
+        ),
+        s(
             "notification_list",
             "NOTIFICATION_LIST id=27 notifications=[{room=300 seq=8 author=\"bob\" ts_ms=1700000000000 text=\"hi @ann\" read=false}]",
             27,
