@@ -760,6 +760,11 @@ impl Core {
                 Change::Left => self.unsubscribe(io, key, room),
             }
         }
+        // The unread counts follow the AUTHED (sent with this completion) as a push of their own:
+        // counting a user's thousands of rooms must not hold their login up.
+        if !io.submit(crate::handlers::receipts::unread_at_login(to.conn, user)) {
+            log::debug!("could not queue the unread counts of user {user} at login");
+        }
     }
 
     /// A job of the connection finished: its slot is free. Work that waited for it goes now.

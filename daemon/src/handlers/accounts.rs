@@ -294,28 +294,6 @@ pub fn touch(sessions: Vec<SessionId>) -> Work {
     Work::Shared(Box::new(TouchJob { sessions }))
 }
 
-/// The counts a client shows on login, pushed right after AUTHED (`UNREAD_AT_LOGIN`, the first
-/// page of what `UNREAD` answers) when something is unread: one round trip less at every start. A
-/// failed read costs only the push: the client can ask `UNREAD`.
-fn unread_at_login(store: &mut dyn SharedStore, to: ReplyTo, user: UserId) -> Option<Effect> {
-    let limit = crate::limits::DEFAULT_PAGE;
-    let rooms = store.unread(user, chime_storage::RoomId(0), limit).ok().filter(|r| !r.is_empty())?;
-    let next_after = if rooms.len() as u64 >= u64::from(limit) { rooms.last().map(|r| r.room) } else { None };
-    let rooms = rooms
-        .iter()
-        .map(|u| chime_protocol::ReadState {
-            room: u.room,
-            head: u.head,
-            delivered: u.delivered,
-            read: u.read,
-            unread: u.unread,
-            mentions: u.mentions,
-        })
-        .collect();
-    let push = ReplyTo { conn: to.conn, request_id: 0 };
-    Some(reply(push, ServerFrame::UnreadAtLogin(chime_protocol::UnreadList { rooms, next_after })))
-}
-
 /// REGISTER or LOGIN, on an auth worker.
 struct PasswordJob {
     to: ReplyTo,
@@ -419,7 +397,7 @@ fn logged_in(
     let read = store.rooms_of_user(user).and_then(|rooms| Ok((rooms, server_ids(store, user)?)));
     match read {
         Ok((rooms, servers)) => {
-            let mut effects = vec![
+            let effects = vec![
                 Effect::LoggedIn {
                     to,
                     user,
@@ -430,7 +408,6 @@ fn logged_in(
                 },
                 reply(to, ServerFrame::Authed(Authed { user_id: user, user: name, token })),
             ];
-            effects.extend(unread_at_login(store, to, user));
             effects
         }
         Err(e) => vec![refuse(to, store_error(&e))],

@@ -145,3 +145,43 @@ impl SharedWork for NotificationsJob {
         }
     }
 }
+
+/// The job the core queues after a login: the counts a client shows on login, pushed after AUTHED
+/// (`UNREAD_AT_LOGIN`, the first page of what `UNREAD` answers) when something is unread, saving
+/// a round trip at every start. A job of its own, so a user in thousands of rooms is logged in
+/// (AUTHED) as fast as anyone and the counts follow; a failed read costs only the push.
+pub fn unread_at_login(conn: crate::work::ConnRef, user: chime_storage::UserId) -> Work {
+    Work::Shared(Box::new(UnreadAtLoginJob { to: ReplyTo { conn, request_id: 0 }, user }))
+}
+
+struct UnreadAtLoginJob {
+    to: ReplyTo,
+    user: chime_storage::UserId,
+}
+
+impl SharedWork for UnreadAtLoginJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        None
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let limit = crate::limits::DEFAULT_PAGE;
+        match store.unread(self.user, RoomId(0), limit) {
+            Ok(rooms) if !rooms.is_empty() => {
+                let next_after =
+                    if rooms.len() as u64 >= u64::from(limit) { rooms.last().map(|r| r.room) } else { None };
+                let rooms = rooms.iter().map(read_state).collect();
+                vec![reply(self.to, ServerFrame::UnreadAtLogin(UnreadList { rooms, next_after }))]
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                log::debug!("unread counts at login of user {}: {e}", self.user);
+                Vec::new()
+            }
+        }
+    }
+}
