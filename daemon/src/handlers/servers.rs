@@ -311,16 +311,61 @@ impl SharedWork for RoleJob {
         Some(self.to)
     }
 
-    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect> {
         let user = self.actor.user_id;
+        let mut effects = Vec::new();
         let result = match &self.what {
-            RoleWhat::Give(target, role) => store.set_server_role(self.server, user, target, role).map(drop),
+            RoleWhat::Give(target, role) => store.set_server_role(self.server, user, target, role).map(|changed| {
+                if changed {
+                    effects = self.channels_follow_role(store, target, settings);
+                }
+            }),
             RoleWhat::Define(name, perms) => store.define_server_role(self.server, user, name, *perms),
         };
         match result {
-            Ok(()) => vec![reply(self.to, ServerFrame::Done(Empty {}))],
+            Ok(()) => {
+                effects.push(reply(self.to, ServerFrame::Done(Empty {})));
+                effects
+            }
             Err(e) => vec![refuse(self.to, store_error(&e))],
         }
+    }
+}
+
+impl RoleJob {
+    /// After `target`'s server role changed: their live connections follow the channels the new
+    /// role may read (from the start of each one newly readable) and drop those it may not. The
+    /// server's channels are those the actor reads (who may give roles is normally an owner or
+    /// admin, who read every channel); both lists are the store's answers to a join by an existing
+    /// member, which writes nothing. A failed read leaves the subscriptions to the next login.
+    fn channels_follow_role(&self, store: &mut dyn SharedStore, target: &str, settings: &Settings) -> Vec<Effect> {
+        let now = now_ms();
+        let read = (|| {
+            let Some(member) = store.user_by_name(target)? else { return Ok(None) };
+            let (_, all, _) = store.join_server(self.server, self.actor.user_id, now, settings.max_rooms_per_user)?;
+            let (_, readable, _) = store.join_server(self.server, member.id, now, settings.max_rooms_per_user)?;
+            Ok::<_, chime_storage::StoreError>(Some((member.id, all, readable)))
+        })();
+        let (member, all, readable) = match read {
+            Ok(Some(found)) => found,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                log::debug!("channels of server {} after a role change: {e}", self.server);
+                return Vec::new();
+            }
+        };
+        let readable: Vec<chime_storage::RoomId> = readable.iter().map(|r| r.id).collect();
+        let mut effects: Vec<Effect> = all
+            .iter()
+            .filter(|r| !readable.contains(&r.id))
+            .map(|r| Effect::Unsubscribe { user: member, room: r.id })
+            .collect();
+        effects.extend(readable.into_iter().map(|room| Effect::Subscribe {
+            user: member,
+            room,
+            after: Some(chime_storage::Seq::ZERO),
+        }));
+        effects
     }
 }
 

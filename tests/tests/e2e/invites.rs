@@ -106,4 +106,26 @@ fn restricted_channels_reach_their_online_readers_live(backend: Backend) {
         }
     }
     assert_eq!(server_code("cy posts", cy.client.post(RoomId(staff), "c", "?")), ErrorCode::NOT_MEMBER);
+
+    // Roles change while both are online: cy, made moderator, follows the channel at once (from
+    // its start); bob, made member again, stops receiving it.
+    cli(&d, home.path(), &["server", "role", &server.to_string(), &cy.name, "moderator"]);
+    cli(&d, home.path(), &["server", "role", &server.to_string(), &bob.name, "member"]);
+    cli(&d, home.path(), &["send", &staff.to_string(), "after the change"]);
+    let mut seen = Vec::new();
+    while seen.last() != Some(&3) {
+        seen.push(next_delta(&mut cy.client, staff, Duration::from_secs(5)).seq.get());
+    }
+    assert_eq!(seen, [1, 2, 3], "cy catches up on the channel, then follows it");
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match bob.client.recv(Some(left)) {
+            Ok(Some((0, chime_protocol::ServerFrame::Delta(d)))) => {
+                assert!(!(d.room == RoomId(staff) && d.seq.get() == 3), "bob is no reader any more: {d:?}")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => panic!("bob's connection: {e:?}"),
+        }
+    }
 }
