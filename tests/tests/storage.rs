@@ -1923,6 +1923,31 @@ fn secret_rooms_seal_text_and_deletes_destroy_it(db: &Db) {
     assert_eq!(log_now.last().map(String::as_str), Some("next words"), "{log_now:?}");
     assert_eq!(log_now[1], "", "the old message stays a tombstone under the reused slot");
     assert!(store.deltas_after(secret.id, Seq(next.get() - 1), 1).expect("read")[0].body == "next words");
+
+    // A mention in a secret room is recorded (the names stay beside the ciphertext) and reads in
+    // clear in the mentioned user's notifications, until the message is deleted.
+    let bob = user(store, "bob");
+    let invite = NewModeration {
+        room: secret.id,
+        actor: ada.id,
+        actor_name: "ada".into(),
+        target: "bob".into(),
+        action: MemberAction::Invite,
+        max_rooms: MAX_ROOMS,
+        now_ms: T0,
+    };
+    store.moderate(&invite).expect("invite");
+    let out = store.append_posts(&[post(secret.id, &ada, "k3", "psst @bob, the code")]).expect("post");
+    let seq = inserted(&out[0]).seq;
+    let raw = texts(&mut *bare, secret.id).pop().expect("stored");
+    assert!(raw.starts_with("sealed:") && raw.ends_with("\n@bob") && !raw.contains("code"), "{raw}");
+    let notes = store.mentions(bob.id, 10).expect("mentions");
+    assert_eq!(
+        notes.iter().map(|m| (m.seq, m.text.as_deref())).collect::<Vec<_>>(),
+        [(seq, Some("psst @bob, the code"))]
+    );
+    applied(store.act(&action(secret.id, seq.get(), &ada, MessageAction::Delete, "")).expect("delete"));
+    assert_eq!(store.mentions(bob.id, 10).expect("mentions")[0].text, None);
 }
 
 /// Whom a message notifies: the members it mentions, the other side of a direct dialog (a mention
