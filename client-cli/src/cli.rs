@@ -314,15 +314,19 @@ pub enum SessionsCommand {
 /// `room` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum RoomCommand {
-    /// Create a group room; you become its owner. Anyone may join it by id unless --private.
+    /// Create a group room; you become its owner. Anyone may join it by id unless --private or --secret.
     Create {
         /// The room's name.
         name: String,
         /// Invite-only: members bring others in with `room invite`.
         #[arg(long)]
         private: bool,
+        /// Secret (invite-only too): a deleted message's text is destroyed on the server's disk,
+        /// not just hidden.
+        #[arg(long, conflicts_with = "private")]
+        secret: bool,
     },
-    /// Make a user a member (the way into a private room).
+    /// Make a user a member (the way into a private or secret room).
     Invite {
         /// The room id.
         #[arg(value_parser = parse_room)]
@@ -413,14 +417,14 @@ pub enum ServerCommand {
     Create {
         /// Its name.
         name: String,
-        /// Nobody can join it by id.
+        /// Nobody can join it by id: members who may invite bring others in with `server invite`.
         #[arg(long)]
         private: bool,
         /// What it is about.
         #[arg(long, default_value = "")]
         description: String,
     },
-    /// Join a public server: you can read its channels at once.
+    /// Join a public server, or a private one you were invited to: you can read its channels at once.
     Join {
         /// The server id.
         #[arg(id = "server_id", value_name = "SERVER")]
@@ -454,6 +458,25 @@ pub enum ServerCommand {
         permissions: Vec<String>,
         /// Remove the definition instead.
         #[arg(long, conflicts_with = "permissions")]
+        remove: bool,
+    },
+    /// Invite a user to the server (needs invite there): they join it with `server join`, private or not.
+    Invite {
+        /// The server id.
+        #[arg(id = "server_id", value_name = "SERVER")]
+        server: u64,
+        /// The user's name.
+        user: String,
+    },
+    /// Ban a user from the server (needs ban): removed, and refused by `server join` until unbanned.
+    Ban {
+        /// The server id.
+        #[arg(id = "server_id", value_name = "SERVER")]
+        server: u64,
+        /// The user's name.
+        user: String,
+        /// Lift the ban instead.
+        #[arg(long)]
         remove: bool,
     },
 }

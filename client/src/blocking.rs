@@ -410,6 +410,17 @@ impl Client {
         self.done(ClientFrame::SetServerRole(body))
     }
 
+    /// `MODERATE_SERVER`: invite a user to a server, ban or unban them.
+    pub fn moderate_server(
+        &mut self,
+        server: impl Into<ServerId>,
+        user: &str,
+        action: chime_protocol::ModAction,
+    ) -> Result<(), ClientError> {
+        let body = chime_protocol::ModerateServer { server: server.into(), user: user.to_string(), action };
+        self.done(ClientFrame::ModerateServer(body))
+    }
+
     /// `DEFINE_SERVER_ROLE`.
     pub fn define_server_role(
         &mut self,

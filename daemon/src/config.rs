@@ -120,6 +120,27 @@ pub struct Config {
     pub files: FilesConfig,
     /// The storage nodes cold files move to (`[[node]]`, one table per node).
     pub node: Vec<NodeConfig>,
+    /// The push-notification path (`[notify]`).
+    pub notify: NotifyConfig,
+}
+
+/// The `[notify]` table: when a mention (or a direct message) becomes a push notification, and
+/// where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// How long a notification waits before it is handed to the gateway; a read of the message
+    /// (on any device) in the meantime cancels it.
+    pub delay_ms: u64,
+    /// The spool file notifications are appended to, one JSON line each: the hook a push gateway
+    /// reads. `None` (the default): no notification is queued at all.
+    pub spool: Option<PathBuf>,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig { delay_ms: 30_000, spool: None }
+    }
 }
 
 /// The `[files]` table.
@@ -210,6 +231,7 @@ impl Default for Config {
             partition_size: chime_storage::DEFAULT_PARTITION_SIZE,
             files: FilesConfig::default(),
             node: Vec::new(),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -319,6 +341,12 @@ impl Config {
                 "max_frame",
                 format!("is {}, must be between {MIN_FRAME} and {MAX_FRAME} bytes", self.max_frame),
             );
+        }
+        if self.notify.spool.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return invalid("notify.spool", "must not be empty".into());
+        }
+        if self.notify.delay_ms > 86_400_000 {
+            return invalid("notify.delay_ms", format!("is {}, must be at most a day", self.notify.delay_ms));
         }
         self.validate_files()
     }

@@ -467,6 +467,27 @@ impl SharedStore for StoreSlot {
     fn checkpoint(&mut self) -> chime_storage::Result<()> {
         self.with(|s| s.checkpoint())
     }
+    fn push_targets(
+        &mut self,
+        room: RoomId,
+        seq: Seq,
+        author: UserId,
+    ) -> chime_storage::Result<Vec<chime_storage::PushTarget>> {
+        self.with(|s| s.push_targets(room, seq, author))
+    }
+    fn moderate_server(
+        &mut self,
+        server: chime_storage::ServerId,
+        actor: UserId,
+        target: &str,
+        action: &chime_storage::MemberAction,
+        now_ms: i64,
+    ) -> chime_storage::Result<chime_storage::ServerModerated> {
+        self.with(|s| s.moderate_server(server, actor, target, action, now_ms))
+    }
+    fn last_seen(&mut self, users: &[UserId]) -> chime_storage::Result<Vec<(UserId, i64)>> {
+        self.with(|s| s.last_seen(users))
+    }
 }
 
 impl Store for StoreSlot {

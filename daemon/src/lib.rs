@@ -22,6 +22,8 @@
 //! - [`limits`]: every fixed limit, named once.
 //! - [`health`]: whether the database is usable, and each worker's store, reopened after it
 //!   fails (a database restart, a full disk).
+//! - [`notify`]: the push-notification path: a delay a read cancels, then a gateway (a spool
+//!   file).
 //! - [`node`]: storage nodes reached through `ssh`: the agent (`chimed node`), its protocol and
 //!   object store, and the daemon's [`node::NodeLink`]s to them.
 //!
@@ -38,6 +40,7 @@ pub mod handlers;
 pub mod health;
 pub mod limits;
 pub mod node;
+pub mod notify;
 pub mod ratelimit;
 pub mod server;
 pub mod sync;

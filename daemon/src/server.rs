@@ -116,7 +116,17 @@ impl Server {
             settings: Settings {
                 max_rooms_per_user: config.max_rooms_per_user,
                 session_limits: crate::core::session_limits(&config),
+                notifier: match &config.notify.spool {
+                    Some(path) => {
+                        let gateway = crate::notify::SpoolGateway::open(path)
+                            .with_context(|| format!("cannot open the notification spool {}", path.display()))?;
+                        let delay = Duration::from_millis(config.notify.delay_ms);
+                        Some(crate::notify::Notifier::start(delay, Box::new(gateway))?)
+                    }
+                    None => None,
+                },
             },
+            secret_keys: Some(config.data_dir.join("secret-keys")),
         };
         let pool = Pool::start(database_url, pool_config, Notify { completions: tx, waker })?;
         let mut local_addrs = Vec::new();

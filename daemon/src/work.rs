@@ -62,6 +62,8 @@ pub struct Settings {
     pub max_rooms_per_user: u64,
     /// When sessions expire.
     pub session_limits: SessionLimits,
+    /// The push-notification path, when a gateway is configured (`[notify] spool`).
+    pub notifier: Option<crate::notify::Notifier>,
 }
 
 /// A job for the pool; the variant is its queue.
@@ -294,6 +296,28 @@ pub enum Effect {
         to: ReplyTo,
         /// Whether the job took a slot of the connection's shared-queue window.
         shared: bool,
+    },
+    /// WATCH_PRESENCE read the watched users' durable last seen: the core registers the watch
+    /// and answers with their presence, live state first, the stored last seen for those
+    /// offline that it has not seen since it started.
+    Watched {
+        /// The connection and request.
+        to: ReplyTo,
+        /// The users watched, as asked (at most `MAX_WATCHED`).
+        users: Vec<UserId>,
+        /// Their stored last seen, Unix ms, for those ever seen.
+        seen: Vec<(UserId, i64)>,
+    },
+    /// A channel only some roles may read was created: the core asks a worker which of the
+    /// server's online followers (but `creator`, subscribed already) may read it, and subscribes
+    /// those (as [`Effect::Subscribe`]s from that job).
+    RestrictedChannelCreated {
+        /// The server.
+        server: ServerId,
+        /// The channel.
+        room: RoomId,
+        /// Who created it.
+        creator: UserId,
     },
 }
 

@@ -47,6 +47,9 @@ pub struct PoolConfig {
     pub partition_size: u64,
     /// What the jobs need to know.
     pub settings: Settings,
+    /// The key file of secret rooms (chime_storage::secret), in the data directory; `None`: secret
+    /// rooms' text is stored unsealed (tests of the pool alone).
+    pub secret_keys: Option<std::path::PathBuf>,
 }
 
 /// What a worker thread takes from its queue.
@@ -125,6 +128,10 @@ impl Pool {
             busy_timeout: config.busy_timeout,
             manual_checkpoints: embedded,
             partition_size: config.partition_size,
+            secret_keys: match &config.secret_keys {
+                Some(path) => Some(chime_storage::secret::SecretKeys(chime_storage::secret::KeyFile::open(path)?)),
+                None => None,
+            },
             ..OpenOptions::default()
         };
         let (shared_tx, shared_rx) = crossbeam_channel::bounded::<Msg>(SHARD_QUEUE);
@@ -324,16 +331,16 @@ fn run(work: Work, store: &mut StoreSlot, settings: &Settings, out: &mut Vec<Eff
         Work::Room(w) => out.extend(w.run(store, settings)),
         Work::Shared(w) => out.extend(w.run(store as &mut dyn SharedStore, settings)),
         // Posts are committed in groups by the caller; auth jobs never reach a shard.
-        Work::Post(p) => out.extend(messages::commit(store, vec![p])),
+        Work::Post(p) => out.extend(messages::commit(store, vec![p], settings)),
         Work::Auth(_) => log::error!("a password job reached a shard worker; dropped"),
     }
     out.extend(to.map(|to| Effect::Release { to, shared }));
 }
 
 /// Commits posts together and gives their slots back.
-fn commit(store: &mut dyn Store, posts: Vec<PostWork>, out: &mut Vec<Effect>) {
+fn commit(store: &mut dyn Store, posts: Vec<PostWork>, settings: &Settings, out: &mut Vec<Effect>) {
     let tos: Vec<_> = posts.iter().map(|p| p.to).collect();
-    out.extend(messages::commit(store, posts));
+    out.extend(messages::commit(store, posts, settings));
     out.extend(tos.into_iter().map(|to| Effect::Release { to, shared: false }));
 }
 
@@ -385,7 +392,7 @@ fn shard_main(
             match work {
                 Work::Post(p) => posts.push(p),
                 other => {
-                    commit_group(&mut slot, &mut ledger, std::mem::take(&mut posts), &mut out);
+                    commit_group(&mut slot, &mut ledger, std::mem::take(&mut posts), settings, &mut out);
                     let room = match &other {
                         Work::Room(w) => Some(w.room()),
                         _ => None,
@@ -401,7 +408,7 @@ fn shard_main(
                 }
             }
         }
-        commit_group(&mut slot, &mut ledger, posts, &mut out);
+        commit_group(&mut slot, &mut ledger, posts, settings, &mut out);
         notify.send(out);
         if stop {
             return;
@@ -410,7 +417,13 @@ fn shard_main(
 }
 
 /// Commits a group of posts, keeping the ledger of what their rooms published.
-fn commit_group(store: &mut StoreSlot, ledger: &mut Ledger, posts: Vec<PostWork>, out: &mut Vec<Effect>) {
+fn commit_group(
+    store: &mut StoreSlot,
+    ledger: &mut Ledger,
+    posts: Vec<PostWork>,
+    settings: &Settings,
+    out: &mut Vec<Effect>,
+) {
     if posts.is_empty() {
         return;
     }
@@ -421,7 +434,7 @@ fn commit_group(store: &mut StoreSlot, ledger: &mut Ledger, posts: Vec<PostWork>
         ledger.prepare(store, room, out);
     }
     let (losses, from) = (store.losses(), out.len());
-    commit(store, posts, out);
+    commit(store, posts, settings, out);
     ledger.record(&rooms, store.losses() != losses, &out[from..]);
 }
 
@@ -495,7 +508,9 @@ mod tests {
             settings: Settings {
                 max_rooms_per_user: 10,
                 session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
+                notifier: None,
             },
+            secret_keys: None,
         };
         let pool = Pool::start(&url, config, Notify { completions: tx, waker }).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);

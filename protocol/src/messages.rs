@@ -435,6 +435,19 @@ pub struct SetServerRole {
     pub role: String,
 }
 
+/// `MODERATE_SERVER`: `INVITE` a user to a server (the way into a private one: the invited user
+/// then joins with `JOIN_SERVER`), `BAN` them (removed, and refused by `JOIN_SERVER` until
+/// unbanned) or `UNBAN` them. The answer is `DONE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModerateServer {
+    /// The server's id.
+    pub server: ServerId,
+    /// The user's name.
+    pub user: String,
+    /// `INVITE`, `BAN` or `UNBAN`; other actions are refused `INVALID_ARGUMENT`.
+    pub action: ModAction,
+}
+
 /// `DEFINE_SERVER_ROLE`: define (or with none, remove) a role of a server; `member` redefines
 /// what every plain member may do. The answer is `DONE`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1124,6 +1137,8 @@ frame_enum! {
         Restore(Restore) = RESTORE,
         /// Messages that match a query.
         Search(Search) = SEARCH,
+        /// Invite to, ban from or unban from a server.
+        ModerateServer(ModerateServer) = MODERATE_SERVER,
     }
 }
 
@@ -1196,6 +1211,8 @@ frame_enum! {
         Goodbye(Goodbye) = GOODBYE,
         /// A setting changed on another connection of the user (push).
         SettingChanged(SettingChanged) = SETTING_CHANGED,
+        /// Unread counts right after a login (push).
+        UnreadAtLogin(UnreadList) = UNREAD_AT_LOGIN,
     }
 }
 

@@ -151,6 +151,8 @@ wire_code! {
         RESTORE = 0x0050,
         /// One page of a room's messages that match a query, in their current state.
         SEARCH = 0x0051,
+        /// Invite a user to a server, or ban (unban) them from it.
+        MODERATE_SERVER = 0x0090,
 
         /// Server hello: the handshake succeeded.
         WELCOME = 0x8001,
@@ -219,6 +221,8 @@ wire_code! {
         GOODBYE = 0x9002,
         /// One of the user's settings was changed (on another connection of the user).
         SETTING_CHANGED = 0x9010,
+        /// Right after a login: the rooms with something unread (the first page of `UNREAD`).
+        UNREAD_AT_LOGIN = 0x9050,
     }
 }
 
@@ -411,6 +415,9 @@ wire_code! {
     RoomKind(u8) {
         /// A group room that anyone may join.
         GROUP = 1,
+        /// A group room whose deletes are hard: a deleted message's text (and its edits') is
+        /// destroyed on disk, not hidden. Invite-only, as `PRIVATE`.
+        SECRET = 2,
         /// A direct dialog between exactly two users: one per pair, nobody else can join, and
         /// neither side can leave it.
         DIRECT = 3,

@@ -245,6 +245,11 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             before,
             limit
         })),
+        (any::<u64>(), text(), any::<u8>()).prop_map(|(s, user, a)| ClientFrame::ModerateServer(ModerateServer {
+            server: ServerId(s),
+            user,
+            action: ModAction(a)
+        })),
     ]
 }
 
@@ -405,6 +410,8 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         read_state().prop_map(ServerFrame::ReadStateChanged),
         (vec(read_state(), 0..3), option::of(room()))
             .prop_map(|(rooms, next_after)| ServerFrame::UnreadList(UnreadList { rooms, next_after })),
+        (vec(read_state(), 0..3), option::of(room()))
+            .prop_map(|(rooms, next_after)| ServerFrame::UnreadAtLogin(UnreadList { rooms, next_after })),
         vec((room(), seq(), text(), any::<i64>(), option::of(text()), any::<bool>()), 0..3).prop_map(|n| {
             ServerFrame::NotificationList(NotificationList {
                 notifications: n
@@ -534,6 +541,7 @@ proptest! {
                     | ServerFrame::ReadStateChanged(_)
                     | ServerFrame::TypingNow(_)
                     | ServerFrame::PresenceChanged(_)
+                    | ServerFrame::UnreadAtLogin(_)
             );
             prop_assert_eq!(raw.ty.is_push(), push);
         }

@@ -533,6 +533,12 @@ fn vectors() -> Vec<Vector> {
             ServerFrame::UnreadList(UnreadList { rooms: vec![read_state()], next_after: None }),
         ),
         s(
+            "unread_at_login",
+            "UNREAD_AT_LOGIN (push) id=0 rooms=[{room=300 head=12 delivered=9 read=7 unread=4 mentions=1}] next_after=None",
+            0,
+            ServerFrame::UnreadAtLogin(UnreadList { rooms: vec![read_state()], next_after: None }),
+        ),
+        s(
             "notification_list",
             "NOTIFICATION_LIST id=27 notifications=[{room=300 seq=8 author=\"bob\" ts_ms=1700000000000 text=\"hi @ann\" read=false}]",
             27,
@@ -676,6 +682,12 @@ fn vectors() -> Vec<Vector> {
             "SEARCH id=17 room=300 query=\"hi there\" before=0 limit=50 (answered by MESSAGE_PAGE)",
             17,
             ClientFrame::Search(Search { room: RoomId(300), query: "hi there".into(), before: Seq(0), limit: 50 }),
+        ),
+        c(
+            "moderate_server",
+            "MODERATE_SERVER id=25 server=5 user=\"bob\" action=INVITE(1) (answered by DONE)",
+            25,
+            ClientFrame::ModerateServer(ModerateServer { server: ServerId(5), user: "bob".into(), action: ModAction::INVITE }),
         ),
         s(
             "error_retry_after",

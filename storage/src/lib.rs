@@ -22,6 +22,7 @@ pub mod moderation;
 pub mod partition;
 pub mod postgres;
 pub mod search;
+pub mod secret;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -716,6 +717,87 @@ pub trait SharedStore: Send {
     /// (SQLite `wal_checkpoint(PASSIVE)`); nothing on PostgreSQL. Meant for a housekeeping thread
     /// when the workers open with [`OpenOptions::manual_checkpoints`].
     fn checkpoint(&mut self) -> Result<()>;
+
+    /// Whom message `seq` of `room` (by `author`) should notify through a push gateway: the users
+    /// it mentions, and in a direct dialog the other user, each once (a mention wins over the
+    /// dialog), unless their notification level for the room is `none` or they muted it. By user
+    /// id. Mentions are those recorded when the message was written.
+    fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<PushTarget>>;
+
+    /// Invites the user named `target` to a server ([`MemberAction::Invite`]: an invitation that
+    /// the user's next [`SharedStore::join_server`] uses up, the only way into a private server),
+    /// bans them ([`MemberAction::Ban`]: removed if a member, invitation dropped, refused by
+    /// `join_server` until unbanned) or unbans them, judged by [`moderation::judge`] against the
+    /// actor's server role (`invite`, `ban`). `NotFound` for no such server membership of the
+    /// actor or no such user; `Forbidden` when not allowed or for another action.
+    fn moderate_server(
+        &mut self,
+        server: ServerId,
+        actor: UserId,
+        target: &str,
+        action: &MemberAction,
+        now_ms: i64,
+    ) -> Result<ServerModerated>;
+
+    /// When each of `users` was last seen: the latest last use of any of their sessions (written
+    /// when a connection closes), Unix ms; users never seen are left out. By user id.
+    fn last_seen(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>>;
+}
+
+/// What [`SharedStore::moderate_server`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerModerated {
+    /// The user acted on.
+    pub user: UserId,
+    /// Whether anything changed (an invitation of a member, a ban of a banned user: no).
+    pub changed: bool,
+    /// A ban of a member: the channels they could read and no longer can.
+    pub left_channels: Vec<RoomId>,
+}
+
+/// Checks that a server moderation step is one servers have.
+pub(crate) fn check_server_action(action: &MemberAction) -> Result<()> {
+    match action {
+        MemberAction::Invite | MemberAction::Ban | MemberAction::Unban => Ok(()),
+        _ => Err(StoreError::Forbidden("servers have invite, ban and unban".into())),
+    }
+}
+
+/// Why a user is notified of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushReason {
+    /// The message mentions them.
+    Mention,
+    /// It was written to them in a direct dialog.
+    Direct,
+}
+
+/// A user a message should notify (see [`SharedStore::push_targets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushTarget {
+    /// The user.
+    pub user: UserId,
+    /// Their name.
+    pub name: String,
+    /// Why.
+    pub reason: PushReason,
+}
+
+/// Rows of `(user id, name, reason code)` from either store's push-target query (0 mention, 1
+/// direct) as [`SharedStore::push_targets`] returns them: one per user, a mention first.
+pub(crate) fn push_targets_from(rows: impl IntoIterator<Item = (i64, String, i64)>) -> Vec<PushTarget> {
+    let mut out: Vec<PushTarget> = Vec::new();
+    for (user, name, reason) in rows {
+        let reason = if reason == 0 { PushReason::Mention } else { PushReason::Direct };
+        let user: UserId = from_db(user);
+        match out.iter_mut().find(|t| t.user == user) {
+            Some(t) if reason == PushReason::Mention => t.reason = reason,
+            Some(_) => {}
+            None => out.push(PushTarget { user, name, reason }),
+        }
+    }
+    out.sort_by_key(|t| t.user);
+    out
 }
 
 /// The whole store: [`SharedStore`] plus the writes that append to an existing room's log, which
@@ -903,6 +985,10 @@ pub struct OpenOptions {
     /// Deltas per partition of the log of a room created through this store (see [`partition`]);
     /// a room keeps the size it was created with. Default [`DEFAULT_PARTITION_SIZE`].
     pub partition_size: u64,
+    /// The key file of secret rooms: with it, the store opened is a [`secret::SecretStore`]
+    /// around the database, which seals the text of secret rooms. Without it (tools, tests of
+    /// the bare stores) secret rooms' text is stored as given. Default none.
+    pub secret_keys: Option<secret::SecretKeys>,
 }
 
 impl Default for OpenOptions {
@@ -912,6 +998,7 @@ impl Default for OpenOptions {
             connect_timeout: Duration::from_secs(10),
             manual_checkpoints: false,
             partition_size: DEFAULT_PARTITION_SIZE,
+            secret_keys: None,
         }
     }
 }
@@ -925,6 +1012,14 @@ pub fn open(url: &str) -> Result<Box<dyn Store>> {
 /// `postgresql://...`, and applies migrations. `Unavailable` when the database cannot be reached
 /// or opened right now (try again later), `Config` when the URL or path can never work.
 pub fn open_with(url: &str, options: &OpenOptions) -> Result<Box<dyn Store>> {
+    let store = open_database(url, options)?;
+    Ok(match &options.secret_keys {
+        Some(keys) => Box::new(secret::SecretStore::new(store, keys.0.clone())),
+        None => store,
+    })
+}
+
+fn open_database(url: &str, options: &OpenOptions) -> Result<Box<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Box::new(postgres::PgStore::connect_with(url, options)?))
     } else {

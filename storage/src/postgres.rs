@@ -740,6 +740,18 @@ impl PgStore {
         }))
     }
 
+    /// Whether a user is banned from a server, and whether they hold an invitation to it.
+    fn server_standing(tx: &mut Transaction<'_>, server: ServerId, user: UserId) -> Result<(bool, bool)> {
+        let row = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM server_bans WHERE server_id = $1 AND user_id = $2),
+                        EXISTS (SELECT 1 FROM server_invites WHERE server_id = $1 AND user_id = $2)",
+                &[&to_db(server), &to_db(user)],
+            )
+            .map_err(pg_err)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
     fn server_of(tx: &mut Transaction<'_>, server: ServerId, user: UserId) -> Result<Option<ServerRecord>> {
         Ok(tx.query_opt(server_sql::ONE, &[&to_db(server), &to_db(user)]).map_err(pg_err)?.as_ref().map(server_row))
     }
@@ -1150,12 +1162,18 @@ impl SharedStore for PgStore {
             tx.commit().map_err(pg_err)?;
             return Ok((record, channels, false));
         }
-        if !record.public {
-            return Err(StoreError::Forbidden(format!("server {server} is private")));
+        let (banned, invited) = Self::server_standing(&mut tx, server, user)?;
+        if banned {
+            return Err(StoreError::Forbidden(format!("you are banned from server {server}")));
+        }
+        if !record.public && !invited {
+            return Err(StoreError::Forbidden(format!("server {server} is private: join by invitation")));
         }
         if record.members >= record.member_cap {
             return Err(StoreError::LimitReached(format!("server {server} has {} members, its cap", record.members)));
         }
+        tx.execute("DELETE FROM server_invites WHERE server_id = $1 AND user_id = $2", &[&to_db(server), &to_db(user)])
+            .map_err(pg_err)?;
         tx.query_opt(&self.st.lock_user, &[&to_db(user)]).map_err(pg_err)?;
         let count: i64 = tx.query_one(server_sql::COUNT, &[&to_db(user)]).map_err(pg_err)?.get(0);
         crate::check_server_cap(user, from_db(count), max_servers)?;
@@ -1506,6 +1524,97 @@ impl SharedStore for PgStore {
     fn checkpoint(&mut self) -> Result<()> {
         Ok(())
     }
+
+    fn moderate_server(
+        &mut self,
+        server: ServerId,
+        actor: UserId,
+        target: &str,
+        action: &MemberAction,
+        now_ms: i64,
+    ) -> Result<crate::ServerModerated> {
+        crate::check_server_action(action)?;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        // The server's row lock orders this against joins (a ban racing the user's join).
+        tx.query_opt("SELECT 1 FROM servers WHERE id = $1 FOR UPDATE", &[&to_db(server)]).map_err(pg_err)?;
+        let (actor_role, perms) = Self::server_perms(&mut tx, server, actor)?
+            .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {server}")))?;
+        let user: UserId = tx
+            .query_opt("SELECT id FROM users WHERE name = $1", &[&target])
+            .map_err(pg_err)?
+            .map(|row| from_db(row.get::<_, i64>(0)))
+            .ok_or_else(|| StoreError::NotFound(format!("user {target}")))?;
+        let role = Self::server_perms(&mut tx, server, user)?.map(|(r, _)| r);
+        let (banned, _) = Self::server_standing(&mut tx, server, user)?;
+        let state = MemberState { role: role.clone(), muted: false, banned };
+        let room = RoomId(server.get());
+        let mut done = crate::ServerModerated { user, changed: false, left_channels: Vec::new() };
+        if moderation::judge(room, action, (actor, &actor_role, perms), (user, target, &state), true)?
+            == ModVerdict::Unchanged
+        {
+            tx.commit().map_err(pg_err)?;
+            return Ok(done);
+        }
+        let (s, u) = (to_db(server), to_db(user));
+        match action {
+            MemberAction::Invite => tx.execute(
+                "INSERT INTO server_invites (server_id, user_id, invited_by, invited_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                &[&s, &u, &to_db(actor), &now_ms],
+            ),
+            MemberAction::Ban => {
+                if role.is_some() {
+                    done.left_channels = Self::channels(&mut tx, server, user)?.into_iter().map(|r| r.id).collect();
+                }
+                tx.execute("DELETE FROM server_members WHERE server_id = $1 AND user_id = $2", &[&s, &u])
+                    .and_then(|_| tx.execute("DELETE FROM server_invites WHERE server_id = $1 AND user_id = $2", &[&s, &u]))
+                    .and_then(|_| {
+                        tx.execute(
+                            "INSERT INTO server_bans (server_id, user_id, banned_by, banned_at) VALUES ($1, $2, $3, $4)",
+                            &[&s, &u, &to_db(actor), &now_ms],
+                        )
+                    })
+            }
+            _ => tx.execute("DELETE FROM server_bans WHERE server_id = $1 AND user_id = $2", &[&s, &u]),
+        }
+        .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        done.changed = true;
+        Ok(done)
+    }
+
+    fn last_seen(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
+        let ids: Vec<i64> = users.iter().map(|&u| to_db(u)).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT user_id, max(last_used_at) FROM sessions WHERE user_id = ANY($1)
+                 GROUP BY user_id ORDER BY user_id",
+                &[&ids],
+            )
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| (from_db(r.get::<_, i64>(0)), r.get::<_, i64>(1))).collect())
+    }
+
+    fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<crate::PushTarget>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT m.user_id, u.name, 0::bigint FROM mentions m
+                 JOIN users u ON u.id = m.user_id
+                 LEFT JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = m.user_id
+                 WHERE m.room_id = $1 AND m.seq = $2 AND m.user_id <> $3
+                   AND coalesce(rm.notify, 0) <> 2 AND NOT coalesce(rm.muted, FALSE)
+                 UNION ALL
+                 SELECT rm.user_id, u.name, 1::bigint FROM rooms r
+                 JOIN room_members rm ON rm.room_id = r.id
+                 JOIN users u ON u.id = rm.user_id
+                 WHERE r.id = $1 AND r.kind = $4 AND rm.user_id <> $3 AND rm.notify <> 2 AND NOT rm.muted",
+                &[&to_db(room), &to_db(seq), &to_db(author), &i16::from(RoomKind::DIRECT.0)],
+            )
+            .map_err(pg_err)?;
+        Ok(crate::push_targets_from(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2)))))
+    }
 }
 
 impl Store for PgStore {
@@ -1525,7 +1634,7 @@ impl Store for PgStore {
                 let kind = RoomKind(code(row.get(0))?);
                 crate::check_not_direct(room, kind, "join")?;
                 crate::check_not_channel(room, kind, "join")?;
-                if kind == RoomKind::PRIVATE {
+                if kind == RoomKind::PRIVATE || kind == RoomKind::SECRET {
                     return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
                 }
                 let banned = tx

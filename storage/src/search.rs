@@ -31,13 +31,11 @@ pub const MAX_QUERY_WORDS: usize = 16;
 /// Longest query, in bytes.
 pub const MAX_QUERY_BYTES: usize = 1024;
 
-/// The reserved room kind of secret rooms (not built yet). Their messages must never reach a
-/// search index: the hook every index write goes through is [`indexable`].
-const SECRET: RoomKind = RoomKind(2);
-
-/// Whether messages of a room of this kind are indexed for search: not in secret rooms.
+/// Whether messages of a room of this kind are indexed for search: not in secret rooms, whose
+/// text must never reach an index (the index would keep words of a message after its key is
+/// destroyed; see [`crate::secret`]). Every index write goes through this.
 pub fn indexable(kind: RoomKind) -> bool {
-    kind != SECRET
+    kind != RoomKind::SECRET
 }
 
 fn is_word_char(c: char) -> bool {

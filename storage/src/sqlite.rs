@@ -884,8 +884,12 @@ impl SharedStore for SqliteStore {
             if record.role.is_some() {
                 return Ok((record, readable_channels(conn, server, user)?, false));
             }
-            if !record.public {
-                return Err(StoreError::Forbidden(format!("server {server} is private")));
+            let (banned, invited) = server_standing(conn, server, user)?;
+            if banned {
+                return Err(StoreError::Forbidden(format!("you are banned from server {server}")));
+            }
+            if !record.public && !invited {
+                return Err(StoreError::Forbidden(format!("server {server} is private: join by invitation")));
             }
             if record.members >= record.member_cap {
                 return Err(StoreError::LimitReached(format!(
@@ -893,6 +897,11 @@ impl SharedStore for SqliteStore {
                     record.members
                 )));
             }
+            exec(
+                conn,
+                "DELETE FROM server_invites WHERE server_id = ?1 AND user_id = ?2",
+                params![to_db(server), to_db(user)],
+            )?;
             crate::check_server_cap(user, server_count(conn, user)?, max_servers)?;
             exec(
                 conn,
@@ -1341,6 +1350,104 @@ impl SharedStore for SqliteStore {
     fn checkpoint(&mut self) -> Result<()> {
         self.wal_checkpoint().map(drop)
     }
+
+    fn moderate_server(
+        &mut self,
+        server: ServerId,
+        actor: UserId,
+        target: &str,
+        action: &MemberAction,
+        now_ms: i64,
+    ) -> Result<crate::ServerModerated> {
+        crate::check_server_action(action)?;
+        self.write(|conn| {
+            let (actor_role, perms) = server_perms(conn, server, actor)?
+                .ok_or_else(|| StoreError::NotFound(format!("you are not a member of server {server}")))?;
+            let user: UserId = conn
+                .prepare_cached("SELECT id FROM users WHERE name = ?1")
+                .and_then(|mut st| st.query_row([target], |row| row.get::<_, i64>(0)).optional())
+                .map_err(db_err)?
+                .map(from_db)
+                .ok_or_else(|| StoreError::NotFound(format!("user {target}")))?;
+            let role = server_perms(conn, server, user)?.map(|(r, _)| r);
+            let (banned, _) = server_standing(conn, server, user)?;
+            let state = MemberState { role: role.clone(), muted: false, banned };
+            let room = RoomId(server.get());
+            let mut done = crate::ServerModerated { user, changed: false, left_channels: Vec::new() };
+            if moderation::judge(room, action, (actor, &actor_role, perms), (user, target, &state), true)?
+                == ModVerdict::Unchanged
+            {
+                return Ok(done);
+            }
+            let (s, u) = (to_db(server), to_db(user));
+            match action {
+                MemberAction::Invite => exec(
+                    conn,
+                    "INSERT OR IGNORE INTO server_invites (server_id, user_id, invited_by, invited_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![s, u, to_db(actor), now_ms],
+                )?,
+                MemberAction::Ban => {
+                    if role.is_some() {
+                        done.left_channels = readable_channels(conn, server, user)?.into_iter().map(|r| r.id).collect();
+                    }
+                    exec(conn, "DELETE FROM server_members WHERE server_id = ?1 AND user_id = ?2", params![s, u])?;
+                    exec(conn, "DELETE FROM server_invites WHERE server_id = ?1 AND user_id = ?2", params![s, u])?;
+                    exec(
+                        conn,
+                        "INSERT INTO server_bans (server_id, user_id, banned_by, banned_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![s, u, to_db(actor), now_ms],
+                    )?
+                }
+                _ => exec(conn, "DELETE FROM server_bans WHERE server_id = ?1 AND user_id = ?2", params![s, u])?,
+            };
+            done.changed = true;
+            Ok(done)
+        })
+    }
+
+    fn last_seen(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        let mut out = Vec::new();
+        {
+            let mut st =
+                tx.prepare_cached("SELECT max(last_used_at) FROM sessions WHERE user_id = ?1").map_err(db_err)?;
+            let mut ids: Vec<UserId> = users.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            for user in ids {
+                let seen: Option<i64> = st.query_row([to_db(user)], |row| row.get(0)).map_err(db_err)?;
+                out.extend(seen.map(|ms| (user, ms)));
+            }
+        }
+        tx.finish().map_err(db_err)?;
+        Ok(out)
+    }
+
+    fn push_targets(&mut self, room: RoomId, seq: Seq, author: UserId) -> Result<Vec<crate::PushTarget>> {
+        let rows: Vec<(i64, String, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT m.user_id, u.name, 0 FROM mentions m
+                 JOIN users u ON u.id = m.user_id
+                 LEFT JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = m.user_id
+                 WHERE m.room_id = ?1 AND m.seq = ?2 AND m.user_id <> ?3
+                   AND coalesce(rm.notify, 0) <> 2 AND coalesce(rm.muted, 0) = 0
+                 UNION ALL
+                 SELECT rm.user_id, u.name, 1 FROM rooms r
+                 JOIN room_members rm ON rm.room_id = r.id
+                 JOIN users u ON u.id = rm.user_id
+                 WHERE r.id = ?1 AND r.kind = ?4 AND rm.user_id <> ?3 AND rm.notify <> 2 AND rm.muted = 0",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![to_db(room), to_db(seq), to_db(author), RoomKind::DIRECT.0], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect()
+            })
+            .map_err(db_err)?;
+        Ok(crate::push_targets_from(rows))
+    }
 }
 
 impl Store for SqliteStore {
@@ -1361,7 +1468,7 @@ impl Store for SqliteStore {
             }
             crate::check_not_direct(room, kind, "join")?;
             crate::check_not_channel(room, kind, "join")?;
-            if kind == RoomKind::PRIVATE {
+            if kind == RoomKind::PRIVATE || kind == RoomKind::SECRET {
                 return Err(StoreError::Forbidden(format!("room {room} is invite-only")));
             }
             if banned(conn, room, user)? {
@@ -1773,6 +1880,16 @@ fn member_perms(conn: &Connection, room: RoomId, user: UserId) -> Result<Option<
 }
 
 /// The user's role and permissions in a server, `None` when not a member.
+/// Whether a user is banned from a server, and whether they hold an invitation to it.
+fn server_standing(conn: &Connection, server: ServerId, user: UserId) -> Result<(bool, bool)> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM server_bans WHERE server_id = ?1 AND user_id = ?2),
+                EXISTS (SELECT 1 FROM server_invites WHERE server_id = ?1 AND user_id = ?2)",
+    )
+    .and_then(|mut st| st.query_row(params![to_db(server), to_db(user)], |row| Ok((row.get(0)?, row.get(1)?))))
+    .map_err(db_err)
+}
+
 fn server_perms(conn: &Connection, server: ServerId, user: UserId) -> Result<Option<(String, Permissions)>> {
     conn.prepare_cached(
         "SELECT m.role, m.silenced, r.perms FROM server_members m

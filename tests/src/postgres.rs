@@ -137,6 +137,11 @@ impl PgServer {
             .with_context(|| format!("starting PostgreSQL (log: {})", server.root.join("server.log").display()))
     }
 
+    /// The cluster's data directory (every file PostgreSQL keeps: heap, indexes, TOAST, pg_wal).
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
     /// The URL of the default database, `postgres://postgres@127.0.0.1:PORT/chime`.
     pub fn url(&self) -> String {
         self.url_of("chime")

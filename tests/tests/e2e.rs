@@ -24,12 +24,16 @@ mod hostile;
 mod idempotency;
 #[path = "e2e/idle.rs"]
 mod idle;
+#[path = "e2e/invites.rs"]
+mod invites;
 #[path = "e2e/membership.rs"]
 mod membership;
 #[path = "e2e/messages.rs"]
 mod messages;
 #[path = "e2e/moderation.rs"]
 mod moderation;
+#[path = "e2e/notify.rs"]
+mod notify;
 #[path = "e2e/ordering.rs"]
 mod ordering;
 #[path = "e2e/outage.rs"]
@@ -42,6 +46,8 @@ mod receipts;
 mod restore;
 #[path = "e2e/search.rs"]
 mod search;
+#[path = "e2e/secret.rs"]
+mod secret;
 #[path = "e2e/servers.rs"]
 mod servers;
 #[path = "e2e/sessions.rs"]

@@ -12,8 +12,8 @@ use std::thread;
 use chime_storage::{
     search, ActionOutcome, DeltaRecord, MemberAction, MemberRecord, MessageAction, MessageRecord, ModerationOutcome,
     NewAction, NewChannel, NewModeration, NewPost, NewServer, NewSession, NotifyLevel, OpenOptions, Order, Permissions,
-    PostOutcome, ProfileRecord, ProfileUpdate, RecordKind, RoomId, RoomKind, RoomRecord, Seq, ServerId, SessionLimits,
-    SessionRecord, SettingWrite, SettingsRecord, Store, StoreError, UserId, UserRecord,
+    PostOutcome, ProfileRecord, ProfileUpdate, PushReason, RecordKind, RoomId, RoomKind, RoomRecord, Seq, ServerId,
+    SessionLimits, SessionRecord, SettingWrite, SettingsRecord, Store, StoreError, UserId, UserRecord,
 };
 use chime_tests::postgres;
 
@@ -113,6 +113,9 @@ conformance! {
         search_finds_messages_by_their_current_words,
         search_is_for_members_and_pages_newest_first,
         secret_rooms_are_never_indexed,
+        push_targets_are_mentions_and_direct_peers_who_allow_it,
+        private_servers_take_invitations_and_bans_hold,
+        last_seen_is_the_latest_use_of_any_session,
     ],
     db: [
         concurrent_writers_leave_no_gaps,
@@ -125,6 +128,7 @@ conformance! {
         restore_pages_cross_partitions_both_ways,
         partitions_record_every_append,
         migrations_partition_and_index_existing_logs,
+        secret_rooms_seal_text_and_deletes_destroy_it,
     ],
 }
 
@@ -925,6 +929,7 @@ fn open_with_options(db: &Db) {
         connect_timeout: std::time::Duration::from_secs(5),
         manual_checkpoints: true,
         partition_size: 3,
+        secret_keys: None,
     };
     let mut store = chime_storage::open_with(&db.url, &options).expect("open_with");
     let ada = user(&mut *store, "ada");
@@ -1859,4 +1864,166 @@ fn calls_are_signalled_as_deltas(store: &mut dyn Store) {
     ));
     let kinds: Vec<RecordKind> = log(store, lobby.id).iter().map(|d| d.kind).collect();
     assert_eq!(kinds[2..], [RecordKind::CALL_INVITE, RecordKind::CALL_ACCEPT, RecordKind::MUTE]);
+}
+
+/// With a key file, a secret room's text is stored sealed (the bare store sees ciphertext) and read
+/// back in clear; a delete destroys the message's key, so the message and its edits read as
+/// tombstones while replies (messages of their own) stay; a slot freed by a delete and reused is
+/// not destroyed again by a retried delete; other rooms are stored as given.
+fn secret_rooms_seal_text_and_deletes_destroy_it(db: &Db) {
+    use chime_storage::secret::{KeyFile, SecretKeys};
+    let dir = tempfile::tempdir().expect("key dir");
+    let keys = KeyFile::open(&dir.path().join("secret-keys")).expect("key file");
+    let options = OpenOptions { secret_keys: Some(SecretKeys(keys)), ..OpenOptions::default() };
+    let mut keyed = db.open_with(&options);
+    let mut bare = db.open();
+    let store = &mut *keyed;
+    let ada = user(store, "ada");
+    let (secret, _) = store.create_room("shh", RoomKind::SECRET, ada.id, "ada", T0, MAX_ROOMS).expect("room");
+    let lobby = room(store, "lobby", &ada);
+    let out = store.append_posts(&[post(secret.id, &ada, "k", "first words"), post(lobby.id, &ada, "k", "open words")]);
+    let out = out.expect("posts");
+    assert_eq!((inserted(&out[0]).body.as_str(), inserted(&out[1]).body.as_str()), ("first words", "open words"));
+    applied(
+        store.act(&action(secret.id, 2, &ada, MessageAction::Edit { text: "second words".into() }, "e")).expect("edit"),
+    );
+    let reply = applied(
+        store
+            .act(&action(secret.id, 2, &ada, MessageAction::Reply { text: "reply words".into() }, "r"))
+            .expect("reply"),
+    );
+    assert_eq!(reply.body, "reply words");
+    let texts = |s: &mut dyn Store, room: RoomId| log(s, room).into_iter().map(|d| d.body).collect::<Vec<_>>();
+    assert_eq!(texts(store, secret.id), ["shh", "first words", "second words", "reply words"]);
+    let current = view(store, secret.id, &ada);
+    assert_eq!(
+        current.iter().map(|m| m.text.as_deref()).collect::<Vec<_>>(),
+        [Some("reply words"), Some("second words")]
+    );
+    // What the database holds: ciphertext, nothing of the text.
+    for body in texts(&mut *bare, secret.id).iter().skip(1) {
+        assert!(body.starts_with("sealed:") && !body.contains("words"), "{body}");
+    }
+    assert!(view(&mut *bare, secret.id, &ada).iter().all(|m| !m.text.as_deref().unwrap_or("").contains("words")));
+    assert_eq!(texts(&mut *bare, lobby.id)[1], "open words", "other rooms are stored as given");
+
+    applied(store.act(&action(secret.id, 2, &ada, MessageAction::Delete, "")).expect("delete"));
+    let log_now = texts(store, secret.id);
+    assert_eq!(log_now[..4], ["shh", "", "", "reply words"], "the message and its edit are tombstones");
+    let current = view(store, secret.id, &ada);
+    assert_eq!(
+        current.iter().map(|m| (m.text.as_deref(), m.deleted)).collect::<Vec<_>>(),
+        [(Some("reply words"), false), (None, true)]
+    );
+    // The freed slot goes to the next message; a retried delete of the old one leaves it alone.
+    let next = store.append_posts(&[post(secret.id, &ada, "k2", "next words")]).expect("post");
+    let next = inserted(&next[0]).seq;
+    store.act(&action(secret.id, 2, &ada, MessageAction::Delete, "")).expect("retried delete");
+    let log_now = texts(store, secret.id);
+    assert_eq!(log_now.last().map(String::as_str), Some("next words"), "{log_now:?}");
+    assert_eq!(log_now[1], "", "the old message stays a tombstone under the reused slot");
+    assert!(store.deltas_after(secret.id, Seq(next.get() - 1), 1).expect("read")[0].body == "next words");
+
+    // A mention in a secret room is recorded (the names stay beside the ciphertext) and reads in
+    // clear in the mentioned user's notifications, until the message is deleted.
+    let bob = user(store, "bob");
+    let invite = NewModeration {
+        room: secret.id,
+        actor: ada.id,
+        actor_name: "ada".into(),
+        target: "bob".into(),
+        action: MemberAction::Invite,
+        max_rooms: MAX_ROOMS,
+        now_ms: T0,
+    };
+    store.moderate(&invite).expect("invite");
+    let out = store.append_posts(&[post(secret.id, &ada, "k3", "psst @bob, the code")]).expect("post");
+    let seq = inserted(&out[0]).seq;
+    let raw = texts(&mut *bare, secret.id).pop().expect("stored");
+    assert!(raw.starts_with("sealed:") && raw.ends_with("\n@bob") && !raw.contains("code"), "{raw}");
+    let notes = store.mentions(bob.id, 10).expect("mentions");
+    assert_eq!(
+        notes.iter().map(|m| (m.seq, m.text.as_deref())).collect::<Vec<_>>(),
+        [(seq, Some("psst @bob, the code"))]
+    );
+    applied(store.act(&action(secret.id, seq.get(), &ada, MessageAction::Delete, "")).expect("delete"));
+    assert_eq!(store.mentions(bob.id, 10).expect("mentions")[0].text, None);
+}
+
+/// Whom a message notifies: the members it mentions, the other side of a direct dialog (a mention
+/// there counts as a mention), never the author, and nobody whose level for the room is none.
+fn push_targets_are_mentions_and_direct_peers_who_allow_it(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cy = user(store, "cy");
+    let lobby = room(store, "lobby", &ada);
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    store.join_room(lobby.id, cy.id, "cy", T0, MAX_ROOMS).expect("join");
+    let out = store
+        .append_posts(&[post(lobby.id, &ada, "k1", "@bob @cy @ada hi"), post(lobby.id, &ada, "k2", "nobody")])
+        .expect("posts");
+    let (mention, plain) = (inserted(&out[0]).seq, inserted(&out[1]).seq);
+    let targets = |s: &mut dyn Store, room: RoomId, seq: Seq| {
+        s.push_targets(room, seq, ada.id).expect("targets").into_iter().map(|t| (t.name, t.reason)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        targets(store, lobby.id, mention),
+        [("bob".into(), PushReason::Mention), ("cy".into(), PushReason::Mention)]
+    );
+    assert!(targets(store, lobby.id, plain).is_empty(), "no mention, not a dialog");
+    store.set_setting(cy.id, &SettingWrite::Notify { room: lobby.id, level: NotifyLevel::Nothing }).expect("level");
+    assert_eq!(targets(store, lobby.id, mention), [("bob".to_string(), PushReason::Mention)]);
+    let dm = store.open_direct(ada.id, "ada", "bob", T0, MAX_ROOMS).expect("dm").room.id;
+    let out = store.append_posts(&[post(dm, &ada, "d1", "psst"), post(dm, &ada, "d2", "@bob look")]).expect("posts");
+    assert_eq!(targets(store, dm, inserted(&out[0]).seq), [("bob".to_string(), PushReason::Direct)]);
+    assert_eq!(targets(store, dm, inserted(&out[1]).seq), [("bob".to_string(), PushReason::Mention)]);
+}
+
+/// A private server is joined only with an invitation (used up by the join), given by a role that
+/// may invite; a ban removes a member, reports the channels they lose, and refuses every join
+/// (public servers too) until lifted.
+fn private_servers_take_invitations_and_bans_hold(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cat = user(store, "cat");
+    let (private, general, _) = store.create_server(&new_server(&ada, "club", false, 10), MAX_ROOMS).expect("create");
+    let forbidden = |r: chime_storage::Result<_>| matches!(r, Err(StoreError::Forbidden(_)));
+    assert!(forbidden(store.join_server(private.id, bob.id, T0, MAX_ROOMS).map(drop)));
+    let done = store.moderate_server(private.id, ada.id, "bob", &MemberAction::Invite, T0).expect("invite");
+    assert_eq!((done.user, done.changed), (bob.id, true));
+    assert!(store.join_server(private.id, bob.id, T0, MAX_ROOMS).expect("join").2);
+    assert!(!store.moderate_server(private.id, ada.id, "bob", &MemberAction::Invite, T0).expect("again").changed);
+    assert!(forbidden(store.moderate_server(private.id, bob.id, "cat", &MemberAction::Invite, T0).map(drop)));
+    assert!(forbidden(store.moderate_server(private.id, ada.id, "cat", &MemberAction::Kick, T0).map(drop)));
+    let missing = store.moderate_server(private.id, ada.id, "nobody", &MemberAction::Invite, T0);
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    let banned = store.moderate_server(private.id, ada.id, "bob", &MemberAction::Ban, T0).expect("ban");
+    assert_eq!((banned.changed, banned.left_channels), (true, vec![general.id]));
+    assert!(!store.is_member(general.id, bob.id).expect("gone"));
+    assert!(forbidden(store.moderate_server(private.id, ada.id, "bob", &MemberAction::Invite, T0).map(drop)));
+    assert!(forbidden(store.join_server(private.id, bob.id, T0, MAX_ROOMS).map(drop)));
+    let (public, _, _) = store.create_server(&new_server(&ada, "plaza", true, 10), MAX_ROOMS).expect("create");
+    store.moderate_server(public.id, ada.id, "cat", &MemberAction::Ban, T0).expect("ban ahead");
+    assert!(forbidden(store.join_server(public.id, cat.id, T0, MAX_ROOMS).map(drop)));
+    store.moderate_server(public.id, ada.id, "cat", &MemberAction::Unban, T0).expect("unban");
+    assert!(store.join_server(public.id, cat.id, T0, MAX_ROOMS).expect("join").2);
+}
+
+/// A user's last seen is the latest last use of their sessions (touched when connections close);
+/// users never seen are left out.
+fn last_seen_is_the_latest_use_of_any_session(store: &mut dyn Store) {
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let cat = user(store, "cat");
+    let a1 = store.create_session(&new_session(&ada, 1, T0)).expect("a1");
+    let a2 = store.create_session(&new_session(&ada, 2, T0 + 10)).expect("a2");
+    store.create_session(&new_session(&bob, 3, T0 + 5)).expect("b1");
+    store.touch_sessions(&[a1.id], T0 + 500).expect("touch");
+    assert_eq!(
+        store.last_seen(&[cat.id, bob.id, ada.id, ada.id]).expect("last seen"),
+        [(ada.id, T0 + 500), (bob.id, T0 + 5)]
+    );
+    store.touch_sessions(&[a2.id], T0 + 900).expect("touch");
+    assert_eq!(store.last_seen(&[ada.id]).expect("last seen"), [(ada.id, T0 + 900)]);
+    assert!(store.last_seen(&[]).expect("none").is_empty());
 }

@@ -45,7 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Settings { key: Some(key), value: Some(value) } => account::set_setting(&mut ctx, &key, &value),
         Command::Settings { .. } => account::settings(&mut ctx),
         Command::Room { command } => match command {
-            RoomCommand::Create { name, private } => room::create(&mut ctx, &name, private),
+            RoomCommand::Create { name, private, secret } => room::create(&mut ctx, &name, private, secret),
             RoomCommand::Invite { room, user } => room::moderate(&mut ctx, room, &user, ModAction::INVITE, ""),
             RoomCommand::Kick { room, user } => room::moderate(&mut ctx, room, &user, ModAction::KICK, ""),
             RoomCommand::Ban { room, user, remove } => {
@@ -74,6 +74,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ServerCommand::Role { server, user, role } => server::role(&mut ctx, server, &user, &role),
             ServerCommand::DefineRole { server, name, permissions, remove } => {
                 server::define_role(&mut ctx, server, &name, if remove { None } else { Some(&permissions[..]) })
+            }
+            ServerCommand::Invite { server, user } => server::moderate(&mut ctx, server, &user, ModAction::INVITE),
+            ServerCommand::Ban { server, user, remove } => {
+                let action = if remove { ModAction::UNBAN } else { ModAction::BAN };
+                server::moderate(&mut ctx, server, &user, action)
             }
         },
         Command::Servers => server::list(&mut ctx),

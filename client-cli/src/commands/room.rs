@@ -4,14 +4,19 @@ use crate::connect::{CallError, Ctx};
 use chime_protocol::{ModAction, Permissions, RoomId, RoomKind};
 use serde_json::json;
 
-/// `room create NAME [--private]`: a group room owned by the caller.
-pub fn create(ctx: &mut Ctx, name: &str, private: bool) -> Result<(), CallError> {
+/// `room create NAME [--private | --secret]`: a group room owned by the caller.
+pub fn create(ctx: &mut Ctx, name: &str, private: bool, secret: bool) -> Result<(), CallError> {
     let (mut client, _) = ctx.connect_authed()?;
-    let kind = if private { RoomKind::PRIVATE } else { RoomKind::GROUP };
+    let kind = match (private, secret) {
+        (_, true) => RoomKind::SECRET,
+        (true, false) => RoomKind::PRIVATE,
+        (false, false) => RoomKind::GROUP,
+    };
     let info = client.create_room_of(name, kind)?;
+    let kind_name = kind.name().map_or_else(|| kind.0.to_string(), str::to_ascii_lowercase);
     ctx.out.record(
-        &json!({"room": info.room, "name": info.name}),
-        &format!("created room #{} {}", info.room, info.name),
+        &json!({"room": info.room, "name": info.name, "kind": kind_name}),
+        &format!("created room #{} {} ({kind_name})", info.room, info.name),
     )?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `server create|join|leave|role|define-role`, `servers` and `channel create`.
+//! `server create|join|leave|role|define-role|invite|ban`, `servers` and `channel create`.
 
 use super::room::{parse_permissions, permission_names};
 use crate::connect::{CallError, Ctx};
@@ -101,6 +101,18 @@ pub fn role(ctx: &mut Ctx, server: u64, user: &str, role: &str) -> Result<(), Ca
     ctx.out.record(
         &json!({"server": server, "user": user, "role": role}),
         &format!("{user} is now {role} in server {server}"),
+    )?;
+    Ok(())
+}
+
+/// `server invite SERVER USER`, `server ban SERVER USER [--remove]`.
+pub fn moderate(ctx: &mut Ctx, server: u64, user: &str, action: chime_protocol::ModAction) -> Result<(), CallError> {
+    let (mut client, _) = ctx.connect_authed()?;
+    client.moderate_server(ServerId(server), user, action)?;
+    let verb = action.name().map_or_else(|| action.0.to_string(), str::to_ascii_lowercase);
+    ctx.out.record(
+        &json!({"server": server, "user": user, "action": verb}),
+        &format!("{verb}: {user} in server {server}"),
     )?;
     Ok(())
 }

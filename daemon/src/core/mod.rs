@@ -492,11 +492,6 @@ impl Core {
                 }
                 ServerFrame::Done(chime_protocol::Empty {})
             }
-            Ephemeral::Watch(users) => {
-                self.presence.watch(key, &users);
-                let entries = users.iter().take(presence::MAX_WATCHED).map(|&u| self.presence.of(u, now.ms)).collect();
-                ServerFrame::PresenceList(PresenceList { entries })
-            }
         };
         io.send(key, answer.reply(rid), Class::Own);
     }
@@ -594,6 +589,28 @@ impl Core {
                     io.send(to.conn.key, frame, Class::Own);
                 }
             }
+            Effect::Watched { to, users, seen } => {
+                if self.link_of(to.conn).is_some() {
+                    self.presence.watch(to.conn.key, &users);
+                    let entries = users
+                        .iter()
+                        .take(presence::MAX_WATCHED)
+                        .map(|&u| {
+                            let mut entry = self.presence.of(u, now.ms);
+                            if entry.status == chime_protocol::PresenceStatus::OFFLINE {
+                                let stored = seen.iter().find(|(id, _)| *id == u).map_or(0, |(_, ms)| *ms);
+                                entry.last_seen_ms = entry.last_seen_ms.max(stored);
+                            }
+                            entry
+                        })
+                        .collect();
+                    io.send(
+                        to.conn.key,
+                        ServerFrame::PresenceList(PresenceList { entries }).reply(to.request_id),
+                        Class::Own,
+                    );
+                }
+            }
             Effect::Publish(p) => self.publish(io, &p),
             Effect::Subscribe { user, room, after } => {
                 self.hub.changed(user, room, Change::Joined(after));
@@ -643,6 +660,20 @@ impl Core {
                     for key in self.hub.connections_of_user(user) {
                         self.unsubscribe(io, key, room);
                     }
+                }
+            }
+            Effect::RestrictedChannelCreated { server, room, creator } => {
+                let mut users: Vec<UserId> = self
+                    .hub
+                    .followers(server)
+                    .into_iter()
+                    .filter_map(|key| self.link(key).and_then(|l| l.who()).map(|w| w.actor.user_id))
+                    .filter(|&u| u != creator)
+                    .collect();
+                users.sort_unstable();
+                users.dedup();
+                if !users.is_empty() && !io.submit(crate::handlers::servers::readers(room, users)) {
+                    log::debug!("could not queue the readers check of channel {room}");
                 }
             }
             Effect::ChannelCreated { server, room } => {
@@ -728,6 +759,11 @@ impl Core {
                 }
                 Change::Left => self.unsubscribe(io, key, room),
             }
+        }
+        // The unread counts follow the AUTHED (sent with this completion) as a push of their own:
+        // counting a user's thousands of rooms must not hold their login up.
+        if !io.submit(crate::handlers::receipts::unread_at_login(to.conn, user)) {
+            log::debug!("could not queue the unread counts of user {user} at login");
         }
     }
 

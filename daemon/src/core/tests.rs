@@ -202,6 +202,9 @@ fn log_in(core: &mut Core, io: &mut FakeIo, key: Key, rooms: &[(u64, u64)]) {
     io.take_job();
     core.completion(io, login_effects(key, 2, rooms), now(1));
     assert!(io.take(key).iter().any(|(r, f)| *r == 2 && matches!(f, ServerFrame::Authed(_))));
+    // A login queues the job that pushes its unread counts, answering nobody's request.
+    let unread = io.submitted.pop().expect("the unread counts at login");
+    assert!(unread.is_shared() && unread.reply_to().is_none());
 }
 
 #[test]

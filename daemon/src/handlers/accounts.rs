@@ -396,17 +396,20 @@ fn logged_in(
 ) -> Vec<Effect> {
     let read = store.rooms_of_user(user).and_then(|rooms| Ok((rooms, server_ids(store, user)?)));
     match read {
-        Ok((rooms, servers)) => vec![
-            Effect::LoggedIn {
-                to,
-                user,
-                name: name.clone(),
-                session,
-                rooms: rooms.iter().map(|r| (r.id, r.last_seq)).collect(),
-                servers,
-            },
-            reply(to, ServerFrame::Authed(Authed { user_id: user, user: name, token })),
-        ],
+        Ok((rooms, servers)) => {
+            let effects = vec![
+                Effect::LoggedIn {
+                    to,
+                    user,
+                    name: name.clone(),
+                    session,
+                    rooms: rooms.iter().map(|r| (r.id, r.last_seq)).collect(),
+                    servers,
+                },
+                reply(to, ServerFrame::Authed(Authed { user_id: user, user: name, token })),
+            ];
+            effects
+        }
         Err(e) => vec![refuse(to, store_error(&e))],
     }
 }
@@ -543,7 +546,11 @@ mod tests {
     use chime_storage::{RoomKind, SessionLimits, Store};
 
     fn settings() -> Settings {
-        Settings { max_rooms_per_user: 10, session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 } }
+        Settings {
+            max_rooms_per_user: 10,
+            session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
+            notifier: None,
+        }
     }
 
     fn to(rid: u32) -> ReplyTo {

@@ -183,11 +183,15 @@ impl RoomWork for ActJob {
         Some(self.to)
     }
 
-    fn run(self: Box<Self>, store: &mut dyn Store, _settings: &Settings) -> Vec<Effect> {
+    fn run(self: Box<Self>, store: &mut dyn Store, settings: &Settings) -> Vec<Effect> {
         let action = NewAction { now_ms: now_ms(), ..self.action };
         match store.act(&action) {
             Ok(ActionOutcome::Applied(delta)) => {
                 let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+                // A reply is a message: it notifies as a post does.
+                if let (Some(notifier), MessageAction::Reply { .. }) = (&settings.notifier, &action.action) {
+                    super::messages::queue_notifications(store, notifier, &delta);
+                }
                 let mut effects = vec![reply(self.to, ServerFrame::Posted(posted))];
                 effects.extend(Published::encode(action.room, &[wire_delta(delta)]).map(Effect::Publish));
                 effects

@@ -6,7 +6,7 @@
 //! deltas once for every recipient ([`Published`]).
 
 use super::{page_size, sync::FetchJob, Admitted, Ctx};
-use crate::work::{refuse, reply, store_error, wire_delta, Effect, PostWork, Published, Work};
+use crate::work::{refuse, reply, store_error, wire_delta, Effect, PostWork, Published, Settings, Work};
 use chime_protocol::{Delta, ErrorBody, ErrorCode, History, Post, Posted, ServerFrame};
 use chime_storage::{now_ms, NewPost, PostOutcome, RoomId, Store};
 
@@ -34,7 +34,7 @@ pub fn history(ctx: &mut Ctx<'_>, h: History) -> Result<Admitted, ErrorBody> {
 /// Commits a batch of posts in one transaction (their times are the commit's) and returns the
 /// acks, then the published deltas: acks first, so authors hear back before a thousand recipients
 /// are served.
-pub fn commit(store: &mut dyn Store, posts: Vec<PostWork>) -> Vec<Effect> {
+pub fn commit(store: &mut dyn Store, posts: Vec<PostWork>, settings: &Settings) -> Vec<Effect> {
     if posts.is_empty() {
         return Vec::new();
     }
@@ -54,6 +54,9 @@ pub fn commit(store: &mut dyn Store, posts: Vec<PostWork>) -> Vec<Effect> {
         let answer = match outcome {
             PostOutcome::Inserted(delta) => {
                 let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+                if let Some(notifier) = &settings.notifier {
+                    queue_notifications(store, notifier, &delta);
+                }
                 match by_room.iter_mut().find(|(r, _)| *r == delta.room) {
                     Some((_, v)) => v.push(wire_delta(delta)),
                     None => by_room.push((delta.room, vec![wire_delta(delta)])),
@@ -78,4 +81,30 @@ pub fn commit(store: &mut dyn Store, posts: Vec<PostWork>) -> Vec<Effect> {
     }
     effects.extend(by_room.iter().filter_map(|(room, deltas)| Published::encode(*room, deltas)).map(Effect::Publish));
     effects
+}
+
+/// Queues the push notifications a committed message causes (after its commit: a notification
+/// never announces a message that might not exist). A failed look-up costs the notifications, not
+/// the post, which is already acknowledged.
+pub fn queue_notifications(
+    store: &mut dyn chime_storage::SharedStore,
+    notifier: &crate::notify::Notifier,
+    delta: &chime_storage::DeltaRecord,
+) {
+    match store.push_targets(delta.room, delta.seq, delta.author_id) {
+        Ok(targets) => {
+            for t in targets {
+                notifier.queue(crate::notify::PushNotification {
+                    user: t.user,
+                    user_name: t.name,
+                    room: delta.room,
+                    seq: delta.seq,
+                    author: delta.author.clone(),
+                    ts_ms: delta.ts_ms,
+                    reason: t.reason,
+                });
+            }
+        }
+        Err(e) => log::debug!("push targets of {}/{}: {e}", delta.room, delta.seq),
+    }
 }

@@ -11,6 +11,8 @@
 //! - [`rooms`]: create, join, leave, list rooms and members.
 //! - [`messages`]: post (group-committed) and history.
 //! - [`servers`]: servers (communities), their channels and server roles.
+//! - [`presence`]: WATCH_PRESENCE (the durable last seen read on a worker, the watch kept by the
+//!   core).
 //! - [`receipts`]: read receipts, unread counts, mentions (notifications).
 //! - [`actions`]: edit, delete, react, reply, pin, and messages in their current state (view).
 //! - [`search`]: messages that match a query, in their current state.
@@ -20,6 +22,7 @@
 pub mod accounts;
 pub mod actions;
 pub mod messages;
+pub mod presence;
 pub mod receipts;
 pub mod restore;
 pub mod rooms;
@@ -116,8 +119,6 @@ pub enum Ephemeral {
     Typing(chime_storage::RoomId),
     /// SET_PRESENCE.
     SetPresence(chime_protocol::PresenceStatus),
-    /// WATCH_PRESENCE of these users.
-    Watch(Vec<UserId>),
 }
 
 /// A request refused on the loop.
@@ -153,12 +154,7 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
             }
             other => Err(invalid(format!("presence is ONLINE or AWAY, not {other}"))),
         },
-        ClientFrame::WatchPresence(w) => {
-            if w.users.len() > crate::core::presence::MAX_WATCHED {
-                return Err(invalid(format!("watch at most {} users", crate::core::presence::MAX_WATCHED)));
-            }
-            Ok(Admitted::Ephemeral(Ephemeral::Watch(w.users)))
-        }
+        ClientFrame::WatchPresence(w) => presence::watch(ctx, w),
         ClientFrame::Unread(u) => receipts::unread(ctx, u),
         ClientFrame::Notifications(n) => receipts::notifications(ctx, n),
         ClientFrame::CreateServer(c) => servers::create(ctx, c),
@@ -181,6 +177,7 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::Call(c) => actions::call(ctx, c),
         ClientFrame::Search(s) => search::search(ctx, s),
         ClientFrame::Restore(r) => restore::restore(ctx, r),
+        ClientFrame::ModerateServer(m) => servers::moderate(ctx, m),
         ClientFrame::Hello(_)
         | ClientFrame::Ping(_)
         | ClientFrame::Pong(_)

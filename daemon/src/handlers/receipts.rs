@@ -56,10 +56,14 @@ impl SharedWork for ReceiptJob {
         Some(self.to)
     }
 
-    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect> {
         let user = self.actor.user_id;
         match store.mark_read(self.r.room, user, self.r.delivered, self.r.read) {
             Ok(state) => {
+                // Read on any device: a push still waiting for what is now read is not sent.
+                if let Some(notifier) = &settings.notifier {
+                    notifier.read(user, state.room, state.read);
+                }
                 let state = read_state(&state);
                 vec![
                     reply(self.to, ServerFrame::ReadState(state)),
@@ -138,6 +142,46 @@ impl SharedWork for NotificationsJob {
                 vec![reply(self.to, ServerFrame::NotificationList(NotificationList { notifications }))]
             }
             Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// The job the core queues after a login: the counts a client shows on login, pushed after AUTHED
+/// (`UNREAD_AT_LOGIN`, the first page of what `UNREAD` answers) when something is unread, saving
+/// a round trip at every start. A job of its own, so a user in thousands of rooms is logged in
+/// (AUTHED) as fast as anyone and the counts follow; a failed read costs only the push.
+pub fn unread_at_login(conn: crate::work::ConnRef, user: chime_storage::UserId) -> Work {
+    Work::Shared(Box::new(UnreadAtLoginJob { to: ReplyTo { conn, request_id: 0 }, user }))
+}
+
+struct UnreadAtLoginJob {
+    to: ReplyTo,
+    user: chime_storage::UserId,
+}
+
+impl SharedWork for UnreadAtLoginJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        None
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let limit = crate::limits::DEFAULT_PAGE;
+        match store.unread(self.user, RoomId(0), limit) {
+            Ok(rooms) if !rooms.is_empty() => {
+                let next_after =
+                    if rooms.len() as u64 >= u64::from(limit) { rooms.last().map(|r| r.room) } else { None };
+                let rooms = rooms.iter().map(read_state).collect();
+                vec![reply(self.to, ServerFrame::UnreadAtLogin(UnreadList { rooms, next_after }))]
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                log::debug!("unread counts at login of user {}: {e}", self.user);
+                Vec::new()
+            }
         }
     }
 }

@@ -27,7 +27,7 @@ pub fn create(ctx: &mut Ctx<'_>, c: CreateRoom) -> Result<Admitted, ErrorBody> {
     if name.is_empty() || name.chars().count() > MAX_ROOM_NAME {
         return Err(invalid(format!("room name must be 1 to {MAX_ROOM_NAME} characters")));
     }
-    if c.kind != RoomKind::GROUP && c.kind != RoomKind::PRIVATE {
+    if ![RoomKind::GROUP, RoomKind::PRIVATE, RoomKind::SECRET].contains(&c.kind) {
         return Err(invalid(format!("unknown room kind {}", c.kind)));
     }
     if !ctx.limiters.creates_per_user.try_take(ctx.who.actor.user_id, ctx.now) {

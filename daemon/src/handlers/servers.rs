@@ -1,5 +1,6 @@
 //! Servers (communities) and their channels: CREATE_SERVER, JOIN_SERVER, LEAVE_SERVER,
-//! LIST_SERVERS, CREATE_CHANNEL, SET_SERVER_ROLE, DEFINE_SERVER_ROLE.
+//! LIST_SERVERS, CREATE_CHANNEL, SET_SERVER_ROLE, DEFINE_SERVER_ROLE, MODERATE_SERVER (invite,
+//! ban, unban: a private server is joined by invitation only, a banned user not at all).
 //!
 //! Everything here runs on the shared queue: a server's membership is one row per member and
 //! changes no room's log, and a new channel is a log nobody writes yet. Access to a channel comes
@@ -14,8 +15,8 @@ use crate::work::{
     refuse, reply, store_error, wire_delta, Actor, Effect, Published, ReplyTo, Settings, SharedWork, Work,
 };
 use chime_protocol::{
-    CreateChannel, CreateServer, DefineServerRole, Empty, ErrorBody, ListServers, RoomKind, ServerFrame, ServerInfo,
-    ServerList, ServerRef, SetServerRole,
+    CreateChannel, CreateServer, DefineServerRole, Empty, ErrorBody, ListServers, ModAction, ModerateServer, RoomKind,
+    ServerFrame, ServerInfo, ServerList, ServerRef, SetServerRole,
 };
 use chime_storage::{now_ms, NewChannel, NewServer, ServerId, ServerRecord, SharedStore};
 
@@ -270,11 +271,15 @@ impl SharedWork for ChannelJob {
         match store.create_channel(&c) {
             Ok((room, delta)) => {
                 // Every online member follows a channel all may read; a restricted one reaches
-                // its creator now and its other readers at their next login.
+                // its creator now and its other online readers once a worker has checked their
+                // roles ([`readers`]).
                 let mut effects = if c.read_roles.is_empty() {
                     vec![Effect::ChannelCreated { server: c.server, room: room.id }]
                 } else {
-                    vec![Effect::Subscribe { user: c.actor, room: room.id, after: Some(chime_storage::Seq::ZERO) }]
+                    vec![
+                        Effect::Subscribe { user: c.actor, room: room.id, after: Some(chime_storage::Seq::ZERO) },
+                        Effect::RestrictedChannelCreated { server: c.server, room: room.id, creator: c.actor },
+                    ]
                 };
                 effects.extend(Published::encode(room.id, &[wire_delta(delta)]).map(Effect::Publish));
                 effects.push(reply(self.to, ServerFrame::RoomInfo(room_info(&room))));
@@ -306,15 +311,154 @@ impl SharedWork for RoleJob {
         Some(self.to)
     }
 
-    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect> {
         let user = self.actor.user_id;
+        let mut effects = Vec::new();
         let result = match &self.what {
-            RoleWhat::Give(target, role) => store.set_server_role(self.server, user, target, role).map(drop),
+            RoleWhat::Give(target, role) => store.set_server_role(self.server, user, target, role).map(|changed| {
+                if changed {
+                    effects = self.channels_follow_role(store, target, settings);
+                }
+            }),
             RoleWhat::Define(name, perms) => store.define_server_role(self.server, user, name, *perms),
         };
         match result {
-            Ok(()) => vec![reply(self.to, ServerFrame::Done(Empty {}))],
+            Ok(()) => {
+                effects.push(reply(self.to, ServerFrame::Done(Empty {})));
+                effects
+            }
             Err(e) => vec![refuse(self.to, store_error(&e))],
         }
+    }
+}
+
+impl RoleJob {
+    /// After `target`'s server role changed: their live connections follow the channels the new
+    /// role may read (from the start of each one newly readable) and drop those it may not. The
+    /// server's channels are those the actor reads (who may give roles is normally an owner or
+    /// admin, who read every channel); both lists are the store's answers to a join by an existing
+    /// member, which writes nothing. A failed read leaves the subscriptions to the next login.
+    fn channels_follow_role(&self, store: &mut dyn SharedStore, target: &str, settings: &Settings) -> Vec<Effect> {
+        let now = now_ms();
+        let read = (|| {
+            let Some(member) = store.user_by_name(target)? else { return Ok(None) };
+            let (_, all, _) = store.join_server(self.server, self.actor.user_id, now, settings.max_rooms_per_user)?;
+            let (_, readable, _) = store.join_server(self.server, member.id, now, settings.max_rooms_per_user)?;
+            Ok::<_, chime_storage::StoreError>(Some((member.id, all, readable)))
+        })();
+        let (member, all, readable) = match read {
+            Ok(Some(found)) => found,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                log::debug!("channels of server {} after a role change: {e}", self.server);
+                return Vec::new();
+            }
+        };
+        let readable: Vec<chime_storage::RoomId> = readable.iter().map(|r| r.id).collect();
+        let mut effects: Vec<Effect> = all
+            .iter()
+            .filter(|r| !readable.contains(&r.id))
+            .map(|r| Effect::Unsubscribe { user: member, room: r.id })
+            .collect();
+        effects.extend(readable.into_iter().map(|room| Effect::Subscribe {
+            user: member,
+            room,
+            after: Some(chime_storage::Seq::ZERO),
+        }));
+        effects
+    }
+}
+
+/// Admits MODERATE_SERVER: INVITE, BAN or UNBAN of a user named by a plausible user name.
+pub fn moderate(ctx: &mut Ctx<'_>, m: ModerateServer) -> Result<Admitted, ErrorBody> {
+    let action = match m.action {
+        ModAction::INVITE => chime_storage::MemberAction::Invite,
+        ModAction::BAN => chime_storage::MemberAction::Ban,
+        ModAction::UNBAN => chime_storage::MemberAction::Unban,
+        other => return Err(invalid(format!("a server takes INVITE, BAN or UNBAN, not {other}"))),
+    };
+    let user = m.user.trim().to_string();
+    if user.is_empty() || user.chars().count() > crate::limits::MAX_USER_NAME {
+        return Err(invalid("no such user name"));
+    }
+    let job = ModerateServerJob { to: ctx.to, actor: ctx.who.actor.clone(), server: m.server, user, action };
+    Ok(Admitted::Work(Work::Shared(Box::new(job))))
+}
+
+/// MODERATE_SERVER on the shared queue: membership of a server is no room's log.
+struct ModerateServerJob {
+    to: ReplyTo,
+    actor: Actor,
+    server: ServerId,
+    user: String,
+    action: chime_storage::MemberAction,
+}
+
+impl SharedWork for ModerateServerJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        match store.moderate_server(self.server, self.actor.user_id, &self.user, &self.action, now_ms()) {
+            Ok(done) => {
+                let mut effects = Vec::new();
+                // A banned member's connections stop following the server and its channels now.
+                if done.changed && self.action == chime_storage::MemberAction::Ban {
+                    effects.push(Effect::LeftServer {
+                        user: done.user,
+                        server: self.server,
+                        channels: done.left_channels,
+                    });
+                }
+                effects.push(reply(self.to, ServerFrame::Done(Empty {})));
+                effects
+            }
+            Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// The job that finds which of `users` (online followers of a server) may read the restricted
+/// channel `room`, and subscribes each who may: the core knows who is online, the store who holds
+/// which role. One access check per user, for a rare event (a channel's creation).
+pub fn readers(room: chime_storage::RoomId, users: Vec<chime_storage::UserId>) -> Work {
+    Work::Shared(Box::new(ReadersJob { room, users }))
+}
+
+struct ReadersJob {
+    room: chime_storage::RoomId,
+    users: Vec<chime_storage::UserId>,
+}
+
+impl SharedWork for ReadersJob {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn reply_to(&self) -> Option<ReplyTo> {
+        None
+    }
+
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for user in self.users {
+            match store.is_member(self.room, user) {
+                Ok(true) => {
+                    effects.push(Effect::Subscribe { user, room: self.room, after: Some(chime_storage::Seq::ZERO) })
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // They read it from their next login; nobody waits on this job.
+                    log::debug!("readers of channel {}: {e}", self.room);
+                    break;
+                }
+            }
+        }
+        effects
     }
 }

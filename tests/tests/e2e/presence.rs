@@ -9,6 +9,7 @@ use chime_tests::daemon::{Backend, Daemon};
 use std::time::{Duration, Instant};
 
 on_both_stores!(typing_and_presence_reach_only_who_sees_them);
+on_both_stores!(last_seen_survives_a_restart);
 
 fn next_push<T>(client: &mut Client, timeout: Duration, pick: impl Fn(ServerFrame) -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
@@ -92,4 +93,38 @@ fn typing_and_presence_reach_only_who_sees_them(backend: Backend) {
     let mut typing_cli = d.cli(home.path());
     typing_cli.args(["typing", &RoomId(room.get()).to_string()]);
     cli_ok(typing_cli);
+}
+
+/// "Last seen" is durable: written when a user's last connection closes (the session's last use),
+/// so after a restart `chime members` still shows when an offline member was last there.
+fn last_seen_survives_a_restart(backend: Backend) {
+    let Some(mut d) = Daemon::start_backend(backend, "last_seen", &[]) else { return };
+    let mut ann = d.register(&unique("ann"));
+    let bob = d.register(&unique("bob"));
+    let ann_name = ann.name.clone();
+    let room = ann.client.create_room("lobby").expect("create").room;
+    let mut bob_client = bob.client;
+    bob_client.join_room(room).expect("join");
+    let before = chime_storage::now_ms();
+    drop(bob_client);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(ann);
+    d.stop();
+    d.restart();
+    // The daemon has not seen bob since it started: what it answers comes from the store.
+    let mut ann = d.user(&ann_name);
+    let entries = ann.watch_presence(vec![UserId(bob.user_id)]).expect("watch").entries;
+    assert_eq!(entries[0].status, PresenceStatus::OFFLINE);
+    let seen = entries[0].last_seen_ms;
+    assert!(seen >= before - 1_000 && seen <= before + 2_000, "last seen {seen}, disconnected at {before}");
+    let home = tempfile::tempdir().expect("home");
+    let mut login = d.cli(home.path());
+    login.args(["login", &ann_name]);
+    cli_ok(login);
+    let mut members = d.cli(home.path());
+    members.args(["members", &room.to_string()]);
+    let rows = cli_ok(members);
+    let bob_row = rows.iter().find(|r| json_str(r, "user") == bob.name).expect("bob listed");
+    assert_eq!(json_str(bob_row, "presence"), "offline");
+    assert!(is_rfc3339(json_str(bob_row, "last_seen")), "{bob_row}");
 }

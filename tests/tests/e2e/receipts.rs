@@ -9,6 +9,7 @@ use chime_tests::daemon::{Backend, Daemon};
 use std::time::{Duration, Instant};
 
 on_both_stores!(reads_clear_every_device_and_mentions_wait_for_the_next_login);
+on_both_stores!(unread_counts_arrive_with_the_login);
 
 fn next_read_state(client: &mut chime_client::blocking::Client, timeout: Duration) -> ReadState {
     let deadline = Instant::now() + timeout;
@@ -81,4 +82,33 @@ fn reads_clear_every_device_and_mentions_wait_for_the_next_login(backend: Backen
     ann.client.post(room, "k9", "one more").expect("post");
     let list = laptop.unread(RoomId(0), 0).expect("unread");
     assert_eq!(list.rooms.iter().map(|r| (r.room, r.unread)).collect::<Vec<_>>(), [(room, 1)]);
+}
+
+/// A login with something unread is followed at once by UNREAD_AT_LOGIN: the counts without asking.
+fn unread_counts_arrive_with_the_login(backend: Backend) {
+    let Some(d) = Daemon::start_backend(backend, "unread_login", &[]) else { return };
+    let mut ann = d.register(&unique("ann"));
+    let bob = d.register(&unique("bob"));
+    let room = ann.client.create_room("lobby").expect("create").room;
+    let mut phone = bob.client;
+    phone.join_room(room).expect("join");
+    drop(phone);
+    ann.client.post(room, "k1", "one").expect("post");
+    ann.client.post(room, "k2", &format!("two, @{}", bob.name)).expect("post");
+    let mut laptop = d.resume(&bob.token);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let list = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no UNREAD_AT_LOGIN");
+        match laptop.recv(Some(left)) {
+            Ok(Some((0, ServerFrame::UnreadAtLogin(l)))) => break l,
+            Ok(_) => {}
+            Err(e) => panic!("waiting for UNREAD_AT_LOGIN: {e:?}"),
+        }
+    };
+    assert_eq!(list.rooms.iter().map(|r| (r.room, r.unread, r.mentions)).collect::<Vec<_>>(), [(room, 2, 1)]);
+    // Nothing unread: no push (ann's own messages do not count for her).
+    let mut again = d.resume(&ann.token);
+    let quiet = again.recv(Some(Duration::from_millis(500)));
+    assert!(!matches!(quiet, Ok(Some((0, ServerFrame::UnreadAtLogin(_))))), "{quiet:?}");
 }
