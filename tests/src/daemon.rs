@@ -376,9 +376,21 @@ impl Daemon {
     pub fn register(&self, name: &str) -> TestUser {
         let unique = format!("{name}{}", NEXT_USER.fetch_add(1, Ordering::Relaxed));
         let mut client = self.client();
-        let authed = match client.register(&unique, PASSWORD, "chime-tests") {
-            Ok(a) => a,
-            Err(e) => panic!("register {unique}: {e:?}"),
+        // Registrations are rate-limited per address like logins; a test that sets up many users
+        // on an idle machine can outrun the burst, so it waits as the server says, a bounded
+        // number of times.
+        let mut tries = 0;
+        let authed = loop {
+            match client.register(&unique, PASSWORD, "chime-tests") {
+                Ok(a) => break a,
+                Err(chime_client::ClientError::Server(e))
+                    if e.code == chime_protocol::ErrorCode::RATE_LIMITED && tries < 50 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(e) => panic!("register {unique}: {e:?}"),
+            }
         };
         let Some(token) = authed.token else {
             panic!("register {unique}: AUTHED carries no token");
