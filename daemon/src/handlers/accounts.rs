@@ -543,7 +543,11 @@ mod tests {
     use chime_storage::{RoomKind, SessionLimits, Store};
 
     fn settings() -> Settings {
-        Settings { max_rooms_per_user: 10, session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 } }
+        Settings {
+            max_rooms_per_user: 10,
+            session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
+            content: None,
+        }
     }
 
     fn to(rid: u32) -> ReplyTo {

@@ -183,10 +183,15 @@ impl RoomWork for ActJob {
         Some(self.to)
     }
 
-    fn run(self: Box<Self>, store: &mut dyn Store, _settings: &Settings) -> Vec<Effect> {
+    fn run(self: Box<Self>, store: &mut dyn Store, settings: &Settings) -> Vec<Effect> {
         let action = NewAction { now_ms: now_ms(), ..self.action };
         match store.act(&action) {
             Ok(ActionOutcome::Applied(delta)) => {
+                if action.action == MessageAction::Delete {
+                    // A deleted file message took its file record with it; its content may now
+                    // be unreferenced.
+                    super::files::collect(store, settings);
+                }
                 let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
                 let mut effects = vec![reply(self.to, ServerFrame::Posted(posted))];
                 effects.extend(Published::encode(action.room, &[wire_delta(delta)]).map(Effect::Publish));
