@@ -261,9 +261,13 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         any::<u64>().prop_map(|upload| ClientFrame::UploadResume(UploadResume { upload })),
         (any::<u64>(), any::<u64>(), vec(any::<u8>(), 0..300))
             .prop_map(|(upload, offset, data)| ClientFrame::UploadChunk(UploadChunk { upload, offset, data })),
-        (any::<u64>(), text()).prop_map(|(upload, caption)| ClientFrame::UploadFinish(UploadFinish { upload, caption })),
-        (any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(file, offset, length)| ClientFrame::Download(Download { file, offset, length })),
+        (any::<u64>(), text())
+            .prop_map(|(upload, caption)| ClientFrame::UploadFinish(UploadFinish { upload, caption })),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(file, offset, length)| ClientFrame::Download(Download {
+            file,
+            offset,
+            length
+        })),
         (any::<u32>(), any::<u64>())
             .prop_map(|(download, received)| ClientFrame::DownloadAck(DownloadAck { download, received })),
         (room(), seq(), room()).prop_map(|(room, seq, to_room)| ClientFrame::Forward(Forward { room, seq, to_room })),
@@ -464,7 +468,8 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
                 window
             })
         ),
-        (any::<u64>(), any::<u64>()).prop_map(|(upload, offset)| ServerFrame::ChunkStored(ChunkStored { upload, offset })),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(upload, offset)| ServerFrame::ChunkStored(ChunkStored { upload, offset })),
         (any::<u64>(), room(), seq(), any::<[u8; 32]>())
             .prop_map(|(file, room, seq, sha256)| ServerFrame::FileStored(FileStored { file, room, seq, sha256 })),
         ((any::<u64>(), text(), any::<u64>(), text()), (any::<[u8; 32]>(), any::<u64>(), any::<u64>(), any::<u32>()))
