@@ -672,4 +672,49 @@ mod tests {
         assert!(c.closing && c.rbuf.is_empty());
         assert!(c.queued_bytes() <= chunk.len() + 64);
     }
+
+    #[test]
+    fn chat_overtakes_queued_file_chunks_but_never_cuts_one() {
+        let (mut c, mut peer) = pair();
+        let chunk = |n: u8| {
+            ServerFrame::FileChunk(chime_protocol::FileChunk {
+                download: 1,
+                offset: u64::from(n),
+                data: vec![n; 60_000],
+            })
+            .encode(0)
+            .expect("fits")
+        };
+        for n in 0..4 {
+            assert!(c.queue(chunk(n), Class::Bulk, 4 << 20));
+        }
+        // Written up to the first chunk only partly: the kernel's buffer is not involved yet, so
+        // move the first bulk frame into the write queue by hand as a flush would.
+        assert!(c.promote_bulk());
+        assert!(c.queue(pong(7), Class::Own, 4 << 20));
+        assert!(c.queue(pong(8), Class::Own, 4 << 20));
+        assert_eq!(c.queued_bytes(), 4 * chunk(0).len() + 2 * pong(7).len());
+        assert!(c.cost() >= c.queued_bytes(), "bulk bytes are counted");
+        c.flush(1).expect("flush");
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let mut buf = BytesMut::new();
+        let mut order = Vec::new();
+        let mut scratch = vec![0u8; 64 * 1024];
+        while order.len() < 6 {
+            if c.has_pending_output() {
+                c.flush(1).expect("flush");
+            }
+            let n = peer.read(&mut scratch).expect("read");
+            buf.extend_from_slice(&scratch[..n]);
+            while let Some(raw) = FrameDecoder::default().decode(&mut buf).expect("whole frames") {
+                order.push(match ServerFrame::decode(&raw).expect("valid") {
+                    ServerFrame::FileChunk(f) => format!("chunk{}", f.offset),
+                    ServerFrame::Pong(p) => format!("pong{}", p.nonce),
+                    other => panic!("{other:?}"),
+                });
+            }
+        }
+        // The chunk that had started goes first and whole; the replies overtake the rest.
+        assert_eq!(order, ["chunk0", "pong7", "pong8", "chunk1", "chunk2", "chunk3"]);
+    }
 }

@@ -587,3 +587,158 @@ pub fn collect(store: &mut (impl SharedStore + ?Sized), settings: &Settings) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The race the content lock exists for: a collection of content whose last record was
+    //! deleted, while an upload of the same bytes is being recorded. Two store connections, two
+    //! threads, the interleavings forced with the lock itself.
+    use super::*;
+    use crate::node::Nodes;
+    use chime_storage::{MessageAction, NewAction, RoomKind, Seq};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        url: String,
+        content: Arc<Content>,
+        settings: Settings,
+        user: chime_storage::UserId,
+        room: RoomId,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("chime.db").display());
+        let content = Arc::new(
+            Content::open(&dir.path().join("cache"), 1 << 30, Arc::new(Nodes::new(Vec::new(), 1))).expect("content"),
+        );
+        let settings = Settings {
+            max_rooms_per_user: 10,
+            session_limits: chime_storage::SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
+            content: Some(ContentRef(content.clone())),
+        };
+        let mut store = chime_storage::open(&url).expect("store");
+        let user = store.create_user("ann", "x").expect("user").id;
+        let room = store.create_room("r", RoomKind::GROUP, user, "ann", 1, 10).expect("room").0.id;
+        Setup { _dir: dir, url, content, settings, user, room }
+    }
+
+    /// Stages `bytes` as upload `upload`'s file.
+    fn stage(content: &Content, upload: u64, bytes: &[u8]) {
+        fs::write(content.staging_path(&staging_name(upload)), bytes).expect("stage");
+    }
+
+    /// Records upload `id` the way [`ShareJob`] does, with the content lock already held.
+    fn record(store: &mut dyn Store, s: &Setup, id: u64, sha: [u8; 32], size: u64) -> (u64, Seq) {
+        let staged = s.content.staging_path(&staging_name(id));
+        s.content.admit(&staged, Sha256(sha), size).expect("admit");
+        let file = NewFile {
+            upload: id,
+            actor: (s.user, "ann".into()),
+            room: s.room,
+            name: "f".into(),
+            size,
+            media_type: String::new(),
+            sha256: sha,
+            caption: String::new(),
+            now_ms: 1,
+        };
+        let (f, d) = store.share_file(&file).expect("share");
+        (f.id, d.seq)
+    }
+
+    fn upload(store: &mut dyn Store, s: &Setup, sha: [u8; 32], size: u64) -> u64 {
+        let u = NewUpload {
+            user: s.user,
+            room: s.room,
+            name: "f".into(),
+            size,
+            media_type: String::new(),
+            sha256: sha,
+            now_ms: 1,
+        };
+        store.create_upload(&u).expect("upload").id
+    }
+
+    fn delete(store: &mut dyn Store, s: &Setup, seq: Seq) {
+        let a = NewAction {
+            room: s.room,
+            target: seq,
+            actor: s.user,
+            actor_name: "ann".into(),
+            action: MessageAction::Delete,
+            idempotency_key: String::new(),
+            now_ms: 2,
+        };
+        store.act(&a).expect("delete");
+    }
+
+    #[test]
+    fn a_collection_waits_for_an_upload_of_the_same_bytes_and_keeps_them() {
+        let s = setup();
+        let bytes = b"the same bytes".to_vec();
+        let sha = Sha256::digest(&bytes);
+        let mut store = chime_storage::open(&s.url).expect("store");
+        let first = upload(&mut *store, &s, sha.0, bytes.len() as u64);
+        stage(&s.content, first, &bytes);
+        let (_, seq) = {
+            let _g = s.content.lock(sha);
+            record(&mut *store, &s, first, sha.0, bytes.len() as u64)
+        };
+        // The last record goes: the content is unreferenced, not yet collected.
+        delete(&mut *store, &s, seq);
+        assert!(s.content.has(sha));
+        // A second upload of the same bytes is being recorded (it holds the lock) when a
+        // collection starts on another thread: the collection must wait, then keep the bytes.
+        let second = upload(&mut *store, &s, sha.0, bytes.len() as u64);
+        stage(&s.content, second, &bytes);
+        let guard = s.content.lock(sha);
+        let (tx, rx) = mpsc::channel();
+        let collector = {
+            let (url, settings) = (s.url.clone(), s.settings.clone());
+            std::thread::spawn(move || {
+                let mut other = chime_storage::open(&url).expect("store");
+                collect(&mut *other, &settings);
+                tx.send(()).expect("send");
+            })
+        };
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "the collection waits for the lock");
+        // Admitting finds the bytes still there (dedupe) and takes a reference under the lock.
+        record(&mut *store, &s, second, sha.0, bytes.len() as u64);
+        drop(guard);
+        rx.recv_timeout(Duration::from_secs(10)).expect("the collection finishes");
+        collector.join().expect("collector");
+        assert!(s.content.has(sha), "bytes a record refers to were kept");
+        assert!(store.unreferenced_contents(10).expect("list").is_empty());
+    }
+
+    #[test]
+    fn an_upload_after_a_collection_stores_the_bytes_again() {
+        let s = setup();
+        let bytes = b"collected, then uploaded again".to_vec();
+        let sha = Sha256::digest(&bytes);
+        let mut store = chime_storage::open(&s.url).expect("store");
+        let first = upload(&mut *store, &s, sha.0, bytes.len() as u64);
+        stage(&s.content, first, &bytes);
+        let (_, seq) = {
+            let _g = s.content.lock(sha);
+            record(&mut *store, &s, first, sha.0, bytes.len() as u64)
+        };
+        delete(&mut *store, &s, seq);
+        collect(&mut *store, &s.settings);
+        assert!(!s.content.has(sha), "unreferenced content is collected");
+        let second = upload(&mut *store, &s, sha.0, bytes.len() as u64);
+        stage(&s.content, second, &bytes);
+        let (file, _) = {
+            let _g = s.content.lock(sha);
+            record(&mut *store, &s, second, sha.0, bytes.len() as u64)
+        };
+        assert!(s.content.has(sha), "the new upload brought the bytes back");
+        let mut back = Vec::new();
+        s.content.reader(sha, 0).expect("reader").read_to_end(&mut back).expect("read");
+        assert_eq!(back, bytes);
+        assert_eq!(store.file_for(file, s.user).expect("file").sha256, sha.0);
+    }
+}
