@@ -791,7 +791,7 @@ impl Client {
     ) -> Result<DownloadMeta, ClientError> {
         let id = self.send(&ClientFrame::Download(Download { file, offset, length: 0 }))?;
         let meta = match self.await_reply(id, Instant::now() + self.timeout)? {
-            ServerFrame::DownloadMeta(m) => m,
+            ServerFrame::DownloadMeta(m) => *m,
             other => return Err(unexpected("DOWNLOAD_META", &other)),
         };
         let end = meta.offset + meta.length;

@@ -458,14 +458,14 @@ pub fn wire_delta(r: DeltaRecord) -> Delta {
         }
         RecordKind::FILE_SHARED => {
             let (sha256, size, media_type, name, caption) = chime_storage::files::decode_body(&r.body);
-            DeltaBody::FileShared(chime_protocol::FileBody {
+            DeltaBody::FileShared(Box::new(chime_protocol::FileBody {
                 file: target.get(),
                 name,
                 size,
                 media_type,
                 sha256,
                 caption,
-            })
+            }))
         }
         // Not written by this build (a newer one's row, after a downgrade): passed on as a kind
         // clients skip.

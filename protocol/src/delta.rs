@@ -165,8 +165,8 @@ pub enum DeltaBody {
     CallAccept(CallBody),
     /// A call was ended or left.
     CallEnd(CallBody),
-    /// A file was shared.
-    FileShared(FileBody),
+    /// A file was shared (boxed: it is the largest body, and deltas are many).
+    FileShared(Box<FileBody>),
     /// A kind this build does not know, kept as it came so that it can be skipped (or passed
     /// on unchanged).
     Unknown {

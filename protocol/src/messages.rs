@@ -1370,7 +1370,7 @@ frame_enum! {
         /// A file was stored and shared.
         FileStored(FileStored) = FILE_STORED,
         /// What a download streams.
-        DownloadMeta(DownloadMeta) = DOWNLOAD_META,
+        DownloadMeta(Box<DownloadMeta>) = DOWNLOAD_META,
         /// Bytes of a download (push).
         FileChunk(FileChunk) = FILE_CHUNK,
     }

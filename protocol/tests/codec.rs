@@ -55,14 +55,14 @@ fn delta_body() -> impl Strategy<Value = DeltaBody> {
         (text(), option::of(any::<u32>()))
             .prop_map(|(role, p)| DeltaBody::RoleDefined(RoleDefinedBody { role, permissions: p.map(Permissions) })),
         ((any::<u64>(), text(), any::<u64>()), (text(), any::<[u8; 32]>(), text())).prop_map(
-            |((file, name, size), (media_type, sha256, caption))| DeltaBody::FileShared(FileBody {
+            |((file, name, size), (media_type, sha256, caption))| DeltaBody::FileShared(Box::new(FileBody {
                 file,
                 name,
                 size,
                 media_type,
                 sha256,
                 caption
-            })
+            }))
         ),
         (any::<u16>().prop_filter("unknown", move |k| !known.contains(k)), vec(any::<u8>(), 0..40))
             .prop_map(|(kind, payload)| DeltaBody::Unknown { kind: DeltaKind(kind), payload }),
@@ -474,7 +474,16 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             .prop_map(|(file, room, seq, sha256)| ServerFrame::FileStored(FileStored { file, room, seq, sha256 })),
         ((any::<u64>(), text(), any::<u64>(), text()), (any::<[u8; 32]>(), any::<u64>(), any::<u64>(), any::<u32>()))
             .prop_map(|((file, name, size, media_type), (sha256, offset, length, window))| {
-                ServerFrame::DownloadMeta(DownloadMeta { file, name, size, media_type, sha256, offset, length, window })
+                ServerFrame::DownloadMeta(Box::new(DownloadMeta {
+                    file,
+                    name,
+                    size,
+                    media_type,
+                    sha256,
+                    offset,
+                    length,
+                    window,
+                }))
             }),
         (any::<u32>(), any::<u64>(), vec(any::<u8>(), 0..300))
             .prop_map(|(download, offset, data)| ServerFrame::FileChunk(FileChunk { download, offset, data })),

@@ -668,7 +668,7 @@ fn vectors() -> Vec<Vector> {
             "download_meta",
             "DOWNLOAD_META id=44 file=12 name=\"a.txt\" size=5 media_type=\"text/plain\" sha256=2c f2 ... offset=0 length=5 window=1048576",
             44,
-            ServerFrame::DownloadMeta(DownloadMeta {
+            ServerFrame::DownloadMeta(Box::new(DownloadMeta {
                 file: 12,
                 name: "a.txt".into(),
                 size: 5,
@@ -677,7 +677,7 @@ fn vectors() -> Vec<Vector> {
                 offset: 0,
                 length: 5,
                 window: 1_048_576,
-            }),
+            })),
         ),
         s(
             "file_chunk",
@@ -691,14 +691,14 @@ fn vectors() -> Vec<Vector> {
             0,
             ServerFrame::Delta(delta(
                 15,
-                DeltaBody::FileShared(FileBody {
+                DeltaBody::FileShared(Box::new(FileBody {
                     file: 12,
                     name: "a.txt".into(),
                     size: 5,
                     media_type: "text/plain".into(),
                     sha256: hello_sha(),
                     caption: "hi".into(),
-                }),
+                })),
             )),
         ),
         c(

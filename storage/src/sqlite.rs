@@ -1900,7 +1900,7 @@ impl Store for SqliteStore {
                 return Err(StoreError::Forbidden(format!("you may not post in room {to_room}")));
             }
             let no_message = || StoreError::NotFound(format!("no message {seq} in room {room}"));
-            let source: Option<(u8, String, Option<i64>, Option<String>, Option<i64>)> = conn
+            let source: Option<ForwardSource> = conn
                 .prepare_cached(
                     "SELECT d.kind, d.body, d.target, s.text, s.deleted_seq FROM deltas d
                      LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
@@ -1963,6 +1963,9 @@ impl Store for SqliteStore {
         })
     }
 }
+
+/// A message to forward as its row reads: kind, body, target, latest text, deleted seq.
+type ForwardSource = (u8, String, Option<i64>, Option<String>, Option<i64>);
 
 /// A hash read back from a BLOB column (a wrong length reads as zeros: never written so).
 fn sha_of(v: Vec<u8>) -> [u8; 32] {

@@ -39,7 +39,7 @@ impl Progress {
             return;
         }
         self.last = Some(Instant::now());
-        let pct = if self.total == 0 { 100 } else { done * 100 / self.total };
+        let pct = (done * 100).checked_div(self.total).unwrap_or(100).min(100);
         let filled = (pct / 5) as usize;
         eprint!(
             "\r{} [{}{}] {pct:3}% {}/{} bytes",

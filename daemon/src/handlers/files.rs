@@ -451,7 +451,7 @@ impl SharedWork for DownloadJob {
             window: DOWNLOAD_WINDOW * CHUNK_SIZE,
         };
         vec![
-            reply(self.to, ServerFrame::DownloadMeta(meta)),
+            reply(self.to, ServerFrame::DownloadMeta(Box::new(meta))),
             Effect::DownloadOpened { to: self.to, sha256: f.sha256, offset: self.d.offset, end },
         ]
     }
@@ -523,6 +523,8 @@ impl RoomWork for ForwardJob {
         self
     }
 
+    // The forward appends to the target room, so it runs on that room's shard.
+    #[allow(clippy::misnamed_getters)]
     fn room(&self) -> RoomId {
         self.f.to_room
     }
