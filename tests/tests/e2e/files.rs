@@ -292,10 +292,12 @@ fn a_100_mb_file_and_chat_that_overtakes_it() {
     let started = Instant::now();
     let id =
         ann.client.send(&ClientFrame::Download(Download { file: stored.file, offset: 0, length: 0 })).expect("send");
+    // bob posts once ann has a few MiB, so the push meets a stream of chunks in full flow.
+    let (go, went) = std::sync::mpsc::channel::<()>();
     let poster = {
         let mut bob = bob.client;
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
+            let _ = went.recv_timeout(Duration::from_secs(60));
             let at = Instant::now();
             bob.post(room, "mid", "still here").expect("post");
             at
@@ -317,6 +319,9 @@ fn a_100_mb_file_and_chat_that_overtakes_it() {
                 assert_eq!(c.offset, got);
                 hasher.update(&c.data);
                 got += c.data.len() as u64;
+                if got >= 8 << 20 && got - (c.data.len() as u64) < 8 << 20 {
+                    let _ = go.send(());
+                }
                 if got - acked >= 512 * 1024 {
                     ann.client
                         .send(&ClientFrame::DownloadAck(DownloadAck { download: id, received: got }))
