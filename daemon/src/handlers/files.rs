@@ -159,20 +159,43 @@ impl SharedWork for ResumeJob {
         Some(self.to)
     }
 
-    fn run(self: Box<Self>, store: &mut dyn SharedStore, settings: &Settings) -> Vec<Effect> {
-        let content = match content_of(settings) {
-            Ok(c) => c,
-            Err(e) => return vec![refuse(self.to, e)],
-        };
+    fn run(self: Box<Self>, store: &mut dyn SharedStore, _settings: &Settings) -> Vec<Effect> {
         match store.upload(self.upload, self.user) {
+            // Where the upload stands is the file thread's to say, after the chunk writes already
+            // queued for it (those of a connection that just died, say): the same order key puts
+            // the question behind them.
             Ok(record) => {
-                // What the staging file holds is what is stored (after a restart too). One stat,
-                // off the loop.
-                let held = fs::metadata(content.staging_path(&staging_name(record.id))).map_or(0, |m| m.len());
-                let offset = held.min(record.size);
-                vec![reply(self.to, state(&record, offset)), Effect::UploadOpened { to: self.to, upload: record }]
+                let order = record.id;
+                let job = Box::new(OffsetJob { to: self.to, upload: record });
+                vec![Effect::Then { to: self.to, work: Work::File(FileWork { order, chunk: false, job }) }]
             }
             Err(e) => vec![refuse(self.to, store_error(&e))],
+        }
+    }
+}
+
+/// RESUME's second half, on the upload's file thread: what the staging file holds (after a
+/// restart too: it is opened and its length read).
+struct OffsetJob {
+    to: ReplyTo,
+    upload: UploadRecord,
+}
+
+impl FileJob for OffsetJob {
+    fn reply_to(&self) -> Option<ReplyTo> {
+        Some(self.to)
+    }
+
+    fn run(self: Box<Self>, thread: &mut FileThread) -> Vec<Effect> {
+        match thread.staged(self.upload.id) {
+            Ok(staged) => {
+                let offset = staged.offset.min(self.upload.size);
+                vec![
+                    reply(self.to, state(&self.upload, offset)),
+                    Effect::UploadOpened { to: self.to, upload: self.upload },
+                ]
+            }
+            Err(e) => vec![refuse(self.to, io_error("opening an upload's staging file", &e))],
         }
     }
 }

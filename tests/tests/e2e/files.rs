@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 on_both_stores!(
     round_trip_dedupe_forward_and_collection,
     resume_after_a_cut_connection_and_a_partial_download,
+    resume_after_a_daemon_restart,
     refusals_hash_size_and_strangers
 );
 
@@ -200,6 +201,36 @@ fn resume_after_a_cut_connection_and_a_partial_download(backend: Backend) {
     assert_eq!((meta.offset, meta.length, tail.len() as u64), (size - 100_000, 100_000, 100_000));
 }
 
+/// A kill -9 mid-upload: the session is durable, and the offset after the restart is what the
+/// staging file holds; FINISH hashes the staged bytes from disk.
+fn resume_after_a_daemon_restart(backend: Backend) {
+    let Some(mut d) = Daemon::start_backend(backend, "files_restart", &[]) else { return };
+    let dir = tempfile::tempdir().expect("dir");
+    let mut ann = d.register("ann");
+    let room = ann.client.create_room("restart").expect("room").room;
+    let size = 1_500_000u64;
+    let file = random_file(dir.path(), "r.bin", size, 23);
+    let sha = sha_of(&file);
+    let state = ann.client.upload_begin(room, "r.bin", size, "", sha).expect("begin");
+    let mut cut = Cut { inner: fs::File::open(&file).expect("open"), limit: 700_000 };
+    assert!(ann.client.upload_bytes(&state, &mut cut, &mut |_| {}).is_err());
+    d.kill9();
+    d.restart();
+    let mut again = d.resume(&ann.token);
+    let resumed = again.upload_resume(state.upload).expect("resume after the restart");
+    let staged = fs::metadata(d.data_dir().join("cache").join("uploads").join(format!("upload-{}.part", state.upload)))
+        .map_or(0, |m| m.len());
+    assert_eq!(resumed.offset, staged, "the offset is what the staging file holds");
+    let mut src = fs::File::open(&file).expect("open");
+    src.seek(SeekFrom::Start(resumed.offset)).expect("seek");
+    again.upload_bytes(&resumed, &mut src, &mut |_| {}).expect("rest");
+    let stored = again.upload_finish(state.upload, "").expect("finish after the restart");
+    assert_eq!(stored.sha256, sha);
+    let mut back = Vec::new();
+    again.download(stored.file, 0, &mut back, &mut |_, _| {}).expect("download");
+    assert_eq!(<[u8; 32]>::from(Sha256::digest(&back)), sha);
+}
+
 fn refusals_hash_size_and_strangers(backend: Backend) {
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("chimed.toml");
@@ -358,6 +389,35 @@ fn a_100_mb_file_and_chat_that_overtakes_it() {
     let mut cmd = d.cli(&home);
     cmd.args(["login", &ann.name]);
     cli_ok(cmd);
+
+    // `chime upload` killed mid-upload, then run again: it resumes the same upload (its id is
+    // kept in the home dir until it is finished) and the server verifies the whole file.
+    let second = random_file(dir.path(), "second.bin", size, 202);
+    let second_sha = hex::encode(sha_of(&second));
+    let uploads = d.data_dir().join("cache").join("uploads");
+    let staged_bytes = || {
+        fs::read_dir(&uploads)
+            .map(|e| e.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).max().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let mut cmd = d.cli(&home);
+    cmd.args(["upload", &room.get().to_string(), second.to_str().expect("utf-8")]);
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("spawn chime upload");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while staged_bytes() < 10 << 20 {
+        assert!(Instant::now() < deadline, "the upload never got going");
+        assert!(matches!(child.try_wait(), Ok(None)), "the upload finished before it could be cut");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("kill chime");
+    let _ = child.wait();
+    let marker = home.join("uploads");
+    assert_eq!(fs::read_dir(&marker).map(|e| e.count()).unwrap_or(0), 1, "the unfinished upload is remembered");
+    let up = cli(&d, &home, &["upload", &room.get().to_string(), second.to_str().expect("utf-8")]);
+    assert_eq!(json_str(&up[0], "sha256"), second_sha);
+    assert_eq!(fs::read_dir(&marker).map(|e| e.count()).unwrap_or(0), 0, "and forgotten once finished");
+    assert_eq!(fs::read_dir(&uploads).map(|e| e.count()).unwrap_or(0), 0, "no staged bytes are left behind");
     let out = dir.path().join("back.bin");
     let down = cli(&d, &home, &["download", &stored.file.to_string(), "-o", out.to_str().expect("utf-8")]);
     assert_eq!(json_str(&down[0], "sha256"), hex::encode(sha));
