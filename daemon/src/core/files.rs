@@ -32,8 +32,8 @@ pub(super) struct Download {
     end: u64,
     /// What the client acknowledged receiving.
     acked: u64,
-    /// A read job is out.
-    reading: bool,
+    /// Bytes of the read job out (0: none).
+    reading: u64,
 }
 
 /// A connection's file transfer state.
@@ -134,7 +134,7 @@ impl Core {
         if offset < end {
             let rid = to.request_id;
             link.transfers.downloads.retain(|d| d.rid != rid);
-            link.transfers.downloads.push(Download { rid, sha256, next: offset, end, acked: offset, reading: false });
+            link.transfers.downloads.push(Download { rid, sha256, next: offset, end, acked: offset, reading: 0 });
         }
         self.pump(io, to.conn.key);
     }
@@ -145,11 +145,12 @@ impl Core {
         let key = to.conn.key;
         let Some(link) = self.link_of(to.conn) else { return };
         let Some(at) = link.transfers.downloads.iter().position(|d| d.rid == to.request_id) else { return };
-        let d = &mut link.transfers.downloads[at];
-        d.reading = false;
+        // To the back of the line: the connection's other downloads get the next reads first.
+        let mut d = link.transfers.downloads.remove(at);
+        d.reading = 0;
         d.next = next;
-        if d.next >= d.end {
-            link.transfers.downloads.remove(at);
+        if d.next < d.end {
+            link.transfers.downloads.push(d);
         }
         for frame in frames {
             io.send(key, frame, Class::Bulk);
@@ -165,18 +166,29 @@ impl Core {
     }
 
     /// Starts a read for every download of the connection whose window has room and that has no
-    /// read out.
+    /// read out. Besides each download's window, what the connection has queued and what its reads
+    /// will bring stay within half its outbound limit (as for SYNC pages), so several downloads
+    /// never push its queue over the limit; at least one chunk goes when nothing is queued.
     pub(super) fn pump(&mut self, io: &mut dyn Io, key: Key) {
+        let queued = io.queued(key) as u64;
+        let half = (self.config.max_outbound_bytes / 2) as u64;
         let Some(link) = self.link(key) else { return };
         let conn = link.id;
-        let window = u64::from(DOWNLOAD_WINDOW) * u64::from(CHUNK_SIZE);
+        let chunk = u64::from(CHUNK_SIZE);
+        let window = u64::from(DOWNLOAD_WINDOW) * chunk;
+        let out: u64 = link.transfers.downloads.iter().map(|d| d.reading).sum();
+        let mut budget = half.saturating_sub(queued + out);
+        if queued + out == 0 {
+            budget = budget.max(chunk);
+        }
         let mut reads = Vec::new();
-        for d in link.transfers.downloads.iter_mut().filter(|d| !d.reading && d.next < d.end) {
-            let room = window.saturating_sub(d.next - d.acked);
+        for d in link.transfers.downloads.iter_mut().filter(|d| d.reading == 0 && d.next < d.end) {
+            let room = window.saturating_sub(d.next - d.acked).min(budget);
             // Whole chunks only, so chunk boundaries stay where the client expects them.
-            let len = (room / u64::from(CHUNK_SIZE) * u64::from(CHUNK_SIZE)).min(d.end - d.next);
+            let len = (room / chunk * chunk).min(d.end - d.next);
             if len > 0 {
-                d.reading = true;
+                d.reading = len;
+                budget -= len.min(budget);
                 reads.push(files::read_job(ReplyTo { conn, request_id: d.rid }, d.sha256, d.next, len));
             }
         }
@@ -192,6 +204,19 @@ impl Core {
                 }
                 error(io, key, rid, ErrorCode::OVERLOADED, "server busy; resume the download shortly");
             }
+        }
+    }
+}
+
+impl Core {
+    /// Once a second: downloads held back by a full queue (not by their window) go on once it
+    /// drained, even if no acknowledgement comes to trigger them.
+    pub(super) fn pump_all(&mut self, io: &mut dyn Io) {
+        let keys: Vec<Key> = (0..self.links.len())
+            .filter(|&k| self.links[k].as_ref().is_some_and(|l| !l.transfers.downloads.is_empty()))
+            .collect();
+        for key in keys {
+            self.pump(io, key);
         }
     }
 }

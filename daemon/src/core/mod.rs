@@ -1019,6 +1019,7 @@ impl Core {
         for key in retries {
             self.retry_deferred(io, key);
         }
+        self.pump_all(io);
         if now.secs.is_multiple_of(TOUCH_LIVE_EVERY) {
             self.touched.extend(self.hub.live_sessions());
         }

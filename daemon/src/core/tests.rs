@@ -748,4 +748,29 @@ mod files {
         // The transport lets the published push overtake the bulk frames (see transport's test).
         assert_eq!(io.classes.remove(&1).unwrap_or_default(), vec![Class::Bulk, Class::Bulk, Class::Shared]);
     }
+
+    #[test]
+    fn downloads_together_stay_within_half_the_outbound_limit() {
+        let config = Config { max_outbound_bytes: 1 << 20, ..Config::default() };
+        let mut core = Core::new(config, Instant::now());
+        let mut io = FakeIo::default();
+        core.open(ConnRef { key: 1, gen: 2 }, "127.0.0.1".parse().expect("ip"), now(0));
+        core.frame(&mut io, 1, raw(ClientFrame::Hello(hello()), 1), now(0));
+        log_in(&mut core, &mut io, 1, &[]);
+        let end = 100 * u64::from(CHUNK_SIZE);
+        for rid in [5, 6] {
+            let opened = Effect::DownloadOpened { to: to(1, rid), sha256: [1; 32], offset: 0, end };
+            core.completion(&mut io, Completion(vec![opened]), now(2));
+        }
+        // The first download's read takes the half (512 KiB); the second waits, not over it.
+        assert_eq!(file_jobs(&mut io).len(), 1);
+        let frames = chunk_frames(5, 0, 8);
+        let next = 8 * u64::from(CHUNK_SIZE);
+        core.completion(&mut io, Completion(vec![Effect::FileChunks { to: to(1, 5), frames, next }]), now(2));
+        // The next read is the other download's: they take turns.
+        assert_eq!(file_jobs(&mut io), [((2 << 20) ^ 6, false)]);
+        // The tick retries downloads nobody acks, without a second read for one already out.
+        core.tick(&mut io, now(3));
+        assert!(file_jobs(&mut io).is_empty());
+    }
 }
