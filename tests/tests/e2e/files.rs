@@ -294,6 +294,29 @@ fn refusals_hash_size_and_strangers(backend: Backend) {
         Some(DeltaBody::FileShared(f)) if f.file == stored.file && f.caption == "ok" && f.sha256 == good));
 }
 
+/// The same transfer over TLS (the bulk class sits in front of rustls), through the real CLI.
+#[test]
+fn files_travel_over_tls_too() {
+    let d = Daemon::start(DaemonOptions::default());
+    let dir = tempfile::tempdir().expect("dir");
+    let home = dir.path().join("home");
+    let tls = |args: &[&str]| {
+        let mut cmd = d.cli_tls(&home);
+        cmd.args(args);
+        cli_ok(cmd)
+    };
+    tls(&["register", &unique("tls")]);
+    let room = json_u64(&tls(&["room", "create", "tls"])[0], "room");
+    let file = random_file(dir.path(), "over-tls.bin", 5_000_000, 31);
+    let sha = hex::encode(sha_of(&file));
+    let up = tls(&["upload", &room.to_string(), file.to_str().expect("utf-8")]);
+    assert_eq!(json_str(&up[0], "sha256"), sha);
+    let out = dir.path().join("back.bin");
+    let down = tls(&["download", &json_u64(&up[0], "file").to_string(), "-o", out.to_str().expect("utf-8")]);
+    assert_eq!(json_str(&down[0], "sha256"), sha);
+    assert_eq!(hex::encode(sha_of(&out)), sha);
+}
+
 /// 100 MB up and down, verified, with a chat message pushed to the downloading connection while
 /// its chunks stream: it overtakes them. SQLite only (the store does a few rows here); the bytes
 /// path is the same for both stores.
