@@ -15,6 +15,10 @@
 
 use crate::{RoomId, Seq, UserId};
 
+/// Unfinished uploads one user may have at once: each may hold up to the largest file on the
+/// server's disk until it is finished, so their number is bounded.
+pub const MAX_OPEN_UPLOADS: u64 = 16;
+
 /// An upload to begin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewUpload {

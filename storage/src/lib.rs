@@ -722,7 +722,8 @@ pub trait SharedStore: Send {
     /// when the workers open with [`OpenOptions::manual_checkpoints`].
     fn checkpoint(&mut self) -> Result<()>;
     /// Begins an upload by `u.user` to share in `u.room`, who needs `post` there (`NotMember`,
-    /// `Forbidden`, `NotFound` for no such room).
+    /// `Forbidden`, `NotFound` for no such room); `LimitReached` when the user has
+    /// [`files::MAX_OPEN_UPLOADS`] unfinished uploads.
     fn create_upload(&mut self, u: &NewUpload) -> Result<UploadRecord>;
     /// Upload `id` of `user`; `NotFound` when there is none (or it is another user's).
     fn upload(&mut self, id: u64, user: UserId) -> Result<UploadRecord>;

@@ -1590,6 +1590,16 @@ impl SharedStore for PgStore {
         if !perms.contains(Permissions::POST) {
             return Err(StoreError::Forbidden(format!("you may not post in room {}", u.room)));
         }
+        // Counted under a lock on the user's row, so two BEGINs at once cannot both pass the cap.
+        tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&to_db(u.user)]).map_err(pg_err)?;
+        let open: i64 =
+            tx.query_one("SELECT count(*) FROM uploads WHERE user_id = $1", &[&to_db(u.user)]).map_err(pg_err)?.get(0);
+        if open >= to_db(files::MAX_OPEN_UPLOADS) {
+            return Err(StoreError::LimitReached(format!(
+                "{open} unfinished uploads; finish one first (at most {})",
+                files::MAX_OPEN_UPLOADS
+            )));
+        }
         let row = tx
             .query_one(
                 "INSERT INTO uploads (user_id, room_id, name, size, media_type, sha256, created_at)

@@ -1355,6 +1355,16 @@ impl SharedStore for SqliteStore {
             if !perms.contains(Permissions::POST) {
                 return Err(StoreError::Forbidden(format!("you may not post in room {}", u.room)));
             }
+            let open: i64 = conn
+                .prepare_cached("SELECT count(*) FROM uploads WHERE user_id = ?1")
+                .and_then(|mut st| st.query_row([to_db(u.user)], |r| r.get(0)))
+                .map_err(db_err)?;
+            if open >= to_db(files::MAX_OPEN_UPLOADS) {
+                return Err(StoreError::LimitReached(format!(
+                    "{open} unfinished uploads; finish one first (at most {})",
+                    files::MAX_OPEN_UPLOADS
+                )));
+            }
             let id: i64 = conn
                 .prepare_cached(
                     "INSERT INTO uploads (user_id, room_id, name, size, media_type, sha256, created_at)

@@ -1882,6 +1882,11 @@ fn files_are_shared_forwarded_and_collected(store: &mut dyn Store) {
     assert!(matches!(store.create_upload(&new_upload(&bob, lobby.id)), Err(StoreError::NotMember(_))));
     let up = store.create_upload(&new_upload(&ada, lobby.id)).expect("upload");
     assert_eq!(store.upload(up.id, ada.id).expect("found"), up);
+    // Unfinished uploads per user are capped.
+    for _ in 1..chime_storage::files::MAX_OPEN_UPLOADS {
+        store.create_upload(&new_upload(&ada, other.id)).expect("under the cap");
+    }
+    assert!(matches!(store.create_upload(&new_upload(&ada, lobby.id)), Err(StoreError::LimitReached(_))));
     assert!(matches!(store.upload(up.id, bob.id), Err(StoreError::NotFound(_))));
 
     // Sharing records the file, its permission, a content reference and the delta, and ends the
