@@ -430,7 +430,7 @@ pub struct UnreadRecord {
     pub delivered: Seq,
     /// The last seq the user read.
     pub read: Seq,
-    /// Messages by others after `read` (counted up to [`UNREAD_CAP`]).
+    /// Messages (and shared files) by others after `read` (counted up to [`UNREAD_CAP`]).
     pub unread: u64,
     /// Mentions of the user after `read`.
     pub mentions: u64,

@@ -784,7 +784,7 @@ impl PgStore {
         let (delivered, read): (i64, i64) = (row.get(1), row.get(2));
         let counts = tx
             .query_one(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = $1 AND seq > $3 AND kind IN (2, 9)
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = $1 AND seq > $3 AND kind IN (2, 9, 23)
                          AND author_id <> $2 LIMIT $4) AS x),
                         (SELECT count(*) FROM mentions WHERE user_id = $2 AND room_id = $1 AND seq > $3)",
                 &[&r, &u, &read, &(crate::UNREAD_CAP as i64)],

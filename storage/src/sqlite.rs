@@ -2336,7 +2336,7 @@ fn unread_of(conn: &Connection, room: RoomId, user: UserId) -> Result<UnreadReco
         .unwrap_or((0, 0));
     let unread: i64 = conn
         .prepare_cached(
-            "SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = ?1 AND seq > ?2 AND kind IN (2, 9)
+            "SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = ?1 AND seq > ?2 AND kind IN (2, 9, 23)
              AND author_id <> ?3 LIMIT ?4)",
         )
         .and_then(|mut st| {

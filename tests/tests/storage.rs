@@ -1924,6 +1924,9 @@ fn files_are_shared_forwarded_and_collected(store: &mut dyn Store) {
     let copy = fwd.target.expect("a file id").get();
     assert_ne!(copy, record.id);
     assert_eq!(store.file_for(copy, ada.id).expect("copy").shared_in, (other.id, fwd.seq));
+    // A shared file counts as unread, like a message.
+    let unread = store.unread(bob.id, RoomId(0), 10).expect("unread");
+    assert_eq!(unread.iter().find(|u| u.room == lobby.id).map(|u| u.unread), Some(1), "{unread:?}");
     // A plain message forwards as a message.
     store.append_posts(&[post(lobby.id, &ada, "k1", "hello")]).expect("post");
     let msg = store.forward((ada.id, "ada"), lobby.id, Seq(4), other.id, T0).expect("forward text");
