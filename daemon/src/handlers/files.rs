@@ -187,6 +187,15 @@ impl FileJob for OffsetJob {
     }
 
     fn run(self: Box<Self>, thread: &mut FileThread) -> Vec<Effect> {
+        // Nothing staged yet (or no more: a FINISH took it): 0, without creating a file that
+        // nothing may ever remove.
+        let path = thread.content.staging_path(&staging_name(self.upload.id));
+        if !thread.uploads.contains_key(&self.upload.id) && !path.exists() {
+            return vec![
+                reply(self.to, state(&self.upload, 0)),
+                Effect::UploadOpened { to: self.to, upload: self.upload },
+            ];
+        }
         match thread.staged(self.upload.id) {
             Ok(staged) => {
                 let offset = staged.offset.min(self.upload.size);
