@@ -322,6 +322,7 @@ fn files_travel_over_tls_too() {
 /// path is the same for both stores.
 #[test]
 fn a_100_mb_file_and_chat_that_overtakes_it() {
+    let _heavy = heavy();
     let d = Daemon::start(DaemonOptions::default());
     let dir = tempfile::tempdir().expect("dir");
     let size = 100u64 << 20;
