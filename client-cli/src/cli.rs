@@ -288,6 +288,37 @@ pub enum Command {
     },
     /// Measure the round trip to the server.
     Ping,
+    /// Share a file in a room (resumes an unfinished upload of the same file; a progress bar on
+    /// a terminal).
+    Upload {
+        /// The room id.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The file.
+        file: PathBuf,
+        /// Text shown with the file.
+        #[arg(long, default_value = "")]
+        caption: String,
+    },
+    /// Fetch a shared file and verify its hash (continues PATH.part if there is one).
+    Download {
+        /// The file id (from `upload`, or a file delta).
+        file: u64,
+        /// Where to save it (default: its name, in the current directory).
+        #[arg(short = 'o', long = "output", value_name = "PATH")]
+        output: Option<PathBuf>,
+    },
+    /// Forward a message (and its file) to another room.
+    Forward {
+        /// The room the message is in.
+        #[arg(value_parser = parse_room)]
+        room: u64,
+        /// The message's seq.
+        seq: u64,
+        /// The room to forward it to.
+        #[arg(value_parser = parse_room)]
+        to_room: u64,
+    },
     /// List your sessions (the devices logged in to your account), or revoke them.
     Sessions {
         /// Without one, list the sessions.

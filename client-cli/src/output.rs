@@ -113,6 +113,22 @@ impl<W: Write> Output<W> {
 
 /// A delta as its JSON object.
 pub fn delta_json(delta: &Delta) -> Value {
+    if let chime_protocol::DeltaBody::FileShared(f) = &delta.body {
+        return json!({
+            "room": delta.room.get(),
+            "seq": delta.seq.get(),
+            "kind": "file",
+            "author": delta.author,
+            "author_id": delta.author_id.get(),
+            "ts": rfc3339_ms(delta.ts_ms),
+            "text": f.caption,
+            "file": f.file,
+            "name": f.name,
+            "size": f.size,
+            "media_type": f.media_type,
+            "sha256": hex::encode(f.sha256),
+        });
+    }
     #[derive(Serialize)]
     struct DeltaJson<'a> {
         room: u64,
@@ -183,6 +199,13 @@ fn delta_human(delta: &Delta) -> String {
             format!("{head} * {author} joined call {}", delta.body.target().map_or(0, |t| t.get()))
         }
         DeltaKind::CALL_END => format!("{head} * {author} ended call {}", delta.body.target().map_or(0, |t| t.get())),
+        DeltaKind::FILE_SHARED => match &delta.body {
+            chime_protocol::DeltaBody::FileShared(f) => {
+                let caption = if f.caption.is_empty() { String::new() } else { format!(": {}", f.caption) };
+                format!("{head} {author} shared file {} \"{}\" ({} bytes){caption}", f.file, f.name, f.size)
+            }
+            _ => format!("{head} * {author} shared a file"),
+        },
         other => format!("{head} * {author} ({}) {text}", other.json_name()),
     }
 }

@@ -29,6 +29,10 @@ use chime_protocol::{
     SessionInfo, SetPresence, SetServerRole, SetSetting, SettingChanged, Settings, Sync, SyncDone, Unread, UnreadList,
     UpdateProfile, UserId, View, WatchPresence, Welcome, DEFAULT_MAX_FRAME, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use chime_protocol::{
+    Download, DownloadAck, DownloadMeta, FileStored, Forward, UploadBegin, UploadChunk, UploadFinish, UploadResume,
+    UploadState,
+};
 use rustls::ClientConnection;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -708,6 +712,140 @@ impl Client {
             ServerFrame::Posted(p) => Ok(p),
             other => Err(unexpected("POSTED", &other)),
         }
+    }
+
+    /// `UPLOAD_BEGIN`: starts an upload of `size` bytes hashing to `sha256`, to share in `room`.
+    pub fn upload_begin(
+        &mut self,
+        room: impl Into<RoomId>,
+        name: &str,
+        size: u64,
+        media_type: &str,
+        sha256: [u8; 32],
+    ) -> Result<UploadState, ClientError> {
+        let body = UploadBegin { room: room.into(), name: name.into(), size, media_type: media_type.into(), sha256 };
+        match self.request(&ClientFrame::UploadBegin(body))? {
+            ServerFrame::UploadState(s) => Ok(s),
+            other => Err(unexpected("UPLOAD_STATE", &other)),
+        }
+    }
+
+    /// `UPLOAD_RESUME`: where upload `upload` stands; its chunks may then be sent on this
+    /// connection.
+    pub fn upload_resume(&mut self, upload: u64) -> Result<UploadState, ClientError> {
+        match self.request(&ClientFrame::UploadResume(UploadResume { upload }))? {
+            ServerFrame::UploadState(s) => Ok(s),
+            other => Err(unexpected("UPLOAD_STATE", &other)),
+        }
+    }
+
+    /// Sends the bytes of an upload from `state.offset` to its end, read from `source` (read from
+    /// `state.offset` on: the caller seeks), with up to the server's window of chunks
+    /// unacknowledged. `progress` is told each acknowledged offset. Returns the bytes stored.
+    /// Only one chunk is ever held.
+    pub fn upload_bytes(
+        &mut self,
+        state: &UploadState,
+        source: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, ClientError> {
+        let chunk = (state.chunk_size.clamp(1, 1 << 20)) as u64;
+        let window = state.window.clamp(1, 256) as usize;
+        let mut sent = state.offset;
+        let mut acked = state.offset;
+        let mut outstanding: VecDeque<u32> = VecDeque::new();
+        while acked < state.size {
+            while outstanding.len() < window && sent < state.size {
+                let n = chunk.min(state.size - sent) as usize;
+                let mut data = vec![0u8; n];
+                source.read_exact(&mut data).map_err(io_error)?;
+                let id = self.session.send(&ClientFrame::UploadChunk(UploadChunk {
+                    upload: state.upload,
+                    offset: sent,
+                    data,
+                }))?;
+                outstanding.push_back(id);
+                sent += n as u64;
+            }
+            self.flush()?;
+            let Some(id) = outstanding.pop_front() else { break };
+            let deadline = Instant::now() + self.timeout;
+            match self.await_reply(id, deadline)? {
+                ServerFrame::ChunkStored(c) => {
+                    acked = c.offset;
+                    progress(acked);
+                }
+                other => return Err(unexpected("CHUNK_STORED", &other)),
+            }
+        }
+        Ok(acked)
+    }
+
+    /// `UPLOAD_FINISH`: the server verifies the size and hash, stores and shares the file.
+    pub fn upload_finish(&mut self, upload: u64, caption: &str) -> Result<FileStored, ClientError> {
+        match self.request(&ClientFrame::UploadFinish(UploadFinish { upload, caption: caption.into() }))? {
+            ServerFrame::FileStored(f) => Ok(f),
+            other => Err(unexpected("FILE_STORED", &other)),
+        }
+    }
+
+    /// `DOWNLOAD`: streams file `file` from `offset` to its end into `sink`, acknowledging as it
+    /// goes so the server's window stays open. `progress` is told each offset written. Returns
+    /// the file's metadata; the caller checks the hash (it may have the start of the file
+    /// already).
+    pub fn download(
+        &mut self,
+        file: u64,
+        offset: u64,
+        sink: &mut dyn Write,
+        progress: &mut dyn FnMut(&DownloadMeta, u64),
+    ) -> Result<DownloadMeta, ClientError> {
+        let id = self.send(&ClientFrame::Download(Download { file, offset, length: 0 }))?;
+        let meta = match self.await_reply(id, Instant::now() + self.timeout)? {
+            ServerFrame::DownloadMeta(m) => *m,
+            other => return Err(unexpected("DOWNLOAD_META", &other)),
+        };
+        let end = meta.offset + meta.length;
+        let mut at = meta.offset;
+        let mut acked = at;
+        progress(&meta, at);
+        // Acknowledging every half window keeps the other half in flight.
+        let ack_every = u64::from(meta.window / 2).max(1);
+        while at < end {
+            let deadline = Instant::now() + self.timeout;
+            match self.next_session_event(Some(deadline))? {
+                None => return Err(ClientError::Timeout),
+                Some(Event::Push(ServerFrame::FileChunk(c))) if c.download == id => {
+                    if c.offset != at {
+                        return Err(ClientError::Protocol(format!("FILE_CHUNK at {} where {at} was due", c.offset)));
+                    }
+                    sink.write_all(&c.data).map_err(io_error)?;
+                    at += c.data.len() as u64;
+                    progress(&meta, at);
+                    if at - acked >= ack_every && at < end {
+                        self.session.send(&ClientFrame::DownloadAck(DownloadAck { download: id, received: at }))?;
+                        self.flush()?;
+                        acked = at;
+                    }
+                }
+                Some(Event::Failed { request_id, error }) if request_id == id => {
+                    return Err(ClientError::Server(error))
+                }
+                Some(Event::Goodbye(g)) => return Err(ClientError::Closed(Some(g))),
+                Some(other) => self.queue.push_back(other),
+            }
+        }
+        Ok(meta)
+    }
+
+    /// `FORWARD`: copies message `seq` of `room` (and its file) into `to_room`.
+    pub fn forward(
+        &mut self,
+        room: impl Into<RoomId>,
+        seq: impl Into<Seq>,
+        to_room: impl Into<RoomId>,
+    ) -> Result<Posted, ClientError> {
+        self.posted(ClientFrame::Forward(Forward { room: room.into(), seq: seq.into(), to_room: to_room.into() }))
     }
 
     /// Sends a request answered by `POSTED` (the message actions) and returns it.

@@ -533,7 +533,8 @@ impl Session {
         let id = self.next_id();
         self.enqueue(frame, id)?;
         match frame {
-            ClientFrame::Pong(_) => {}
+            // Not answered: nothing to wait for.
+            ClientFrame::Pong(_) | ClientFrame::DownloadAck(_) => {}
             ClientFrame::Sync(sync) => {
                 self.start_sync(id, &sync.rooms);
                 self.pending.insert(id, Pending { ty: FrameType::SYNC, internal });

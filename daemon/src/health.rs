@@ -488,6 +488,22 @@ impl SharedStore for StoreSlot {
     fn last_seen(&mut self, users: &[UserId]) -> chime_storage::Result<Vec<(UserId, i64)>> {
         self.with(|s| s.last_seen(users))
     }
+
+    fn create_upload(&mut self, u: &chime_storage::NewUpload) -> chime_storage::Result<chime_storage::UploadRecord> {
+        self.with(|s| s.create_upload(u))
+    }
+    fn upload(&mut self, id: u64, user: UserId) -> chime_storage::Result<chime_storage::UploadRecord> {
+        self.with(|s| s.upload(id, user))
+    }
+    fn file_for(&mut self, file: u64, user: UserId) -> chime_storage::Result<chime_storage::FileRecord> {
+        self.with(|s| s.file_for(file, user))
+    }
+    fn drop_content(&mut self, sha256: &[u8; 32]) -> chime_storage::Result<bool> {
+        self.with(|s| s.drop_content(sha256))
+    }
+    fn unreferenced_contents(&mut self, limit: u32) -> chime_storage::Result<Vec<[u8; 32]>> {
+        self.with(|s| s.unreferenced_contents(limit))
+    }
 }
 
 impl Store for StoreSlot {
@@ -545,6 +561,22 @@ impl Store for StoreSlot {
         now_ms: i64,
     ) -> chime_storage::Result<DeltaRecord> {
         self.with(|s| s.define_role(room, actor, actor_name, name, perms, now_ms))
+    }
+    fn share_file(
+        &mut self,
+        f: &chime_storage::NewFile,
+    ) -> chime_storage::Result<(chime_storage::FileRecord, DeltaRecord)> {
+        self.with(|s| s.share_file(f))
+    }
+    fn forward(
+        &mut self,
+        actor: (UserId, &str),
+        room: RoomId,
+        seq: Seq,
+        to_room: RoomId,
+        now_ms: i64,
+    ) -> chime_storage::Result<DeltaRecord> {
+        self.with(|s| s.forward(actor, room, seq, to_room, now_ms))
     }
 }
 

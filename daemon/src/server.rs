@@ -107,6 +107,13 @@ impl Server {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, completions) = crossbeam_channel::bounded(16_384);
+        // File bytes: the cache directory (and, once they are configured, storage nodes).
+        let nodes = Arc::new(crate::node::Nodes::from_config(&config, &crate::node::LinkOptions::default()));
+        let cache_dir = config.cache_dir();
+        let content = Arc::new(
+            crate::content::Content::open(&cache_dir, config.files.cache_quota, nodes)
+                .with_context(|| format!("cannot open the file cache {}", cache_dir.display()))?,
+        );
         let pool_config = PoolConfig {
             workers: config.workers,
             auth_workers: config.auth_workers,
@@ -125,6 +132,7 @@ impl Server {
                     }
                     None => None,
                 },
+                content: Some(crate::work::ContentRef(content)),
             },
             secret_keys: Some(config.data_dir.join("secret-keys")),
         };

@@ -42,6 +42,11 @@ pub enum Class {
     /// State that the next update supersedes (typing, presence): dropped first when the queue
     /// is over its limit.
     Ephemeral,
+    /// File chunks of a download: they wait in a queue of their own that every other frame
+    /// overtakes. One enters the write queue only when nothing else waits there, and once it has
+    /// started it is finished first (a frame is never cut), so chat waits at most one chunk
+    /// (64 KiB). Counted as the connection's own; the download window bounds how many wait.
+    Bulk,
 }
 
 /// Frames at most this long are copied into the coalescing buffer instead of queued as a `Bytes`.
@@ -68,6 +73,8 @@ pub struct Transport {
     outq: VecDeque<(Bytes, Class)>,
     /// Small frames coalesced after `outq`, written after it.
     tail: BytesMut,
+    /// Bulk frames (see [`Class::Bulk`]) not yet moved into `outq`; written after everything else.
+    bulkq: VecDeque<Bytes>,
     /// Bytes in `outq` not yet written.
     out_bytes: usize,
     /// Ephemeral bytes in `outq`.
@@ -123,6 +130,7 @@ impl Transport {
             rbuf: BytesMut::new(),
             outq: VecDeque::new(),
             tail: BytesMut::new(),
+            bulkq: VecDeque::new(),
             out_bytes: 0,
             ephemeral_bytes: 0,
             own_bytes: 0,
@@ -141,7 +149,12 @@ impl Transport {
 
     /// Bytes queued for sending (not counting overheads).
     pub fn queued_bytes(&self) -> usize {
-        self.out_bytes + self.tail.len()
+        self.out_bytes + self.tail.len() + self.bulk_bytes()
+    }
+
+    /// Bytes of bulk frames waiting in their own queue.
+    fn bulk_bytes(&self) -> usize {
+        self.bulkq.iter().map(Bytes::len).sum()
     }
 
     /// What the outbound queue costs in memory: every byte queued, [`CHUNK_OVERHEAD`] per queued
@@ -149,7 +162,7 @@ impl Transport {
     /// it. (The read buffer is bounded apart, by the largest frame: counting it here would let a
     /// large frame still being received pause the reading that would complete it.)
     pub fn cost(&self) -> usize {
-        self.out_bytes + self.queue_overheads()
+        self.out_bytes + self.bulk_bytes() + self.queue_overheads()
     }
 
     /// Everything the connection pins: its queue's cost (shared chunks at their full length) and
@@ -162,24 +175,47 @@ impl Transport {
     /// owner): its own queued bytes, the queue's overheads, the read buffer. What the server-wide
     /// budget adds up per connection.
     pub fn own_cost(&self) -> usize {
-        self.own_bytes + self.queue_overheads() + self.rbuf.capacity()
+        self.own_bytes + self.bulk_bytes() + self.queue_overheads() + self.rbuf.capacity()
     }
 
     fn queue_overheads(&self) -> usize {
-        self.outq.len() * CHUNK_OVERHEAD
+        (self.outq.len() + self.bulkq.len()) * CHUNK_OVERHEAD
+            + self.bulkq.capacity() * std::mem::size_of::<Bytes>()
             + self.outq.capacity() * std::mem::size_of::<(Bytes, Class)>()
             + self.tail.capacity()
     }
 
     /// Whether anything waits to be written (in the queue or inside TLS).
     pub fn has_pending_output(&self) -> bool {
-        self.out_bytes > 0 || !self.tail.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+        self.out_bytes > 0
+            || !self.tail.is_empty()
+            || !self.bulkq.is_empty()
+            || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Moves the next bulk frame into the write queue when nothing else waits to be written (so
+    /// chat frames overtake file chunks, and a chunk in the write queue is finished before
+    /// anything queued after it). Returns whether there is anything to write.
+    fn promote_bulk(&mut self) -> bool {
+        if self.out_bytes == 0 && self.tail.is_empty() {
+            if let Some(b) = self.bulkq.pop_front() {
+                self.push_chunk(b, Class::Bulk);
+            }
+        }
+        self.out_bytes > 0 || !self.tail.is_empty()
     }
 
     /// Queues a frame. Returns false when the queue's cost would pass `limit` even after dropping
     /// ephemeral frames: the caller must then cut the connection off with a resync.
     pub fn queue(&mut self, frame: Bytes, class: Class, limit: usize) -> bool {
         if frame.is_empty() || self.closing {
+            return true;
+        }
+        if class == Class::Bulk {
+            if self.cost() + frame.len() + CHUNK_OVERHEAD > limit {
+                return false;
+            }
+            self.bulkq.push_back(frame);
             return true;
         }
         let coalesce = class == Class::Own && frame.len() <= COALESCE_MAX;
@@ -208,7 +244,7 @@ impl Transport {
         self.out_bytes += frame.len();
         match class {
             Class::Ephemeral => self.ephemeral_bytes += frame.len(),
-            Class::Own => self.own_bytes += frame.len(),
+            Class::Own | Class::Bulk => self.own_bytes += frame.len(),
             Class::Shared => {}
         }
         self.outq.push_back((frame, class));
@@ -238,10 +274,10 @@ impl Transport {
 
     /// Recomputes the byte counters from the queue (after removing chunks in the middle).
     fn recount(&mut self) {
-        let count = |class: Class| self.outq.iter().filter(|(_, c)| *c == class).map(|(b, _)| b.len()).sum();
+        let count = |class: Class| self.outq.iter().filter(|(_, c)| *c == class).map(|(b, _)| b.len()).sum::<usize>();
         self.out_bytes = self.outq.iter().map(|(b, _)| b.len()).sum();
         self.ephemeral_bytes = count(Class::Ephemeral);
-        self.own_bytes = count(Class::Own);
+        self.own_bytes = count(Class::Own) + count(Class::Bulk);
     }
 
     /// Replaces everything queued with a GOODBYE and marks the connection closing. Used when the
@@ -259,6 +295,7 @@ impl Transport {
             self.outq.truncate(1);
             self.tail.clear();
         }
+        self.bulkq = VecDeque::new();
         self.recount();
         self.push_goodbye(code, message, resync);
         self.give_back_memory();
@@ -338,6 +375,9 @@ impl Transport {
     /// Gives back the memory of empty buffers (called once a second): a busy connection keeps
     /// its queue's allocation between bursts, an idle one holds none.
     pub fn shrink_idle(&mut self) {
+        if self.bulkq.is_empty() && self.bulkq.capacity() > 0 {
+            self.bulkq = VecDeque::new();
+        }
         if self.outq.is_empty() && self.tail.is_empty() {
             self.give_back_memory();
         }
@@ -378,7 +418,7 @@ impl Transport {
     /// Returns the outcome and whether any byte reached the socket.
     fn flush_plain(&mut self) -> (io::Result<()>, bool) {
         let mut wrote = false;
-        while self.out_bytes > 0 || !self.tail.is_empty() {
+        while self.promote_bulk() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
             for (b, _) in self.outq.iter().take(MAX_IOVECS - 1) {
@@ -406,11 +446,12 @@ impl Transport {
     fn flush_tls(&mut self) -> (io::Result<()>, bool) {
         let mut wrote = false;
         loop {
-            let Some(tls) = self.tls.as_mut() else {
-                return (Ok(()), wrote);
-            };
             // Move queued plaintext into rustls (bounded by its buffer limit), then push records.
             loop {
+                self.promote_bulk();
+                let Some(tls) = self.tls.as_mut() else {
+                    return (Ok(()), wrote);
+                };
                 let front: &[u8] = match self.outq.front() {
                     Some((b, _)) => b,
                     None if !self.tail.is_empty() => &self.tail,
@@ -490,7 +531,7 @@ fn consume(
         *out_bytes -= k;
         match class {
             Class::Ephemeral => *ephemeral -= k,
-            Class::Own => *own -= k,
+            Class::Own | Class::Bulk => *own -= k,
             Class::Shared => {}
         }
         n -= k;
@@ -630,5 +671,50 @@ mod tests {
         c.goodbye(ErrorCode::RESYNC_REQUIRED, "behind", true);
         assert!(c.closing && c.rbuf.is_empty());
         assert!(c.queued_bytes() <= chunk.len() + 64);
+    }
+
+    #[test]
+    fn chat_overtakes_queued_file_chunks_but_never_cuts_one() {
+        let (mut c, mut peer) = pair();
+        let chunk = |n: u8| {
+            ServerFrame::FileChunk(chime_protocol::FileChunk {
+                download: 1,
+                offset: u64::from(n),
+                data: vec![n; 60_000],
+            })
+            .encode(0)
+            .expect("fits")
+        };
+        for n in 0..4 {
+            assert!(c.queue(chunk(n), Class::Bulk, 4 << 20));
+        }
+        // Written up to the first chunk only partly: the kernel's buffer is not involved yet, so
+        // move the first bulk frame into the write queue by hand as a flush would.
+        assert!(c.promote_bulk());
+        assert!(c.queue(pong(7), Class::Own, 4 << 20));
+        assert!(c.queue(pong(8), Class::Own, 4 << 20));
+        assert_eq!(c.queued_bytes(), 4 * chunk(0).len() + 2 * pong(7).len());
+        assert!(c.cost() >= c.queued_bytes(), "bulk bytes are counted");
+        c.flush(1).expect("flush");
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let mut buf = BytesMut::new();
+        let mut order = Vec::new();
+        let mut scratch = vec![0u8; 64 * 1024];
+        while order.len() < 6 {
+            if c.has_pending_output() {
+                c.flush(1).expect("flush");
+            }
+            let n = peer.read(&mut scratch).expect("read");
+            buf.extend_from_slice(&scratch[..n]);
+            while let Some(raw) = FrameDecoder::default().decode(&mut buf).expect("whole frames") {
+                order.push(match ServerFrame::decode(&raw).expect("valid") {
+                    ServerFrame::FileChunk(f) => format!("chunk{}", f.offset),
+                    ServerFrame::Pong(p) => format!("pong{}", p.nonce),
+                    other => panic!("{other:?}"),
+                });
+            }
+        }
+        // The chunk that had started goes first and whole; the replies overtake the rest.
+        assert_eq!(order, ["chunk0", "pong7", "pong8", "chunk1", "chunk2", "chunk3"]);
     }
 }

@@ -64,6 +64,18 @@ pub struct Settings {
     pub session_limits: SessionLimits,
     /// The push-notification path, when a gateway is configured (`[notify] spool`).
     pub notifier: Option<crate::notify::Notifier>,
+    /// The content store (file bytes); `None` in tests that run no file work.
+    pub content: Option<ContentRef>,
+}
+
+/// The daemon's content store, shared by the workers and the file threads.
+#[derive(Clone)]
+pub struct ContentRef(pub Arc<crate::content::Content>);
+
+impl std::fmt::Debug for ContentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ContentRef").field(&self.0.dir()).finish()
+    }
 }
 
 /// A job for the pool; the variant is its queue.
@@ -77,6 +89,27 @@ pub enum Work {
     Shared(Box<dyn SharedWork>),
     /// Password hashing: the auth workers.
     Auth(Box<dyn AuthWork>),
+    /// File I/O and hashing: the file threads, where jobs with the same `order` key run in
+    /// order on one thread (an upload's chunks, a download's reads).
+    File(FileWork),
+}
+
+/// A job for the file threads.
+pub struct FileWork {
+    /// Jobs with the same key run on the same thread, in submission order.
+    pub order: u64,
+    /// Whether it is an upload's chunk write (counted against the connection's upload window).
+    pub chunk: bool,
+    /// The job.
+    pub job: Box<dyn FileJob>,
+}
+
+/// A job that reads or writes file bytes, on a file thread.
+pub trait FileJob: Send {
+    /// Who it answers.
+    fn reply_to(&self) -> Option<ReplyTo>;
+    /// Runs it with the thread's state.
+    fn run(self: Box<Self>, thread: &mut crate::handlers::files::FileThread) -> Vec<Effect>;
 }
 
 impl Work {
@@ -87,6 +120,7 @@ impl Work {
             Work::Post(p) => Some(p.to),
             Work::Shared(w) => w.reply_to(),
             Work::Auth(w) => w.reply_to(),
+            Work::File(f) => f.job.reply_to(),
         }
     }
 
@@ -103,6 +137,7 @@ impl std::fmt::Debug for Work {
             Work::Post(p) => ("post", Some(p.to)),
             Work::Shared(w) => ("shared", w.reply_to()),
             Work::Auth(w) => ("auth", w.reply_to()),
+            Work::File(f) => ("file", f.job.reply_to()),
         };
         f.debug_struct("Work").field("queue", &queue).field("to", &to).finish()
     }
@@ -319,6 +354,55 @@ pub enum Effect {
         /// Who created it.
         creator: UserId,
     },
+    /// Submit this job for `to` next (a step of a request that continues on another queue: a
+    /// verified upload goes from its file thread to its room's shard).
+    Then {
+        /// The request it continues.
+        to: ReplyTo,
+        /// The job.
+        work: Work,
+    },
+    /// The connection may send chunks of this upload (it began or resumed it).
+    UploadOpened {
+        /// The connection and request.
+        to: ReplyTo,
+        /// The upload.
+        upload: chime_storage::UploadRecord,
+    },
+    /// A download's metadata went out: stream `offset..end` of content `sha256`.
+    DownloadOpened {
+        /// The connection and the DOWNLOAD's request id.
+        to: ReplyTo,
+        /// The content.
+        sha256: [u8; 32],
+        /// First byte.
+        offset: u64,
+        /// End (exclusive).
+        end: u64,
+    },
+    /// Chunks a file thread read for a download: encoded `FILE_CHUNK` pushes, then where the
+    /// next read starts.
+    FileChunks {
+        /// The connection and the DOWNLOAD's request id.
+        to: ReplyTo,
+        /// The frames, in order.
+        frames: Vec<Bytes>,
+        /// The offset after the last one.
+        next: u64,
+    },
+    /// A download cannot go on (its ERROR is on its way).
+    DownloadEnded {
+        /// The connection and the DOWNLOAD's request id.
+        to: ReplyTo,
+    },
+    /// A file job for `to` is done (its in-flight slot, and for a chunk its upload-window slot,
+    /// are free). Added by the file thread after every job.
+    FileReleased {
+        /// The connection and request.
+        to: ReplyTo,
+        /// Whether it was an upload chunk.
+        chunk: bool,
+    },
 }
 
 /// Effects of one worker batch, handed to the loop together.
@@ -395,6 +479,17 @@ pub fn wire_delta(r: DeltaRecord) -> Delta {
         RecordKind::ROLE_DEFINED => {
             let (role, permissions) = chime_storage::moderation::parse_role_body(&r.body);
             DeltaBody::RoleDefined(RoleDefinedBody { role, permissions })
+        }
+        RecordKind::FILE_SHARED => {
+            let (sha256, size, media_type, name, caption) = chime_storage::files::decode_body(&r.body);
+            DeltaBody::FileShared(Box::new(chime_protocol::FileBody {
+                file: target.get(),
+                name,
+                size,
+                media_type,
+                sha256,
+                caption,
+            }))
         }
         // Not written by this build (a newer one's row, after a downgrade): passed on as a kind
         // clients skip.

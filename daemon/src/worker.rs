@@ -10,6 +10,9 @@
 //! - `auth_workers` **auth workers** for register and login ([`Work::Auth`]): argon2id takes
 //!   tens of milliseconds on purpose, and must not sit in front of anyone's post.
 //! - A **housekeeping** thread (embedded store only) checkpoints the WAL, so no commit does.
+//! - [`FILE_THREADS`] **file threads** ([`Work::File`]): upload chunk writes, hashing, fsyncs and
+//!   download reads, each on its own bounded queue; a job's `order` key picks the thread, so one
+//!   upload's chunks are written in the order they arrived.
 //!
 //! Group commit: a shard worker that takes a post drains every job already waiting in its queue
 //! (up to `max_batch`), and commits the consecutive posts among them in one transaction
@@ -63,6 +66,9 @@ enum Msg {
 /// The loop's end of the pool.
 pub struct Pool {
     shards: Vec<Sender<Msg>>,
+    /// The file threads' queues (none without a content store).
+    files: Vec<Sender<Msg>>,
+    file_threads: Vec<JoinHandle<()>>,
     shared: Sender<Msg>,
     auth: Sender<Msg>,
     threads: Vec<JoinHandle<()>>,
@@ -87,6 +93,10 @@ pub enum Busy {
 /// memory: about 3 MiB per queue.
 const SHARD_QUEUE: usize = 16_384;
 const AUTH_QUEUE: usize = 1_024;
+/// Per file thread: each job holds at most one chunk (64 KiB), so a full queue is 16 MiB.
+const FILE_QUEUE: usize = 256;
+/// File threads: file I/O is mostly page-cache copies and SHA-256, a core's worth each.
+pub const FILE_THREADS: usize = 2;
 
 /// How often the housekeeping thread checkpoints the embedded store's WAL.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
@@ -173,7 +183,21 @@ impl Pool {
         } else {
             None
         };
-        Ok(Pool { shards, shared: shared_tx, auth: auth_tx, threads, health, housekeeping })
+        let mut files = Vec::new();
+        let mut file_threads = Vec::new();
+        if let Some(content) = &config.settings.content {
+            for i in 0..FILE_THREADS {
+                let (tx, rx) = crossbeam_channel::bounded::<Msg>(FILE_QUEUE);
+                files.push(tx);
+                let (notify, content) = (notify.clone(), content.0.clone());
+                file_threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("chimed-file-{i}"))
+                        .spawn(move || file_main(crate::handlers::files::FileThread::new(content), &rx, &notify))?,
+                );
+            }
+        }
+        Ok(Pool { shards, files, file_threads, shared: shared_tx, auth: auth_tx, threads, health, housekeeping })
     }
 
     /// Whether the database is usable; while it is down the loop refuses new store work.
@@ -189,6 +213,10 @@ impl Pool {
             Work::Post(p) => self.shard(p.post.room),
             Work::Shared(_) => &self.shared,
             Work::Auth(_) => &self.auth,
+            Work::File(f) => match self.files.get((f.order % self.files.len().max(1) as u64) as usize) {
+                Some(q) => q,
+                None => return Err(Busy::Stopped),
+            },
         };
         match queue.try_send(Msg::Work(work)) {
             Ok(()) => Ok(()),
@@ -203,7 +231,16 @@ impl Pool {
 
     /// Lets every worker finish what is queued, then stops it and waits for it to exit.
     pub fn shutdown(self) {
-        let Pool { shards, shared, auth, threads, health: _, housekeeping } = self;
+        let Pool { shards, files, file_threads, shared, auth, threads, health: _, housekeeping } = self;
+        for tx in &files {
+            let _ = tx.send(Msg::Stop);
+        }
+        drop(files);
+        for t in file_threads {
+            if t.join().is_err() {
+                log::error!("a file thread panicked");
+            }
+        }
         if let Some((stop, thread)) = housekeeping {
             drop(stop);
             if thread.join().is_err() {
@@ -333,6 +370,7 @@ fn run(work: Work, store: &mut StoreSlot, settings: &Settings, out: &mut Vec<Eff
         // Posts are committed in groups by the caller; auth jobs never reach a shard.
         Work::Post(p) => out.extend(messages::commit(store, vec![p], settings)),
         Work::Auth(_) => log::error!("a password job reached a shard worker; dropped"),
+        Work::File(_) => log::error!("a file job reached a shard worker; dropped"),
     }
     out.extend(to.map(|to| Effect::Release { to, shared }));
 }
@@ -342,6 +380,20 @@ fn commit(store: &mut dyn Store, posts: Vec<PostWork>, settings: &Settings, out:
     let tos: Vec<_> = posts.iter().map(|p| p.to).collect();
     out.extend(messages::commit(store, posts, settings));
     out.extend(tos.into_iter().map(|to| Effect::Release { to, shared: false }));
+}
+
+/// A file thread: runs its jobs in queue order and reports each one's effects and release.
+fn file_main(mut thread: crate::handlers::files::FileThread, rx: &Receiver<Msg>, notify: &Notify) {
+    while let Ok(Msg::Work(work)) = rx.recv() {
+        let Work::File(f) = work else {
+            log::error!("a store job reached a file thread; dropped");
+            continue;
+        };
+        let (to, chunk) = (f.job.reply_to(), f.chunk);
+        let mut out = f.job.run(&mut thread);
+        out.extend(to.map(|to| Effect::FileReleased { to, chunk }));
+        notify.send(out);
+    }
 }
 
 fn shard_main(
@@ -509,6 +561,7 @@ mod tests {
                 max_rooms_per_user: 10,
                 session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
                 notifier: None,
+                content: None,
             },
             secret_keys: None,
         };

@@ -66,8 +66,8 @@ impl Direction for ServerFrame {
     }
     /// `is_push` is how a client tells a push from a reply to its request (the blocking client
     /// never takes a push as the answer to a request with the same id): exactly DELTA, GOODBYE,
-    /// SETTING_CHANGED, READ_STATE_CHANGED, TYPING_NOW, PRESENCE_CHANGED and UNREAD_AT_LOGIN are
-    /// pushes.
+    /// SETTING_CHANGED, READ_STATE_CHANGED, TYPING_NOW, PRESENCE_CHANGED, UNREAD_AT_LOGIN and
+    /// FILE_CHUNK are pushes.
     fn rule(&self) {
         let push = matches!(
             self,
@@ -78,6 +78,7 @@ impl Direction for ServerFrame {
                 | ServerFrame::TypingNow(_)
                 | ServerFrame::PresenceChanged(_)
                 | ServerFrame::UnreadAtLogin(_)
+                | ServerFrame::FileChunk(_)
         );
         assert_eq!(self.frame_type().is_push(), push, "{self:?}");
     }

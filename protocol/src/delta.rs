@@ -100,6 +100,23 @@ pub struct CallBody {
     pub data: String,
 }
 
+/// The payload of a `FILE_SHARED` delta: a reference to a file record, never its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileBody {
+    /// The file record's id (what `DOWNLOAD` names).
+    pub file: u64,
+    /// The name the uploader gave it.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its media type as the uploader announced it (e.g. `image/png`), not checked.
+    pub media_type: String,
+    /// The SHA-256 of its bytes.
+    pub sha256: [u8; 32],
+    /// Text shown with it; may be empty.
+    pub caption: String,
+}
+
 /// What a delta does, tagged by its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeltaBody {
@@ -148,6 +165,8 @@ pub enum DeltaBody {
     CallAccept(CallBody),
     /// A call was ended or left.
     CallEnd(CallBody),
+    /// A file was shared (boxed: it is the largest body, and deltas are many).
+    FileShared(Box<FileBody>),
     /// A kind this build does not know, kept as it came so that it can be skipped (or passed
     /// on unchanged).
     Unknown {
@@ -189,6 +208,7 @@ impl DeltaBody {
             DeltaBody::CallInvite(_) => DeltaKind::CALL_INVITE,
             DeltaBody::CallAccept(_) => DeltaKind::CALL_ACCEPT,
             DeltaBody::CallEnd(_) => DeltaKind::CALL_END,
+            DeltaBody::FileShared(_) => DeltaKind::FILE_SHARED,
             DeltaBody::Unknown { kind, .. } => *kind,
         }
     }
@@ -210,6 +230,7 @@ impl DeltaBody {
             | DeltaBody::Unmute(m) => Some(&m.name),
             DeltaBody::Role(r) => Some(&r.role),
             DeltaBody::RoleDefined(r) => Some(&r.role),
+            DeltaBody::FileShared(f) => Some(&f.caption),
             _ => None,
         }
     }
@@ -245,6 +266,7 @@ impl DeltaBody {
             DeltaBody::Role(r) => postcard::to_allocvec(r),
             DeltaBody::RoleDefined(r) => postcard::to_allocvec(r),
             DeltaBody::CallInvite(c) | DeltaBody::CallAccept(c) | DeltaBody::CallEnd(c) => postcard::to_allocvec(c),
+            DeltaBody::FileShared(f) => postcard::to_allocvec(f),
             DeltaBody::Unknown { payload, .. } => Ok(payload.clone()),
         }
     }
@@ -275,6 +297,7 @@ impl DeltaBody {
             DeltaKind::CALL_INVITE => DeltaBody::CallInvite(postcard::take_from_bytes(&payload)?.0),
             DeltaKind::CALL_ACCEPT => DeltaBody::CallAccept(postcard::take_from_bytes(&payload)?.0),
             DeltaKind::CALL_END => DeltaBody::CallEnd(postcard::take_from_bytes(&payload)?.0),
+            DeltaKind::FILE_SHARED => DeltaBody::FileShared(postcard::take_from_bytes(&payload)?.0),
             kind => DeltaBody::Unknown { kind, payload },
         })
     }
@@ -399,5 +422,40 @@ mod tests {
         assert!(postcard::from_bytes::<DeltaBody>(&[2, 2, 5, b'h']).is_err());
         // A payload length past the input.
         assert!(postcard::from_bytes::<DeltaBody>(&[3, 9, 1]).is_err());
+    }
+}
+
+/// Serde for a byte string field: postcard writes a varint length and the raw bytes (the same
+/// bytes as a `Vec<u8>`'s default encoding), and reads them in one copy instead of one element at
+/// a time, which matters for 64 KiB file chunks.
+pub mod bytes_field {
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    /// Writes `v` as a byte string.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    /// Reads a byte string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
     }
 }

@@ -6,7 +6,7 @@
 //! from [`RawFrame`]s through the code table below, which `docs/protocol.md` repeats.
 
 pub use crate::delta::{
-    CallBody, CreateBody, DeltaBody, EditBody, MemberBody, MessageBody, ReactBody, ReplyBody, RoleBody,
+    CallBody, CreateBody, DeltaBody, EditBody, FileBody, MemberBody, MessageBody, ReactBody, ReplyBody, RoleBody,
     RoleDefinedBody, TargetBody,
 };
 use crate::frame::{self, decode_body, DecodeError, EncodeError, RawFrame};
@@ -997,6 +997,159 @@ pub struct SyncDone {
     pub heads: Vec<RoomCursor>,
 }
 
+/// `UPLOAD_BEGIN`: start uploading a file to share in a room (needs `post` there). Answered
+/// `UPLOAD_STATE`; refused `FILE_TOO_LARGE` over the server's `max_size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadBegin {
+    /// The room the file will be shared in.
+    pub room: RoomId,
+    /// The file's visible name (1 to 255 bytes, no '/' or NUL).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its media type (at most 127 bytes; may be empty).
+    pub media_type: String,
+    /// The SHA-256 of the whole file, checked at `UPLOAD_FINISH`.
+    pub sha256: [u8; 32],
+}
+
+/// `UPLOAD_RESUME`: where an upload of the user stands, from any of the user's connections
+/// (after a reconnect too). Answered `UPLOAD_STATE`; the upload may then be continued on this
+/// connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadResume {
+    /// The upload's id.
+    pub upload: u64,
+}
+
+/// `UPLOAD_STATE`: an upload's id and how much of it the server holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadState {
+    /// The upload's id.
+    pub upload: u64,
+    /// Bytes stored so far: the next chunk starts here.
+    pub offset: u64,
+    /// The file's size.
+    pub size: u64,
+    /// The largest chunk the server takes.
+    pub chunk_size: u32,
+    /// Chunks the client may have unacknowledged at once.
+    pub window: u32,
+}
+
+/// `UPLOAD_CHUNK`: bytes of an upload, at the offset where it stands. Answered `CHUNK_STORED`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadChunk {
+    /// The upload's id.
+    pub upload: u64,
+    /// Where the bytes go: must equal the bytes stored so far (`OFFSET_MISMATCH` otherwise).
+    pub offset: u64,
+    /// The bytes (1 to `chunk_size`).
+    #[serde(with = "crate::delta::bytes_field")]
+    pub data: Vec<u8>,
+}
+
+/// `CHUNK_STORED`: the upload now holds `offset` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkStored {
+    /// The upload's id.
+    pub upload: u64,
+    /// Bytes stored so far.
+    pub offset: u64,
+}
+
+/// `UPLOAD_FINISH`: every byte is sent; verify, store and share. Answered `FILE_STORED` once the
+/// content is fsynced and the file record and its `FILE_SHARED` delta are committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadFinish {
+    /// The upload's id.
+    pub upload: u64,
+    /// Text shown with the file (at most the largest message text); may be empty.
+    pub caption: String,
+}
+
+/// `FILE_STORED`: the file is stored and shared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStored {
+    /// The new file record's id.
+    pub file: u64,
+    /// The room.
+    pub room: RoomId,
+    /// The seq of its `FILE_SHARED` delta.
+    pub seq: Seq,
+    /// The SHA-256 the server verified.
+    pub sha256: [u8; 32],
+}
+
+/// `DOWNLOAD`: stream a file's bytes from `offset` (to the end, or `length` bytes when not 0).
+/// Answered `DOWNLOAD_META`, then `FILE_CHUNK` pushes naming this request id, in order, while the
+/// window allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Download {
+    /// The file record's id.
+    pub file: u64,
+    /// The first byte wanted.
+    pub offset: u64,
+    /// Bytes wanted; 0: to the end.
+    pub length: u64,
+}
+
+/// `DOWNLOAD_META`: the file, and the range that follows as `FILE_CHUNK`s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadMeta {
+    /// The file record's id.
+    pub file: u64,
+    /// Its visible name.
+    pub name: String,
+    /// Its whole size.
+    pub size: u64,
+    /// Its media type.
+    pub media_type: String,
+    /// The SHA-256 of the whole file.
+    pub sha256: [u8; 32],
+    /// The first byte streamed.
+    pub offset: u64,
+    /// Bytes streamed.
+    pub length: u64,
+    /// Bytes the server sends beyond the last `DOWNLOAD_ACK`ed offset.
+    pub window: u32,
+}
+
+/// `DOWNLOAD_ACK`: the client received a download's bytes up to `received` (an absolute file
+/// offset), which opens its window again. Not answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadAck {
+    /// The request id of the `DOWNLOAD`.
+    pub download: u32,
+    /// Bytes received up to this file offset.
+    pub received: u64,
+}
+
+/// `FILE_CHUNK` (push): bytes of a download.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChunk {
+    /// The request id of the `DOWNLOAD`.
+    pub download: u32,
+    /// The file offset of the first byte.
+    pub offset: u64,
+    /// The bytes; the download is complete with the chunk that reaches its end.
+    #[serde(with = "crate::delta::bytes_field")]
+    pub data: Vec<u8>,
+}
+
+/// `FORWARD`: copy a message (a `MESSAGE`, `REPLY`'s text, or a `FILE_SHARED`) of a room the user
+/// reads into a room where the user may post; answered `POSTED` with the new delta's seq in the
+/// target room. A forwarded file is a new file record on the same content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    /// The room the message is in.
+    pub room: RoomId,
+    /// The message's seq.
+    pub seq: Seq,
+    /// The room it is copied to.
+    pub to_room: RoomId,
+}
+
 macro_rules! frame_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident($body:ty) = $code:ident),* $(,)? }) => {
         $(#[$meta])*
@@ -1139,6 +1292,20 @@ frame_enum! {
         Search(Search) = SEARCH,
         /// Invite to, ban from or unban from a server.
         ModerateServer(ModerateServer) = MODERATE_SERVER,
+        /// Start an upload.
+        UploadBegin(UploadBegin) = UPLOAD_BEGIN,
+        /// Where an upload stands.
+        UploadResume(UploadResume) = UPLOAD_RESUME,
+        /// Bytes of an upload.
+        UploadChunk(UploadChunk) = UPLOAD_CHUNK,
+        /// Finish an upload.
+        UploadFinish(UploadFinish) = UPLOAD_FINISH,
+        /// Download a file.
+        Download(Download) = DOWNLOAD,
+        /// Open a download's window.
+        DownloadAck(DownloadAck) = DOWNLOAD_ACK,
+        /// Forward a message.
+        Forward(Forward) = FORWARD,
     }
 }
 
@@ -1213,6 +1380,16 @@ frame_enum! {
         SettingChanged(SettingChanged) = SETTING_CHANGED,
         /// Unread counts right after a login (push).
         UnreadAtLogin(UnreadList) = UNREAD_AT_LOGIN,
+        /// An upload's state.
+        UploadState(UploadState) = UPLOAD_STATE,
+        /// A chunk was stored.
+        ChunkStored(ChunkStored) = CHUNK_STORED,
+        /// A file was stored and shared.
+        FileStored(FileStored) = FILE_STORED,
+        /// What a download streams.
+        DownloadMeta(Box<DownloadMeta>) = DOWNLOAD_META,
+        /// Bytes of a download (push).
+        FileChunk(FileChunk) = FILE_CHUNK,
     }
 }
 

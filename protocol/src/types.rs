@@ -153,6 +153,20 @@ wire_code! {
         SEARCH = 0x0051,
         /// Invite a user to a server, or ban (unban) them from it.
         MODERATE_SERVER = 0x0090,
+        /// Start an upload: room, name, size, media type and SHA-256 of the whole file.
+        UPLOAD_BEGIN = 0x0080,
+        /// Learn where an upload stands (from any connection of its user).
+        UPLOAD_RESUME = 0x0081,
+        /// Bytes of an upload at an offset.
+        UPLOAD_CHUNK = 0x0082,
+        /// Finish an upload: verify, store, share in the room.
+        UPLOAD_FINISH = 0x0083,
+        /// Download a file (or a range of it), streamed as `FILE_CHUNK` pushes.
+        DOWNLOAD = 0x0084,
+        /// Open a download's window: the bytes received so far.
+        DOWNLOAD_ACK = 0x0085,
+        /// Copy a message (and its file) into another room.
+        FORWARD = 0x0086,
 
         /// Server hello: the handshake succeeded.
         WELCOME = 0x8001,
@@ -208,6 +222,14 @@ wire_code! {
         MESSAGE_PAGE = 0x8033,
         /// A page of a room's log (the answer to `RESTORE`).
         RESTORE_PAGE = 0x8050,
+        /// An upload's id and the bytes stored so far (the answer to `UPLOAD_BEGIN`, `UPLOAD_RESUME`).
+        UPLOAD_STATE = 0x8080,
+        /// A chunk was written (the answer to `UPLOAD_CHUNK`).
+        CHUNK_STORED = 0x8081,
+        /// An upload is stored and shared (the answer to `UPLOAD_FINISH`).
+        FILE_STORED = 0x8082,
+        /// What a download streams (the answer to `DOWNLOAD`, before its chunks).
+        DOWNLOAD_META = 0x8083,
 
         /// PUBLISH: a delta committed in one of the user's rooms.
         DELTA = 0x9001,
@@ -223,6 +245,8 @@ wire_code! {
         SETTING_CHANGED = 0x9010,
         /// Right after a login: the rooms with something unread (the first page of `UNREAD`).
         UNREAD_AT_LOGIN = 0x9050,
+        /// Bytes of a download (bulk class: chat frames overtake it).
+        FILE_CHUNK = 0x9040,
     }
 }
 
@@ -301,6 +325,15 @@ wire_code! {
         FORBIDDEN = 27,
         /// The email address is already another account's (compared without regard to case).
         EMAIL_TAKEN = 40,
+        /// An upload chunk's offset is not where the upload stands (RESUME tells where).
+        OFFSET_MISMATCH = 45,
+        /// The uploaded bytes do not hash to the SHA-256 announced at `UPLOAD_BEGIN` (or their
+        /// size differs): the upload's bytes are discarded; begin or resume from 0 again.
+        HASH_MISMATCH = 46,
+        /// The file is larger than the server's `[files] max_size`.
+        FILE_TOO_LARGE = 47,
+        /// `UPLOAD_FINISH` before every byte was stored.
+        UPLOAD_INCOMPLETE = 48,
     }
 }
 
@@ -353,6 +386,8 @@ wire_code! {
         CALL_ACCEPT = 21,
         /// The author ended a call (or left it).
         CALL_END = 22,
+        /// The author shared a file (a reference: id, name, size, type, SHA-256, caption).
+        FILE_SHARED = 23,
     }
 }
 

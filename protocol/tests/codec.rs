@@ -29,7 +29,7 @@ fn seq() -> impl Strategy<Value = Seq> {
 
 /// Every body shape: the known kinds, and kinds this build does not know with any payload.
 fn delta_body() -> impl Strategy<Value = DeltaBody> {
-    let known: Vec<u16> = (1..=22).collect();
+    let known: Vec<u16> = (1..=23).collect();
     prop_oneof![
         text().prop_map(|name| DeltaBody::Create(CreateBody { name })),
         text().prop_map(DeltaBody::message),
@@ -54,6 +54,16 @@ fn delta_body() -> impl Strategy<Value = DeltaBody> {
         }),
         (text(), option::of(any::<u32>()))
             .prop_map(|(role, p)| DeltaBody::RoleDefined(RoleDefinedBody { role, permissions: p.map(Permissions) })),
+        ((any::<u64>(), text(), any::<u64>()), (text(), any::<[u8; 32]>(), text())).prop_map(
+            |((file, name, size), (media_type, sha256, caption))| DeltaBody::FileShared(Box::new(FileBody {
+                file,
+                name,
+                size,
+                media_type,
+                sha256,
+                caption
+            }))
+        ),
         (any::<u16>().prop_filter("unknown", move |k| !known.contains(k)), vec(any::<u8>(), 0..40))
             .prop_map(|(kind, payload)| DeltaBody::Unknown { kind: DeltaKind(kind), payload }),
     ]
@@ -250,6 +260,22 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             user,
             action: ModAction(a)
         })),
+        (room(), text(), any::<u64>(), text(), any::<[u8; 32]>()).prop_map(|(room, name, size, media_type, sha256)| {
+            ClientFrame::UploadBegin(UploadBegin { room, name, size, media_type, sha256 })
+        }),
+        any::<u64>().prop_map(|upload| ClientFrame::UploadResume(UploadResume { upload })),
+        (any::<u64>(), any::<u64>(), vec(any::<u8>(), 0..300))
+            .prop_map(|(upload, offset, data)| ClientFrame::UploadChunk(UploadChunk { upload, offset, data })),
+        (any::<u64>(), text())
+            .prop_map(|(upload, caption)| ClientFrame::UploadFinish(UploadFinish { upload, caption })),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(file, offset, length)| ClientFrame::Download(Download {
+            file,
+            offset,
+            length
+        })),
+        (any::<u32>(), any::<u64>())
+            .prop_map(|(download, received)| ClientFrame::DownloadAck(DownloadAck { download, received })),
+        (room(), seq(), room()).prop_map(|(room, seq, to_room)| ClientFrame::Forward(Forward { room, seq, to_room })),
     ]
 }
 
@@ -440,6 +466,34 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             message,
             resync
         })),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
+            |(upload, offset, size, chunk_size, window)| ServerFrame::UploadState(UploadState {
+                upload,
+                offset,
+                size,
+                chunk_size,
+                window
+            })
+        ),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(upload, offset)| ServerFrame::ChunkStored(ChunkStored { upload, offset })),
+        (any::<u64>(), room(), seq(), any::<[u8; 32]>())
+            .prop_map(|(file, room, seq, sha256)| ServerFrame::FileStored(FileStored { file, room, seq, sha256 })),
+        ((any::<u64>(), text(), any::<u64>(), text()), (any::<[u8; 32]>(), any::<u64>(), any::<u64>(), any::<u32>()))
+            .prop_map(|((file, name, size, media_type), (sha256, offset, length, window))| {
+                ServerFrame::DownloadMeta(Box::new(DownloadMeta {
+                    file,
+                    name,
+                    size,
+                    media_type,
+                    sha256,
+                    offset,
+                    length,
+                    window,
+                }))
+            }),
+        (any::<u32>(), any::<u64>(), vec(any::<u8>(), 0..300))
+            .prop_map(|(download, offset, data)| ServerFrame::FileChunk(FileChunk { download, offset, data })),
     ]
 }
 
@@ -542,6 +596,7 @@ proptest! {
                     | ServerFrame::TypingNow(_)
                     | ServerFrame::PresenceChanged(_)
                     | ServerFrame::UnreadAtLogin(_)
+                    | ServerFrame::FileChunk(_)
             );
             prop_assert_eq!(raw.ty.is_push(), push);
         }

@@ -60,6 +60,13 @@ fn s(file: &'static str, about: &'static str, id: u32, f: ServerFrame) -> Vector
     Vector { file, about, id, frame: AnyFrame::Server(f) }
 }
 
+/// The SHA-256 of "hello".
+fn hello_sha() -> [u8; 32] {
+    let mut sha = [0u8; 32];
+    hex::decode_to_slice("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824", &mut sha).unwrap();
+    sha
+}
+
 fn delta(seq: u64, body: DeltaBody) -> Delta {
     Delta {
         room: RoomId(300),
@@ -601,6 +608,104 @@ fn vectors() -> Vec<Vector> {
             "DELTA (push) id=0 room=300 seq=14 author_id=7 author=\"ann\" ts_ms=1700000000000 body=CALL_INVITE(20) call=0 data=\"v=0\" (CALL_ACCEPT(21), CALL_END(22) have the same payload)",
             0,
             ServerFrame::Delta(delta(14, DeltaBody::CallInvite(CallBody { call: Seq(0), data: "v=0".into() }))),
+        ),
+        c(
+            "upload_begin",
+            "UPLOAD_BEGIN id=40 room=300 name=\"a.txt\" size=5 media_type=\"text/plain\" sha256=2c f2 4d ba ... (SHA-256 of \"hello\")",
+            40,
+            ClientFrame::UploadBegin(UploadBegin {
+                room: RoomId(300),
+                name: "a.txt".into(),
+                size: 5,
+                media_type: "text/plain".into(),
+                sha256: hello_sha(),
+            }),
+        ),
+        c("upload_resume", "UPLOAD_RESUME id=41 upload=9", 41, ClientFrame::UploadResume(UploadResume { upload: 9 })),
+        c(
+            "upload_chunk",
+            "UPLOAD_CHUNK id=42 upload=9 offset=0 data=\"hello\" (a varint length, then the bytes)",
+            42,
+            ClientFrame::UploadChunk(UploadChunk { upload: 9, offset: 0, data: b"hello".to_vec() }),
+        ),
+        c(
+            "upload_finish",
+            "UPLOAD_FINISH id=43 upload=9 caption=\"hi\"",
+            43,
+            ClientFrame::UploadFinish(UploadFinish { upload: 9, caption: "hi".into() }),
+        ),
+        c(
+            "download",
+            "DOWNLOAD id=44 file=12 offset=0 length=0 (to the end)",
+            44,
+            ClientFrame::Download(Download { file: 12, offset: 0, length: 0 }),
+        ),
+        c(
+            "download_ack",
+            "DOWNLOAD_ACK id=45 download=44 received=65536",
+            45,
+            ClientFrame::DownloadAck(DownloadAck { download: 44, received: 65536 }),
+        ),
+        c(
+            "forward",
+            "FORWARD id=46 room=300 seq=14 to_room=301",
+            46,
+            ClientFrame::Forward(Forward { room: RoomId(300), seq: Seq(14), to_room: RoomId(301) }),
+        ),
+        s(
+            "upload_state",
+            "UPLOAD_STATE id=40 upload=9 offset=0 size=5 chunk_size=65536 window=16",
+            40,
+            ServerFrame::UploadState(UploadState { upload: 9, offset: 0, size: 5, chunk_size: 65536, window: 16 }),
+        ),
+        s(
+            "chunk_stored",
+            "CHUNK_STORED id=42 upload=9 offset=5",
+            42,
+            ServerFrame::ChunkStored(ChunkStored { upload: 9, offset: 5 }),
+        ),
+        s(
+            "file_stored",
+            "FILE_STORED id=43 file=12 room=300 seq=15 sha256=2c f2 4d ba ...",
+            43,
+            ServerFrame::FileStored(FileStored { file: 12, room: RoomId(300), seq: Seq(15), sha256: hello_sha() }),
+        ),
+        s(
+            "download_meta",
+            "DOWNLOAD_META id=44 file=12 name=\"a.txt\" size=5 media_type=\"text/plain\" sha256=2c f2 ... offset=0 length=5 window=1048576",
+            44,
+            ServerFrame::DownloadMeta(Box::new(DownloadMeta {
+                file: 12,
+                name: "a.txt".into(),
+                size: 5,
+                media_type: "text/plain".into(),
+                sha256: hello_sha(),
+                offset: 0,
+                length: 5,
+                window: 1_048_576,
+            })),
+        ),
+        s(
+            "file_chunk",
+            "FILE_CHUNK (push) id=0 download=44 offset=0 data=\"hello\"",
+            0,
+            ServerFrame::FileChunk(FileChunk { download: 44, offset: 0, data: b"hello".to_vec() }),
+        ),
+        s(
+            "delta_file_shared",
+            "DELTA (push) id=0 room=300 seq=15 author_id=7 author=\"ann\" ts_ms=1700000000000 body=FILE_SHARED(23) file=12 name=\"a.txt\" size=5 media_type=\"text/plain\" sha256=2c f2 ... caption=\"hi\"",
+            0,
+            ServerFrame::Delta(delta(
+                15,
+                DeltaBody::FileShared(Box::new(FileBody {
+                    file: 12,
+                    name: "a.txt".into(),
+                    size: 5,
+                    media_type: "text/plain".into(),
+                    sha256: hello_sha(),
+                    caption: "hi".into(),
+                })),
+            )),
         ),
         c(
             "edit",

@@ -148,8 +148,12 @@ pub fn judge(
     target: Option<&Target>,
 ) -> Result<Verdict> {
     let no_message = || StoreError::NotFound(format!("no message {seq} in room {room}"));
-    let target =
-        target.filter(|t| t.kind == RecordKind::MESSAGE || t.kind == RecordKind::REPLY).ok_or_else(no_message)?;
+    let target = target
+        .filter(|t| t.kind == RecordKind::MESSAGE || t.kind == RecordKind::REPLY || t.kind == RecordKind::FILE_SHARED)
+        .ok_or_else(no_message)?;
+    if matches!(action, MessageAction::Edit { .. }) && target.kind == RecordKind::FILE_SHARED {
+        return Err(StoreError::Forbidden(format!("message {seq} is a shared file; it cannot be edited")));
+    }
     let needed = required(action, actor, target.author);
     if matches!(action, MessageAction::Edit { .. }) && actor != target.author {
         return Err(StoreError::Forbidden(format!("message {seq} is not yours to edit")));

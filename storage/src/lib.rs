@@ -18,6 +18,7 @@
 
 pub mod actions;
 mod batch;
+pub mod files;
 pub mod moderation;
 pub mod partition;
 pub mod postgres;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 pub use actions::{ActionOutcome, MessageAction, MessageRecord, NewAction};
 pub use chime_protocol::{Permissions, RoomId, RoomKind, Seq, ServerId, UserId};
+pub use files::{FileRecord, NewFile, NewUpload, UploadRecord};
 pub use moderation::{MemberAction, ModerationOutcome, NewModeration};
 pub use partition::{PartitionRecord, DEFAULT_PARTITION_SIZE};
 
@@ -316,6 +318,9 @@ impl RecordKind {
     pub const CALL_ACCEPT: RecordKind = RecordKind(21);
     /// The author ended or left call `target`; the body is signalling.
     pub const CALL_END: RecordKind = RecordKind(22);
+    /// A file was shared; `target` is the file record's id, the body is
+    /// [`files::encode_body`]'s text.
+    pub const FILE_SHARED: RecordKind = RecordKind(23);
 }
 
 /// A delta as the store keeps it (one row of `deltas`, with its author's name). The daemon turns
@@ -426,7 +431,7 @@ pub struct UnreadRecord {
     pub delivered: Seq,
     /// The last seq the user read.
     pub read: Seq,
-    /// Messages by others after `read` (counted up to [`UNREAD_CAP`]).
+    /// Messages (and shared files) by others after `read` (counted up to [`UNREAD_CAP`]).
     pub unread: u64,
     /// Mentions of the user after `read`.
     pub mentions: u64,
@@ -742,6 +747,20 @@ pub trait SharedStore: Send {
     /// When each of `users` was last seen: the latest last use of any of their sessions (written
     /// when a connection closes), Unix ms; users never seen are left out. By user id.
     fn last_seen(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>>;
+    /// Begins an upload by `u.user` to share in `u.room`, who needs `post` there (`NotMember`,
+    /// `Forbidden`, `NotFound` for no such room); `LimitReached` when the user has
+    /// [`files::MAX_OPEN_UPLOADS`] unfinished uploads.
+    fn create_upload(&mut self, u: &NewUpload) -> Result<UploadRecord>;
+    /// Upload `id` of `user`; `NotFound` when there is none (or it is another user's).
+    fn upload(&mut self, id: u64, user: UserId) -> Result<UploadRecord>;
+    /// File record `file`, if `user` may read a room it was shared in; `NotFound` otherwise (so
+    /// a file's existence is not leaked to those who may not download it).
+    fn file_for(&mut self, file: u64, user: UserId) -> Result<FileRecord>;
+    /// Removes the `contents` row of `sha256` if no file record refers to it any more, and says
+    /// whether it did: then its bytes may go. Call under the content store's lock for `sha256`.
+    fn drop_content(&mut self, sha256: &[u8; 32]) -> Result<bool>;
+    /// Up to `limit` hashes whose content no file record refers to (to collect).
+    fn unreferenced_contents(&mut self, limit: u32) -> Result<Vec<[u8; 32]>>;
 }
 
 /// What [`SharedStore::moderate_server`] did.
@@ -854,6 +873,23 @@ pub trait Store: SharedStore {
         actor_name: &str,
         name: &str,
         perms: Option<Permissions>,
+        now_ms: i64,
+    ) -> Result<DeltaRecord>;
+    /// Records a verified, stored upload: its content's reference (created at one, or counted
+    /// up), the file record, its permission for the room, and a `FILE_SHARED` delta by the owner
+    /// (who needs `post`), and removes the upload session; one transaction.
+    fn share_file(&mut self, f: &NewFile) -> Result<(FileRecord, DeltaRecord)>;
+    /// Copies message `seq` of `room` (which `actor` must read) into `to_room` (where `actor`
+    /// needs `post`) as a new delta of `to_room`: a `MESSAGE` or a `REPLY`'s text as a `MESSAGE`
+    /// (its latest text), a `FILE_SHARED` as a new file record on the same content with its own
+    /// permission for `to_room`. `NotFound` for no such message (or a deleted one), or another
+    /// kind.
+    fn forward(
+        &mut self,
+        actor: (UserId, &str),
+        room: RoomId,
+        seq: Seq,
+        to_room: RoomId,
         now_ms: i64,
     ) -> Result<DeltaRecord>;
 }

@@ -19,6 +19,7 @@ use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transactio
 
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
+use crate::files::{self, FileRecord, NewFile, NewUpload, UploadRecord};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::partition::{self, PartitionRecord};
 use crate::search;
@@ -679,6 +680,75 @@ fn indexable(kind: i16) -> Result<bool> {
     Ok(search::indexable(RoomKind(code(kind)?)))
 }
 
+/// A hash read back from a BYTEA column (a wrong length reads as zeros: never written so).
+fn sha_of(v: Vec<u8>) -> [u8; 32] {
+    <[u8; 32]>::try_from(v.as_slice()).unwrap_or([0; 32])
+}
+
+fn file_row(r: &Row) -> FileRecord {
+    FileRecord {
+        id: from_db(r.get(0)),
+        owner: from_db(r.get(1)),
+        name: r.get(2),
+        internal_name: r.get(3),
+        uploaded_ms: r.get(4),
+        size: from_db(r.get(5)),
+        sha256: sha_of(r.get(6)),
+        media_type: r.get(7),
+        shared_in: (from_db(r.get(8)), from_db(r.get(9))),
+    }
+}
+
+/// One more file record points at content `sha` (its row created at one reference).
+fn add_content_ref(tx: &mut Transaction<'_>, sha: &[u8; 32], size: u64, now_ms: i64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO contents (sha256, size, refs, created_at) VALUES ($1, $2, 1, $3)
+         ON CONFLICT (sha256) DO UPDATE SET refs = contents.refs + 1",
+        &[&&sha[..], &to_db(size), &now_ms],
+    )
+    .map(drop)
+    .map_err(pg_err)
+}
+
+/// Inserts a file record and its permission for the room it is shared in; returns it with its id.
+fn insert_file(tx: &mut Transaction<'_>, mut f: FileRecord) -> Result<FileRecord> {
+    let row = tx
+        .query_one(
+            "INSERT INTO files (owner_id, name, internal_name, uploaded_at, size, sha256, media_type, room_id, seq)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+            &[
+                &to_db(f.owner),
+                &f.name,
+                &f.internal_name,
+                &f.uploaded_ms,
+                &to_db(f.size),
+                &&f.sha256[..],
+                &f.media_type,
+                &to_db(f.shared_in.0),
+                &to_db(f.shared_in.1),
+            ],
+        )
+        .map_err(pg_err)?;
+    let id: i64 = row.get(0);
+    tx.execute("INSERT INTO file_permissions (file_id, room_id) VALUES ($1, $2)", &[&id, &to_db(f.shared_in.0)])
+        .map_err(pg_err)?;
+    f.id = from_db(id);
+    Ok(f)
+}
+
+/// The `FILE_SHARED` delta (room, seq) was deleted: its file record and permissions go, and its
+/// content counts one reference less (collected by the daemon at zero).
+fn unshare_file(tx: &mut Transaction<'_>, room: i64, seq: i64) -> Result<()> {
+    let row = tx
+        .query_opt("DELETE FROM files WHERE room_id = $1 AND seq = $2 RETURNING sha256", &[&room, &seq])
+        .map_err(pg_err)?;
+    if let Some(row) = row {
+        let sha: Vec<u8> = row.get(0);
+        tx.execute("UPDATE contents SET refs = refs - 1 WHERE sha256 = $1", &[&sha]).map_err(pg_err)?;
+    }
+    Ok(())
+}
+
 impl PgStore {
     /// Records the mentions in a new message (see the SQLite store's twin).
     fn insert_mentions(tx: &mut Transaction<'_>, room: RoomId, seq: Seq, author: UserId, text: &str) -> Result<()> {
@@ -714,7 +784,7 @@ impl PgStore {
         let (delivered, read): (i64, i64) = (row.get(1), row.get(2));
         let counts = tx
             .query_one(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = $1 AND seq > $3 AND kind IN (2, 9)
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = $1 AND seq > $3 AND kind IN (2, 9, 23)
                          AND author_id <> $2 LIMIT $4) AS x),
                         (SELECT count(*) FROM mentions WHERE user_id = $2 AND room_id = $1 AND seq > $3)",
                 &[&r, &u, &read, &(crate::UNREAD_CAP as i64)],
@@ -1615,6 +1685,101 @@ impl SharedStore for PgStore {
             .map_err(pg_err)?;
         Ok(crate::push_targets_from(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2)))))
     }
+
+    fn create_upload(&mut self, u: &NewUpload) -> Result<UploadRecord> {
+        let st = &self.st;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let Some((_, perms)) = Self::member_perms(st, &mut tx, u.room, u.user)? else {
+            let exists = tx.query_opt("SELECT 1 FROM rooms WHERE id = $1", &[&to_db(u.room)]).map_err(pg_err)?;
+            return Err(match exists {
+                Some(_) => StoreError::NotMember(u.room),
+                None => StoreError::NotFound(format!("room {}", u.room)),
+            });
+        };
+        if !perms.contains(Permissions::POST) {
+            return Err(StoreError::Forbidden(format!("you may not post in room {}", u.room)));
+        }
+        // Counted under a lock on the user's row, so two BEGINs at once cannot both pass the cap.
+        tx.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&to_db(u.user)]).map_err(pg_err)?;
+        let open: i64 =
+            tx.query_one("SELECT count(*) FROM uploads WHERE user_id = $1", &[&to_db(u.user)]).map_err(pg_err)?.get(0);
+        if open >= to_db(files::MAX_OPEN_UPLOADS) {
+            return Err(StoreError::LimitReached(format!(
+                "{open} unfinished uploads; finish one first (at most {})",
+                files::MAX_OPEN_UPLOADS
+            )));
+        }
+        let row = tx
+            .query_one(
+                "INSERT INTO uploads (user_id, room_id, name, size, media_type, sha256, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                &[&to_db(u.user), &to_db(u.room), &u.name, &to_db(u.size), &u.media_type, &&u.sha256[..], &u.now_ms],
+            )
+            .map_err(pg_err)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(UploadRecord {
+            id: from_db(row.get(0)),
+            user: u.user,
+            room: u.room,
+            name: u.name.clone(),
+            size: u.size,
+            media_type: u.media_type.clone(),
+            sha256: u.sha256,
+        })
+    }
+
+    fn upload(&mut self, id: u64, user: UserId) -> Result<UploadRecord> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT id, user_id, room_id, name, size, media_type, sha256 FROM uploads WHERE id = $1 AND user_id = $2",
+                &[&to_db(id), &to_db(user)],
+            )
+            .map_err(pg_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("upload {id}")))?;
+        Ok(UploadRecord {
+            id: from_db(row.get(0)),
+            user: from_db(row.get(1)),
+            room: from_db(row.get(2)),
+            name: row.get(3),
+            size: from_db(row.get(4)),
+            media_type: row.get(5),
+            sha256: sha_of(row.get(6)),
+        })
+    }
+
+    fn file_for(&mut self, file: u64, user: UserId) -> Result<FileRecord> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT f.id, f.owner_id, f.name, f.internal_name, f.uploaded_at, f.size, f.sha256, f.media_type,
+                        f.room_id, f.seq
+                 FROM files f
+                 WHERE f.id = $1 AND EXISTS (
+                     SELECT 1 FROM file_permissions p JOIN room_access a ON a.room_id = p.room_id
+                     WHERE p.file_id = f.id AND a.user_id = $2)",
+                &[&to_db(file), &to_db(user)],
+            )
+            .map_err(pg_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("file {file}")))?;
+        Ok(file_row(&row))
+    }
+
+    fn drop_content(&mut self, sha256: &[u8; 32]) -> Result<bool> {
+        let n = self
+            .client
+            .execute("DELETE FROM contents WHERE sha256 = $1 AND refs <= 0", &[&&sha256[..]])
+            .map_err(pg_err)?;
+        Ok(n > 0)
+    }
+
+    fn unreferenced_contents(&mut self, limit: u32) -> Result<Vec<[u8; 32]>> {
+        let rows = self
+            .client
+            .query("SELECT sha256 FROM contents WHERE refs <= 0 LIMIT $1", &[&i64::from(limit)])
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| sha_of(r.get(0))).collect())
+    }
 }
 
 impl Store for PgStore {
@@ -1989,11 +2154,169 @@ impl Store for PgStore {
                     body: a.action.body().to_string(),
                     target: Some(a.target),
                 };
+                if a.action == MessageAction::Delete
+                    && found.as_ref().is_some_and(|t| t.kind == RecordKind::FILE_SHARED)
+                {
+                    unshare_file(&mut tx, room, target)?;
+                }
                 Self::record_partition(st, &mut tx, &delta, part_size)?;
                 tx.commit().map_err(pg_err)?;
                 Ok(ActionOutcome::Applied(delta))
             }
         }
+    }
+
+    fn share_file(&mut self, f: &NewFile) -> Result<(FileRecord, DeltaRecord)> {
+        let st = &self.st;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let id = to_db(f.room);
+        let Some(locked) = tx.query_opt(&st.lock_room, &[&id]).map_err(pg_err)? else {
+            return Err(StoreError::NotFound(format!("room {}", f.room)));
+        };
+        let (head, part_size): (i64, i64) = (locked.get(0), locked.get(1));
+        let (_, perms) = Self::member_perms(st, &mut tx, f.room, f.actor.0)?.ok_or(StoreError::NotMember(f.room))?;
+        if !perms.contains(Permissions::POST) {
+            return Err(StoreError::Forbidden(format!("you may not post in room {}", f.room)));
+        }
+        let removed = tx
+            .execute("DELETE FROM uploads WHERE id = $1 AND user_id = $2", &[&to_db(f.upload), &to_db(f.actor.0)])
+            .map_err(pg_err)?;
+        if removed == 0 {
+            return Err(StoreError::NotFound(format!("upload {}", f.upload)));
+        }
+        add_content_ref(&mut tx, &f.sha256, f.size, f.now_ms)?;
+        let seq = head + 1;
+        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
+        let file = FileRecord {
+            id: 0,
+            owner: f.actor.0,
+            name: f.name.clone(),
+            internal_name: hex::encode(f.sha256),
+            uploaded_ms: f.now_ms,
+            size: f.size,
+            sha256: f.sha256,
+            media_type: f.media_type.clone(),
+            shared_in: (f.room, from_db(seq)),
+        };
+        let file = insert_file(&mut tx, file)?;
+        let body = files::encode_body(&f.sha256, f.size, &f.media_type, &f.name, &f.caption);
+        let no_key: Option<&str> = None;
+        let target = Some(to_db(file.id));
+        tx.execute(
+            &st.insert_action,
+            &[&id, &seq, &i16::from(RecordKind::FILE_SHARED.0), &to_db(f.actor.0), &body, &f.now_ms, &no_key, &target],
+        )
+        .map_err(pg_err)?;
+        let delta = DeltaRecord {
+            room: f.room,
+            seq: from_db(seq),
+            kind: RecordKind::FILE_SHARED,
+            author_id: f.actor.0,
+            author: f.actor.1.clone(),
+            ts_ms: f.now_ms,
+            body,
+            target: Some(Seq(file.id)),
+        };
+        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        tx.commit().map_err(pg_err)?;
+        Ok((file, delta))
+    }
+
+    fn forward(
+        &mut self,
+        actor: (UserId, &str),
+        room: RoomId,
+        seq: Seq,
+        to_room: RoomId,
+        now_ms: i64,
+    ) -> Result<DeltaRecord> {
+        let st = &self.st;
+        let mut tx = self.client.transaction().map_err(pg_err)?;
+        let id = to_db(to_room);
+        let Some(locked) = tx.query_opt(&st.lock_room, &[&id]).map_err(pg_err)? else {
+            return Err(StoreError::NotFound(format!("room {to_room}")));
+        };
+        let (head, part_size): (i64, i64) = (locked.get(0), locked.get(1));
+        let indexed = indexable(locked.get(2))?;
+        if Self::member_perms(st, &mut tx, room, actor.0)?.is_none() {
+            let exists = tx.query_opt("SELECT 1 FROM rooms WHERE id = $1", &[&to_db(room)]).map_err(pg_err)?;
+            return Err(match exists {
+                Some(_) => StoreError::NotMember(room),
+                None => StoreError::NotFound(format!("room {room}")),
+            });
+        }
+        let (_, perms) = Self::member_perms(st, &mut tx, to_room, actor.0)?.ok_or(StoreError::NotMember(to_room))?;
+        if !perms.contains(Permissions::POST) {
+            return Err(StoreError::Forbidden(format!("you may not post in room {to_room}")));
+        }
+        let no_message = || StoreError::NotFound(format!("no message {seq} in room {room}"));
+        let source = tx
+            .query_opt(
+                "SELECT d.kind, d.body, d.target, s.text, s.deleted_seq FROM deltas d
+                 LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+                 WHERE d.room_id = $1 AND d.seq = $2",
+                &[&to_db(room), &to_db(seq)],
+            )
+            .map_err(pg_err)?
+            .ok_or_else(no_message)?;
+        if source.get::<_, Option<i64>>(4).is_some() {
+            return Err(no_message());
+        }
+        let kind = RecordKind(code(source.get(0))?);
+        let body: String = source.get(1);
+        let new_seq = head + 1;
+        let (kind, body, target) = match kind {
+            RecordKind::MESSAGE | RecordKind::REPLY => {
+                (RecordKind::MESSAGE, source.get::<_, Option<String>>(3).unwrap_or(body), None)
+            }
+            RecordKind::FILE_SHARED => {
+                let file: i64 = source.get::<_, Option<i64>>(2).ok_or_else(no_message)?;
+                let original = tx
+                    .query_opt(
+                        "SELECT id, owner_id, name, internal_name, uploaded_at, size, sha256, media_type, room_id, seq
+                         FROM files WHERE id = $1",
+                        &[&file],
+                    )
+                    .map_err(pg_err)?
+                    .map(|r| file_row(&r))
+                    .ok_or_else(no_message)?;
+                add_content_ref(&mut tx, &original.sha256, original.size, now_ms)?;
+                let copy = FileRecord {
+                    id: 0,
+                    owner: actor.0,
+                    uploaded_ms: now_ms,
+                    shared_in: (to_room, from_db(new_seq)),
+                    ..original
+                };
+                let copy = insert_file(&mut tx, copy)?;
+                (RecordKind::FILE_SHARED, body, Some(Seq(copy.id)))
+            }
+            _ => return Err(StoreError::NotFound(format!("delta {seq} in room {room} is not a message"))),
+        };
+        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
+        let no_key: Option<&str> = None;
+        let target_db = target.map(to_db);
+        tx.execute(
+            &st.insert_action,
+            &[&id, &new_seq, &i16::from(kind.0), &to_db(actor.0), &body, &now_ms, &no_key, &target_db],
+        )
+        .map_err(pg_err)?;
+        if kind == RecordKind::MESSAGE && indexed {
+            Self::index_message(st, &mut tx, id, new_seq, &body)?;
+        }
+        let delta = DeltaRecord {
+            room: to_room,
+            seq: from_db(new_seq),
+            kind,
+            author_id: actor.0,
+            author: actor.1.into(),
+            ts_ms: now_ms,
+            body,
+            target,
+        };
+        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        tx.commit().map_err(pg_err)?;
+        Ok(delta)
     }
 
     fn append_posts(&mut self, posts: &[NewPost]) -> Result<Vec<PostOutcome>> {

@@ -25,6 +25,7 @@ use rusqlite::{ffi, params, Connection, OptionalExtension, Row, TransactionBehav
 
 use crate::actions::{self, Target, Verdict};
 use crate::batch::{self, Probe};
+use crate::files::{self, FileRecord, NewFile, NewUpload, UploadRecord};
 use crate::moderation::{self, MemberAction, MemberState, ModVerdict, ModerationOutcome, NewModeration};
 use crate::partition::{self, PartitionRecord};
 use crate::search;
@@ -1448,6 +1449,114 @@ impl SharedStore for SqliteStore {
             .map_err(db_err)?;
         Ok(crate::push_targets_from(rows))
     }
+
+    fn create_upload(&mut self, u: &NewUpload) -> Result<UploadRecord> {
+        self.write(|conn| {
+            let Some((_, perms)) = member_perms(conn, u.room, u.user)? else {
+                return Err(if exists(conn, u.room)? {
+                    StoreError::NotMember(u.room)
+                } else {
+                    StoreError::NotFound(format!("room {}", u.room))
+                });
+            };
+            if !perms.contains(Permissions::POST) {
+                return Err(StoreError::Forbidden(format!("you may not post in room {}", u.room)));
+            }
+            let open: i64 = conn
+                .prepare_cached("SELECT count(*) FROM uploads WHERE user_id = ?1")
+                .and_then(|mut st| st.query_row([to_db(u.user)], |r| r.get(0)))
+                .map_err(db_err)?;
+            if open >= to_db(files::MAX_OPEN_UPLOADS) {
+                return Err(StoreError::LimitReached(format!(
+                    "{open} unfinished uploads; finish one first (at most {})",
+                    files::MAX_OPEN_UPLOADS
+                )));
+            }
+            let id: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO uploads (user_id, room_id, name, size, media_type, sha256, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+                )
+                .and_then(|mut st| {
+                    st.query_row(
+                        params![
+                            to_db(u.user),
+                            to_db(u.room),
+                            u.name,
+                            to_db(u.size),
+                            u.media_type,
+                            &u.sha256[..],
+                            u.now_ms
+                        ],
+                        |r| r.get(0),
+                    )
+                })
+                .map_err(db_err)?;
+            Ok(UploadRecord {
+                id: from_db(id),
+                user: u.user,
+                room: u.room,
+                name: u.name.clone(),
+                size: u.size,
+                media_type: u.media_type.clone(),
+                sha256: u.sha256,
+            })
+        })
+    }
+
+    fn upload(&mut self, id: u64, user: UserId) -> Result<UploadRecord> {
+        self.conn
+            .prepare_cached(
+                "SELECT id, user_id, room_id, name, size, media_type, sha256 FROM uploads WHERE id = ?1 AND user_id = ?2",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![to_db(id), to_db(user)], |r| {
+                    Ok(UploadRecord {
+                        id: from_db(r.get(0)?),
+                        user: from_db(r.get(1)?),
+                        room: from_db(r.get(2)?),
+                        name: r.get(3)?,
+                        size: from_db(r.get(4)?),
+                        media_type: r.get(5)?,
+                        sha256: sha_of(r.get(6)?),
+                    })
+                })
+                .optional()
+            })
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("upload {id}")))
+    }
+
+    fn file_for(&mut self, file: u64, user: UserId) -> Result<FileRecord> {
+        self.conn
+            .prepare_cached(
+                "SELECT f.id, f.owner_id, f.name, f.internal_name, f.uploaded_at, f.size, f.sha256, f.media_type,
+                        f.room_id, f.seq
+                 FROM files f
+                 WHERE f.id = ?1 AND EXISTS (
+                     SELECT 1 FROM file_permissions p JOIN room_access a ON a.room_id = p.room_id
+                     WHERE p.file_id = f.id AND a.user_id = ?2)",
+            )
+            .and_then(|mut st| st.query_row(params![to_db(file), to_db(user)], file_row).optional())
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("file {file}")))
+    }
+
+    fn drop_content(&mut self, sha256: &[u8; 32]) -> Result<bool> {
+        self.write(|conn| {
+            conn.prepare_cached("DELETE FROM contents WHERE sha256 = ?1 AND refs <= 0")
+                .and_then(|mut st| st.execute([&sha256[..]]))
+                .map(|n| n > 0)
+                .map_err(db_err)
+        })
+    }
+
+    fn unreferenced_contents(&mut self, limit: u32) -> Result<Vec<[u8; 32]>> {
+        self.conn
+            .prepare_cached("SELECT sha256 FROM contents WHERE refs <= 0 LIMIT ?1")
+            .and_then(|mut st| st.query_map([limit], |r| Ok(sha_of(r.get(0)?)))?.collect())
+            .map_err(db_err)
+    }
 }
 
 impl Store for SqliteStore {
@@ -1820,6 +1929,9 @@ impl Store for SqliteStore {
                     let key = Some(a.idempotency_key.as_str()).filter(|k| !k.is_empty());
                     append_delta(conn, &delta, key, log.part_size)?;
                     apply_action(conn, a, delta.seq)?;
+                    if a.action == MessageAction::Delete && target.as_ref().is_some_and(|t| t.kind == RecordKind::FILE_SHARED) {
+                        unshare_file(conn, a.room, a.target)?;
+                    }
                     if let MessageAction::Reply { text } = &a.action {
                         insert_mentions(conn, a.room, delta.seq, a.actor, text)?;
                     }
@@ -1829,6 +1941,227 @@ impl Store for SqliteStore {
             }
         })
     }
+
+    fn share_file(&mut self, f: &NewFile) -> Result<(FileRecord, DeltaRecord)> {
+        self.write(|conn| {
+            let Some((_, perms)) = member_perms(conn, f.room, f.actor.0)? else {
+                return Err(if exists(conn, f.room)? {
+                    StoreError::NotMember(f.room)
+                } else {
+                    StoreError::NotFound(format!("room {}", f.room))
+                });
+            };
+            if !perms.contains(Permissions::POST) {
+                return Err(StoreError::Forbidden(format!("you may not post in room {}", f.room)));
+            }
+            let removed = conn
+                .prepare_cached("DELETE FROM uploads WHERE id = ?1 AND user_id = ?2")
+                .and_then(|mut st| st.execute(params![to_db(f.upload), to_db(f.actor.0)]))
+                .map_err(db_err)?;
+            if removed == 0 {
+                return Err(StoreError::NotFound(format!("upload {}", f.upload)));
+            }
+            add_content_ref(conn, &f.sha256, f.size, f.now_ms)?;
+            let (seq, log) = next_seq(conn, f.room)?.ok_or_else(|| StoreError::NotFound(format!("room {}", f.room)))?;
+            let file = FileRecord {
+                id: 0,
+                owner: f.actor.0,
+                name: f.name.clone(),
+                internal_name: hex_of(&f.sha256),
+                uploaded_ms: f.now_ms,
+                size: f.size,
+                sha256: f.sha256,
+                media_type: f.media_type.clone(),
+                shared_in: (f.room, Seq(seq)),
+            };
+            let file = insert_file(conn, file)?;
+            let delta = DeltaRecord {
+                room: f.room,
+                seq: Seq(seq),
+                kind: RecordKind::FILE_SHARED,
+                author_id: f.actor.0,
+                author: f.actor.1.clone(),
+                ts_ms: f.now_ms,
+                body: files::encode_body(&f.sha256, f.size, &f.media_type, &f.name, &f.caption),
+                target: Some(Seq(file.id)),
+            };
+            append_delta(conn, &delta, None, log.part_size)?;
+            Ok((file, delta))
+        })
+    }
+
+    fn forward(
+        &mut self,
+        actor: (UserId, &str),
+        room: RoomId,
+        seq: Seq,
+        to_room: RoomId,
+        now_ms: i64,
+    ) -> Result<DeltaRecord> {
+        self.write(|conn| {
+            if !is_member(conn, room, actor.0)? {
+                return Err(if exists(conn, room)? {
+                    StoreError::NotMember(room)
+                } else {
+                    StoreError::NotFound(format!("room {room}"))
+                });
+            }
+            let Some((_, perms)) = member_perms(conn, to_room, actor.0)? else {
+                return Err(if exists(conn, to_room)? {
+                    StoreError::NotMember(to_room)
+                } else {
+                    StoreError::NotFound(format!("room {to_room}"))
+                });
+            };
+            if !perms.contains(Permissions::POST) {
+                return Err(StoreError::Forbidden(format!("you may not post in room {to_room}")));
+            }
+            let no_message = || StoreError::NotFound(format!("no message {seq} in room {room}"));
+            let source: Option<ForwardSource> = conn
+                .prepare_cached(
+                    "SELECT d.kind, d.body, d.target, s.text, s.deleted_seq FROM deltas d
+                     LEFT JOIN message_state s ON s.room_id = d.room_id AND s.seq = d.seq
+                     WHERE d.room_id = ?1 AND d.seq = ?2",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![to_db(room), to_db(seq)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()
+                })
+                .map_err(db_err)?;
+            let (kind, body, target, edited, deleted) = source.ok_or_else(no_message)?;
+            if deleted.is_some() {
+                return Err(no_message());
+            }
+            let kind = RecordKind(kind);
+            let (new_seq, log) =
+                next_seq(conn, to_room)?.ok_or_else(|| StoreError::NotFound(format!("room {to_room}")))?;
+            let (kind, body, target) = match kind {
+                RecordKind::MESSAGE | RecordKind::REPLY => (RecordKind::MESSAGE, edited.unwrap_or(body), None),
+                RecordKind::FILE_SHARED => {
+                    let id: i64 = target.ok_or_else(no_message)?;
+                    let original = conn
+                        .prepare_cached(
+                            "SELECT id, owner_id, name, internal_name, uploaded_at, size, sha256, media_type, room_id, seq
+                             FROM files WHERE id = ?1",
+                        )
+                        .and_then(|mut st| st.query_row([id], file_row).optional())
+                        .map_err(db_err)?
+                        .ok_or_else(no_message)?;
+                    add_content_ref(conn, &original.sha256, original.size, now_ms)?;
+                    let copy = FileRecord {
+                        id: 0,
+                        owner: actor.0,
+                        uploaded_ms: now_ms,
+                        shared_in: (to_room, Seq(new_seq)),
+                        ..original
+                    };
+                    let copy = insert_file(conn, copy)?;
+                    (RecordKind::FILE_SHARED, body, Some(Seq(copy.id)))
+                }
+                _ => return Err(StoreError::NotFound(format!("delta {seq} in room {room} is not a message"))),
+            };
+            let delta = DeltaRecord {
+                room: to_room,
+                seq: Seq(new_seq),
+                kind,
+                author_id: actor.0,
+                author: actor.1.into(),
+                ts_ms: now_ms,
+                body,
+                target,
+            };
+            append_delta(conn, &delta, None, log.part_size)?;
+            if kind == RecordKind::MESSAGE {
+                index_message(conn, to_room, delta.seq, log.kind, &delta.body)?;
+            }
+            Ok(delta)
+        })
+    }
+}
+
+/// A message to forward as its row reads: kind, body, target, latest text, deleted seq.
+type ForwardSource = (u8, String, Option<i64>, Option<String>, Option<i64>);
+
+/// A hash read back from a BLOB column (a wrong length reads as zeros: never written so).
+fn sha_of(v: Vec<u8>) -> [u8; 32] {
+    <[u8; 32]>::try_from(v.as_slice()).unwrap_or([0; 32])
+}
+
+fn hex_of(sha: &[u8; 32]) -> String {
+    sha.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn file_row(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
+    Ok(FileRecord {
+        id: from_db(r.get(0)?),
+        owner: from_db(r.get(1)?),
+        name: r.get(2)?,
+        internal_name: r.get(3)?,
+        uploaded_ms: r.get(4)?,
+        size: from_db(r.get(5)?),
+        sha256: sha_of(r.get(6)?),
+        media_type: r.get(7)?,
+        shared_in: (from_db(r.get(8)?), from_db(r.get(9)?)),
+    })
+}
+
+/// One more file record points at content `sha` (its row created at one reference).
+fn add_content_ref(conn: &Connection, sha: &[u8; 32], size: u64, now_ms: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO contents (sha256, size, refs, created_at) VALUES (?1, ?2, 1, ?3)
+         ON CONFLICT (sha256) DO UPDATE SET refs = refs + 1",
+    )
+    .and_then(|mut st| st.execute(params![&sha[..], to_db(size), now_ms]))
+    .map(drop)
+    .map_err(db_err)
+}
+
+/// Inserts a file record and its permission for the room it is shared in; returns it with its id.
+fn insert_file(conn: &Connection, mut f: FileRecord) -> Result<FileRecord> {
+    let id: i64 = conn
+        .prepare_cached(
+            "INSERT INTO files (owner_id, name, internal_name, uploaded_at, size, sha256, media_type, room_id, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
+        )
+        .and_then(|mut st| {
+            st.query_row(
+                params![
+                    to_db(f.owner),
+                    f.name,
+                    f.internal_name,
+                    f.uploaded_ms,
+                    to_db(f.size),
+                    &f.sha256[..],
+                    f.media_type,
+                    to_db(f.shared_in.0),
+                    to_db(f.shared_in.1)
+                ],
+                |r| r.get(0),
+            )
+        })
+        .map_err(db_err)?;
+    conn.prepare_cached("INSERT INTO file_permissions (file_id, room_id) VALUES (?1, ?2)")
+        .and_then(|mut st| st.execute(params![id, to_db(f.shared_in.0)]))
+        .map_err(db_err)?;
+    f.id = from_db(id);
+    Ok(f)
+}
+
+/// The `FILE_SHARED` delta (room, seq) was deleted: its file record and permissions go, and its
+/// content counts one reference less (collected by the daemon at zero).
+fn unshare_file(conn: &Connection, room: RoomId, seq: Seq) -> Result<()> {
+    let sha: Option<Vec<u8>> = conn
+        .prepare_cached("DELETE FROM files WHERE room_id = ?1 AND seq = ?2 RETURNING sha256")
+        .and_then(|mut st| st.query_row(params![to_db(room), to_db(seq)], |r| r.get(0)).optional())
+        .map_err(db_err)?;
+    if let Some(sha) = sha {
+        conn.prepare_cached("UPDATE contents SET refs = refs - 1 WHERE sha256 = ?1")
+            .and_then(|mut st| st.execute([sha]))
+            .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 /// The target of an action, read in the action's transaction.
@@ -2120,7 +2453,7 @@ fn unread_of(conn: &Connection, room: RoomId, user: UserId) -> Result<UnreadReco
         .unwrap_or((0, 0));
     let unread: i64 = conn
         .prepare_cached(
-            "SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = ?1 AND seq > ?2 AND kind IN (2, 9)
+            "SELECT count(*) FROM (SELECT 1 FROM deltas WHERE room_id = ?1 AND seq > ?2 AND kind IN (2, 9, 23)
              AND author_id <> ?3 LIMIT ?4)",
         )
         .and_then(|mut st| {

@@ -16,6 +16,8 @@ mod chat;
 mod crash;
 #[path = "e2e/direct.rs"]
 mod direct;
+#[path = "e2e/files.rs"]
+mod files;
 #[path = "e2e/hardening.rs"]
 mod hardening;
 #[path = "e2e/hostile.rs"]

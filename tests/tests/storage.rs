@@ -106,6 +106,7 @@ conformance! {
         servers_give_access_to_channels_by_role,
         unread_counts_follow_read_cursors_and_mentions,
         calls_are_signalled_as_deltas,
+        files_are_shared_forwarded_and_collected,
         profiles_start_empty_and_change_field_by_field,
         emails_are_unique_without_regard_to_case,
         settings_round_trip_and_bump_the_version,
@@ -2026,4 +2027,100 @@ fn last_seen_is_the_latest_use_of_any_session(store: &mut dyn Store) {
     store.touch_sessions(&[a2.id], T0 + 900).expect("touch");
     assert_eq!(store.last_seen(&[ada.id]).expect("last seen"), [(ada.id, T0 + 900)]);
     assert!(store.last_seen(&[]).expect("none").is_empty());
+}
+
+fn files_are_shared_forwarded_and_collected(store: &mut dyn Store) {
+    use chime_storage::{NewFile, NewUpload};
+    let ada = user(store, "ada");
+    let bob = user(store, "bob");
+    let lobby = room(store, "lobby", &ada);
+    let other = room(store, "other", &ada);
+    let sha = [3u8; 32];
+    let new_upload = |user: &UserRecord, room: RoomId| NewUpload {
+        user: user.id,
+        room,
+        name: "a.txt".into(),
+        size: 5,
+        media_type: "text/plain".into(),
+        sha256: sha,
+        now_ms: T0,
+    };
+    // Only who may post in the room begins an upload; only its owner finds it again.
+    assert!(matches!(store.create_upload(&new_upload(&bob, lobby.id)), Err(StoreError::NotMember(_))));
+    let up = store.create_upload(&new_upload(&ada, lobby.id)).expect("upload");
+    assert_eq!(store.upload(up.id, ada.id).expect("found"), up);
+    // Unfinished uploads per user are capped.
+    for _ in 1..chime_storage::files::MAX_OPEN_UPLOADS {
+        store.create_upload(&new_upload(&ada, other.id)).expect("under the cap");
+    }
+    assert!(matches!(store.create_upload(&new_upload(&ada, lobby.id)), Err(StoreError::LimitReached(_))));
+    assert!(matches!(store.upload(up.id, bob.id), Err(StoreError::NotFound(_))));
+
+    // Sharing records the file, its permission, a content reference and the delta, and ends the
+    // upload.
+    let file = NewFile {
+        upload: up.id,
+        actor: (ada.id, "ada".into()),
+        room: lobby.id,
+        name: "a.txt".into(),
+        size: 5,
+        media_type: "text/plain".into(),
+        sha256: sha,
+        caption: "see\tthis".into(),
+        now_ms: T0,
+    };
+    let (record, delta) = store.share_file(&file).expect("share");
+    assert_eq!((delta.kind, delta.seq, delta.target), (RecordKind::FILE_SHARED, Seq(2), Some(Seq(record.id))));
+    assert_eq!(
+        chime_storage::files::decode_body(&delta.body),
+        (sha, 5, "text/plain".into(), "a.txt".into(), "see\tthis".into())
+    );
+    assert_eq!((record.shared_in, record.internal_name.len()), ((lobby.id, Seq(2)), 64));
+    assert!(matches!(store.upload(up.id, ada.id), Err(StoreError::NotFound(_))), "the upload is finished");
+    assert!(matches!(store.share_file(&file), Err(StoreError::NotFound(_))), "an upload is shared once");
+
+    // Readers of the room may read the file record; others cannot tell it exists.
+    assert_eq!(store.file_for(record.id, ada.id).expect("owner").sha256, sha);
+    assert!(matches!(store.file_for(record.id, bob.id), Err(StoreError::NotFound(_))));
+    store.join_room(lobby.id, bob.id, "bob", T0, MAX_ROOMS).expect("join");
+    assert_eq!(store.file_for(record.id, bob.id).expect("member").id, record.id);
+
+    // A forward is a new record on the same content, readable in the target room.
+    assert!(matches!(store.forward((bob.id, "bob"), lobby.id, Seq(2), other.id, T0), Err(StoreError::NotMember(_))));
+    let fwd = store.forward((ada.id, "ada"), lobby.id, Seq(2), other.id, T0).expect("forward");
+    let copy = fwd.target.expect("a file id").get();
+    assert_ne!(copy, record.id);
+    assert_eq!(store.file_for(copy, ada.id).expect("copy").shared_in, (other.id, fwd.seq));
+    // A shared file counts as unread, like a message.
+    let unread = store.unread(bob.id, RoomId(0), 10).expect("unread");
+    assert_eq!(unread.iter().find(|u| u.room == lobby.id).map(|u| u.unread), Some(1), "{unread:?}");
+    // A plain message forwards as a message.
+    store.append_posts(&[post(lobby.id, &ada, "k1", "hello")]).expect("post");
+    let msg = store.forward((ada.id, "ada"), lobby.id, Seq(4), other.id, T0).expect("forward text");
+    assert_eq!((msg.kind, msg.body.as_str()), (RecordKind::MESSAGE, "hello"));
+
+    // Deleting the original takes its record; the content stays referenced by the copy.
+    let del = |room: RoomId, seq: Seq| NewAction {
+        room,
+        target: seq,
+        actor: ada.id,
+        actor_name: "ada".into(),
+        action: MessageAction::Delete,
+        idempotency_key: String::new(),
+        now_ms: T0,
+    };
+    store.act(&del(lobby.id, Seq(2))).expect("delete");
+    assert!(matches!(store.file_for(record.id, ada.id), Err(StoreError::NotFound(_))));
+    assert!(store.unreferenced_contents(10).expect("list").is_empty());
+    assert!(!store.drop_content(&sha).expect("still referenced"));
+    // A deleted message cannot be forwarded; a file message cannot be edited.
+    assert!(matches!(store.forward((ada.id, "ada"), lobby.id, Seq(2), other.id, T0), Err(StoreError::NotFound(_))));
+    let edit = NewAction { action: MessageAction::Edit { text: "x".into() }, ..del(other.id, fwd.seq) };
+    assert!(matches!(store.act(&edit), Err(StoreError::Forbidden(_))));
+    // The last record gone, the content is unreferenced, and dropped exactly once.
+    store.act(&del(other.id, fwd.seq)).expect("delete copy");
+    assert_eq!(store.unreferenced_contents(10).expect("list"), vec![sha]);
+    assert!(store.drop_content(&sha).expect("drop"));
+    assert!(!store.drop_content(&sha).expect("gone"));
+    assert!(store.unreferenced_contents(10).expect("list").is_empty());
 }

@@ -59,7 +59,7 @@ pub fn pin(ctx: &mut Ctx, room: u64, seq: u64, remove: bool) -> Result<(), CallE
     print_posted(ctx, &posted, &format!("{did} message {seq} in"))
 }
 
-fn print_posted(ctx: &mut Ctx, posted: &Posted, what: &str) -> Result<(), CallError> {
+pub(super) fn print_posted(ctx: &mut Ctx, posted: &Posted, what: &str) -> Result<(), CallError> {
     let note = if posted.duplicate { " (already done)" } else { "" };
     ctx.out.record(
         &json!({"room": posted.room, "seq": posted.seq}),

@@ -5,6 +5,7 @@
 //! prints.
 
 mod account;
+mod files;
 mod message;
 mod room;
 mod server;
@@ -108,6 +109,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Search { room, query, limit } => message::search(&mut ctx, room, &query, limit),
         Command::Tail { rooms, after } => tail::run(&mut ctx, &rooms, after),
         Command::Ping => ping(&mut ctx),
+        Command::Upload { room, file, caption } => files::upload(&mut ctx, room, &file, &caption),
+        Command::Download { file, output } => files::download(&mut ctx, file, output.as_deref()),
+        Command::Forward { room, seq, to_room } => files::forward(&mut ctx, room, seq, to_room),
         Command::Sessions { command: None } => account::sessions(&mut ctx),
         Command::Sessions { command: Some(SessionsCommand::Revoke { id, all }) } => {
             account::revoke(&mut ctx, if all { None } else { id })

@@ -18,6 +18,7 @@
 //! state rules (the per-state table of docs/protocol.md) before handing a frame to them, and
 //! carries out the effects the workers return.
 
+mod files;
 pub mod hub;
 pub mod presence;
 
@@ -166,6 +167,8 @@ pub struct Link {
     ending: bool,
     /// The client half-closed: finish what is owed, then close.
     half_closed: bool,
+    /// Open uploads, downloads streaming, the upload window.
+    transfers: files::Transfers,
 }
 
 impl Link {
@@ -248,6 +251,7 @@ impl Core {
             pending: Vec::new(),
             ending: false,
             half_closed: false,
+            transfers: files::Transfers::default(),
         });
     }
 
@@ -267,6 +271,7 @@ impl Core {
         let waits = link.ending
             || link.parked.is_some()
             || link.inflight >= MAX_IN_FLIGHT
+            || link.transfers.window_full()
             || matches!(link.phase, Phase::Authenticating);
         if waits {
             Flow::Stop
@@ -431,6 +436,7 @@ impl Core {
 
     /// A request of a logged-in connection: its handler admits it.
     fn request(&mut self, io: &mut dyn Io, key: Key, rid: u32, frame: ClientFrame, now: Now) {
+        let Some(frame) = self.file_request(io, key, rid, frame) else { return };
         let subscribes = matches!(frame, ClientFrame::CreateRoom(_));
         let Some(link) = self.link(key) else { return };
         let Some(who) = link.who().cloned() else { return };
@@ -528,6 +534,7 @@ impl Core {
             return self.refused(io, key, rid, ErrorCode::UNAVAILABLE, "the database is unavailable; retry shortly");
         }
         let stamp = if subscribes { Some(self.hub.begin()) } else { None };
+        let chunk = matches!(&work, Work::File(f) if f.chunk);
         if !io.submit(work) {
             if let Some(stamp) = stamp {
                 self.hub.end(stamp);
@@ -536,6 +543,9 @@ impl Core {
         }
         let Some(link) = self.link(key) else { return };
         link.inflight += 1;
+        if chunk {
+            link.transfers.chunks += 1;
+        }
         if shared {
             link.shared_inflight += 1;
         }
@@ -714,6 +724,21 @@ impl Core {
                 self.apply(io, to.conn.key, actions);
             }
             Effect::Release { to, shared } => self.release(io, to, shared),
+            Effect::Then { to, work } => {
+                if self.link_of(to.conn).is_some() {
+                    self.dispatch(io, to.conn.key, to.request_id, work, false);
+                }
+            }
+            Effect::UploadOpened { to, upload } => self.upload_opened(to, upload),
+            Effect::DownloadOpened { to, sha256, offset, end } => self.download_opened(io, to, sha256, offset, end),
+            Effect::FileChunks { to, frames, next } => self.file_chunks(io, to, frames, next),
+            Effect::DownloadEnded { to } => self.download_ended(to),
+            Effect::FileReleased { to, chunk } => {
+                if chunk {
+                    self.chunk_done(to);
+                }
+                self.release(io, to, false);
+            }
         }
     }
 
@@ -1030,6 +1055,7 @@ impl Core {
         for key in retries {
             self.retry_deferred(io, key);
         }
+        self.pump_all(io);
         if now.secs.is_multiple_of(TOUCH_LIVE_EVERY) {
             self.touched.extend(self.hub.live_sessions());
         }

@@ -29,10 +29,13 @@ struct FakeIo {
     down: bool,
     /// Queues are full.
     full: bool,
+    /// The class of every frame queued, per connection, in order.
+    classes: HashMap<Key, Vec<Class>>,
 }
 
 impl Io for FakeIo {
-    fn send(&mut self, key: Key, bytes: Bytes, _class: Class) {
+    fn send(&mut self, key: Key, bytes: Bytes, class: Class) {
+        self.classes.entry(key).or_default().push(class);
         let mut buf = BytesMut::from(&bytes[..]);
         let decoder = FrameDecoder::default();
         while let Some(raw) = decoder.decode(&mut buf).expect("the core sends whole frames") {
@@ -604,4 +607,173 @@ fn restores_over_the_users_rate_are_refused_with_the_wait() {
     let wait = e.retry_after_ms().expect("the wait is stated");
     assert!((1..=100).contains(&wait), "10 pages a second: at most 100 ms, stated {wait}");
     assert_eq!(io.submitted.len(), 2, "nothing submitted for the refused page");
+}
+
+mod files {
+    //! File transfers in the core: the upload window, and the download window that acks open.
+    use super::*;
+    use crate::handlers::files::{CHUNK_SIZE, DOWNLOAD_WINDOW, UPLOAD_WINDOW};
+    use chime_protocol::{DownloadAck, FileChunk, UploadChunk};
+    use chime_storage::UploadRecord;
+
+    fn upload(id: u64, size: u64) -> UploadRecord {
+        UploadRecord {
+            id,
+            user: USER,
+            room: RoomId(5),
+            name: "f".into(),
+            size,
+            media_type: String::new(),
+            sha256: [0; 32],
+        }
+    }
+
+    fn chunk(id: u64, offset: u64) -> ClientFrame {
+        ClientFrame::UploadChunk(UploadChunk { upload: id, offset, data: vec![1; 100] })
+    }
+
+    fn file_jobs(io: &mut FakeIo) -> Vec<(u64, bool)> {
+        let jobs = std::mem::take(&mut io.submitted);
+        jobs.iter()
+            .filter_map(|w| match w {
+                Work::File(f) => Some((f.order, f.chunk)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn upload_chunks_stop_decoding_at_the_window_until_one_is_written() {
+        let (mut core, mut io) = core_with(&[1]);
+        log_in(&mut core, &mut io, 1, &[]);
+        // Not opened on this connection: refused, nothing submitted.
+        core.frame(&mut io, 1, raw(chunk(9, 0), 10), now(2));
+        assert!(matches!(&io.take(1)[..], [(10, ServerFrame::Error(e))] if e.code == ErrorCode::NOT_FOUND));
+        assert!(io.submitted.is_empty());
+        core.completion(
+            &mut io,
+            Completion(vec![Effect::UploadOpened { to: to(1, 11), upload: upload(9, 1 << 30) }]),
+            now(2),
+        );
+        for i in 0..UPLOAD_WINDOW {
+            let flow = core.frame(&mut io, 1, raw(chunk(9, u64::from(i) * 100), 20 + i), now(2));
+            let expected = if i + 1 < UPLOAD_WINDOW { Flow::Continue } else { Flow::Stop };
+            assert_eq!(flow, expected, "chunk {i}");
+        }
+        let jobs = file_jobs(&mut io);
+        assert_eq!(jobs.len(), UPLOAD_WINDOW as usize);
+        assert!(jobs.iter().all(|&(order, chunk)| order == 9 && chunk), "one upload's chunks keep one order key");
+        // One written: the window has a slot, the loop is asked to decode again.
+        core.completion(&mut io, Completion(vec![Effect::FileReleased { to: to(1, 20), chunk: true }]), now(2));
+        assert!(io.woken.contains(&1));
+        assert_eq!(core.frame(&mut io, 1, raw(chunk(9, 9999), 99), now(2)), Flow::Stop, "full again");
+        // A chunk past the upload's size is refused on the loop.
+        core.completion(&mut io, Completion(vec![Effect::FileReleased { to: to(1, 21), chunk: true }]), now(2));
+        core.completion(
+            &mut io,
+            Completion(vec![Effect::UploadOpened { to: to(1, 12), upload: upload(3, 50) }]),
+            now(2),
+        );
+        core.frame(&mut io, 1, raw(chunk(3, 0), 100), now(2));
+        assert!(io
+            .take(1)
+            .iter()
+            .any(|(r, f)| *r == 100 && matches!(f, ServerFrame::Error(e) if e.code == ErrorCode::INVALID_ARGUMENT)));
+    }
+
+    fn chunk_frames(rid: u32, from: u64, count: u64) -> Vec<Bytes> {
+        (0..count)
+            .map(|i| {
+                let offset = from + i * u64::from(CHUNK_SIZE);
+                ServerFrame::FileChunk(FileChunk { download: rid, offset, data: vec![0; 8] }).encode(0).expect("small")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_download_streams_in_the_bulk_class_within_its_window_and_acks_open_it() {
+        let (mut core, mut io) = core_with(&[1]);
+        log_in(&mut core, &mut io, 1, &[]);
+        io.take(1);
+        io.classes.clear();
+        let chunk = u64::from(CHUNK_SIZE);
+        let window = u64::from(DOWNLOAD_WINDOW);
+        let end = 3 * window * chunk;
+        let opened = Effect::DownloadOpened { to: to(1, 5), sha256: [1; 32], offset: 0, end };
+        core.completion(&mut io, Completion(vec![opened]), now(2));
+        assert_eq!(file_jobs(&mut io).len(), 1, "one read at a time");
+        // The read returns a whole window: all of it goes out in the bulk class, no new read.
+        let frames = chunk_frames(5, 0, window);
+        core.completion(
+            &mut io,
+            Completion(vec![Effect::FileChunks { to: to(1, 5), frames, next: window * chunk }]),
+            now(2),
+        );
+        assert_eq!(io.classes.remove(&1).unwrap_or_default(), vec![Class::Bulk; window as usize]);
+        assert!(file_jobs(&mut io).is_empty(), "the window is full until the client acks");
+        assert_eq!(io.take(1).len(), window as usize);
+        // The client acks half: the next read goes.
+        let ack = ClientFrame::DownloadAck(DownloadAck { download: 5, received: window / 2 * chunk });
+        assert_eq!(core.frame(&mut io, 1, raw(ack, 6), now(2)), Flow::Continue);
+        assert!(io.take(1).is_empty(), "an ack is not answered");
+        assert_eq!(file_jobs(&mut io).len(), 1);
+        // An ack past what was sent opens no more than was sent.
+        let greedy = ClientFrame::DownloadAck(DownloadAck { download: 5, received: u64::MAX });
+        core.frame(&mut io, 1, raw(greedy, 7), now(2));
+        assert!(file_jobs(&mut io).is_empty(), "a read is already out");
+        // The last chunk ends the download: later acks start nothing.
+        let frames = chunk_frames(5, window * chunk, 1);
+        core.completion(&mut io, Completion(vec![Effect::FileChunks { to: to(1, 5), frames, next: end }]), now(2));
+        let ack = ClientFrame::DownloadAck(DownloadAck { download: 5, received: end });
+        core.frame(&mut io, 1, raw(ack, 8), now(2));
+        assert!(file_jobs(&mut io).is_empty());
+    }
+
+    #[test]
+    fn chat_replies_go_out_in_their_own_class_while_a_download_streams() {
+        let (mut core, mut io) = core_with(&[1]);
+        log_in(&mut core, &mut io, 1, &[(5, 1)]);
+        io.take(1);
+        io.classes.clear();
+        let end = 4 * u64::from(CHUNK_SIZE);
+        core.completion(
+            &mut io,
+            Completion(vec![Effect::DownloadOpened { to: to(1, 5), sha256: [1; 32], offset: 0, end }]),
+            now(2),
+        );
+        let frames = chunk_frames(5, 0, 2);
+        core.completion(
+            &mut io,
+            Completion(vec![Effect::FileChunks { to: to(1, 5), frames, next: 2 * u64::from(CHUNK_SIZE) }]),
+            now(2),
+        );
+        core.completion(&mut io, Completion(vec![Effect::Publish(published(5, 2..=2))]), now(2));
+        // The transport lets the published push overtake the bulk frames (see transport's test).
+        assert_eq!(io.classes.remove(&1).unwrap_or_default(), vec![Class::Bulk, Class::Bulk, Class::Shared]);
+    }
+
+    #[test]
+    fn downloads_together_stay_within_half_the_outbound_limit() {
+        let config = Config { max_outbound_bytes: 1 << 20, ..Config::default() };
+        let mut core = Core::new(config, Instant::now());
+        let mut io = FakeIo::default();
+        core.open(ConnRef { key: 1, gen: 2 }, "127.0.0.1".parse().expect("ip"), now(0));
+        core.frame(&mut io, 1, raw(ClientFrame::Hello(hello()), 1), now(0));
+        log_in(&mut core, &mut io, 1, &[]);
+        let end = 100 * u64::from(CHUNK_SIZE);
+        for rid in [5, 6] {
+            let opened = Effect::DownloadOpened { to: to(1, rid), sha256: [1; 32], offset: 0, end };
+            core.completion(&mut io, Completion(vec![opened]), now(2));
+        }
+        // The first download's read takes the half (512 KiB); the second waits, not over it.
+        assert_eq!(file_jobs(&mut io).len(), 1);
+        let frames = chunk_frames(5, 0, 8);
+        let next = 8 * u64::from(CHUNK_SIZE);
+        core.completion(&mut io, Completion(vec![Effect::FileChunks { to: to(1, 5), frames, next }]), now(2));
+        // The next read is the other download's: they take turns.
+        assert_eq!(file_jobs(&mut io), [((2 << 20) ^ 6, false)]);
+        // The tick retries downloads nobody acks, without a second read for one already out.
+        core.tick(&mut io, now(3));
+        assert!(file_jobs(&mut io).is_empty());
+    }
 }

@@ -550,6 +550,7 @@ mod tests {
             max_rooms_per_user: 10,
             session_limits: SessionLimits { idle_ms: 60_000, max_age_ms: 60_000 },
             notifier: None,
+            content: None,
         }
     }
 

@@ -187,6 +187,11 @@ impl RoomWork for ActJob {
         let action = NewAction { now_ms: now_ms(), ..self.action };
         match store.act(&action) {
             Ok(ActionOutcome::Applied(delta)) => {
+                if action.action == MessageAction::Delete {
+                    // A deleted file message took its file record with it; its content may now
+                    // be unreferenced.
+                    super::files::collect(store, settings);
+                }
                 let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
                 // A reply is a message: it notifies as a post does.
                 if let (Some(notifier), MessageAction::Reply { .. }) = (&settings.notifier, &action.action) {

@@ -18,9 +18,12 @@
 //! - [`search`]: messages that match a query, in their current state.
 //! - [`restore`]: a room's whole log in pages, from either end, rate-limited per user.
 //! - [`sync`]: SYNC and the page reads behind it and behind catch-ups.
+//! - [`files`]: uploads, downloads and forwards (file threads for the bytes; the core keeps each
+//!   connection's open uploads and download windows).
 
 pub mod accounts;
 pub mod actions;
+pub mod files;
 pub mod messages;
 pub mod presence;
 pub mod receipts;
@@ -178,7 +181,15 @@ pub fn admit(ctx: &mut Ctx<'_>, frame: ClientFrame) -> Result<Admitted, ErrorBod
         ClientFrame::Search(s) => search::search(ctx, s),
         ClientFrame::Restore(r) => restore::restore(ctx, r),
         ClientFrame::ModerateServer(m) => servers::moderate(ctx, m),
-        ClientFrame::Hello(_)
+        ClientFrame::UploadBegin(b) => files::begin(ctx, b),
+        ClientFrame::UploadResume(r) => files::resume(ctx, r),
+        ClientFrame::Forward(f) => files::forward(ctx, f),
+        // The core's: they need the connection's open uploads and downloads.
+        ClientFrame::UploadChunk(_)
+        | ClientFrame::UploadFinish(_)
+        | ClientFrame::Download(_)
+        | ClientFrame::DownloadAck(_)
+        | ClientFrame::Hello(_)
         | ClientFrame::Ping(_)
         | ClientFrame::Pong(_)
         | ClientFrame::Register(_)

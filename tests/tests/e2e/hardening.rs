@@ -105,6 +105,7 @@ fn wait_all_closed(peers: &mut [TcpStream], limit: Duration) -> Duration {
 
 #[test]
 fn never_reading_peers_cost_their_bound_and_are_closed() {
+    let _heavy = heavy();
     const PEERS: usize = 30;
     let d = sqlite_daemon(&["--write-timeout-secs", "3"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -142,6 +143,7 @@ fn never_reading_peers_cost_their_bound_and_are_closed() {
 
 #[test]
 fn the_server_wide_budget_bounds_many_slow_peers() {
+    let _heavy = heavy();
     const PEERS: usize = 30;
     // Each peer may hold 4 MiB, all of them together 8 MiB; the write timeout is out of reach.
     let d = sqlite_daemon(&["--write-timeout-secs", "120", "--max-outbound-total-bytes", "8388608"]);

@@ -35,6 +35,14 @@ macro_rules! on_both_stores {
     };
 }
 
+/// Serializes the tests that load the machine heavily (100 MB transfers) with the tests whose
+/// timing a loaded machine upsets (write timeouts, memory given back): in one test process they
+/// would otherwise run at the same time. Hold the guard for the whole test.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A unique-ish suffix for names created outside the harness (CLI registrations).
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
