@@ -18,8 +18,10 @@
 //! `Core::completion`: `POSTED` to the author and the deltas to every subscriber -> `flush`.
 
 use crate::config::{redact_database_url, Config};
+use crate::content::Content;
 use crate::core::{Bye, Core, Flow, Io, Now};
 use crate::limits::{FAIR_SHARE, READ_PAUSE_DIVISOR, SHUTDOWN_GRACE, TRIM_AFTER};
+use crate::node::{LinkOptions, Nodes};
 use crate::ratelimit::TokenBucket;
 use crate::tls::{fingerprint_hex, TlsSetup};
 use crate::transport::{Class, ReadOutcome, Transport};
@@ -89,6 +91,9 @@ pub struct Server {
     now_secs: u32,
     last_tick: u32,
     shutdown_deadline: Option<Instant>,
+    /// The content store (file bytes: cache and nodes). Its own thread moves content to nodes;
+    /// the file threads of the transfer path take a clone of this Arc.
+    content: Arc<Content>,
 }
 
 fn listener(addr: &str) -> anyhow::Result<TcpListener> {
@@ -101,7 +106,23 @@ fn listener(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// Opens the content store of `config` (`[files]`, `[[node]]`): the cache directory (default
+/// `DATA_DIR/cache`), its quota, the nodes (nothing is connected until content moves).
+pub fn open_content(config: &Config) -> anyhow::Result<Arc<Content>> {
+    let dir = config.cache_dir();
+    let nodes = Arc::new(Nodes::from_config(config, &LinkOptions::default()));
+    let content = Content::open(&dir, config.files.cache_quota, nodes)
+        .with_context(|| format!("cannot open the file cache {}", dir.display()))?;
+    content.set_rebalance_interval(Duration::from_secs(config.files.rebalance_interval_secs));
+    Ok(Arc::new(content))
+}
+
 impl Server {
+    /// The content store, for the threads that move file bytes.
+    pub fn content(&self) -> &Arc<Content> {
+        &self.content
+    }
+
     /// Binds the listeners and starts the worker pool.
     pub fn bind(config: Config, database_url: &str, tls: Option<TlsSetup>) -> anyhow::Result<Server> {
         let poll = Poll::new()?;
@@ -150,8 +171,10 @@ impl Server {
             redact_database_url(database_url),
             fingerprint.as_deref().unwrap_or("none (no TLS listener)")
         );
+        let content = open_content(&config)?;
         let now = Instant::now();
         Ok(Server {
+            content,
             decoder: FrameDecoder::new(config.max_frame),
             accept_bucket: TokenBucket::new(config.accept_rate, config.accept_rate, now),
             core: Core::new(config.clone(), now),

@@ -98,12 +98,10 @@ pub(super) fn run(inner: &Inner) {
             }
             next_rebalance = Instant::now() + lock(&inner.signal).rebalance_every;
         }
-        if Instant::now() >= evict_after && over_quota(inner) {
-            if evict(inner) == 0 && over_quota(inner) {
-                // No node took anything: the nodes are down or full. Try again in a while
-                // rather than every second; the cache keeps everything meanwhile.
-                evict_after = Instant::now() + Duration::from_secs(10);
-            }
+        // When no node took anything (down or full), try again in a while rather than every
+        // second; the cache keeps everything meanwhile.
+        if Instant::now() >= evict_after && over_quota(inner) && evict(inner) == 0 && over_quota(inner) {
+            evict_after = Instant::now() + Duration::from_secs(10);
         }
     }
 }
@@ -395,7 +393,7 @@ fn drain_short_nodes(inner: &Inner, report: &mut RebalanceReport) {
         let mut need = reserve - space.free;
         let mut on_node = lock(&inner.index).placements_on(&node).unwrap_or_default();
         // The biggest first: fewest moves for the space.
-        on_node.sort_by(|a, b| b.1.cmp(&a.1));
+        on_node.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         for (sha, size) in on_node {
             if need == 0 {
                 break;
