@@ -126,6 +126,7 @@ pub(super) fn evict(inner: &Inner) -> usize {
         return 0;
     }
     let target = inner.quota - inner.quota / 20;
+    let _one_at_a_time = lock(&inner.evicting);
     if lock(&inner.lru).bytes() <= inner.quota {
         return 0;
     }
@@ -336,6 +337,9 @@ pub(super) fn rebalance(inner: &Inner) -> RebalanceReport {
     // 1. Cold content out: not read since the previous rebalance.
     let now = lock(&inner.lru).now();
     let mark = std::mem::replace(&mut *lock(&inner.cold_mark), now);
+    if let Err(e) = lock(&inner.index).set_cold_mark(now) {
+        report.errors.push(format!("recording the rebalance: {e}"));
+    }
     let cold: Vec<(Sha256, u64, u64)> =
         lock(&inner.lru).oldest(usize::MAX).into_iter().filter(|&(_, _, tick)| tick < mark).collect();
     for (sha, size, tick) in cold {

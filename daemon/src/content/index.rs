@@ -77,7 +77,8 @@ impl Index {
                  placed_at INTEGER NOT NULL,
                  PRIMARY KEY (sha, node)
              );
-             CREATE INDEX IF NOT EXISTS placements_by_node ON placements (node, sha);",
+             CREATE INDEX IF NOT EXISTS placements_by_node ON placements (node, sha);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
         .map_err(err)?;
         Ok(Index { db })
@@ -222,6 +223,27 @@ impl Index {
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// The LRU tick at the last rebalance (0 before the first).
+    pub fn cold_mark(&self) -> io::Result<u64> {
+        let value: Option<i64> = self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = 'cold_mark'", [], |r| r.get(0))
+            .optional()
+            .map_err(err)?;
+        Ok(value.unwrap_or(0) as u64)
+    }
+
+    /// Records the LRU tick of a rebalance.
+    pub fn set_cold_mark(&self, tick: u64) -> io::Result<()> {
+        self.db
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('cold_mark', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
+                params![tick as i64],
+            )
+            .map_err(err)?;
+        Ok(())
     }
 
     /// Removes an object row that nothing holds any more (not cached, no placement).

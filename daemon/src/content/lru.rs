@@ -30,6 +30,11 @@ impl Lru {
         Lru { next: last_tick + 1, ..Lru::default() }
     }
 
+    /// Makes every later use tick at least `tick` (a mark recorded by an earlier run).
+    pub fn advance_to(&mut self, tick: u64) {
+        self.next = self.next.max(tick);
+    }
+
     /// Adds an object with a known tick (from the index, at open); the caller gives them in any
     /// order. An object already present is left as it is.
     pub fn restore(&mut self, sha: Sha256, size: u64, tick: u64) {

@@ -121,6 +121,9 @@ pub(crate) struct Inner {
     next_temp: AtomicU64,
     /// The LRU tick at the previous rebalance: content not used since is cold.
     cold_mark: Mutex<u64>,
+    /// Held while evicting, so the background thread and a caller's rebalance do not move the
+    /// same content at once.
+    evicting: Mutex<()>,
     /// Held by the rebalance running, so an on-demand one and the hourly one do not overlap.
     rebalancing: Mutex<()>,
     /// The test hook.
@@ -301,11 +304,15 @@ impl Inner {
             next_temp: AtomicU64::new(0),
             cold_mark: Mutex::new(0),
             rebalancing: Mutex::new(()),
+            evicting: Mutex::new(()),
             crash,
             _lock_file: lock_file,
         };
         inner.scan()?;
-        *lock(&inner.cold_mark) = lock(&inner.lru).now();
+        // Cold is relative to the last rebalance, which may have been in an earlier run.
+        let mark = lock(&inner.index).cold_mark()?;
+        lock(&inner.lru).advance_to(mark);
+        *lock(&inner.cold_mark) = mark;
         Ok(inner)
     }
 
@@ -472,7 +479,8 @@ impl Inner {
         Ok((fetch, follower))
     }
 
-    /// The links of the nodes recorded as holding `sha`, the likeliest to answer first.
+    /// The links of the nodes recorded as holding `sha`: those not known to be down first, then
+    /// the operator's priority, then the fastest.
     fn holders(&self, sha: Sha256) -> io::Result<Vec<crate::node::NodeLink>> {
         let placements = lock(&self.index).placements(sha)?;
         let mut links: Vec<_> = placements.iter().filter_map(|p| self.nodes.get(&p.node).cloned()).collect();

@@ -157,3 +157,17 @@ fn no_reachable_node_is_a_retryable_error() {
     let err = content.reader(sha, 0).err().expect("unavailable");
     assert!(err.is_retryable(), "{err}");
 }
+
+#[test]
+fn a_rebalance_request_file_reaches_the_store_that_holds_the_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = Arc::new(Nodes::new(vec![link("a", &dir.path().join("a"))], 1));
+    let cache = dir.path().join("cache");
+    let content = Content::open(&cache, 100 << 20, nodes).expect("open");
+    let x = upload(&content, "x", b"cold");
+    content.rebalance();
+    // Not read since that rebalance: the one asked for through the file moves it out.
+    let report = background::request_rebalance(&cache, Duration::from_secs(30)).expect("answered");
+    assert_eq!(report.moved_out, 1, "{report:?}");
+    assert!(!content.is_cached(x) && content.has(x));
+}
