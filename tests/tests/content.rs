@@ -65,7 +65,7 @@ fn eviction_over_quota_keeps_copies_on_both_nodes_reads_back_and_forget_removes_
     assert_eq!(placed, ["n1", "n2"]);
     // Read back through ssh, hash checked; it is cached again.
     assert_eq!(read_hash(&content, shas[0]), shas[0]);
-    assert!(content.is_cached(shas[0]));
+    wait_for("cached again", Duration::from_secs(30), || content.is_cached(shas[0]));
     // Forget removes it from the cache and both nodes.
     {
         let _guard = content.lock(shas[0]);

@@ -100,9 +100,8 @@ pub fn run(fetch: &Fetch, sha: Sha256, nodes: &[NodeLink], mut file: File) -> (O
                     let reason = format!("the copy fetched hashes to {actual}");
                     return (Outcome::Failed { reason, retryable: false }, missing);
                 }
-                if let Err(e) = file.sync_all() {
-                    return (Outcome::Failed { reason: format!("cache disk: {e}"), retryable: true }, missing);
-                }
+                // Not synced here: readers need not wait for the disk; keeping the file in the
+                // cache syncs it before it is renamed in.
                 return (Outcome::Done, missing);
             }
             Err(NodeError::NotFound { .. }) => {

@@ -497,9 +497,13 @@ impl Inner {
             let _ = lock(&self.index).remove_placement(sha, &node);
             lock(&self.confirmed).remove(&(sha, node));
         }
+        // Readers finish now: every byte is in the temp file and the hash matched. Syncing and
+        // renaming it into the cache (a second or so for 100 MB) is not their wait.
+        let done = matches!(outcome, Outcome::Done);
+        fetch.finish(outcome);
         let _guard = self.lock(sha);
         lock(&self.fetches).remove(&sha);
-        if matches!(outcome, Outcome::Done) {
+        if done {
             let live = lock(&self.index).object(sha).ok().flatten().is_some_and(|o| !o.forgotten);
             // Kept in the cache: the content keeps its placements, so when the LRU evicts it
             // again that costs an unlink, not a transfer.
@@ -510,7 +514,6 @@ impl Inner {
         } else {
             let _ = fs::remove_file(&path);
         }
-        fetch.finish(outcome);
     }
 
     fn forget(&self, sha: Sha256) -> io::Result<()> {

@@ -88,7 +88,12 @@ fn over_quota_content_moves_to_nodes_and_reads_back_into_the_cache() {
     assert!(content.has(a));
     // Read back through a node; afterwards it is cached again (and b goes out).
     assert_eq!(read_all(&content, a), first);
-    assert!(content.is_cached(a));
+    // Readers are done before the fetched file is synced and moved in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !content.is_cached(a) {
+        assert!(std::time::Instant::now() < deadline, "not cached again");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut tail = Vec::new();
     content.reader(a, 10).expect("range").read_to_end(&mut tail).expect("read");
     assert_eq!(tail, first[10..]);
@@ -139,8 +144,9 @@ fn a_restart_rebuilds_the_order_and_rechecks_placements() {
 
     let content = Content::open(&cache, 100 << 20, nodes).expect("reopen");
     assert!(content.is_cached(y) && !content.is_cached(x));
-    let report = content.rebalance();
-    assert_eq!((report.dropped, report.adopted), (1, 1), "{report:?}");
+    // The background thread reconciles at start too; whichever runs first, afterwards the lost
+    // copy's record is gone and the stray object is recorded.
+    content.rebalance();
     assert!(!content.has(x));
     assert!(content.has(stray));
     assert_eq!(read_all(&content, stray), stray_data);
