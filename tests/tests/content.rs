@@ -235,3 +235,57 @@ fn a_100_mib_file_reads_back_from_a_node_through_ssh() {
         peak.saturating_sub(before) / 1024
     );
 }
+
+#[test]
+fn admin_rebalance_reaches_the_running_daemon_and_admin_nodes_counts_the_files() {
+    let Some(sshd) = Sshd::start_or_skip() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let root = dir.path().join("n1");
+    // Two files already in the daemon's cache, well under its quota.
+    let shas: Vec<Sha256> = {
+        let content = Content::open(&data.join("cache"), 100 * MIB, Arc::new(Nodes::new(vec![], 1))).expect("open");
+        (0..2).map(|i| upload(&content, &format!("f{i}"), MIB, 20 + i)).collect()
+    };
+    let node = sshd.node("n1", &root);
+    let config_path = dir.path().join("chimed.toml");
+    let config = format!(
+        "data_dir = {:?}\n[files]\ncache_quota = {}\n\n[[node]]\nname = \"n1\"\nssh = {:?}\nssh_options = {:?}\n\
+         root = {:?}\nagent = {:?}\n",
+        data.display().to_string(),
+        100 * MIB,
+        node.ssh,
+        node.ssh_options,
+        node.root,
+        node.agent,
+    );
+    std::fs::write(&config_path, config).expect("config");
+    let daemon = chime_tests::daemon::Daemon::start(
+        chime_tests::daemon::DaemonOptions { data_dir: Some(data.clone()), ..Default::default() }
+            .with_args(["--config".to_string(), config_path.display().to_string()]),
+    );
+    let admin = |args: &[&str]| {
+        let out = Command::new(chime_tests::daemon::binary("chimed"))
+            .arg("admin")
+            .args(args)
+            .args(["--json", "--config"])
+            .arg(&config_path)
+            .output()
+            .expect("run chimed admin");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).expect("one JSON object")
+    };
+    // The first rebalance marks the time; the second moves out what was not read since.
+    let first = admin(&["rebalance"]);
+    assert_eq!(first["moved_out"], 0, "{first}");
+    let second = admin(&["rebalance"]);
+    assert_eq!(second["moved_out"], 2, "{second}");
+    for sha in &shas {
+        assert!(object_path(&root, sha).is_file());
+    }
+    // It was the daemon that did it (it holds the cache), not the admin command.
+    assert!(daemon.log().contains("content: rebalance done"), "{}", daemon.log());
+    let nodes = admin(&["nodes"]);
+    assert_eq!((nodes["node"].as_str(), nodes["files"].as_u64()), (Some("n1"), Some(2)), "{nodes}");
+}
