@@ -67,6 +67,7 @@ pub(super) fn run(inner: &Inner) {
     let mut next_rebalance = Instant::now() + lock(&inner.signal).rebalance_every;
     let mut reconciled = inner.nodes.is_empty();
     let mut evict_after = Instant::now();
+    let mut reconcile_after = Instant::now();
     loop {
         {
             let signal = lock(&inner.signal);
@@ -83,10 +84,13 @@ pub(super) fn run(inner: &Inner) {
             next_rebalance = next_rebalance.min(Instant::now() + signal.rebalance_every);
         }
         flush_touches(inner);
-        if !reconciled {
+        // Until every node has been compared with its records once; a down node is retried
+        // each minute, not each second (the others are listed whole every time).
+        if !reconciled && Instant::now() >= reconcile_after {
             let mut report = RebalanceReport::default();
             reconcile(inner, &mut report);
             reconciled = report.unreachable.is_empty();
+            reconcile_after = Instant::now() + Duration::from_secs(60);
         }
         let requested = take_request(&inner.dir);
         if requested.is_some() || Instant::now() >= next_rebalance {
@@ -133,7 +137,7 @@ pub(super) fn evict(inner: &Inner) -> usize {
     inner.nodes.refresh();
     let mut evicted = 0;
     let mut skipped: HashSet<Sha256> = HashSet::new();
-    while lock(&inner.lru).bytes() > target {
+    while lock(&inner.lru).bytes() > target && !inner.stopping() {
         let next = lock(&inner.lru).oldest(skipped.len() + 1).into_iter().find(|(sha, _, _)| !skipped.contains(sha));
         let Some((sha, size, tick)) = next else { break };
         match move_out(inner, sha, size, tick) {

@@ -93,7 +93,13 @@ enum CrashPoint {
 pub struct Content {
     inner: Arc<Inner>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the background thread ends.
+    ended: crossbeam_channel::Receiver<()>,
 }
+
+/// How long dropping the store waits for its background thread (which may be in the middle of a
+/// put to a node) before leaving it to end on its own: shutdown has a 10 s budget.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// What the store's callers and its background thread share.
 pub(crate) struct Inner {
@@ -153,11 +159,15 @@ impl Content {
     /// `WouldBlock` when another process has the directory open.
     pub fn open(dir: &Path, quota: u64, nodes: Arc<Nodes>) -> io::Result<Content> {
         let inner = Arc::new(Inner::open(dir, quota, nodes)?);
+        let (alive, ended) = crossbeam_channel::bounded::<()>(0);
         let thread = {
             let inner = inner.clone();
-            std::thread::Builder::new().name("content".into()).spawn(move || background::run(&inner))?
+            std::thread::Builder::new().name("content".into()).spawn(move || {
+                let _alive = alive;
+                background::run(&inner)
+            })?
         };
-        Ok(Content { inner, thread: Some(thread) })
+        Ok(Content { inner, thread: Some(thread), ended })
     }
 
     /// The cache directory.
@@ -259,8 +269,14 @@ impl Drop for Content {
     fn drop(&mut self) {
         lock(&self.inner.signal).stop = true;
         self.inner.wake.notify_all();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        // A put in flight is bounded by the link's deadlines but may outlast a shutdown's
+        // budget; nothing is lost by leaving it (a put without its record is adopted later).
+        if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) = self.ended.recv_timeout(STOP_WAIT) {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        } else {
+            log::warn!("content: the background thread is still busy with a node; not waiting for it");
         }
     }
 }
@@ -385,6 +401,10 @@ impl Inner {
         }
     }
 
+    fn stopping(&self) -> bool {
+        lock(&self.signal).stop
+    }
+
     fn kick(&self) {
         lock(&self.signal).kick = true;
         self.wake.notify_all();
@@ -457,6 +477,10 @@ impl Inner {
         let mut fetches = lock(&self.fetches);
         if let Some((fetch, path)) = fetches.get(&sha) {
             return Ok((fetch.clone(), File::open(path)?));
+        }
+        // Forgotten content whose node copies a down node kept is not content any more.
+        if lock(&self.index).object(sha)?.is_none_or(|o| o.forgotten) {
+            return Err(ContentError::NotFound(sha));
         }
         let links = self.holders(sha)?;
         if links.is_empty() {

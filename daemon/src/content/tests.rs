@@ -177,3 +177,25 @@ fn a_rebalance_request_file_reaches_the_store_that_holds_the_cache() {
     assert_eq!(report.moved_out, 1, "{report:?}");
     assert!(!content.is_cached(x) && content.has(x));
 }
+
+#[test]
+fn raising_copies_replicates_content_that_is_only_on_one_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("cache");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let x;
+    {
+        let nodes = Arc::new(Nodes::new(vec![link("a", &a), link("b", &b)], 1));
+        let content = Content::open(&cache, 1 << 20, nodes).expect("open");
+        x = upload(&content, "x", &data(2 << 20, 3));
+        content.evict_now();
+        assert_eq!(content.placements(x).expect("placements").len(), 1);
+        assert!(!content.is_cached(x));
+    }
+    let nodes = Arc::new(Nodes::new(vec![link("a", &a), link("b", &b)], 2));
+    let content = Content::open(&cache, 1 << 20, nodes).expect("reopen");
+    let report = content.rebalance();
+    assert_eq!(report.replicated, 1, "{report:?}");
+    assert_eq!(content.placements(x).expect("placements").len(), 2);
+    assert!(!content.is_cached(x), "replicated through a temp copy, not into the cache");
+}
