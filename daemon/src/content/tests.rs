@@ -199,3 +199,16 @@ fn raising_copies_replicates_content_that_is_only_on_one_node() {
     assert_eq!(content.placements(x).expect("placements").len(), 2);
     assert!(!content.is_cached(x), "replicated through a temp copy, not into the cache");
 }
+
+#[test]
+fn with_every_node_down_content_stays_in_the_cache_over_quota() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let connector = || -> io::Result<Transport> { Err(io::Error::other("no ssh here")) };
+    let down = NodeLink::with_connector("down", 0, LinkOptions::default(), Box::new(connector));
+    let content = Content::open(&dir.path().join("cache"), 1 << 20, Arc::new(Nodes::new(vec![down], 1))).expect("open");
+    let bytes = data(2 << 20, 9);
+    let x = upload(&content, "x", &bytes);
+    assert_eq!(content.evict_now(), 0);
+    assert!(content.is_cached(x) && content.placements(x).expect("placements").is_empty());
+    assert_eq!(read_all(&content, x), bytes);
+}
