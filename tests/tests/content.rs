@@ -103,10 +103,28 @@ fn a_node_killed_mid_read_fails_over_to_the_other_copy_and_no_node_is_a_retryabl
     assert_eq!(Sha256::digest(&hasher_input), a);
     drop(hasher_input);
 
-    // Every node gone: a clear, retryable error.
+    // Every node gone: a clear, retryable error. The store is reopened on fresh links after the
+    // stop: a session its background thread was opening while sshd died could otherwise
+    // outlive the stop (the harness kills sshd's children, then the listener).
+    drop(reader);
+    drop(content);
     sshd.stop();
+    wait_for("the agents gone", Duration::from_secs(10), || {
+        ["n1", "n2"].iter().all(|n| sshd::agent_pids(&dir.path().join(n)).is_empty())
+    });
+    let nodes = Arc::new(Nodes::new(links(&sshd, dir.path(), &[("n1", 1), ("n2", 0)]), 2));
+    // A fetch thread finishing (syncing the re-cached file) may still hold the old store's lock.
+    let mut reopened = None;
+    wait_for("the cache free to reopen", Duration::from_secs(20), || {
+        reopened = Content::open(&dir.path().join("cache"), 16 * MIB, nodes.clone()).ok();
+        reopened.is_some()
+    });
+    let content = reopened.expect("reopened");
     let started = Instant::now();
-    let err = content.reader(b, 0).err().expect("no node can serve");
+    let err = match content.reader(b, 0) {
+        Ok(_) => panic!("a node served {b} after every node was stopped"),
+        Err(e) => e,
+    };
     assert!(err.is_retryable(), "{err}");
     assert!(matches!(err, ContentError::Unavailable(..)), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());

@@ -89,7 +89,8 @@ enum CrashPoint {
     AfterRecord,
 }
 
-/// The content store of one daemon. Dropping it stops its background thread.
+/// The content store of one daemon. Dropping it stops its background thread; a fetch from a node
+/// still in flight keeps the directory locked until it ends.
 pub struct Content {
     inner: Arc<Inner>,
     thread: Option<JoinHandle<()>>,
