@@ -64,6 +64,26 @@ pub enum AdminCommand {
     Nodes(AdminNodesArgs),
     /// Re-hash every object on a storage node and print the bad ones (exit 1 if any).
     Verify(AdminVerifyArgs),
+    /// Rebalance the file cache and the nodes now: through the running daemon when one has the
+    /// cache open, else in this process (exit 1 if anything failed).
+    Rebalance(AdminRebalanceArgs),
+}
+
+/// Flags of `chimed admin rebalance`.
+#[derive(Debug, Clone, Args)]
+pub struct AdminRebalanceArgs {
+    /// The daemon's TOML config file ([files] and [[node]] tables, data_dir).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The daemon's data directory, if not the config file's [default: ./chime-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the rebalance to finish (and for each node when run here).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub timeout: u64,
 }
 
 /// Flags of `chimed admin nodes`.
@@ -372,7 +392,11 @@ mod tests {
         };
         assert_eq!(args.node, "n1");
         assert!(!args.json);
-        for bad in [&["node"][..], &["admin"], &["admin", "verify"], &["admin", "rebalance"]] {
+        let Command::Admin(AdminCommand::Rebalance(args)) = parse(&["admin", "rebalance", "--data-dir", "/d"]) else {
+            panic!("expected admin rebalance");
+        };
+        assert_eq!((args.data_dir, args.timeout), (Some(PathBuf::from("/d")), 600));
+        for bad in [&["node"][..], &["admin"], &["admin", "verify"], &["admin", "rebalance", "n1"]] {
             let argv = std::iter::once("chimed").chain(bad.iter().copied());
             assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
         }

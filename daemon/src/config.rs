@@ -155,11 +155,20 @@ pub struct FilesConfig {
     pub cache_quota: u64,
     /// On how many nodes a file is kept once it leaves the cache.
     pub copies: u32,
+    /// Seconds between two background rebalances (cold content out, copies restored, nodes
+    /// short of space drained); `chimed admin rebalance` runs one at once.
+    pub rebalance_interval_secs: u64,
 }
 
 impl Default for FilesConfig {
     fn default() -> Self {
-        FilesConfig { max_size: 100 << 20, cache_dir: None, cache_quota: 10 << 30, copies: 1 }
+        FilesConfig {
+            max_size: 100 << 20,
+            cache_dir: None,
+            cache_quota: 10 << 30,
+            copies: 1,
+            rebalance_interval_secs: 3600,
+        }
     }
 }
 
@@ -369,6 +378,9 @@ impl Config {
         }
         if files.cache_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
             return invalid("files.cache_dir", "must not be empty".into());
+        }
+        if files.rebalance_interval_secs == 0 {
+            return invalid("files.rebalance_interval_secs", "must be at least 1".into());
         }
         if files.copies == 0 {
             return invalid("files.copies", "must be at least 1".into());
@@ -698,7 +710,16 @@ priority = 5
     fn files_and_nodes_parse_with_defaults() {
         let config = Config::parse(NODES).expect("valid toml");
         assert_eq!(config.validate().ok(), Some(()));
-        assert_eq!(config.files, FilesConfig { max_size: 1000, cache_dir: None, cache_quota: 5000, copies: 2 });
+        assert_eq!(
+            config.files,
+            FilesConfig {
+                max_size: 1000,
+                cache_dir: None,
+                cache_quota: 5000,
+                copies: 2,
+                rebalance_interval_secs: 3600
+            }
+        );
         assert_eq!(config.node.len(), 2);
         assert_eq!(config.node[0].ssh_options, ["-i", "/etc/chime/node_key"]);
         assert_eq!(config.node[0].agent, "/opt/chime/bin/chimed");

@@ -7,8 +7,11 @@
 //! is unreachable or has bad objects.
 
 use anyhow::Context;
-use chimed::cli::{self, AdminCommand, AdminNodesArgs, AdminVerifyArgs, Cli, Command, MigrateArgs, ServeArgs};
+use chimed::cli::{
+    self, AdminCommand, AdminNodesArgs, AdminRebalanceArgs, AdminVerifyArgs, Cli, Command, MigrateArgs, ServeArgs,
+};
 use chimed::config::{redact_database_url, Config};
+use chimed::content::{self, Content};
 use chimed::node::{admin, LinkOptions, Nodes};
 use clap::Parser;
 use std::process::ExitCode;
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Command::Node(args) => chimed::node::agent::run(&args.root).map(|()| ExitCode::SUCCESS).map_err(Into::into),
         Command::Admin(AdminCommand::Nodes(args)) => admin_nodes(&args),
         Command::Admin(AdminCommand::Verify(args)) => admin_verify(&args),
+        Command::Admin(AdminCommand::Rebalance(args)) => admin_rebalance(&args),
     };
     match result {
         Ok(code) => code,
@@ -95,7 +99,12 @@ fn admin_nodes(args: &AdminNodesArgs) -> anyhow::Result<ExitCode> {
     }
     let nodes = Nodes::from_config(&config, &link_options(args.timeout));
     let destinations: Vec<String> = config.node.iter().map(|node| node.ssh.clone()).collect();
-    let all_up = admin::print_nodes(&nodes, &destinations, args.json, &mut std::io::stdout().lock())?;
+    // Files per node from the placements the daemon recorded (read-only; none without a cache).
+    let placed = content::index::counts_at(&config.cache_dir().join("index.sqlite")).unwrap_or_else(|e| {
+        log::warn!("cannot read the placements: {e}");
+        Vec::new()
+    });
+    let all_up = admin::print_nodes(&nodes, &destinations, &placed, args.json, &mut std::io::stdout().lock())?;
     Ok(if all_up { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -108,4 +117,40 @@ fn admin_verify(args: &AdminVerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let bad = admin::print_verify(link, args.json, &mut std::io::stdout().lock())?;
     Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn admin_rebalance(args: &AdminRebalanceArgs) -> anyhow::Result<ExitCode> {
+    let mut config = cli::admin_config(args.config.as_deref())?;
+    if let Some(dir) = &args.data_dir {
+        config.data_dir.clone_from(dir);
+    }
+    let dir = config.cache_dir();
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let nodes = std::sync::Arc::new(Nodes::from_config(&config, &link_options(args.timeout.min(60))));
+    let report = match Content::open(&dir, config.files.cache_quota, nodes) {
+        // No daemon has the cache: rebalance here, holding its lock.
+        Ok(store) => store.rebalance(),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            content::background::request_rebalance(&dir, timeout)
+                .with_context(|| format!("asking the daemon that holds {} to rebalance", dir.display()))?
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot open the cache {}", dir.display()))),
+    };
+    let ok = report.errors.is_empty() && report.unreachable.is_empty();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "rebalanced: {} moved out, {} evicted over quota, {} copies added, {} moved between nodes, {} pulled back, {} placements confirmed, {} dropped, {} adopted, {} forgotten copies deleted",
+            report.moved_out, report.evicted, report.replicated, report.moved_between_nodes, report.pulled_back,
+            report.confirmed, report.dropped, report.adopted, report.deleted
+        );
+        for node in &report.unreachable {
+            println!("unreachable: {node}");
+        }
+        for error in &report.errors {
+            println!("error: {error}");
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -18,8 +18,10 @@
 //! `Core::completion`: `POSTED` to the author and the deltas to every subscriber -> `flush`.
 
 use crate::config::{redact_database_url, Config};
+use crate::content::Content;
 use crate::core::{Bye, Core, Flow, Io, Now};
 use crate::limits::{FAIR_SHARE, READ_PAUSE_DIVISOR, SHUTDOWN_GRACE, TRIM_AFTER};
+use crate::node::{LinkOptions, Nodes};
 use crate::ratelimit::TokenBucket;
 use crate::tls::{fingerprint_hex, TlsSetup};
 use crate::transport::{Class, ReadOutcome, Transport};
@@ -89,6 +91,9 @@ pub struct Server {
     now_secs: u32,
     last_tick: u32,
     shutdown_deadline: Option<Instant>,
+    /// The content store (file bytes: cache and nodes). Its own thread moves content to nodes;
+    /// the file threads of the transfer path take a clone of this Arc.
+    content: Arc<Content>,
 }
 
 fn listener(addr: &str) -> anyhow::Result<TcpListener> {
@@ -101,19 +106,30 @@ fn listener(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// Opens the content store of `config` (`[files]`, `[[node]]`): the cache directory (default
+/// `DATA_DIR/cache`), its quota, the nodes (nothing is connected until content moves).
+pub fn open_content(config: &Config) -> anyhow::Result<Arc<Content>> {
+    let dir = config.cache_dir();
+    let nodes = Arc::new(Nodes::from_config(config, &LinkOptions::default()));
+    let content = Content::open(&dir, config.files.cache_quota, nodes)
+        .with_context(|| format!("cannot open the file cache {}", dir.display()))?;
+    content.set_rebalance_interval(Duration::from_secs(config.files.rebalance_interval_secs));
+    Ok(Arc::new(content))
+}
+
 impl Server {
+    /// The content store, for the threads that move file bytes.
+    pub fn content(&self) -> &Arc<Content> {
+        &self.content
+    }
+
     /// Binds the listeners and starts the worker pool.
     pub fn bind(config: Config, database_url: &str, tls: Option<TlsSetup>) -> anyhow::Result<Server> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, completions) = crossbeam_channel::bounded(16_384);
-        // File bytes: the cache directory (and, once they are configured, storage nodes).
-        let nodes = Arc::new(crate::node::Nodes::from_config(&config, &crate::node::LinkOptions::default()));
-        let cache_dir = config.cache_dir();
-        let content = Arc::new(
-            crate::content::Content::open(&cache_dir, config.files.cache_quota, nodes)
-                .with_context(|| format!("cannot open the file cache {}", cache_dir.display()))?,
-        );
+        // File bytes: the cache directory, and the storage nodes content moves to.
+        let content = open_content(&config)?;
         let pool_config = PoolConfig {
             workers: config.workers,
             auth_workers: config.auth_workers,
@@ -132,7 +148,7 @@ impl Server {
                     }
                     None => None,
                 },
-                content: Some(crate::work::ContentRef(content)),
+                content: Some(crate::work::ContentRef(content.clone())),
             },
             secret_keys: Some(config.data_dir.join("secret-keys")),
         };
@@ -170,6 +186,7 @@ impl Server {
         );
         let now = Instant::now();
         Ok(Server {
+            content,
             decoder: FrameDecoder::new(config.max_frame),
             accept_bucket: TokenBucket::new(config.accept_rate, config.accept_rate, now),
             core: Core::new(config.clone(), now),

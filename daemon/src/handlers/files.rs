@@ -522,6 +522,15 @@ impl FileJob for ReadJob {
         while at < end {
             let want = (end - at).min(u64::from(CHUNK_SIZE)) as usize;
             if let Err(e) = reader.read_exact(&mut buf[..want]) {
+                // A copy fetched from a node can fail half-way when every node holding it has
+                // gone: that is a retry later (the download resumes from its offset), not a fault.
+                let unreachable = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<crate::content::ContentError>())
+                    .is_some_and(crate::content::ContentError::is_retryable);
+                if unreachable {
+                    return fail(ErrorBody::new(ErrorCode::UNAVAILABLE, e.to_string()));
+                }
                 return fail(io_error("reading a download", &e));
             }
             let chunk = FileChunk { download: self.to.request_id, offset: at, data: buf[..want].to_vec() };

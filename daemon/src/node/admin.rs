@@ -22,6 +22,8 @@ pub struct NodeStatus {
     pub result: Result<(Welcome, Space), NodeError>,
     /// How long connecting and asking took.
     pub elapsed: Duration,
+    /// Files the daemon recorded on this node and their bytes (from its placements), if known.
+    pub placed: Option<(u64, u64)>,
 }
 
 impl NodeStatus {
@@ -29,11 +31,20 @@ impl NodeStatus {
     pub fn query(link: &NodeLink, ssh: &str) -> NodeStatus {
         let started = Instant::now();
         let result = link.connect().and_then(|welcome| Ok((welcome, link.space()?)));
-        NodeStatus { name: link.name().into(), ssh: ssh.into(), result, elapsed: started.elapsed() }
+        NodeStatus { name: link.name().into(), ssh: ssh.into(), result, elapsed: started.elapsed(), placed: None }
     }
 
     /// The `--json` line.
     pub fn to_json(&self) -> serde_json::Value {
+        let mut value = self.to_json_without_files();
+        if let (Some((files, bytes)), Some(map)) = (self.placed, value.as_object_mut()) {
+            map.insert("files".into(), json!(files));
+            map.insert("file_bytes".into(), json!(bytes));
+        }
+        value
+    }
+
+    fn to_json_without_files(&self) -> serde_json::Value {
         match &self.result {
             Ok((welcome, space)) => json!({
                 "node": self.name,
@@ -60,12 +71,13 @@ impl NodeStatus {
     pub fn to_line(&self) -> String {
         match &self.result {
             Ok((welcome, space)) => format!(
-                "{}  up    {} used, {} free of {}, {} objects  ({}:{}, chimed {}, {} ms)",
+                "{}  up    {} used, {} free of {}, {} objects{}  ({}:{}, chimed {}, {} ms)",
                 self.name,
                 human_bytes(space.used),
                 human_bytes(space.free),
                 human_bytes(space.total),
                 space.objects,
+                self.placed.map_or(String::new(), |(files, bytes)| format!(", {files} files ({})", human_bytes(bytes))),
                 welcome.host,
                 welcome.root,
                 welcome.agent_version,
@@ -94,15 +106,28 @@ pub fn status_all(nodes: &Nodes, destinations: &[String]) -> Vec<NodeStatus> {
                     ssh: String::new(),
                     result: Err(NodeError::Protocol { node: link.name().into(), message: "the query panicked".into() }),
                     elapsed: Duration::ZERO,
+                    placed: None,
                 })
             })
             .collect()
     })
 }
 
-/// `chimed admin nodes`: prints every node's status; `Ok(false)` when any is unreachable.
-pub fn print_nodes(nodes: &Nodes, destinations: &[String], json: bool, out: &mut dyn Write) -> io::Result<bool> {
-    let statuses = status_all(nodes, destinations);
+/// `chimed admin nodes`: prints every node's status, with the files the daemon placed there
+/// (`placed`: node, files, bytes; empty when the cache has no index); `Ok(false)` when any is unreachable.
+pub fn print_nodes(
+    nodes: &Nodes,
+    destinations: &[String],
+    placed: &[(String, u64, u64)],
+    json: bool,
+    out: &mut dyn Write,
+) -> io::Result<bool> {
+    let mut statuses = status_all(nodes, destinations);
+    for status in statuses.iter_mut().filter(|_| !placed.is_empty()) {
+        let counted = placed.iter().find(|(node, _, _)| *node == status.name).map(|&(_, files, bytes)| (files, bytes));
+        // A node with no record has no files, as far as the daemon knows.
+        status.placed = Some(counted.unwrap_or((0, 0)));
+    }
     for status in &statuses {
         if json {
             writeln!(out, "{}", status.to_json())?;
@@ -192,6 +217,7 @@ mod tests {
             ssh: "h".into(),
             result: Err(NodeError::Unreachable { node: "n2".into(), reason: "Connection refused".into() }),
             elapsed: Duration::from_millis(12),
+            placed: None,
         };
         let json = status.to_json();
         assert_eq!(json["reachable"], false);
