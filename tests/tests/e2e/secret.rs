@@ -10,7 +10,7 @@ use rand::Rng;
 use serde_json::Value;
 use std::path::Path;
 
-on_both_stores!(deleted_secret_text_is_gone_from_disk);
+on_both_stores!(deleted_secret_text_is_gone_from_disk, secret_rooms_take_no_files_and_no_forwards);
 
 fn cli(d: &Daemon, home: &Path, args: &[&str]) -> Vec<Value> {
     let mut cmd = d.cli(home);
@@ -112,4 +112,27 @@ fn deleted_secret_text_is_gone_from_disk(backend: Backend) {
     eprintln!("{}: on disk after delete: secret room {g1} + {g2}, normal room {k1} + {k2}", backend.name());
     assert!(k1 > 0 && k2 > 0, "the normal room's text is on disk, so the search works ({k1}, {k2})");
     assert_eq!((g1, g2), (0, 0), "the secret room's deleted text is on disk");
+}
+
+/// A secret room's delete could not destroy a file's bytes (they live in the shared content
+/// store) nor a forwarded copy of its text, so both are refused there, before any byte moves.
+fn secret_rooms_take_no_files_and_no_forwards(backend: Backend) {
+    let Some(database) = backend.fresh_database("secret_files") else { return };
+    let d = Daemon::start(DaemonOptions { database, ..DaemonOptions::default() });
+    let mut ann = d.register("ann");
+    let secret = ann.client.create_room_of("shh", chime_protocol::RoomKind::SECRET).expect("secret").room;
+    let open = ann.client.create_room("open").expect("open").room;
+    let upload = ann.client.upload_begin(secret, "a.txt", 5, "text/plain", [1; 32]);
+    assert_eq!(server_code("upload into a secret room", upload), chime_protocol::ErrorCode::FORBIDDEN);
+    let key = chime_client::new_idempotency_key();
+    let in_secret = ann.client.post(secret, &key, "between us").expect("post").seq;
+    let key = chime_client::new_idempotency_key();
+    let in_open = ann.client.post(open, &key, "for all").expect("post").seq;
+    let out = ann.client.forward(secret, in_secret, open);
+    assert_eq!(server_code("forward out of a secret room", out), chime_protocol::ErrorCode::FORBIDDEN);
+    let into = ann.client.forward(open, in_open, secret);
+    assert_eq!(server_code("forward into a secret room", into), chime_protocol::ErrorCode::FORBIDDEN);
+    // Between ordinary rooms, forward works.
+    let other = ann.client.create_room("other").expect("other").room;
+    ann.client.forward(open, in_open, other).expect("forward between open rooms");
 }
