@@ -145,6 +145,31 @@ fn main() -> Result<()> {
         online.len(),
         delivered.p99_us
     );
+    // The busy user logs in again with the owner's posts unread in `general`: the RESUME and
+    // the unread counts of every room it is in (UNREAD, paged), as a client shows them on start.
+    let mut login_unread = latency::histogram();
+    let mut unread_rooms = 0;
+    for _ in 0..args.logins {
+        let t = Instant::now();
+        let mut c = d.resume(&busy.token);
+        let mut after = RoomId(0);
+        unread_rooms = 0;
+        loop {
+            let page = c.unread(after, 0)?;
+            unread_rooms += page.rooms.len();
+            match page.next_after {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        latency::record(&mut login_unread, t.elapsed().as_micros() as u64);
+    }
+    anyhow::ensure!(unread_rooms >= 1, "the posts in general are not unread for the busy user");
+    let login_unread = Summary::of(&login_unread);
+    eprintln!(
+        "resume + unread counts of a user in {channels} servers ({unread_rooms} with unread): p50 {} us, p99 {} us",
+        login_unread.p50_us, login_unread.p99_us
+    );
     let rss_end = d.rss_kib();
     let details = owner.client.get_room(RoomId(general.get()))?;
     let out = json!({
@@ -157,6 +182,8 @@ fn main() -> Result<()> {
         "online_members": online.len(),
         "busy_user_servers": channels,
         "resume_busy_user_us": login,
+        "resume_with_unread_us": login_unread,
+        "rooms_with_unread": unread_rooms,
         "rss_mib": {"start": mib(rss_start), "after_seeding": mib(rss_seeded), "end": mib(rss_end)},
     });
     println!("{out}");
