@@ -36,9 +36,15 @@ pub(super) struct Download {
     reading: u64,
 }
 
-/// A connection's file transfer state.
+/// A connection's file transfer state, allocated when it first transfers a file: most
+/// connections never do, and an idle connection's memory is the daemon's budget (this is a word
+/// in every connection's link instead of the state's 56 bytes).
 #[derive(Debug, Default)]
-pub(super) struct Transfers {
+pub(super) struct Transfers(Option<Box<TransferState>>);
+
+/// What [`Transfers`] holds once a connection has transferred a file.
+#[derive(Debug, Default)]
+pub(super) struct TransferState {
     /// Uploads the connection began or resumed: it may send their chunks and finish them.
     pub(super) uploads: Vec<UploadRecord>,
     /// Downloads streaming.
@@ -47,7 +53,24 @@ pub(super) struct Transfers {
     pub(super) chunks: u32,
 }
 
-impl Transfers {
+/// The state of a connection that has transferred nothing.
+static NONE: TransferState = TransferState { uploads: Vec::new(), downloads: Vec::new(), chunks: 0 };
+
+impl std::ops::Deref for Transfers {
+    type Target = TransferState;
+
+    fn deref(&self) -> &TransferState {
+        self.0.as_deref().unwrap_or(&NONE)
+    }
+}
+
+impl std::ops::DerefMut for Transfers {
+    fn deref_mut(&mut self) -> &mut TransferState {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl TransferState {
     /// Whether the connection must wait for chunk writes before more frames are decoded.
     pub(super) fn window_full(&self) -> bool {
         self.chunks >= UPLOAD_WINDOW
