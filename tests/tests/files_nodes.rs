@@ -268,7 +268,7 @@ fn files_over_quota_go_to_both_nodes_and_download_back_through_ssh() {
 
 #[test]
 fn a_node_killed_mid_download_fails_over_and_no_node_left_is_unavailable_until_they_return() {
-    // n1 is preferred, so it serves the first read; both hold a copy.
+    // Both hold a copy; n1 is preferred.
     let Some(mut s) = Setup::new(100 * MIB, 96 * MIB, 2, &[("n1", 1), ("n2", 0)]) else { return };
     let d = Daemon::start(s.options());
     let u = user(&d, &s);
@@ -281,42 +281,60 @@ fn a_node_killed_mid_download_fails_over_and_no_node_left_is_unavailable_until_t
         assert!(object_path(&s.root(node), &sha).is_file(), "{node} holds a copy");
     }
 
-    // Killed mid-way: n1's agent dies once the daemon's fetch from it has some bytes.
+    // Killed mid-way: the node serving the daemon's fetch dies once the fetch has some bytes.
     let out = s.dir.path().join("big.out");
     let mut child = spawn_download(&d, &u, big, &out);
-    wait_fast("the fetch from n1 under way", Duration::from_secs(30), || {
-        fetch_progress(&s, &sha).is_some_and(|n| n > 0)
+    // (Or already done, on a machine quicker than the polling: then there is nothing to cut.)
+    wait_fast("the fetch under way", Duration::from_secs(30), || {
+        fetch_progress(&s, &sha).is_some_and(|n| n >= 4 * MIB) || s.is_cached(&sha)
     });
-    let agents = sshd::agent_pids(&s.root("n1"));
-    assert!(!agents.is_empty(), "n1's agent runs");
-    for pid in agents {
-        sshd::kill9(pid);
+    // Every agent frozen first, so that what was sent is known before one dies (a kill alone
+    // could land just after the last byte), and the one serving the read is found by the object
+    // it has open (priority prefers n1, but the choice is the daemon's).
+    let agents: Vec<(&str, Vec<u32>)> = ["n1", "n2"].into_iter().map(|n| (n, sshd::agent_pids(&s.root(n)))).collect();
+    for (_, pids) in &agents {
+        pids.iter().for_each(|&pid| signal(pid, libc::SIGSTOP));
     }
-    let at_kill = fetch_progress(&s, &sha).unwrap_or(size);
+    std::thread::sleep(Duration::from_millis(100));
+    let at_kill = if s.is_cached(&sha) { size } else { fetch_progress(&s, &sha).unwrap_or(size) };
+    let serving = agents.iter().find(|(n, pids)| pids.iter().any(|&pid| has_open(pid, &object_path(&s.root(n), &sha))));
+    let victim = serving.map_or("n1", |(n, _)| *n);
+    for (node, pids) in &agents {
+        let sig = if *node == victim { libc::SIGKILL } else { libc::SIGCONT };
+        pids.iter().for_each(|&pid| signal(pid, sig));
+    }
     let status = wait_child(&mut child, CLI_TIMEOUT).expect("the download ends");
     let stderr = fs::read_to_string(out.with_extension("stderr")).unwrap_or_default();
-    assert!(status.success(), "the download fails over to n2: {stderr}");
+    assert!(status.success(), "the download fails over to the other node: {stderr}");
     assert_eq!(hash_file(&out), sha);
     fs::remove_file(&out).expect("remove");
     if at_kill < size {
-        assert!(d.log().contains("fetch from node n1 failed, trying the next copy"), "failover logged");
+        assert!(serving.is_some(), "an agent was reading the object at {at_kill} of {size} bytes");
+        let failover = format!("fetch from node {victim} failed, trying the next copy");
+        assert!(d.log().contains(&failover), "failover logged: {failover}");
     } else {
-        eprintln!("note: the fetch had finished ({at_kill} bytes) before n1 was killed");
+        eprintln!("note: the fetch had finished ({at_kill} bytes) before a node could be killed");
     }
-    println!("n1 killed with {} of {} MiB fetched; the download completed from n2", at_kill / MIB, size / MIB);
+    println!("{victim} killed with {at_kill} of {size} bytes fetched; the download completed from the other node");
 
-    // Reading it re-cached it; the cache over quota sends it out again (an unlink: it has its
-    // placements).
+    // Another upload puts the cache over quota again and the big file, read before it, goes
+    // out again (an unlink: it has its placements). It may be out already: a read that began
+    // after an eviction fetches it anew, and then it fits.
+    upload(&d, &u, s.dir.path(), "push.bin", 8 * MIB, 9);
     wait_for("the big file evicted again", Duration::from_secs(90), || !s.is_cached(&sha));
 
     // Every node down mid-download: the agents are frozen as soon as the fetch has bytes (so the
     // client holds a part), then sshd and everything under it is killed.
     let out = s.dir.path().join("again.out");
     let mut child = spawn_download(&d, &u, big, &out);
-    wait_fast("the fetch under way", Duration::from_secs(30), || fetch_progress(&s, &sha).is_some_and(|n| n > 0));
+    // At least a few chunks: a download's read waits for whole 256 KiB chunks.
+    wait_fast("the fetch under way", Duration::from_secs(30), || {
+        fetch_progress(&s, &sha).is_some_and(|n| n >= 4 * MIB) || s.is_cached(&sha)
+    });
+    assert!(!s.is_cached(&sha), "the fetch finished before the nodes could be stopped");
     for node in ["n1", "n2"] {
         for pid in sshd::agent_pids(&s.root(node)) {
-            sigstop(pid);
+            signal(pid, libc::SIGSTOP);
         }
     }
     let part = PathBuf::from(format!("{}.part", out.display()));
@@ -329,7 +347,7 @@ fn a_node_killed_mid_download_fails_over_and_no_node_left_is_unavailable_until_t
     assert!(stderr.to_lowercase().contains("unavailable"), "the error says the file is unavailable for now: {stderr}");
     let held = fs::metadata(&part).map_or(0, |m| m.len());
     println!("every node down: chime download exited 1 with {held} bytes in the part: {}", stderr.trim());
-    assert!(held < size, "the part is partial");
+    assert!(held > 0 && held < size, "the part is partial: {held} bytes");
 
     // The nodes return: a retry continues from the part and completes. The daemon's link waits
     // out its backoff after the failures, so the retry is repeated a bounded number of times.
@@ -351,15 +369,21 @@ fn a_node_killed_mid_download_fails_over_and_no_node_left_is_unavailable_until_t
     println!("retried {tries} time(s) after the nodes came back; resumed from byte {held}");
 }
 
-/// Freezes a process this test started (through sshd): it keeps its pipes open and sends
-/// nothing, as a hung node would.
+/// Sends `sig` to an agent this test started (through sshd): SIGSTOP freezes it with its pipes
+/// open, as a hung node would be.
 #[allow(unsafe_code)]
-fn sigstop(pid: u32) {
+fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return };
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
-        libc::kill(pid, libc::SIGSTOP);
+        libc::kill(pid, sig);
     }
+}
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == path))
 }
 
 /// The daemon aborted by the crash hook at `point` while it evicts, restarted without the hook:
