@@ -64,6 +64,10 @@ pub struct DaemonOptions {
     pub extra_args: Vec<String>,
     /// Run on this data dir (to restart on an earlier run's data); `None`: a fresh temp dir.
     pub data_dir: Option<PathBuf>,
+    /// Extra environment variables of the daemon's process (test hooks such as
+    /// `CHIMED_TEST_CRASH`), set per daemon rather than in the test process, whose other
+    /// tests start daemons of their own in parallel.
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonOptions {
@@ -74,6 +78,12 @@ impl DaemonOptions {
         S: Into<String>,
     {
         self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Options with this environment variable set in the daemon's process.
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 }
@@ -206,6 +216,7 @@ impl Daemon {
             database,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             data_dir: None,
+            env: Vec::new(),
         }))
     }
 
@@ -229,6 +240,7 @@ impl Daemon {
             cmd.arg("--database").arg(db);
         }
         cmd.args(&self.opts.extra_args)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("CHIMED_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -321,6 +333,12 @@ impl Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Drops an environment variable given with [`DaemonOptions::with_env`], for the next
+    /// [`Daemon::restart`] (a crash hook that fired once, say).
+    pub fn remove_env(&mut self, key: &str) {
+        self.opts.env.retain(|(k, _)| k != key);
     }
 
     /// Starts the daemon again on the same data dir, ports and database (after `kill9`/`stop`).

@@ -265,6 +265,13 @@ impl Sshd {
         self.kill_all();
     }
 
+    /// Starts sshd again on the same port, keys and configs after [`Sshd::stop`]: the node is
+    /// back at the address the daemon knows (a node that was rebooted, say).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill_all();
+        self.spawn_and_wait()
+    }
+
     fn kill_all(&mut self) {
         if let Some(mut child) = self.child.take() {
             // Children first, so none is re-parented out of reach while the listener dies.
