@@ -307,3 +307,68 @@ fn admin_rebalance_reaches_the_running_daemon_and_admin_nodes_counts_the_files()
     let nodes = admin(&["nodes"]);
     assert_eq!((nodes["node"].as_str(), nodes["files"].as_u64()), (Some("n1"), Some(2)), "{nodes}");
 }
+
+/// Unmounts a tmpfs on drop, so a failed test leaves no mount behind.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A node whose disk runs short (someone else filled it) is drained by a rebalance: its biggest
+/// objects move to the other node, each verified there and recorded before the short node's copy
+/// is deleted, and everything still reads back. The short node is a 16 MiB tmpfs (needs root or
+/// CAP_SYS_ADMIN, as CI has; skipped otherwise).
+#[test]
+fn a_node_short_of_space_is_drained_to_the_other_by_a_rebalance() {
+    let Some(sshd) = Sshd::start_or_skip() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mount = dir.path().join("n1disk");
+    std::fs::create_dir_all(&mount).expect("mount point");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&mount).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot mount a tmpfs at {} (needs root)", mount.display());
+        return;
+    }
+    let _unmount = Mounted(mount.clone());
+    let (root1, root2) = (mount.join("root"), dir.path().join("n2"));
+    let mut n1 = sshd.node("n1", &root1);
+    n1.priority = 1;
+    let n2 = sshd.node("n2", &root2);
+    let nodes = Arc::new(Nodes::new(vec![NodeLink::new(&n1, options()), NodeLink::new(&n2, options())], 1));
+    let content = Content::open(&dir.path().join("cache"), 4 * MIB, nodes).expect("open");
+    let shas: Vec<Sha256> = (0..3).map(|i| upload(&content, &format!("s{i}"), 3 * MIB, 40 + i)).collect();
+    // Over quota: the oldest go to n1, the preferred node.
+    wait_for("eviction to n1", Duration::from_secs(60), || content.cached_bytes() <= 4 * MIB && objects(&root1) >= 2);
+    let on_n1 = objects(&root1);
+    assert_eq!(objects(&root2), 0, "n1 is preferred while it has room");
+
+    // Something else fills n1's disk to the last byte.
+    {
+        use std::io::Write;
+        let mut junk = std::fs::File::create(mount.join("junk")).expect("junk");
+        let block = vec![0u8; 256 << 10];
+        for _ in 0..256 {
+            if junk.write_all(&block).and_then(|()| junk.sync_data()).is_err() {
+                break;
+            }
+        }
+    }
+    let report = content.rebalance();
+    assert!(report.moved_between_nodes >= 1, "{report:?}");
+    assert_eq!(objects(&root1), on_n1 - report.moved_between_nodes as usize, "{report:?}");
+    assert_eq!(objects(&root2) as u64, report.moved_between_nodes, "{report:?}");
+    assert_eq!(util::temp_files(&root1) + util::temp_files(&root2), 0);
+    for sha in &shas {
+        let placed = content.placements(*sha).expect("placements");
+        assert!(placed.len() <= 1, "{sha}: one copy, recorded once: {placed:?}");
+        for node in placed {
+            let root = if node == "n1" { &root1 } else { &root2 };
+            assert!(object_path(root, sha).exists(), "{sha} recorded on {node} and there");
+        }
+        assert_eq!(read_hash(&content, *sha), *sha);
+    }
+    drop(content);
+}
