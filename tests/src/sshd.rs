@@ -362,13 +362,25 @@ fn descendants(pid: u32) -> Vec<u32> {
 }
 
 /// SIGKILLs a process this test started (directly or through sshd).
-#[allow(unsafe_code)]
 pub fn kill9(pid: u32) {
+    signal(pid, libc::SIGKILL);
+}
+
+/// Sends `sig` to a process this test started (directly or through sshd): SIGSTOP freezes an
+/// agent with its pipes open, as a hung node would be.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return };
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe {
-        libc::kill(pid, libc::SIGKILL);
+        libc::kill(pid, sig);
     }
+}
+
+/// Whether process `pid` has `path` open (how a test finds the agent serving a read).
+pub fn has_open(pid: u32, path: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
 }
 
 /// The SSH banner of the server at `addr`, if one answers within a second.

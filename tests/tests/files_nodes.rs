@@ -293,15 +293,16 @@ fn a_node_killed_mid_download_fails_over_and_no_node_left_is_unavailable_until_t
     // it has open (priority prefers n1, but the choice is the daemon's).
     let agents: Vec<(&str, Vec<u32>)> = ["n1", "n2"].into_iter().map(|n| (n, sshd::agent_pids(&s.root(n)))).collect();
     for (_, pids) in &agents {
-        pids.iter().for_each(|&pid| signal(pid, libc::SIGSTOP));
+        pids.iter().for_each(|&pid| sshd::signal(pid, libc::SIGSTOP));
     }
     std::thread::sleep(Duration::from_millis(100));
     let at_kill = if s.is_cached(&sha) { size } else { fetch_progress(&s, &sha).unwrap_or(size) };
-    let serving = agents.iter().find(|(n, pids)| pids.iter().any(|&pid| has_open(pid, &object_path(&s.root(n), &sha))));
+    let serving =
+        agents.iter().find(|(n, pids)| pids.iter().any(|&pid| sshd::has_open(pid, &object_path(&s.root(n), &sha))));
     let victim = serving.map_or("n1", |(n, _)| *n);
     for (node, pids) in &agents {
         let sig = if *node == victim { libc::SIGKILL } else { libc::SIGCONT };
-        pids.iter().for_each(|&pid| signal(pid, sig));
+        pids.iter().for_each(|&pid| sshd::signal(pid, sig));
     }
     let status = wait_child(&mut child, CLI_TIMEOUT).expect("the download ends");
     let stderr = fs::read_to_string(out.with_extension("stderr")).unwrap_or_default();
@@ -334,7 +335,7 @@ fn a_node_killed_mid_download_fails_over_and_no_node_left_is_unavailable_until_t
     assert!(!s.is_cached(&sha), "the fetch finished before the nodes could be stopped");
     for node in ["n1", "n2"] {
         for pid in sshd::agent_pids(&s.root(node)) {
-            signal(pid, libc::SIGSTOP);
+            sshd::signal(pid, libc::SIGSTOP);
         }
     }
     let part = PathBuf::from(format!("{}.part", out.display()));
@@ -367,23 +368,6 @@ fn a_node_killed_mid_download_fails_over_and_no_node_left_is_unavailable_until_t
     assert_eq!(hash_file(&out), sha, "the resumed download");
     assert!(!part.exists());
     println!("retried {tries} time(s) after the nodes came back; resumed from byte {held}");
-}
-
-/// Sends `sig` to an agent this test started (through sshd): SIGSTOP freezes it with its pipes
-/// open, as a hung node would be.
-#[allow(unsafe_code)]
-fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// Whether process `pid` has `path` open.
-fn has_open(pid: u32, path: &Path) -> bool {
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
-    fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == path))
 }
 
 /// The daemon aborted by the crash hook at `point` while it evicts, restarted without the hook:
