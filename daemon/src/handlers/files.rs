@@ -719,20 +719,27 @@ mod tests {
         store.act(&a).expect("delete");
     }
 
+    /// `bytes` uploaded, shared in the room and the message deleted: their content is stored
+    /// but unreferenced. Returns the store the steps ran on.
+    fn shared_then_deleted(s: &Setup, sha: Sha256, bytes: &[u8]) -> Box<dyn Store> {
+        let mut store = chime_storage::open(&s.url).expect("store");
+        let first = upload(&mut *store, s, sha.0, bytes.len() as u64);
+        stage(&s.content, first, bytes);
+        let (_, seq) = {
+            let _g = s.content.lock(sha);
+            record(&mut *store, s, first, sha.0, bytes.len() as u64)
+        };
+        delete(&mut *store, s, seq);
+        store
+    }
+
     #[test]
     fn a_collection_waits_for_an_upload_of_the_same_bytes_and_keeps_them() {
         let s = setup();
         let bytes = b"the same bytes".to_vec();
         let sha = Sha256::digest(&bytes);
-        let mut store = chime_storage::open(&s.url).expect("store");
-        let first = upload(&mut *store, &s, sha.0, bytes.len() as u64);
-        stage(&s.content, first, &bytes);
-        let (_, seq) = {
-            let _g = s.content.lock(sha);
-            record(&mut *store, &s, first, sha.0, bytes.len() as u64)
-        };
         // The last record goes: the content is unreferenced, not yet collected.
-        delete(&mut *store, &s, seq);
+        let mut store = shared_then_deleted(&s, sha, &bytes);
         assert!(s.content.has(sha));
         // A second upload of the same bytes is being recorded (it holds the lock) when a
         // collection starts on another thread: the collection must wait, then keep the bytes.
@@ -763,14 +770,7 @@ mod tests {
         let s = setup();
         let bytes = b"collected, then uploaded again".to_vec();
         let sha = Sha256::digest(&bytes);
-        let mut store = chime_storage::open(&s.url).expect("store");
-        let first = upload(&mut *store, &s, sha.0, bytes.len() as u64);
-        stage(&s.content, first, &bytes);
-        let (_, seq) = {
-            let _g = s.content.lock(sha);
-            record(&mut *store, &s, first, sha.0, bytes.len() as u64)
-        };
-        delete(&mut *store, &s, seq);
+        let mut store = shared_then_deleted(&s, sha, &bytes);
         collect(&mut *store, &s.settings);
         assert!(!s.content.has(sha), "unreferenced content is collected");
         let second = upload(&mut *store, &s, sha.0, bytes.len() as u64);
