@@ -2,49 +2,13 @@
 //! copies, forget, the scan at open, and reconciliation.
 
 use super::*;
-use crate::node::agent;
-use crate::node::link::{Peer, Transport};
+use crate::node::link::Transport;
 use crate::node::store::Store;
 use crate::node::{LinkOptions, NodeLink};
 use std::io::Write;
-use std::os::unix::net::UnixStream;
-
-struct Local(UnixStream);
-
-impl Peer for Local {
-    fn kill(&mut self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
-    }
-    fn try_exit(&mut self) -> Option<String> {
-        Some("the in-process agent's socket closed".into())
-    }
-    fn pid(&self) -> Option<u32> {
-        None
-    }
-}
 
 fn link(name: &str, root: &Path) -> NodeLink {
-    let root = root.to_path_buf();
-    let connector = move || {
-        let store = Store::open(&root)?;
-        let (ours, theirs) = UnixStream::pair()?;
-        let agent_input = theirs.try_clone()?;
-        std::thread::spawn(move || agent::serve(store, agent_input, theirs));
-        Ok(Transport {
-            input: Box::new(ours.try_clone()?),
-            output: Box::new(ours.try_clone()?),
-            stderr: None,
-            peer: Box::new(Local(ours)),
-        })
-    };
-    let options = LinkOptions {
-        connect_timeout: Duration::from_secs(5),
-        reply_timeout: Duration::from_secs(5),
-        backoff_min: Duration::from_millis(50),
-        backoff_max: Duration::from_millis(200),
-        ..LinkOptions::default()
-    };
-    NodeLink::with_connector(name, 0, options, Box::new(connector))
+    crate::node::link::testing::local_link(name, root, std::sync::Arc::default())
 }
 
 /// Stages `data` as upload `name` and admits it.

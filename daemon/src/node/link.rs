@@ -1238,15 +1238,17 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Links to in-process agents for tests (here and in the content store's): the link's logic
+/// without ssh.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::node::agent;
     use crate::node::store::Store;
     use std::os::unix::net::UnixStream;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// The agent in this process, on a socket pair: the link's logic without ssh.
+    /// The agent in this process, on a socket pair.
     struct Local(UnixStream);
 
     impl Peer for Local {
@@ -1261,7 +1263,8 @@ mod tests {
         }
     }
 
-    fn options() -> LinkOptions {
+    /// Short deadlines, so a test that loses a node fails over quickly.
+    pub(crate) fn options() -> LinkOptions {
         LinkOptions {
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(5),
@@ -1271,15 +1274,16 @@ mod tests {
         }
     }
 
-    /// A link whose sessions are in-process agents over `root`; counts the sessions opened.
-    fn local_link(root: &Path, opened: Arc<AtomicUsize>) -> NodeLink {
+    /// A link named `name` whose sessions are in-process agents over `root`; counts the sessions
+    /// opened in `opened`.
+    pub(crate) fn local_link(name: &str, root: &Path, opened: Arc<AtomicUsize>) -> NodeLink {
         let root = root.to_path_buf();
         let connector = move || {
             opened.fetch_add(1, Ordering::SeqCst);
             let store = Store::open(&root)?;
             let (ours, theirs) = UnixStream::pair()?;
             let agent_input = theirs.try_clone()?;
-            thread::spawn(move || agent::serve(store, agent_input, theirs));
+            std::thread::spawn(move || agent::serve(store, agent_input, theirs));
             Ok(Transport {
                 input: Box::new(ours.try_clone()?),
                 output: Box::new(ours.try_clone()?),
@@ -1287,7 +1291,19 @@ mod tests {
                 peer: Box::new(Local(ours)),
             })
         };
-        NodeLink::with_connector("local", 0, options(), Box::new(connector))
+        NodeLink::with_connector(name, 0, options(), Box::new(connector))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    use testing::{local_link as named_link, options};
+
+    fn local_link(root: &Path, opened: Arc<AtomicUsize>) -> NodeLink {
+        named_link("local", root, opened)
     }
 
     fn file_with(dir: &Path, name: &str, data: &[u8]) -> (PathBuf, Sha256) {
