@@ -882,6 +882,36 @@ impl PgStore {
         }))
     }
 
+    /// Appends `delta` to its room's log, at the seq after the head the caller read under the
+    /// room's row lock: bumps the head, inserts the row (with its idempotency key and target) and
+    /// its partition bookkeeping. What SQLite's `append_delta` is to that store.
+    fn append_action(
+        st: &Statements,
+        tx: &mut Transaction<'_>,
+        delta: &DeltaRecord,
+        key: Option<&str>,
+        part_size: i64,
+    ) -> Result<()> {
+        let room = to_db(delta.room);
+        tx.execute(&st.bump_room, &[&room]).map_err(pg_err)?;
+        let target = delta.target.map(to_db);
+        tx.execute(
+            &st.insert_action,
+            &[
+                &room,
+                &to_db(delta.seq),
+                &i16::from(delta.kind.0),
+                &to_db(delta.author_id),
+                &delta.body,
+                &delta.ts_ms,
+                &key,
+                &target,
+            ],
+        )
+        .map_err(pg_err)?;
+        Self::record_partition(st, tx, delta, part_size)
+    }
+
     /// Appends one delta's partition bookkeeping.
     fn record_partition(st: &Statements, tx: &mut Transaction<'_>, delta: &DeltaRecord, part_size: i64) -> Result<()> {
         let c = PartitionColumns::of(&partition::summarize([delta], |_| from_db(part_size)));
@@ -1962,19 +1992,13 @@ impl Store for PgStore {
                 .map_err(pg_err)?;
             }
         }
-        let seq = head + 1;
-        tx.execute(&st.bump_room, &[&room]).map_err(pg_err)?;
         let body = match &m.action {
             MemberAction::SetRole(new) => new.clone(),
             _ => m.target.clone(),
         };
-        let kind = i16::from(m.action.kind().0);
-        let no_key: Option<&str> = None;
-        tx.execute(&st.insert_action, &[&room, &seq, &kind, &to_db(m.actor), &body, &m.now_ms, &no_key, &user])
-            .map_err(pg_err)?;
         let delta = DeltaRecord {
             room: m.room,
-            seq: from_db(seq),
+            seq: from_db(head + 1),
             kind: m.action.kind(),
             author_id: m.actor,
             author: m.actor_name.clone(),
@@ -1982,7 +2006,7 @@ impl Store for PgStore {
             body,
             target: Some(Seq(target.get())),
         };
-        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        Self::append_action(st, &mut tx, &delta, None, part_size)?;
         tx.commit().map_err(pg_err)?;
         Ok(ModerationOutcome::Applied { delta, user: target, added, removed })
     }
@@ -2019,17 +2043,9 @@ impl Store for PgStore {
             }
             Some(to_db(call))
         };
-        let seq = head + 1;
-        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
-        let no_key: Option<&str> = None;
-        tx.execute(
-            &st.insert_action,
-            &[&id, &seq, &i16::from(kind.0), &to_db(actor.0), &data, &now_ms, &no_key, &target],
-        )
-        .map_err(pg_err)?;
         let delta = DeltaRecord {
             room,
-            seq: from_db(seq),
+            seq: from_db(head + 1),
             kind,
             author_id: actor.0,
             author: actor.1.into(),
@@ -2037,7 +2053,7 @@ impl Store for PgStore {
             body: data.into(),
             target: target.map(from_db),
         };
-        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        Self::append_action(st, &mut tx, &delta, None, part_size)?;
         tx.commit().map_err(pg_err)?;
         Ok(delta)
     }
@@ -2072,24 +2088,17 @@ impl Store for PgStore {
             None => tx.execute("DELETE FROM room_roles WHERE room_id = $1 AND name = $2", &[&id, &name]),
         }
         .map_err(pg_err)?;
-        let seq = head + 1;
-        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
-        let body = moderation::role_body(name, perms);
-        let kind = i16::from(RecordKind::ROLE_DEFINED.0);
-        let none: (Option<&str>, Option<i64>) = (None, None);
-        tx.execute(&st.insert_action, &[&id, &seq, &kind, &to_db(actor), &body, &now_ms, &none.0, &none.1])
-            .map_err(pg_err)?;
         let delta = DeltaRecord {
             room,
-            seq: from_db(seq),
+            seq: from_db(head + 1),
             kind: RecordKind::ROLE_DEFINED,
             author_id: actor,
             author: actor_name.into(),
             ts_ms: now_ms,
-            body,
+            body: moderation::role_body(name, perms),
             target: None,
         };
-        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        Self::append_action(st, &mut tx, &delta, None, part_size)?;
         tx.commit().map_err(pg_err)?;
         Ok(delta)
     }
@@ -2134,14 +2143,18 @@ impl Store for PgStore {
             }
             Verdict::Write => {
                 let seq = head + 1;
-                tx.execute(&st.bump_room, &[&room]).map_err(pg_err)?;
+                let delta = DeltaRecord {
+                    room: a.room,
+                    seq: from_db(seq),
+                    kind: a.action.kind(),
+                    author_id: a.actor,
+                    author: a.actor_name.clone(),
+                    ts_ms: a.now_ms,
+                    body: a.action.body().to_string(),
+                    target: Some(a.target),
+                };
                 let key = Some(a.idempotency_key.as_str()).filter(|k| !k.is_empty());
-                let kind = i16::from(a.action.kind().0);
-                tx.execute(
-                    &st.insert_action,
-                    &[&room, &seq, &kind, &actor, &a.action.body(), &a.now_ms, &key, &target],
-                )
-                .map_err(pg_err)?;
+                Self::append_action(st, &mut tx, &delta, key, part_size)?;
                 match &a.action {
                     MessageAction::Edit { text } => tx.execute(&st.edit_state, &[&room, &target, text, &a.now_ms]),
                     MessageAction::Delete => tx.execute(&st.delete_state, &[&room, &target, &seq]),
@@ -2169,22 +2182,11 @@ impl Store for PgStore {
                     }
                     _ => {}
                 }
-                let delta = DeltaRecord {
-                    room: a.room,
-                    seq: from_db(seq),
-                    kind: a.action.kind(),
-                    author_id: a.actor,
-                    author: a.actor_name.clone(),
-                    ts_ms: a.now_ms,
-                    body: a.action.body().to_string(),
-                    target: Some(a.target),
-                };
                 if a.action == MessageAction::Delete
                     && found.as_ref().is_some_and(|t| t.kind == RecordKind::FILE_SHARED)
                 {
                     unshare_file(&mut tx, room, target)?;
                 }
-                Self::record_partition(st, &mut tx, &delta, part_size)?;
                 tx.commit().map_err(pg_err)?;
                 Ok(ActionOutcome::Applied(delta))
             }
@@ -2211,7 +2213,6 @@ impl Store for PgStore {
         }
         add_content_ref(&mut tx, &f.sha256, f.size, f.now_ms)?;
         let seq = head + 1;
-        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
         let file = FileRecord {
             id: 0,
             owner: f.actor.0,
@@ -2224,14 +2225,6 @@ impl Store for PgStore {
             shared_in: (f.room, from_db(seq)),
         };
         let file = insert_file(&mut tx, file)?;
-        let body = files::encode_body(&f.sha256, f.size, &f.media_type, &f.name, &f.caption);
-        let no_key: Option<&str> = None;
-        let target = Some(to_db(file.id));
-        tx.execute(
-            &st.insert_action,
-            &[&id, &seq, &i16::from(RecordKind::FILE_SHARED.0), &to_db(f.actor.0), &body, &f.now_ms, &no_key, &target],
-        )
-        .map_err(pg_err)?;
         let delta = DeltaRecord {
             room: f.room,
             seq: from_db(seq),
@@ -2239,10 +2232,10 @@ impl Store for PgStore {
             author_id: f.actor.0,
             author: f.actor.1.clone(),
             ts_ms: f.now_ms,
-            body,
+            body: files::encode_body(&f.sha256, f.size, &f.media_type, &f.name, &f.caption),
             target: Some(Seq(file.id)),
         };
-        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        Self::append_action(st, &mut tx, &delta, None, part_size)?;
         tx.commit().map_err(pg_err)?;
         Ok((file, delta))
     }
@@ -2318,17 +2311,6 @@ impl Store for PgStore {
             }
             _ => return Err(StoreError::NotFound(format!("delta {seq} in room {room} is not a message"))),
         };
-        tx.execute(&st.bump_room, &[&id]).map_err(pg_err)?;
-        let no_key: Option<&str> = None;
-        let target_db = target.map(to_db);
-        tx.execute(
-            &st.insert_action,
-            &[&id, &new_seq, &i16::from(kind.0), &to_db(actor.0), &body, &now_ms, &no_key, &target_db],
-        )
-        .map_err(pg_err)?;
-        if kind == RecordKind::MESSAGE && indexed {
-            Self::index_message(st, &mut tx, id, new_seq, &body)?;
-        }
         let delta = DeltaRecord {
             room: to_room,
             seq: from_db(new_seq),
@@ -2339,7 +2321,10 @@ impl Store for PgStore {
             body,
             target,
         };
-        Self::record_partition(st, &mut tx, &delta, part_size)?;
+        Self::append_action(st, &mut tx, &delta, None, part_size)?;
+        if kind == RecordKind::MESSAGE && indexed {
+            Self::index_message(st, &mut tx, id, new_seq, &delta.body)?;
+        }
         tx.commit().map_err(pg_err)?;
         Ok(delta)
     }
