@@ -440,6 +440,16 @@ pub fn refuse(to: ReplyTo, error: ErrorBody) -> Effect {
     reply(to, ServerFrame::Error(error))
 }
 
+/// What a request that appended one delta to its room leads to: its POSTED answer, then the
+/// delta published to the room's subscribers.
+pub fn appended(to: ReplyTo, delta: DeltaRecord) -> Vec<Effect> {
+    let room = delta.room;
+    let posted = chime_protocol::Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
+    let mut effects = vec![reply(to, ServerFrame::Posted(posted))];
+    effects.extend(Published::encode(room, &[wire_delta(delta)]).map(Effect::Publish));
+    effects
+}
+
 /// A stored delta as the wire carries it: the one place where the store's record becomes the
 /// protocol's tagged body, so the schema and the wire can change separately.
 pub fn wire_delta(r: DeltaRecord) -> Delta {

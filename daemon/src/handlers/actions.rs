@@ -10,9 +10,7 @@
 
 use super::{invalid, page_size, Admitted, Ctx};
 use crate::limits::{MAX_EMOJI, MAX_KEY, MAX_TEXT, PAGE_TEXT_BUDGET};
-use crate::work::{
-    refuse, reply, store_error, wire_delta, Actor, Effect, Published, ReplyTo, RoomWork, Settings, SharedWork, Work,
-};
+use crate::work::{refuse, reply, store_error, Actor, Effect, ReplyTo, RoomWork, Settings, SharedWork, Work};
 use chime_protocol::{
     Call, CallAction, DeleteMessage, Edit, ErrorBody, MessagePage, MessageView, Pin, Posted, React, ReactionCount,
     Reply, ServerFrame, View,
@@ -146,12 +144,7 @@ impl RoomWork for CallJob {
     fn run(self: Box<Self>, store: &mut dyn Store, _settings: &Settings) -> Vec<Effect> {
         let actor = (self.actor.user_id, &*self.actor.name);
         match store.signal(self.room, actor, self.kind, self.call, &self.data, now_ms()) {
-            Ok(delta) => {
-                let posted = Posted { room: self.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
-                let mut effects = vec![reply(self.to, ServerFrame::Posted(posted))];
-                effects.extend(Published::encode(self.room, &[wire_delta(delta)]).map(Effect::Publish));
-                effects
-            }
+            Ok(delta) => crate::work::appended(self.to, delta),
             Err(e) => vec![refuse(self.to, store_error(&e))],
         }
     }
@@ -192,14 +185,11 @@ impl RoomWork for ActJob {
                     // be unreferenced.
                     super::files::collect(store, settings);
                 }
-                let posted = Posted { room: delta.room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
                 // A reply is a message: it notifies as a post does.
                 if let (Some(notifier), MessageAction::Reply { .. }) = (&settings.notifier, &action.action) {
                     super::messages::queue_notifications(store, notifier, &delta);
                 }
-                let mut effects = vec![reply(self.to, ServerFrame::Posted(posted))];
-                effects.extend(Published::encode(action.room, &[wire_delta(delta)]).map(Effect::Publish));
-                effects
+                crate::work::appended(self.to, delta)
             }
             Ok(ActionOutcome::Unchanged { seq, ts_ms }) => {
                 let posted = Posted { room: action.room, seq, ts_ms, duplicate: true };

@@ -31,7 +31,7 @@ use crate::work::{
     Settings, SharedWork, Work,
 };
 use chime_protocol::{
-    ChunkStored, DownloadMeta, ErrorBody, ErrorCode, FileChunk, FileStored, Forward, Posted, ServerFrame, UploadBegin,
+    ChunkStored, DownloadMeta, ErrorBody, ErrorCode, FileChunk, FileStored, Forward, ServerFrame, UploadBegin,
     UploadResume, UploadState,
 };
 use chime_storage::files::{valid_media_type, valid_name};
@@ -593,12 +593,7 @@ impl RoomWork for ForwardJob {
         };
         let actor = (self.actor.user_id, &*self.actor.name);
         match store.forward(actor, f.room, f.seq, f.to_room, now_ms()) {
-            Ok(delta) => {
-                let posted = Posted { room: f.to_room, seq: delta.seq, ts_ms: delta.ts_ms, duplicate: false };
-                let mut effects = vec![reply(self.to, ServerFrame::Posted(posted))];
-                effects.extend(Published::encode(f.to_room, &[wire_delta(delta)]).map(Effect::Publish));
-                effects
-            }
+            Ok(delta) => crate::work::appended(self.to, delta),
             Err(e) => vec![refuse(self.to, store_error(&e))],
         }
     }
