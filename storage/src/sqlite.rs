@@ -1144,31 +1144,51 @@ impl SharedStore for SqliteStore {
     }
 
     fn unread(&mut self, user: UserId, after: RoomId, limit: u32) -> Result<Vec<UnreadRecord>> {
-        let tx = self.conn.transaction().map_err(db_err)?;
-        let rooms: Vec<RoomId> = tx
+        // One statement for every room of the user, as on PostgreSQL: four lookups per room cost
+        // a user in 10,000 rooms 40,000 statements on a worker at each login. A room whose head
+        // is not past the read cursor has nothing unread and no mention after it, so only the
+        // others are counted.
+        self.conn
             .prepare_cached(
-                "SELECT m.room_id FROM room_members m WHERE m.user_id = ?1 AND m.room_id > ?2
-                 UNION ALL
-                 SELECT r.id FROM server_members sm JOIN rooms r ON r.server_id = sm.server_id
-                 WHERE sm.user_id = ?1 AND r.id > ?2 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin')
-                       OR instr(',' || r.read_roles || ',', ',' || sm.role || ',') > 0)
-                 ORDER BY 1",
+                "WITH mine(id, head) AS (
+                     SELECT r.id, r.last_seq FROM room_members m
+                     JOIN rooms r ON r.id = m.room_id WHERE m.user_id = ?1 AND m.room_id > ?2
+                     UNION ALL
+                     SELECT r.id, r.last_seq FROM server_members sm JOIN rooms r ON r.server_id = sm.server_id
+                     WHERE sm.user_id = ?1 AND r.id > ?2 AND (r.read_roles IS NULL OR sm.role IN ('owner', 'admin')
+                           OR instr(',' || r.read_roles || ',', ',' || sm.role || ',') > 0)
+                 ),
+                 state AS (
+                     SELECT mine.id, mine.head, coalesce(c.delivered_seq, 0) AS delivered,
+                            coalesce(c.read_seq, 0) AS read
+                     FROM mine LEFT JOIN read_cursors c ON c.room_id = mine.id AND c.user_id = ?1
+                     WHERE mine.head > coalesce(c.read_seq, 0)
+                 ),
+                 counted AS (
+                     SELECT s.id, s.head, s.delivered, s.read,
+                            (SELECT count(*) FROM (SELECT 1 FROM deltas d WHERE d.room_id = s.id AND d.seq > s.read
+                                 AND d.kind IN (2, 9, 23) AND d.author_id <> ?1 LIMIT ?3)) AS unread,
+                            (SELECT count(*) FROM mentions m
+                             WHERE m.user_id = ?1 AND m.room_id = s.id AND m.seq > s.read) AS mentions
+                     FROM state s
+                 )
+                 SELECT id, head, delivered, read, unread, mentions FROM counted
+                 WHERE unread > 0 OR mentions > 0 ORDER BY id LIMIT ?4",
             )
-            .and_then(|mut st| st.query_map(params![to_db(user), to_db(after)], |r| r.get::<_, i64>(0))?.collect())
-            .map(|ids: Vec<i64>| ids.into_iter().map(from_db).collect())
-            .map_err(db_err)?;
-        let mut out = Vec::new();
-        for room in rooms {
-            let state = unread_of(&tx, room, user)?;
-            if state.unread > 0 || state.mentions > 0 {
-                out.push(state);
-                if out.len() >= limit as usize {
-                    break;
-                }
-            }
-        }
-        tx.finish().map_err(db_err)?;
-        Ok(out)
+            .and_then(|mut st| {
+                st.query_map(params![to_db(user), to_db(after), crate::UNREAD_CAP as i64, limit], |r| {
+                    Ok(UnreadRecord {
+                        room: from_db(r.get::<_, i64>(0)?),
+                        head: from_db(r.get::<_, i64>(1)?),
+                        delivered: from_db(r.get::<_, i64>(2)?),
+                        read: from_db(r.get::<_, i64>(3)?),
+                        unread: from_db(r.get::<_, i64>(4)?),
+                        mentions: from_db(r.get::<_, i64>(5)?),
+                    })
+                })?
+                .collect()
+            })
+            .map_err(db_err)
     }
 
     fn mentions(&mut self, user: UserId, limit: u32) -> Result<Vec<MentionRecord>> {
