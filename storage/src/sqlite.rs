@@ -413,30 +413,24 @@ fn check_member(conn: &Connection, room: RoomId, user: UserId) -> Result<()> {
     Ok(())
 }
 
+/// A `(last_seq, part_size, kind)` row as a head and its room's log settings.
+fn log_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, LogInfo)> {
+    let info = LogInfo { part_size: from_db(row.get(1)?), kind: RoomKind(row.get(2)?) };
+    Ok((from_db(row.get::<_, i64>(0)?), info))
+}
+
 /// Bumps a room's head by one and returns the new seq with the room's log settings, or `None`
 /// when the room does not exist.
 fn next_seq(conn: &Connection, room: RoomId) -> Result<Option<(u64, LogInfo)>> {
     conn.prepare_cached("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq, part_size, kind")
-        .and_then(|mut st| {
-            st.query_row([to_db(room)], |row| {
-                let info = LogInfo { part_size: from_db(row.get(1)?), kind: RoomKind(row.get(2)?) };
-                Ok((from_db(row.get::<_, i64>(0)?), info))
-            })
-            .optional()
-        })
+        .and_then(|mut st| st.query_row([to_db(room)], log_row).optional())
         .map_err(db_err)
 }
 
 /// A room's head and log settings, `None` when the room does not exist.
 fn log_state(conn: &Connection, room: RoomId) -> Result<Option<(u64, LogInfo)>> {
     conn.prepare_cached("SELECT last_seq, part_size, kind FROM rooms WHERE id = ?1")
-        .and_then(|mut st| {
-            st.query_row([to_db(room)], |row| {
-                let info = LogInfo { part_size: from_db(row.get(1)?), kind: RoomKind(row.get(2)?) };
-                Ok((from_db(row.get::<_, i64>(0)?), info))
-            })
-            .optional()
-        })
+        .and_then(|mut st| st.query_row([to_db(room)], log_row).optional())
         .map_err(db_err)
 }
 
